@@ -1,0 +1,39 @@
+"""Collector chain stamping: ``collector = {id, epoch, seq, prev_hash}`` on every event.
+
+Each record's hash covers its canonical JSON, which includes the previous record's hash,
+so an edited, deleted or reordered record breaks the chain and a missing sequence number
+shows a lost event (checked by ``scopewatch verify``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from schemas import Collector, Event, to_canonical_json
+
+E = TypeVar("E", bound=Event)
+
+
+def record_hash(event: Event) -> str:
+    """The chain hash of one stamped event: sha256 over its canonical JSON."""
+    return "sha256:" + hashlib.sha256(to_canonical_json(event).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ChainStamper:
+    """Stamps events of one collector epoch in the order they are emitted."""
+
+    collector_id: str
+    epoch: int
+    seq: int = 0
+    prev_hash: str | None = field(default=None)
+
+    def stamp(self, event: E) -> E:
+        self.seq += 1
+        stamped = event.model_copy(
+            update={"collector": Collector(id=self.collector_id, epoch=self.epoch, seq=self.seq, prev_hash=self.prev_hash)}
+        )
+        self.prev_hash = record_hash(stamped)
+        return stamped

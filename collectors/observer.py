@@ -1,0 +1,252 @@
+"""Turns the JSON-RPC messages of one MCP session into scopewatch events.
+
+Pure: no I/O, no clock reads. Every message comes with the instant it was seen (wall
+clock for ``event_time``, monotonic for durations) and ids come from an injected
+factory, so the same observer serves the stdio wrapper, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas import (
+    Event,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    ToolResult,
+)
+
+MAX_ERROR_CHARS = 1024
+MAX_ARGUMENT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SessionIdentity:
+    """Who the session acts for, as set by whoever launched the agent."""
+
+    session_id: str
+    tenant: str
+    principal: str | None = None
+    agent_id: str | None = None
+    valid_until: datetime | None = None
+    auth: dict[str, Any] = field(default_factory=dict)
+
+
+def canonical_digest(value: Any) -> str:
+    """sha256 over the canonical JSON of a value (sorted keys, no whitespace)."""
+    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+def cap_arguments(arguments: Any, limit: int = MAX_ARGUMENT_BYTES) -> dict[str, Any]:
+    """Arguments as an object, replaced by a digest and size if they exceed ``limit`` bytes."""
+    if arguments is None:
+        return {}
+    if not isinstance(arguments, dict):
+        arguments = {"_value": arguments}
+    size = len(json.dumps(arguments, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
+    if size <= limit:
+        return arguments
+    return {"_truncated": True, "_size_bytes": size, "_digest": canonical_digest(arguments)}
+
+
+def _rpc_key(msg_id: Any) -> tuple[str, Any] | None:
+    """JSON-RPC ids are strings or numbers; 1 and "1" are different requests."""
+    if isinstance(msg_id, bool) or msg_id is None:
+        return None
+    if isinstance(msg_id, (int, float)):
+        return ("n", msg_id)
+    if isinstance(msg_id, str):
+        return ("s", msg_id)
+    return None
+
+
+def _error_text(result: Any) -> str | None:
+    """The text of a tool result flagged ``isError``, capped."""
+    if not isinstance(result, dict):
+        return None
+    parts = [c.get("text", "") for c in result.get("content") or [] if isinstance(c, dict) and c.get("type") == "text"]
+    text = " ".join(p for p in parts if isinstance(p, str)) or "tool reported isError"
+    return text[:MAX_ERROR_CHARS]
+
+
+@dataclass
+class _Pending:
+    call_id: str
+    started_mono: float
+
+
+@dataclass
+class McpSessionObserver:
+    """Follows one MCP session; returns the events each message gives rise to."""
+
+    identity: SessionIdentity
+    transport: str = "stdio"
+    server_label: str | None = None
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    attested: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self._calls: dict[tuple[str, Any], _Pending] = {}
+        self._lists: set[tuple[str, Any]] = set()
+        self._inits: set[tuple[str, Any]] = set()
+        self.tool_digests: dict[str, str] = {}
+        self.claimed: dict[str, Any] = {}
+        self.calls_seen = 0
+        self.results_seen = 0
+
+    # -- session lifecycle ----------------------------------------------------------
+    def start(self, now: datetime) -> list[Event]:
+        ident = self.identity
+        if ident.principal is None or ident.agent_id is None:
+            return []
+        return [
+            SessionBound(
+                event_id=self.new_id(),
+                event_time=now,
+                tenant=ident.tenant,
+                session_id=ident.session_id,
+                principal=ident.principal,
+                agent_id=ident.agent_id,
+                valid_from=now,
+                valid_until=ident.valid_until,
+                auth=ident.auth,
+            )
+        ]
+
+    def finish(self, now: datetime, now_mono: float) -> list[Event]:
+        """End of session: calls still waiting for a response time out; the session ends."""
+        events: list[Event] = []
+        for pending in self._calls.values():
+            events.append(self._result(pending, now, now_mono, "timeout", "no response before the session ended", None))
+        self._calls.clear()
+        if self.identity.principal is not None and self.identity.agent_id is not None:
+            events.append(
+                SessionEnded(
+                    event_id=self.new_id(),
+                    event_time=now,
+                    tenant=self.identity.tenant,
+                    session_id=self.identity.session_id,
+                )
+            )
+        return events
+
+    # -- messages ---------------------------------------------------------------------
+    def from_client(self, message: Any, now: datetime, now_mono: float) -> list[Event]:
+        events: list[Event] = []
+        for msg in _each(message):
+            method = msg.get("method")
+            key = _rpc_key(msg.get("id"))
+            if method == "tools/call" and key is not None:
+                events.append(self._call(msg, key, now, now_mono))
+            elif method == "tools/list" and key is not None:
+                self._lists.add(key)
+            elif method == "initialize" and key is not None:
+                self._inits.add(key)
+                info = (msg.get("params") or {}).get("clientInfo")
+                if isinstance(info, dict):
+                    self.claimed = {"client_name": info.get("name"), "client_version": info.get("version")}
+        return events
+
+    def from_server(self, message: Any, now: datetime, now_mono: float) -> list[Event]:
+        events: list[Event] = []
+        for msg in _each(message):
+            if "method" in msg:  # a server request or notification, not a response
+                continue
+            key = _rpc_key(msg.get("id"))
+            if key is None:
+                continue
+            pending = self._calls.pop(key, None)
+            if pending is not None:
+                events.append(self._response(pending, msg, now, now_mono))
+            elif key in self._lists:
+                self._lists.discard(key)
+                self._learn_tools(msg.get("result"))
+            elif key in self._inits:
+                self._inits.discard(key)
+                info = (msg.get("result") or {}).get("serverInfo") if isinstance(msg.get("result"), dict) else None
+                if self.server_label is None and isinstance(info, dict) and isinstance(info.get("name"), str):
+                    self.server_label = info["name"]
+        return events
+
+    # -- helpers ------------------------------------------------------------------------
+    def _call(self, msg: dict[str, Any], key: tuple[str, Any], now: datetime, now_mono: float) -> ToolCall:
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        assert isinstance(params, dict)
+        tool = params.get("name")
+        tool = tool if isinstance(tool, str) else ""
+        call_id = self.new_id()
+        self._calls[key] = _Pending(call_id, now_mono)
+        self.calls_seen += 1
+        return ToolCall(
+            event_id=self.new_id(),
+            event_time=now,
+            tenant=self.identity.tenant,
+            call_id=call_id,
+            session_id=self.identity.session_id,
+            server=self.server_label or "unknown",
+            tool=tool,
+            arguments=cap_arguments(params.get("arguments")),
+            resources=[],
+            transport=self.transport,
+            attested=self.attested,
+            claimed=dict(self.claimed),
+            tool_digest=self.tool_digests.get(tool),
+        )
+
+    def _response(self, pending: _Pending, msg: dict[str, Any], now: datetime, now_mono: float) -> ToolResult:
+        if "error" in msg:
+            err = msg.get("error")
+            if isinstance(err, dict):
+                text = f"{err.get('code')}: {err.get('message')}"
+            else:
+                text = str(err)
+            return self._result(pending, now, now_mono, "error", text[:MAX_ERROR_CHARS], canonical_digest(err))
+        result = msg.get("result")
+        if isinstance(result, dict) and result.get("isError") is True:
+            return self._result(pending, now, now_mono, "error", _error_text(result), canonical_digest(result))
+        return self._result(pending, now, now_mono, "ok", None, canonical_digest(result))
+
+    def _result(
+        self, pending: _Pending, now: datetime, now_mono: float, status: str, error: str | None, digest: str | None
+    ) -> ToolResult:
+        self.results_seen += 1
+        return ToolResult(
+            event_id=self.new_id(),
+            event_time=now,
+            tenant=self.identity.tenant,
+            call_id=pending.call_id,
+            session_id=self.identity.session_id,
+            status=status,
+            duration_ms=max(0.0, round((now_mono - pending.started_mono) * 1000.0, 3)),
+            error=error,
+            result_digest=digest,
+        )
+
+    def _learn_tools(self, result: Any) -> None:
+        if not isinstance(result, dict):
+            return
+        for tool in result.get("tools") or []:
+            if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                self.tool_digests[tool["name"]] = canonical_digest(tool)
+
+
+def _each(message: Any) -> Iterable[dict[str, Any]]:
+    """A JSON-RPC message, or each message of a batch."""
+    if isinstance(message, dict):
+        yield message
+    elif isinstance(message, list):
+        for item in message:
+            if isinstance(item, dict):
+                yield item
+
+
+def utc_from_ns(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)

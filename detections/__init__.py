@@ -1,0 +1,1 @@
+"""Pure decision logic and detection rules: no Kafka, Faust or ClickHouse imports, no clock reads."""

@@ -1,0 +1,3 @@
+from scopewatch.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""The ``scopewatch`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Audit and detection pipeline for AI-agent tool use over MCP.",
+)
+err = Console(stderr=True)
+
+
+def _settings(**overrides: Any) -> Any:
+    from scopewatch.settings import load_settings
+
+    return load_settings(**overrides)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+# -- stack ------------------------------------------------------------------------------
+@app.command()
+def up(
+    home: Annotated[Path | None, typer.Option(help="state folder (env SCOPEWATCH_HOME)")] = None,
+) -> None:
+    """Start the local stack: Kafka broker (KRaft), ClickHouse sink (embedded chDB) and decision worker."""
+    from scopewatch.stack.kafka import StackError
+    from scopewatch.stack.stack import Stack
+
+    settings = _settings(home=home)
+    stack = Stack(settings, report=lambda m: err.print(f"[green]•[/] {m}", highlight=False))
+    try:
+        stack.up()
+    except StackError as exc:
+        _fail(str(exc))
+    err.print(f"[bold green]stack is up[/] (home {settings.home}); try: scopewatch demo", highlight=False)
+
+
+@app.command()
+def down(home: Annotated[Path | None, typer.Option(help="state folder")] = None) -> None:
+    """Stop every process `scopewatch up` started (by recorded process id)."""
+    from scopewatch.stack.stack import Stack
+
+    stopped = Stack(_settings(home=home), report=lambda m: err.print(f"[green]•[/] {m}", highlight=False)).down()
+    err.print("stack is down" + ("" if stopped else " (nothing was running)"))
+
+
+@app.command()
+def status(
+    home: Annotated[Path | None, typer.Option(help="state folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show which parts of the stack are running. Exit code 3 when something is down."""
+    from scopewatch.stack.stack import Stack
+
+    info = Stack(_settings(home=home)).status()
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        table = Table("service", "state", "pid", "detail")
+        for svc in info["services"]:
+            state = "[green]running[/]" if svc["running"] else "[red]stopped[/]"
+            table.add_row(svc["name"], state, str(svc["pid"] or ""), svc["detail"])
+        Console().print(table)
+        if "topics" in info:
+            Console().print("topics: " + ", ".join(t for t in info["topics"] if not t.startswith("__")))
+        if "sink" in info:
+            Console().print("sink: " + ", ".join(f"{k}={v}" for k, v in info["sink"].items() if k != "at"))
+    if not all(s["running"] for s in info["services"]):
+        raise typer.Exit(3)
+
+
+# -- services (started by `up`) ------------------------------------------------------------
+@app.command(hidden=True)
+def worker() -> None:
+    """Run one decision worker (faust-streaming) in the foreground."""
+    from stream_jobs.app import run_worker
+
+    run_worker(_settings())
+
+
+@app.command(hidden=True)
+def sink() -> None:
+    """Run the ClickHouse sink (and, for embedded chDB, the read-only SQL endpoint) in the foreground."""
+    from stream_jobs.service import run_sink_service
+
+    run_sink_service(_settings())
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending ClickHouse migrations (idempotent). With embedded chDB, run it while the stack is down."""
+    from stream_jobs.clickhouse import ClickHouseError, connect
+    from stream_jobs.clickhouse import migrate as apply
+
+    s = _settings()
+    try:
+        client = connect(s.dsn, user=s.clickhouse_user, password=s.clickhouse_password.get_secret_value())
+        applied = apply(client, s.clickhouse_database)
+    except ClickHouseError as exc:
+        _fail(str(exc))
+    err.print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+
+
+# -- collectors --------------------------------------------------------------------------
+@app.command(context_settings={"allow_interspersed_args": False})
+def wrap(
+    command: Annotated[list[str], typer.Argument(help="the MCP server command, after --")],
+    session_id: Annotated[str | None, typer.Option(envvar="SCOPEWATCH_SESSION_ID", help="default: a new UUID")] = None,
+    tenant: Annotated[str, typer.Option(envvar="SCOPEWATCH_TENANT")] = "default",
+    principal: Annotated[str | None, typer.Option(envvar="SCOPEWATCH_PRINCIPAL", help="who the agent acts for")] = None,
+    agent_id: Annotated[str | None, typer.Option(envvar="SCOPEWATCH_AGENT_ID", help="the agent's client id")] = None,
+    server: Annotated[str | None, typer.Option(envvar="SCOPEWATCH_SERVER", help="server label in events")] = None,
+    collector_id: Annotated[str | None, typer.Option(envvar="SCOPEWATCH_COLLECTOR_ID")] = None,
+    flush_timeout: Annotated[float, typer.Option(help="seconds to flush events at exit")] = 15.0,
+) -> None:
+    """Run an MCP stdio server, relay its traffic byte-exactly and publish every tool call and result."""
+    import socket
+
+    from collectors.chain import ChainStamper
+    from collectors.observer import McpSessionObserver, SessionIdentity
+    from collectors.publisher import BackgroundPublisher
+    from collectors.stdio import StdioWrapper, WrapError, exit_like, kafka_emitter
+
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout carries the MCP session
+    settings = _settings()
+    sid = session_id or str(uuid.uuid4())
+    if principal is None or agent_id is None:
+        err.print("scopewatch wrap: no --principal/--agent-id: the session is recorded as unbound", highlight=False)
+    identity = SessionIdentity(
+        session_id=sid, tenant=tenant, principal=principal, agent_id=agent_id,
+        auth={"method": "launcher", "issuer": "scopewatch-wrap", "host": socket.gethostname()},
+    )
+    publisher = BackgroundPublisher(settings.kafka_bootstrap, client_id="scopewatch-wrap").start()
+    cid = collector_id or f"stdio:{socket.gethostname()}:{sid}"
+    emit = kafka_emitter(publisher, settings.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000))
+    observer = McpSessionObserver(identity, transport="stdio", server_label=server)
+    wrapper = StdioWrapper(list(command), observer, emit)
+    try:
+        code = wrapper.run()
+    except WrapError as exc:
+        publisher.close(flush_timeout)
+        _fail(str(exc), code=127)
+    stats = publisher.close(flush_timeout)
+    lost = stats.lost_queue_full + stats.lost_at_close
+    if lost:
+        err.print(f"scopewatch wrap: {lost} events NOT delivered to Kafka "
+                  f"(queue full {stats.lost_queue_full}, unsent at exit {stats.lost_at_close}; "
+                  f"last error: {stats.last_error})", highlight=False)
+    exit_like(code)
+
+
+# -- analysts -------------------------------------------------------------------------------
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL to run (read-only)")],
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Run SQL against the configured ClickHouse (works while the stack runs, also on embedded chDB)."""
+    from scopewatch.sqlclient import SqlError, run_sql
+
+    settings = _settings()
+    try:
+        result = run_sql(settings, query)
+    except SqlError as exc:
+        _fail(str(exc))
+    print_result(result, fmt)
+
+
+def print_result(result: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        rows = [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    if fmt != "table":
+        _fail(f"unknown format {fmt!r}: use table or json")
+    table = Table(*result["columns"])
+    for row in result["rows"]:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    calls: Annotated[int, typer.Option(help="roughly how many tool calls to make")] = 36,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for rows in ClickHouse")] = 90.0,
+) -> None:
+    """Drive a real MCP client through `scopewatch wrap` against server-everything; show what landed."""
+    from scopewatch.demo import DemoError, run_demo
+
+    try:
+        run_demo(_settings(), calls=calls, timeout=timeout, console=Console())
+    except DemoError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

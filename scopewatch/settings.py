@@ -1,0 +1,89 @@
+"""Configuration, read from the environment (prefix ``SCOPEWATCH_``) and built in ``main()``.
+
+Nothing here runs at import: call :func:`load_settings` where a command starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topics import Topics
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "scopewatch"
+
+
+class Settings(BaseSettings):
+    """Everything a scopewatch process needs to know about where things are."""
+
+    model_config = SettingsConfigDict(env_prefix="SCOPEWATCH_", extra="ignore")
+
+    home: Path = Field(default=Path(".scopewatch"), description="state folder: broker data, chDB data, logs, pid files")
+    cache_dir: Path = Field(default_factory=_default_cache, description="downloaded Kafka jars and npm MCP servers")
+
+    # Kafka
+    bootstrap: str | None = Field(default=None, description="external Kafka bootstrap servers; default: the local broker")
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    kafka_heap: str = "1g"
+    topic_prefix: str = ""
+    partitions: int = Field(default=4, ge=1, le=256)
+
+    # ClickHouse
+    clickhouse_dsn: str | None = Field(default=None, description="chdb:///path or http(s)://host:port; default chDB under home")
+    clickhouse_database: str = "scopewatch"
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+
+    # The process that owns an embedded chDB folder serves read-only SQL on this port (loopback only).
+    query_port: int = 18124
+
+    # Sink
+    sink_batch_rows: int = Field(default=10_000, ge=1)
+    sink_batch_seconds: float = Field(default=0.5, gt=0)
+    sink_group: str = "scopewatch-sink"
+
+    # Stream job
+    worker_group: str = "scopewatch-decisions"
+    worker_web_port: int = 16066
+
+    @field_validator("home", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.with_prefix(self.topic_prefix)
+
+    @property
+    def dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{self.home / 'chdb'}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.startswith("chdb:")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides (e.g. CLI options) on top."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)  # type: ignore[arg-type]

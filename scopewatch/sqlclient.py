@@ -1,0 +1,70 @@
+"""Run SQL against the configured ClickHouse, routed through the chDB owner while the stack runs."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from scopewatch.settings import Settings
+from scopewatch.stack import proc
+
+
+class SqlError(RuntimeError):
+    pass
+
+
+def _endpoint(settings: Settings) -> tuple[int, str] | None:
+    """The running sink's query endpoint (port, token), if there is one."""
+    record = proc.read_pid_record(settings.run_dir / "sink.json")
+    if record is None or not proc.is_running(record):
+        return None
+    try:
+        info = json.loads((settings.run_dir / "query.json").read_text())
+        token = (settings.run_dir / "query-token").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return int(info["port"]), token
+
+
+def run_sql(settings: Settings, sql: str, timeout: float = 120.0) -> dict[str, Any]:
+    """``{"columns", "types", "rows"}`` for ``sql``; raises :class:`SqlError` with ClickHouse's message."""
+    if settings.embedded:
+        endpoint = _endpoint(settings)
+        if endpoint is not None:
+            return _via_endpoint(endpoint, sql, timeout)
+    from stream_jobs.clickhouse import ClickHouseError, connect, run_query
+
+    try:
+        client = connect(settings.dsn, database=None, readonly=True, user=settings.clickhouse_user,
+                         password=settings.clickhouse_password.get_secret_value())
+        try:
+            return run_query(client, sql)
+        finally:
+            client.close()
+    except ClickHouseError as exc:
+        raise SqlError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - surface ClickHouse's own message
+        raise SqlError(str(exc).strip()) from exc
+
+
+def _via_endpoint(endpoint: tuple[int, str], sql: str, timeout: float) -> dict[str, Any]:
+    port, token = endpoint
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/query",
+        data=json.dumps({"sql": sql}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", str(exc))
+        except ValueError:
+            message = str(exc)
+        raise SqlError(message) from exc
+    except urllib.error.URLError as exc:
+        raise SqlError(f"cannot reach the sink's SQL endpoint on 127.0.0.1:{port}: {exc.reason}") from exc

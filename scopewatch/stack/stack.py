@@ -1,0 +1,204 @@
+"""The local stack: a Kafka broker, the ClickHouse sink (owning embedded chDB) and the decision worker.
+
+``up`` starts what is not running yet (so it resumes on an existing data folder), ``down``
+stops by recorded process id exactly what ``up`` started, ``status`` reports both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scopewatch.settings import Settings
+from scopewatch.stack import proc
+from scopewatch.stack.kafka import (
+    BrokerFailed,
+    KafkaBroker,
+    KafkaConfig,
+    PortInUse,
+    StackError,
+    create_topics,
+    ensure_kafka_jars,
+    list_topics,
+)
+
+SERVICES = ("sink", "worker")
+Report = Callable[[str], None]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process the same settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"SCOPEWATCH_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    running: bool
+    pid: int | None
+    detail: str = ""
+
+
+class Stack:
+    def __init__(self, settings: Settings, report: Report | None = None) -> None:
+        self.settings = settings
+        self.report = report or (lambda _msg: None)
+
+    # -- paths -----------------------------------------------------------------------
+    @property
+    def kafka_home(self) -> Path:
+        return self.settings.home / "kafka"
+
+    def pid_path(self, name: str) -> Path:
+        return self.settings.run_dir / f"{name}.json"
+
+    def log_path(self, name: str) -> Path:
+        return self.settings.log_dir / f"{name}.log"
+
+    def broker(self, libs: Path | None = None) -> KafkaBroker:
+        s = self.settings
+        config = KafkaConfig(home=self.kafka_home, port=s.kafka_port, controller_port=s.kafka_controller_port,
+                             heap=s.kafka_heap)
+        return KafkaBroker(config, libs or Path("/nonexistent"))
+
+    # -- up ----------------------------------------------------------------------------
+    def up(self, timeout: float = 120.0) -> None:
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True)
+        if s.bootstrap is None:
+            self._up_kafka(timeout)
+        else:
+            self.report(f"using external Kafka at {s.bootstrap}")
+        created = asyncio.run(create_topics(s.kafka_bootstrap, s.topics.all(), s.partitions))
+        self.report(f"topics: {len(s.topics.all())} ready ({len(created)} created)")
+        self._up_service("sink", ["sink"], ports={"query_port": s.query_port} if s.embedded else {},
+                         ready=self._sink_ready, timeout=timeout)
+        self._up_service("worker", ["worker"], ports={}, ready=lambda: True, timeout=timeout)
+
+    def _up_kafka(self, timeout: float) -> None:
+        s = self.settings
+        self.report(f"resolving Kafka broker jars (cache: {s.cache_dir})")
+        libs = ensure_kafka_jars(s.cache_dir)
+        broker = self.broker(libs)
+        if broker.running_record() is not None:
+            self.report(f"Kafka already running at {s.kafka_bootstrap}")
+            broker.wait_ready(timeout)
+            return
+        broker.write_config()
+        broker.format()
+        self.report(f"starting Kafka (KRaft) on {s.kafka_bootstrap}")
+        started = time.monotonic()
+        broker.start()
+        try:
+            broker.wait_ready(timeout)
+        except BaseException:
+            broker.stop()
+            raise
+        self.report(f"Kafka ready in {time.monotonic() - started:.1f}s")
+
+    def _up_service(self, name: str, args: list[str], ports: dict[str, int], ready: Callable[[], bool],
+                    timeout: float) -> None:
+        record = proc.read_pid_record(self.pid_path(name))
+        if record is not None and proc.is_running(record):
+            self.report(f"{name} already running (pid {record.pid})")
+            return
+        for setting, port in ports.items():
+            if not proc.port_is_free("127.0.0.1", port):
+                raise PortInUse(port, f"SCOPEWATCH_{setting.upper()}")
+        argv = [sys.executable, "-m", "scopewatch", *args]
+        log = self.log_path(name)
+        offset = log.stat().st_size if log.exists() else 0
+        pid = proc.spawn_daemon(argv, log, env=settings_env(self.settings), cwd=self.settings.home)
+        record = proc.PidRecord.for_pid(pid, name, argv)
+        proc.write_pid_record(self.pid_path(name), record)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.is_running(record):
+                raise StackError(f"{name} exited during start-up; last lines of {log}:\n{_tail_from(log, offset)}")
+            if ready():
+                self.report(f"{name} running (pid {pid}, log {log})")
+                return
+            time.sleep(0.2)
+        proc.stop_process(record)
+        raise StackError(f"{name} did not become ready in {timeout:.0f}s; last lines of {log}:\n{_tail_from(log, offset)}")
+
+    def _sink_ready(self) -> bool:
+        if not self.settings.embedded:
+            return (self.settings.run_dir / "sink-stats.json").exists()
+        path = self.settings.run_dir / "query.json"
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return not proc.port_is_free("127.0.0.1", int(info["port"]))
+
+    # -- down --------------------------------------------------------------------------
+    def down(self) -> list[str]:
+        stopped: list[str] = []
+        for name in reversed(SERVICES):
+            path = self.pid_path(name)
+            record = proc.read_pid_record(path)
+            if record is not None and proc.stop_process(record):
+                stopped.append(name)
+                self.report(f"stopped {name} (pid {record.pid})")
+            path.unlink(missing_ok=True)
+        broker = self.broker()
+        record = broker.running_record()
+        if record is not None and broker.stop():
+            stopped.append("kafka")
+            self.report(f"stopped kafka (pid {record.pid})")
+        (self.settings.run_dir / "query.json").unlink(missing_ok=True)
+        return stopped
+
+    # -- status ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"home": str(self.settings.home), "services": []}
+        broker = self.broker()
+        rec = broker.running_record()
+        if self.settings.bootstrap is None:
+            out["services"].append(ServiceStatus("kafka", rec is not None, rec.pid if rec else None,
+                                                 self.settings.kafka_bootstrap).__dict__)
+        for name in SERVICES:
+            record = proc.read_pid_record(self.pid_path(name))
+            alive = record is not None and proc.is_running(record)
+            out["services"].append(ServiceStatus(name, alive, record.pid if record and alive else None,
+                                                 str(self.log_path(name))).__dict__)
+        if rec is not None or self.settings.bootstrap is not None:
+            try:
+                out["topics"] = sorted(asyncio.run(asyncio.wait_for(list_topics(self.settings.kafka_bootstrap), 15)))
+            except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
+                out["topics_error"] = str(exc)
+        stats = self.settings.run_dir / "sink-stats.json"
+        if stats.exists():
+            try:
+                out["sink"] = json.loads(stats.read_text())
+            except ValueError:
+                pass
+        return out
+
+
+def _tail_from(path: Path, offset: int, lines: int = 40) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+__all__ = ["BrokerFailed", "PortInUse", "Stack", "StackError", "settings_env"]

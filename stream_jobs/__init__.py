@@ -1,0 +1,1 @@
+"""Stream jobs: the Faust decision topology and the ClickHouse sink."""

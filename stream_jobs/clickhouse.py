@@ -1,0 +1,143 @@
+"""ClickHouse access through clickhouse-connect: embedded chDB (``chdb:///path``) or a server
+(``http(s)://host:port``), with the same code and the same SQL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ClickHouseError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: list[str]
+
+
+def connect(dsn: str, *, database: str | None = None, password: str = "", user: str = "default",
+            readonly: bool = False) -> Client:
+    """A client for ``dsn``. ``readonly`` gives a session that can only read (ClickHouse readonly=2)."""
+    settings: dict[str, Any] = {"readonly": 2} if readonly else {}
+    try:
+        if dsn.startswith("chdb:"):
+            path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
+            if path and path != ":memory:":
+                from pathlib import Path
+
+                Path(path).mkdir(parents=True, exist_ok=True)
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings, database=database)
+        parsed = urlparse(dsn)
+        if parsed.scheme not in ("http", "https"):
+            raise ClickHouseError(f"unsupported ClickHouse DSN scheme {parsed.scheme!r}: use chdb:///path or http(s)://")
+        return clickhouse_connect.get_client(
+            dsn=dsn, username=parsed.username or user, password=parsed.password or password,
+            settings=settings, database=database,
+        )
+    except ClickHouseError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "Cannot lock file" in text or "already running" in text:
+            raise ClickHouseError(
+                f"the embedded ClickHouse folder {dsn} is in use by another process "
+                "(the stack's sink owns it while it runs: `scopewatch sql` routes through it)"
+            ) from exc
+        raise ClickHouseError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {text.splitlines()[0] if text else exc}") from exc
+
+
+def redact_dsn(dsn: str) -> str:
+    parsed = urlparse(dsn)
+    if parsed.password:
+        return dsn.replace(f":{parsed.password}@", ":***@")
+    return dsn
+
+
+def load_migrations() -> list[Migration]:
+    """The migrations shipped in ``stream_jobs/migrations``, in version order."""
+    out: list[Migration] = []
+    folder = resources.files("stream_jobs").joinpath("migrations")
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        match = re.match(r"^(\d+)_(.+)\.sql$", entry.name)
+        if not match:
+            continue
+        text = entry.read_text(encoding="utf-8")
+        out.append(Migration(int(match.group(1)), match.group(2), split_statements(text)))
+    return out
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration file on ``;`` at line ends, dropping comment-only pieces."""
+    pieces = re.split(r";\s*(?:\n|$)", sql)
+    out = []
+    for piece in pieces:
+        lines = [ln for ln in piece.splitlines() if not ln.strip().startswith("--")]
+        body = "\n".join(lines).strip()
+        if body:
+            out.append(body)
+    return out
+
+
+def migrate(client: Client, database: str) -> list[str]:
+    """Apply pending migrations (idempotent); returns the names applied now."""
+    if not _IDENT.match(database):
+        raise ClickHouseError(f"invalid database name {database!r}")
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
+        "(version UInt32, name String, applied_at DateTime64(3, 'UTC')) ENGINE = MergeTree ORDER BY version"
+    )
+    done = {row[0] for row in client.query(f"SELECT version FROM {database}.schema_migrations").result_rows}
+    applied: list[str] = []
+    for migration in load_migrations():
+        if migration.version in done:
+            continue
+        for statement in migration.statements:
+            client.command(statement.replace("{db}", database))
+        client.insert(
+            f"{database}.schema_migrations",
+            [(migration.version, migration.name, datetime.now(UTC))],
+            column_names=["version", "name", "applied_at"],
+        )
+        applied.append(f"{migration.version:04d}_{migration.name}")
+    return applied
+
+
+def jsonable(value: Any) -> Any:
+    """A query result value as JSON: datetimes as RFC 3339 UTC, bytes as text."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def run_query(client: Client, sql: str, max_rows: int = 100_000) -> dict[str, Any]:
+    """Run one read query; returns ``{"columns", "types", "rows"}`` with JSON-ready values."""
+    result = client.query(sql, settings={"max_result_rows": max_rows, "result_overflow_mode": "throw"})
+    return {
+        "columns": list(result.column_names),
+        "types": [t.name for t in result.column_types],
+        "rows": [[jsonable(v) for v in row] for row in result.result_rows],
+    }

@@ -1,0 +1,118 @@
+"""Mapping of decoded events to ClickHouse rows (one table per kind of record)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from schemas import (
+    DeadLetter,
+    Evidence,
+    GrantIssued,
+    GrantRevoked,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    ToolResult,
+)
+
+_KNOWN_FIELDS: dict[type, set[str]] = {}
+
+
+def cjson(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _extra(model: Any) -> str:
+    extra = getattr(model, "model_extra", None) or {}
+    return cjson(extra) if extra else "{}"
+
+
+def _collector(model: Any) -> dict[str, Any]:
+    c = getattr(model, "collector", None)
+    if c is None:
+        return {"collector_id": "", "collector_epoch": 0, "collector_seq": 0, "collector_prev_hash": None}
+    return {"collector_id": c.id, "collector_epoch": c.epoch, "collector_seq": c.seq, "collector_prev_hash": c.prev_hash}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    topic: str
+    partition: int
+    offset: int
+    ingested_at: datetime
+
+    def columns(self) -> dict[str, Any]:
+        return {"_topic": self.topic, "_partition": self.partition, "_offset": self.offset,
+                "_ingested_at": self.ingested_at}
+
+
+def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
+    """The table and the row for one decoded record."""
+    common = prov.columns()
+    if isinstance(record, ToolCall):
+        return "tool_calls", {
+            "event_id": record.event_id, "event_time": record.event_time, "tenant": record.tenant,
+            "call_id": record.call_id, "session_id": record.session_id, "server": record.server,
+            "tool": record.tool, "arguments": cjson(record.arguments), "resources": list(record.resources),
+            "transport": record.transport,
+            "attested": None if record.attested is None else cjson(record.attested),
+            "claimed": cjson(record.claimed), "tool_digest": record.tool_digest,
+            **_collector(record), "extra": _extra(record), **common,
+        }
+    if isinstance(record, ToolResult):
+        return "tool_results", {
+            "event_id": record.event_id, "event_time": record.event_time, "tenant": record.tenant,
+            "call_id": record.call_id, "session_id": record.session_id, "status": record.status,
+            "duration_ms": float(record.duration_ms), "error": record.error, "result_digest": record.result_digest,
+            **_collector(record), "extra": _extra(record), **common,
+        }
+    if isinstance(record, (SessionBound, SessionEnded)):
+        bound = isinstance(record, SessionBound)
+        return "identity_events", {
+            "event_id": record.event_id, "event_type": record.event_type, "event_time": record.event_time,
+            "tenant": record.tenant, "session_id": record.session_id,
+            "principal": record.principal if bound else None,
+            "agent_id": record.agent_id if bound else None,
+            "valid_from": record.valid_from if bound else None,
+            "valid_until": record.valid_until if bound else None,
+            "auth": cjson(record.auth) if bound else "{}",
+            **_collector(record), "extra": _extra(record), **common,
+        }
+    if isinstance(record, (GrantIssued, GrantRevoked)):
+        issued = isinstance(record, GrantIssued)
+        return "consent_events", {
+            "event_id": record.event_id, "event_type": record.event_type, "event_time": record.event_time,
+            "tenant": record.tenant, "grant_id": record.grant_id, "principal": record.principal,
+            "agent_id": record.agent_id,
+            "tools": list(record.tools) if issued else [],
+            "resources": list(record.resources) if issued else [],
+            "scopes": list(record.scopes) if issued else [],
+            "not_before": record.not_before if issued else None,
+            "expires_at": record.expires_at if issued else None,
+            "granted_by": record.granted_by if issued else None,
+            "purpose": record.purpose if issued else None,
+            "parent_grant_id": record.parent_grant_id if issued else None,
+            "revoked_by": None if issued else record.revoked_by,
+            "reason": None if issued else record.reason,
+            **_collector(record), "extra": _extra(record), **common,
+        }
+    if isinstance(record, Evidence):
+        return "evidence", {
+            "evidence_id": record.evidence_id, "call_id": record.call_id, "tenant": record.tenant,
+            "session_id": record.session_id, "principal": record.principal, "agent_id": record.agent_id,
+            "server": record.server, "tool": record.tool, "call_time": record.call_time,
+            "verdict": record.verdict, "matched_grant_id": record.matched_grant_id,
+            "reasons": list(record.reasons), "version": record.version, "final": record.final,
+            "late": record.late, "decided_at": record.decided_at, "facts": cjson(record.facts), **common,
+        }
+    if isinstance(record, DeadLetter):
+        return "dead_letters", {
+            "dead_letter_id": record.dead_letter_id, "source_topic": record.source_topic,
+            "source_partition": record.source_partition, "source_offset": record.source_offset,
+            "key": record.key, "reason": record.reason, "stage": record.stage,
+            "payload_b64": record.payload_b64, "failed_at": record.failed_at, **common,
+        }
+    raise TypeError(f"no table for {type(record).__name__}")

@@ -1,0 +1,85 @@
+"""Process entry points for the stream jobs: the ClickHouse sink service (with the SQL endpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from scopewatch.settings import Settings
+from stream_jobs.clickhouse import connect, migrate
+from stream_jobs.query_server import QueryServer, write_token
+from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
+
+log = logging.getLogger("scopewatch.sink")
+
+
+def sink_topics(settings: Settings) -> list[str]:
+    t = settings.topics
+    return [t.tool_calls, t.tool_results, t.sessions, t.grants, t.evidence, t.dead_letter]
+
+
+def query_endpoint_file(settings: Settings) -> Path:
+    return settings.run_dir / "query.json"
+
+
+def query_token_file(settings: Settings) -> Path:
+    return settings.run_dir / "query-token"
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+async def _sink_main(settings: Settings) -> None:
+    password = settings.clickhouse_password.get_secret_value()
+    client = connect(settings.dsn, password=password, user=settings.clickhouse_user)
+    applied = migrate(client, settings.clickhouse_database)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    writer = ClickHouseWriter(client, settings.clickhouse_database)
+    server: QueryServer | None = None
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    if settings.embedded:
+        reader = connect(settings.dsn, readonly=True)
+        token = write_token(query_token_file(settings))
+        server = QueryServer(reader, token, writer.lock, settings.query_port)
+        await server.start()
+        _write_json(query_endpoint_file(settings), {"port": settings.query_port, "pid": os.getpid()})
+    sink = ClickHouseSink(
+        SinkConfig(
+            bootstrap=settings.kafka_bootstrap, topics=sink_topics(settings), group=settings.sink_group,
+            batch_rows=settings.sink_batch_rows, batch_seconds=settings.sink_batch_seconds,
+        ),
+        writer,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sink.stop)
+
+    async def report() -> None:
+        stats = settings.run_dir / "sink-stats.json"
+        while True:
+            _write_json(stats, {"at": time.time(), **sink.counters})
+            await asyncio.sleep(2.0)
+
+    reporter = asyncio.create_task(report())
+    try:
+        await sink.run()
+    finally:
+        reporter.cancel()
+        if server is not None:
+            await server.stop()
+            query_endpoint_file(settings).unlink(missing_ok=True)
+
+
+def run_sink_service(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    asyncio.run(_sink_main(settings))
