@@ -233,9 +233,11 @@ def exit_like(code: int) -> None:
     """Leave the way the child left: same exit code, or killed by the same signal."""
     if code < 0:
         sig = -code
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL/SIGSTOP have no handler to reset
             signal.signal(sig, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
-            os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+        time.sleep(1.0)  # a signal whose default is to ignore (e.g. SIGCHLD) falls through to an exit code
         raise SystemExit(128 + sig)
     raise SystemExit(code)

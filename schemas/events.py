@@ -1,0 +1,384 @@
+"""Event contract of scopewatch (DESIGN.md, "Event contract (canonical JSON form)").
+
+Every model keeps unknown fields (``extra="allow"``) so they survive a round trip
+through the canonical JSON form and through Avro (see :mod:`schemas.codec`).
+Timestamps are timezone-aware UTC datetimes truncated to milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "BaseEvent",
+    "Collector",
+    "DeadLetter",
+    "Event",
+    "EventError",
+    "Evidence",
+    "GrantIssued",
+    "GrantRevoked",
+    "SchemaModel",
+    "SessionBound",
+    "SessionEnded",
+    "ToolCall",
+    "ToolResult",
+    "event_from_json",
+    "format_timestamp",
+    "parse_event",
+    "parse_timestamp",
+    "to_canonical_dict",
+    "to_canonical_json",
+]
+
+
+class EventError(ValueError):
+    """An input line or object is not a valid event (message says why, briefly)."""
+
+
+# --------------------------------------------------------------------------- timestamps
+
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def parse_timestamp(value: object) -> datetime:
+    """RFC 3339 string or aware datetime -> aware UTC datetime truncated to ms."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime (no UTC offset)")
+        dt = value
+    elif isinstance(value, str):
+        m = _RFC3339.fullmatch(value)
+        if m is None:
+            raise ValueError(f"not an RFC 3339 timestamp with offset: {value[:40]!r}")
+        year, month, day, hour, minute, second, frac, off = m.groups()
+        if off in ("Z", "z"):
+            tz = UTC
+        else:
+            sign = -1 if off[0] == "-" else 1
+            oh, om = int(off[1:3]), int(off[4:6])
+            if oh > 23 or om > 59:
+                raise ValueError(f"invalid UTC offset {off!r}")
+            tz = timezone(timedelta(seconds=sign * (oh * 3600 + om * 60)))
+        micro = int((frac or "0")[:6].ljust(6, "0"))
+        try:
+            dt = datetime(
+                int(year),
+                int(month),
+                int(day),
+                int(hour),
+                int(minute),
+                int(second),
+                micro,
+                tz,
+            )
+        except ValueError as exc:
+            raise ValueError(f"invalid timestamp {value[:40]!r}: {exc}") from None
+    else:
+        msg = f"expected an RFC 3339 timestamp string, got {type(value).__name__}"
+        raise ValueError(msg)  # pydantic turns only ValueError into errors
+    try:
+        dt = dt.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
+    return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
+
+
+def format_timestamp(dt: datetime) -> str:
+    """Canonical form: ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (dt must be aware)."""
+    u = dt.astimezone(UTC)
+    return (
+        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
+        f"{u.second:02d}.{u.microsecond // 1000:03d}Z"
+    )
+
+
+Timestamp = Annotated[
+    datetime,
+    BeforeValidator(parse_timestamp),
+    PlainSerializer(format_timestamp, when_used="json"),
+]
+
+
+# ----------------------------------------------------------------- JSON-valued fields
+
+
+def _check_json(value: Any, path: str = "") -> None:
+    """Raise ValueError unless value is plain JSON (finite floats, str keys)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite number at {path or 'top level'}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                msg = f"non-string key {k!r} at {path or 'top level'}"
+                raise ValueError(msg)
+            _check_json(item, f"{path}.{k}" if path else k)
+    else:
+        msg = f"not a JSON value ({type(value).__name__}) at {path or 'top level'}"
+        raise ValueError(msg)
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    _check_json(value)
+    return value
+
+
+def _uuid_str(value: str) -> str:
+    try:
+        ok = str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"not a UUID string: {value[:40]!r}")
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+UuidStr = Annotated[str, AfterValidator(_uuid_str)]
+NonNegLong = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class SchemaModel(BaseModel):
+    """Base of every contract model: strict, immutable, unknown fields kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _extras_are_json(self) -> SchemaModel:
+        if self.__pydantic_extra__:
+            for key, value in self.__pydantic_extra__.items():
+                _check_json(value, key)
+        return self
+
+
+class Collector(SchemaModel):
+    """Collector stamp for the hash chain: who emitted the event and where in the chain."""
+
+    id: str
+    epoch: NonNegLong
+    seq: NonNegLong
+    prev_hash: str | None = None
+
+
+class BaseEvent(SchemaModel):
+    """Fields common to all six event types."""
+
+    event_type: str
+    event_id: UuidStr
+    event_time: Timestamp
+    tenant: str
+    collector: Collector | None = None
+
+
+class ToolCall(BaseEvent):
+    event_type: Literal["tool_call"] = "tool_call"
+    call_id: str
+    session_id: str
+    server: str
+    tool: str
+    arguments: JsonObject
+    resources: list[str]
+    transport: Literal["stdio", "http", "sdk"]
+    attested: JsonObject | None = None
+    claimed: JsonObject = Field(default_factory=dict)
+    tool_digest: str | None = None
+
+
+class ToolResult(BaseEvent):
+    event_type: Literal["tool_result"] = "tool_result"
+    call_id: str
+    session_id: str
+    status: Literal["ok", "error", "timeout"]
+    duration_ms: float = Field(ge=0)
+    error: str | None = None
+    result_digest: str | None = None
+
+
+class SessionBound(BaseEvent):
+    event_type: Literal["session_bound"] = "session_bound"
+    session_id: str
+    principal: str
+    agent_id: str
+    valid_from: Timestamp
+    valid_until: Timestamp | None = None
+    auth: JsonObject = Field(default_factory=dict)
+
+
+class SessionEnded(BaseEvent):
+    event_type: Literal["session_ended"] = "session_ended"
+    session_id: str
+
+
+class GrantIssued(BaseEvent):
+    event_type: Literal["grant_issued"] = "grant_issued"
+    grant_id: str
+    principal: str
+    agent_id: str
+    tools: list[str]
+    resources: list[str] = Field(default_factory=list)
+    scopes: list[str] = Field(default_factory=list)
+    not_before: Timestamp
+    expires_at: Timestamp | None = None
+    granted_by: str
+    purpose: str = ""
+    parent_grant_id: str | None = None
+
+
+class GrantRevoked(BaseEvent):
+    event_type: Literal["grant_revoked"] = "grant_revoked"
+    grant_id: str
+    principal: str
+    agent_id: str
+    revoked_by: str
+    reason: str = ""
+
+
+class Evidence(SchemaModel):
+    """One verdict version for one call (topic audit.evidence)."""
+
+    evidence_id: str
+    call_id: str
+    tenant: str
+    session_id: str
+    principal: str | None = None
+    agent_id: str | None = None
+    server: str
+    tool: str
+    call_time: Timestamp
+    verdict: str
+    matched_grant_id: str | None = None
+    reasons: list[str]
+    version: int = Field(ge=1, le=2**63 - 1)
+    final: bool
+    late: bool
+    decided_at: Timestamp
+    facts: JsonObject = Field(default_factory=dict)
+
+
+class DeadLetter(SchemaModel):
+    """A record the pipeline could not process (topic audit.dead-letter)."""
+
+    dead_letter_id: str
+    source_topic: str
+    source_partition: NonNegLong
+    source_offset: NonNegLong
+    key: str | None = None
+    reason: str
+    stage: str
+    payload_b64: str
+    failed_at: Timestamp
+
+
+Event = Annotated[
+    ToolCall | ToolResult | SessionBound | SessionEnded | GrantIssued | GrantRevoked,
+    Field(discriminator="event_type"),
+]
+
+EVENT_MODELS: Final[dict[str, type[BaseEvent]]] = {
+    "tool_call": ToolCall,
+    "tool_result": ToolResult,
+    "session_bound": SessionBound,
+    "session_ended": SessionEnded,
+    "grant_issued": GrantIssued,
+    "grant_revoked": GrantRevoked,
+}
+EVENT_TYPES: Final[tuple[str, ...]] = tuple(EVENT_MODELS)
+
+
+# ------------------------------------------------------------------- parse / render
+
+
+def describe_errors(exc: ValidationError, limit: int = 3) -> str:
+    """Short one-line summary of a pydantic ValidationError."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            parts.append(f"missing required field '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"field '{loc}': {msg}")
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def parse_event(obj: object) -> Event:
+    """Validate a JSON-like dict into the event model named by its ``event_type``."""
+    if not isinstance(obj, dict):
+        raise EventError("not a JSON object")
+    if "event_type" not in obj:
+        raise EventError("missing required field 'event_type'")
+    event_type = obj["event_type"]
+    model = EVENT_MODELS.get(event_type) if isinstance(event_type, str) else None
+    if model is None:
+        raise EventError(f"unknown event_type {event_type!r}")
+    try:
+        return model.model_validate(obj)  # type: ignore[return-value]
+    except ValidationError as exc:
+        raise EventError(f"{event_type}: {describe_errors(exc)}") from None
+    except RecursionError:
+        raise EventError(f"{event_type}: nested too deeply") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def event_from_json(line: str | bytes) -> Event:
+    """Parse one JSONL line (str or UTF-8 bytes) into an event."""
+    try:
+        obj = json.loads(line, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise EventError("not valid UTF-8") from None
+    except ValueError as exc:  # includes json.JSONDecodeError
+        raise EventError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise EventError("invalid JSON: nested too deeply") from None
+    return parse_event(obj)
+
+
+def to_canonical_dict(model: SchemaModel) -> dict[str, Any]:
+    """JSON-ready dict: every field (defaults included), unknown fields, ms timestamps."""
+    return model.model_dump(mode="json")
+
+
+def to_canonical_json(model: SchemaModel) -> str:
+    """Deterministic JSON text (sorted keys, no spaces, UTF-8) -- what a hash chain hashes."""
+    return canonical_json(to_canonical_dict(model))
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON text of a plain JSON value."""
+    return json.dumps(
+        value,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    )

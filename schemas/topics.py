@@ -1,0 +1,109 @@
+"""Kafka topic names and message keys (DESIGN.md, "Event contract")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote, unquote
+
+from schemas.events import (
+    BaseEvent,
+    DeadLetter,
+    Evidence,
+    GrantIssued,
+    GrantRevoked,
+    SchemaModel,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    ToolResult,
+)
+
+__all__ = [
+    "DEAD_LETTER",
+    "EVIDENCE",
+    "FINDINGS",
+    "GRANTS",
+    "SESSIONS",
+    "TOOL_CALLS",
+    "TOOL_RESULTS",
+    "Topics",
+    "delegation_key",
+    "key_for",
+    "parse_delegation_key",
+    "topic_for",
+]
+
+TOOL_CALLS: Final = "mcp.tool-calls"
+TOOL_RESULTS: Final = "mcp.tool-results"
+SESSIONS: Final = "identity.sessions"
+GRANTS: Final = "consent.grants"
+EVIDENCE: Final = "audit.evidence"
+FINDINGS: Final = "audit.findings"
+DEAD_LETTER: Final = "audit.dead-letter"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The pipeline's topic names; ``Topics.with_prefix("t123.")`` isolates a test run."""
+
+    tool_calls: str = TOOL_CALLS
+    tool_results: str = TOOL_RESULTS
+    sessions: str = SESSIONS
+    grants: str = GRANTS
+    evidence: str = EVIDENCE
+    findings: str = FINDINGS
+    dead_letter: str = DEAD_LETTER
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        return cls(**{f.name: prefix + f.default for f in dataclasses.fields(cls) if isinstance(f.default, str)})
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+
+_DEFAULT: Final = Topics()
+
+
+def topic_for(event: SchemaModel, topics: Topics = _DEFAULT) -> str:
+    """Topic an event (or Evidence / DeadLetter record) is published to."""
+    match event:
+        case ToolCall():
+            return topics.tool_calls
+        case ToolResult():
+            return topics.tool_results
+        case SessionBound() | SessionEnded():
+            return topics.sessions
+        case GrantIssued() | GrantRevoked():
+            return topics.grants
+        case Evidence():
+            return topics.evidence
+        case DeadLetter():
+            return topics.dead_letter
+    raise TypeError(f"no topic for {type(event).__name__}")
+
+
+def key_for(event: BaseEvent) -> str:
+    """Message key: session_id for calls, results and sessions; delegation key for grants."""
+    match event:
+        case ToolCall() | ToolResult() | SessionBound() | SessionEnded():
+            return event.session_id
+        case GrantIssued() | GrantRevoked():
+            return delegation_key(event.tenant, event.principal, event.agent_id)
+    raise TypeError(f"no key for {type(event).__name__}")
+
+
+def delegation_key(tenant: str, principal: str, agent_id: str) -> str:
+    """``tenant/principal/agent_id``, each part percent-encoded (quote(part, safe=""))."""
+    return "/".join(quote(part, safe="") for part in (tenant, principal, agent_id))
+
+
+def parse_delegation_key(key: str) -> tuple[str, str, str]:
+    """Inverse of :func:`delegation_key`; ValueError if ``key`` has not exactly 3 parts."""
+    parts = key.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"not a delegation key (tenant/principal/agent_id): {key!r}")
+    tenant, principal, agent_id = (unquote(p, errors="strict") for p in parts)
+    return tenant, principal, agent_id
