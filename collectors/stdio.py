@@ -102,7 +102,9 @@ class StdioWrapper:
                 chunk = b""
             if not chunk:
                 break
-            wall, mono = time.time_ns(), time.monotonic()
+            # Hand the copy to the observer *before* forwarding: a request must be seen before
+            # the server can possibly answer it, or the observer could not match the response.
+            inbox.put((direction, time.time_ns(), time.monotonic(), chunk))
             if dst is not None:
                 try:
                     _write_all(dst, chunk)
@@ -111,7 +113,6 @@ class StdioWrapper:
                         raise
                     dst = None  # the other side is gone: keep draining so the child never blocks
                     close_dst()
-            inbox.put((direction, wall, mono, chunk))
         close_dst()
 
     def run(self) -> int:

@@ -139,6 +139,7 @@ def wrap(
     from collectors.stdio import StdioWrapper, WrapError, exit_like, kafka_emitter
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout carries the MCP session
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # delivery problems are summed up at exit
     settings = _settings()
     sid = session_id or str(uuid.uuid4())
     if principal is None or agent_id is None:
@@ -160,9 +161,9 @@ def wrap(
     stats = publisher.close(flush_timeout)
     lost = stats.lost_queue_full + stats.lost_at_close
     if lost:
-        err.print(f"scopewatch wrap: {lost} events NOT delivered to Kafka "
-                  f"(queue full {stats.lost_queue_full}, unsent at exit {stats.lost_at_close}; "
-                  f"last error: {stats.last_error})", highlight=False)
+        sys.stderr.write(f"scopewatch wrap: {lost} events NOT delivered to Kafka "
+                         f"(queue full {stats.lost_queue_full}, unsent at exit {stats.lost_at_close}; "
+                         f"last error: {stats.last_error})\n")
     exit_like(code)
 
 

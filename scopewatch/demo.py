@@ -132,8 +132,9 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
     db = settings.clickhouse_database
     ids = ",".join(f"'{s}'" for s, _, _ in sessions)
     result = run_sql(settings, f"""
-        SELECT c.event_time AS time, c.session_id AS session, c.tool AS tool, r.status AS status,
-               round(r.duration_ms, 1) AS ms, e.verdict AS verdict, left(ifNull(r.error, ''), 48) AS error
+        SELECT formatDateTime(c.event_time, '%H:%i:%S.%f') AS time, left(c.session_id, 8) AS session,
+               c.tool AS tool, r.status AS status, round(r.duration_ms, 1) AS ms, e.verdict AS verdict,
+               left(ifNull(r.error, ''), 40) AS error
         FROM {db}.tool_calls AS c
         LEFT JOIN {db}.tool_results AS r ON r.call_id = c.call_id
         LEFT JOIN {db}.evidence AS e ON e.call_id = c.call_id
@@ -141,8 +142,6 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
         ORDER BY c.event_time, c.collector_seq""")
     table = Table(*result["columns"], title="what landed in ClickHouse")
     for row in result["rows"]:
-        row = list(row)
-        row[1] = str(row[1])[:8]
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)
     total = run_sql(settings, f"SELECT count() FROM {db}.tool_calls")["rows"][0][0]

@@ -1,0 +1,100 @@
+"""The quickstart path through the real CLI: up from nothing, demo, sql, down, up again (resume), down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scopewatch.stack import proc
+
+pytestmark = pytest.mark.integration
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "scopewatch", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def recorded_pids(home: Path) -> list[int]:
+    pids = []
+    for path in [home / "run" / "sink.json", home / "run" / "worker.json", home / "kafka" / "run" / "kafka.json"]:
+        record = proc.read_pid_record(path)
+        if record is not None:
+            pids.append(record.pid)
+    return pids
+
+
+def count(env: dict[str, str], table: str) -> int:
+    result = cli(env, "sql", f"SELECT count() AS n FROM scopewatch.{table}", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return int(json.loads(result.stdout)[0]["n"])
+
+
+def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
+    home = tmp_path / "home"
+    env = dict(os.environ, SCOPEWATCH_HOME=str(home), SCOPEWATCH_CACHE_DIR=str(cache_dir),
+               SCOPEWATCH_KAFKA_PORT=str(proc.free_port()), SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
+               SCOPEWATCH_QUERY_PORT=str(proc.free_port()), SCOPEWATCH_PARTITIONS="2")
+    env.pop("SCOPEWATCH_BOOTSTRAP", None)
+    try:
+        up = cli(env, "up")
+        assert up.returncode == 0, up.stderr
+        assert "stack is up" in up.stderr
+        status = cli(env, "status", "--json")
+        assert status.returncode == 0, status.stdout
+        info = json.loads(status.stdout)
+        assert {s["name"] for s in info["services"] if s["running"]} == {"kafka", "sink", "worker"}
+        assert {"mcp.tool-calls", "mcp.tool-results", "identity.sessions", "consent.grants", "audit.evidence",
+                "audit.findings", "audit.dead-letter"} <= set(info["topics"])
+
+        demo = cli(env, "demo", "--calls", "14")
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "made 14 tool calls" in demo.stdout
+        # while the stack runs, `sql` goes through the sink that owns the chDB folder
+        assert count(env, "tool_calls") == 14
+        assert count(env, "tool_results") == 14
+
+        pids = recorded_pids(home)
+        assert len(pids) == 3
+        down = cli(env, "down")
+        assert down.returncode == 0, down.stderr
+        assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in pids)
+        assert cli(env, "status").returncode == 3
+        # with the stack down, `sql` opens the embedded folder itself
+        assert count(env, "tool_calls") == 14
+
+        again = cli(env, "up")  # resumes on the existing data folder
+        assert again.returncode == 0, again.stderr
+        assert count(env, "tool_calls") == 14
+        assert cli(env, "status").returncode == 0
+    finally:
+        cli(env, "down")
+    for pid in recorded_pids(home) + pids:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def test_up_reports_a_taken_port(tmp_path: Path, cache_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = dict(os.environ, SCOPEWATCH_HOME=str(tmp_path / "h"), SCOPEWATCH_CACHE_DIR=str(cache_dir),
+                   SCOPEWATCH_KAFKA_PORT=str(port), SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()))
+        result = cli(env, "up")
+    assert result.returncode != 0
+    assert str(port) in result.stderr and "in use" in result.stderr.lower()
+    assert cli(env, "status").returncode == 3
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
