@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from schemas import Collector, Event, to_canonical_json
 
@@ -32,8 +32,7 @@ class ChainStamper:
 
     def stamp(self, event: E) -> E:
         self.seq += 1
-        stamped = event.model_copy(
-            update={"collector": Collector(id=self.collector_id, epoch=self.epoch, seq=self.seq, prev_hash=self.prev_hash)}
-        )
+        collector = Collector(id=self.collector_id, epoch=self.epoch, seq=self.seq, prev_hash=self.prev_hash)
+        stamped = cast(E, event.model_copy(update={"collector": collector}))
         self.prev_hash = record_hash(stamped)
         return stamped

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from schemas import (
     Event,
@@ -53,7 +53,7 @@ def cap_arguments(arguments: Any, limit: int = MAX_ARGUMENT_BYTES) -> dict[str, 
         arguments = {"_value": arguments}
     size = len(json.dumps(arguments, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
     if size <= limit:
-        return arguments
+        return dict(arguments)
     return {"_truncated": True, "_size_bytes": size, "_digest": canonical_digest(arguments)}
 
 
@@ -88,7 +88,7 @@ class McpSessionObserver:
     """Follows one MCP session; returns the events each message gives rise to."""
 
     identity: SessionIdentity
-    transport: str = "stdio"
+    transport: Literal["stdio", "http", "sdk"] = "stdio"
     server_label: str | None = None
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     attested: dict[str, Any] | None = None
@@ -215,7 +215,13 @@ class McpSessionObserver:
         return self._result(pending, now, now_mono, "ok", None, canonical_digest(result))
 
     def _result(
-        self, pending: _Pending, now: datetime, now_mono: float, status: str, error: str | None, digest: str | None
+        self,
+        pending: _Pending,
+        now: datetime,
+        now_mono: float,
+        status: Literal["ok", "error", "timeout"],
+        error: str | None,
+        digest: str | None,
     ) -> ToolResult:
         self.results_seen += 1
         return ToolResult(

@@ -189,7 +189,7 @@ class BackgroundPublisher:
             except (KafkaError, OSError) as exc:
                 self._error(exc)
                 retry.append(item)
-        retry.extend(batch[len(futures):])
+        retry.extend(batch[len(futures) :])
         if retry:
             with self._lock:
                 self._queue.extendleft(reversed(retry))
@@ -203,5 +203,5 @@ class BackgroundPublisher:
 async def _close_quietly(producer: AIOKafkaProducer) -> None:
     try:
         await asyncio.wait_for(producer.stop(), timeout=5.0)
-    except Exception:  # noqa: BLE001 - shutting down a broken connection
+    except Exception:
         log.debug("producer stop failed", exc_info=True)

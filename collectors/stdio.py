@@ -121,7 +121,7 @@ class StdioWrapper:
         observer_thread.start()
         self._emit_all(self.observer.start(utc_from_ns(time.time_ns())))
         try:
-            proc = subprocess.Popen(  # noqa: S603 - the operator's own command
+            proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, process_group=0
             )
         except OSError as exc:

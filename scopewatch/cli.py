@@ -104,6 +104,21 @@ def sink() -> None:
 
 
 @app.command()
+def fetch() -> None:
+    """Download what the stack needs into the cache: Kafka broker jars (Maven Central) and npm MCP servers."""
+    from scopewatch.stack.kafka import StackError, ensure_kafka_jars
+    from scopewatch.stack.npm import server_everything_command
+
+    s = _settings()
+    try:
+        libs = ensure_kafka_jars(s.cache_dir)
+        server = server_everything_command(s.cache_dir)
+    except StackError as exc:
+        _fail(str(exc))
+    err.print(f"Kafka jars: {libs}\nserver-everything: {server[1]}", highlight=False)
+
+
+@app.command()
 def migrate() -> None:
     """Apply pending ClickHouse migrations (idempotent). With embedded chDB, run it while the stack is down."""
     from stream_jobs.clickhouse import ClickHouseError, connect
@@ -145,7 +160,10 @@ def wrap(
     if principal is None or agent_id is None:
         err.print("scopewatch wrap: no --principal/--agent-id: the session is recorded as unbound", highlight=False)
     identity = SessionIdentity(
-        session_id=sid, tenant=tenant, principal=principal, agent_id=agent_id,
+        session_id=sid,
+        tenant=tenant,
+        principal=principal,
+        agent_id=agent_id,
         auth={"method": "launcher", "issuer": "scopewatch-wrap", "host": socket.gethostname()},
     )
     publisher = BackgroundPublisher(settings.kafka_bootstrap, client_id="scopewatch-wrap").start()
@@ -161,9 +179,11 @@ def wrap(
     stats = publisher.close(flush_timeout)
     lost = stats.lost_queue_full + stats.lost_at_close
     if lost:
-        sys.stderr.write(f"scopewatch wrap: {lost} events NOT delivered to Kafka "
-                         f"(queue full {stats.lost_queue_full}, unsent at exit {stats.lost_at_close}; "
-                         f"last error: {stats.last_error})\n")
+        sys.stderr.write(
+            f"scopewatch wrap: {lost} events NOT delivered to Kafka "
+            f"(queue full {stats.lost_queue_full}, unsent at exit {stats.lost_at_close}; "
+            f"last error: {stats.last_error})\n"
+        )
     exit_like(code)
 
 

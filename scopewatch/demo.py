@@ -73,10 +73,21 @@ async def _drive(settings: Settings, session_id: str, principal: str, calls: lis
 
     server = server_everything_command(settings.cache_dir)
     wrapper = [
-        "-m", "scopewatch", "wrap",
-        "--session-id", session_id, "--tenant", DEMO_TENANT,
-        "--principal", principal, "--agent-id", DEMO_AGENT, "--server", "everything",
-        "--", *server,
+        "-m",
+        "scopewatch",
+        "wrap",
+        "--session-id",
+        session_id,
+        "--tenant",
+        DEMO_TENANT,
+        "--principal",
+        principal,
+        "--agent-id",
+        DEMO_AGENT,
+        "--server",
+        "everything",
+        "--",
+        *server,
     ]
     env = settings_env(settings)
     params = StdioServerParameters(command=sys.executable, args=wrapper, env=env)
@@ -116,22 +127,30 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
     _require_stack(settings)
     script = demo_calls(calls)
     half = len(script) // 2
-    sessions = [(str(uuid.uuid4()), "alice@acme.example", script[:half]),
-                (str(uuid.uuid4()), "bob@acme.example", script[half:])]
-    console.print(f"[bold]demo[/]: {len(script)} tool calls in {len(sessions)} MCP sessions "
-                  "(mcp Python SDK client → scopewatch wrap → @modelcontextprotocol/server-everything)")
+    sessions = [
+        (str(uuid.uuid4()), "alice@acme.example", script[:half]),
+        (str(uuid.uuid4()), "bob@acme.example", script[half:]),
+    ]
+    console.print(
+        f"[bold]demo[/]: {len(script)} tool calls in {len(sessions)} MCP sessions "
+        "(mcp Python SDK client → scopewatch wrap → @modelcontextprotocol/server-everything)"
+    )
     made = 0
     errors = 0
     for session_id, principal, part in sessions:
         outcomes = asyncio.run(_drive(settings, session_id, principal, part))
         made += len(outcomes)
         errors += sum(1 for _, failed in outcomes if failed)
-        console.print(f"  session {session_id} for {principal}: {len(outcomes)} calls, "
-                      f"{sum(1 for _, f in outcomes if f)} returned errors")
+        console.print(
+            f"  session {session_id} for {principal}: {len(outcomes)} calls, "
+            f"{sum(1 for _, f in outcomes if f)} returned errors"
+        )
     counts = wait_for_rows(settings, [s for s, _, _ in sessions], made, timeout)
     db = settings.clickhouse_database
     ids = ",".join(f"'{s}'" for s, _, _ in sessions)
-    result = run_sql(settings, f"""
+    result = run_sql(
+        settings,
+        f"""
         SELECT formatDateTime(c.event_time, '%H:%i:%S.%f') AS time, left(c.session_id, 8) AS session,
                c.tool AS tool, r.status AS status, round(r.duration_ms, 1) AS ms, e.verdict AS verdict,
                left(ifNull(r.error, ''), 40) AS error
@@ -139,14 +158,17 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
         LEFT JOIN {db}.tool_results AS r ON r.call_id = c.call_id
         LEFT JOIN {db}.evidence AS e ON e.call_id = c.call_id
         WHERE c.session_id IN ({ids})
-        ORDER BY c.event_time, c.collector_seq""")
+        ORDER BY c.event_time, c.collector_seq""",
+    )
     table = Table(*result["columns"], title="what landed in ClickHouse")
     for row in result["rows"]:
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)
     total = run_sql(settings, f"SELECT count() FROM {db}.tool_calls")["rows"][0][0]
-    console.print(f"[bold green]made {made} tool calls ({errors} failing); ClickHouse holds {counts['calls']} "
-                  f"tool_calls, {counts['results']} tool_results and {counts['verdicts']} verdicts for them[/] "
-                  f"({total} tool_calls in all).")
+    console.print(
+        f"[bold green]made {made} tool calls ({errors} failing); ClickHouse holds {counts['calls']} "
+        f"tool_calls, {counts['results']} tool_results and {counts['verdicts']} verdicts for them[/] "
+        f"({total} tool_calls in all)."
+    )
     console.print(f'Query it yourself: scopewatch sql "SELECT tool, count() FROM {db}.tool_calls GROUP BY tool"')
     return {"made": made, "errors": errors, **counts}

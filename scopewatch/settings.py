@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache, description="downloaded Kafka jars and npm MCP servers")
 
     # Kafka
-    bootstrap: str | None = Field(default=None, description="external Kafka bootstrap servers; default: the local broker")
+    bootstrap: str | None = Field(
+        default=None, description="external Kafka bootstrap servers; default: the local broker"
+    )
     kafka_port: int = 19092
     kafka_controller_port: int = 19093
     kafka_heap: str = "1g"
@@ -36,7 +38,9 @@ class Settings(BaseSettings):
     partitions: int = Field(default=4, ge=1, le=256)
 
     # ClickHouse
-    clickhouse_dsn: str | None = Field(default=None, description="chdb:///path or http(s)://host:port; default chDB under home")
+    clickhouse_dsn: str | None = Field(
+        default=None, description="chdb:///path or http(s)://host:port; default chDB under home"
+    )
     clickhouse_database: str = "scopewatch"
     clickhouse_user: str = "default"
     clickhouse_password: SecretStr = SecretStr("")

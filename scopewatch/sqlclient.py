@@ -37,15 +37,20 @@ def run_sql(settings: Settings, sql: str, timeout: float = 120.0) -> dict[str, A
     from stream_jobs.clickhouse import ClickHouseError, connect, run_query
 
     try:
-        client = connect(settings.dsn, database=None, readonly=True, user=settings.clickhouse_user,
-                         password=settings.clickhouse_password.get_secret_value())
+        client = connect(
+            settings.dsn,
+            database=None,
+            readonly=True,
+            user=settings.clickhouse_user,
+            password=settings.clickhouse_password.get_secret_value(),
+        )
         try:
             return run_query(client, sql)
         finally:
             client.close()
     except ClickHouseError as exc:
         raise SqlError(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - surface ClickHouse's own message
+    except Exception as exc:
         raise SqlError(str(exc).strip()) from exc
 
 
@@ -59,7 +64,8 @@ def _via_endpoint(endpoint: tuple[int, str], sql: str, timeout: float) -> dict[s
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
-            return json.loads(response.read())
+            result: dict[str, Any] = json.loads(response.read())
+            return result
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error", str(exc))

@@ -74,14 +74,19 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
             try:
                 call = decode(event.value)
                 if not isinstance(call, ToolCall):
-                    raise CodecError(f"expected a tool_call on {event.message.topic}, got {call.event_type}")
+                    raise CodecError(f"expected a tool_call on {event.message.topic}, got {type(call).__name__}")
                 evidence = placeholder_evidence(call, decided_at=now, evidence_id=str(uuid.uuid4()))
             except Exception as exc:  # noqa: BLE001 - every bad event is dead-lettered, never fatal
                 counters["dead_letters"] += 1
                 record = dead_letter(event, "decide", f"{type(exc).__name__}: {exc}", now)
                 await dead_letter_topic.send(key=event.message.key, value=encode(record))
-                log.warning("dead-lettered %s[%s]@%s: %s", event.message.topic, event.message.partition,
-                            event.message.offset, record.reason)
+                log.warning(
+                    "dead-lettered %s[%s]@%s: %s",
+                    event.message.topic,
+                    event.message.partition,
+                    event.message.offset,
+                    record.reason,
+                )
                 continue
             counters["decided"] += 1
             await evidence_topic.send(key=call.call_id.encode("utf-8"), value=encode(evidence))

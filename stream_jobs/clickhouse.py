@@ -28,13 +28,14 @@ class Migration:
     statements: list[str]
 
 
-def connect(dsn: str, *, database: str | None = None, password: str = "", user: str = "default",
-            readonly: bool = False) -> Client:
+def connect(
+    dsn: str, *, database: str | None = None, password: str = "", user: str = "default", readonly: bool = False
+) -> Client:
     """A client for ``dsn``. ``readonly`` gives a session that can only read (ClickHouse readonly=2)."""
     settings: dict[str, Any] = {"readonly": 2} if readonly else {}
     try:
         if dsn.startswith("chdb:"):
-            path = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
+            path = dsn[len("chdb://") :] if dsn.startswith("chdb://") else dsn[len("chdb:") :]
             if path and path != ":memory:":
                 from pathlib import Path
 
@@ -42,10 +43,15 @@ def connect(dsn: str, *, database: str | None = None, password: str = "", user: 
             return clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings, database=database)
         parsed = urlparse(dsn)
         if parsed.scheme not in ("http", "https"):
-            raise ClickHouseError(f"unsupported ClickHouse DSN scheme {parsed.scheme!r}: use chdb:///path or http(s)://")
+            raise ClickHouseError(
+                f"unsupported ClickHouse DSN scheme {parsed.scheme!r}: use chdb:///path or http(s)://"
+            )
         return clickhouse_connect.get_client(
-            dsn=dsn, username=parsed.username or user, password=parsed.password or password,
-            settings=settings, database=database,
+            dsn=dsn,
+            username=parsed.username or user,
+            password=parsed.password or password,
+            settings=settings,
+            database=database,
         )
     except ClickHouseError:
         raise
@@ -56,7 +62,9 @@ def connect(dsn: str, *, database: str | None = None, password: str = "", user: 
                 f"the embedded ClickHouse folder {dsn} is in use by another process "
                 "(the stack's sink owns it while it runs: `scopewatch sql` routes through it)"
             ) from exc
-        raise ClickHouseError(f"cannot open ClickHouse at {redact_dsn(dsn)}: {text.splitlines()[0] if text else exc}") from exc
+        raise ClickHouseError(
+            f"cannot open ClickHouse at {redact_dsn(dsn)}: {text.splitlines()[0] if text else exc}"
+        ) from exc
 
 
 def redact_dsn(dsn: str) -> str:

@@ -18,8 +18,6 @@ from schemas import (
     ToolResult,
 )
 
-_KNOWN_FIELDS: dict[type, set[str]] = {}
-
 
 def cjson(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -34,7 +32,12 @@ def _collector(model: Any) -> dict[str, Any]:
     c = getattr(model, "collector", None)
     if c is None:
         return {"collector_id": "", "collector_epoch": 0, "collector_seq": 0, "collector_prev_hash": None}
-    return {"collector_id": c.id, "collector_epoch": c.epoch, "collector_seq": c.seq, "collector_prev_hash": c.prev_hash}
+    return {
+        "collector_id": c.id,
+        "collector_epoch": c.epoch,
+        "collector_seq": c.seq,
+        "collector_prev_hash": c.prev_hash,
+    }
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,12 @@ class Provenance:
     ingested_at: datetime
 
     def columns(self) -> dict[str, Any]:
-        return {"_topic": self.topic, "_partition": self.partition, "_offset": self.offset,
-                "_ingested_at": self.ingested_at}
+        return {
+            "_topic": self.topic,
+            "_partition": self.partition,
+            "_offset": self.offset,
+            "_ingested_at": self.ingested_at,
+        }
 
 
 def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
@@ -54,65 +61,132 @@ def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
     common = prov.columns()
     if isinstance(record, ToolCall):
         return "tool_calls", {
-            "event_id": record.event_id, "event_time": record.event_time, "tenant": record.tenant,
-            "call_id": record.call_id, "session_id": record.session_id, "server": record.server,
-            "tool": record.tool, "arguments": cjson(record.arguments), "resources": list(record.resources),
+            "event_id": record.event_id,
+            "event_time": record.event_time,
+            "tenant": record.tenant,
+            "call_id": record.call_id,
+            "session_id": record.session_id,
+            "server": record.server,
+            "tool": record.tool,
+            "arguments": cjson(record.arguments),
+            "resources": list(record.resources),
             "transport": record.transport,
             "attested": None if record.attested is None else cjson(record.attested),
-            "claimed": cjson(record.claimed), "tool_digest": record.tool_digest,
-            **_collector(record), "extra": _extra(record), **common,
+            "claimed": cjson(record.claimed),
+            "tool_digest": record.tool_digest,
+            **_collector(record),
+            "extra": _extra(record),
+            **common,
         }
     if isinstance(record, ToolResult):
         return "tool_results", {
-            "event_id": record.event_id, "event_time": record.event_time, "tenant": record.tenant,
-            "call_id": record.call_id, "session_id": record.session_id, "status": record.status,
-            "duration_ms": float(record.duration_ms), "error": record.error, "result_digest": record.result_digest,
-            **_collector(record), "extra": _extra(record), **common,
+            "event_id": record.event_id,
+            "event_time": record.event_time,
+            "tenant": record.tenant,
+            "call_id": record.call_id,
+            "session_id": record.session_id,
+            "status": record.status,
+            "duration_ms": float(record.duration_ms),
+            "error": record.error,
+            "result_digest": record.result_digest,
+            **_collector(record),
+            "extra": _extra(record),
+            **common,
         }
     if isinstance(record, (SessionBound, SessionEnded)):
-        bound = isinstance(record, SessionBound)
-        return "identity_events", {
-            "event_id": record.event_id, "event_type": record.event_type, "event_time": record.event_time,
-            "tenant": record.tenant, "session_id": record.session_id,
-            "principal": record.principal if bound else None,
-            "agent_id": record.agent_id if bound else None,
-            "valid_from": record.valid_from if bound else None,
-            "valid_until": record.valid_until if bound else None,
-            "auth": cjson(record.auth) if bound else "{}",
-            **_collector(record), "extra": _extra(record), **common,
+        row = {
+            "event_id": record.event_id,
+            "event_type": record.event_type,
+            "event_time": record.event_time,
+            "tenant": record.tenant,
+            "session_id": record.session_id,
+            "principal": None,
+            "agent_id": None,
+            "valid_from": None,
+            "valid_until": None,
+            "auth": "{}",
+            **_collector(record),
+            "extra": _extra(record),
+            **common,
         }
+        if isinstance(record, SessionBound):
+            row.update(
+                principal=record.principal,
+                agent_id=record.agent_id,
+                valid_from=record.valid_from,
+                valid_until=record.valid_until,
+                auth=cjson(record.auth),
+            )
+        return "identity_events", row
     if isinstance(record, (GrantIssued, GrantRevoked)):
-        issued = isinstance(record, GrantIssued)
-        return "consent_events", {
-            "event_id": record.event_id, "event_type": record.event_type, "event_time": record.event_time,
-            "tenant": record.tenant, "grant_id": record.grant_id, "principal": record.principal,
+        row = {
+            "event_id": record.event_id,
+            "event_type": record.event_type,
+            "event_time": record.event_time,
+            "tenant": record.tenant,
+            "grant_id": record.grant_id,
+            "principal": record.principal,
             "agent_id": record.agent_id,
-            "tools": list(record.tools) if issued else [],
-            "resources": list(record.resources) if issued else [],
-            "scopes": list(record.scopes) if issued else [],
-            "not_before": record.not_before if issued else None,
-            "expires_at": record.expires_at if issued else None,
-            "granted_by": record.granted_by if issued else None,
-            "purpose": record.purpose if issued else None,
-            "parent_grant_id": record.parent_grant_id if issued else None,
-            "revoked_by": None if issued else record.revoked_by,
-            "reason": None if issued else record.reason,
-            **_collector(record), "extra": _extra(record), **common,
+            "tools": [],
+            "resources": [],
+            "scopes": [],
+            "not_before": None,
+            "expires_at": None,
+            "granted_by": None,
+            "purpose": None,
+            "parent_grant_id": None,
+            "revoked_by": None,
+            "reason": None,
+            **_collector(record),
+            "extra": _extra(record),
+            **common,
         }
+        if isinstance(record, GrantIssued):
+            row.update(
+                tools=list(record.tools),
+                resources=list(record.resources),
+                scopes=list(record.scopes),
+                not_before=record.not_before,
+                expires_at=record.expires_at,
+                granted_by=record.granted_by,
+                purpose=record.purpose,
+                parent_grant_id=record.parent_grant_id,
+            )
+        else:
+            row.update(revoked_by=record.revoked_by, reason=record.reason)
+        return "consent_events", row
     if isinstance(record, Evidence):
         return "evidence", {
-            "evidence_id": record.evidence_id, "call_id": record.call_id, "tenant": record.tenant,
-            "session_id": record.session_id, "principal": record.principal, "agent_id": record.agent_id,
-            "server": record.server, "tool": record.tool, "call_time": record.call_time,
-            "verdict": record.verdict, "matched_grant_id": record.matched_grant_id,
-            "reasons": list(record.reasons), "version": record.version, "final": record.final,
-            "late": record.late, "decided_at": record.decided_at, "facts": cjson(record.facts), **common,
+            "evidence_id": record.evidence_id,
+            "call_id": record.call_id,
+            "tenant": record.tenant,
+            "session_id": record.session_id,
+            "principal": record.principal,
+            "agent_id": record.agent_id,
+            "server": record.server,
+            "tool": record.tool,
+            "call_time": record.call_time,
+            "verdict": record.verdict,
+            "matched_grant_id": record.matched_grant_id,
+            "reasons": list(record.reasons),
+            "version": record.version,
+            "final": record.final,
+            "late": record.late,
+            "decided_at": record.decided_at,
+            "facts": cjson(record.facts),
+            **common,
         }
     if isinstance(record, DeadLetter):
         return "dead_letters", {
-            "dead_letter_id": record.dead_letter_id, "source_topic": record.source_topic,
-            "source_partition": record.source_partition, "source_offset": record.source_offset,
-            "key": record.key, "reason": record.reason, "stage": record.stage,
-            "payload_b64": record.payload_b64, "failed_at": record.failed_at, **common,
+            "dead_letter_id": record.dead_letter_id,
+            "source_topic": record.source_topic,
+            "source_partition": record.source_partition,
+            "source_offset": record.source_offset,
+            "key": record.key,
+            "reason": record.reason,
+            "stage": record.stage,
+            "payload_b64": record.payload_b64,
+            "failed_at": record.failed_at,
+            **common,
         }
     raise TypeError(f"no table for {type(record).__name__}")

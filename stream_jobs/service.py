@@ -54,8 +54,11 @@ async def _sink_main(settings: Settings) -> None:
         _write_json(query_endpoint_file(settings), {"port": settings.query_port, "pid": os.getpid()})
     sink = ClickHouseSink(
         SinkConfig(
-            bootstrap=settings.kafka_bootstrap, topics=sink_topics(settings), group=settings.sink_group,
-            batch_rows=settings.sink_batch_rows, batch_seconds=settings.sink_batch_seconds,
+            bootstrap=settings.kafka_bootstrap,
+            topics=sink_topics(settings),
+            group=settings.sink_group,
+            batch_rows=settings.sink_batch_rows,
+            batch_seconds=settings.sink_batch_seconds,
         ),
         writer,
     )

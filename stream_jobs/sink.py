@@ -73,7 +73,9 @@ class ClickHouseWriter:
         data = [[row[c] for c in columns] for row in rows]
         with self.lock:
             self.client.insert(
-                f"{self.database}.{table}", data, column_names=columns,
+                f"{self.database}.{table}",
+                data,
+                column_names=columns,
                 settings={"insert_deduplication_token": token, "async_insert": 0},
             )
 
@@ -114,10 +116,11 @@ class ClickHouseSink:
                 timeout = self.config.batch_seconds
                 if batch.size:
                     timeout = max(0.0, self.config.batch_seconds - (time.monotonic() - batch.started))
-                records = await consumer.getmany(timeout_ms=int(timeout * 1000),
-                                                 max_records=max(1, self.config.batch_rows - batch.size))
+                records = await consumer.getmany(
+                    timeout_ms=int(timeout * 1000), max_records=max(1, self.config.batch_rows - batch.size)
+                )
                 now = datetime.now(UTC)
-                for tp, messages in records.items():
+                for messages in records.values():
                     for msg in messages:
                         self._absorb(batch, msg, now)
                 due = batch.size >= self.config.batch_rows or (
@@ -140,10 +143,14 @@ class ClickHouseSink:
             self.counters["dead_letters"] += 1
             letter = DeadLetter(
                 dead_letter_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"sink:{msg.topic}:{msg.partition}:{msg.offset}")),
-                source_topic=msg.topic, source_partition=msg.partition, source_offset=msg.offset,
+                source_topic=msg.topic,
+                source_partition=msg.partition,
+                source_offset=msg.offset,
                 key=msg.key.decode("utf-8", "replace") if msg.key is not None else None,
-                reason=f"{type(exc).__name__}: {exc}"[:2000], stage="sink",
-                payload_b64=base64.b64encode(msg.value or b"").decode("ascii")[:1_000_000], failed_at=now,
+                reason=f"{type(exc).__name__}: {exc}"[:2000],
+                stage="sink",
+                payload_b64=base64.b64encode(msg.value or b"").decode("ascii")[:1_000_000],
+                failed_at=now,
             )
             log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, letter.reason)
             table, row = to_row(letter, prov)
@@ -161,7 +168,7 @@ class ClickHouseSink:
                     self.counters["rows"] += len(pending[table])
                     del pending[table]
                 break
-            except Exception as exc:  # noqa: BLE001 - ClickHouse unavailable: back off, keep the batch
+            except Exception as exc:
                 self.counters["retries"] += 1
                 log.warning("ClickHouse write failed (%s); retrying in %.1fs", exc, delay)
                 if self._stop.is_set() and delay >= self.config.retry_max_seconds:

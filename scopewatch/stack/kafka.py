@@ -553,9 +553,7 @@ class KafkaBroker:
                 cwd=self.home,
             )
         except subprocess.TimeoutExpired as exc:
-            raise BrokerFailed(
-                f"formatting {self.data_dir} timed out after {timeout:.0f}s"
-            ) from exc
+            raise BrokerFailed(f"formatting {self.data_dir} timed out after {timeout:.0f}s") from exc
         if res.returncode != 0:
             output = "\n".join((res.stdout + res.stderr).splitlines()[-_LOG_TAIL_LINES:])
             raise BrokerFailed(
@@ -601,9 +599,7 @@ class KafkaBroker:
         argv = self.command()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with open(self.console_log, "ab") as fh:
-            fh.write(
-                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode()
-            )
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         env = dict(os.environ)
         env.pop("JAVA_TOOL_OPTIONS", None)
         env.pop("_JAVA_OPTIONS", None)
@@ -691,9 +687,7 @@ class KafkaBroker:
             "home": str(self.home),
             "data_dir": str(self.data_dir),
             "log": str(self.server_log),
-            "cluster_id": (
-                self.cluster_id_path.read_text().strip() if self.cluster_id_path.is_file() else None
-            ),
+            "cluster_id": (self.cluster_id_path.read_text().strip() if self.cluster_id_path.is_file() else None),
         }
 
 

@@ -25,7 +25,10 @@ def ensure_npm_package(cache_dir: Path, package: str, version: str) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), f"{package}@{version}"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if result.returncode != 0 or not manifest.exists():
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])

@@ -245,9 +245,7 @@ def _signal_group(record: PidRecord, sig: signal.Signals) -> None:
     except ProcessLookupError:
         pass
     except PermissionError as exc:
-        raise PermissionError(
-            f"not allowed to signal {record.name or 'process'} pid {record.pid}: {exc}"
-        ) from exc
+        raise PermissionError(f"not allowed to signal {record.name or 'process'} pid {record.pid}: {exc}") from exc
 
 
 def _wait_gone(record: PidRecord, timeout: float) -> bool:

@@ -71,8 +71,9 @@ class Stack:
 
     def broker(self, libs: Path | None = None) -> KafkaBroker:
         s = self.settings
-        config = KafkaConfig(home=self.kafka_home, port=s.kafka_port, controller_port=s.kafka_controller_port,
-                             heap=s.kafka_heap)
+        config = KafkaConfig(
+            home=self.kafka_home, port=s.kafka_port, controller_port=s.kafka_controller_port, heap=s.kafka_heap
+        )
         return KafkaBroker(config, libs or Path("/nonexistent"))
 
     # -- up ----------------------------------------------------------------------------
@@ -85,8 +86,13 @@ class Stack:
             self.report(f"using external Kafka at {s.bootstrap}")
         created = asyncio.run(create_topics(s.kafka_bootstrap, s.topics.all(), s.partitions))
         self.report(f"topics: {len(s.topics.all())} ready ({len(created)} created)")
-        self._up_service("sink", ["sink"], ports={"query_port": s.query_port} if s.embedded else {},
-                         ready=self._sink_ready, timeout=timeout)
+        self._up_service(
+            "sink",
+            ["sink"],
+            ports={"query_port": s.query_port} if s.embedded else {},
+            ready=self._sink_ready,
+            timeout=timeout,
+        )
         self._up_service("worker", ["worker"], ports={}, ready=lambda: True, timeout=timeout)
 
     def _up_kafka(self, timeout: float) -> None:
@@ -110,8 +116,9 @@ class Stack:
             raise
         self.report(f"Kafka ready in {time.monotonic() - started:.1f}s")
 
-    def _up_service(self, name: str, args: list[str], ports: dict[str, int], ready: Callable[[], bool],
-                    timeout: float) -> None:
+    def _up_service(
+        self, name: str, args: list[str], ports: dict[str, int], ready: Callable[[], bool], timeout: float
+    ) -> None:
         record = proc.read_pid_record(self.pid_path(name))
         if record is not None and proc.is_running(record):
             self.report(f"{name} already running (pid {record.pid})")
@@ -134,7 +141,9 @@ class Stack:
                 return
             time.sleep(0.2)
         proc.stop_process(record)
-        raise StackError(f"{name} did not become ready in {timeout:.0f}s; last lines of {log}:\n{_tail_from(log, offset)}")
+        raise StackError(
+            f"{name} did not become ready in {timeout:.0f}s; last lines of {log}:\n{_tail_from(log, offset)}"
+        )
 
     def _sink_ready(self) -> bool:
         if not self.settings.embedded:
@@ -170,13 +179,17 @@ class Stack:
         broker = self.broker()
         rec = broker.running_record()
         if self.settings.bootstrap is None:
-            out["services"].append(ServiceStatus("kafka", rec is not None, rec.pid if rec else None,
-                                                 self.settings.kafka_bootstrap).__dict__)
+            out["services"].append(
+                ServiceStatus(
+                    "kafka", rec is not None, rec.pid if rec else None, self.settings.kafka_bootstrap
+                ).__dict__
+            )
         for name in SERVICES:
             record = proc.read_pid_record(self.pid_path(name))
             alive = record is not None and proc.is_running(record)
-            out["services"].append(ServiceStatus(name, alive, record.pid if record and alive else None,
-                                                 str(self.log_path(name))).__dict__)
+            out["services"].append(
+                ServiceStatus(name, alive, record.pid if record and alive else None, str(self.log_path(name))).__dict__
+            )
         if rec is not None or self.settings.bootstrap is not None:
             try:
                 out["topics"] = sorted(asyncio.run(asyncio.wait_for(list_topics(self.settings.kafka_bootstrap), 15)))

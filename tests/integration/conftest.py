@@ -39,16 +39,24 @@ def server_everything(cache_dir: Path) -> list[str]:
 def make_settings(home: Path, bootstrap: str, cache_dir: Path, **extra: object) -> Settings:
     run = uuid.uuid4().hex[:8]
     values: dict[str, object] = {
-        "home": home, "cache_dir": cache_dir, "bootstrap": bootstrap, "topic_prefix": f"it{run}.",
-        "partitions": 2, "query_port": proc.free_port(), "sink_batch_seconds": 0.2,
-        "sink_group": f"it{run}-sink", "worker_group": f"it{run}-decisions",
+        "home": home,
+        "cache_dir": cache_dir,
+        "bootstrap": bootstrap,
+        "topic_prefix": f"it{run}.",
+        "partitions": 2,
+        "query_port": proc.free_port(),
+        "sink_batch_seconds": 0.2,
+        "sink_group": f"it{run}-sink",
+        "worker_group": f"it{run}-decisions",
     }
     values.update(extra)
     return Settings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, kafka_broker: KafkaBroker, cache_dir: Path) -> Iterator[Settings]:
+def pipeline(
+    tmp_path_factory: pytest.TempPathFactory, kafka_broker: KafkaBroker, cache_dir: Path
+) -> Iterator[Settings]:
     """Sink + decision worker running against the session broker, on unique topics."""
     settings = make_settings(tmp_path_factory.mktemp("pipeline"), kafka_broker.config.bootstrap, cache_dir)
     stack = Stack(settings)

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.integration
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scopewatch", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "scopewatch", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def recorded_pids(home: Path) -> list[int]:
@@ -37,9 +43,15 @@ def count(env: dict[str, str], table: str) -> int:
 
 def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
     home = tmp_path / "home"
-    env = dict(os.environ, SCOPEWATCH_HOME=str(home), SCOPEWATCH_CACHE_DIR=str(cache_dir),
-               SCOPEWATCH_KAFKA_PORT=str(proc.free_port()), SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
-               SCOPEWATCH_QUERY_PORT=str(proc.free_port()), SCOPEWATCH_PARTITIONS="2")
+    env = dict(
+        os.environ,
+        SCOPEWATCH_HOME=str(home),
+        SCOPEWATCH_CACHE_DIR=str(cache_dir),
+        SCOPEWATCH_KAFKA_PORT=str(proc.free_port()),
+        SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
+        SCOPEWATCH_QUERY_PORT=str(proc.free_port()),
+        SCOPEWATCH_PARTITIONS="2",
+    )
     env.pop("SCOPEWATCH_BOOTSTRAP", None)
     try:
         up = cli(env, "up")
@@ -49,8 +61,15 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         assert status.returncode == 0, status.stdout
         info = json.loads(status.stdout)
         assert {s["name"] for s in info["services"] if s["running"]} == {"kafka", "sink", "worker"}
-        assert {"mcp.tool-calls", "mcp.tool-results", "identity.sessions", "consent.grants", "audit.evidence",
-                "audit.findings", "audit.dead-letter"} <= set(info["topics"])
+        assert {
+            "mcp.tool-calls",
+            "mcp.tool-results",
+            "identity.sessions",
+            "consent.grants",
+            "audit.evidence",
+            "audit.findings",
+            "audit.dead-letter",
+        } <= set(info["topics"])
 
         demo = cli(env, "demo", "--calls", "14")
         assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -85,8 +104,13 @@ def test_up_reports_a_taken_port(tmp_path: Path, cache_dir: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        env = dict(os.environ, SCOPEWATCH_HOME=str(tmp_path / "h"), SCOPEWATCH_CACHE_DIR=str(cache_dir),
-                   SCOPEWATCH_KAFKA_PORT=str(port), SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()))
+        env = dict(
+            os.environ,
+            SCOPEWATCH_HOME=str(tmp_path / "h"),
+            SCOPEWATCH_CACHE_DIR=str(cache_dir),
+            SCOPEWATCH_KAFKA_PORT=str(port),
+            SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
+        )
         result = cli(env, "up")
     assert result.returncode != 0
     assert str(port) in result.stderr and "in use" in result.stderr.lower()

@@ -15,9 +15,16 @@ PROTOCOL = "2025-06-18"
 
 
 def initialize(req_id: int = 0) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": req_id, "method": "initialize",
-            "params": {"protocolVersion": PROTOCOL, "capabilities": {},
-                       "clientInfo": {"name": "scopewatch-tests", "version": "1"}}}
+    return {
+        "jsonrpc": "2.0",
+        "id": req_id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": PROTOCOL,
+            "capabilities": {},
+            "clientInfo": {"name": "scopewatch-tests", "version": "1"},
+        },
+    }
 
 
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
@@ -48,12 +55,19 @@ class Transcript:
         return {m["id"]: m for m in self.messages() if isinstance(m, dict) and "id" in m and "method" not in m}
 
 
-def run_script(argv: Sequence[str], steps: Sequence[Any], *, env: dict[str, str] | None = None,
-               timeout: float = 60.0, settle: float = 0.0) -> Transcript:
+def run_script(
+    argv: Sequence[str],
+    steps: Sequence[Any],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    settle: float = 0.0,
+) -> Transcript:
     """Send each step, waiting for the responses to its requests before the next step;
     then close stdin and collect the rest."""
-    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, bufsize=0)
+    proc = subprocess.Popen(
+        list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0
+    )
     assert proc.stdin and proc.stdout and proc.stderr
     received = bytearray()
     sent = bytearray()

@@ -8,10 +8,29 @@ from scopewatch.settings import Settings
 from scopewatch.stack.stack import settings_env
 
 
-def wrap_argv(server: list[str], *, session_id: str, principal: str | None = "alice@example.com",
-              agent_id: str | None = "agent-1", tenant: str = "acme", extra: list[str] | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "scopewatch", "wrap", "--session-id", session_id, "--tenant", tenant,
-            "--server", "everything", "--flush-timeout", "20"]
+def wrap_argv(
+    server: list[str],
+    *,
+    session_id: str,
+    principal: str | None = "alice@example.com",
+    agent_id: str | None = "agent-1",
+    tenant: str = "acme",
+    extra: list[str] | None = None,
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "scopewatch",
+        "wrap",
+        "--session-id",
+        session_id,
+        "--tenant",
+        tenant,
+        "--server",
+        "everything",
+        "--flush-timeout",
+        "20",
+    ]
     if principal:
         argv += ["--principal", principal]
     if agent_id:

@@ -29,7 +29,9 @@ def script() -> list[object]:
     server-ignored batch, a line that is not JSON and a 1 MB message."""
     batch = [call(9, "echo", {"message": "b1"}), call(10, "echo", {"message": "b2"})]
     return [
-        initialize(0), INITIALIZED, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        initialize(0),
+        INITIALIZED,
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
         call(2, "echo", {"message": "hi"}),
         call(3, "nope", {}),
         {"jsonrpc": "2.0", "id": 4, "method": "no/such/method"},
@@ -45,14 +47,21 @@ def script() -> list[object]:
 
 
 # calls in script(): 2, 3, 6, "8", 8, 9, 10, 11 -> 8 tool calls; 9 and 10 (a batch) are never answered
-EXPECTED_STATUS = {"hi": "ok", "nope": "error", "long": "ok", "sum-ok": "ok", "sum-bad": "error",
-                   "b1": "timeout", "b2": "timeout", "big": "ok"}
+EXPECTED_STATUS = {
+    "hi": "ok",
+    "nope": "error",
+    "long": "ok",
+    "sum-ok": "ok",
+    "sum-bad": "error",
+    "b1": "timeout",
+    "b2": "timeout",
+    "big": "ok",
+}
 
 
 def test_relay_is_byte_exact(pipeline: Settings, server_everything: list[str]) -> None:
     direct = run_script(server_everything, script())
-    wrapped = run_script(wrap_argv(server_everything, session_id=str(uuid.uuid4())), script(),
-                         env=child_env(pipeline))
+    wrapped = run_script(wrap_argv(server_everything, session_id=str(uuid.uuid4())), script(), env=child_env(pipeline))
     assert direct.returncode == 0
     assert wrapped.returncode == 0
     assert len(direct.received) > 1_000_000
@@ -60,8 +69,9 @@ def test_relay_is_byte_exact(pipeline: Settings, server_everything: list[str]) -
     assert b"Starting default (STDIO) server" in wrapped.stderr  # the server's stderr passes through
 
 
-def test_relay_bytes_reach_the_server_unchanged(pipeline: Settings, server_everything: list[str],
-                                                tmp_path: Path) -> None:
+def test_relay_bytes_reach_the_server_unchanged(
+    pipeline: Settings, server_everything: list[str], tmp_path: Path
+) -> None:
     seen_in, seen_out = tmp_path / "in.bin", tmp_path / "out.bin"
     teed = ["sh", "-c", f'tee "{seen_in}" | "$@" | tee "{seen_out}"', "sh", *server_everything]
     result = run_script(wrap_argv(teed, session_id=str(uuid.uuid4())), script(), env=child_env(pipeline))
@@ -72,8 +82,14 @@ def test_relay_bytes_reach_the_server_unchanged(pipeline: Settings, server_every
 
 async def _collect(settings: Settings, session_id: str, want: int, timeout: float = 60.0) -> list[object]:
     topics = settings.topics
-    consumer = AIOKafkaConsumer(topics.tool_calls, topics.tool_results, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        topics.tool_calls,
+        topics.tool_results,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     found: list[object] = []
     try:
@@ -135,10 +151,13 @@ def test_every_tools_call_gives_one_call_and_one_result(pipeline: Settings, serv
     deadline = time.monotonic() + 60
     counts: list[object] = []
     while time.monotonic() < deadline:
-        counts = run_sql(pipeline, f"SELECT (SELECT count() FROM {db}.tool_calls WHERE session_id = '{session_id}'), "
-                                   f"(SELECT count() FROM {db}.tool_results WHERE session_id = '{session_id}'), "
-                                   f"(SELECT countIf(event_type = 'session_bound') FROM {db}.identity_events "
-                                   f"WHERE session_id = '{session_id}')")["rows"][0]
+        counts = run_sql(
+            pipeline,
+            f"SELECT (SELECT count() FROM {db}.tool_calls WHERE session_id = '{session_id}'), "
+            f"(SELECT count() FROM {db}.tool_results WHERE session_id = '{session_id}'), "
+            f"(SELECT countIf(event_type = 'session_bound') FROM {db}.identity_events "
+            f"WHERE session_id = '{session_id}')",
+        )["rows"][0]
         if counts == [8, 8, 1]:
             break
         time.sleep(0.5)

@@ -32,9 +32,7 @@ from scopewatch.stack.kafka import (
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        shutil.which("java") is None or shutil.which("mvn") is None, reason="needs java and mvn"
-    ),
+    pytest.mark.skipif(shutil.which("java") is None or shutil.which("mvn") is None, reason="needs java and mvn"),
 ]
 
 
@@ -81,9 +79,7 @@ async def _produce(bootstrap: str, topic: str, value: bytes) -> None:
         await producer.stop()
 
 
-async def _consume_all(
-    bootstrap: str, topic: str, partitions: int, timeout: float = 20.0
-) -> list[bytes]:
+async def _consume_all(bootstrap: str, topic: str, partitions: int, timeout: float = 20.0) -> list[bytes]:
     """All values currently in ``topic`` (from the beginning, no consumer group)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -147,9 +143,7 @@ def test_broker_comes_up_from_nothing(broker: KafkaBroker) -> None:
 def test_create_topics_is_idempotent(broker: KafkaBroker) -> None:
     bs = broker.config.bootstrap
     names = [f"sw-{uuid.uuid4().hex[:8]}", f"sw-{uuid.uuid4().hex[:8]}"]
-    created = asyncio.run(
-        create_topics(bs, names, partitions=3, configs={"retention.ms": "3600000"})
-    )
+    created = asyncio.run(create_topics(bs, names, partitions=3, configs={"retention.ms": "3600000"}))
     assert sorted(created) == sorted(names)
     assert asyncio.run(create_topics(bs, names, partitions=3)) == []
     extra = f"sw-{uuid.uuid4().hex[:8]}"
@@ -212,9 +206,7 @@ def test_broker_failed_on_corrupt_server_properties(tmp_path: Path, libs: Path) 
 def test_broker_failed_on_bad_heap(tmp_path: Path) -> None:
     port, controller_port = _two_free_ports()
     with pytest.raises(BrokerFailed) as info:
-        start_broker(
-            tmp_path / "k", default_cache_dir(), port, controller_port, heap="lots", timeout=60
-        )
+        start_broker(tmp_path / "k", default_cache_dir(), port, controller_port, heap="lots", timeout=60)
     msg = str(info.value)
     assert "exited during startup" in msg
     assert "Invalid maximum heap size" in msg  # JVM's own complaint, from the console log
@@ -242,9 +234,7 @@ def test_stop_leaves_nothing_and_restart_resumes(broker: KafkaBroker) -> None:
     assert proc.port_is_free("127.0.0.1", broker.config.port)
 
     started = time.monotonic()
-    resumed = start_broker(
-        broker.home, default_cache_dir(), broker.config.port, broker.config.controller_port
-    )
+    resumed = start_broker(broker.home, default_cache_dir(), broker.config.port, broker.config.controller_port)
     print(f"kafka broker resumed in {time.monotonic() - started:.1f}s")
     new_record = resumed.running_record()
     assert new_record is not None and new_record.pid != record.pid

@@ -137,18 +137,12 @@ def test_tool_missing(tmp_path: Path, pom: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_config_and_server_properties(tmp_path: Path) -> None:
-    cfg = KafkaConfig(
-        tmp_path / "k", port=23456, controller_port=23457, overrides={"num.partitions": "4"}
-    )
+    cfg = KafkaConfig(tmp_path / "k", port=23456, controller_port=23457, overrides={"num.partitions": "4"})
     assert cfg.bootstrap == "127.0.0.1:23456"
     assert cfg.home.is_absolute()
     broker = KafkaBroker(cfg, tmp_path / "libs")
     path = broker.write_config()
-    props = dict(
-        line.split("=", 1)
-        for line in path.read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    props = dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
     assert props["process.roles"] == "broker,controller"
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:23456,CONTROLLER://127.0.0.1:23457"
     assert props["controller.quorum.bootstrap.servers"] == "127.0.0.1:23457"
@@ -170,9 +164,7 @@ def test_cluster_id_is_persisted(tmp_path: Path) -> None:
     # Recovered from meta.properties when the cluster-id file is lost.
     other = KafkaBroker(KafkaConfig(tmp_path / "k2"), tmp_path)
     other.data_dir.mkdir(parents=True)
-    (other.data_dir / "meta.properties").write_text(
-        "version=1\ncluster.id=AbCdEfGhIjKlMnOpQrStUv\n"
-    )
+    (other.data_dir / "meta.properties").write_text("version=1\ncluster.id=AbCdEfGhIjKlMnOpQrStUv\n")
     assert other.cluster_id() == "AbCdEfGhIjKlMnOpQrStUv"
 
 
@@ -188,9 +180,7 @@ def test_start_raises_port_in_use_before_anything_else(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)
         port = sock.getsockname()[1]
-        broker = KafkaBroker(
-            KafkaConfig(tmp_path / "k", port=port, controller_port=proc.free_port()), tmp_path
-        )
+        broker = KafkaBroker(KafkaConfig(tmp_path / "k", port=port, controller_port=proc.free_port()), tmp_path)
         with pytest.raises(PortInUse) as info:
             broker.start()
     err = info.value
@@ -217,9 +207,7 @@ def test_status_and_stop_when_not_running(tmp_path: Path) -> None:
         broker.wait_ready(timeout=1)
 
 
-def test_ensure_jars_removes_stale_partial_downloads(
-    tmp_path: Path, fake_mvn: Path, pom: Path
-) -> None:
+def test_ensure_jars_removes_stale_partial_downloads(tmp_path: Path, fake_mvn: Path, pom: Path) -> None:
     cache = tmp_path / "cache"
     stale = cache / ".kafka-9.9.9.abc.partial"
     fresh = cache / ".kafka-9.9.9.def.partial"  # may belong to a concurrent download

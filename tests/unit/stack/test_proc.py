@@ -171,9 +171,7 @@ def test_zombie_child_is_not_running_and_gets_reaped() -> None:
     child = subprocess.Popen(["true"])
     ticks = proc.process_start_time(child.pid)
     rec = proc.PidRecord(child.pid, "zombie", ["true"], time.time(), ticks)
-    assert _wait_for(
-        lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z")
-    )
+    assert _wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z"))
     assert not proc.is_running(rec)
     assert proc.stop_process(rec) is False
     assert not Path(f"/proc/{child.pid}").exists()  # reaped by stop_process

@@ -1,0 +1,52 @@
+# scopewatch — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install fetch demo up down status test test-unit test-integration lint clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install scopewatch with its dev tools
+
+fetch: install ## download Kafka jars (Maven Central) and the npm MCP server into the cache
+	$(BIN)/scopewatch fetch
+
+demo: fetch ## quickstart: bring the local stack up and push real MCP traffic through it
+	$(BIN)/scopewatch up
+	$(BIN)/scopewatch demo
+
+up: install ## start Kafka, the ClickHouse sink (embedded chDB) and the decision worker
+	$(BIN)/scopewatch up
+
+down: ## stop everything `up` started
+	$(BIN)/scopewatch down
+
+status: ## show what is running
+	$(BIN)/scopewatch status
+
+test: fetch ## run the whole test suite (unit + integration against real Kafka, chDB and MCP servers)
+	$(BIN)/python -m pytest -q
+
+test-unit: install ## run the unit tests only (no services)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: fetch ## run the integration tests only
+	$(BIN)/python -m pytest -q -m integration
+
+lint: install ## ruff and mypy (strict on schemas and detections)
+	$(BIN)/ruff check .
+	$(BIN)/mypy schemas detections collectors stream_jobs scopewatch
+
+clean: down ## stop the stack and remove local state (.scopewatch) and the venv
+	rm -rf .scopewatch $(VENV)

@@ -1,0 +1,51 @@
+"""Sink batching, row mapping and migration parsing (no services)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import TopicPartition
+
+from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
+from stream_jobs.rows import Provenance, to_row
+from stream_jobs.sink import Batch
+from support.samples import SAMPLES
+
+T = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+PROV = Provenance("mcp.tool-calls", 3, 42, T)
+
+
+def test_batch_token_is_stable_and_offsets_commit_past_the_last() -> None:
+    a, b = Batch(), Batch()
+    for batch, order in ((a, [(0, 5), (1, 9), (0, 6)]), (b, [(1, 9), (0, 6), (0, 5)])):
+        for partition, offset in order:
+            batch.add("tool_calls", {"x": offset}, "topic", partition, offset)
+    assert a.token("tool_calls") == b.token("tool_calls") == "tool_calls|topic:0:5-6,topic:1:9-9"
+    assert a.offsets() == {TopicPartition("topic", 0): 7, TopicPartition("topic", 1): 10}
+    assert a.size == 3
+
+
+@pytest.mark.parametrize(("table", "record"), SAMPLES, ids=[s[0] + ":" + type(s[1]).__name__ for s in SAMPLES])
+def test_every_record_maps_to_its_table_with_provenance(table: str, record: object) -> None:
+    got, row = to_row(record, PROV)
+    assert got == table
+    assert (row["_topic"], row["_partition"], row["_offset"]) == ("mcp.tool-calls", 3, 42)
+    if table == "tool_calls":
+        assert row["arguments"] == '{"a":[1],"b":1}'
+        assert row["attested"] == '{"sub":"alice"}'
+        assert row["extra"] == '{"extra_field":"kept"}'
+
+
+def test_migrations_parse_into_statements() -> None:
+    migrations = load_migrations()
+    assert [m.version for m in migrations] == sorted({m.version for m in migrations})
+    first = migrations[0]
+    assert all(s.lstrip().upper().startswith("CREATE TABLE") for s in first.statements)
+    assert len(first.statements) == 6
+    assert split_statements("-- only a comment;\nSELECT 1;\n\n-- x\nSELECT 2") == ["SELECT 1", "SELECT 2"]
+
+
+def test_query_values_become_json() -> None:
+    assert jsonable(datetime(2026, 1, 1, 10, 0, 0, 123000)) == "2026-01-01T10:00:00.123Z"
+    assert jsonable((b"x", [1, None])) == ["x", [1, None]]
