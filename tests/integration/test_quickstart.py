@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from scopewatch.stack import proc
+from support.procs import gone
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         assert len(pids) == 3
         down = cli(env, "down")
         assert down.returncode == 0, down.stderr
-        assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in pids)
+        assert all(gone(pid) for pid in pids)
         assert cli(env, "status").returncode == 3
         # with the stack down, `sql` opens the embedded folder itself
         assert count(env, "tool_calls") == 14
@@ -94,7 +95,7 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
     finally:
         cli(env, "down")
     for pid in recorded_pids(home) + pids:
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+        assert gone(pid)
 
 
 def test_up_reports_a_taken_port(tmp_path: Path, cache_dir: Path) -> None:
@@ -115,10 +116,3 @@ def test_up_reports_a_taken_port(tmp_path: Path, cache_dir: Path) -> None:
     assert result.returncode != 0
     assert str(port) in result.stderr and "in use" in result.stderr.lower()
     assert cli(env, "status").returncode == 3
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

@@ -7,7 +7,6 @@ One broker is shared by the tests of this module and always stopped in teardown.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import time
 import uuid
@@ -28,21 +27,12 @@ from scopewatch.stack.kafka import (
     list_topics,
     start_broker,
 )
+from support.procs import gone
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(shutil.which("java") is None or shutil.which("mvn") is None, reason="needs java and mvn"),
 ]
-
-
-def _gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists or is a zombie waiting for init to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -55,7 +45,7 @@ def _processes_mentioning(text: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline and not _gone(int(entry.name)):
+        if text in cmdline and not gone(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -225,7 +215,7 @@ def test_stop_leaves_nothing_and_restart_resumes(broker: KafkaBroker) -> None:
     started = time.monotonic()
     assert broker.stop() is True
     print(f"\nkafka broker stopped in {time.monotonic() - started:.1f}s")
-    assert _gone(record.pid)
+    assert gone(record.pid)
     assert not proc.is_running(record)
     assert _processes_mentioning(str(broker.home)) == []
     assert not broker.pid_path.exists()

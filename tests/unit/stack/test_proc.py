@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scopewatch.stack import proc
+from support.procs import gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,15 +26,6 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(cond())
-
-
-def _gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists or is a zombie waiting for init to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def _children_of(pid: int) -> list[int]:
@@ -134,7 +126,7 @@ def test_stop_process_terminates_and_reports(tmp_path: Path, records: list[proc.
     assert proc.is_running(rec)
     assert proc.stop_process(rec, timeout=5.0) is True
     assert not proc.is_running(rec)
-    assert _wait_for(lambda: _gone(rec.pid))
+    assert _wait_for(lambda: gone(rec.pid))
     assert proc.stop_process(rec, timeout=5.0) is False
 
 
@@ -143,7 +135,7 @@ def test_stop_process_kills_whole_group(tmp_path: Path, records: list[proc.PidRe
     assert _wait_for(lambda: len(_children_of(rec.pid)) >= 3)  # sh + 2 sleeps share the group
     group = _children_of(rec.pid)
     assert proc.stop_process(rec, timeout=5.0)
-    assert _wait_for(lambda: all(_gone(p) for p in group))
+    assert _wait_for(lambda: all(gone(p) for p in group))
 
 
 def test_stop_process_escalates_to_sigkill(tmp_path: Path, records: list[proc.PidRecord]) -> None:
