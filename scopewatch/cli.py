@@ -218,6 +218,52 @@ def print_result(result: dict[str, Any], fmt: str) -> None:
 
 
 @app.command()
+def replay(
+    events: Annotated[str, typer.Argument(help="canonical JSONL events, or - for stdin")],
+) -> None:
+    """Judge every tool_call of a JSONL file with all facts known; one JSON line per call, in input order."""
+    from scopewatch.jsonl import open_source, read_events
+    from scopewatch.replay import replay as run_replay
+
+    try:
+        stream = open_source(events)
+    except OSError as exc:
+        _fail(f"cannot read {events}: {exc.strerror or exc}")
+    with stream:
+        result = run_replay(read_events(stream))
+    for line in result.lines:
+        print(line)
+    for bad in result.bad:
+        sys.stderr.write(f"scopewatch replay: {bad}\n")
+    if result.bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def publish(
+    events: Annotated[str, typer.Argument(help="canonical JSONL events, or - for stdin")],
+) -> None:
+    """Publish canonical JSONL events to their Kafka topics with their keys, in file order."""
+    import asyncio
+
+    from scopewatch.jsonl import open_source, read_events
+    from scopewatch.publish import publish_events
+
+    settings = _settings()
+    try:
+        stream = open_source(events)
+    except OSError as exc:
+        _fail(f"cannot read {events}: {exc.strerror or exc}")
+    with stream:
+        sent, bad = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, read_events(stream)))
+    for item in bad:
+        sys.stderr.write(f"scopewatch publish: {item}\n")
+    err.print("published " + (", ".join(f"{n} to {t}" for t, n in sorted(sent.items())) or "nothing"), highlight=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
 def demo(
     calls: Annotated[int, typer.Option(help="roughly how many tool calls to make")] = 36,
     timeout: Annotated[float, typer.Option(help="seconds to wait for rows in ClickHouse")] = 90.0,
