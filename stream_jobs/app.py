@@ -52,7 +52,6 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         web_enabled=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
-        topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         key_serializer="raw",
         value_serializer="raw",
