@@ -80,6 +80,9 @@ def status(
         Console().print(table)
         if "topics" in info:
             Console().print("topics: " + ", ".join(t for t in info["topics"] if not t.startswith("__")))
+        counts = info.get("clickhouse", {})
+        if counts and "error" not in counts:
+            Console().print("clickhouse rows: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         if "sink" in info:
             Console().print("sink: " + ", ".join(f"{k}={v}" for k, v in info["sink"].items() if k != "at"))
     if not all(s["running"] for s in info["services"]):

@@ -195,6 +195,7 @@ class Stack:
                 out["topics"] = sorted(asyncio.run(asyncio.wait_for(list_topics(self.settings.kafka_bootstrap), 15)))
             except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
                 out["topics_error"] = str(exc)
+        out["clickhouse"] = self._row_counts()
         stats = self.settings.run_dir / "sink-stats.json"
         if stats.exists():
             try:
@@ -202,6 +203,21 @@ class Stack:
             except ValueError:
                 pass
         return out
+
+    def _row_counts(self) -> dict[str, Any]:
+        """Rows per table, through whatever owns ClickHouse; an error text when it cannot be read."""
+        from scopewatch.sqlclient import SqlError, run_sql
+
+        db = self.settings.clickhouse_database
+        try:
+            rows = run_sql(
+                self.settings,
+                f"SELECT name, total_rows FROM system.tables WHERE database = '{db}' ORDER BY name",
+                timeout=15,
+            )["rows"]
+        except SqlError as exc:
+            return {"error": str(exc)}
+        return {str(name): int(n or 0) for name, n in rows}
 
 
 def _tail_from(path: Path, offset: int, lines: int = 40) -> str:

@@ -78,6 +78,8 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         # while the stack runs, `sql` goes through the sink that owns the chDB folder
         assert count(env, "tool_calls") == 14
         assert count(env, "tool_results") == 14
+        info = json.loads(cli(env, "status", "--json").stdout)
+        assert info["clickhouse"]["tool_calls"] == 14 and info["clickhouse"]["evidence"] == 14
 
         pids = recorded_pids(home)
         assert len(pids) == 3
