@@ -1,0 +1,749 @@
+"""Delegated-authority decision engine: the pure core (DESIGN.md, "Decision semantics").
+
+A call is judged against the identity and consent state **as of the call's event_time t**,
+never the wall clock. Nothing here reads a clock or imports Kafka, Faust or ClickHouse: the
+same code runs live (stage 1 and stage 2 of ``stream_jobs``) and offline (``scopewatch replay``).
+
+Pieces, in the order the live pipeline uses them:
+
+* :class:`SessionHistory` -- every ``session_bound``/``session_ended`` of one (tenant, session_id);
+  :meth:`SessionHistory.state_at` gives the :class:`SessionState` at t.
+* :func:`attribute` -- stage 1 (keyed by session): who the call acts for, and a terminal verdict
+  if one of verdicts 1-3 applies.
+* :class:`GrantHistory` -- every ``grant_issued``/``grant_revoked`` of one delegation
+  (tenant, principal, agent_id); :meth:`GrantHistory.grants_at` gives each grant's
+  :class:`GrantState` at t.
+* :func:`authorize` -- stage 2 (keyed by delegation): verdicts 4-10 and ``matched_grant_id``.
+* :class:`DecisionEngine` -- both histories for all keys, for replay and tests.
+
+Histories are idempotent by ``event_id`` and independent of arrival order: every tie is broken by
+a total order on the facts, so the same set of facts always gives the same :class:`Decision`
+(reasons and facts included).
+
+Ambiguities
+-----------
+Where DESIGN.md is silent or could be read two ways, this module decides as follows.
+
+1. **Identity claims pairing.** "If attested.sub or attested.client_id is present and differs from
+   the binding's principal or agent_id" is read pairwise: ``sub`` is compared with ``principal``
+   and ``client_id`` with ``agent_id``. "Present" means the key exists with a non-null value; the
+   comparison is exact (no case folding, no coercion), so a non-string value is a mismatch.
+2. **Identity check on an ended session.** Verdict 2 (identity_mismatch) precedes verdict 3
+   (session_expired), and an ended session is "bound but not valid". The binding an ended session
+   is compared with is the latest ``session_bound`` that precedes the deciding ``session_ended`` in
+   the tie-broken order (a bound at the same instant as the end counts as preceding it). Its
+   principal/agent_id are reported on the decision. If no ``session_bound`` precedes the end, there
+   is nothing to compare with: no identity mismatch, verdict session_expired, principal null.
+3. **Ties between facts of the same kind.** DESIGN only orders ``session_ended`` after
+   ``session_bound`` at the same instant. Two ``session_bound`` (or two ``session_ended``) at the
+   same instant are ordered by ``event_id`` (the larger one is later and decides); two
+   ``grant_issued`` for the same ``grant_id`` at the same instant likewise (larger ``event_id`` is
+   the version). This keeps verdicts independent of arrival order.
+4. **Which revocation is reported.** A version is revoked by any ``grant_revoked`` in
+   [version.event_time, t]; the earliest one (then the smallest event_id) is the one named in the
+   reasons and facts. Revocations before the version's issue time do not apply (re-issuing a
+   revoked ``grant_id`` makes it usable again).
+5. **Revocation of something never issued.** A ``grant_revoked`` whose ``grant_id`` has no version
+   at or before t is ignored; it does not count as "a grant issued" for verdict 5 (no_grant).
+6. **Grant ids across delegations.** A ``grant_id`` lives inside its delegation (tenant, principal,
+   agent_id). The same ``grant_id`` issued to another delegation is a different grant; a
+   revocation only touches the delegation it names.
+7. **A covering grant both expired and not yet valid** (``expires_at <= t < not_before``) gives
+   expired_grant: verdict 7 precedes verdict 8. A covering grant both revoked and expired gives
+   revoked_grant for the same reason.
+8. **Verdicts 9 and 10** consider every grant issued at or before t, whatever its state
+   (revoked, expired, not yet valid). A call with no resources is covered as far as resources go
+   (vacuous "every call resource matches"). A grant with an empty ``tools`` list matches no tool.
+9. **matched_grant_id** tie-break "latest not_before" uses the ``not_before`` of each grant's
+   version at t; remaining ties go to the smallest ``grant_id`` (plain string order).
+10. **Compaction and late duplicates.** After :meth:`~SessionHistory.compact`, the ids of dropped
+    facts are forgotten, so a duplicate of a dropped fact is accepted again (``add`` returns True).
+    Such a fact is dominated by the kept fact, so verdicts for calls at or after the horizon do not
+    change; only verdicts for calls before the horizon (which compaction gives up on) may. Facts
+    that arrive late after a compaction are fine too, except that revocations of a ``grant_id``
+    with no version at or before the horizon cannot be dropped (its ``grant_issued`` may be late),
+    so revocations of never-issued grants stay until a version arrives.
+11. **Terminal attributions.** :func:`authorize` accepts an attribution that already carries a
+    terminal verdict (1-3) and returns it unchanged, ignoring grants, so stage 2 can call it
+    unconditionally.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final, Literal, TypeAlias
+
+from schemas import (
+    BaseEvent,
+    GrantIssued,
+    GrantRevoked,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    format_timestamp,
+)
+
+__all__ = [
+    "TERMINAL_VERDICTS",
+    "VERDICTS",
+    "Attribution",
+    "Decision",
+    "DecisionEngine",
+    "Fact",
+    "GrantFact",
+    "GrantHistory",
+    "GrantState",
+    "SessionFact",
+    "SessionHistory",
+    "SessionState",
+    "Verdict",
+    "attribute",
+    "authorize",
+    "covers",
+    "tool_name",
+    "tools_match",
+    "uncovered_resources",
+]
+
+Verdict: TypeAlias = Literal[
+    "unbound_session",
+    "identity_mismatch",
+    "session_expired",
+    "in_scope",
+    "no_grant",
+    "revoked_grant",
+    "expired_grant",
+    "not_yet_valid",
+    "out_of_scope_tool",
+    "out_of_scope_resource",
+]
+
+VERDICTS: Final[tuple[Verdict, ...]] = (
+    "unbound_session",
+    "identity_mismatch",
+    "session_expired",
+    "in_scope",
+    "no_grant",
+    "revoked_grant",
+    "expired_grant",
+    "not_yet_valid",
+    "out_of_scope_tool",
+    "out_of_scope_resource",
+)
+"""The ten verdicts, in DESIGN order (first match wins)."""
+
+TERMINAL_VERDICTS: Final[tuple[Verdict, ...]] = VERDICTS[:3]
+"""Verdicts decided by stage 1 (attribution) alone."""
+
+SessionFact: TypeAlias = SessionBound | SessionEnded
+GrantFact: TypeAlias = GrantIssued | GrantRevoked
+Fact: TypeAlias = SessionFact | GrantFact
+
+SessionStatus: TypeAlias = Literal["unbound", "ended", "bound"]
+GrantStatus: TypeAlias = Literal["active", "revoked", "expired", "not_yet_valid"]
+
+
+def _ts(dt: datetime | None) -> str:
+    return "never" if dt is None else format_timestamp(dt)
+
+
+# ---------------------------------------------------------------------------- sessions
+
+_BOUND_RANK: Final = 0
+_ENDED_RANK: Final = 1
+_AFTER_ALL_RANKS: Final = 2
+
+_SessionKey: TypeAlias = tuple[datetime, int, str]
+
+
+def _session_key(event: SessionFact) -> _SessionKey:
+    """Total order of session facts: time, then ended after bound (DESIGN tie rule), then event_id."""
+    rank = _ENDED_RANK if isinstance(event, SessionEnded) else _BOUND_RANK
+    return (event.event_time, rank, event.event_id)
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """The state of one session at instant ``at``.
+
+    ``status`` is ``unbound`` (no fact at or before ``at``), ``ended`` (the latest fact is a
+    ``session_ended``: bound but not valid) or ``bound`` (the latest fact is a ``session_bound``;
+    ``valid`` tells whether ``valid_from <= at < valid_until``). ``event_id``/``event_time`` name the
+    deciding fact; ``binding_event_id`` and the binding fields come from the deciding
+    ``session_bound`` or, for an ended session, from the binding the end closed (None if none).
+    """
+
+    at: datetime
+    status: SessionStatus
+    valid: bool = False
+    event_id: str | None = None
+    event_time: datetime | None = None
+    binding_event_id: str | None = None
+    principal: str | None = None
+    agent_id: str | None = None
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+
+    @classmethod
+    def unbound(cls, at: datetime) -> SessionState:
+        return cls(at=at, status="unbound")
+
+    @classmethod
+    def from_facts(cls, at: datetime, deciding: SessionFact | None, binding: SessionBound | None) -> SessionState:
+        if deciding is None:
+            return cls.unbound(at)
+        if isinstance(deciding, SessionBound):
+            binding = deciding
+            status: SessionStatus = "bound"
+            valid = deciding.valid_from <= at and (deciding.valid_until is None or at < deciding.valid_until)
+        else:
+            status = "ended"
+            valid = False
+        return cls(
+            at=at,
+            status=status,
+            valid=valid,
+            event_id=deciding.event_id,
+            event_time=deciding.event_time,
+            binding_event_id=None if binding is None else binding.event_id,
+            principal=None if binding is None else binding.principal,
+            agent_id=None if binding is None else binding.agent_id,
+            valid_from=None if binding is None else binding.valid_from,
+            valid_until=None if binding is None else binding.valid_until,
+        )
+
+    def to_facts(self) -> dict[str, object]:
+        """JSON-ready summary for :attr:`Decision.facts`."""
+        return {
+            "status": self.status,
+            "valid": self.valid,
+            "event_id": self.event_id,
+            "binding_event_id": self.binding_event_id,
+        }
+
+
+class SessionHistory:
+    """All ``session_bound``/``session_ended`` facts of one (tenant, session_id), ordered."""
+
+    def __init__(self, tenant: str, session_id: str) -> None:
+        self.tenant: Final = tenant
+        self.session_id: Final = session_id
+        self._keys: list[_SessionKey] = []
+        self._events: list[SessionFact] = []
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def __iter__(self) -> Iterator[SessionFact]:
+        """The stored facts in decision order (e.g. to persist and rebuild the history)."""
+        return iter(list(self._events))
+
+    def add(self, event: SessionFact) -> bool:
+        """Store a fact; False if its event_id is already stored (the first copy is kept)."""
+        if not isinstance(event, (SessionBound, SessionEnded)):
+            raise TypeError(f"not a session fact: {type(event).__name__}")
+        if (event.tenant, event.session_id) != (self.tenant, self.session_id):
+            msg = (
+                f"fact for session {event.tenant}/{event.session_id} added to history of "
+                f"{self.tenant}/{self.session_id}"
+            )
+            raise ValueError(msg)
+        if event.event_id in self._ids:
+            return False
+        key = _session_key(event)
+        i = bisect.bisect_right(self._keys, key)
+        self._keys.insert(i, key)
+        self._events.insert(i, event)
+        self._ids.add(event.event_id)
+        return True
+
+    def _count_upto(self, t: datetime) -> int:
+        """Number of facts with event_time <= t (they form a prefix)."""
+        return bisect.bisect_right(self._keys, (t, _AFTER_ALL_RANKS, ""))
+
+    def _binding_before(self, index: int) -> int | None:
+        for j in range(index - 1, -1, -1):
+            if isinstance(self._events[j], SessionBound):
+                return j
+        return None
+
+    def state_at(self, t: datetime) -> SessionState:
+        n = self._count_upto(t)
+        if n == 0:
+            return SessionState.unbound(t)
+        deciding = self._events[n - 1]
+        binding: SessionBound | None = None
+        if isinstance(deciding, SessionEnded):
+            j = self._binding_before(n - 1)
+            if j is not None:
+                found = self._events[j]
+                assert isinstance(found, SessionBound)
+                binding = found
+        return SessionState.from_facts(t, deciding, binding)
+
+    def compact(self, horizon: datetime) -> int:
+        """Drop facts that cannot influence ``state_at(t)`` for any t >= horizon; returns how many.
+
+        Kept: every fact after the horizon, the latest fact at or before it and, if that one is a
+        ``session_ended``, the binding it closed.
+        """
+        n = self._count_upto(horizon)
+        if n == 0:
+            return 0
+        keep = {n - 1}
+        if isinstance(self._events[n - 1], SessionEnded):
+            j = self._binding_before(n - 1)
+            if j is not None:
+                keep.add(j)
+        dropped = [i for i in range(n) if i not in keep]
+        for i in dropped:
+            self._ids.discard(self._events[i].event_id)
+        kept_prefix = sorted(keep)
+        self._keys = [self._keys[i] for i in kept_prefix] + self._keys[n:]
+        self._events = [self._events[i] for i in kept_prefix] + self._events[n:]
+        return len(dropped)
+
+
+# ------------------------------------------------------------------------------ grants
+
+
+def _fact_order(event: BaseEvent) -> tuple[datetime, str]:
+    return (event.event_time, event.event_id)
+
+
+def _event_time(event: BaseEvent) -> datetime:
+    return event.event_time
+
+
+@dataclass(frozen=True)
+class GrantState:
+    """One grant of a delegation at instant ``at``: its version at ``at`` and what applies to it."""
+
+    at: datetime
+    version: GrantIssued
+    revocation: GrantRevoked | None = None
+
+    @property
+    def grant_id(self) -> str:
+        return self.version.grant_id
+
+    @property
+    def not_before(self) -> datetime:
+        return self.version.not_before
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self.version.expires_at
+
+    @property
+    def revoked(self) -> bool:
+        return self.revocation is not None
+
+    @property
+    def expired(self) -> bool:
+        return self.version.expires_at is not None and self.at >= self.version.expires_at
+
+    @property
+    def not_yet_valid(self) -> bool:
+        return self.version.not_before > self.at
+
+    @property
+    def active(self) -> bool:
+        return not self.revoked and not self.expired and not self.not_yet_valid
+
+    @property
+    def status(self) -> GrantStatus:
+        """Why the grant is (not) usable, in verdict order: revoked, expired, not_yet_valid, active."""
+        if self.revoked:
+            return "revoked"
+        if self.expired:
+            return "expired"
+        if self.not_yet_valid:
+            return "not_yet_valid"
+        return "active"
+
+    def describe_status(self) -> str:
+        v = self.version
+        if self.revocation is not None:
+            r = self.revocation
+            text = f"revoked at {_ts(r.event_time)} by {r.revoked_by}"
+            return f"{text} ({r.reason})" if r.reason else text
+        if self.expired:
+            return f"expired at {_ts(v.expires_at)}"
+        if self.not_yet_valid:
+            return f"not valid before {_ts(v.not_before)}"
+        return f"active (not_before {_ts(v.not_before)}, expires_at {_ts(v.expires_at)})"
+
+
+class GrantHistory:
+    """All ``grant_issued``/``grant_revoked`` facts of one delegation (tenant, principal, agent_id)."""
+
+    def __init__(self, tenant: str, principal: str, agent_id: str) -> None:
+        self.tenant: Final = tenant
+        self.principal: Final = principal
+        self.agent_id: Final = agent_id
+        self._versions: dict[str, list[GrantIssued]] = {}
+        self._revocations: dict[str, list[GrantRevoked]] = {}
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return sum(map(len, self._versions.values())) + sum(map(len, self._revocations.values()))
+
+    def __iter__(self) -> Iterator[GrantFact]:
+        """The stored facts ordered by (event_time, event_id)."""
+        facts: list[GrantFact] = [v for vs in self._versions.values() for v in vs]
+        facts.extend(r for rs in self._revocations.values() for r in rs)
+        return iter(sorted(facts, key=_fact_order))
+
+    def add(self, event: GrantFact) -> bool:
+        """Store a fact; False if its event_id is already stored (the first copy is kept)."""
+        if not isinstance(event, (GrantIssued, GrantRevoked)):
+            raise TypeError(f"not a consent fact: {type(event).__name__}")
+        if (event.tenant, event.principal, event.agent_id) != (self.tenant, self.principal, self.agent_id):
+            msg = (
+                f"fact for delegation {event.tenant}/{event.principal}/{event.agent_id} added to history of "
+                f"{self.tenant}/{self.principal}/{self.agent_id}"
+            )
+            raise ValueError(msg)
+        if event.event_id in self._ids:
+            return False
+        if isinstance(event, GrantIssued):
+            bisect.insort(self._versions.setdefault(event.grant_id, []), event, key=_fact_order)
+        else:
+            bisect.insort(self._revocations.setdefault(event.grant_id, []), event, key=_fact_order)
+        self._ids.add(event.event_id)
+        return True
+
+    def grants_at(self, t: datetime) -> list[GrantState]:
+        """Each grant issued at or before t, at its version at t, ordered by grant_id."""
+        states: list[GrantState] = []
+        for grant_id in sorted(self._versions):
+            versions = self._versions[grant_id]
+            n = bisect.bisect_right(versions, t, key=_event_time)
+            if n == 0:
+                continue
+            version = versions[n - 1]
+            states.append(GrantState(at=t, version=version, revocation=self._revocation(version, t)))
+        return states
+
+    def _revocation(self, version: GrantIssued, t: datetime) -> GrantRevoked | None:
+        """The earliest revocation of this version with version.event_time <= event_time <= t."""
+        revocations = self._revocations.get(version.grant_id, [])
+        i = bisect.bisect_left(revocations, version.event_time, key=_event_time)
+        if i < len(revocations) and revocations[i].event_time <= t:
+            return revocations[i]
+        return None
+
+    def compact(self, horizon: datetime) -> int:
+        """Drop facts that cannot influence ``grants_at(t)`` for any t >= horizon; returns how many.
+
+        Kept per grant_id: every fact after the horizon, the latest version at or before it, and
+        the revocations at or after that version's issue time. Revocations of a grant_id with no
+        version at or before the horizon are all kept: a late ``grant_issued`` at or before the
+        horizon may still arrive, and they would apply to it.
+        """
+        dropped = 0
+        for grant_id in sorted(set(self._versions) | set(self._revocations)):
+            versions = self._versions.get(grant_id, [])
+            n = bisect.bisect_right(versions, horizon, key=_event_time)
+            floor: datetime | None = None
+            if n > 0:
+                floor = versions[n - 1].event_time
+                for old in versions[: n - 1]:
+                    self._ids.discard(old.event_id)
+                dropped += n - 1
+                self._versions[grant_id] = versions[n - 1 :]
+            revocations = self._revocations.get(grant_id, [])
+            if revocations:
+                # A revocation at or before the horizon applies only to a version issued at or
+                # before it: with a kept version, only to that one or to a later (late) one, so
+                # revocations before the kept version are superseded for every t >= horizon.
+                def useful(r: GrantRevoked, floor: datetime | None = floor) -> bool:
+                    return floor is None or r.event_time >= floor
+
+                kept = [r for r in revocations if useful(r)]
+                for r in revocations:
+                    if not useful(r):
+                        self._ids.discard(r.event_id)
+                dropped += len(revocations) - len(kept)
+                if kept:
+                    self._revocations[grant_id] = kept
+                else:
+                    del self._revocations[grant_id]
+        return dropped
+
+
+# ------------------------------------------------------------------------------- cover
+
+
+def tool_name(call: ToolCall) -> str:
+    """What grant tool patterns match against: ``server/tool``."""
+    return f"{call.server}/{call.tool}"
+
+
+def tools_match(grant: GrantIssued, call: ToolCall) -> bool:
+    name = tool_name(call)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in grant.tools)
+
+
+def uncovered_resources(grant: GrantIssued, call: ToolCall) -> list[str]:
+    """Call resources no pattern of the grant matches (none if the grant's resources are empty)."""
+    if not grant.resources:
+        return []
+    return [r for r in call.resources if not any(fnmatch.fnmatchcase(r, p) for p in grant.resources)]
+
+
+def covers(grant: GrantIssued, call: ToolCall) -> bool:
+    return tools_match(grant, call) and not uncovered_resources(grant, call)
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Stage 1 result: who the call acts for, and a terminal verdict (1-3) or None."""
+
+    session: SessionState
+    principal: str | None
+    agent_id: str | None
+    verdict: Verdict | None
+    reasons: tuple[str, ...]
+    facts: dict[str, object] = field(default_factory=dict, hash=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.verdict is not None
+
+
+def _session_reason(session_id: str, s: SessionState) -> str:
+    who = f"principal {s.principal!r}, agent {s.agent_id!r}"
+    if s.status == "unbound":
+        return f"session {session_id!r}: unbound at {_ts(s.at)} (no session_bound or session_ended at or before it)"
+    if s.status == "ended":
+        closed = f"; it closed binding {s.binding_event_id} ({who})" if s.binding_event_id else ""
+        return f"session {session_id!r}: ended at {_ts(s.event_time)} by event {s.event_id}{closed}"
+    window = f"valid from {_ts(s.valid_from)} until {_ts(s.valid_until)}"
+    if s.valid:
+        return f"session {session_id!r}: bound to {who} by event {s.event_id} ({window})"
+    if s.valid_from is not None and s.at < s.valid_from:
+        why = f"not valid until {_ts(s.valid_from)}"
+    else:
+        why = f"expired at {_ts(s.valid_until)}"
+    return f"session {session_id!r}: bound to {who} by event {s.event_id}, but {why} ({window})"
+
+
+_IDENTITY_CLAIMS: Final[tuple[tuple[str, str], ...]] = (("sub", "principal"), ("client_id", "agent_id"))
+
+
+def attribute(call: ToolCall, session: SessionState) -> Attribution:
+    """Stage 1: the call's identity from the session binding and ``attested`` (verdicts 1-3).
+
+    ``claimed`` is never consulted.
+    """
+    reasons = [_session_reason(call.session_id, session)]
+    facts: dict[str, object] = {"session_id": call.session_id, "session": session.to_facts()}
+    if session.status == "unbound":
+        return Attribution(session, None, None, "unbound_session", tuple(reasons), facts)
+
+    attested = call.attested or {}
+    compared: dict[str, object] = {}
+    mismatches: list[str] = []
+    if session.binding_event_id is not None:
+        bound = {"principal": session.principal, "agent_id": session.agent_id}
+        for claim, attr in _IDENTITY_CLAIMS:
+            value = attested.get(claim)
+            if value is None:
+                continue
+            compared[claim] = value
+            if value != bound[attr]:
+                mismatches.append(f"attested {claim} {value!r} differs from the binding's {attr} {bound[attr]!r}")
+    if compared:
+        facts["attested"] = compared
+
+    if mismatches:
+        return Attribution(
+            session, session.principal, session.agent_id, "identity_mismatch", (*reasons, *mismatches), facts
+        )
+    if not session.valid:
+        return Attribution(session, session.principal, session.agent_id, "session_expired", tuple(reasons), facts)
+    return Attribution(session, session.principal, session.agent_id, None, tuple(reasons), facts)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict of one call, with the evidence it rests on.
+
+    ``facts`` is JSON-ready: ``as_of`` (t), ``session_id``, ``session`` (status, validity, the
+    deciding and binding event ids), ``attested`` (claims compared, if any) and ``grants`` (per
+    grant considered: version and revocation event ids, status, whether tools match and whether it
+    covers the call; empty for verdicts 1-3).
+    """
+
+    verdict: Verdict
+    matched_grant_id: str | None
+    reasons: tuple[str, ...]
+    principal: str | None
+    agent_id: str | None
+    facts: dict[str, object] = field(default_factory=dict, hash=False)
+
+
+def _pick(candidates: Sequence[GrantState]) -> GrantState:
+    """DESIGN tie-break: the latest not_before, then the smallest grant_id."""
+    ordered = sorted(candidates, key=lambda g: g.grant_id)
+    ordered.sort(key=lambda g: g.not_before, reverse=True)  # stable: smallest grant_id first among equals
+    return ordered[0]
+
+
+def _grant_reason(g: GrantState, call: ToolCall) -> str:
+    v = g.version
+    name = tool_name(call)
+    if not tools_match(v, call):
+        text = f"grant {g.grant_id}: tools {list(v.tools)!r} do not match {name!r}"
+    else:
+        missing = uncovered_resources(v, call)
+        if len(missing) == 1:
+            text = f"grant {g.grant_id}: resource {missing[0]!r} outside {list(v.resources)!r}"
+        elif missing:
+            listed = ", ".join(repr(m) for m in missing)
+            text = f"grant {g.grant_id}: resources {listed} outside {list(v.resources)!r}"
+        else:
+            return f"grant {g.grant_id}: {g.describe_status()}" + ("" if g.active else f"; it covers {name!r}")
+    return text if g.active else f"{text}; also {g.describe_status()}"
+
+
+def _grant_facts(g: GrantState, call: ToolCall) -> dict[str, object]:
+    return {
+        "grant_id": g.grant_id,
+        "version_event_id": g.version.event_id,
+        "revocation_event_id": None if g.revocation is None else g.revocation.event_id,
+        "status": g.status,
+        "tools_match": tools_match(g.version, call),
+        "covers": covers(g.version, call),
+    }
+
+
+def authorize(call: ToolCall, attribution: Attribution, grants: Sequence[GrantState]) -> Decision:
+    """Stage 2: verdicts 4-10 from the delegation's grants at the call's event_time.
+
+    ``grants`` is :meth:`GrantHistory.grants_at` for the attribution's delegation at
+    ``call.event_time`` (grants issued after t must not be passed). An attribution that already
+    holds a terminal verdict is returned as the decision unchanged.
+    """
+    t = call.event_time
+    base_facts: dict[str, object] = {"as_of": _ts(t), **attribution.facts}
+    if attribution.verdict is not None:
+        return Decision(
+            verdict=attribution.verdict,
+            matched_grant_id=None,
+            reasons=attribution.reasons,
+            principal=attribution.principal,
+            agent_id=attribution.agent_id,
+            facts={**base_facts, "grants": []},
+        )
+
+    considered = sorted((g for g in grants if g.version.event_time <= t), key=lambda g: g.grant_id)
+    name = tool_name(call)
+    covering = [g for g in considered if covers(g.version, call)]
+
+    verdict: Verdict
+    matched: GrantState | None = None
+    if active := [g for g in covering if g.active]:
+        verdict, matched = "in_scope", _pick(active)
+        headline = f"in_scope: grant {matched.grant_id} is active and covers {name!r}"
+    elif not considered:
+        verdict = "no_grant"
+        headline = (
+            f"no_grant: delegation {call.tenant}/{attribution.principal}/{attribution.agent_id} "
+            f"has no grant issued at or before {_ts(t)}"
+        )
+    elif revoked := [g for g in covering if g.revoked]:
+        verdict, matched = "revoked_grant", _pick(revoked)
+        headline = f"revoked_grant: grant {matched.grant_id} covers {name!r} but is revoked"
+    elif expired := [g for g in covering if g.expired]:
+        verdict, matched = "expired_grant", _pick(expired)
+        headline = f"expired_grant: grant {matched.grant_id} covers {name!r} but has expired"
+    elif early := [g for g in covering if g.not_yet_valid]:
+        verdict, matched = "not_yet_valid", _pick(early)
+        headline = f"not_yet_valid: grant {matched.grant_id} covers {name!r} but is not valid yet"
+    elif not any(tools_match(g.version, call) for g in considered):
+        verdict = "out_of_scope_tool"
+        headline = f"out_of_scope_tool: no grant's tools match {name!r}"
+    else:
+        verdict = "out_of_scope_resource"
+        headline = f"out_of_scope_resource: a grant's tools match {name!r}, but not every resource is covered"
+
+    return Decision(
+        verdict=verdict,
+        matched_grant_id=None if matched is None else matched.grant_id,
+        reasons=(*attribution.reasons, headline, *(_grant_reason(g, call) for g in considered)),
+        principal=attribution.principal,
+        agent_id=attribution.agent_id,
+        facts={**base_facts, "grants": [_grant_facts(g, call) for g in considered]},
+    )
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+class DecisionEngine:
+    """Session and consent histories for every key, and the full decision over them.
+
+    Tenants never mix: sessions are keyed by (tenant, session_id) and delegations by
+    (tenant, principal, agent_id).
+    """
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str], SessionHistory] = {}
+        self._grants: dict[tuple[str, str, str], GrantHistory] = {}
+
+    def add_fact(self, event: BaseEvent) -> bool:
+        """Store a session or consent fact; False for a duplicate event_id.
+
+        Raises TypeError for anything else (``tool_call``/``tool_result`` are not facts).
+        """
+        if isinstance(event, (SessionBound, SessionEnded)):
+            skey = (event.tenant, event.session_id)
+            history = self._sessions.get(skey)
+            if history is None:
+                history = self._sessions[skey] = SessionHistory(*skey)
+            return history.add(event)
+        if isinstance(event, (GrantIssued, GrantRevoked)):
+            gkey = (event.tenant, event.principal, event.agent_id)
+            grants = self._grants.get(gkey)
+            if grants is None:
+                grants = self._grants[gkey] = GrantHistory(*gkey)
+            return grants.add(event)
+        raise TypeError(f"not a session or consent fact: {type(event).__name__}")
+
+    def session_state(self, tenant: str, session_id: str, t: datetime) -> SessionState:
+        history = self._sessions.get((tenant, session_id))
+        return SessionState.unbound(t) if history is None else history.state_at(t)
+
+    def grants_at(self, tenant: str, principal: str, agent_id: str, t: datetime) -> list[GrantState]:
+        history = self._grants.get((tenant, principal, agent_id))
+        return [] if history is None else history.grants_at(t)
+
+    def decide(self, call: ToolCall) -> Decision:
+        t = call.event_time
+        attribution = attribute(call, self.session_state(call.tenant, call.session_id, t))
+        if attribution.terminal or attribution.principal is None or attribution.agent_id is None:
+            return authorize(call, attribution, [])
+        return authorize(call, attribution, self.grants_at(call.tenant, attribution.principal, attribution.agent_id, t))
+
+    def compact(self, horizon: datetime) -> int:
+        """Forget facts that cannot change a verdict for calls at or after ``horizon``."""
+        dropped = 0
+        for sk in list(self._sessions):
+            dropped += self._sessions[sk].compact(horizon)
+        for gk in list(self._grants):
+            dropped += self._grants[gk].compact(horizon)
+        return dropped
