@@ -75,7 +75,7 @@ import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, get_args
 
 from schemas import (
     BaseEvent,
@@ -122,18 +122,7 @@ Verdict: TypeAlias = Literal[
     "out_of_scope_resource",
 ]
 
-VERDICTS: Final[tuple[Verdict, ...]] = (
-    "unbound_session",
-    "identity_mismatch",
-    "session_expired",
-    "in_scope",
-    "no_grant",
-    "revoked_grant",
-    "expired_grant",
-    "not_yet_valid",
-    "out_of_scope_tool",
-    "out_of_scope_resource",
-)
+VERDICTS: Final[tuple[Verdict, ...]] = get_args(Verdict)
 """The ten verdicts, in DESIGN order (first match wins)."""
 
 TERMINAL_VERDICTS: Final[tuple[Verdict, ...]] = VERDICTS[:3]

@@ -659,6 +659,25 @@ class KafkaBroker:
                 )
             time.sleep(0.2)
 
+    def ensure_running(self, timeout: float = 90.0) -> bool:
+        """Start the broker unless it already runs, and wait until it answers.
+
+        Returns True when this call started it. If a broker it started does not become
+        ready, it is stopped again before :class:`BrokerFailed` propagates.
+        """
+        if self.running_record() is not None:
+            self.wait_ready(timeout)
+            return False
+        self.write_config()
+        self.format()
+        self.start()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return True
+
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker (SIGTERM, SIGKILL after ``timeout``); True if it was running.
 
@@ -790,15 +809,5 @@ def start_broker(
         KafkaConfig(home=Path(home), port=port, controller_port=controller_port, heap=heap),
         libs,
     )
-    if broker.running_record() is not None:
-        broker.wait_ready(timeout)
-        return broker
-    broker.write_config()
-    broker.format()
-    broker.start()
-    try:
-        broker.wait_ready(timeout)
-    except BaseException:
-        broker.stop()
-        raise
+    broker.ensure_running(timeout)
     return broker

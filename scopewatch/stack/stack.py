@@ -100,21 +100,11 @@ class Stack:
         self.report(f"resolving Kafka broker jars (cache: {s.cache_dir})")
         libs = ensure_kafka_jars(s.cache_dir)
         broker = self.broker(libs)
-        if broker.running_record() is not None:
-            self.report(f"Kafka already running at {s.kafka_bootstrap}")
-            broker.wait_ready(timeout)
-            return
-        broker.write_config()
-        broker.format()
-        self.report(f"starting Kafka (KRaft) on {s.kafka_bootstrap}")
         started = time.monotonic()
-        broker.start()
-        try:
-            broker.wait_ready(timeout)
-        except BaseException:
-            broker.stop()
-            raise
-        self.report(f"Kafka ready in {time.monotonic() - started:.1f}s")
+        if not broker.ensure_running(timeout):
+            self.report(f"Kafka already running at {s.kafka_bootstrap}")
+            return
+        self.report(f"Kafka (KRaft) ready on {s.kafka_bootstrap} in {time.monotonic() - started:.1f}s")
 
     def _up_service(
         self, name: str, args: list[str], ports: dict[str, int], ready: Callable[[], bool], timeout: float
