@@ -8,7 +8,6 @@ Agents run with ``concurrency=1`` (faust-streaming#606) and at-least-once semant
 
 from __future__ import annotations
 
-import base64
 import logging
 import uuid
 from collections import Counter
@@ -18,27 +17,11 @@ from typing import Any
 import faust
 
 from detections.placeholder import placeholder_evidence
-from schemas import CodecError, DeadLetter, ToolCall, decode, encode
+from schemas import CodecError, ToolCall, decode, encode
 from scopewatch.settings import Settings
+from stream_jobs.dead_letters import dead_letter_for
 
 log = logging.getLogger("scopewatch.stream")
-
-
-def dead_letter(source: Any, stage: str, reason: str, now: datetime) -> DeadLetter:
-    """A dead-letter record for a Kafka message that could not be processed."""
-    message = source.message
-    key = message.key
-    return DeadLetter(
-        dead_letter_id=str(uuid.uuid4()),
-        source_topic=message.topic,
-        source_partition=message.partition,
-        source_offset=message.offset,
-        key=key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-        reason=reason[:2000],
-        stage=stage,
-        payload_b64=base64.b64encode(message.value or b"")[:1_000_000].decode("ascii"),
-        failed_at=now,
-    )
 
 
 def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
@@ -77,7 +60,10 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
                 evidence = placeholder_evidence(call, decided_at=now, evidence_id=str(uuid.uuid4()))
             except Exception as exc:  # noqa: BLE001 - every bad event is dead-lettered, never fatal
                 counters["dead_letters"] += 1
-                record = dead_letter(event, "decide", f"{type(exc).__name__}: {exc}", now)
+                m = event.message
+                record = dead_letter_for(
+                    m.topic, m.partition, m.offset, m.key, m.value, "decide", f"{type(exc).__name__}: {exc}", now
+                )
                 await dead_letter_topic.send(key=event.message.key, value=encode(record))
                 log.warning(
                     "dead-lettered %s[%s]@%s: %s",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,16 +15,13 @@ from schemas import (
     SessionEnded,
     ToolCall,
     ToolResult,
+    canonical_json,
 )
-
-
-def cjson(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def _extra(model: Any) -> str:
     extra = getattr(model, "model_extra", None) or {}
-    return cjson(extra) if extra else "{}"
+    return canonical_json(extra) if extra else "{}"
 
 
 def _collector(model: Any) -> dict[str, Any]:
@@ -68,11 +64,11 @@ def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             "session_id": record.session_id,
             "server": record.server,
             "tool": record.tool,
-            "arguments": cjson(record.arguments),
+            "arguments": canonical_json(record.arguments),
             "resources": list(record.resources),
             "transport": record.transport,
-            "attested": None if record.attested is None else cjson(record.attested),
-            "claimed": cjson(record.claimed),
+            "attested": None if record.attested is None else canonical_json(record.attested),
+            "claimed": canonical_json(record.claimed),
             "tool_digest": record.tool_digest,
             **_collector(record),
             "extra": _extra(record),
@@ -115,7 +111,7 @@ def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
                 agent_id=record.agent_id,
                 valid_from=record.valid_from,
                 valid_until=record.valid_until,
-                auth=cjson(record.auth),
+                auth=canonical_json(record.auth),
             )
         return "identity_events", row
     if isinstance(record, (GrantIssued, GrantRevoked)):
@@ -173,7 +169,7 @@ def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             "final": record.final,
             "late": record.late,
             "decided_at": record.decided_at,
-            "facts": cjson(record.facts),
+            "facts": canonical_json(record.facts),
             **common,
         }
     if isinstance(record, DeadLetter):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from scopewatch.settings import Settings
+from scopewatch.stack.proc import atomic_write
 from stream_jobs.clickhouse import connect, migrate
 from stream_jobs.query_server import QueryServer, write_token
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
@@ -32,9 +33,7 @@ def query_token_file(settings: Settings) -> Path:
 
 
 def _write_json(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 async def _sink_main(settings: Settings) -> None:

@@ -13,11 +13,9 @@ serves read-only SQL on a loopback port so analysts can query while the pipeline
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +24,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from clickhouse_connect.driver.client import Client
 
-from schemas import DeadLetter, decode
+from schemas import decode
+from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.rows import Provenance, to_row
 
 log = logging.getLogger("scopewatch.sink")
@@ -141,16 +140,8 @@ class ClickHouseSink:
             table, row = to_row(record, prov)
         except Exception as exc:  # noqa: BLE001 - bad input becomes a dead letter, never a crash
             self.counters["dead_letters"] += 1
-            letter = DeadLetter(
-                dead_letter_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"sink:{msg.topic}:{msg.partition}:{msg.offset}")),
-                source_topic=msg.topic,
-                source_partition=msg.partition,
-                source_offset=msg.offset,
-                key=msg.key.decode("utf-8", "replace") if msg.key is not None else None,
-                reason=f"{type(exc).__name__}: {exc}"[:2000],
-                stage="sink",
-                payload_b64=base64.b64encode(msg.value or b"").decode("ascii")[:1_000_000],
-                failed_at=now,
+            letter = dead_letter_for(
+                msg.topic, msg.partition, msg.offset, msg.key, msg.value, "sink", f"{type(exc).__name__}: {exc}", now
             )
             log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, letter.reason)
             table, row = to_row(letter, prov)

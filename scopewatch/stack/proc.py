@@ -189,12 +189,17 @@ class PidRecord:
             raise ValueError(f"invalid pid record: {exc}") from exc
 
 
-def write_pid_record(path: Path, record: PidRecord) -> None:
-    """Atomically write ``record`` as JSON to ``path`` (parent dirs are created)."""
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new file, never half (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(record.to_json() + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_pid_record(path: Path, record: PidRecord) -> None:
+    """Atomically write ``record`` as JSON to ``path`` (parent dirs are created)."""
+    atomic_write(path, record.to_json() + "\n")
 
 
 def read_pid_record(path: Path) -> PidRecord | None:
