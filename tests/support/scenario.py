@@ -55,6 +55,10 @@ def grant(
     }
 
 
+def ended(at: str, session: str, tenant: str = "acme") -> dict[str, Any]:
+    return {**_base("session_ended", at, tenant), "session_id": session}
+
+
 def revoke(at: str, grant_id: str, principal: str, agent: str, tenant: str = "acme") -> dict[str, Any]:
     return {
         **_base("grant_revoked", at, tenant),

@@ -1,0 +1,248 @@
+"""Compact binary form of session and grant histories, for live state (stream job tables).
+
+The live pipeline keeps one history per session and one per delegation for as long as they
+matter, possibly millions of each, so the stored form keeps only what a decision reads:
+
+* ``session_bound``: event_id, event_time, principal, agent_id, valid_from, valid_until;
+* ``session_ended``: event_id, event_time;
+* ``grant_issued``: event_id, event_time, grant_id, tools, resources, not_before, expires_at;
+* ``grant_revoked``: event_id, event_time, grant_id, revoked_by, reason.
+
+Everything else (``auth``, ``scopes``, ``granted_by``, ``purpose``, ``parent_grant_id``,
+collector stamps, unknown fields) stays in the raw events in ClickHouse. The tenant, session id,
+principal and agent id of a history are given by its key and are not repeated per fact.
+
+Layout: a version byte, then per fact a kind byte, the event id (16 bytes when it is a
+canonical UUID, else a length-prefixed string), times as signed 64-bit microseconds since the
+epoch, strings as varint length + UTF-8. Decoding rebuilds the same history: the same facts in
+the same order, so every decision over it is unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from detections.engine import GrantHistory, SessionHistory
+from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded
+
+__all__ = ["CompactError", "decode_grants", "decode_sessions", "encode_grants", "encode_sessions"]
+
+_FORMAT: Final = 1
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO: Final = timedelta(microseconds=1)
+_NONE_TIME: Final = -(2**63)
+_I64: Final = struct.Struct(">q")
+
+_BOUND, _ENDED, _ISSUED, _REVOKED = 0, 1, 2, 3
+_UUID_FLAG, _TEXT_FLAG = 0, 1
+
+
+class CompactError(ValueError):
+    """Stored state that does not decode (corrupt or from an unknown format)."""
+
+
+def micros(dt: datetime) -> int:
+    return (dt - _EPOCH) // _MICRO
+
+
+def from_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.buf = bytearray([_FORMAT])
+
+    def byte(self, value: int) -> None:
+        self.buf.append(value)
+
+    def varint(self, value: int) -> None:
+        while value >= 0x80:
+            self.buf.append((value & 0x7F) | 0x80)
+            value >>= 7
+        self.buf.append(value)
+
+    def text(self, value: str) -> None:
+        data = value.encode("utf-8")
+        self.varint(len(data))
+        self.buf += data
+
+    def texts(self, values: list[str]) -> None:
+        self.varint(len(values))
+        for v in values:
+            self.text(v)
+
+    def time(self, value: datetime | None) -> None:
+        self.buf += _I64.pack(_NONE_TIME if value is None else micros(value))
+
+    def event_id(self, value: str) -> None:
+        try:
+            parsed = uuid.UUID(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and str(parsed) == value:
+            self.buf.append(_UUID_FLAG)
+            self.buf += parsed.bytes
+        else:
+            self.buf.append(_TEXT_FLAG)
+            self.text(value)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        if not data or data[0] != _FORMAT:
+            raise CompactError(f"unknown state format {data[:1]!r}")
+        self.data = data
+        self.pos = 1
+
+    def more(self) -> bool:
+        return self.pos < len(self.data)
+
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise CompactError("truncated state")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def byte(self) -> int:
+        return self._take(1)[0]
+
+    def varint(self) -> int:
+        shift = result = 0
+        while True:
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise CompactError("varint too long")
+
+    def text(self) -> str:
+        try:
+            return self._take(self.varint()).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CompactError(f"bad text in state: {exc}") from None
+
+    def texts(self) -> list[str]:
+        return [self.text() for _ in range(self.varint())]
+
+    def time(self) -> datetime | None:
+        (value,) = _I64.unpack(self._take(8))
+        return None if value == _NONE_TIME else from_micros(value)
+
+    def required_time(self) -> datetime:
+        value = self.time()
+        if value is None:
+            raise CompactError("missing time in state")
+        return value
+
+    def event_id(self) -> str:
+        flag = self.byte()
+        if flag == _UUID_FLAG:
+            return str(uuid.UUID(bytes=self._take(16)))
+        if flag == _TEXT_FLAG:
+            return self.text()
+        raise CompactError(f"bad event id flag {flag}")
+
+
+def encode_sessions(history: SessionHistory) -> bytes:
+    w = _Writer()
+    for fact in history:
+        w.byte(_BOUND if isinstance(fact, SessionBound) else _ENDED)
+        w.event_id(fact.event_id)
+        w.time(fact.event_time)
+        if isinstance(fact, SessionBound):
+            w.text(fact.principal)
+            w.text(fact.agent_id)
+            w.time(fact.valid_from)
+            w.time(fact.valid_until)
+    return bytes(w.buf)
+
+
+def decode_sessions(data: bytes, tenant: str, session_id: str) -> SessionHistory:
+    r = _Reader(data)
+    history = SessionHistory(tenant, session_id)
+    while r.more():
+        kind = r.byte()
+        event_id, event_time = r.event_id(), r.required_time()
+        fact: SessionBound | SessionEnded
+        if kind == _BOUND:
+            fact = SessionBound.model_construct(
+                event_id=event_id,
+                event_time=event_time,
+                principal=r.text(),
+                agent_id=r.text(),
+                valid_from=r.required_time(),
+                valid_until=r.time(),
+                tenant=tenant,
+                session_id=session_id,
+            )
+        elif kind == _ENDED:
+            fact = SessionEnded.model_construct(
+                event_id=event_id, event_time=event_time, tenant=tenant, session_id=session_id
+            )
+        else:
+            raise CompactError(f"bad session fact kind {kind}")
+        history.add(fact)
+    return history
+
+
+def encode_grants(history: GrantHistory) -> bytes:
+    w = _Writer()
+    for fact in history:
+        w.byte(_ISSUED if isinstance(fact, GrantIssued) else _REVOKED)
+        w.event_id(fact.event_id)
+        w.time(fact.event_time)
+        w.text(fact.grant_id)
+        if isinstance(fact, GrantIssued):
+            w.texts(list(fact.tools))
+            w.texts(list(fact.resources))
+            w.time(fact.not_before)
+            w.time(fact.expires_at)
+        else:
+            w.text(fact.revoked_by)
+            w.text(fact.reason)
+    return bytes(w.buf)
+
+
+def decode_grants(data: bytes, tenant: str, principal: str, agent_id: str) -> GrantHistory:
+    r = _Reader(data)
+    history = GrantHistory(tenant, principal, agent_id)
+    while r.more():
+        kind = r.byte()
+        event_id, event_time, grant_id = r.event_id(), r.required_time(), r.text()
+        fact: GrantIssued | GrantRevoked
+        if kind == _ISSUED:
+            fact = GrantIssued.model_construct(
+                event_id=event_id,
+                event_time=event_time,
+                grant_id=grant_id,
+                tools=r.texts(),
+                resources=r.texts(),
+                not_before=r.required_time(),
+                expires_at=r.time(),
+                tenant=tenant,
+                principal=principal,
+                agent_id=agent_id,
+            )
+        elif kind == _REVOKED:
+            fact = GrantRevoked.model_construct(
+                event_id=event_id,
+                event_time=event_time,
+                grant_id=grant_id,
+                revoked_by=r.text(),
+                reason=r.text(),
+                tenant=tenant,
+                principal=principal,
+                agent_id=agent_id,
+            )
+        else:
+            raise CompactError(f"bad grant fact kind {kind}")
+        history.add(fact)
+    return history

@@ -1,0 +1,136 @@
+"""The live protocol, case by case: provisional, corrections, final, late amendments, handoffs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from detections.live import LiveConfig, Stage2, evidence_id_for, tick_message
+from schemas import parse_event
+from support.live_sim import LiveSim
+from support.scenario import bound, ended, grant, revoke
+from support.scenario import tool_call as call
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+GRACE = timedelta(seconds=15)
+
+
+def run(sim: LiveSim, *events: dict[str, Any], at: datetime = NOW) -> None:
+    for e in events:
+        sim.deliver(parse_event(e), at)
+        sim.drain(at)
+
+
+def history(sim: LiveSim, call_id: str) -> list[tuple[int, str, bool, bool]]:
+    return [(e.version, e.verdict, e.final, e.late) for e in sim.evidence if e.call_id == call_id]
+
+
+def test_in_scope_call_is_provisional_then_final_at_the_deadline() -> None:
+    sim = LiveSim()
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"]))
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    assert history(sim, "c1") == [(1, "in_scope", False, False)]
+    sim.tick(NOW + GRACE - timedelta(milliseconds=1))
+    assert len(history(sim, "c1")) == 1
+    sim.tick(NOW + GRACE)
+    assert history(sim, "c1") == [(1, "in_scope", False, False), (2, "in_scope", True, False)]
+    e = sim.evidence[-1]
+    assert e.matched_grant_id == "g1" and e.principal == "alice" and e.agent_id == "a1"
+    assert e.evidence_id == evidence_id_for("acme", "s1", "c1", 2)
+    assert e.facts["attribution_version"] == 1 and e.facts["kind"] == "final"
+
+
+def test_binding_and_grant_arriving_after_the_call_correct_it_within_grace() -> None:
+    sim = LiveSim()
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), at=NOW + timedelta(seconds=2))
+    run(sim, grant("10:00:00", "g1", "alice", "a1", ["fs/*"]), at=NOW + timedelta(seconds=3))
+    sim.tick(NOW + GRACE)
+    assert history(sim, "c1") == [
+        (1, "unbound_session", False, False),
+        (2, "no_grant", False, False),  # moved from the session route to alice/a1 with its version counter
+        (3, "in_scope", False, False),
+        (4, "in_scope", True, False),
+    ]
+    assert sim.counters.counts["stage2_handoffs_out"] == 1
+
+
+def test_revocation_after_grace_is_a_late_amendment_of_the_final_verdict() -> None:
+    sim = LiveSim()
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"]))
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    sim.tick(NOW + GRACE)
+    run(sim, revoke("10:00:04", "g1", "alice", "a1"), at=NOW + timedelta(seconds=40))
+    assert history(sim, "c1")[-1] == (3, "revoked_grant", True, True)
+    assert sim.evidence[-1].facts["kind"] == "amendment"
+
+
+def test_facts_after_the_amendment_window_change_nothing() -> None:
+    sim = LiveSim(config=LiveConfig(grace=GRACE, amend_window=timedelta(minutes=1)))
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    sim.tick(NOW + GRACE)
+    later = NOW + GRACE + timedelta(minutes=1)
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), at=later)
+    sim.tick(later)
+    assert history(sim, "c1") == [(1, "unbound_session", False, False), (2, "unbound_session", True, False)]
+    assert sim.s1_calls == {} and sim.s2_calls == {}, "closed calls leave no state behind"
+
+
+def test_a_fact_before_the_call_instant_does_not_touch_calls_after_it_and_vice_versa() -> None:
+    sim = LiveSim()
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"]))
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    run(sim, revoke("10:00:06", "g1", "alice", "a1"))  # after the call: consent withdrawn later
+    assert history(sim, "c1") == [(1, "in_scope", False, False)]
+
+
+def test_duplicate_deliveries_emit_nothing_new() -> None:
+    sim = LiveSim()
+    b, g = bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"])
+    c = call("10:00:05", "c1", "s1", "fs", "read_file")
+    run(sim, b, g, c, b, g, c)
+    assert history(sim, "c1") == [(1, "in_scope", False, False)]
+
+
+def test_rebinding_to_another_principal_hands_the_call_over_and_back() -> None:
+    sim = LiveSim()
+    first = bound("10:00:00", "s1", "alice", "a1")
+    run(sim, first, grant("10:00:00", "g1", "alice", "a1", ["fs/*"]))
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    rebound = bound("10:00:03", "s1", "bob", "a1")
+    run(sim, rebound)
+    assert history(sim, "c1")[-1][1] == "no_grant"  # bob has no grant
+    run(sim, ended("10:00:04", "s1"))
+    assert history(sim, "c1")[-1][1] == "session_expired"
+    sim.tick(NOW + GRACE)
+    assert [v for v, *_ in history(sim, "c1")] == [1, 2, 3, 4]
+    assert history(sim, "c1")[-1] == (4, "session_expired", True, False)
+
+
+def test_recovery_from_the_stores_keeps_open_calls() -> None:
+    sim = LiveSim()
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    sim.rebuild()  # a worker restarts: only the stores (changelogs) survive
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), at=NOW + timedelta(seconds=1))
+    sim.tick(NOW + GRACE)
+    assert history(sim, "c1") == [
+        (1, "unbound_session", False, False),
+        (2, "no_grant", False, False),
+        (3, "no_grant", True, False),
+    ]
+
+
+def test_bad_internal_messages_raise_for_the_dead_letter_path() -> None:
+    s2 = Stage2(0, {}, {})
+    with pytest.raises(ValueError, match="format"):
+        s2.on_message("r", b'{"v": 99, "type": "tick"}', NOW)
+    with pytest.raises(ValueError):
+        s2.on_message("r", b"[1]", NOW)
+    assert s2.on_message("r", tick_message(), NOW).evidence == []
+
+
+def test_config_rejects_negative_durations() -> None:
+    with pytest.raises(ValueError, match="grace"):
+        LiveConfig(grace=timedelta(seconds=-1))
