@@ -33,6 +33,7 @@ from schemas.events import (
     to_canonical_json,
 )
 from schemas.topics import (
+    CALLS_BY_ROUTE,
     DEAD_LETTER,
     EVIDENCE,
     FINDINGS,
@@ -48,6 +49,7 @@ from schemas.topics import (
 )
 
 __all__ = [
+    "CALLS_BY_ROUTE",
     "DEAD_LETTER",
     "EVENT_TYPES",
     "EVIDENCE",

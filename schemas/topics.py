@@ -21,6 +21,7 @@ from schemas.events import (
 )
 
 __all__ = [
+    "CALLS_BY_ROUTE",
     "DEAD_LETTER",
     "EVIDENCE",
     "FINDINGS",
@@ -42,6 +43,8 @@ GRANTS: Final = "consent.grants"
 EVIDENCE: Final = "audit.evidence"
 FINDINGS: Final = "audit.findings"
 DEAD_LETTER: Final = "audit.dead-letter"
+CALLS_BY_ROUTE: Final = "scopewatch.calls-by-route"
+"""Internal: stage 1 -> stage 2 of the decision job, keyed by route (delegation or session)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Topics:
     evidence: str = EVIDENCE
     findings: str = FINDINGS
     dead_letter: str = DEAD_LETTER
+    calls_by_route: str = CALLS_BY_ROUTE
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:

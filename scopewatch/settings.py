@@ -6,11 +6,13 @@ Nothing here runs at import: call :func:`load_settings` where a command starts.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detections.live import LiveConfig
 from schemas.topics import Topics
 
 
@@ -56,6 +58,18 @@ class Settings(BaseSettings):
     # Stream job
     worker_group: str = "scopewatch-decisions"
     worker_web_port: int = 16066
+    grace_seconds: float = Field(default=15.0, ge=0, description="wait for late identity/consent facts")
+    amend_window_seconds: float = Field(default=600.0, ge=0, description="after grace: late facts still amend")
+    retention_days: float = Field(default=7.0, gt=0, description="fact history kept for calls this old")
+    tick_seconds: float = Field(default=1.0, gt=0, description="how often idle partitions finalize calls")
+
+    @property
+    def live_config(self) -> LiveConfig:
+        return LiveConfig(
+            grace=timedelta(seconds=self.grace_seconds),
+            amend_window=timedelta(seconds=self.amend_window_seconds),
+            retention=timedelta(days=self.retention_days),
+        )
 
     @field_validator("home", "cache_dir")
     @classmethod

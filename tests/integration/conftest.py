@@ -48,6 +48,8 @@ def make_settings(home: Path, bootstrap: str, cache_dir: Path, **extra: object) 
         "sink_batch_seconds": 0.2,
         "sink_group": f"it{run}-sink",
         "worker_group": f"it{run}-decisions",
+        "grace_seconds": 3.0,
+        "tick_seconds": 0.5,
     }
     values.update(extra)
     return Settings(**values)  # type: ignore[arg-type]

@@ -84,14 +84,20 @@ def test_bad_messages_are_dead_lettered_and_the_rest_flows(pipeline: Settings) -
         lambda r: len(r) == 1,
     )
     assert rows[0][0] == pipeline.topics.tool_calls and rows[0][3] == good.call_id
-    wait_rows(pipeline, f"SELECT verdict FROM {db}.evidence WHERE call_id = '{good.call_id}'", lambda r: len(r) == 1)
+    # no session is bound: a provisional, then (after the 3 s grace) a final unbound_session
+    verdicts = wait_rows(
+        pipeline,
+        f"SELECT version, verdict, final FROM {db}.evidence WHERE call_id = '{good.call_id}' ORDER BY version",
+        lambda r: len(r) == 2,
+    )
+    assert verdicts == [[1, "unbound_session", False], [2, "unbound_session", True]]
     # both bad messages are dead-lettered by the decision job and by the sink, with reasons and the raw bytes
     letters = wait_rows(
         pipeline,
         f"SELECT stage, reason, payload_b64 FROM {db}.dead_letters WHERE key = '{session_id}' ORDER BY stage, reason",
         lambda r: len(r) == 4,
     )
-    assert sorted(r[0] for r in letters) == ["decide", "decide", "sink", "sink"]
+    assert sorted(r[0] for r in letters) == ["attribute", "attribute", "sink", "sink"]
     reasons = " | ".join(str(r[1]) for r in letters)
     assert "single-object" in reasons.lower() or "magic" in reasons.lower()
     assert "truncated" in reasons.lower() or "corrupt" in reasons.lower()

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import (
+    CALLS_BY_ROUTE,
     DEAD_LETTER,
     EVIDENCE,
     FINDINGS,
@@ -40,6 +41,7 @@ def test_topic_names() -> None:
         "audit.evidence",
         "audit.findings",
         "audit.dead-letter",
+        "scopewatch.calls-by-route",
     ]
     assert t.all() == [
         TOOL_CALLS,
@@ -49,6 +51,7 @@ def test_topic_names() -> None:
         EVIDENCE,
         FINDINGS,
         DEAD_LETTER,
+        CALLS_BY_ROUTE,
     ]
 
 
