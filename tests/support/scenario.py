@@ -38,6 +38,7 @@ def grant(
     resources: list[str] | None = None,
     expires: str | None = None,
     tenant: str = "acme",
+    not_before: str | None = None,
 ) -> dict[str, Any]:
     return {
         **_base("grant_issued", at, tenant),
@@ -47,7 +48,7 @@ def grant(
         "tools": tools,
         "resources": resources or [],
         "scopes": [],
-        "not_before": ts(at),
+        "not_before": ts(not_before or at),
         "expires_at": ts(expires) if expires else None,
         "granted_by": principal,
         "purpose": "test",
@@ -78,6 +79,7 @@ def tool_call(
     tool: str,
     resources: list[str] | None = None,
     tenant: str = "acme",
+    attested: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         **_base("tool_call", at, tenant),
@@ -88,7 +90,7 @@ def tool_call(
         "arguments": {},
         "resources": resources or [],
         "transport": "sdk",
-        "attested": None,
+        "attested": attested,
         "claimed": {},
         "tool_digest": None,
     }
@@ -96,3 +98,40 @@ def tool_call(
 
 def jsonl(events: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(e) + "\n" for e in events)
+
+
+def story(tag: str) -> list[dict[str, Any]]:
+    """Every verdict at least once, over three sessions and two tenants (ids unique per ``tag``).
+
+    Returned in a deliberately bad order for a pipeline: calls first, then facts, newest first.
+    """
+    s1, s2, s3, s4 = (f"{tag}-s{i}" for i in range(1, 5))
+    alice, bob = f"alice-{tag}@acme.example", f"bob-{tag}@acme.example"
+    facts = [
+        bound("10:00:00", s1, alice, "agent-1"),
+        bound("10:00:00", s2, bob, "agent-2"),
+        bound("10:00:00", s3, alice, "agent-1", tenant="globex"),
+        grant("10:00:00", f"{tag}-read", alice, "agent-1", ["fs/read_*"], ["file:/data/*"]),
+        grant("10:00:00", f"{tag}-web", alice, "agent-1", ["web/fetch"], expires="10:00:20"),
+        grant("10:00:00", f"{tag}-write", alice, "agent-1", ["fs/write_file"]),
+        revoke("10:00:30", f"{tag}-write", alice, "agent-1"),
+        grant("10:00:00", f"{tag}-later", alice, "agent-1", ["db/*"], not_before="10:05:00"),
+        grant("10:00:40", f"{tag}-bob", bob, "agent-2", ["fs/*"]),
+        ended("10:00:50", s2),
+    ]
+    calls = [
+        tool_call("10:00:10", f"{tag}-c-in", s1, "fs", "read_file", ["file:/data/a.txt"]),
+        tool_call("10:00:11", f"{tag}-c-tool", s1, "shell", "exec"),
+        tool_call("10:00:12", f"{tag}-c-res", s1, "fs", "read_file", ["file:/etc/passwd"]),
+        tool_call("10:00:25", f"{tag}-c-expired", s1, "web", "fetch", ["url:https://example.com"]),
+        tool_call("10:00:29", f"{tag}-c-write-ok", s1, "fs", "write_file", ["file:/data/b.txt"]),
+        tool_call("10:00:30", f"{tag}-c-revoked", s1, "fs", "write_file", ["file:/data/b.txt"]),
+        tool_call("10:00:31", f"{tag}-c-early", s1, "db", "query"),
+        tool_call("10:00:20", f"{tag}-c-nogrant", s2, "fs", "read_file"),
+        tool_call("10:00:45", f"{tag}-c-bob", s2, "fs", "read_file"),
+        tool_call("10:00:55", f"{tag}-c-ended", s2, "fs", "read_file"),
+        tool_call("10:00:10", f"{tag}-c-unbound", s4, "fs", "read_file"),
+        tool_call("10:00:10", f"{tag}-c-mismatch", s1, "fs", "read_file", attested={"sub": bob}),
+        tool_call("10:00:10", f"{tag}-c-tenant", s3, "fs", "read_file", ["file:/data/a.txt"], tenant="globex"),
+    ]
+    return [*calls, *reversed(facts)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -17,19 +16,9 @@ from aiokafka import AIOKafkaProducer
 from schemas import ToolCall, encode, key_for
 from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError, run_sql
+from support.pipeline import wait_rows
 
 pytestmark = pytest.mark.integration
-
-
-def wait_rows(settings: Settings, sql: str, predicate, timeout: float = 60.0) -> list[list[object]]:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    rows: list[list[object]] = []
-    while time.monotonic() < deadline:
-        rows = run_sql(settings, sql)["rows"]
-        if predicate(rows):
-            return rows
-        time.sleep(0.3)
-    raise AssertionError(f"timed out; last rows: {rows}")
 
 
 async def produce(settings: Settings, topic: str, records: list[tuple[bytes, bytes]]) -> None:

@@ -1,0 +1,104 @@
+"""Live decisions through the real broker and chDB equal ``scopewatch replay`` on the same file.
+
+The scenario (``support.scenario.story``) holds every verdict and arrives in a bad order: calls
+first, then the facts newest first, all within the 3 s grace of the test pipeline. The final
+evidence in ClickHouse must name the same verdict and grant as replay for every call. The same
+holds with a second worker in the consumer group (partitions and table state move between
+processes) and after that worker is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scopewatch.settings import Settings
+from support.pipeline import cli, current_verdicts, replay_lines
+from support.scenario import jsonl, story
+from support.wrap import child_env
+
+pytestmark = pytest.mark.integration
+
+
+def publish_story(settings: Settings, tmp_path: Path, tag: str) -> tuple[Path, dict[str, tuple[str, str | None]]]:
+    path = tmp_path / f"{tag}.jsonl"
+    path.write_text(jsonl(story(tag)))
+    result = cli(settings, "publish", str(path))
+    assert result.returncode == 0, result.stderr
+    return path, replay_lines(settings, path)
+
+
+def assert_live_equals_replay(settings: Settings, expected: dict[str, tuple[str, str | None]]) -> None:
+    live = current_verdicts(settings, sorted(expected))
+    assert {c: (v[0], v[1]) for c, v in live.items()} == expected
+    assert not any(v[3] for v in live.values()), "every fact arrived within grace: nothing is late"
+    assert len({v for v, _ in expected.values()}) == 10, "the story covers all ten verdicts"
+
+
+def test_final_verdicts_in_clickhouse_equal_replay(pipeline: Settings, tmp_path: Path) -> None:
+    _, expected = publish_story(pipeline, tmp_path, f"one{os.getpid()}")
+    assert_live_equals_replay(pipeline, expected)
+
+
+def test_late_revocation_is_an_amendment_flagged_late(pipeline: Settings, tmp_path: Path) -> None:
+    tag = f"late{os.getpid()}"
+    events = story(tag)
+    revocation = next(e for e in events if e["event_type"] == "grant_revoked")
+    early = [e for e in events if e is not revocation]
+    first = tmp_path / "first.jsonl"
+    first.write_text(jsonl(early))
+    assert cli(pipeline, "publish", str(first)).returncode == 0
+    call_id = f"{tag}-c-revoked"
+    before = current_verdicts(pipeline, [call_id])[call_id]
+    assert before[0] == "in_scope" and before[3] is False
+    second = tmp_path / "second.jsonl"
+    second.write_text(jsonl([revocation]))
+    assert cli(pipeline, "publish", str(second)).returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        after = current_verdicts(pipeline, [call_id])[call_id]
+        if after[2] > before[2]:
+            break
+        time.sleep(0.3)
+    assert after[0] == "revoked_grant" and after[1] == f"{tag}-write" and after[3] is True
+
+
+def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "scopewatch", "worker"],
+        env=child_env(settings),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_for_stats(settings: Settings, pid: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(settings.run_dir.glob(f"worker-*-{pid}.json")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker {pid} never wrote its stats")
+
+
+def test_two_workers_give_the_same_verdicts_as_one(pipeline: Settings, tmp_path: Path) -> None:
+    extra = _start_worker(pipeline, tmp_path / "worker2.log")
+    try:
+        _wait_for_stats(pipeline, extra.pid)
+        time.sleep(3)  # let the group rebalance and recover the tables
+        _, expected = publish_story(pipeline, tmp_path, f"two{os.getpid()}")
+        assert_live_equals_replay(pipeline, expected)
+        assert extra.poll() is None, (tmp_path / "worker2.log").read_text()[-3000:]
+    finally:
+        os.killpg(extra.pid, signal.SIGKILL)
+        extra.wait(timeout=30)
+    # the surviving worker takes the partitions back and recovers their state from the changelogs
+    _, expected = publish_story(pipeline, tmp_path, f"after{os.getpid()}")
+    assert_live_equals_replay(pipeline, expected)

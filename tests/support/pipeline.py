@@ -1,0 +1,62 @@
+"""Helpers for tests that drive the running pipeline: CLI runs and waiting on ClickHouse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from scopewatch.settings import Settings
+from scopewatch.sqlclient import run_sql
+from support.wrap import child_env
+
+
+def wait_rows(
+    settings: Settings, sql: str, predicate: Callable[[list[list[object]]], bool], timeout: float = 60.0
+) -> list[list[object]]:
+    """Poll a query until ``predicate(rows)`` holds; AssertionError with the last rows on timeout."""
+    deadline = time.monotonic() + timeout
+    rows: list[list[object]] = []
+    while time.monotonic() < deadline:
+        rows = run_sql(settings, sql)["rows"]
+        if predicate(rows):
+            return rows
+        time.sleep(0.3)
+    raise AssertionError(f"timed out; last rows: {rows}")
+
+
+def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scopewatch", *args],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def replay_lines(settings: Settings, path: Path) -> dict[str, tuple[str, str | None]]:
+    """``scopewatch replay`` on a file: call_id -> (verdict, matched_grant_id)."""
+    result = cli(settings, "replay", str(path))
+    assert result.returncode == 0, result.stderr
+    out = {}
+    for line in result.stdout.splitlines():
+        d = json.loads(line)
+        out[d["call_id"]] = (d["verdict"], d["matched_grant_id"])
+    return out
+
+
+def current_verdicts(settings: Settings, call_ids: list[str], timeout: float = 90.0) -> dict[str, list[object]]:
+    """Wait until every call has a final verdict in ClickHouse; call_id -> [verdict, matched, version, late]."""
+    ids = ",".join(f"'{c}'" for c in call_ids)
+    db = settings.clickhouse_database
+    sql = (
+        f"SELECT call_id, argMax(verdict, version), argMax(matched_grant_id, version), max(version),"
+        f" argMax(final, version), argMax(late, version) FROM {db}.evidence WHERE call_id IN ({ids}) GROUP BY call_id"
+    )
+    rows = wait_rows(settings, sql, lambda r: len(r) == len(call_ids) and all(row[4] for row in r), timeout)
+    return {str(r[0]): [r[1], r[2], r[3], r[5]] for r in rows}
