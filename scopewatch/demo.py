@@ -1,4 +1,12 @@
-"""``scopewatch demo``: real MCP traffic through the stdio collector into the running stack."""
+"""``scopewatch demo``: real MCP traffic through the stdio collector into the running stack.
+
+Two MCP sessions (the ``mcp`` Python SDK client -> ``scopewatch wrap`` -> server-everything). The
+first tells the consent story for alice's agent: grants are issued when the session starts, calls
+stay inside and outside them, one grant is revoked mid-session and another expires, so every kind
+of verdict shows up with the grant and the reason that explain it. The second session (bob) is
+plain traffic under a narrow grant. The demo waits for the grace period so the verdicts it shows
+are final.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,16 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from schemas import Event, GrantIssued, GrantRevoked
+from scopewatch.publish import publish_events
 from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError, run_sql
 from scopewatch.stack import proc
@@ -61,6 +73,11 @@ def demo_calls(n: int) -> list[DemoCall]:
     return out
 
 
+STORY_CALLS = 8
+"""Calls of alice's consent story; ``--calls`` must allow at least these."""
+GRANT_TTL = timedelta(seconds=4)
+
+
 def _require_stack(settings: Settings) -> None:
     for name in ("sink", "worker"):
         record = proc.read_pid_record(settings.run_dir / f"{name}.json")
@@ -68,7 +85,76 @@ def _require_stack(settings: Settings) -> None:
             raise DemoError(f"the stack is not running ({name} is down): run `scopewatch up` first")
 
 
-async def _drive(settings: Settings, session_id: str, principal: str, calls: list[DemoCall]) -> list[tuple[str, bool]]:
+def _grant(principal: str, grant_id: str, tools: list[str], at: datetime, **extra: Any) -> GrantIssued:
+    return GrantIssued(
+        event_id=str(uuid.uuid4()),
+        event_time=at,
+        tenant=DEMO_TENANT,
+        grant_id=grant_id,
+        principal=principal,
+        agent_id=DEMO_AGENT,
+        tools=[f"everything/{t}" for t in tools],
+        not_before=at,
+        granted_by=principal,
+        purpose="scopewatch demo",
+        **extra,
+    )
+
+
+def _revoke(principal: str, grant_id: str, at: datetime, reason: str) -> GrantRevoked:
+    return GrantRevoked(
+        event_id=str(uuid.uuid4()),
+        event_time=at,
+        tenant=DEMO_TENANT,
+        grant_id=grant_id,
+        principal=principal,
+        agent_id=DEMO_AGENT,
+        revoked_by=principal,
+        reason=reason,
+    )
+
+
+Publish = Callable[[list[Event]], Awaitable[None]]
+Call = Callable[[DemoCall], Awaitable[None]]
+
+
+async def alice_story(tag: str, principal: str, call: Call, publish: Publish, say: Callable[[str], None]) -> None:
+    """The consent story: in scope, out of scope (tool and resource), revoked, expired."""
+    now = datetime.now(UTC)
+    basics, reports, refs = f"{tag}-basics", f"{tag}-reports", f"{tag}-refs"
+    await publish(
+        [
+            _grant(principal, basics, ["echo", "get-sum"], now, expires_at=now + GRANT_TTL),
+            _grant(principal, reports, ["get-structured-content", "get-annotated-message"], now),
+            _grant(principal, refs, ["get-resource-reference"], now, resources=["resource:1", "resource:2"]),
+        ]
+    )
+    say(
+        f"  alice grants the agent: {basics} (echo, get-sum; expires in {GRANT_TTL.seconds}s), "
+        f"{reports} (structured reports), {refs} (resources 1 and 2 only)"
+    )
+    await call(DemoCall("echo", {"message": "hello from the demo"}))
+    await call(DemoCall("get-sum", {"a": 2, "b": 3}))
+    await call(DemoCall("get-structured-content", {"location": "Chicago"}))
+    await call(DemoCall("get-resource-reference", {"resourceType": "Text", "resourceId": 1}))
+    await call(DemoCall("get-resource-reference", {"resourceType": "Text", "resourceId": 7}))
+    await call(DemoCall("trigger-long-running-operation", {"duration": 0.2, "steps": 2}))
+    await publish([_revoke(principal, reports, datetime.now(UTC), "alice withdrew consent for reports")])
+    say(f"  alice revokes {reports}")
+    await call(DemoCall("get-structured-content", {"location": "Chicago"}))
+    wait = (now + GRANT_TTL - datetime.now(UTC)).total_seconds() + 0.3
+    if wait > 0:
+        say(f"  waiting {wait:.1f}s for {basics} to expire")
+        await asyncio.sleep(wait)
+    await call(DemoCall("echo", {"message": "still allowed?"}))
+
+
+async def _drive(
+    settings: Settings,
+    session_id: str,
+    principal: str,
+    script: Callable[[Call, Publish], Awaitable[None]],
+) -> list[tuple[str, bool]]:
     from mcp import Client, StdioServerParameters
 
     server = server_everything_command(settings.cache_dir)
@@ -92,22 +178,30 @@ async def _drive(settings: Settings, session_id: str, principal: str, calls: lis
     env = settings_env(settings)
     params = StdioServerParameters(command=sys.executable, args=wrapper, env=env)
     outcomes: list[tuple[str, bool]] = []
+
+    async def publish(events: list[Event]) -> None:
+        _, bad = await publish_events(settings.kafka_bootstrap, settings.topics, enumerate(events))
+        assert not bad
+
     async with Client(params, read_timeout_seconds=60) as client:
         await client.list_tools()
-        for call in calls:
-            result = await client.call_tool(call.tool, call.arguments)
-            outcomes.append((call.tool, bool(getattr(result, "is_error", False))))
+
+        async def call(c: DemoCall) -> None:
+            result = await client.call_tool(c.tool, c.arguments)
+            outcomes.append((c.tool, bool(getattr(result, "is_error", False))))
+
+        await script(call, publish)
     return outcomes
 
 
 def wait_for_rows(settings: Settings, session_ids: list[str], expected: int, timeout: float) -> dict[str, int]:
-    """Poll ClickHouse until the demo's calls, results and verdicts have all landed."""
+    """Poll ClickHouse until the demo's calls, results and final verdicts have all landed."""
     ids = ",".join(f"'{s}'" for s in session_ids)
     db = settings.clickhouse_database
     query = (
         f"SELECT (SELECT count() FROM {db}.tool_calls WHERE session_id IN ({ids})) AS calls, "
         f"(SELECT count() FROM {db}.tool_results WHERE session_id IN ({ids})) AS results, "
-        f"(SELECT count() FROM {db}.evidence WHERE session_id IN ({ids})) AS verdicts"
+        f"(SELECT uniqExact(call_id) FROM {db}.evidence WHERE session_id IN ({ids}) AND final) AS verdicts"
     )
     deadline = time.monotonic() + timeout
     counts = {"calls": 0, "results": 0, "verdicts": 0}
@@ -120,55 +214,100 @@ def wait_for_rows(settings: Settings, session_ids: list[str], expected: int, tim
         if min(counts.values()) >= expected:
             return counts
         time.sleep(0.5)
-    raise DemoError(f"timed out after {timeout:.0f}s waiting for {expected} calls in ClickHouse; saw {counts}")
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {expected} final verdicts in ClickHouse; saw {counts}")
+
+
+def explain(verdict: str, matched: str | None, reasons: list[str]) -> str:
+    """The one reason that explains a verdict best: the matched grant's line, else the headline."""
+    if matched is not None:
+        for r in reasons:
+            if r.startswith(f"grant {matched}:"):
+                return r
+    if verdict == "out_of_scope_resource":
+        for r in reasons:
+            if r.startswith("grant ") and " outside " in r:
+                return r
+    for r in reasons:
+        if r.startswith(f"{verdict}:"):
+            return r
+    return reasons[0] if reasons else ""
 
 
 def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -> dict[str, Any]:
     _require_stack(settings)
-    script = demo_calls(calls)
-    half = len(script) // 2
-    sessions = [
-        (str(uuid.uuid4()), "alice@acme.example", script[:half]),
-        (str(uuid.uuid4()), "bob@acme.example", script[half:]),
+    if calls < STORY_CALLS:
+        raise DemoError(f"--calls must be at least {STORY_CALLS} (the consent story alone makes {STORY_CALLS})")
+    tag = uuid.uuid4().hex[:6]
+    alice, bob = "alice@acme.example", "bob@acme.example"
+    filler = demo_calls(calls - STORY_CALLS)
+
+    async def bob_script(call: Call, publish: Publish) -> None:
+        now = datetime.now(UTC)
+        await publish([_grant(bob, f"{tag}-bob-echo", ["echo", "get-sum"], now)])
+        for c in filler:
+            await call(c)
+
+    sessions: list[tuple[str, str, Callable[[Call, Publish], Awaitable[None]]]] = [
+        (str(uuid.uuid4()), alice, lambda call, publish: alice_story(tag, alice, call, publish, console.print)),
     ]
+    if filler:
+        sessions.append((str(uuid.uuid4()), bob, bob_script))
     console.print(
-        f"[bold]demo[/]: {len(script)} tool calls in {len(sessions)} MCP sessions "
+        f"[bold]demo[/]: {calls} tool calls in {len(sessions)} MCP sessions "
         "(mcp Python SDK client → scopewatch wrap → @modelcontextprotocol/server-everything)"
     )
-    made = 0
-    errors = 0
-    for session_id, principal, part in sessions:
-        outcomes = asyncio.run(_drive(settings, session_id, principal, part))
+    made = errors = 0
+    for session_id, principal, script in sessions:
+        console.print(f"  session {session_id} for {principal}:")
+        outcomes = asyncio.run(_drive(settings, session_id, principal, script))
         made += len(outcomes)
         errors += sum(1 for _, failed in outcomes if failed)
-        console.print(
-            f"  session {session_id} for {principal}: {len(outcomes)} calls, "
-            f"{sum(1 for _, f in outcomes if f)} returned errors"
-        )
-    counts = wait_for_rows(settings, [s for s, _, _ in sessions], made, timeout)
+        console.print(f"    {len(outcomes)} calls, {sum(1 for _, f in outcomes if f)} returned errors")
+    grace = settings.grace_seconds
+    with console.status(f"waiting for final verdicts (grace {grace:g}s for late identity and consent facts)"):
+        counts = wait_for_rows(settings, [s for s, _, _ in sessions], made, timeout + grace)
     db = settings.clickhouse_database
     ids = ",".join(f"'{s}'" for s, _, _ in sessions)
     result = run_sql(
         settings,
         f"""
-        SELECT formatDateTime(c.event_time, '%H:%i:%S.%f') AS time, left(c.session_id, 8) AS session,
-               c.tool AS tool, r.status AS status, round(r.duration_ms, 1) AS ms, e.verdict AS verdict,
-               left(ifNull(r.error, ''), 40) AS error
+        SELECT formatDateTime(c.event_time, '%H:%i:%S.%f') AS time, e.principal AS principal, c.tool AS tool,
+               r.status AS status, e.verdict AS verdict, e.matched_grant_id AS grant, e.reasons AS reasons,
+               e.latest_version AS version
         FROM {db}.tool_calls AS c
         LEFT JOIN {db}.tool_results AS r ON r.call_id = c.call_id
-        LEFT JOIN {db}.evidence AS e ON e.call_id = c.call_id
+        LEFT JOIN (
+            SELECT call_id, argMax(principal, version) AS principal, argMax(verdict, version) AS verdict,
+                   argMax(matched_grant_id, version) AS matched_grant_id, argMax(reasons, version) AS reasons,
+                   max(version) AS latest_version
+            FROM {db}.evidence WHERE session_id IN ({ids}) AND final GROUP BY call_id
+        ) AS e ON e.call_id = c.call_id
         WHERE c.session_id IN ({ids})
         ORDER BY c.event_time, c.collector_seq""",
     )
-    table = Table(*result["columns"], title="what landed in ClickHouse")
-    for row in result["rows"]:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    table = Table("time", "principal", "tool", "status", "verdict", "grant", "why", title="final verdicts")
+    verdicts: dict[str, int] = {}
+    for time_, principal, tool, status, verdict, grant, reasons, _version in result["rows"]:
+        verdicts[str(verdict)] = verdicts.get(str(verdict), 0) + 1
+        style = "green" if verdict == "in_scope" else "red"
+        table.add_row(
+            str(time_),
+            str(principal),
+            str(tool),
+            str(status),
+            f"[{style}]{verdict}[/]",
+            "" if grant is None else str(grant),
+            explain(str(verdict), grant, list(reasons or [])),
+        )
     console.print(table)
     total = run_sql(settings, f"SELECT count() FROM {db}.tool_calls")["rows"][0][0]
     console.print(
         f"[bold green]made {made} tool calls ({errors} failing); ClickHouse holds {counts['calls']} "
-        f"tool_calls, {counts['results']} tool_results and {counts['verdicts']} verdicts for them[/] "
+        f"tool_calls, {counts['results']} tool_results and a final verdict for {counts['verdicts']} of them[/] "
         f"({total} tool_calls in all)."
     )
-    console.print(f'Query it yourself: scopewatch sql "SELECT tool, count() FROM {db}.tool_calls GROUP BY tool"')
-    return {"made": made, "errors": errors, **counts}
+    console.print(
+        f'Every verdict version: scopewatch sql "SELECT call_id, version, verdict, final, late FROM {db}.evidence '
+        'ORDER BY decided_at DESC LIMIT 20"'
+    )
+    return {"made": made, "errors": errors, "verdicts": verdicts, **counts}

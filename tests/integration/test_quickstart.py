@@ -52,6 +52,7 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
         SCOPEWATCH_QUERY_PORT=str(proc.free_port()),
         SCOPEWATCH_PARTITIONS="2",
+        SCOPEWATCH_GRACE_SECONDS="3",
     )
     env.pop("SCOPEWATCH_BOOTSTRAP", None)
     try:
@@ -79,7 +80,28 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         assert count(env, "tool_calls") == 14
         assert count(env, "tool_results") == 14
         info = json.loads(cli(env, "status", "--json").stdout)
-        assert info["clickhouse"]["tool_calls"] == 14 and info["clickhouse"]["evidence"] == 14
+        assert info["clickhouse"]["tool_calls"] == 14 and info["clickhouse"]["evidence"] >= 28  # provisional + final
+        # the consent story: each verdict with the grant that explains it
+        final = cli(
+            env,
+            "sql",
+            "SELECT tool, argMax(verdict, version) AS verdict, argMax(matched_grant_id, version) AS grant"
+            " FROM scopewatch.evidence WHERE principal = 'alice@acme.example' GROUP BY call_id, tool"
+            " ORDER BY min(call_time)",
+            "--format",
+            "json",
+        )
+        story = [(r["tool"], r["verdict"], (r["grant"] or "").rsplit("-", 1)[-1]) for r in json.loads(final.stdout)]
+        assert story == [
+            ("echo", "in_scope", "basics"),
+            ("get-sum", "in_scope", "basics"),
+            ("get-structured-content", "in_scope", "reports"),
+            ("get-resource-reference", "in_scope", "refs"),
+            ("get-resource-reference", "out_of_scope_resource", ""),
+            ("trigger-long-running-operation", "out_of_scope_tool", ""),
+            ("get-structured-content", "revoked_grant", "reports"),
+            ("echo", "expired_grant", "basics"),
+        ], demo.stdout
 
         pids = recorded_pids(home)
         assert len(pids) == 3
