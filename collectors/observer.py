@@ -3,18 +3,27 @@
 Pure: no I/O, no clock reads. Every message comes with the instant it was seen (wall
 clock for ``event_time``, monotonic for durations) and ids come from an injected
 factory, so the same observer serves the stdio wrapper, tests and benchmarks.
+
+Nothing leaves the observer unredacted: tool-call arguments, the client's self-description
+(``claimed``) and error texts of results go through the :class:`~collectors.redact.Redactor`
+(secrets become keyed fingerprints, arguments are capped in size), and ``resources`` come
+from the :class:`~collectors.resources.ResourceExtractor` rules, read from the original
+arguments and redacted as well. Without an explicit redactor the observer uses one with a
+random key of its own (still redacting, but its fingerprints join only within the session);
+collectors pass the host's configured redactor (see :mod:`collectors.stdio`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from collectors.redact import Redactor, canonical_digest
+from collectors.resources import ResourceExtractor
 from schemas import (
     Event,
     SessionBound,
@@ -23,8 +32,9 @@ from schemas import (
     ToolResult,
 )
 
+__all__ = ["MAX_ERROR_CHARS", "McpSessionObserver", "SessionIdentity", "canonical_digest", "utc_from_ns"]
+
 MAX_ERROR_CHARS = 1024
-MAX_ARGUMENT_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,24 +49,6 @@ class SessionIdentity:
     auth: dict[str, Any] = field(default_factory=dict)
 
 
-def canonical_digest(value: Any) -> str:
-    """sha256 over the canonical JSON of a value (sorted keys, no whitespace)."""
-    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return "sha256:" + hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
-def cap_arguments(arguments: Any, limit: int = MAX_ARGUMENT_BYTES) -> dict[str, Any]:
-    """Arguments as an object, replaced by a digest and size if they exceed ``limit`` bytes."""
-    if arguments is None:
-        return {}
-    if not isinstance(arguments, dict):
-        arguments = {"_value": arguments}
-    size = len(json.dumps(arguments, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
-    if size <= limit:
-        return dict(arguments)
-    return {"_truncated": True, "_size_bytes": size, "_digest": canonical_digest(arguments)}
-
-
 def _rpc_key(msg_id: Any) -> tuple[str, Any] | None:
     """JSON-RPC ids are strings or numbers; 1 and "1" are different requests."""
     if isinstance(msg_id, bool) or msg_id is None:
@@ -68,13 +60,12 @@ def _rpc_key(msg_id: Any) -> tuple[str, Any] | None:
     return None
 
 
-def _error_text(result: Any) -> str | None:
-    """The text of a tool result flagged ``isError``, capped."""
-    if not isinstance(result, dict):
-        return None
-    parts = [c.get("text", "") for c in result.get("content") or [] if isinstance(c, dict) and c.get("type") == "text"]
-    text = " ".join(p for p in parts if isinstance(p, str)) or "tool reported isError"
-    return text[:MAX_ERROR_CHARS]
+def _error_text(result: dict[str, Any]) -> str:
+    """The text of a tool result flagged ``isError`` (uncapped: redaction must see all of it)."""
+    content = result.get("content")
+    items = content if isinstance(content, list) else []
+    parts = [c.get("text", "") for c in items if isinstance(c, dict) and c.get("type") == "text"]
+    return " ".join(p for p in parts if isinstance(p, str)) or "tool reported isError"
 
 
 @dataclass
@@ -85,22 +76,47 @@ class _Pending:
 
 @dataclass
 class McpSessionObserver:
-    """Follows one MCP session; returns the events each message gives rise to."""
+    """Follows one MCP session; returns the events each message gives rise to.
+
+    ``redactor``: the host's redaction policy; ``None`` until a collector sets one, meanwhile
+    a redactor with a random key of this observer's own is used. ``extractor``: the
+    resource rules (default: :data:`~collectors.resources.DEFAULT_RULES`).
+    ``redaction_counts`` sums, per detector, the secrets replaced so far.
+    """
 
     identity: SessionIdentity
     transport: Literal["stdio", "http", "sdk"] = "stdio"
     server_label: str | None = None
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     attested: dict[str, Any] | None = None
+    redactor: Redactor | None = None
+    extractor: ResourceExtractor = field(default_factory=ResourceExtractor)
 
     def __post_init__(self) -> None:
         self._calls: dict[tuple[str, Any], _Pending] = {}
         self._lists: set[tuple[str, Any]] = set()
         self._inits: set[tuple[str, Any]] = set()
+        self._own_redactor: Redactor | None = None
         self.tool_digests: dict[str, str] = {}
         self.claimed: dict[str, Any] = {}
         self.calls_seen = 0
         self.results_seen = 0
+        self.redaction_counts: Counter[str] = Counter()
+
+    @property
+    def active_redactor(self) -> Redactor:
+        """The configured redactor, or this observer's own one with a random key."""
+        if self.redactor is not None:
+            return self.redactor
+        if self._own_redactor is None:
+            self._own_redactor = Redactor.ephemeral()
+        return self._own_redactor
+
+    def redact_text(self, text: str) -> str:
+        """``text`` with secrets replaced (for anything the collector logs or records)."""
+        redacted = self.active_redactor.redact_text(text)
+        self.redaction_counts.update(redacted.counts)
+        return redacted.value
 
     # -- session lifecycle ----------------------------------------------------------
     def start(self, now: datetime) -> list[Event]:
@@ -150,9 +166,13 @@ class McpSessionObserver:
                 self._lists.add(key)
             elif method == "initialize" and key is not None:
                 self._inits.add(key)
-                info = (msg.get("params") or {}).get("clientInfo")
+                params = msg.get("params")
+                info = params.get("clientInfo") if isinstance(params, dict) else None
                 if isinstance(info, dict):
-                    self.claimed = {"client_name": info.get("name"), "client_version": info.get("version")}
+                    claimed = {"client_name": info.get("name"), "client_version": info.get("version")}
+                    redacted = self.active_redactor.redact(claimed)
+                    self.redaction_counts.update(redacted.counts)
+                    self.claimed = redacted.value
         return events
 
     def from_server(self, message: Any, now: datetime, now_mono: float) -> list[Event]:
@@ -182,6 +202,12 @@ class McpSessionObserver:
         assert isinstance(params, dict)
         tool = params.get("name")
         tool = tool if isinstance(tool, str) else ""
+        server = self.server_label or "unknown"
+        raw_arguments = params.get("arguments")
+        redactor = self.active_redactor
+        redacted = redactor.redact_arguments(raw_arguments)
+        self.redaction_counts.update(redacted.counts)
+        resources = self.extractor.extract(server, tool, raw_arguments, redactor)
         call_id = self.new_id()
         self._calls[key] = _Pending(call_id, now_mono)
         self.calls_seen += 1
@@ -191,10 +217,10 @@ class McpSessionObserver:
             tenant=self.identity.tenant,
             call_id=call_id,
             session_id=self.identity.session_id,
-            server=self.server_label or "unknown",
-            tool=tool,
-            arguments=cap_arguments(params.get("arguments")),
-            resources=[],
+            server=server,
+            tool=self.redact_text(tool),  # the agent chooses the name it calls: redact it too
+            arguments=redacted.value,
+            resources=resources,
             transport=self.transport,
             attested=self.attested,
             claimed=dict(self.claimed),
@@ -208,7 +234,7 @@ class McpSessionObserver:
                 text = f"{err.get('code')}: {err.get('message')}"
             else:
                 text = str(err)
-            return self._result(pending, now, now_mono, "error", text[:MAX_ERROR_CHARS], canonical_digest(err))
+            return self._result(pending, now, now_mono, "error", text, canonical_digest(err))
         result = msg.get("result")
         if isinstance(result, dict) and result.get("isError") is True:
             return self._result(pending, now, now_mono, "error", _error_text(result), canonical_digest(result))
@@ -224,6 +250,8 @@ class McpSessionObserver:
         digest: str | None,
     ) -> ToolResult:
         self.results_seen += 1
+        if error is not None:  # redact before capping: a cut secret might no longer be recognised
+            error = self.redact_text(error)[:MAX_ERROR_CHARS]
         return ToolResult(
             event_id=self.new_id(),
             event_time=now,

@@ -95,9 +95,7 @@ class LiveSim:
 
     def rebuild(self) -> None:
         """As after a crash: new processors over the same stores (what changelog recovery gives)."""
-        self.stage1 = [
-            Stage1(p, self.s1_sessions, self.s1_calls, self.config, self.counters) for p in range(self.n)
-        ]
+        self.stage1 = [Stage1(p, self.s1_sessions, self.s1_calls, self.config, self.counters) for p in range(self.n)]
         self.stage2 = [Stage2(p, self.s2_grants, self.s2_calls, self.config, self.counters) for p in range(self.n)]
         for s1 in self.stage1:
             s1.rebuild()

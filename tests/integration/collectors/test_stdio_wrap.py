@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from schemas import ToolCall, ToolResult, decode
+from schemas import ToolCall, ToolResult, decode, to_canonical_json
 from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
+from support.canaries import BEARER, CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, GHP, leaked, seeded_arguments
 from support.mcp_raw import INITIALIZED, call, initialize, run_script
 from support.wrap import child_env, wrap_argv
 
@@ -124,7 +125,7 @@ def test_every_tools_call_gives_one_call_and_one_result(pipeline: Settings, serv
     by_call = {r.call_id: r for r in results}
 
     def label(c: ToolCall) -> str:
-        if c.arguments.get("_truncated"):
+        if isinstance(c.arguments.get("message"), dict):  # the 1 MB message, replaced by size and digest
             return "big"
         if c.tool == "echo":
             return str(c.arguments["message"])
@@ -140,8 +141,9 @@ def test_every_tools_call_gives_one_call_and_one_result(pipeline: Settings, serv
         assert c.collector is not None and c.collector.seq >= 1
         if c.tool == "echo":
             assert c.tool_digest and c.tool_digest.startswith("sha256:")  # learned from tools/list
-        if label(c) == "big":  # oversized arguments are replaced by their digest
-            assert c.arguments["_truncated"] is True
+        if label(c) == "big":  # an oversized argument is replaced by its size and digest
+            assert c.arguments["message"]["_truncated"] is True
+            assert c.arguments["message"]["_size_bytes"] == 1_000_002
     errors = {label(c): by_call[c.call_id].error for c in calls}
     assert "nope not found" in (errors["nope"] or "")
     # the session binding the collector emitted
@@ -164,6 +166,58 @@ def test_every_tools_call_gives_one_call_and_one_result(pipeline: Settings, serv
     assert counts == [8, 8, 1]
     landed = run_sql(pipeline, f"SELECT call_id FROM {db}.tool_calls WHERE session_id = '{session_id}'")["rows"]
     assert {r[0] for r in landed} == {c.call_id for c in calls}
+
+
+def test_redaction_canaries_never_leave_the_host(pipeline: Settings, server_everything: list[str]) -> None:
+    """Fake secrets of every kind in arguments, a tool name and an error: none reach stderr, Kafka or ClickHouse."""
+    session_id = str(uuid.uuid4())
+    env = child_env(pipeline)
+    env.pop("SCOPEWATCH_REDACTION_KEY", None)  # the per-host key under SCOPEWATCH_HOME
+    env["SCOPEWATCH_REDACT_PATTERNS"] = json.dumps(CUSTOM_PATTERNS)
+    env["SCOPEWATCH_REDACT_ARGUMENTS"] = ",".join(CUSTOM_ARGUMENTS)
+    finite = {k: v for k, v in seeded_arguments().items() if k not in ("ratio", "limits")}
+    nan_call = b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get-sum","arguments":{"a":NaN,"b":1}}}'
+    steps = [
+        initialize(0),
+        INITIALIZED,
+        call(1, "echo", {**finite, "message": " ".join(CANARY_TEXTS)}),
+        call(2, f"nope-{GHP}", {"token": BEARER}),  # the error names the tool
+        nan_call + b"\n",  # not JSON to the server; the collector still records the call
+    ]
+    result = run_script(wrap_argv(server_everything, session_id=session_id), steps, env=env)
+    assert result.returncode == 0
+    assert leaked(result.stderr.decode("utf-8", "replace")) == []
+    key_file = pipeline.home / "redaction.key"
+    assert key_file.exists() and key_file.stat().st_mode & 0o777 == 0o600
+
+    events = asyncio.run(_collect(pipeline, session_id, want=6))
+    calls = {c.tool: c for c in events if isinstance(c, ToolCall)}
+    results = [r for r in events if isinstance(r, ToolResult)]
+    assert len(calls) == 3 and len(results) == 3
+    for event in events:
+        assert isinstance(event, ToolCall | ToolResult)
+        assert leaked(to_canonical_json(event)) == [], event
+    assert calls["get-sum"].arguments == {"a": "NaN", "b": 1}
+    assert calls["echo"].arguments["password"].startswith("[redacted:secret_argument:hmac-sha256:")
+    assert not any(r.startswith("file:") for r in calls["echo"].resources)  # no file rule for echo
+    assert any(r.startswith("url:https://api.example.com/") for r in calls["echo"].resources)
+    [nope] = [c for c in calls.values() if c.tool.startswith("nope-")]
+    errors = {r.call_id: r.error for r in results}
+    assert "[redacted:github_token:" in (errors[nope.call_id] or "")
+
+    db = pipeline.clickhouse_database
+    deadline = time.monotonic() + 60
+    rows: list[object] = []
+    while time.monotonic() < deadline:
+        rows = [
+            run_sql(pipeline, f"SELECT * FROM {db}.{table} WHERE session_id = '{session_id}'")["rows"]
+            for table in ("tool_calls", "tool_results")
+        ]
+        if [len(r) for r in rows] == [3, 3]:
+            break
+        time.sleep(0.5)
+    assert [len(r) for r in rows] == [3, 3]
+    assert leaked(json.dumps(rows, default=str, ensure_ascii=False)) == []
 
 
 def _wrap_plain(child: list[str], **kwargs: object) -> subprocess.Popen[bytes]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from collectors.observer import McpSessionObserver, SessionIdentity, canonical_digest, cap_arguments
+from collectors.observer import McpSessionObserver, SessionIdentity, canonical_digest
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult
 
 T0 = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)
@@ -120,10 +120,7 @@ def test_unbound_session_emits_no_binding() -> None:
     assert o.finish(T0, 0.0) == []
 
 
-def test_argument_cap() -> None:
-    assert cap_arguments(None) == {}
-    assert cap_arguments([1, 2]) == {"_value": [1, 2]}
-    big = {"data": "x" * 100}
-    capped = cap_arguments(big, limit=50)
-    assert capped["_truncated"] is True and capped["_digest"] == canonical_digest(big)
-    assert cap_arguments(big, limit=10_000) == big
+def test_arguments_are_stored_as_an_object() -> None:
+    o = observer()
+    [none, listed] = o.from_client([req(1, "tools/call", {"name": "a"}), call(2, "b", [1, 2])], T0, 0.0)
+    assert none.arguments == {} and listed.arguments == {"_value": [1, 2]}
