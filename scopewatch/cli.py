@@ -280,6 +280,15 @@ def demo(
         _fail(str(exc))
 
 
+def _mount_subcommands() -> None:
+    from scopewatch.rules_cli import rules_app
+
+    app.add_typer(rules_app, name="rules", help="the detection rule catalog: list the rules, run their cases")
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -1,0 +1,336 @@
+"""The rule format (DESIGN.md, "Detections").
+
+A rule is one module ``detections/rules/<id>.py`` that defines ``RULE``, a :class:`Rule`:
+
+* ``meta`` -- :class:`RuleMeta`, validated when the module is imported: id (equal to the module
+  name, checked by the catalog), version, title, severity, kind (``per_call`` or ``sequence``),
+  numbered runbook steps, and mappings to the OWASP Top 10 for Agentic Applications (``ASI01``..
+  ``ASI10``) and MITRE ATLAS techniques (``AML.T0053``), checked by the catalog against
+  ``detections/taxonomy.json``;
+* ``evaluate`` -- the one pure function ``(call, decision, ctx) -> list[Finding]``. It reads no
+  clock (time is ``call.event_time``) and does no I/O; a sequence rule keeps what it needs in
+  ``ctx.state``, its own bounded per-delegation state object, which it mutates in place;
+* ``new_state`` -- makes that state for a new delegation (sized from the configuration);
+* ``cases`` -- positive and negative :class:`Case` values: canonical events judged as
+  ``scopewatch replay`` judges them, and the call ids on which the rule must fire (none for a
+  negative case).
+
+Sequence state is kept per *delegation key* (:func:`delegation_key`): (tenant, principal,
+agent_id) when the decision names a principal and agent, else (tenant, session id).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Annotated, Final, Generic, Literal, TypeAlias, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from detections.engine import Decision, GrantState, Verdict
+from detections.findings import Detail, Finding, FindingEvidence, ForensicQuery, Severity, dedup_key, finding_id
+from schemas import BaseEvent, ToolCall
+
+__all__ = [
+    "DEFAULT_EXTERNAL_SENDS",
+    "DEFAULT_SENSITIVE_READS",
+    "Case",
+    "DetectionConfig",
+    "Lru",
+    "NoState",
+    "Rule",
+    "RuleContext",
+    "RuleKind",
+    "RuleMeta",
+    "delegation_key",
+    "headline",
+    "matches",
+    "negative",
+    "per_call_rule",
+    "positive",
+]
+
+RuleKind: TypeAlias = Literal["per_call", "sequence"]
+
+_Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+OwaspId = Annotated[str, StringConstraints(pattern=r"^ASI\d{2}$")]
+AtlasId = Annotated[str, StringConstraints(pattern=r"^AML\.T\d{4}(\.\d{3})?$")]
+
+
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate entries in {list(values)!r}")
+    return values
+
+
+class RuleMeta(BaseModel):
+    """Typed, validated metadata of a rule (strict: tuples, ints and strings only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+    version: int = Field(ge=1)
+    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)]
+    severity: Severity
+    kind: RuleKind
+    runbook: Annotated[tuple[_Text, ...], Field(min_length=1)]
+    owasp: Annotated[tuple[OwaspId, ...], Field(min_length=1), AfterValidator(_unique)]
+    atlas: Annotated[tuple[AtlasId, ...], Field(min_length=1), AfterValidator(_unique)]
+
+    def numbered_runbook(self) -> list[str]:
+        return [f"{n}. {step}" for n, step in enumerate(self.runbook, start=1)]
+
+
+# ------------------------------------------------------------------------ configuration
+
+DEFAULT_SENSITIVE_READS: Final[tuple[str, ...]] = (
+    "*/read_file",
+    "*/read_text_file",
+    "*/read_media_file",
+    "*/read_multiple_files",
+    "*/get_file_contents",
+    "*/get_secret*",
+    "*/read_secret*",
+    "*/export_*",
+    "*/query_database",
+    "vault/*",
+)
+"""``server/tool`` globs of calls that read sensitive data."""
+
+DEFAULT_EXTERNAL_SENDS: Final[tuple[str, ...]] = (
+    "*/send",
+    "*/send_*",
+    "*/post_*",
+    "*/http_request",
+    "*/http_post",
+    "*/fetch",
+    "*/upload*",
+    "*/webhook*",
+    "*/create_gist",
+)
+"""``server/tool`` globs of calls that send data out of the organisation."""
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be a positive duration")
+    return value
+
+
+def _not_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise ValueError("must not be negative")
+    return value
+
+
+_Window = Annotated[timedelta, AfterValidator(_positive)]
+
+
+class DetectionConfig(BaseModel):
+    """Knobs of the sequence rules; defaults are what replay and the live job use unless told."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sensitive_reads: tuple[str, ...] = DEFAULT_SENSITIVE_READS
+    external_sends: tuple[str, ...] = DEFAULT_EXTERNAL_SENDS
+    exfiltration_window: _Window = timedelta(minutes=10)
+    burst_threshold: int = Field(default=5, ge=2)
+    burst_window: _Window = timedelta(seconds=60)
+    first_use_learning: _Window = timedelta(hours=1)
+    revocation_tolerance: Annotated[timedelta, AfterValidator(_not_negative)] = timedelta(seconds=5)
+    max_entries: int = Field(default=64, ge=1)
+    """Cap on the items one sequence rule remembers for one delegation (oldest evicted first)."""
+    max_delegations: int = Field(default=10_000, ge=1)
+    """Cap on the delegations a :class:`~detections.catalog.Detector` keeps state for (LRU)."""
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Lru(OrderedDict[K, V]):
+    """A dict of at most ``cap`` keys: a key set becomes the newest, and the oldest is evicted."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap: Final = cap
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.cap:
+            self.popitem(last=False)
+
+
+def matches(patterns: Iterable[str], name: str) -> bool:
+    """Whether some glob (``fnmatch.fnmatchcase``, as grants use) matches ``name``."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """Events judged with all facts known; the rule must fire on exactly ``fires_on``."""
+
+    name: str
+    events: tuple[BaseEvent, ...]
+    fires_on: tuple[str, ...] = ()
+    config: DetectionConfig = field(default_factory=DetectionConfig)
+
+    @property
+    def positive(self) -> bool:
+        return bool(self.fires_on)
+
+    @property
+    def call_ids(self) -> tuple[str, ...]:
+        return tuple(e.call_id for e in self.events if isinstance(e, ToolCall))
+
+
+def positive(name: str, *events: BaseEvent, fires_on: Sequence[str], config: DetectionConfig | None = None) -> Case:
+    return Case(name, events, tuple(fires_on), config or DetectionConfig())
+
+
+def negative(name: str, *events: BaseEvent, config: DetectionConfig | None = None) -> Case:
+    return Case(name, events, (), config or DetectionConfig())
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def delegation_key(call: ToolCall, decision: Decision) -> tuple[str, ...]:
+    """Whose sequence state a call belongs to: its delegation, or its session if it has none."""
+    if decision.principal is not None and decision.agent_id is not None:
+        return (call.tenant, decision.principal, decision.agent_id)
+    return (call.tenant, f"session:{call.session_id}")
+
+
+def headline(decision: Decision) -> str | None:
+    """The engine's reason that states the verdict (the last reason for verdicts 1-3)."""
+    prefix = f"{decision.verdict}:"
+    stated = [r for r in decision.reasons if r.startswith(prefix)]
+    return stated[0] if stated else (decision.reasons[-1] if decision.reasons else None)
+
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class NoState:
+    """The state of a per-call rule: nothing."""
+
+
+@dataclass
+class RuleContext(Generic[S]):
+    """What a rule sees besides the call and its decision.
+
+    ``grants`` maps grant ids to their :class:`GrantState` at the call's event_time (what stage 2
+    passed to ``authorize``); it may be empty when the caller has none, and rules that need a
+    grant's issue or revocation time then stay silent.
+    """
+
+    meta: RuleMeta
+    config: DetectionConfig
+    state: S
+    grants: Mapping[str, GrantState] = field(default_factory=dict)
+
+    def grant(self, grant_id: str | None) -> GrantState | None:
+        return None if grant_id is None else self.grants.get(grant_id)
+
+    def finding(
+        self,
+        call: ToolCall,
+        decision: Decision,
+        *,
+        summary: str,
+        key: Sequence[str],
+        query: ForensicQuery,
+        call_ids: Sequence[str] = (),
+        grant_id: str | None = None,
+        first_call_time: datetime | None = None,
+        details: Mapping[str, Detail] | None = None,
+    ) -> Finding:
+        """A finding of this rule on ``call``; ``key`` discriminates within the delegation.
+
+        ``call_ids`` are earlier calls involved (the triggering call is appended).
+        """
+        dkey = dedup_key(self.meta.id, (*delegation_key(call, decision), *key))
+        return Finding(
+            finding_id=finding_id(self.meta.id, dkey, call.call_id),
+            dedup_key=dkey,
+            rule_id=self.meta.id,
+            rule_version=self.meta.version,
+            severity=self.meta.severity,
+            title=self.meta.title,
+            summary=summary,
+            tenant=call.tenant,
+            principal=decision.principal,
+            agent_id=decision.agent_id,
+            call_id=call.call_id,
+            first_call_time=min(first_call_time or call.event_time, call.event_time),
+            last_call_time=call.event_time,
+            evidence=FindingEvidence(
+                call_ids=(*call_ids, call.call_id),
+                session_id=call.session_id,
+                grant_id=grant_id,
+                query=query,
+            ),
+            details=dict(details or {}),
+        )
+
+    def on_verdict(
+        self,
+        call: ToolCall,
+        decision: Decision,
+        verdict: Verdict,
+        *,
+        summary: str,
+        key: Sequence[str],
+        query: ForensicQuery,
+    ) -> list[Finding]:
+        """The per-call rule shape: one finding iff the decision has ``verdict``."""
+        if decision.verdict != verdict:
+            return []
+        return [
+            self.finding(
+                call,
+                decision,
+                summary=summary,
+                key=key,
+                query=query,
+                grant_id=decision.matched_grant_id,
+                details={"verdict": verdict, "reason": headline(decision)},
+            )
+        ]
+
+
+# ------------------------------------------------------------------------------- rules
+
+Evaluate: TypeAlias = Callable[[ToolCall, Decision, RuleContext[S]], list[Finding]]
+
+
+@dataclass(frozen=True)
+class Rule(Generic[S]):
+    """A detection rule: metadata, its one pure function, its state factory and its cases."""
+
+    meta: RuleMeta
+    evaluate: Evaluate[S]
+    cases: tuple[Case, ...]
+    new_state: Callable[[DetectionConfig], S]
+
+    @property
+    def id(self) -> str:
+        return self.meta.id
+
+
+def _no_state(_config: DetectionConfig) -> NoState:
+    return NoState()
+
+
+def per_call_rule(meta: RuleMeta, evaluate: Evaluate[NoState], cases: Sequence[Case]) -> Rule[NoState]:
+    """A rule that looks at one call and its decision only."""
+    return Rule(meta, evaluate, tuple(cases), _no_state)
