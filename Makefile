@@ -46,7 +46,7 @@ test-integration: fetch ## run the integration tests only
 
 lint: install ## ruff and mypy (strict on schemas and detections)
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas detections collectors stream_jobs scopewatch
+	$(BIN)/mypy schemas detections collectors stream_jobs dashboards scopewatch
 
 clean: down ## stop the stack and remove local state (.scopewatch) and the venv
 	rm -rf .scopewatch $(VENV)

@@ -281,9 +281,13 @@ def demo(
 
 
 def _mount_subcommands() -> None:
+    from scopewatch.dashboards_cli import dashboards_app
+    from scopewatch.forensics_cli import forensics_app
     from scopewatch.rules_cli import rules_app
 
     app.add_typer(rules_app, name="rules", help="the detection rule catalog: list the rules, run their cases")
+    app.add_typer(forensics_app, name="forensics", help="named forensic SQL queries: list them, run one")
+    app.add_typer(dashboards_app, name="dashboards", help="Grafana dashboards and alert rules as code")
 
 
 _mount_subcommands()

@@ -16,16 +16,21 @@ class SqlError(RuntimeError):
 
 
 def _endpoint(settings: Settings) -> tuple[int, str] | None:
-    """The running sink's query endpoint (port, token), if there is one."""
-    record = proc.read_pid_record(settings.run_dir / "sink.json")
-    if record is None or not proc.is_running(record):
-        return None
+    """The running sink's query endpoint (port, token), if there is one.
+
+    ``query.json`` is written by the sink itself (whether ``scopewatch up`` or something else
+    started it) with its pid; a file left by a sink that died is ignored.
+    """
     try:
         info = json.loads((settings.run_dir / "query.json").read_text())
         token = (settings.run_dir / "query-token").read_text().strip()
-    except (OSError, ValueError):
+        port, pid = int(info["port"]), int(info["pid"])
+        ticks = info.get("start_ticks")
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return int(info["port"]), token
+    if not proc.pid_alive(pid, None if ticks is None else int(ticks)):
+        return None
+    return port, token
 
 
 def run_sql(settings: Settings, sql: str, timeout: float = 120.0) -> dict[str, Any]:

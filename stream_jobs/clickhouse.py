@@ -28,6 +28,39 @@ class Migration:
     statements: list[str]
 
 
+_OPENED_HERE: set[str] = set()
+"""chDB folders this process has opened (a second client in the same process shares the engine)."""
+
+
+def _ensure_not_locked(path: str) -> None:
+    """Fail loudly if another process holds the chDB folder.
+
+    chDB, given a folder another process has locked, may print the lock error and go on with an
+    engine that does not see that folder's data: queries then return empty results instead of
+    failing. ClickHouse locks ``<folder>/status`` with ``flock``; probe the same lock first.
+    """
+    import fcntl
+    import os
+
+    real = os.path.realpath(path)
+    if real in _OPENED_HERE:
+        return
+    status = os.path.join(real, "status")
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ClickHouseError(
+            f"the embedded ClickHouse folder {path} is in use by another process "
+            "(while the sink runs it owns the folder: `scopewatch sql` routes through its query endpoint)"
+        ) from None
+    finally:
+        os.close(fd)  # closing drops our probe lock, if we got it
+
+
 def connect(
     dsn: str, *, database: str | None = None, password: str = "", user: str = "default", readonly: bool = False
 ) -> Client:
@@ -40,7 +73,13 @@ def connect(
                 from pathlib import Path
 
                 Path(path).mkdir(parents=True, exist_ok=True)
-            return clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings, database=database)
+                _ensure_not_locked(path)
+            client = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings, database=database)
+            if path and path != ":memory:":
+                import os
+
+                _OPENED_HERE.add(os.path.realpath(path))
+            return client
         parsed = urlparse(dsn)
         if parsed.scheme not in ("http", "https"):
             raise ClickHouseError(

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from scopewatch.settings import Settings
-from scopewatch.stack.proc import atomic_write
+from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs.clickhouse import connect, migrate
 from stream_jobs.query_server import QueryServer, write_token
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
@@ -42,7 +42,8 @@ async def _sink_main(settings: Settings) -> None:
     applied = migrate(client, settings.clickhouse_database)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
-    writer = ClickHouseWriter(client, settings.clickhouse_database)
+    fault = os.environ.get("SCOPEWATCH_SINK_FAULT_FILE")
+    writer = ClickHouseWriter(client, settings.clickhouse_database, fault_file=Path(fault) if fault else None)
     server: QueryServer | None = None
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if settings.embedded:
@@ -50,7 +51,10 @@ async def _sink_main(settings: Settings) -> None:
         token = write_token(query_token_file(settings))
         server = QueryServer(reader, token, writer.lock, settings.query_port)
         await server.start()
-        _write_json(query_endpoint_file(settings), {"port": settings.query_port, "pid": os.getpid()})
+        _write_json(
+            query_endpoint_file(settings),
+            {"port": settings.query_port, "pid": os.getpid(), "start_ticks": process_start_time(os.getpid())},
+        )
     sink = ClickHouseSink(
         SinkConfig(
             bootstrap=settings.kafka_bootstrap,
@@ -58,6 +62,9 @@ async def _sink_main(settings: Settings) -> None:
             group=settings.sink_group,
             batch_rows=settings.sink_batch_rows,
             batch_seconds=settings.sink_batch_seconds,
+            intent_file=settings.run_dir / "sink-intent.json",
+            crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
+            crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),
         ),
         writer,
     )
@@ -68,7 +75,7 @@ async def _sink_main(settings: Settings) -> None:
     async def report() -> None:
         stats = settings.run_dir / "sink-stats.json"
         while True:
-            _write_json(stats, {"at": time.time(), **sink.counters})
+            _write_json(stats, {"at": time.time(), **sink.stats()})
             await asyncio.sleep(2.0)
 
     reporter = asyncio.create_task(report())

@@ -2,9 +2,20 @@
 
 The sink batches by rows and time, inserts each table's rows with a deduplication token
 built from the topic-partition-offset ranges in the batch, and commits the consumed
-offsets only once ClickHouse accepted every insert of the batch. A failed flush is
-retried with the same batch and the same tokens, and consumption pauses meanwhile.
-Undecodable messages become ``dead_letters`` rows (stage ``sink``) and are counted.
+offsets only once ClickHouse accepted every insert of the batch. Undecodable messages
+become ``dead_letters`` rows (stage ``sink``) and are counted.
+
+Crash safety: before the first insert of a batch, its offset ranges are written to an
+*intent* file (fsynced). If the process dies between an insert and the offset commit, the
+next start finds the intent, re-reads exactly those offset ranges from the committed
+offsets, rebuilds the same batch and inserts it with the same tokens -- ClickHouse drops
+what it already has (``insert_deduplication_token``) -- then commits and clears the intent.
+A commit that fails (a rebalance) takes the same path in-process.
+
+Backpressure: while ClickHouse refuses a batch, the sink pauses every assigned partition,
+keeps polling (so it stays in the consumer group) and retries the same batch with backoff;
+memory is bounded by one batch plus the consumer's fetch buffer. Counters: rows, batches,
+retries, recoveries, dead letters, lag (high watermark minus committed offset).
 
 When the ClickHouse is embedded (chDB), this process owns the data folder; it also
 serves read-only SQL on a loopback port so analysts can query while the pipeline runs.
@@ -13,18 +24,23 @@ serves read-only SQL on a loopback port so analysts can query while the pipeline
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from clickhouse_connect.driver.client import Client
 
 from schemas import decode
+from scopewatch.stack.proc import atomic_write
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.rows import Provenance, to_row
 
@@ -58,16 +74,27 @@ class Batch:
     def offsets(self) -> dict[TopicPartition, int]:
         return {TopicPartition(t, p): last + 1 for (t, p), (_first, last) in self.ranges.items()}
 
+    def intent(self) -> dict[str, Any]:
+        """What must be redone exactly if the process dies before the commit."""
+        return {
+            "ranges": [[t, p, a, b] for (t, p), (a, b) in sorted(self.ranges.items())],
+            "tokens": {table: self.token(table) for table in sorted(self.rows)},
+        }
+
 
 class ClickHouseWriter:
     """Serialises all access to one ClickHouse client (chDB is one engine per process)."""
 
-    def __init__(self, client: Client, database: str) -> None:
+    def __init__(self, client: Client, database: str, fault_file: Path | None = None) -> None:
         self.client = client
         self.database = database
         self.lock = threading.Lock()
+        self.fault_file = fault_file
+        """While this file exists, inserts fail as if ClickHouse were unreachable (outage drills, tests)."""
 
     def insert(self, table: str, rows: list[dict[str, Any]], token: str) -> None:
+        if self.fault_file is not None and self.fault_file.exists():
+            raise ConnectionError(f"ClickHouse unavailable (drill: {self.fault_file} exists)")
         columns = list(rows[0].keys())
         data = [[row[c] for c in columns] for row in rows]
         with self.lock:
@@ -79,6 +106,9 @@ class ClickHouseWriter:
             )
 
 
+CRASH_POINTS = ("before_insert", "after_first_table", "after_insert", "after_commit")
+
+
 @dataclass
 class SinkConfig:
     bootstrap: str
@@ -87,17 +117,30 @@ class SinkConfig:
     batch_rows: int = 10_000
     batch_seconds: float = 0.5
     retry_max_seconds: float = 10.0
+    intent_file: Path | None = None
+    crash_at: str | None = None
+    """Test hook: ``os._exit(137)`` at this point of the ``crash_batch``-th flush (see CRASH_POINTS)."""
+    crash_batch: int = 1
+    recovery_timeout: float = 60.0
 
 
 class ClickHouseSink:
     def __init__(self, config: SinkConfig, writer: ClickHouseWriter) -> None:
+        if config.crash_at is not None and config.crash_at not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {config.crash_at!r}; one of {', '.join(CRASH_POINTS)}")
         self.config = config
         self.writer = writer
         self.counters: Counter[str] = Counter()
+        self.lag: dict[str, int] = {}
         self._stop = asyncio.Event()
+        self._flushes = 0
+        self._lag_at = 0.0
 
     def stop(self) -> None:
         self._stop.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "lag": sum(self.lag.values()), "lag_by_topic": dict(self.lag)}
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -110,6 +153,9 @@ class ClickHouseSink:
         )
         await consumer.start()
         try:
+            intent = self._read_intent()
+            if intent is not None:
+                await self._recover(consumer, intent)
             batch = Batch()
             while not self._stop.is_set():
                 timeout = self.config.batch_seconds
@@ -128,6 +174,8 @@ class ClickHouseSink:
                 if due or (batch.ranges and not batch.size):
                     await self._flush(consumer, batch)
                     batch = Batch()
+                elif not batch.size and time.monotonic() - self._lag_at > 2.0:
+                    await self._update_lag(consumer)
             if batch.ranges:
                 await self._flush(consumer, batch)
         finally:
@@ -147,10 +195,91 @@ class ClickHouseSink:
             table, row = to_row(letter, prov)
         batch.add(table, row, msg.topic, msg.partition, msg.offset)
 
-    async def _flush(self, consumer: AIOKafkaConsumer, batch: Batch) -> None:
+    # -- crash safety
+
+    def _read_intent(self) -> dict[str, Any] | None:
+        path = self.config.intent_file
+        if path is None or not path.exists():
+            return None
+        try:
+            intent: dict[str, Any] = json.loads(path.read_text())
+            return intent
+        except (OSError, ValueError) as exc:
+            log.error("unreadable sink intent %s (%s): ignoring it; duplicates may show until merges", path, exc)
+            self.counters["intent_unreadable"] += 1
+            return None
+
+    def _write_intent(self, batch: Batch) -> None:
+        if self.config.intent_file is not None:
+            atomic_write(self.config.intent_file, json.dumps(batch.intent()), durable=True)
+
+    def _clear_intent(self) -> None:
+        if self.config.intent_file is not None:
+            self.config.intent_file.unlink(missing_ok=True)
+
+    def _crash_point(self, point: str) -> None:
+        if self.config.crash_at == point and self._flushes == self.config.crash_batch:
+            log.error("crash drill: exiting at %s of flush %d", point, self._flushes)
+            os._exit(137)
+
+    async def _recover(self, consumer: AIOKafkaConsumer, intent: dict[str, Any]) -> None:
+        """Rebuild the batch an interrupted flush was writing, from exactly its offset ranges, and redo it."""
+        wanted = {TopicPartition(t, p): (int(a), int(b)) for t, p, a, b in intent["ranges"]}
+        log.warning("found an unfinished batch (%d partitions): redoing it with the same tokens", len(wanted))
+        deadline = time.monotonic() + self.config.recovery_timeout
+        while not set(wanted) <= consumer.assignment():
+            if time.monotonic() > deadline:
+                log.error("partitions of the unfinished batch are not assigned here; giving it up")
+                self.counters["recoveries_abandoned"] += 1
+                self._clear_intent()
+                return
+            await self._seek_back(consumer, await consumer.getmany(timeout_ms=200))
+        for tp, (first, _last) in wanted.items():
+            consumer.seek(tp, first)
+        log.info("re-reading %s", ", ".join(f"{tp.topic}[{tp.partition}]@{a}-{b}" for tp, (a, b) in wanted.items()))
+        batch = Batch()
+        remaining = dict(wanted)
+        now = datetime.now(UTC)
+        while remaining:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not re-read the unfinished batch: missing {sorted(map(str, remaining))}")
+            records = await consumer.getmany(*remaining, timeout_ms=500)
+            for tp, messages in records.items():
+                last = wanted[tp][1]
+                for msg in messages:
+                    if msg.offset <= last:
+                        self._absorb(batch, msg, now)
+                    if msg.offset >= last:
+                        remaining.pop(tp, None)
+                        break
+        log.info("re-read %d rows; writing them with the recorded tokens", batch.size)
+        tokens = {table: batch.token(table) for table in batch.rows}
+        if tokens != intent["tokens"]:  # pragma: no cover - would be a bug in Batch
+            raise RuntimeError("rebuilt batch does not match the recorded intent")
+        for tp in set(consumer.assignment()) - set(wanted):
+            pos = await consumer.committed(tp)
+            if pos is not None:
+                consumer.seek(tp, pos)
+        await self._flush(consumer, batch, recovering=True)
+        for tp, (_first, last) in wanted.items():
+            consumer.seek(tp, last + 1)
+        self.counters["recoveries"] += 1
+
+    # -- writing
+
+    async def _seek_back(self, consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> None:
+        for tp, messages in records.items():
+            if messages:
+                consumer.seek(tp, messages[0].offset)
+
+    async def _flush(self, consumer: AIOKafkaConsumer, batch: Batch, recovering: bool = False) -> None:
         """Write every table of the batch, then commit; retry the same batch until it lands."""
+        self._flushes += 1
+        self._write_intent(batch)
+        self._crash_point("before_insert")
         delay = 0.2
         pending = dict(batch.rows)
+        paused = False
         while True:
             try:
                 for table in list(pending):
@@ -158,13 +287,52 @@ class ClickHouseSink:
                     self.counters[f"rows.{table}"] += len(pending[table])
                     self.counters["rows"] += len(pending[table])
                     del pending[table]
+                    self._crash_point("after_first_table")  # some tables written, maybe not all
                 break
             except Exception as exc:
                 self.counters["retries"] += 1
                 log.warning("ClickHouse write failed (%s); retrying in %.1fs", exc, delay)
                 if self._stop.is_set() and delay >= self.config.retry_max_seconds:
                     raise
-                await asyncio.sleep(delay)
+                # Backpressure: stop fetching, but keep polling so the group keeps us.
+                consumer.pause(*consumer.assignment())
+                paused = True
+                self.counters["paused"] = 1
+                waited = 0.0
+                while waited < delay:
+                    records = await consumer.getmany(timeout_ms=int(min(delay - waited, 0.5) * 1000))
+                    await self._seek_back(consumer, records)  # newly assigned partitions: fetch them again later
+                    consumer.pause(*consumer.assignment())
+                    waited += 0.5
                 delay = min(delay * 2, self.config.retry_max_seconds)
-        await consumer.commit(batch.offsets())
+        self._crash_point("after_insert")
+        try:
+            await consumer.commit(batch.offsets())
+        except (CommitFailedError, IllegalStateError) as exc:
+            # A rebalance took partitions away between poll and commit: the rows are in ClickHouse,
+            # the offsets are not. Whoever owns them next re-reads them; here, redo via the intent.
+            log.warning("offset commit failed (%s): redoing the batch from the committed offsets", exc)
+            self.counters["commit_failures"] += 1
+            if paused:
+                consumer.resume(*consumer.paused())
+            if not recovering:
+                await self._recover(consumer, batch.intent())
+            return
+        self._crash_point("after_commit")
+        self._clear_intent()
+        if paused:
+            consumer.resume(*consumer.paused())
+            self.counters["paused"] = 0
         self.counters["batches"] += 1
+        await self._update_lag(consumer)
+
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        self._lag_at = time.monotonic()
+        lag: Counter[str] = Counter()
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            committed = await consumer.committed(tp)
+            lag[tp.topic] += max(0, high - (committed or 0))
+        self.lag = dict(lag)

@@ -189,12 +189,25 @@ class PidRecord:
             raise ValueError(f"invalid pid record: {exc}") from exc
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half (parents created)."""
+def atomic_write(path: Path, text: str, *, durable: bool = False) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new file, never half (parents created).
+
+    ``durable`` also fsyncs the file and its folder, so the new content survives a power loss.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_pid_record(path: Path, record: PidRecord) -> None:
@@ -221,6 +234,14 @@ def is_running(record: PidRecord) -> bool:
     if process_start_time(record.pid) != record.start_ticks:
         return False
     state = _process_state(record.pid)
+    return state is not None and state not in ("Z", "X", "x")
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """True when ``pid`` runs (not a zombie) and, if given, started at ``start_ticks`` (not recycled)."""
+    if pid <= 0 or (start_ticks is not None and process_start_time(pid) != start_ticks):
+        return False
+    state = _process_state(pid)
     return state is not None and state not in ("Z", "X", "x")
 
 

@@ -91,3 +91,785 @@ def test_evidence_current_has_one_row_per_call_with_its_result(chdb: Client) -> 
         " ORDER BY call_id",
     )["rows"]
     assert rows == [["c1", 3, "in_scope", True, "error", 12.5], ["c2", 1, "no_grant", False, None, None]]
+
+
+# -- dashboards: every panel's SQL on a seeded scenario (issue 7) ------------------------------------
+# Own database "dash" in this module's chDB (one data folder per process). The scenario is
+# support.scenario.story() plus a use after revocation and a grant expiring within a day, stamped by
+# one collector chain with one sequence number missing; evidence is every replay decision as a
+# provisional then a final version; findings are replay's, plus one tool_rug_pull; pages and dead
+# letters are a few hand-made rows.
+
+import uuid  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from typing import Any  # noqa: E402
+
+from dashboards.macros import TimeRange  # noqa: E402
+
+DASH_DB = "dash"
+DASH_TAG = "dash"
+DASH_RANGE = TimeRange(T.replace(hour=9, minute=50), T.replace(minute=10), 60)
+DASH_VARIABLES = {"tenant": "acme", "principal": f"alice-{DASH_TAG}@acme.example", "agent": "agent-1"}
+
+
+def _dash_events() -> list[dict[str, object]]:
+    from support.scenario import grant, story, tool_call, ts
+
+    tag = DASH_TAG
+    events = [
+        *story(tag),
+        tool_call("10:00:40", f"{tag}-c-uar", f"{tag}-s1", "fs", "write_file", ["file:/data/b.txt"]),
+        grant("10:00:00", f"{tag}-report", f"carol-{tag}@acme.example", "agent-3", ["report/*"], expires="20:00:00"),
+    ]
+    calls = {e["call_id"]: e for e in events if e["event_type"] == "tool_call"}
+    for call_id, status in ((f"{tag}-c-in", "ok"), (f"{tag}-c-revoked", "ok"), (f"{tag}-c-tool", "error")):
+        call = calls[call_id]
+        events.append(
+            {
+                "event_type": "tool_result",
+                "event_id": str(uuid.uuid4()),
+                "event_time": call["event_time"],
+                "tenant": call["tenant"],
+                "call_id": call_id,
+                "session_id": call["session_id"],
+                "status": status,
+                "duration_ms": 12.5,
+                "error": "denied by server" if status == "error" else None,
+                "result_digest": None,
+            }
+        )
+    raw = [e for e in events if e["event_type"] in ("tool_call", "tool_result")]
+    stamped = sorted(raw, key=lambda e: str(e["event_time"]))
+    for i, event in enumerate(stamped):  # sequence number 3 never arrives: a lost event
+        event["collector"] = {"id": f"{tag}-wrap", "epoch": 1, "seq": i if i < 3 else i + 1, "prev_hash": None}
+    assert ts("10:00:00").startswith("2026-11-21")
+    return events
+
+
+def _finding_row(f: Any, offset: int) -> dict[str, object]:
+    import json
+
+    return {
+        "finding_id": f.finding_id,
+        "dedup_key": f.dedup_key,
+        "rule_id": f.rule_id,
+        "rule_version": f.rule_version,
+        "severity": f.severity,
+        "title": f.title,
+        "summary": f.summary,
+        "tenant": f.tenant,
+        "principal": f.principal,
+        "agent_id": f.agent_id,
+        "call_id": f.call_id,
+        "call_ids": list(f.evidence.call_ids),
+        "session_id": f.evidence.session_id,
+        "grant_id": f.evidence.grant_id,
+        "forensic_query": f.evidence.query,
+        "first_call_time": f.first_call_time,
+        "last_call_time": f.last_call_time,
+        "details": json.dumps(f.details, sort_keys=True),
+        "_topic": "audit.findings",
+        "_partition": 0,
+        "_offset": offset,
+        "_ingested_at": f.last_call_time + timedelta(seconds=16),
+    }
+
+
+def _page_row(finding: dict[str, Any], attempt: int, outcome: str, channel: str, status: int) -> dict[str, object]:
+    return {
+        "attempt_id": str(uuid.uuid4()),
+        "page_key": f"{finding['dedup_key']}#1",
+        "dedup_key": finding["dedup_key"],
+        "finding_id": finding["finding_id"],
+        "rule_id": finding["rule_id"],
+        "severity": finding["severity"],
+        "tenant": finding["tenant"],
+        "channel": channel,
+        "route": f"{channel}-oncall",
+        "attempt": attempt,
+        "outcome": outcome,
+        "http_status": status,
+        "error": None if outcome == "delivered" else f"HTTP {status}",
+        "findings_grouped": 1,
+        "attempted_at": finding["_ingested_at"] + timedelta(seconds=attempt),
+        "latency_ms": 120.0 * attempt,
+        "_ingested_at": finding["_ingested_at"] + timedelta(seconds=attempt + 1),
+    }
+
+
+@pytest.fixture(scope="module")
+def dash(chdb: Client) -> Client:
+    import io
+
+    from detections.live import build_evidence
+    from schemas import DeadLetter, event_from_json
+    from scopewatch.jsonl import read_events
+    from scopewatch.replay import replay
+    from support.scenario import jsonl
+
+    migrate(chdb, DASH_DB)
+    writer = ClickHouseWriter(chdb, DASH_DB)
+    events = _dash_events()
+    tables: dict[str, list[dict[str, object]]] = {}
+    for offset, event in enumerate(events):
+        record = event_from_json(jsonl([event]))
+        table, row = to_row(record, Provenance("raw", 0, offset, record.event_time + timedelta(seconds=2)))
+        tables.setdefault(table, []).append(row)
+    judged = replay(read_events(io.StringIO(jsonl(events))))
+    assert not judged.bad
+    for call, decision in judged.decisions:
+        for version, final, after in ((1, False, 0.5), (2, True, 15.0)):
+            decided = call.event_time + timedelta(seconds=after)
+            kind = "final" if final else "provisional"
+            evidence = build_evidence(call, decision, version, final, False, decided, 1, "deadline", kind)
+            prov = Provenance("audit.evidence", 0, len(tables.get("evidence", [])), decided + timedelta(seconds=1))
+            tables.setdefault("evidence", []).append(to_row(evidence, prov)[1])
+    findings = [_finding_row(f, i) for i, f in enumerate(judged.findings)]
+    rug = dict(findings[0], finding_id=str(uuid.uuid4()), rule_id="tool_rug_pull", severity="high")
+    findings.append(dict(rug, dedup_key=f"tool_rug_pull|{rug['tenant']}|{rug['call_id']}"))
+    tables["findings"] = findings
+    by_rule = {f["rule_id"]: f for f in findings}
+    tables["pages"] = [
+        _page_row(by_rule["revoked_grant"], 1, "retry", "pagerduty", 502),
+        _page_row(by_rule["revoked_grant"], 2, "delivered", "pagerduty", 202),
+        _page_row(by_rule["exfiltration_chain"], 1, "failed", "slack", 404),
+    ]
+    tables["dead_letters"] = [
+        to_row(
+            DeadLetter(
+                dead_letter_id=str(uuid.uuid4()),
+                source_topic="mcp.tool-calls",
+                source_partition=0,
+                source_offset=offset,
+                key=None,
+                reason=f"undecodable Avro payload #{offset}",
+                stage=stage,
+                payload_b64="AA==",
+                failed_at=T + timedelta(seconds=offset),
+            ),
+            Provenance("audit.dead-letter", 0, offset, T + timedelta(seconds=offset + 1)),
+        )[1]
+        for offset, stage in ((0, "decode"), (1, "authorize"))
+    ]
+    for table, rows in tables.items():
+        writer.insert(table, rows, token=f"dash-{table}")
+    return chdb
+
+
+def test_every_dashboard_query_returns_its_columns_and_rows(dash: Client) -> None:
+    from dashboards.boards import dashboards
+    from dashboards.macros import expand
+
+    problems: list[str] = []
+    checked = 0
+    for board in dashboards(DASH_DB):
+        for name, query in board.queries():
+            sql = expand(query.sql, DASH_RANGE, DASH_VARIABLES)
+            try:
+                result = dash.query(sql)
+            except Exception as exc:
+                problems.append(f"{board.uid} {name}: {str(exc).splitlines()[0]}\n{sql}")
+                continue
+            checked += 1
+            if tuple(result.column_names) != query.columns:
+                problems.append(f"{board.uid} {name}: columns {result.column_names} != {query.columns}")
+            if not result.result_rows:
+                problems.append(f"{board.uid} {name}: no rows\n{sql}")
+    assert not problems, "\n\n".join(problems)
+    assert checked >= 20
+
+
+def _panel_rows(dash: Client, uid: str, title: str) -> list[dict[str, Any]]:
+    from dashboards.boards import dashboards
+    from dashboards.macros import expand
+
+    board = next(b for b in dashboards(DASH_DB) if b.uid == uid)
+    query = next(p.query for p in board.panels if p.title == title)
+    assert query is not None
+    result = run_query(dash, expand(query.sql, DASH_RANGE, DASH_VARIABLES))
+    return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+
+
+def test_dashboard_panels_show_what_the_scenario_did(dash: Client) -> None:
+    tag = DASH_TAG
+    revocations = _panel_rows(dash, "scopewatch-soc-overview", "Revocations and use after revocation")
+    assert [(r["grant_id"], r["uses_after"], r["first_use_after_s"]) for r in revocations] == [(f"{tag}-write", 2, 0.0)]
+    expiring = _panel_rows(dash, "scopewatch-soc-overview", "Grants expiring in the next 24 h")
+    assert [(r["grant_id"], r["hours_left"]) for r in expiring] == [(f"{tag}-report", 9.8)]
+    timeline = {r["call_id"]: r for r in _panel_rows(dash, "scopewatch-delegation", "Timeline of calls")}
+    revoked = timeline[f"{tag}-c-revoked"]
+    assert (revoked["verdict"], revoked["grant_id"], revoked["grant_tools"], revoked["result"], revoked["final"]) == (
+        "revoked_grant", f"{tag}-write", "fs/write_file", "ok", True,
+    )
+    assert f"{tag}-c-nogrant" not in timeline  # bob's call: another delegation
+    pages = {r["rule_id"]: r["page"] for r in _panel_rows(dash, "scopewatch-findings", "Open findings")}
+    paged = [pages[r] for r in ("revoked_grant", "exfiltration_chain", "no_grant")]
+    assert paged == ["delivered", "failed", "not paged"]
+    collectors = _panel_rows(dash, "scopewatch-pipeline", "Collectors: sequence gaps")
+    assert [(r["collector_id"], r["missing_seq"]) for r in collectors] == [(f"{tag}-wrap", 1)]
+
+
+def test_alert_queries_count_recent_findings_per_tenant(dash: Client) -> None:
+    from dashboards.alerts import detection_alerts
+    from dashboards.macros import expand
+
+    rules = detection_alerts(DASH_DB)
+    main = {"revoked_grant", "identity_mismatch", "exfiltration_chain", "use_after_revocation"}
+    assert main <= {r.rule_id for r in rules}
+    for rule in rules:
+        result = dash.query(expand(rule.query.sql, DASH_RANGE))
+        assert tuple(result.column_names) == rule.query.columns
+        assert [row[0] for row in result.result_rows] == ["acme"], rule.rule_id
+        assert all(row[1] >= 1 for row in result.result_rows)
+
+
+# -- forensic query pack (stream_jobs/forensics): each query on a seeded scenario, database "forensics" --------------
+
+import datetime as _datetime  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from detections.live import build_evidence  # noqa: E402
+from schemas import Evidence, canonical_json  # noqa: E402
+from scopewatch.jsonl import read_events  # noqa: E402
+from scopewatch.replay import replay  # noqa: E402
+from stream_jobs.forensics import bind, load_queries, parse_query  # noqa: E402
+from support.scenario import _base, bound, grant, jsonl, story, tool_call, ts  # noqa: E402
+
+ALICE, BOB, CAROL = "alice-fx@acme.example", "bob-fx@acme.example", "carol@initech.example"
+
+
+@dataclass
+class Seeded:
+    ids: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(event_type, call_id / session_id / grant_id) -> event_id"""
+    evidence: dict[str, Evidence] = field(default_factory=dict)
+
+
+def _result(at: str, call: str, session: str, status: str, ms: float, error: str | None = None) -> dict[str, object]:
+    base = _base("tool_result", at, "acme")
+    return {**base, "call_id": call, "session_id": session, "status": status, "duration_ms": ms, "error": error}
+
+
+def _forensic_events() -> list[dict[str, object]]:
+    """story("fx") (every verdict), results for three calls, and a delegation whose tool definition changes."""
+    events = story("fx")
+    events += [
+        _result("10:00:10.500", "fx-c-in", "fx-s1", "ok", 12.5),
+        _result("10:00:12.250", "fx-c-res", "fx-s1", "error", 3.0, "permission denied"),
+        _result("10:00:29.040", "fx-c-write-ok", "fx-s1", "ok", 40.0),
+        bound("11:00:00", "fx-d1", CAROL, "agent-9", tenant="initech"),
+        grant("11:00:00", "fx-git", CAROL, "agent-9", ["git/*"], tenant="initech"),
+    ]
+    digests = [("push", "sha256:aaa"), ("push", "sha256:aaa"), ("push", "sha256:bbb"), ("pull", None)]
+    for i, (tool, digest) in enumerate(digests):
+        call = tool_call(f"11:00:0{i + 1}", f"fx-d-{i}", "fx-d1", "git", tool, tenant="initech")
+        events.append({**call, "tool_digest": digest})
+    return events
+
+
+@pytest.fixture(scope="module")
+def forensics_db(chdb: Client) -> Seeded:
+    """Raw events as the sink writes them, and one final evidence version per call from the replay engine."""
+    migrate(chdb, "forensics")
+    writer = ClickHouseWriter(chdb, "forensics")
+    items = list(read_events(io.StringIO(jsonl(_forensic_events()))))
+    seeded = Seeded()
+    tables: dict[str, list[dict[str, object]]] = {}
+    for i, (_, event) in enumerate(items):
+        table, row = to_row(event, Provenance("events", 0, i, T))
+        tables.setdefault(table, []).append(row)
+        key = next(row[k] for k in ("call_id", "session_id", "grant_id") if k in row)
+        seeded.ids[(event.event_type, key)] = row["event_id"]
+    for i, (call, decision) in enumerate(replay(items).decisions):
+        decided = call.event_time + _datetime.timedelta(seconds=1)
+        evidence = build_evidence(call, decision, 1, True, False, decided, 1, "replay", "final")
+        seeded.evidence[call.call_id] = evidence
+        tables.setdefault("evidence", []).append(to_row(evidence, Provenance("audit.evidence", 0, i, T))[1])
+    for table, rows in tables.items():
+        writer.insert(table, rows, token=f"forensics-{table}")
+    return seeded
+
+
+def forensic(client: Client, name: str, **params: object) -> list[dict[str, object]]:
+    """Rows of a shipped query as dicts; its columns are exactly those its header documents."""
+    query = load_queries()[name]
+    result = run_query(client, bind(query, params, "forensics"))
+    assert result["columns"] == ([c.name for c in query.columns] if result["rows"] else [])
+    return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+
+
+NO_GRANT: dict[str, object] = {
+    "grant_id": None,
+    "grant_status": None,
+    "grant_issued_at": None,
+    "grant_tools": [],
+    "grant_resources": [],
+    "grant_not_before": None,
+    "grant_expires_at": None,
+    "grant_granted_by": None,
+}
+
+
+def _in_force(
+    name: str, status: str, tools: list[str], resources: list[str] | None = None, **times: str
+) -> dict[str, object]:
+    expires = times.get("expires")
+    return {
+        "grant_id": f"fx-{name}",
+        "grant_status": status,
+        "grant_issued_at": ts("10:00:00"),
+        "grant_tools": tools,
+        "grant_resources": resources or [],
+        "grant_not_before": ts("10:00:00"),
+        "grant_expires_at": ts(expires) if expires else None,
+        "grant_granted_by": ALICE,
+    }
+
+
+def _activity(
+    at: str, call: str, tool: str, resources: list[str], verdict: str, in_force: dict[str, object], *result: object
+) -> dict[str, object]:
+    server, tool_name = tool.split("/")
+    return {
+        "call_time": ts(at),
+        "call_id": f"fx-{call}",
+        "agent_id": "agent-1",
+        "session_id": "fx-s1",
+        "server": server,
+        "tool": tool_name,
+        "resources": resources,
+        "verdict": verdict,
+        **in_force,
+        "result_status": result[0] if result else None,
+        "result_duration_ms": result[1] if result else None,
+    }
+
+
+def test_forensic_agent_activity_has_the_grant_in_force_per_call(chdb: Client, forensics_db: Seeded) -> None:
+    rows = forensic(chdb, "agent_activity", tenant="acme", principal=ALICE, since=ts("10:00:11"), until=ts("10:00:30"))
+    write, b_txt, passwd = ["fs/write_file"], ["file:/data/b.txt"], ["file:/etc/passwd"]
+    web = _in_force("web", "expired", ["web/fetch"], expires="10:00:20")
+    assert rows == [
+        _activity("10:00:11", "c-tool", "shell/exec", [], "out_of_scope_tool", NO_GRANT),
+        _activity("10:00:12", "c-res", "fs/read_file", passwd, "out_of_scope_resource", NO_GRANT, "error", 3.0),
+        _activity("10:00:25", "c-expired", "web/fetch", ["url:https://example.com"], "expired_grant", web),
+        _activity(
+            "10:00:29",
+            "c-write-ok",
+            "fs/write_file",
+            b_txt,
+            "in_scope",
+            _in_force("write", "active", write),
+            "ok",
+            40.0,
+        ),
+        _activity(
+            "10:00:30", "c-revoked", "fs/write_file", b_txt, "revoked_grant", _in_force("write", "revoked", write)
+        ),
+    ]
+    read = _in_force("read", "active", ["fs/read_*"], ["file:/data/*"])
+    assert forensic(chdb, "agent_activity", tenant="acme", principal=ALICE, until=ts("10:00:10")) == [
+        _activity("10:00:10", "c-in", "fs/read_file", ["file:/data/a.txt"], "in_scope", read, "ok", 12.5),
+        _activity("10:00:10", "c-mismatch", "fs/read_file", [], "identity_mismatch", NO_GRANT),
+    ]
+    assert forensic(chdb, "agent_activity", tenant="acme", principal=ALICE, agent_id="agent-2") == []
+
+
+def test_forensic_calls_after_grant_end_says_how_long_after(chdb: Client, forensics_db: Seeded) -> None:
+    call = {"principal": ALICE, "agent_id": "agent-1", "session_id": "fx-s1"}
+    assert forensic(chdb, "calls_after_grant_end", tenant="acme") == [
+        {
+            "call_time": ts("10:00:30"),
+            "call_id": "fx-c-revoked",
+            **call,
+            "server": "fs",
+            "tool": "write_file",
+            "verdict": "revoked_grant",
+            "grant_id": "fx-write",
+            "ended_by": "revoked",
+            "ended_at": ts("10:00:30"),
+            "after_ms": 0,
+            "revoked_by": ALICE,
+            "reason": "test",
+        },
+        {
+            "call_time": ts("10:00:25"),
+            "call_id": "fx-c-expired",
+            **call,
+            "server": "web",
+            "tool": "fetch",
+            "verdict": "expired_grant",
+            "grant_id": "fx-web",
+            "ended_by": "expired",
+            "ended_at": ts("10:00:20"),
+            "after_ms": 5000,
+            "revoked_by": None,
+            "reason": None,
+        },
+    ]
+    assert forensic(chdb, "calls_after_grant_end", tenant="acme", principal=BOB) == []
+    assert forensic(chdb, "calls_after_grant_end", tenant="globex") == []
+
+
+def _timeline_row(**values: object) -> dict[str, object]:
+    columns = [c.name for c in load_queries()["session_timeline"].columns]
+    return {**dict.fromkeys(columns), "resources": [], **values}
+
+
+def test_forensic_session_timeline_orders_facts_and_calls_with_results(chdb: Client, forensics_db: Seeded) -> None:
+    ids = forensics_db.ids
+
+    def call(at: str, name: str, verdict: str, grant_id: str | None) -> dict[str, object]:
+        return _timeline_row(
+            at=ts(at),
+            kind="tool_call",
+            call_id=f"fx-{name}",
+            principal=BOB,
+            agent_id="agent-2",
+            server="fs",
+            tool="read_file",
+            verdict=verdict,
+            grant_id=grant_id,
+            event_id=ids[("tool_call", f"fx-{name}")],
+        )
+
+    assert forensic(chdb, "session_timeline", tenant="acme", session_id="fx-s2") == [
+        _timeline_row(
+            at=ts("10:00:00"),
+            kind="session_bound",
+            principal=BOB,
+            agent_id="agent-2",
+            valid_from=ts("10:00:00"),
+            event_id=ids[("session_bound", "fx-s2")],
+        ),
+        call("10:00:20", "c-nogrant", "no_grant", None),
+        call("10:00:45", "c-bob", "in_scope", "fx-bob"),
+        _timeline_row(at=ts("10:00:50"), kind="session_ended", event_id=ids[("session_ended", "fx-s2")]),
+        call("10:00:55", "c-ended", "session_expired", None),
+    ]
+    rows = forensic(chdb, "session_timeline", tenant="acme", session_id="fx-s1")
+    picked = ("at", "kind", "call_id", "verdict", "grant_id", "result_status", "result_duration_ms", "result_error")
+    assert [tuple(r[k] for k in picked) for r in rows] == [
+        (ts("10:00:00"), "session_bound", None, None, None, None, None, None),
+        (ts("10:00:10"), "tool_call", "fx-c-in", "in_scope", "fx-read", "ok", 12.5, None),
+        (ts("10:00:10"), "tool_call", "fx-c-mismatch", "identity_mismatch", None, None, None, None),
+        (ts("10:00:11"), "tool_call", "fx-c-tool", "out_of_scope_tool", None, None, None, None),
+        (ts("10:00:12"), "tool_call", "fx-c-res", "out_of_scope_resource", None, "error", 3.0, "permission denied"),
+        (ts("10:00:25"), "tool_call", "fx-c-expired", "expired_grant", "fx-web", None, None, None),
+        (ts("10:00:29"), "tool_call", "fx-c-write-ok", "in_scope", "fx-write", "ok", 40.0, None),
+        (ts("10:00:30"), "tool_call", "fx-c-revoked", "revoked_grant", "fx-write", None, None, None),
+        (ts("10:00:31"), "tool_call", "fx-c-early", "not_yet_valid", "fx-later", None, None, None),
+    ]
+
+
+def test_forensic_principals_with_violations_are_ranked(chdb: Client, forensics_db: Seeded) -> None:
+    alice = {
+        "rank": 1,
+        "tenant": "acme",
+        "principal": ALICE,
+        "violations": 6,
+        "calls": 8,
+        "violating_agents": 1,
+        "verdicts": [
+            "expired_grant",
+            "identity_mismatch",
+            "not_yet_valid",
+            "out_of_scope_resource",
+            "out_of_scope_tool",
+            "revoked_grant",
+        ],
+        "first_violation": ts("10:00:10"),
+        "last_violation": ts("10:00:31"),
+    }
+    bob = {
+        "rank": 2,
+        "tenant": "acme",
+        "principal": BOB,
+        "violations": 2,
+        "calls": 3,
+        "violating_agents": 1,
+        "verdicts": ["no_grant", "session_expired"],
+        "first_violation": ts("10:00:20"),
+        "last_violation": ts("10:00:55"),
+    }
+    globex = {**bob, "tenant": "globex", "principal": ALICE, "violations": 1, "calls": 1, "verdicts": ["no_grant"]}
+    globex.update(first_violation=ts("10:00:10"), last_violation=ts("10:00:10"))
+    assert forensic(chdb, "principals_with_violations") == [alice, bob, {**globex, "rank": 3}]
+    assert forensic(chdb, "principals_with_violations", tenant="globex") == [{**globex, "rank": 1}]
+    assert forensic(chdb, "principals_with_violations", limit=1) == [alice]
+    assert forensic(chdb, "principals_with_violations", until=ts("10:00:10")) == [
+        {**alice, "violations": 1, "calls": 2, "verdicts": ["identity_mismatch"], "last_violation": ts("10:00:10")},
+        {**globex, "rank": 2},
+    ]
+
+
+def _first_seen(agent: str, tool: str, first: str, call: str, verdict: str, last: str, calls: int) -> dict[str, object]:
+    server, tool_name = tool.split("/")
+    principal = ALICE if agent == "agent-1" else BOB
+    return {
+        "tenant": "acme",
+        "agent_id": agent,
+        "server": server,
+        "tool": tool_name,
+        "first_seen": ts(first),
+        "first_call_id": f"fx-{call}",
+        "first_principal": principal,
+        "first_verdict": verdict,
+        "last_seen": ts(last),
+        "calls": calls,
+    }
+
+
+def test_forensic_first_seen_tools_per_agent(chdb: Client, forensics_db: Seeded) -> None:
+    expected = [
+        _first_seen("agent-1", "fs/read_file", "10:00:10", "c-in", "in_scope", "10:00:12", 3),
+        _first_seen("agent-1", "shell/exec", "10:00:11", "c-tool", "out_of_scope_tool", "10:00:11", 1),
+        _first_seen("agent-1", "web/fetch", "10:00:25", "c-expired", "expired_grant", "10:00:25", 1),
+        _first_seen("agent-1", "fs/write_file", "10:00:29", "c-write-ok", "in_scope", "10:00:30", 2),
+        _first_seen("agent-1", "db/query", "10:00:31", "c-early", "not_yet_valid", "10:00:31", 1),
+        _first_seen("agent-2", "fs/read_file", "10:00:20", "c-nogrant", "no_grant", "10:00:55", 3),
+    ]
+    assert forensic(chdb, "first_seen_tools", tenant="acme") == expected
+    assert forensic(chdb, "first_seen_tools", tenant="acme", agent_id="agent-1", since=ts("10:00:20")) == expected[2:5]
+
+
+def test_forensic_unused_grants(chdb: Client, forensics_db: Seeded) -> None:
+    grant_row = {
+        "tenant": "acme",
+        "principal": ALICE,
+        "agent_id": "agent-1",
+        "issued_at": ts("10:00:00"),
+        "versions": 1,
+        "resources": [],
+        "granted_by": ALICE,
+        "purpose": "test",
+        "revoked_at": None,
+        "refused_calls": 1,
+    }
+    later = {**grant_row, "grant_id": "fx-later", "tools": ["db/*"], "not_before": ts("10:05:00"), "expires_at": None}
+    web = {**grant_row, "grant_id": "fx-web", "tools": ["web/fetch"], "not_before": ts("10:00:00")}
+    web["expires_at"] = ts("10:00:20")
+    assert forensic(chdb, "unused_grants") == [later, web]
+    assert forensic(chdb, "unused_grants", tenant="initech") == []
+    assert forensic(chdb, "unused_grants", principal=BOB) == []
+
+
+def test_forensic_call_evidence_has_raw_events_and_every_verdict_version(chdb: Client, forensics_db: Seeded) -> None:
+    ids, evidence = forensics_db.ids, forensics_db.evidence
+    columns = [c.name for c in load_queries()["call_evidence"].columns]
+    empty = {**dict.fromkeys(columns), "resources": [], "reasons": []}
+
+    def raw_call(name: str, at: str, resources: list[str], attested: str | None) -> dict[str, object]:
+        call_id = f"fx-{name}"
+        return {
+            **empty,
+            "call_id": call_id,
+            "at": ts(at),
+            "kind": "tool_call",
+            "id": ids[("tool_call", call_id)],
+            "session_id": "fx-s1",
+            "server": "fs",
+            "tool": "read_file",
+            "resources": resources,
+            "arguments": "{}",
+            "attested": attested,
+        }
+
+    def verdict(name: str, at: str) -> dict[str, object]:
+        e = evidence[f"fx-{name}"]
+        return {
+            **empty,
+            "call_id": e.call_id,
+            "at": ts(at),
+            "kind": "evidence",
+            "id": e.evidence_id,
+            "session_id": "fx-s1",
+            "server": "fs",
+            "tool": "read_file",
+            "version": 1,
+            "verdict": e.verdict,
+            "grant_id": e.matched_grant_id,
+            "final": True,
+            "late": False,
+            "reasons": list(e.reasons),
+            "facts": canonical_json(e.facts),
+        }
+
+    result = {
+        **empty,
+        "call_id": "fx-c-in",
+        "at": ts("10:00:10.500"),
+        "kind": "tool_result",
+        "id": ids[("tool_result", "fx-c-in")],
+        "session_id": "fx-s1",
+        "result_status": "ok",
+        "result_duration_ms": 12.5,
+    }
+    rows = forensic(chdb, "call_evidence", tenant="acme", call_ids=["fx-c-mismatch", "fx-c-in"])
+    assert rows == [
+        raw_call("c-in", "10:00:10", ["file:/data/a.txt"], None),
+        result,
+        verdict("c-in", "10:00:11"),
+        raw_call("c-mismatch", "10:00:10", [], canonical_json({"sub": BOB})),
+        verdict("c-mismatch", "10:00:11"),
+    ]
+    assert rows[2]["verdict"] == "in_scope" and rows[4]["verdict"] == "identity_mismatch"
+    assert forensic(chdb, "call_evidence", tenant="globex", call_ids=["fx-c-in"]) == []
+
+
+def test_forensic_delegation_timeline_and_grant_history(chdb: Client, forensics_db: Seeded) -> None:
+    ids = forensics_db.ids
+    columns = [c.name for c in load_queries()["delegation_timeline"].columns]
+    empty = {**dict.fromkeys(columns), "tools": [], "resources": [], "principal": ALICE, "agent_id": "agent-1"}
+
+    def issued(
+        name: str, tools: list[str], resources: list[str], not_before: str, expires: str | None
+    ) -> dict[str, object]:
+        grant_id = f"fx-{name}"
+        return {
+            **empty,
+            "at": ts("10:00:00"),
+            "kind": "grant_issued",
+            "grant_id": grant_id,
+            "tools": tools,
+            "resources": resources,
+            "not_before": ts(not_before),
+            "expires_at": ts(expires) if expires else None,
+            "event_id": ids[("grant_issued", grant_id)],
+        }
+
+    def call(
+        at: str, name: str, tool: str, resources: list[str], verdict: str, grant_id: str, status: object
+    ) -> dict[str, object]:
+        server, tool_name = tool.split("/")
+        return {
+            **empty,
+            "at": ts(at),
+            "kind": "tool_call",
+            "grant_id": grant_id,
+            "call_id": f"fx-{name}",
+            "session_id": "fx-s1",
+            "server": server,
+            "tool": tool_name,
+            "resources": resources,
+            "verdict": verdict,
+            "result_status": status,
+            "event_id": ids[("tool_call", f"fx-{name}")],
+        }
+
+    b_txt = ["file:/data/b.txt"]
+    write_issued = issued("write", ["fs/write_file"], [], "10:00:00", None)
+    revoked = {
+        **empty,
+        "at": ts("10:00:30"),
+        "kind": "grant_revoked",
+        "grant_id": "fx-write",
+        "revoked_by": ALICE,
+        "reason": "test",
+        "event_id": ids[("grant_revoked", "fx-write")],
+    }
+    write_ok = call("10:00:29", "c-write-ok", "fs/write_file", b_txt, "in_scope", "fx-write", "ok")
+    write_revoked = call("10:00:30", "c-revoked", "fs/write_file", b_txt, "revoked_grant", "fx-write", None)
+    delegation = dict(tenant="acme", principal=ALICE, agent_id="agent-1")
+    assert forensic(chdb, "delegation_timeline", **delegation, since=ts("10:00:25"), until=ts("10:00:30")) == [
+        issued("later", ["db/*"], [], "10:05:00", None),
+        issued("read", ["fs/read_*"], ["file:/data/*"], "10:00:00", None),
+        issued("web", ["web/fetch"], [], "10:00:00", "10:00:20"),
+        write_issued,
+        call("10:00:25", "c-expired", "web/fetch", ["url:https://example.com"], "expired_grant", "fx-web", None),
+        write_ok,
+        revoked,
+        write_revoked,
+    ]
+    assert forensic(chdb, "grant_history", tenant="acme", grant_id="fx-write") == [
+        write_issued,
+        write_ok,
+        revoked,
+        write_revoked,
+    ]
+    everything = forensic(chdb, "delegation_timeline", **delegation)
+    assert len(everything) == 5 + 8  # four grant_issued and a grant_revoked; eight calls
+    assert forensic(chdb, "delegation_timeline", **delegation, grant_id="fx-write") == [
+        r for r in everything if r["grant_id"] == "fx-write"
+    ]
+
+
+def test_forensic_tool_digests_mark_a_changed_definition(chdb: Client, forensics_db: Seeded) -> None:
+    def call(i: int, tool: str, digest: str | None, previous: str | None, changed: bool) -> dict[str, object]:
+        return {
+            "call_time": ts(f"11:00:0{i + 1}"),
+            "call_id": f"fx-d-{i}",
+            "session_id": "fx-d1",
+            "server": "git",
+            "tool": tool,
+            "tool_digest": digest,
+            "previous_digest": previous,
+            "changed": changed,
+            "verdict": "in_scope",
+            "grant_id": "fx-git",
+        }
+
+    pushes = [
+        call(0, "push", "sha256:aaa", None, False),
+        call(1, "push", "sha256:aaa", "sha256:aaa", False),
+        call(2, "push", "sha256:bbb", "sha256:aaa", True),
+    ]
+    delegation = dict(tenant="initech", principal=CAROL, agent_id="agent-9")
+    assert forensic(chdb, "tool_digests", **delegation) == [*pushes, call(3, "pull", None, None, False)]
+    assert forensic(chdb, "tool_digests", **delegation, server="git", tool="push") == pushes
+    assert forensic(chdb, "tool_digests", **delegation, since=ts("11:00:02"), until=ts("11:00:03")) == [
+        call(1, "push", "sha256:aaa", None, False),
+        call(2, "push", "sha256:bbb", "sha256:aaa", True),
+    ]
+
+
+INJECTIONS = [
+    "'; DROP TABLE forensics.evidence; --",
+    "x' OR '1'='1",
+    "\\'; DROP TABLE forensics.evidence; --",
+    "\\",
+    "a\\' OR 1=1 -- ",
+    "'\n; DROP TABLE forensics.evidence\n--",
+    "{db}",
+    "{tenant:String}",
+    "%s %(x)s",
+    "\x00\x01 ✓",
+]
+
+
+def test_forensic_injection_attempts_are_plain_string_values(chdb: Client, forensics_db: Seeded) -> None:
+    echo = parse_query("echo", "-- question: echo?\n-- param v String: v\n-- column v: v\nSELECT {v:String} AS v")
+    for value in INJECTIONS:
+        assert run_query(chdb, bind(echo, {"v": value}, "forensics"))["rows"] == [[value]]
+        assert forensic(chdb, "session_timeline", tenant="acme", session_id=value) == []
+        assert forensic(chdb, "session_timeline", tenant=value, session_id="fx-s2") == []
+    count = run_query(chdb, "SELECT count() FROM forensics.evidence")["rows"]
+    assert count == [[len(forensics_db.evidence)]] and len(forensics_db.evidence) == 17
+
+
+def test_forensics_cli_runs_a_query_end_to_end(
+    chdb: Client, forensics_db: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scopewatch.forensics_cli import forensics_app
+
+    monkeypatch.setenv("SCOPEWATCH_CLICKHOUSE_DATABASE", "forensics")
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr("scopewatch.sqlclient.run_sql", lambda settings, sql: run_query(chdb, sql))
+    result = CliRunner().invoke(forensics_app, ["calls_after_grant_end", "-p", "tenant=acme", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == forensic(chdb, "calls_after_grant_end", tenant="acme")
+    table = CliRunner().invoke(forensics_app, ["unused_grants", "--param", "tenant=acme"])
+    assert table.exit_code == 0 and "fx-later" in table.stdout and "fx-web" in table.stdout
+
+
+def test_forensic_queries_run_read_only(chdb: Client, forensics_db: Seeded) -> None:
+    """The sink's endpoint and `scopewatch sql` use readonly=2 sessions: every query must work there."""
+    required = {"String": "acme", "Array(String)": ["fx-c-in"]}
+    for query in load_queries().values():
+        values = {p.name: required[p.type] for p in query.params if p.required}
+        sql = bind(query, values, "forensics")
+        chdb.query(sql, settings={"readonly": 2})

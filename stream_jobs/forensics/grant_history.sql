@@ -1,0 +1,10 @@
+-- question: What is the history of a grant: every grant_issued and grant_revoked of it, and the calls it matched?
+-- sql: delegation_timeline
+-- note: Runs delegation_timeline's SQL for one grant. The calls are those whose current verdict matched the grant
+--   (in_scope, or refused as revoked_grant, expired_grant, not_yet_valid).
+-- param tenant String: the tenant
+-- param grant_id String: the grant
+-- param principal Nullable(String) = NULL: only this principal's delegation; NULL: any
+-- param agent_id Nullable(String) = NULL: only this agent's delegation; NULL: any
+-- param since Nullable(DateTime64(3, 'UTC')) = NULL: calls at or after this time (RFC 3339); NULL: from the first
+-- param until Nullable(DateTime64(3, 'UTC')) = NULL: calls and facts at or before this time (RFC 3339); NULL: all
