@@ -7,18 +7,15 @@ shows a lost event (checked by ``scopewatch verify``).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from schemas import Collector, Event, to_canonical_json
+from schemas import Collector, Event, record_hash
 
 E = TypeVar("E", bound=Event)
 
 
-def record_hash(event: Event) -> str:
-    """The chain hash of one stamped event: sha256 over its canonical JSON."""
-    return "sha256:" + hashlib.sha256(to_canonical_json(event).encode("utf-8")).hexdigest()
+__all__ = ["ChainStamper", "record_hash"]
 
 
 @dataclass

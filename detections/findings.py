@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Final, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.events import Finding as FindingRecord
 from schemas.events import Timestamp
 
 __all__ = [
@@ -109,3 +111,27 @@ class Finding(_Frozen):
     last_call_time: Timestamp
     evidence: FindingEvidence
     details: dict[str, Detail] = Field(default_factory=dict)
+
+    def to_record(self, detected_at: datetime) -> FindingRecord:
+        """The flat record that travels on ``audit.findings`` and lands in the ``findings`` table."""
+        return FindingRecord(
+            finding_id=self.finding_id,
+            dedup_key=self.dedup_key,
+            rule_id=self.rule_id,
+            rule_version=self.rule_version,
+            severity=self.severity,
+            title=self.title,
+            summary=self.summary,
+            tenant=self.tenant,
+            principal=self.principal,
+            agent_id=self.agent_id,
+            call_id=self.call_id,
+            call_ids=list(self.evidence.call_ids),
+            session_id=self.evidence.session_id,
+            grant_id=self.evidence.grant_id,
+            forensic_query=self.evidence.query,
+            first_call_time=self.first_call_time,
+            last_call_time=self.last_call_time,
+            details=dict(self.details),
+            detected_at=detected_at,
+        )

@@ -28,6 +28,7 @@ from schemas.events import (
     Collector,
     DeadLetter,
     Evidence,
+    Finding,
     SchemaModel,
     canonical_json,
     describe_errors,
@@ -54,10 +55,11 @@ AVRO_DIR: Final = Path(__file__).parent / "avro"
 MODELS: Final[dict[str, type[SchemaModel]]] = {
     **EVENT_MODELS,
     "evidence": Evidence,
+    "finding": Finding,
     "dead_letter": DeadLetter,
 }
 #: fields that travel as canonical JSON strings
-JSON_FIELDS: Final = frozenset({"arguments", "attested", "claimed", "auth", "facts"})
+JSON_FIELDS: Final = frozenset({"arguments", "attested", "claimed", "auth", "facts", "details"})
 
 
 class CodecError(ValueError):

@@ -7,6 +7,7 @@ Timestamps are timezone-aware UTC datetimes truncated to milliseconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -281,6 +282,30 @@ class Evidence(SchemaModel):
     facts: JsonObject = Field(default_factory=dict)
 
 
+class Finding(SchemaModel):
+    """A detection rule fired on a call (topic audit.findings); flat, for Avro and ClickHouse."""
+
+    finding_id: str
+    dedup_key: str
+    rule_id: str
+    rule_version: int = Field(ge=1, le=2**31 - 1)
+    severity: Literal["info", "low", "medium", "high", "critical"]
+    title: str
+    summary: str
+    tenant: str
+    principal: str | None = None
+    agent_id: str | None = None
+    call_id: str
+    call_ids: list[str]
+    session_id: str
+    grant_id: str | None = None
+    forensic_query: str
+    first_call_time: Timestamp
+    last_call_time: Timestamp
+    details: JsonObject = Field(default_factory=dict)
+    detected_at: Timestamp
+
+
 class DeadLetter(SchemaModel):
     """A record the pipeline could not process (topic audit.dead-letter)."""
 
@@ -371,6 +396,15 @@ def to_canonical_dict(model: SchemaModel) -> dict[str, Any]:
 def to_canonical_json(model: SchemaModel) -> str:
     """Deterministic JSON text (sorted keys, no spaces, UTF-8) -- what a hash chain hashes."""
     return canonical_json(to_canonical_dict(model))
+
+
+def record_hash(event: BaseEvent) -> str:
+    """The chain hash of one event: sha256 over its canonical JSON (collector stamp included).
+
+    A collector stamps each event with the previous event's hash (``collector.prev_hash``), so an
+    edited, deleted or reordered record breaks the chain (``scopewatch verify``).
+    """
+    return "sha256:" + hashlib.sha256(to_canonical_json(event).encode("utf-8")).hexdigest()
 
 
 def canonical_json(value: Any) -> str:

@@ -11,6 +11,7 @@ from schemas.events import (
     BaseEvent,
     DeadLetter,
     Evidence,
+    Finding,
     GrantIssued,
     GrantRevoked,
     SchemaModel,
@@ -84,6 +85,8 @@ def topic_for(event: SchemaModel, topics: Topics = _DEFAULT) -> str:
             return topics.grants
         case Evidence():
             return topics.evidence
+        case Finding():
+            return topics.findings
         case DeadLetter():
             return topics.dead_letter
     raise TypeError(f"no topic for {type(event).__name__}")

@@ -7,8 +7,10 @@ from datetime import datetime
 from typing import Any
 
 from schemas import (
+    BaseEvent,
     DeadLetter,
     Evidence,
+    Finding,
     GrantIssued,
     GrantRevoked,
     SessionBound,
@@ -16,6 +18,7 @@ from schemas import (
     ToolCall,
     ToolResult,
     canonical_json,
+    record_hash,
 )
 
 
@@ -54,6 +57,13 @@ class Provenance:
 
 def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
     """The table and the row for one decoded record."""
+    table, row = _to_row(record, prov)
+    if isinstance(record, BaseEvent):
+        row["_record_hash"] = record_hash(record)
+    return table, row
+
+
+def _to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
     common = prov.columns()
     if isinstance(record, ToolCall):
         return "tool_calls", {
@@ -170,6 +180,29 @@ def to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             "late": record.late,
             "decided_at": record.decided_at,
             "facts": canonical_json(record.facts),
+            **common,
+        }
+    if isinstance(record, Finding):
+        return "findings", {
+            "finding_id": record.finding_id,
+            "dedup_key": record.dedup_key,
+            "rule_id": record.rule_id,
+            "rule_version": record.rule_version,
+            "severity": record.severity,
+            "title": record.title,
+            "summary": record.summary,
+            "tenant": record.tenant,
+            "principal": record.principal,
+            "agent_id": record.agent_id,
+            "call_id": record.call_id,
+            "call_ids": list(record.call_ids),
+            "session_id": record.session_id,
+            "grant_id": record.grant_id,
+            "forensic_query": record.forensic_query,
+            "first_call_time": record.first_call_time,
+            "last_call_time": record.last_call_time,
+            "details": canonical_json(record.details),
+            "detected_at": record.detected_at,
             **common,
         }
     if isinstance(record, DeadLetter):

@@ -46,10 +46,13 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "version": st.integers(1, 2**63 - 1),
     "final": st.booleans(),
     "late": st.booleans(),
-    **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts"], OBJECT),
-    **dict.fromkeys(["resources", "tools", "scopes", "reasons"], STRINGS),
+    "rule_version": st.integers(1, 2**31 - 1),
+    "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
+    **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),
+    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids"], STRINGS),
     **dict.fromkeys(["event_time", "valid_from", "valid_until", "not_before", "expires_at"], TIMESTAMP),
-    **dict.fromkeys(["call_time", "decided_at", "failed_at"], TIMESTAMP),
+    **dict.fromkeys(["call_time", "decided_at", "failed_at", "first_call_time", "last_call_time"], TIMESTAMP),
+    "detected_at": TIMESTAMP,
 }
 
 
