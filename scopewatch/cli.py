@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ def _settings(**overrides: Any) -> Any:
     return load_settings(**overrides)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
 
@@ -205,6 +205,59 @@ def sql(
     except SqlError as exc:
         _fail(str(exc))
     print_result(result, fmt)
+
+
+@app.command()
+def verify(
+    since: Annotated[str | None, typer.Option(help="only events at or after this RFC 3339 instant")] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
+) -> None:
+    """Check the stored evidence: collector chains (gaps, edits, breaks) and verdicts re-derived from raw events.
+
+    Exit code 1 when anything is wrong; the report names the first bad record of each collector.
+    """
+    from schemas import parse_timestamp
+    from scopewatch.sqlclient import SqlError, run_sql
+    from stream_jobs.verify import verify as run_verify
+
+    settings = _settings()
+    try:
+        start = None if since is None else parse_timestamp(since)
+    except ValueError as exc:
+        _fail(f"--since: {exc}", code=2)
+    try:
+        report = run_verify(lambda q: run_sql(settings, q), settings.clickhouse_database, start, tenant)
+    except SqlError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
+    else:
+        console = Console()
+        table = Table("collector", "events", "epochs", "gaps", "edited", "chain breaks", "first bad record")
+        for c in report.collectors:
+            bad = c.first_bad
+            table.add_row(
+                c.collector_id,
+                str(c.events),
+                str(c.epochs),
+                str(c.count("gap")),
+                str(c.count("edited")),
+                str(c.count("chain_break")),
+                "" if bad is None else f"[red]{bad.kind}[/]: {bad.where()}: {bad.detail}",
+            )
+        console.print(table)
+        console.print(
+            f"events without a collector stamp: {report.unstamped}; calls re-judged: {report.calls_checked}, "
+            f"verdicts matching: {report.verdicts_match}, still provisional: {report.pending}"
+        )
+        for p in [*report.row_problems, *report.verdict_problems][:50]:
+            console.print(f"[red]{p.kind}[/]: {p.where()}: {p.detail}", highlight=False)
+        console.print(
+            "[bold green]verified: no problems[/]" if report.ok else f"[bold red]{len(report.problems)} problems[/]"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def print_result(result: dict[str, Any], fmt: str) -> None:

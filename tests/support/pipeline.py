@@ -50,7 +50,7 @@ def replay_lines(settings: Settings, path: Path) -> dict[str, tuple[str, str | N
     return out
 
 
-def current_verdicts(settings: Settings, call_ids: list[str], timeout: float = 90.0) -> dict[str, list[object]]:
+def current_verdicts(settings: Settings, call_ids: list[str], timeout: float = 180.0) -> dict[str, list[object]]:
     """Wait until every call has a final verdict in ClickHouse; call_id -> [verdict, matched, version, late]."""
     ids = ",".join(f"'{c}'" for c in call_ids)
     db = settings.clickhouse_database

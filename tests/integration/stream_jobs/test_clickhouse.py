@@ -299,7 +299,11 @@ def test_dashboard_panels_show_what_the_scenario_did(dash: Client) -> None:
     timeline = {r["call_id"]: r for r in _panel_rows(dash, "scopewatch-delegation", "Timeline of calls")}
     revoked = timeline[f"{tag}-c-revoked"]
     assert (revoked["verdict"], revoked["grant_id"], revoked["grant_tools"], revoked["result"], revoked["final"]) == (
-        "revoked_grant", f"{tag}-write", "fs/write_file", "ok", True,
+        "revoked_grant",
+        f"{tag}-write",
+        "fs/write_file",
+        "ok",
+        True,
     )
     assert f"{tag}-c-nogrant" not in timeline  # bob's call: another delegation
     pages = {r["rule_id"]: r["page"] for r in _panel_rows(dash, "scopewatch-findings", "Open findings")}
@@ -873,3 +877,136 @@ def test_forensic_queries_run_read_only(chdb: Client, forensics_db: Seeded) -> N
         values = {p.name: required[p.type] for p in query.params if p.required}
         sql = bind(query, values, "forensics")
         chdb.query(sql, settings={"readonly": 2})
+
+
+# ------------------------------------------------------------------ scopewatch verify
+
+
+def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int, str]:
+    """The story, stamped by two collectors, landed with final evidence from replay; call seq -> event_id."""
+    from collectors.chain import ChainStamper
+    from detections.live import build_evidence
+    from schemas import ToolCall, parse_event
+    from scopewatch.replay import replay
+    from support.scenario import story
+
+    migrate(chdb, db)
+    writer = ClickHouseWriter(chdb, db)
+    events = [parse_event(e) for e in story("vf")]
+    facts = sorted((e for e in events if not isinstance(e, ToolCall)), key=lambda e: e.event_time)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    intake, wrap = ChainStamper("intake:test", epoch=1), ChainStamper("stdio:test", epoch=7)
+    stamped = [intake.stamp(f) for f in facts] + [wrap.stamp(c) for c in calls]
+    rows: dict[str, list[dict[str, object]]] = {}
+    seqs = {}
+    for i, e in enumerate(stamped):
+        assert e.collector is not None
+        if isinstance(e, ToolCall):
+            seqs[e.collector.seq] = e.event_id
+            if e.collector.seq == skip_seq:
+                continue  # lost on the way
+        table, row = to_row(e, Provenance("t", 0, i, T))
+        rows.setdefault(table, []).append(row)
+    for table, batch in rows.items():
+        writer.insert(table, batch, token=f"{db}-{table}")
+    result = replay(enumerate(events))
+    evidence = [
+        to_row(build_evidence(c, d, 1, True, False, T, 1, "deadline", "final"), Provenance("e", 0, i, T))[1]
+        for i, (c, d) in enumerate(result.decisions)
+    ]
+    writer.insert("evidence", evidence, token=f"{db}-evidence")
+    return seqs
+
+
+def _verify(chdb: Client, db: str):  # type: ignore[no-untyped-def]
+    from stream_jobs.verify import verify
+
+    return verify(lambda sql: run_query(chdb, sql), db)
+
+
+def _first_bad(report, collector: str):  # type: ignore[no-untyped-def]
+    return next(c for c in report.collectors if c.collector_id == collector).first_bad
+
+
+def test_verify_passes_on_clean_data(chdb: Client) -> None:
+    _seed_verify(chdb, "vf_clean")
+    report = _verify(chdb, "vf_clean")
+    assert report.ok, report.problems
+    assert {c.collector_id: c.events for c in report.collectors} == {"intake:test": 10, "stdio:test": 13}
+    assert (report.calls_checked, report.verdicts_match, report.unstamped) == (13, 13, 0)
+
+
+def test_verify_names_a_deleted_row(chdb: Client) -> None:
+    seqs = _seed_verify(chdb, "vf_del")
+    chdb.command(f"ALTER TABLE vf_del.tool_calls DELETE WHERE event_id = '{seqs[5]}' SETTINGS mutations_sync = 2")
+    bad = _first_bad(_verify(chdb, "vf_del"), "stdio:test")
+    assert (bad.kind, bad.seq) == ("gap", 5)
+
+
+def test_verify_names_a_dropped_event(chdb: Client) -> None:
+    _seed_verify(chdb, "vf_drop", skip_seq=9)
+    report = _verify(chdb, "vf_drop")
+    bad = _first_bad(report, "stdio:test")
+    assert (bad.kind, bad.seq) == ("gap", 9) and not report.ok
+
+
+def test_verify_names_an_edited_row_and_the_verdict_it_no_longer_supports(chdb: Client) -> None:
+    seqs = _seed_verify(chdb, "vf_edit")
+    chdb.command(
+        f"ALTER TABLE vf_edit.tool_calls UPDATE tool = 'exec' WHERE event_id = '{seqs[1]}' SETTINGS mutations_sync = 2"
+    )
+    report = _verify(chdb, "vf_edit")
+    bad = _first_bad(report, "stdio:test")
+    assert (bad.kind, bad.seq, bad.event_id) == ("edited", 1, seqs[1])
+    assert [p.kind for p in report.verdict_problems] == ["mismatch"]  # in_scope on fs/read_file, not on fs/exec
+
+
+def test_verify_names_an_edit_that_also_forged_the_stored_hash(chdb: Client) -> None:
+    from schemas import record_hash
+    from stream_jobs.verify import event_from_row
+
+    seqs = _seed_verify(chdb, "vf_forge")
+    chdb.command(
+        f"ALTER TABLE vf_forge.tool_calls UPDATE tool = 'exec' WHERE event_id = '{seqs[3]}' SETTINGS mutations_sync = 2"
+    )
+    result = chdb.query(f"SELECT * FROM vf_forge.tool_calls WHERE event_id = '{seqs[3]}'")
+    row = {k: v for k, v in zip(result.column_names, result.result_rows[0], strict=True)}
+    forged = record_hash(event_from_row("tool_calls", {k: _plain(v) for k, v in row.items()}))
+    chdb.command(
+        f"ALTER TABLE vf_forge.tool_calls UPDATE _record_hash = '{forged}'"
+        f" WHERE event_id = '{seqs[3]}' SETTINGS mutations_sync = 2"
+    )
+    bad = _first_bad(_verify(chdb, "vf_forge"), "stdio:test")
+    assert (bad.kind, bad.seq, bad.event_id) == ("chain_break", 3, seqs[3])
+
+
+def test_verify_names_reordered_rows(chdb: Client) -> None:
+    seqs = _seed_verify(chdb, "vf_swap")
+    a, b = seqs[6], seqs[7]
+    chdb.command(
+        f"ALTER TABLE vf_swap.tool_calls UPDATE collector_seq = if(event_id = '{a}', 7, 6)"
+        f" WHERE event_id IN ('{a}', '{b}') SETTINGS mutations_sync = 2"
+    )
+    bad = _first_bad(_verify(chdb, "vf_swap"), "stdio:test")
+    assert bad.kind == "edited" and bad.seq == 6 and bad.event_id == b
+
+
+def test_verify_names_a_stored_verdict_the_raw_events_do_not_support(chdb: Client) -> None:
+    from schemas import Evidence
+
+    _seed_verify(chdb, "vf_verdict")
+    base = next(r for t, r in SAMPLES if t == "evidence")
+    assert isinstance(base, Evidence)
+    forged = base.model_copy(
+        update={"call_id": "vf-c-revoked", "tenant": "acme", "version": 99, "final": True, "verdict": "in_scope"}
+    )
+    ClickHouseWriter(chdb, "vf_verdict").insert("evidence", [to_row(forged, Provenance("e", 0, 999, T))[1]], token="f")
+    report = _verify(chdb, "vf_verdict")
+    assert [(p.kind, p.call_id) for p in report.problems] == [("mismatch", "vf-c-revoked")]
+    assert "replay of the raw events gives revoked_grant" in report.problems[0].detail
+
+
+def _plain(value: object) -> object:
+    from stream_jobs.clickhouse import jsonable
+
+    return jsonable(value)

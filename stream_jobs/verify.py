@@ -1,0 +1,408 @@
+"""``scopewatch verify``: is the evidence in ClickHouse intact, and does it follow from the raw events?
+
+Two checks over the stored rows:
+
+1. **Collector chains.** Every raw event (tool calls and results, identity and consent events) that a
+   collector stamped carries ``collector = {id, epoch, seq, prev_hash}``. Each process start of a
+   collector is a new epoch, whose first record has ``seq`` 1 and no ``prev_hash``; every later
+   record carries the chain hash of the one before (:func:`schemas.record_hash`). Per collector and
+   epoch, records are ordered by ``seq`` and checked:
+
+   * a missing ``seq`` is a **gap** (an event lost on the way, or a row deleted);
+   * a row whose content no longer hashes to what the sink computed when it landed
+     (``_record_hash``) is **edited**;
+   * a record whose ``prev_hash`` is not the hash of the record before is a **chain break**: the
+     record before was edited, replaced or moved (rows reordered);
+   * two different rows claiming the same ``seq`` are a **conflict**.
+
+   The report names, per collector, the first bad record in chain order.
+2. **Verdicts.** The replay engine re-derives every call's verdict from the stored identity and
+   consent facts (all of them, whatever ``--since`` says: older facts decide newer calls) and
+   compares it with the call's current final verdict in ``evidence_current``. A different verdict
+   or grant is a **mismatch**; a call with no verdict at all is **undecided**; a call whose latest
+   verdict is still provisional (inside its grace period) is only counted as pending.
+
+Rows are read in pages through any ``fetch(sql) -> {"columns", "rows"}`` (the sink's read-only
+endpoint or a direct client), so the same code runs from the CLI and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from detections.engine import DecisionEngine
+from schemas import (
+    BaseEvent,
+    EventError,
+    GrantIssued,
+    GrantRevoked,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    format_timestamp,
+    parse_event,
+    record_hash,
+)
+
+Fetch = Callable[[str], dict[str, Any]]
+
+RAW_TABLES = ("tool_calls", "tool_results", "identity_events", "consent_events")
+PAGE = 50_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # gap, edited, chain_break, conflict, unreadable, mismatch, undecided
+    detail: str
+    collector_id: str | None = None
+    epoch: int | None = None
+    seq: int | None = None
+    table: str | None = None
+    event_id: str | None = None
+    call_id: str | None = None
+
+    def where(self) -> str:
+        parts = []
+        if self.collector_id is not None:
+            parts.append(f"collector {self.collector_id} epoch {self.epoch} seq {self.seq}")
+        if self.table is not None:
+            parts.append(f"{self.table} event {self.event_id}")
+        if self.call_id is not None:
+            parts.append(f"call {self.call_id}")
+        return ", ".join(parts)
+
+
+@dataclass
+class CollectorReport:
+    collector_id: str
+    events: int = 0
+    epochs: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def first_bad(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+    def count(self, kind: str) -> int:
+        return sum(1 for p in self.problems if p.kind == kind)
+
+
+@dataclass
+class VerifyReport:
+    collectors: list[CollectorReport] = field(default_factory=list)
+    unstamped: int = 0
+    calls_checked: int = 0
+    verdicts_match: int = 0
+    pending: int = 0
+    verdict_problems: list[Problem] = field(default_factory=list)
+    row_problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Problem]:
+        chain = [p for c in self.collectors for p in c.problems]
+        return [*self.row_problems, *chain, *self.verdict_problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "collectors": [
+                {
+                    "collector_id": c.collector_id,
+                    "events": c.events,
+                    "epochs": c.epochs,
+                    "gaps": c.count("gap"),
+                    "chain_breaks": c.count("chain_break"),
+                    "edited": c.count("edited"),
+                    "first_bad": None if c.first_bad is None else _problem_json(c.first_bad),
+                }
+                for c in self.collectors
+            ],
+            "unstamped_events": self.unstamped,
+            "calls_checked": self.calls_checked,
+            "verdicts_match": self.verdicts_match,
+            "pending": self.pending,
+            "problems": [_problem_json(p) for p in self.problems],
+        }
+
+
+def _problem_json(p: Problem) -> dict[str, Any]:
+    return {k: v for k, v in p.__dict__.items() if v is not None}
+
+
+# ------------------------------------------------------------------------- rows -> events
+
+
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def event_from_row(table: str, row: dict[str, Any]) -> BaseEvent:
+    """The canonical event a raw row was made from (inverse of ``stream_jobs.rows.to_row``)."""
+    d: dict[str, Any] = {
+        "event_id": row["event_id"],
+        "event_time": row["event_time"],
+        "tenant": row["tenant"],
+    }
+    if row.get("collector_id"):
+        d["collector"] = {
+            "id": row["collector_id"],
+            "epoch": int(row["collector_epoch"]),
+            "seq": int(row["collector_seq"]),
+            "prev_hash": row["collector_prev_hash"],
+        }
+    if table == "tool_calls":
+        d.update(
+            event_type="tool_call",
+            call_id=row["call_id"],
+            session_id=row["session_id"],
+            server=row["server"],
+            tool=row["tool"],
+            arguments=_json(row["arguments"]),
+            resources=list(row["resources"]),
+            transport=row["transport"],
+            attested=_json(row["attested"]),
+            claimed=_json(row["claimed"]),
+            tool_digest=row["tool_digest"],
+        )
+    elif table == "tool_results":
+        d.update(
+            event_type="tool_result",
+            call_id=row["call_id"],
+            session_id=row["session_id"],
+            status=row["status"],
+            duration_ms=float(row["duration_ms"]),
+            error=row["error"],
+            result_digest=row["result_digest"],
+        )
+    elif table == "identity_events":
+        d.update(event_type=row["event_type"], session_id=row["session_id"])
+        if row["event_type"] == "session_bound":
+            d.update(
+                principal=row["principal"],
+                agent_id=row["agent_id"],
+                valid_from=row["valid_from"],
+                valid_until=row["valid_until"],
+                auth=_json(row["auth"]),
+            )
+    elif table == "consent_events":
+        d.update(
+            event_type=row["event_type"],
+            grant_id=row["grant_id"],
+            principal=row["principal"],
+            agent_id=row["agent_id"],
+        )
+        if row["event_type"] == "grant_issued":
+            d.update(
+                tools=list(row["tools"]),
+                resources=list(row["resources"]),
+                scopes=list(row["scopes"]),
+                not_before=row["not_before"],
+                expires_at=row["expires_at"],
+                granted_by=row["granted_by"],
+                purpose=row["purpose"],
+                parent_grant_id=row["parent_grant_id"],
+            )
+        else:
+            d.update(revoked_by=row["revoked_by"], reason=row["reason"])
+    else:
+        raise ValueError(f"not a raw event table: {table}")
+    extra = _json(row.get("extra")) or {}
+    return parse_event({**extra, **d})
+
+
+# ------------------------------------------------------------------------------- chains
+
+
+@dataclass(frozen=True)
+class Stamped:
+    table: str
+    event: BaseEvent
+    stored_hash: str
+
+    @property
+    def seq(self) -> int:
+        assert self.event.collector is not None
+        return self.event.collector.seq
+
+
+def check_chains(records: list[Stamped], from_start: bool = True) -> list[CollectorReport]:
+    """Gaps, edits, breaks and conflicts per collector; ``from_start=False`` when rows were filtered
+    by time (the first record seen of an epoch need not be seq 1)."""
+    by_epoch: dict[str, dict[int, list[Stamped]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        c = r.event.collector
+        assert c is not None
+        by_epoch[c.id][c.epoch].append(r)
+    reports = []
+    for cid in sorted(by_epoch):
+        report = CollectorReport(cid, epochs=len(by_epoch[cid]))
+        for epoch in sorted(by_epoch[cid]):
+            chain = _dedup(sorted(by_epoch[cid][epoch], key=lambda r: (r.seq, r.event.event_id)), cid, epoch, report)
+            report.events += len(chain)
+            _check_epoch(chain, cid, epoch, from_start, report)
+        reports.append(report)
+    return reports
+
+
+def _dedup(chain: list[Stamped], cid: str, epoch: int, report: CollectorReport) -> list[Stamped]:
+    out: list[Stamped] = []
+    for r in chain:
+        if out and out[-1].seq == r.seq:
+            if out[-1].event.event_id != r.event.event_id:
+                report.problems.append(
+                    Problem("conflict", f"two records claim seq {r.seq}", cid, epoch, r.seq, r.table, r.event.event_id)
+                )
+            continue  # the same event stored twice (before a merge) is not a problem
+        out.append(r)
+    return out
+
+
+def _check_epoch(chain: list[Stamped], cid: str, epoch: int, from_start: bool, report: CollectorReport) -> None:
+    expected = 1 if from_start else (chain[0].seq if chain else 1)
+    previous: Stamped | None = None
+    previous_hash: str | None = None
+    for r in chain:
+        c = r.event.collector
+        assert c is not None
+        actual = record_hash(r.event)
+        if r.seq > expected:
+            missing = f"seq {expected}" if r.seq == expected + 1 else f"seq {expected}..{r.seq - 1}"
+            report.problems.append(
+                Problem("gap", f"{missing} missing (lost on the way, or deleted)", cid, epoch, expected)
+            )
+            previous = None  # the link across a gap cannot be checked
+        if r.stored_hash and r.stored_hash != actual:
+            report.problems.append(
+                Problem(
+                    "edited",
+                    "the row no longer hashes to what landed (content changed after ingestion)",
+                    cid,
+                    epoch,
+                    r.seq,
+                    r.table,
+                    r.event.event_id,
+                )
+            )
+        if previous is not None and c.prev_hash != previous_hash:
+            p = previous
+            report.problems.append(
+                Problem(
+                    "chain_break",
+                    f"seq {r.seq} chained to a different record than the one stored as seq {p.seq} "
+                    "(edited, replaced or reordered)",
+                    cid,
+                    epoch,
+                    p.seq,
+                    p.table,
+                    p.event.event_id,
+                )
+            )
+        elif previous is None and r.seq == 1 and c.prev_hash is not None:
+            report.problems.append(
+                Problem("chain_break", "the first record of an epoch has a prev_hash", cid, epoch, 1, r.table)
+            )
+        previous, previous_hash = r, actual
+        expected = r.seq + 1
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _pages(fetch: Fetch, sql: str) -> Iterator[dict[str, Any]]:
+    offset = 0
+    while True:
+        result = fetch(f"{sql} LIMIT {PAGE} OFFSET {offset}")
+        columns = result["columns"]
+        for row in result["rows"]:
+            yield dict(zip(columns, row, strict=True))
+        if len(result["rows"]) < PAGE:
+            return
+        offset += PAGE
+
+
+def verify(fetch: Fetch, database: str, since: datetime | None = None, tenant: str | None = None) -> VerifyReport:
+    report = VerifyReport()
+    where = []
+    if tenant is not None:
+        where.append(f"tenant = {_quote(tenant)}")
+    tenant_only = f" WHERE {' AND '.join(where)}" if where else ""
+    if since is not None:
+        where.append(f"event_time >= {_quote(format_timestamp(since))}")
+    filtered = f" WHERE {' AND '.join(where)}" if where else ""
+
+    stamped: list[Stamped] = []
+    engine = DecisionEngine()
+    calls: list[ToolCall] = []
+    for table in RAW_TABLES:
+        # facts: all of them (older facts decide newer calls); chains and calls: the --since window
+        scope = tenant_only if table in ("identity_events", "consent_events") else filtered
+        sql = (
+            f"SELECT * FROM {database}.{table} FINAL{scope}"
+            " ORDER BY collector_id, collector_epoch, collector_seq, event_id"
+        )
+        for row in _pages(fetch, sql):
+            try:
+                event = event_from_row(table, row)
+            except (EventError, ValueError, KeyError, TypeError) as exc:
+                report.row_problems.append(
+                    Problem(
+                        "unreadable", f"row does not rebuild an event: {exc}", table=table, event_id=row.get("event_id")
+                    )
+                )
+                continue
+            in_window = since is None or event.event_time >= since
+            if isinstance(event, (SessionBound, SessionEnded, GrantIssued, GrantRevoked)):
+                engine.add_fact(event)
+            elif isinstance(event, ToolCall):
+                calls.append(event)
+            if not in_window:
+                continue
+            if event.collector is None:
+                report.unstamped += 1
+            else:
+                stamped.append(Stamped(table, event, str(row.get("_record_hash") or "")))
+    report.collectors = check_chains(stamped, from_start=since is None)
+
+    current: dict[tuple[str, str], dict[str, Any]] = {}
+    call_scope = filtered.replace("event_time", "call_time")
+    sql = (
+        f"SELECT tenant, call_id, verdict, matched_grant_id, final, version FROM {database}.evidence_current"
+        f"{call_scope} ORDER BY tenant, call_id"
+    )
+    for row in _pages(fetch, sql):
+        current[(row["tenant"], row["call_id"])] = row
+    for call in calls:
+        report.calls_checked += 1
+        decision = engine.decide(call)
+        stored = current.get((call.tenant, call.call_id))
+        if stored is None:
+            report.verdict_problems.append(
+                Problem("undecided", f"no verdict recorded (replay says {decision.verdict})", call_id=call.call_id)
+            )
+        elif not stored["final"]:
+            report.pending += 1
+        elif (stored["verdict"], stored["matched_grant_id"]) != (decision.verdict, decision.matched_grant_id):
+            report.verdict_problems.append(
+                Problem(
+                    "mismatch",
+                    f"stored {stored['verdict']} (grant {stored['matched_grant_id']}, version {stored['version']}), "
+                    f"replay of the raw events gives {decision.verdict} (grant {decision.matched_grant_id})",
+                    call_id=call.call_id,
+                )
+            )
+        else:
+            report.verdicts_match += 1
+    return report
