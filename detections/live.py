@@ -50,6 +50,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Generic, Literal, TypeVar
 from urllib.parse import quote
 
+from detections.catalog import Detector
 from detections.compact import (
     decode_grants,
     decode_sessions,
@@ -63,6 +64,7 @@ from detections.engine import (
     Decision,
     GrantFact,
     GrantHistory,
+    GrantState,
     SessionFact,
     SessionHistory,
     SessionState,
@@ -76,6 +78,9 @@ from schemas import (
     format_timestamp,
     parse_delegation_key,
     parse_timestamp,
+)
+from schemas import (
+    Finding as FindingRecord,
 )
 
 __all__ = [
@@ -138,10 +143,12 @@ class Forward:
 class Output:
     forwards: list[Forward] = field(default_factory=list)
     evidence: list[Evidence] = field(default_factory=list)
+    findings: list[FindingRecord] = field(default_factory=list)
 
     def extend(self, other: Output) -> None:
         self.forwards.extend(other.forwards)
         self.evidence.extend(other.evidence)
+        self.findings.extend(other.findings)
 
 
 # ------------------------------------------------------------------------------- keys
@@ -539,9 +546,12 @@ class Stage2:
         calls: MutableMapping[str, bytes],
         config: LiveConfig | None = None,
         counters: LiveCounters | None = None,
+        detector: Detector | None = None,
     ) -> None:
         self.partition = partition
         self.grants = grants
+        self.detector = detector or Detector()
+        self._per_call = Detector([r for r in self.detector.rules if r.meta.kind == "per_call"], self.detector.config)
         self.calls = calls
         self.config = config or LiveConfig()
         self.counters = counters or LiveCounters()
@@ -594,13 +604,17 @@ class Stage2:
         """Finalize calls whose deadline has passed and forget closed ones (run on every event)."""
         out = Output()
         now_us = micros(now)
-        for skey in self._deadlines.due(now_us):
+        due: list[tuple[int, str, str, dict[str, Any]]] = []
+        for skey in set(self._deadlines.due(now_us)):
             raw = self.calls.get(skey)
             if raw is None:
                 continue
             rec = _loads(raw)
             if rec.get("moved") is not None or rec["fin"] or rec["d"] > now_us:
                 continue
+            due.append((rec["call"]["_t"], rec["call"]["call_id"], skey, rec))
+        # Calls that become final together go to the sequence rules in event-time order, as in replay.
+        for _t, _cid, skey, rec in sorted(due, key=lambda d: d[:3]):
             out.extend(self._decide(skey, rec, now, "deadline", late=False))
         closed = 0
         for skey in self._expiry.due(now_us):
@@ -731,7 +745,7 @@ class Stage2:
     def _decide(self, skey: str, rec: dict[str, Any], now: datetime, reason: Reason, late: bool) -> Output:
         call = unstrip_call({k: v for k, v in rec["call"].items() if k != "_t"})
         attribution = attribution_from_json(rec["attr"])
-        grants = []
+        grants: list[GrantState] = []
         if not attribution.terminal and attribution.principal is not None and attribution.agent_id is not None:
             history = self._grant_history(rec["route"])
             if history is not None:
@@ -755,7 +769,14 @@ class Stage2:
         if late:
             self.counters.add("evidence_late")
         evidence = build_evidence(call, decision, rec["ver"], final, late, now, rec["q"], reason, kind)
-        return Output(evidence=[evidence])
+        findings: list[FindingRecord] = []
+        if final:
+            # Final verdicts go through the rules once; an amendment re-runs the per-call rules only
+            # (sequence rules have already counted this call).
+            detector = self._per_call if was_final else self.detector
+            findings = [f.to_record(now) for f in detector.evaluate(call, decision, grants)]
+            self.counters.add("findings", len(findings))
+        return Output(evidence=[evidence], findings=findings)
 
 
 def build_evidence(

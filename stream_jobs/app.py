@@ -128,6 +128,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     stage2_in = raw_topic(topics.calls_by_route, topics.grants)
     routed_topic = raw_topic(topics.calls_by_route)
     evidence_topic = raw_topic(topics.evidence)
+    findings_topic = raw_topic(topics.findings)
     dead_letter_topic = raw_topic(topics.dead_letter)
 
     s1_sessions, s1_calls = TableView(table("s1-sessions")), TableView(table("s1-calls"))
@@ -160,6 +161,10 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         for evidence in out.evidence:
             await evidence_topic.send(key=evidence.call_id.encode("utf-8"), value=encode(evidence))
             counters[f"evidence_{evidence.verdict}"] += 1
+        for finding in out.findings:
+            # keyed by dedup key: one pager partition sees every finding of a dedup key
+            await findings_topic.send(key=finding.dedup_key.encode("utf-8"), value=encode(finding))
+            counters["findings"] += 1
 
     async def dead_letter(event: Any, stage: str, exc: Exception, now: datetime) -> None:
         counters["dead_letters"] += 1

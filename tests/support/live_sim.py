@@ -17,6 +17,7 @@ from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, ti
 from schemas import (
     BaseEvent,
     Evidence,
+    Finding,
     GrantIssued,
     GrantRevoked,
     SessionBound,
@@ -41,12 +42,14 @@ class LiveSim:
         self.stage2 = [Stage2(p, self.s2_grants, self.s2_calls, self.config, self.counters) for p in range(partitions)]
         self.queues: list[deque[tuple[str, bytes]]] = [deque() for _ in range(partitions)]
         self.evidence: list[Evidence] = []
+        self.findings: list[Finding] = []
 
     def partition(self, key: str) -> int:
         return zlib.crc32(key.encode("utf-8")) % self.n
 
     def _collect(self, out: Output) -> None:
         self.evidence.extend(out.evidence)
+        self.findings.extend(out.findings)
         for fwd in out.forwards:
             self.queues[self.partition(fwd.route)].append((fwd.route, fwd.payload))
 

@@ -39,15 +39,29 @@ def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.Comp
     )
 
 
-def replay_lines(settings: Settings, path: Path) -> dict[str, tuple[str, str | None]]:
-    """``scopewatch replay`` on a file: call_id -> (verdict, matched_grant_id)."""
+def replay_output(settings: Settings, path: Path) -> list[dict[str, object]]:
+    """``scopewatch replay`` on a file: its lines, parsed."""
     result = cli(settings, "replay", str(path))
     assert result.returncode == 0, result.stderr
-    out = {}
-    for line in result.stdout.splitlines():
-        d = json.loads(line)
-        out[d["call_id"]] = (d["verdict"], d["matched_grant_id"])
-    return out
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def replay_lines(settings: Settings, path: Path) -> dict[str, tuple[str, str | None]]:
+    """``scopewatch replay`` on a file: call_id -> (verdict, matched_grant_id)."""
+    return {str(d["call_id"]): (str(d["verdict"]), d["matched_grant_id"]) for d in replay_output(settings, path)}  # type: ignore[misc]
+
+
+def wait_findings(
+    settings: Settings, call_ids: list[str], expected: int, timeout: float = 120.0
+) -> dict[str, list[str]]:
+    """Wait until ``expected`` findings of these calls are in ClickHouse; call_id -> sorted rule ids."""
+    ids = ",".join(f"'{c}'" for c in call_ids)
+    sql = (
+        f"SELECT call_id, arraySort(groupUniqArray(rule_id)) FROM {settings.clickhouse_database}.findings"
+        f" WHERE call_id IN ({ids}) GROUP BY call_id"
+    )
+    rows = wait_rows(settings, sql, lambda r: sum(len(row[1]) for row in r) >= expected, timeout)  # type: ignore[arg-type,misc]
+    return {str(r[0]): list(r[1]) for r in rows}  # type: ignore[call-overload]
 
 
 def current_verdicts(settings: Settings, call_ids: list[str], timeout: float = 180.0) -> dict[str, list[object]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from scopewatch.settings import Settings
-from support.pipeline import cli, current_verdicts, replay_lines
+from support.pipeline import cli, current_verdicts, replay_lines, replay_output, wait_findings
 from support.scenario import jsonl, story
 from support.wrap import child_env
 
@@ -42,8 +42,13 @@ def assert_live_equals_replay(settings: Settings, expected: dict[str, tuple[str,
 
 
 def test_final_verdicts_in_clickhouse_equal_replay(pipeline: Settings, tmp_path: Path) -> None:
-    _, expected = publish_story(pipeline, tmp_path, f"one{os.getpid()}")
+    path, expected = publish_story(pipeline, tmp_path, f"one{os.getpid()}")
     assert_live_equals_replay(pipeline, expected)
+    # the findings the final verdicts raised landed too: the same rules per call as replay lists
+    wanted = {str(d["call_id"]): list(d["findings"]) for d in replay_output(pipeline, path) if d["findings"]}  # type: ignore[call-overload]
+    assert len(wanted) >= 9
+    live = wait_findings(pipeline, sorted(expected), sum(map(len, wanted.values())))
+    assert live == wanted
 
 
 def test_late_revocation_is_an_amendment_flagged_late(pipeline: Settings, tmp_path: Path) -> None:

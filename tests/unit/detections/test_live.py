@@ -134,3 +134,35 @@ def test_bad_internal_messages_raise_for_the_dead_letter_path() -> None:
 def test_config_rejects_negative_durations() -> None:
     with pytest.raises(ValueError, match="grace"):
         LiveConfig(grace=timedelta(seconds=-1))
+
+
+def test_final_verdicts_raise_the_same_findings_as_replay() -> None:
+    from scopewatch.replay import replay
+    from support.scenario import story
+
+    events = [parse_event(e) for e in story("f")]
+    sim = LiveSim()
+    for i, e in enumerate(events):
+        sim.deliver(e, NOW + timedelta(milliseconds=10 * i))
+        sim.drain(NOW)
+    assert sim.findings == [], "provisional verdicts raise nothing"
+    sim.tick(NOW + GRACE + timedelta(seconds=1))
+    live: dict[str, list[str]] = {}
+    for f in sim.findings:
+        live.setdefault(f.call_id, []).append(f.rule_id)
+    expected: dict[str, list[str]] = {}
+    for f in replay(enumerate(events)).findings:
+        expected.setdefault(f.call_id, []).append(f.rule_id)
+    expected = {c: sorted(r) for c, r in expected.items()}
+    assert {c: sorted(r) for c, r in live.items()} == expected
+    assert all(f.finding_id for f in sim.findings) and len({f.finding_id for f in sim.findings}) == len(sim.findings)
+
+
+def test_an_amendment_raises_the_per_call_finding_of_its_new_verdict() -> None:
+    sim = LiveSim()
+    run(sim, bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"]))
+    run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
+    sim.tick(NOW + GRACE)
+    assert sim.findings == []
+    run(sim, revoke("10:00:04", "g1", "alice", "a1"), at=NOW + timedelta(seconds=40))
+    assert [f.rule_id for f in sim.findings] == ["revoked_grant"]
