@@ -1,35 +1,126 @@
-"""A Kafka publisher that never blocks its caller.
+"""A Kafka publisher that never blocks its caller on the broker and never loses an event silently.
 
 Collectors sit on the agent's call path: they hand encoded events to
-:class:`BackgroundPublisher` and go on. A daemon thread runs an asyncio loop with an
-``AIOKafkaProducer`` and drains a bounded in-memory queue. When the broker is
-unreachable the thread keeps retrying with backoff; when the queue is full the event
-is counted as lost and reported, never dropped silently (a disk spool replaces the
-loss path in the production collectors).
+:meth:`BackgroundPublisher.publish` and go on. A daemon thread runs an asyncio loop with one
+idempotent ``AIOKafkaProducer`` (``acks=all``) and moves events along::
+
+    publish() -> memory (bounded) --healthy--> producer --ack--> done
+                                  \\-degraded-> spool (disk) -> producer --ack--> ack marker
+
+*Healthy*: events go from memory to the producer. When the broker stops acknowledging (nothing
+acked for ``stall_seconds``), cannot be reached, or memory passes half its bound, the publisher
+turns *degraded*: the unacknowledged in-flight events, then everything in memory, then every
+new event are appended to the local spool (:mod:`collectors.spool`) in publish order. The
+producer keeps retrying what it already holds (same producer id and sequence numbers, so the
+broker drops a retry it already has); spooled events are handed to it from the spool in order
+and marked delivered as acks arrive. When the spool is fully delivered its files are deleted
+and the publisher is healthy again. Per Kafka key (per session) the order is the publish order
+throughout: one producer, one ordered pipeline.
+
+A spool left behind by a collector that died (``kill -9`` included) is adopted and replayed
+by the next publisher started on the same spool directory (see :class:`~collectors.spool.SpoolDir`).
+
+Bounded memory: at most ``max_queued`` events / ``max_queued_bytes`` wait in memory and at most
+``window`` / ``window_bytes`` sit in the producer. When memory *and* spool are full,
+``publish`` blocks or fails closed (``SpoolConfig.on_full``); every event refused is counted
+and described in a *loss record* -- a :class:`~schemas.DeadLetter` with stage ``collector``
+on the dead-letter topic, written to the spool's reserved space and delivered like any other
+record -- so a loss is always explicit. Corrupt or torn records found in an adopted spool
+produce loss records too.
+
+Delivery guarantee: every event accepted by ``publish`` is delivered at least once; across a
+broker outage while the collector runs, exactly once (the idempotent producer's retries).
+A duplicate is possible only when the producer must be replaced (a non-retriable producer
+error) or the collector dies after the broker stored an event but before its ack was
+recorded; events carry ``event_id`` and the collector chain stamp, so duplicates are
+recognisable downstream.
+
+Configuration: a :class:`~collectors.spool.SpoolConfig` (default: from ``SCOPEWATCH_SPOOL_*``
+environment variables, see :mod:`collectors.spool`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import os
 import threading
-from collections import deque
+import time
+import uuid
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+)
+
+from collectors.spool import (
+    KIND_EVENT,
+    KIND_LOSS,
+    Problem,
+    Segment,
+    SpoolConfig,
+    SpoolConfigError,
+    SpoolDir,
+    SpoolEntry,
+    SpoolFull,
+    encode_payload,
+)
+from schemas import DeadLetter, encode
+
+__all__ = ["BackgroundPublisher", "PublisherError", "PublisherStats", "loss_record"]
 
 log = logging.getLogger("scopewatch.publisher")
+
+#: errors that concern one record, not the broker: retrying cannot help
+POISON = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
+)
+_TICK = 0.05
+_DEGRADED_SEND_TIMEOUT = 0.1
+FAIL_GRACE = 1.0
+"""``on_full="fail"``: how long publish() waits for the thread to move memory to a spool that has room."""
+_SPILL_BATCH = 1000
+_SPILL_BATCH_BYTES = 4 << 20
+
+
+class PublisherError(RuntimeError):
+    """The publisher cannot start: bad spool settings or an unusable spool directory (fail closed)."""
 
 
 @dataclass
 class PublisherStats:
+    """Counters of one publisher; ``lost_*`` are real losses, each described in a loss record."""
+
     queued: int = 0
     sent: int = 0
-    lost_queue_full: int = 0
+    lost_queue_full: int = 0  # refused by publish(): memory and spool full (or publisher closed)
     send_errors: int = 0
     last_error: str | None = None
-    lost_at_close: int = 0
+    lost_at_close: int = 0  # neither delivered nor spooled when the publisher closed
+    spooled: int = 0  # records written to the spool
+    replayed: int = 0  # spooled records delivered
+    adopted: int = 0  # undelivered records adopted from collectors that died
+    loss_records: int = 0
+    lost_poison: int = 0  # records Kafka refused for good (e.g. too large)
+    spool_problems: int = 0  # torn or corrupt stretches found in the spool
+    spooled_at_close: int = 0  # left in the spool for the next start
+    blocked: int = 0  # publish() calls that waited for room
+    degraded: int = 0  # times the publisher switched to the spool
+    spool_full: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -40,6 +131,64 @@ class _Item:
     topic: str
     key: bytes | None
     value: bytes
+    kind: int = KIND_EVENT
+
+    @property
+    def size(self) -> int:
+        return len(self.value) + len(self.topic) + (len(self.key) if self.key else 0)
+
+
+@dataclass
+class _Flight:
+    """A record handed to the producer, not yet acknowledged."""
+
+    item: _Item
+    future: asyncio.Future[object]
+    sent_at: float
+    segment: Segment | None = None  # where it is spooled (None: only in memory)
+    index: int = 0
+    end: int = 0
+
+
+@dataclass
+class _Loss:
+    count: int = 0
+    topics: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    first: datetime | None = None
+    last: datetime | None = None
+
+    def add(self, topic: str, reason: str, n: int = 1) -> None:
+        now = datetime.now(UTC)
+        self.count += n
+        self.topics[topic] += n
+        self.reasons[reason] += n
+        self.first = self.first or now
+        self.last = now
+
+
+def loss_record(
+    *,
+    publisher: str,
+    reason: str,
+    detail: dict[str, object],
+    source_topic: str = "",
+    at: datetime | None = None,
+) -> DeadLetter:
+    """The explicit record of a loss: stage ``collector``, details as JSON in ``payload_b64``."""
+    at = at or datetime.now(UTC)
+    body = {"kind": "collector_loss", "publisher": publisher, **detail}
+    return DeadLetter(
+        dead_letter_id=str(uuid.uuid4()),
+        source_topic=source_topic,
+        source_partition=0,
+        source_offset=0,
+        key=publisher,
+        reason=reason[:2000],
+        stage="collector",
+        payload_b64=base64.b64encode(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).decode("ascii"),
+        failed_at=at,
+    )
 
 
 @dataclass
@@ -47,56 +196,176 @@ class BackgroundPublisher:
     """Publishes ``(topic, key, value)`` records from any thread without waiting for the broker."""
 
     bootstrap: str
-    max_queued: int = 100_000
+    max_queued: int = 50_000
     linger_ms: int = 5
     client_id: str = "scopewatch-collector"
     stats: PublisherStats = field(default_factory=PublisherStats)
+    spool: SpoolConfig | None = None  # None: SpoolConfig.from_env(os.environ)
+    max_queued_bytes: int = 64 << 20
+    stall_seconds: float = 1.0
+    window: int = 2000
+    window_bytes: int = 16 << 20
+    request_timeout_ms: int = 60_000
+    send_timeout: float = 1.0
+    connect_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        self._queue: deque[_Item] = deque()
-        self._lock = threading.Lock()
+        try:
+            self.config = self.spool if self.spool is not None else SpoolConfig.from_env(os.environ)
+        except SpoolConfigError as exc:
+            raise PublisherError(f"spool settings: {exc}") from None
+        self._spool = SpoolDir(self.config)
+        self._window_bytes = min(self.window_bytes, self.config.max_bytes // 4)
+        self._incoming: deque[_Item] = deque()
+        self._incoming_bytes = 0
+        self._cond = threading.Condition()
+        self._loss = _Loss()
+        self._sleeping = False
+        self._accepting = True
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._closing = False
         self._abort = False
-        self._drained = threading.Event()
+        self._idle = threading.Event()
+        self._durable = threading.Event()  # nothing accepted is only in memory
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scopewatch-publisher", daemon=True)
         self._started = False
+        # owned by the publisher thread
+        self._inflight: deque[_Flight] = deque()
+        self._inflight_bytes = 0
+        self._unspooled = 0  # in-flight records that are only in memory
+        self._degraded = False
+        self._producer: AIOKafkaProducer | None = None
+        self._connecting: asyncio.Task[AIOKafkaProducer] | None = None
+        self._connect_failed = False
+        self._connect_started = 0.0
+        self._next_connect = 0.0
+        self._backoff = 0.1
+        self._send_stalled = False
+        self._send_retry_at = 0.0
+        self._send_pause = 0.1
+        self._broken: BaseException | None = None
+        self._last_sync = time.monotonic()
+        self._wrote = False
+
+    @property
+    def spool_dir(self) -> str:
+        return str(self.config.dir)
 
     # -- caller side -------------------------------------------------------------
     def start(self) -> BackgroundPublisher:
+        """Take this publisher's share of the spool directory and start the thread."""
         if not self._started:
+            try:
+                self._spool.lock()
+            except OSError as exc:
+                raise PublisherError(
+                    f"cannot use the spool directory {self.config.dir}: {exc.strerror or exc}"
+                ) from None
             self._started = True
             self._thread.start()
         return self
 
     def publish(self, topic: str, key: bytes | None, value: bytes) -> bool:
-        """Queue one record; returns False (and counts a loss) if the queue is full."""
-        with self._lock:
-            if len(self._queue) >= self.max_queued:
-                self.stats.lost_queue_full += 1
-                return False
-            self._queue.append(_Item(topic, key, value))
+        """Queue one record. False: refused (memory and spool full, or closed) -- a counted loss."""
+        item = _Item(topic, key, value)
+        size = item.size
+        with self._cond:
+            if not self._accepting:
+                return self._refuse(topic, "publisher closed")
+            if self._is_full(size):
+                if not self._started:
+                    return self._refuse(topic, "publisher not started")
+                self.stats.blocked += 1
+                fail = self.config.on_full == "fail"
+                timeout = FAIL_GRACE if fail else self.config.block_timeout
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self._is_full(size):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if not self._accepting:
+                        return self._refuse(topic, "publisher closed")
+                    if (fail and self.stats.spool_full) or (remaining is not None and remaining <= 0):
+                        return self._refuse(topic, "spool full" if self.stats.spool_full else "memory full")
+                    self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+            self._incoming.append(item)
+            self._incoming_bytes += size
             self.stats.queued += 1
-        self._loop.call_soon_threadsafe(self._wake.set)
+            wake = self._sleeping
+            self._sleeping = False
+            self._idle.clear()
+        if wake:
+            self._poke()
         return True
 
+    def _is_full(self, size: int) -> bool:
+        if not self._incoming:
+            return False
+        return len(self._incoming) >= self.max_queued or self._incoming_bytes + size > self.max_queued_bytes
+
+    def _refuse(self, topic: str, reason: str) -> bool:
+        """Count one refused event (the caller holds the lock); it goes into the next loss record."""
+        self.stats.lost_queue_full += 1
+        self._loss.add(topic, reason)
+        self._sleeping = False
+        if self._started:
+            self._poke()
+        return False
+
     def pending(self) -> int:
-        with self._lock:
-            return len(self._queue)
+        """Events accepted but not yet acknowledged by Kafka (in memory, in the producer or spooled)."""
+        with self._cond:
+            waiting = len(self._incoming)
+        return waiting + self._spool.pending() + self._unspooled
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything accepted so far is acknowledged by Kafka; False on timeout."""
+        self._poke()
+        return self._idle.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> PublisherStats:
-        """Flush what is queued (waiting at most ``timeout`` seconds) and stop."""
+        """Stop: first make everything pending durable in the spool, then deliver it (waiting at most
+        ``timeout`` seconds, less when Kafka makes no progress).
+
+        Spooling first matters: MCP clients kill a server a few seconds after closing its stdin, and
+        whatever is in the spool survives that -- the next collector start delivers it.
+        """
         if not self._started:
             return self.stats
         self._closing = True
         self._poke()
-        self._drained.wait(timeout)
+        deadline = time.monotonic() + timeout
+        moved_at, last = time.monotonic(), self.stats.sent
+        while not self._idle.wait(0.05):
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if self.stats.sent != last:
+                moved_at, last = now, self.stats.sent
+            elif self._durable.is_set() and now - moved_at > max(0.5, self.stall_seconds):
+                break  # nothing moves and nothing is at risk: the next start delivers the spool
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
         self._abort = True
         self._poke()
-        self._thread.join(timeout=10.0)
-        with self._lock:
-            self.stats.lost_at_close = len(self._queue)
+        self._thread.join(timeout=60.0)
+        if self.stats.spooled_at_close:
+            log.warning(
+                "%d events are not delivered yet and stay in the spool %s: the next collector started with this "
+                "spool directory delivers them",
+                self.stats.spooled_at_close,
+                self.config.dir,
+            )
+        if self.stats.lost_queue_full or self.stats.lost_at_close or self.stats.lost_poison:
+            log.warning(
+                "events lost: %d refused (spool full), %d at close, %d refused by Kafka; see the loss records "
+                "(stage 'collector') on %s",
+                self.stats.lost_queue_full,
+                self.stats.lost_at_close,
+                self.stats.lost_poison,
+                self.config.loss_topic,
+            )
         return self.stats
 
     def _poke(self) -> None:
@@ -110,98 +379,503 @@ class BackgroundPublisher:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main())
+        except BaseException:
+            log.exception("the publisher thread failed")
+            raise
         finally:
-            self._drained.set()
+            self._stopped.set()
+            self._idle.set()
+            self._durable.set()
+            with self._cond:
+                self._accepting = False
+                self._cond.notify_all()
             self._loop.close()
 
     async def _main(self) -> None:
-        producer: AIOKafkaProducer | None = None
-        backoff = 0.1
+        self._recover()
         while not self._abort:
-            if producer is None:
-                producer = await self._connect()
-                if producer is None:
-                    await self._sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                backoff = 0.1
-            batch = self._take(500)
-            if not batch:
-                if self._closing:
-                    break
-                self._wake.clear()
-                if not self.pending():
-                    await self._wake.wait()
+            self._wake.clear()
+            now = time.monotonic()
+            self._reap()
+            if self._broken is not None:
+                await self._reset()
                 continue
-            if not await self._send_batch(producer, batch):
-                await _close_quietly(producer)
-                producer = None
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        if producer is not None:
-            await _close_quietly(producer)
+            self._route(now)
+            self._connect_step(now)
+            await self._send(now)
+            self._heal()
+            self._sync(now)
+            await self._sleep(self._update_idle())
+        await self._shutdown()
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake early when close() gives up waiting."""
-        self._wake.clear()
+    def _recover(self) -> None:
+        """Adopt what dead collectors left in the spool directory; their records go first."""
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+            adopted = self._spool.adopt()
+        except OSError as exc:
+            self._error(exc)
+            log.error("cannot adopt the spool in %s: %s", self.config.dir, exc)
+            return
+        problems: list[Problem] = [p for seg in adopted for p in seg.problems]
+        for seg in adopted:
+            self.stats.adopted += seg.pending
+        if self.stats.adopted:
+            log.warning("delivering %d events a previous collector left in %s", self.stats.adopted, self.config.dir)
+        self._spool.drop_delivered()
+        if problems:
+            self._spool_problems(problems)
+        if self._spool.pending():
+            self._enter_degraded("undelivered events in the spool")
 
-    async def _connect(self) -> AIOKafkaProducer | None:
+    def _spool_problems(self, problems: list[Problem]) -> None:
+        for problem in problems:
+            self.stats.spool_problems += 1
+            log.warning("spool: %s", problem.describe())
+        items = [
+            self._loss_item(
+                f"collector spool damaged: {p.describe()}",
+                {"problem": p.kind, "segment": p.path.name, "offset": p.offset, "bytes": p.length, "detail": p.detail},
+            )
+            for p in problems
+        ]
+        try:
+            self._append(items, reserve_ok=True)
+        except (SpoolFull, OSError) as exc:
+            self._error(exc)
+            return
+        self._enter_degraded("damaged spool")
+
+    # routing: memory -> producer or spool ----------------------------------------------
+    def _route(self, now: float) -> None:
+        if not self._degraded:
+            reason = "closing: pending events go to the spool first" if self._closing else self._degrade_reason(now)
+            if self._closing and not self._unspooled and not self._incoming:
+                reason = None
+            if reason is not None:
+                self._degrade(reason)
+        if self._degraded:
+            self._spill()
+        self._flush_loss()
+
+    def _degrade_reason(self, now: float) -> str | None:
+        if self._inflight and now - self._inflight[0].sent_at > self.stall_seconds:
+            return f"no acknowledgement from Kafka for {self.stall_seconds:g}s"
+        if self._send_stalled:
+            return "the producer accepts no more records"
+        if self._producer is None and self._connect_failed:
+            return "cannot connect to Kafka"
+        if self._connecting is not None and now - self._connect_started > self.stall_seconds:
+            return f"no connection to Kafka within {self.stall_seconds:g}s"
+        with self._cond:
+            high = len(self._incoming) > self.max_queued // 2 or self._incoming_bytes > self.max_queued_bytes // 2
+        if high:
+            return "events arrive faster than Kafka acknowledges them"
+        return None
+
+    def _degrade(self, reason: str) -> bool:
+        """Spool every in-flight record that is only in memory; True when the publisher is degraded."""
+        unspooled = [f for f in self._inflight if f.segment is None]
+        try:
+            placed = self._append([f.item for f in unspooled], reserve_ok=True) if unspooled else []
+        except (SpoolFull, OSError) as exc:
+            self._error(exc)
+            return False
+        for flight, (seg, index, end) in zip(unspooled, placed, strict=True):
+            flight.segment, flight.index, flight.end = seg, index, end
+            seg.read_index, seg.read_offset = index + 1, end  # already in the producer
+        self._unspooled = 0
+        self._enter_degraded(reason)
+        return True
+
+    def _enter_degraded(self, reason: str) -> None:
+        if not self._degraded:
+            self._degraded = True
+            if self._closing:
+                log.debug("%s (%s)", reason, self.config.dir)
+                return
+            self.stats.degraded += 1
+            log.warning("Kafka unavailable (%s): spooling events to %s", reason, self.config.dir)
+
+    def _append(self, items: list[_Item], *, reserve_ok: bool = False) -> list[tuple[Segment, int, int]]:
+        placed = self._spool.append(
+            [(item.kind, encode_payload(item.topic, item.key, item.value)) for item in items], reserve_ok=reserve_ok
+        )
+        self.stats.spooled += sum(1 for item in items if item.kind == KIND_EVENT)
+        self._wrote = True
+        return placed
+
+    def _spill(self) -> None:
+        """Memory -> spool, in order, as far as the spool has room."""
+        while True:
+            with self._cond:
+                batch: list[_Item] = []
+                size = 0
+                for item in self._incoming:
+                    if len(batch) >= _SPILL_BATCH or size >= _SPILL_BATCH_BYTES:
+                        break
+                    batch.append(item)
+                    size += item.size
+            if not batch:
+                self.stats.spool_full = False
+                return
+            try:
+                self._append(batch)
+            except SpoolFull:
+                if not self.stats.spool_full:
+                    log.error("the spool %s is full (%d bytes)", self.config.dir, self.config.max_bytes)
+                self.stats.spool_full = True
+                return
+            except OSError as exc:  # a disk error: the spool is unusable, treated like a full one
+                if not self.stats.spool_full:
+                    log.error("cannot write the spool %s: %s", self.config.dir, exc)
+                self._error(exc)
+                self.stats.spool_full = True
+                return
+            self.stats.spool_full = False
+            with self._cond:
+                for _ in batch:
+                    self._incoming.popleft()
+                self._incoming_bytes -= size
+                self._cond.notify_all()
+
+    def _loss_item(self, reason: str, detail: dict[str, object], topic: str = "") -> _Item:
+        record = loss_record(
+            publisher=self.client_id,
+            reason=reason,
+            detail={**detail, "spool": str(self.config.dir)},
+            source_topic=topic,
+        )
+        self.stats.loss_records += 1
+        return _Item(self.config.loss_topic, self.client_id.encode("utf-8"), encode(record), KIND_LOSS)
+
+    def _flush_loss(self) -> None:
+        with self._cond:
+            loss, self._loss = self._loss, _Loss()
+        if not loss.count:
+            return
+        items = [
+            self._loss_item(
+                f"collector lost {n} events for {topic}: " + ", ".join(f"{r} ({c})" for r, c in loss.reasons.items()),
+                {
+                    "lost": n,
+                    "topic": topic,
+                    "reasons": dict(loss.reasons),
+                    "first_at": loss.first,
+                    "last_at": loss.last,
+                },
+                topic,
+            )
+            for topic, n in loss.topics.items()
+        ]
+        if self._degraded:
+            try:
+                self._append(items, reserve_ok=True)
+                return
+            except (SpoolFull, OSError) as exc:
+                self._error(exc)
+                with self._cond:  # keep counting; written as soon as there is room
+                    self._loss.count += loss.count
+                    self._loss.topics.update(loss.topics)
+                    self._loss.reasons.update(loss.reasons)
+                    self._loss.first = loss.first
+                self.stats.loss_records -= len(items)
+                return
+        with self._cond:
+            self._incoming.extendleft(reversed(items))
+            self._incoming_bytes += sum(i.size for i in items)
+
+    # the producer ---------------------------------------------------------------------
+    def _connect_step(self, now: float) -> None:
+        if self._producer is not None:
+            return
+        task = self._connecting
+        if task is not None:
+            if not task.done():
+                return
+            self._connecting = None
+            exc = task.exception() if not task.cancelled() else TimeoutError("connect cancelled")
+            if exc is None:
+                self._producer = task.result()
+                self._connect_failed = False
+                self._backoff = 0.1
+                self._send_stalled = False
+                return
+            self._error(exc, prefix="connect")
+            self._connect_failed = True
+            self._next_connect = now + self._backoff
+            self._backoff = min(self._backoff * 2, 5.0)
+            return
+        if now >= self._next_connect:
+            self._connect_started = now
+            self._connecting = self._loop.create_task(self._connect())
+            self._connecting.add_done_callback(lambda _t: self._wake.set())
+
+    async def _connect(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             client_id=self.client_id,
             linger_ms=self.linger_ms,
             acks="all",
-            request_timeout_ms=10_000,
+            enable_idempotence=True,
+            request_timeout_ms=self.request_timeout_ms,
         )
         try:
-            await producer.start()
-            return producer
-        except (KafkaError, OSError) as exc:
-            self.stats.last_error = f"connect: {exc}"
+            await asyncio.wait_for(producer.start(), timeout=self.connect_timeout)
+        except BaseException:
             await _close_quietly(producer)
-            return None
+            raise
+        return producer
 
-    def _take(self, n: int) -> list[_Item]:
-        with self._lock:
-            out: list[_Item] = []
-            while self._queue and len(out) < n:
-                out.append(self._queue.popleft())
-            return out
-
-    async def _send_batch(self, producer: AIOKafkaProducer, batch: list[_Item]) -> bool:
-        """Send a batch; whatever did not get acknowledged goes back to the queue's head."""
-        futures: list[asyncio.Future[object]] = []
-        for item in batch:
+    async def _send(self, now: float) -> None:
+        producer = self._producer
+        if producer is None or now < self._send_retry_at:
+            return
+        while len(self._inflight) < self.window and self._inflight_bytes < self._window_bytes:
+            entry: SpoolEntry | None = None
+            if self._degraded:
+                entry = self._next_spooled()
+                if entry is None:
+                    return
+                item = _Item(entry.topic, entry.key, entry.value, entry.kind)
+            else:
+                with self._cond:
+                    if not self._incoming:
+                        return
+                    item = self._incoming.popleft()
+                    self._incoming_bytes -= item.size
+                    self._cond.notify_all()
             try:
-                futures.append(await producer.send(item.topic, value=item.value, key=item.key))
-            except (KafkaError, OSError) as exc:
+                # degraded, everything is safe in the spool: never let a stuck producer hold the loop up
+                async with asyncio.timeout(_DEGRADED_SEND_TIMEOUT if self._degraded else self.send_timeout):
+                    future = await producer.send(item.topic, value=item.value, key=item.key)
+            except (TimeoutError, KafkaError) as exc:
+                if isinstance(exc, POISON):
+                    self._poisoned(item, exc, entry)
+                    continue
+                self._unsend(item, entry)
+                if isinstance(exc, TimeoutError):
+                    self._send_stalled = True
+                    self._send_retry_at = now + self._send_pause
+                    self._send_pause = min(self._send_pause * 2, 2.0)
+                else:
+                    self._error(exc)
+                    self._broken = exc
+                return
+            self._send_stalled = False
+            self._send_pause = 0.1
+            future.add_done_callback(lambda _f: self._wake.set())
+            flight = _Flight(item, future, now)
+            if entry is not None:
+                flight.segment, flight.index, flight.end = entry.segment, entry.index, entry.end
+            self._inflight.append(flight)
+            self._inflight_bytes += item.size
+            self._unspooled += entry is None
+
+    def _next_spooled(self) -> SpoolEntry | None:
+        for seg in self._spool.segments:
+            if seg.unsent:
+                entry = seg.read_next()
+                if entry is not None:
+                    return entry
+        return None
+
+    def _unsend(self, item: _Item, entry: SpoolEntry | None) -> None:
+        """The producer did not take ``item``: it goes back where it came from."""
+        if entry is not None:
+            entry.segment.unread(entry)
+        else:
+            with self._cond:
+                self._incoming.appendleft(item)
+                self._incoming_bytes += item.size
+
+    def _poisoned(self, item: _Item, exc: BaseException, entry: SpoolEntry | None) -> None:
+        """Kafka refuses this record for good: record the loss, skip the record."""
+        self._error(exc)
+        self.stats.lost_poison += 1
+        if entry is not None:
+            entry.segment.mark_acked(entry.index, entry.end)
+        if item.kind == KIND_LOSS:
+            log.error("Kafka refused a loss record: %s", exc)
+            return
+        with self._cond:
+            self._loss.add(item.topic, f"refused by Kafka: {type(exc).__name__}")
+
+    def _reap(self) -> None:
+        """Account for the acknowledgements that arrived, in publish order."""
+        touched: set[int] = set()
+        while self._inflight and self._inflight[0].future.done():
+            flight = self._inflight[0]
+            future = flight.future
+            exc: BaseException | None = (
+                asyncio.CancelledError("send cancelled") if future.cancelled() else future.exception()
+            )
+            if exc is not None and not isinstance(exc, POISON):
                 self._error(exc)
+                self._broken = exc
                 break
-        retry: list[_Item] = []
-        for item, fut in zip(batch, futures, strict=False):
+            self._inflight.popleft()
+            self._inflight_bytes -= flight.item.size
+            self._unspooled -= flight.segment is None
+            if exc is not None:
+                self._poisoned(flight.item, exc, None)
+            else:
+                self.stats.sent += 1 if flight.item.kind == KIND_EVENT else 0
+            if flight.segment is not None:
+                flight.segment.mark_acked(flight.index, flight.end)
+                touched.add(id(flight.segment))
+                self.stats.replayed += 1 if flight.item.kind == KIND_EVENT and exc is None else 0
+        if touched:
+            self._record_acks()
+
+    def _record_acks(self) -> None:
+        try:
+            for seg in self._spool.segments:
+                if seg.pending and seg.acked:
+                    seg.write_ack()
+            self._spool.drop_delivered()
+        except OSError as exc:
+            self._error(exc)
+        self._wrote = True
+
+    async def _reset(self) -> None:
+        """The producer failed for good: replace it and resend, from the spool, what it did not ack."""
+        exc, self._broken = self._broken, None
+        log.warning("replacing the Kafka producer after %s: %s", type(exc).__name__, exc)
+        if not self._degraded and not self._degrade("producer failed"):
+            with self._cond:  # no room to spool: the records wait in memory instead
+                self._incoming.extendleft(reversed([f.item for f in self._inflight]))
+                self._incoming_bytes += sum(f.item.size for f in self._inflight)
+            self._inflight.clear()
+            self._inflight_bytes = self._unspooled = 0
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _close_quietly(producer)
+        self._reap()  # what the producer delivered while closing
+        self._broken = None
+        self._inflight.clear()
+        self._inflight_bytes = self._unspooled = 0
+        for seg in self._spool.segments:
+            seg.rewind()
+        self._next_connect = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 5.0)
+
+    def _heal(self) -> None:
+        if self._degraded and not self._inflight and self._spool.pending() == 0 and self._broken is None:
+            self._spool.drop_delivered()
+            self._degraded = False
+            log.log(logging.DEBUG if self._closing else logging.WARNING, "Kafka is back: the spool is delivered")
+
+    def _sync(self, now: float) -> None:
+        policy = self.config.fsync
+        if policy == "never" or not self._wrote:
+            return
+        if policy == "always" or now - self._last_sync >= self.config.fsync_interval:
             try:
-                await fut
-                self.stats.sent += 1
-            except (KafkaError, OSError) as exc:
+                for seg in self._spool.segments:
+                    seg.sync()
+            except OSError as exc:
                 self._error(exc)
-                retry.append(item)
-        retry.extend(batch[len(futures) :])
-        if retry:
-            with self._lock:
-                self._queue.extendleft(reversed(retry))
-        return not retry
+            self._last_sync = now
+            self._wrote = False
 
-    def _error(self, exc: BaseException) -> None:
+    def _update_idle(self) -> float | None:
+        """Set or clear the idle flag; returns how long the loop may sleep (None: until woken)."""
+        with self._cond:
+            empty = not self._incoming and not self._loss.count
+            busy = not empty or bool(self._inflight) or self._degraded or self._spool.pending() > 0
+            if not busy:
+                self._idle.set()
+            else:
+                self._idle.clear()
+            if empty and not self._unspooled:
+                self._durable.set()
+            else:
+                self._durable.clear()
+            if empty:
+                self._sleeping = True
+        if not empty and self._can_progress():
+            return 0.0  # more arrived meanwhile: go on at once
+        if self._wrote and self.config.fsync == "interval":
+            return max(0.0, min(_TICK, self._last_sync + self.config.fsync_interval - time.monotonic()))
+        if busy or self._producer is None:
+            return _TICK * 2 if self._degraded else _TICK
+        return None
+
+    def _can_progress(self) -> bool:
+        if self._degraded:
+            return not self.stats.spool_full
+        return (
+            self._producer is not None and len(self._inflight) < self.window and time.monotonic() >= self._send_retry_at
+        )
+
+    async def _sleep(self, seconds: float | None) -> None:
+        if seconds is None:
+            await self._wake.wait()
+            return
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _shutdown(self) -> None:
+        """Make everything undelivered durable in the spool, then stop the producer and close the files."""
+        task, self._connecting = self._connecting, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if not task.cancelled() and task.exception() is None:
+                self._producer = task.result()  # connected just now: closed below
+        self._reap()
+        with self._cond:
+            waiting = bool(self._incoming)
+        if (waiting or self._unspooled) and not self._degraded:
+            self._degrade("closing")
+        if self._degraded:
+            self._spill()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _close_quietly(producer, timeout=2.0)
+            self._broken = None
+            self._reap()
+        with self._cond:
+            left = list(self._incoming)
+            self._incoming.clear()
+            self._incoming_bytes = 0
+            self._cond.notify_all()
+        left += [f.item for f in self._inflight if f.segment is None and not _acked(f)]
+        for item in left:
+            with self._cond:
+                self._loss.add(item.topic, "not delivered and no room in the spool at close")
+        self.stats.lost_at_close += len(left)
+        self._degraded = True  # loss records go to the spool from here on
+        self._flush_loss()
+        try:
+            for seg in self._spool.segments:
+                if seg.acked:
+                    seg.write_ack()
+                if self.config.fsync != "never":
+                    seg.sync()
+        except OSError as exc:
+            self._error(exc)
+        self.stats.spooled_at_close = self._spool.pending()
+        self._spool.close(keep=self.stats.spooled_at_close > 0)
+
+    def _error(self, exc: BaseException, prefix: str = "") -> None:
         self.stats.send_errors += 1
-        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        text = f"{type(exc).__name__}: {exc}"
+        self.stats.last_error = f"{prefix}: {text}" if prefix else text
 
 
-async def _close_quietly(producer: AIOKafkaProducer) -> None:
+def _acked(flight: _Flight) -> bool:
+    future = flight.future
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+async def _close_quietly(producer: AIOKafkaProducer, timeout: float = 5.0) -> None:
     try:
-        await asyncio.wait_for(producer.stop(), timeout=5.0)
-    except Exception:
+        await asyncio.wait_for(producer.stop(), timeout=timeout)
+    except Exception:  # closing must not fail the publisher
         log.debug("producer stop failed", exc_info=True)

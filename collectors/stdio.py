@@ -31,6 +31,11 @@ share its ``SCOPEWATCH_`` prefix, which the settings ignore):
     a JSON file with resource rules: a list of ``{"tools": [...], "templates": [...]}``, or
     an object ``{"rules": [...], "defaults": true, "max_resources": 256}``.
 
+Events Kafka cannot take right now are spooled to disk (already redacted) and delivered in order
+when it is back -- by the next wrapper started with the same spool directory if this one dies:
+``SCOPEWATCH_SPOOL_DIR`` (default: ``spool`` under the key file's folder) and the size limit, fsync
+policy and full-spool behaviour of :mod:`collectors.spool`.
+
 A bad setting stops the wrapper before it starts the server (fail closed). Neither the key
 nor any unredacted value is ever written to stderr.
 """

@@ -153,7 +153,7 @@ def wrap(
 
     from collectors.chain import ChainStamper
     from collectors.observer import McpSessionObserver, SessionIdentity
-    from collectors.publisher import BackgroundPublisher
+    from collectors.publisher import BackgroundPublisher, PublisherError
     from collectors.stdio import StdioWrapper, WrapError, exit_like, kafka_emitter
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout carries the MCP session
@@ -169,7 +169,10 @@ def wrap(
         agent_id=agent_id,
         auth={"method": "launcher", "issuer": "scopewatch-wrap", "host": socket.gethostname()},
     )
-    publisher = BackgroundPublisher(settings.kafka_bootstrap, client_id="scopewatch-wrap").start()
+    try:
+        publisher = BackgroundPublisher(settings.kafka_bootstrap, client_id="scopewatch-wrap").start()
+    except PublisherError as exc:
+        _fail(str(exc), code=2)
     cid = collector_id or f"stdio:{socket.gethostname()}:{sid}"
     emit = kafka_emitter(publisher, settings.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000))
     observer = McpSessionObserver(identity, transport="stdio", server_label=server)
@@ -336,11 +339,16 @@ def demo(
 def _mount_subcommands() -> None:
     from scopewatch.dashboards_cli import dashboards_app
     from scopewatch.forensics_cli import forensics_app
+    from scopewatch.intake_cli import emit_app, intake_app
+    from scopewatch.proxy_cli import proxy_app
     from scopewatch.rules_cli import rules_app
 
     app.add_typer(rules_app, name="rules", help="the detection rule catalog: list the rules, run their cases")
     app.add_typer(forensics_app, name="forensics", help="named forensic SQL queries: list them, run one")
     app.add_typer(dashboards_app, name="dashboards", help="Grafana dashboards and alert rules as code")
+    app.add_typer(proxy_app, name="proxy", help="HTTP collector: reverse proxy for MCP Streamable HTTP")
+    app.add_typer(intake_app, name="intake", help="signed identity/consent webhooks onto Kafka")
+    app.add_typer(emit_app, name="emit", help="publish one identity or consent event from options")
 
 
 _mount_subcommands()

@@ -1,0 +1,297 @@
+"""The identity and consent intake against the real broker: signed deliveries, replays, 503, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaConsumer
+
+from collectors.chain import record_hash
+from collectors.intake import IntakeConfig, KafkaSink, make_app, new_secret, parse_secret, sign
+from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded, decode, delegation_key, to_canonical_dict
+from scopewatch.settings import Settings
+from scopewatch.stack import proc
+from scopewatch.stack.kafka import KafkaBroker, create_topics
+from support.wrap import child_env
+
+pytestmark = pytest.mark.integration
+
+SECRET = new_secret()
+KEY = parse_secret(SECRET)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, kafka_broker: KafkaBroker, cache_dir: Path) -> Settings:
+    s = Settings(
+        home=tmp_path / "home",
+        cache_dir=cache_dir,
+        bootstrap=kafka_broker.config.bootstrap,
+        topic_prefix=f"in{uuid.uuid4().hex[:8]}.",
+        partitions=2,
+    )
+    asyncio.run(create_topics(s.kafka_bootstrap, s.topics.all(), s.partitions))
+    return s
+
+
+@pytest.fixture
+async def intake(settings: Settings) -> AsyncIterator[tuple[TestClient[Any, Any], KafkaSink]]:
+    sink = KafkaSink(settings.kafka_bootstrap, timeout=15)
+    app = make_app(IntakeConfig(keys=[KEY], topics=settings.topics, collector_id="intake:test"), sink)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client, sink
+    await sink.close()
+
+
+def _common(event_type: str) -> dict[str, Any]:
+    return {
+        "event_type": event_type,
+        "event_id": str(uuid.uuid4()),
+        "event_time": "2026-11-21T10:00:00.000Z",
+        "tenant": "acme",
+    }
+
+
+def _story(session_id: str, grant_id: str) -> list[dict[str, Any]]:
+    who = {"principal": "alice@example.com", "agent_id": "support-copilot"}
+    return [
+        {**_common("session_bound"), "session_id": session_id, **who, "valid_from": "2026-11-21T10:00:00.000Z"},
+        {
+            **_common("grant_issued"),
+            "grant_id": grant_id,
+            **who,
+            "tools": ["fs/read_*"],
+            "not_before": "2026-11-21T10:00:00.000Z",
+            "granted_by": "alice@example.com",
+            "x_source": "consent-service",  # unknown fields are kept
+        },
+        {**_common("grant_revoked"), "grant_id": grant_id, **who, "revoked_by": "alice@example.com"},
+        {**_common("session_ended"), "session_id": session_id},
+    ]
+
+
+def _signed(body: bytes, msg_id: str, key: bytes = KEY, ts: int | None = None) -> dict[str, str]:
+    ts = int(time.time()) if ts is None else ts
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(key, msg_id, ts, body),
+    }
+
+
+async def _consume(settings: Settings, done: Any, timeout: float = 60.0) -> list[tuple[str, bytes, Any]]:
+    """(topic, key, event) of everything on the session and grant topics, until ``done(found)``."""
+    consumer = AIOKafkaConsumer(
+        settings.topics.sessions,
+        settings.topics.grants,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    found: list[tuple[str, bytes, Any]] = []
+
+    async def poll(ms: int) -> None:
+        for tp, messages in (await consumer.getmany(timeout_ms=ms)).items():
+            found.extend((tp.topic, m.key, decode(m.value)) for m in messages)
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not done(found) and time.monotonic() < deadline:
+            await poll(500)
+        await asyncio.sleep(1.5)  # duplicates would show up now
+        await poll(1000)
+    finally:
+        await consumer.stop()
+    return found
+
+
+def _ids(found: list[tuple[str, bytes, Any]]) -> list[str]:
+    return [event.event_id for _t, _k, event in found]
+
+
+async def test_a_signed_batch_lands_on_its_topics_with_its_keys(
+    intake: tuple[TestClient[Any, Any], KafkaSink], settings: Settings
+) -> None:
+    client, _sink = intake
+    session_id, grant_id = str(uuid.uuid4()), str(uuid.uuid4())
+    sent = _story(session_id, grant_id)
+    body = json.dumps(sent).encode()
+    response = await client.post("/v1/events", data=body, headers=_signed(body, "msg_batch"))
+    answer = await response.json()
+    assert response.status == 200, answer
+    topics = settings.topics
+    assert answer["accepted"] == 4
+    assert [e["topic"] for e in answer["events"]] == [topics.sessions, topics.grants, topics.grants, topics.sessions]
+
+    found = await _consume(settings, lambda f: len(f) >= 4)
+    assert sorted(_ids(found)) == sorted(e["event_id"] for e in sent)
+    delegation = delegation_key("acme", "alice@example.com", "support-copilot").encode()
+    by_id = {event.event_id: (topic, key, event) for topic, key, event in found}
+    for original in sent:
+        topic, key, event = by_id[original["event_id"]]
+        if isinstance(event, SessionBound | SessionEnded):
+            assert (topic, key) == (topics.sessions, session_id.encode())
+        else:
+            assert isinstance(event, GrantIssued | GrantRevoked)
+            assert (topic, key) == (topics.grants, delegation)
+        landed = to_canonical_dict(event)
+        assert landed.pop("collector")["id"] == "intake:test"
+        assert {k: v for k, v in landed.items() if k in original} == original
+    assert by_id[sent[1]["event_id"]][2].model_extra == {"x_source": "consent-service"}
+    # the intake's chain: seq 1..4 in delivery order, each linked to the previous record
+    chain = [by_id[e["event_id"]][2] for e in sent]
+    assert [e.collector.seq for e in chain] == [1, 2, 3, 4]
+    assert all(b.collector.prev_hash == record_hash(a) for a, b in itertools.pairwise(chain))
+
+
+async def test_a_duplicate_valid_delivery_lands_once(
+    intake: tuple[TestClient[Any, Any], KafkaSink], settings: Settings
+) -> None:
+    client, _sink = intake
+    event = _story(str(uuid.uuid4()), "g")[0]
+    body = json.dumps(event).encode()
+    headers = _signed(body, "msg_dup")
+    first = await client.post("/v1/events", data=body, headers=headers)
+    assert first.status == 200
+    again = await client.post("/v1/events", data=body, headers=headers)  # the very same bytes: a replay
+    assert (again.status, (await again.json())["reason"]) == (401, "replayed")
+    retry = await client.post("/v1/events", data=body, headers=_signed(body, "msg_dup"))  # fresh signature
+    assert retry.status == 401
+    other = json.dumps({**event, "event_id": str(uuid.uuid4())}).encode()
+    reused = await client.post("/v1/events", data=other, headers=_signed(other, "msg_dup"))
+    assert reused.status == 401
+    found = await _consume(settings, lambda f: event["event_id"] in _ids(f))
+    assert _ids(found).count(event["event_id"]) == 1
+    assert len(found) == 1
+
+
+async def test_rejected_deliveries_publish_nothing(
+    intake: tuple[TestClient[Any, Any], KafkaSink], settings: Settings
+) -> None:
+    client, _sink = intake
+    rejected: list[str] = []
+
+    async def post(events: list[dict[str, Any]], headers: dict[str, str] | None, status: int) -> None:
+        body = json.dumps(events).encode()
+        response = await client.post("/v1/events", data=body, headers=headers or _signed(body, uuid.uuid4().hex))
+        assert response.status == status, await response.text()
+        rejected.extend(e["event_id"] for e in events)
+
+    story = _story(str(uuid.uuid4()), "g1")
+    body = json.dumps(story[:1]).encode()
+    await post(story[:1], {"content-type": "application/json"}, 401)  # unsigned
+    await post(story[:1], _signed(body, "m1", key=parse_secret(new_secret())), 401)  # wrong secret
+    await post(story[:1], _signed(body, "m2", ts=int(time.time()) - 600), 401)  # stale
+    await post(story[:1], {**_signed(body, "m3"), "webhook-id": "m4"}, 401)  # signature of another id
+    broken = {k: v for k, v in story[1].items() if k != "tools"}
+    await post([story[2], broken, story[3]], None, 422)  # one bad event: the good ones are not published
+    marker = _story(str(uuid.uuid4()), "g2")[0]
+    body = json.dumps(marker).encode()
+    assert (await client.post("/v1/events", data=body, headers=_signed(body, "marker"))).status == 200
+    found = await _consume(settings, lambda f: marker["event_id"] in _ids(f))
+    assert _ids(found) == [marker["event_id"]]
+    # a delivery refused as invalid does not consume its webhook-id: fixed and resent, it is accepted
+    bad = json.dumps([story[2], broken]).encode()
+    assert (await client.post("/v1/events", data=bad, headers=_signed(bad, "fixme"))).status == 422
+    fixed = json.dumps([story[2], story[1]]).encode()
+    assert (await client.post("/v1/events", data=fixed, headers=_signed(fixed, "fixme"))).status == 200
+    assert (await client.post("/v1/events", data=fixed, headers=_signed(fixed, "fixme"))).status == 401
+
+
+async def test_kafka_not_acknowledging_gives_503_and_the_sender_can_retry(settings: Settings) -> None:
+    dead = f"127.0.0.1:{proc.free_port()}"
+    sink = KafkaSink(dead, timeout=3)
+    app = make_app(IntakeConfig(keys=[KEY], topics=settings.topics, collector_id="intake:retry"), sink)
+    event = _story(str(uuid.uuid4()), "g")[0]
+    body = json.dumps(event).encode()
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        response = await client.post("/v1/events", data=body, headers=_signed(body, "msg_retry"))
+        assert response.status == 503 and response.headers["Retry-After"] == "5"
+        sink.bootstrap = settings.kafka_bootstrap  # the broker is back
+        response = await client.post("/v1/events", data=body, headers=_signed(body, "msg_retry"))
+        assert response.status == 200
+    await sink.close()
+    found = await _consume(settings, lambda f: event["event_id"] in _ids(f))
+    [(_topic, _key, landed)] = found
+    assert landed.collector.seq == 1  # the unacknowledged attempt gave its sequence number back
+
+
+def test_intake_and_emit_commands(settings: Settings, tmp_path: Path) -> None:
+    env = child_env(settings)
+    env["SCOPEWATCH_INTAKE_SECRETS"] = SECRET
+    port = proc.free_port()
+    cli = [sys.executable, "-m", "scopewatch.intake_cli"]
+    server = subprocess.Popen(
+        [*cli, "intake", "--listen", f"127.0.0.1:{port}"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        assert f"listening on http://127.0.0.1:{port}/v1/events" in line, line
+        event = _story(str(uuid.uuid4()), "g")[0]
+        body = json.dumps(event).encode()
+
+        async def deliver() -> int:
+            async with ClientSession() as http:
+                url = f"http://127.0.0.1:{port}/v1/events"
+                async with http.post(url, data=body, headers=_signed(body, "cli-msg")) as response:
+                    return response.status
+
+        assert asyncio.run(deliver()) == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _out, err = server.communicate(timeout=60)
+    assert server.returncode == 0
+    assert SECRET not in err and SECRET[6:] not in err
+
+    session_id = str(uuid.uuid4())
+    emitted = []
+    for args in (
+        ["bind", "--session-id", session_id, "--principal", "bob", "--agent-id", "a2", "--valid-until", "+1h"],
+        ["grant", "--principal", "bob", "--agent-id", "a2", "--tool", "fs/read_*", "--grant-id", "g-cli"],
+        ["revoke", "--grant-id", "g-cli", "--principal", "bob", "--agent-id", "a2", "--reason", "done"],
+        ["end", "--session-id", session_id],
+    ):
+        done = subprocess.run([*cli, "emit", *args, "--tenant", "acme"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        emitted.append(json.loads(done.stdout))
+    found = asyncio.run(_consume(settings, lambda f: len(f) >= 5))
+    landed = {e.event_id: (t, k, e) for t, k, e in found}
+    assert event["event_id"] in landed
+    topics = settings.topics
+    expected_keys = [session_id.encode(), b"acme/bob/a2", b"acme/bob/a2", session_id.encode()]
+    for sent, key in zip(emitted, expected_keys, strict=True):
+        topic, got_key, event_model = landed[sent["event_id"]]
+        assert got_key == key
+        assert topic == (topics.sessions if "session" in sent["event_type"] else topics.grants)
+        assert to_canonical_dict(event_model) == sent
+    dry = subprocess.run(
+        [*cli, "emit", "end", "--session-id", "x", "--dry-run"],
+        env={**env, "SCOPEWATCH_BOOTSTRAP": "127.0.0.1:9"},
+        capture_output=True,
+        text=True,
+    )
+    assert dry.returncode == 0 and json.loads(dry.stdout)["event_type"] == "session_ended"
+    down = subprocess.run(
+        [*cli, "emit", "end", "--session-id", "x"],
+        env={**env, "SCOPEWATCH_BOOTSTRAP": f"127.0.0.1:{proc.free_port()}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert down.returncode == 1 and "not published" in down.stderr
