@@ -39,6 +39,7 @@ tests); in-memory indexes are rebuilt from them with ``rebuild()`` after a recov
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -49,6 +50,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Generic, Literal, TypeVar
 from urllib.parse import quote
+
+import orjson
 
 from detections.catalog import Detector
 from detections.compact import (
@@ -154,6 +157,7 @@ class Output:
 # ------------------------------------------------------------------------------- keys
 
 
+@functools.lru_cache(maxsize=65536)
 def session_key(tenant: str, session_id: str) -> str:
     """Key of a session's history: ``tenant/session_id``, parts percent-encoded (2 parts)."""
     return f"{quote(tenant, safe='')}/{quote(session_id, safe='')}"
@@ -173,9 +177,9 @@ def route_for(tenant: str, session_id: str, attribution: Attribution) -> str:
     return session_route(tenant, session_id)
 
 
-def evidence_id_for(tenant: str, session_id: str, call_id: str, version: int) -> str:
+def evidence_id_for(tenant: str, session_id: str, call_id: str, version: int, ckey: str | None = None) -> str:
     """Deterministic: a version re-emitted after a crash has the same id (idempotent sink)."""
-    return str(uuid.uuid5(EVIDENCE_NAMESPACE, f"{call_key(tenant, session_id, call_id)}#{version}"))
+    return str(uuid.uuid5(EVIDENCE_NAMESPACE, f"{ckey or call_key(tenant, session_id, call_id)}#{version}"))
 
 
 def _store_key(route: str, ckey: str) -> str:
@@ -246,8 +250,11 @@ def attribution_from_json(d: dict[str, Any]) -> Attribution:
 
 
 def _digest(value: Any) -> str:
-    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(data.encode("utf-8"), digest_size=12).hexdigest()
+    try:
+        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 
 _CALL_FIELDS: Final = ("event_id", "tenant", "call_id", "session_id", "server", "tool", "resources", "transport")
@@ -271,11 +278,14 @@ def unstrip_call(d: dict[str, Any]) -> ToolCall:
 
 
 def _dumps(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # e.g. an integer beyond 64 bits in attested claims
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _loads(data: bytes) -> dict[str, Any]:
-    value = json.loads(data)
+    value = orjson.loads(data)
     if not isinstance(value, dict):
         raise ValueError("state record is not an object")
     return value
@@ -768,7 +778,7 @@ class Stage2:
         self.counters.add(f"evidence_{kind}")
         if late:
             self.counters.add("evidence_late")
-        evidence = build_evidence(call, decision, rec["ver"], final, late, now, rec["q"], reason, kind)
+        evidence = build_evidence(call, decision, rec["ver"], final, late, now, rec["q"], reason, kind, rec["ck"])
         findings: list[FindingRecord] = []
         if final:
             # Final verdicts go through the rules once; an amendment re-runs the per-call rules only
@@ -789,13 +799,14 @@ def build_evidence(
     attribution_version: int,
     reason: str,
     kind: str,
+    ckey: str | None = None,
 ) -> Evidence:
     facts = dict(decision.facts)
     facts["attribution_version"] = attribution_version
     facts["trigger"] = reason
     facts["kind"] = kind
     return Evidence.model_construct(
-        evidence_id=evidence_id_for(call.tenant, call.session_id, call.call_id, version),
+        evidence_id=evidence_id_for(call.tenant, call.session_id, call.call_id, version, ckey),
         call_id=call.call_id,
         tenant=call.tenant,
         session_id=call.session_id,
