@@ -29,6 +29,7 @@ from schemas.events import (
     DeadLetter,
     Evidence,
     Finding,
+    PageAttempt,
     SchemaModel,
     canonical_json,
     describe_errors,
@@ -56,6 +57,7 @@ MODELS: Final[dict[str, type[SchemaModel]]] = {
     **EVENT_MODELS,
     "evidence": Evidence,
     "finding": Finding,
+    "page_attempt": PageAttempt,
     "dead_letter": DeadLetter,
 }
 #: fields that travel as canonical JSON strings

@@ -36,6 +36,7 @@ __all__ = [
     "Evidence",
     "GrantIssued",
     "GrantRevoked",
+    "PageAttempt",
     "SchemaModel",
     "SessionBound",
     "SessionEnded",
@@ -304,6 +305,32 @@ class Finding(SchemaModel):
     last_call_time: Timestamp
     details: JsonObject = Field(default_factory=dict)
     detected_at: Timestamp
+
+
+class PageAttempt(SchemaModel):
+    """One page delivery attempt, or findings held back from a page (topic audit.pages, table ``pages``).
+
+    ``attempt`` counts HTTP requests of the page to the route (1, 2, ...); 0 when no request was made
+    (``suppressed``: findings grouped into a page already sent in the window; ``rate_limited``). The
+    route is the configured route's name, never its URL or secret.
+    """
+
+    attempt_id: str
+    page_key: str
+    dedup_key: str
+    finding_id: str
+    rule_id: str
+    severity: Literal["info", "low", "medium", "high", "critical"]
+    tenant: str
+    channel: Literal["pagerduty", "slack", "webhook"]
+    route: str
+    attempt: int = Field(ge=0, le=2**32 - 1)
+    outcome: Literal["delivered", "retry", "failed", "suppressed", "rate_limited"]
+    http_status: int | None = Field(default=None, ge=0, le=2**16 - 1)
+    error: str | None = None
+    findings_grouped: int = Field(ge=0, le=2**32 - 1)
+    attempted_at: Timestamp
+    latency_ms: float = Field(ge=0)
 
 
 class DeadLetter(SchemaModel):

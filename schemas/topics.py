@@ -14,6 +14,7 @@ from schemas.events import (
     Finding,
     GrantIssued,
     GrantRevoked,
+    PageAttempt,
     SchemaModel,
     SessionBound,
     SessionEnded,
@@ -27,6 +28,7 @@ __all__ = [
     "EVIDENCE",
     "FINDINGS",
     "GRANTS",
+    "PAGES",
     "SESSIONS",
     "TOOL_CALLS",
     "TOOL_RESULTS",
@@ -43,6 +45,8 @@ SESSIONS: Final = "identity.sessions"
 GRANTS: Final = "consent.grants"
 EVIDENCE: Final = "audit.evidence"
 FINDINGS: Final = "audit.findings"
+PAGES: Final = "audit.pages"
+"""Page delivery ledger: one PageAttempt per attempt (``scopewatch pager``), keyed by dedup key."""
 DEAD_LETTER: Final = "audit.dead-letter"
 CALLS_BY_ROUTE: Final = "scopewatch.calls-by-route"
 """Internal: stage 1 -> stage 2 of the decision job, keyed by route (delegation or session)."""
@@ -58,6 +62,7 @@ class Topics:
     grants: str = GRANTS
     evidence: str = EVIDENCE
     findings: str = FINDINGS
+    pages: str = PAGES
     dead_letter: str = DEAD_LETTER
     calls_by_route: str = CALLS_BY_ROUTE
 
@@ -87,6 +92,8 @@ def topic_for(event: SchemaModel, topics: Topics = _DEFAULT) -> str:
             return topics.evidence
         case Finding():
             return topics.findings
+        case PageAttempt():
+            return topics.pages
         case DeadLetter():
             return topics.dead_letter
     raise TypeError(f"no topic for {type(event).__name__}")

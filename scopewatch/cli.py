@@ -340,6 +340,7 @@ def _mount_subcommands() -> None:
     from scopewatch.dashboards_cli import dashboards_app
     from scopewatch.forensics_cli import forensics_app
     from scopewatch.intake_cli import emit_app, intake_app
+    from scopewatch.pager_cli import pager_app
     from scopewatch.proxy_cli import proxy_app
     from scopewatch.rules_cli import rules_app
 
@@ -349,6 +350,7 @@ def _mount_subcommands() -> None:
     app.add_typer(proxy_app, name="proxy", help="HTTP collector: reverse proxy for MCP Streamable HTTP")
     app.add_typer(intake_app, name="intake", help="signed identity/consent webhooks onto Kafka")
     app.add_typer(emit_app, name="emit", help="publish one identity or consent event from options")
+    app.add_typer(pager_app, name="pager", help="page on-call from findings: PagerDuty, Slack, signed webhooks")
 
 
 _mount_subcommands()

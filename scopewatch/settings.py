@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=7.0, gt=0, description="fact history kept for calls this old")
     tick_seconds: float = Field(default=1.0, gt=0, description="how often idle partitions finalize calls")
 
+    # Pager
+    pager_config: Path | None = Field(
+        default=None, description="routes file (TOML/JSON); default HOME/pager.toml or HOME/pager.json when present"
+    )
+    pager_group: str = "scopewatch-pager"
+
     @property
     def live_config(self) -> LiveConfig:
         return LiveConfig(

@@ -13,6 +13,7 @@ from schemas import (
     Finding,
     GrantIssued,
     GrantRevoked,
+    PageAttempt,
     SessionBound,
     SessionEnded,
     ToolCall,
@@ -204,6 +205,27 @@ def _to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             "details": canonical_json(record.details),
             "detected_at": record.detected_at,
             **common,
+        }
+    if isinstance(record, PageAttempt):
+        # The pages table has no _topic/_partition/_offset: only _ingested_at of the provenance.
+        return "pages", {
+            "attempt_id": record.attempt_id,
+            "page_key": record.page_key,
+            "dedup_key": record.dedup_key,
+            "finding_id": record.finding_id,
+            "rule_id": record.rule_id,
+            "severity": record.severity,
+            "tenant": record.tenant,
+            "channel": record.channel,
+            "route": record.route,
+            "attempt": record.attempt,
+            "outcome": record.outcome,
+            "http_status": record.http_status,
+            "error": record.error,
+            "findings_grouped": record.findings_grouped,
+            "attempted_at": record.attempted_at,
+            "latency_ms": float(record.latency_ms),
+            "_ingested_at": prov.ingested_at,
         }
     if isinstance(record, DeadLetter):
         return "dead_letters", {

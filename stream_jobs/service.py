@@ -21,7 +21,7 @@ log = logging.getLogger("scopewatch.sink")
 
 def sink_topics(settings: Settings) -> list[str]:
     t = settings.topics
-    return [t.tool_calls, t.tool_results, t.sessions, t.grants, t.evidence, t.findings, t.dead_letter]
+    return [t.tool_calls, t.tool_results, t.sessions, t.grants, t.evidence, t.findings, t.pages, t.dead_letter]
 
 
 def query_endpoint_file(settings: Settings) -> Path:

@@ -29,7 +29,9 @@ from scopewatch.stack.kafka import (
     list_topics,
 )
 
-SERVICES = ("sink", "worker")
+SERVICES = ("sink", "worker", "pager")
+OPTIONAL_SERVICES = ("pager",)
+"""Started only when configured (the pager needs a routes file); not counted as down otherwise."""
 Report = Callable[[str], None]
 
 
@@ -94,6 +96,23 @@ class Stack:
             timeout=timeout,
         )
         self._up_service("worker", ["worker"], ports={}, ready=lambda: True, timeout=timeout)
+        self._up_pager(timeout)
+
+    def _up_pager(self, timeout: float) -> None:
+        from stream_jobs.pager import find_config, load, stats_file
+        from stream_jobs.pager_config import PagerConfigError
+
+        s = self.settings
+        path = find_config(s, s.pager_config)
+        if path is None:
+            self.report("pager: no routes file (HOME/pager.toml or SCOPEWATCH_PAGER_CONFIG); not started")
+            return
+        try:
+            load(s, path)  # a missing secret is a clear error before anything is spawned
+        except PagerConfigError as exc:
+            raise StackError(f"pager: {exc}") from exc
+        stats_file(s).unlink(missing_ok=True)
+        self._up_service("pager", ["pager"], ports={}, ready=lambda: stats_file(s).exists(), timeout=timeout)
 
     def _up_kafka(self, timeout: float) -> None:
         s = self.settings
@@ -177,6 +196,8 @@ class Stack:
         for name in SERVICES:
             record = proc.read_pid_record(self.pid_path(name))
             alive = record is not None and proc.is_running(record)
+            if name in OPTIONAL_SERVICES and record is None:
+                continue  # not configured, so not started: not "down"
             out["services"].append(
                 ServiceStatus(name, alive, record.pid if record and alive else None, str(self.log_path(name))).__dict__
             )

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "compose"
 FILE = COMPOSE / "compose.yaml"
 ONE_SHOT = "service_completed_successfully"
-COMING = {"intake", "pager"}
-"""scopewatch commands other issues are building; their services run only with --profile coming."""
+OPTIONAL = {"intake": ["collect"], "pager": ["paging"]}
+"""Services that need configuration of their own (secrets, routes): they run only with their profile."""
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +104,20 @@ def test_dependencies_exist_and_long_running_services_have_healthchecks(spec: di
     assert one_shots(spec) == {"topics", "migrate", "grafana-files"}
 
 
-def test_scopewatch_commands_exist_or_are_marked_coming(spec: dict[str, Any]) -> None:
+def test_scopewatch_commands_exist_and_optional_services_have_their_profile(spec: dict[str, Any]) -> None:
     commands = cli_commands()
     readme = (COMPOSE / "README.md").read_text(encoding="utf-8")
     seen = set()
     for name, service in scopewatch_services(spec).items():
         command = service["command"]
         seen.add(command[0])
-        if command[0] in COMING and command[0] not in commands:
-            assert service.get("profiles") == ["coming"], f"{name} runs a command that does not exist yet"
-            assert f"`scopewatch {command[0]}`" in readme and "coming" in readme
-            continue
+        if command[0] in OPTIONAL:
+            assert service.get("profiles") == OPTIONAL[command[0]], name
+            assert f"`scopewatch {command[0]}`" in readme
         assert command[0] in commands, f"{name}: scopewatch {command[0]} is no command"
         if command[0] == "dashboards":
             assert command[1] in {c.name for c in dashboards_app.registered_commands}
-    assert {"worker", "sink", "migrate", "dashboards", *COMING} <= seen
+    assert {"worker", "sink", "migrate", "dashboards", *OPTIONAL} <= seen
 
 
 def test_scopewatch_settings_in_the_environment_are_real_settings(spec: dict[str, Any]) -> None:

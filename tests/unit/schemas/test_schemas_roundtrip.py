@@ -53,6 +53,13 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     **dict.fromkeys(["event_time", "valid_from", "valid_until", "not_before", "expires_at"], TIMESTAMP),
     **dict.fromkeys(["call_time", "decided_at", "failed_at", "first_call_time", "last_call_time"], TIMESTAMP),
     "detected_at": TIMESTAMP,
+    "channel": st.sampled_from(["pagerduty", "slack", "webhook"]),
+    "outcome": st.sampled_from(["delivered", "retry", "failed", "suppressed", "rate_limited"]),
+    "attempt": st.integers(0, 2**32 - 1),
+    "findings_grouped": st.integers(0, 2**32 - 1),
+    "http_status": st.integers(0, 2**16 - 1),
+    "attempted_at": TIMESTAMP,
+    "latency_ms": st.floats(min_value=0, allow_nan=False, allow_infinity=False),
 }
 
 

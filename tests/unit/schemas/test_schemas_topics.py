@@ -15,11 +15,13 @@ from schemas import (
     EVIDENCE,
     FINDINGS,
     GRANTS,
+    PAGES,
     SESSIONS,
     TOOL_CALLS,
     TOOL_RESULTS,
     DeadLetter,
     Evidence,
+    PageAttempt,
     Topics,
     delegation_key,
     key_for,
@@ -40,6 +42,7 @@ def test_topic_names() -> None:
         "consent.grants",
         "audit.evidence",
         "audit.findings",
+        "audit.pages",
         "audit.dead-letter",
         "scopewatch.calls-by-route",
     ]
@@ -50,6 +53,7 @@ def test_topic_names() -> None:
         GRANTS,
         EVIDENCE,
         FINDINGS,
+        PAGES,
         DEAD_LETTER,
         CALLS_BY_ROUTE,
     ]
@@ -86,6 +90,8 @@ def test_topic_and_key_per_event(kind: str, field: str, key: str, make: Make) ->
 def test_topic_for_output_records(make: Make) -> None:
     assert topic_for(Evidence.model_validate(make("evidence"))) == EVIDENCE
     assert topic_for(DeadLetter.model_validate(make("dead_letter"))) == DEAD_LETTER
+    assert topic_for(PageAttempt.model_validate(make("page_attempt"))) == PAGES
+    assert topic_for(PageAttempt.model_validate(make("page_attempt")), Topics.with_prefix("p.")) == "p.audit.pages"
     with pytest.raises(TypeError):
         key_for(Evidence.model_validate(make("evidence")))  # type: ignore[arg-type]
 

@@ -1,0 +1,593 @@
+"""``scopewatch pager``: findings from ``audit.findings`` to PagerDuty, Slack and signed webhooks.
+
+The I/O around :mod:`stream_jobs.pager_core` (grouping, windows, rate limits, retry decisions):
+
+* consumes ``audit.findings`` (Avro, consumer group from the config, manual commits);
+* delivers each page with one asyncio task per route (aiohttp), retrying on 429/5xx/no response
+  with backoff (Retry-After honoured) until ``max_age_seconds``;
+* records every attempt -- and every batch of held-back findings -- as a ``PageAttempt`` on
+  ``audit.pages`` (acks=all; the sink lands it in the ``pages`` table) *before* the finding's
+  offset may be committed: a partition is committed only up to its oldest finding not yet fully
+  recorded, so a receiver that is down, or a pager that dies, loses no page;
+* on start, re-reads the last ``max(window, max_age)`` of ``audit.pages`` to rebuild the windows
+  (a restart neither re-pages a problem paged a minute ago nor forgets a page still being retried:
+  the same page key, the same webhook id, attempt numbers carry on);
+* pauses consumption while ``max_pending_pages`` deliveries or ``max_held_findings`` uncommitted
+  findings are in flight (bounded state), and keeps polling so the group keeps it;
+* writes counters to ``<home>/run/pager-stats.json`` every 2 s.
+
+Secrets: the route's URL and secret only ever go into the HTTP request. Logs and ledger rows name
+the route; error texts pass through :class:`stream_jobs.pager_config.Redactor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from schemas import CodecError, Finding, PageAttempt, decode, encode
+from scopewatch.settings import Settings
+from scopewatch.stack.proc import atomic_write
+from stream_jobs.pager_config import PagerConfig, Redactor, Route, load_config, resolve_routes
+from stream_jobs.pager_core import AttemptResult, Hold, OffsetTracker, Page, PageBook, RouteState
+from stream_jobs.pager_render import ForensicParams, HttpRequest
+
+__all__ = [
+    "CONFIG_NAMES",
+    "HttpSender",
+    "PagerService",
+    "PagerTopics",
+    "find_config",
+    "forensic_params",
+    "run_pager_service",
+    "send_test_page",
+    "stats_file",
+    "synthetic_finding",
+]
+
+log = logging.getLogger("scopewatch.pager")
+
+CONFIG_NAMES = ("pager.toml", "pager.json")
+MAX_RESPONSE_BYTES = 2048
+
+
+def find_config(settings: Settings, explicit: Path | None = None) -> Path | None:
+    """The routes file: ``explicit``, else ``<home>/pager.toml`` or ``<home>/pager.json`` when present."""
+    if explicit is not None:
+        return explicit
+    for name in CONFIG_NAMES:
+        path = settings.home / name
+        if path.exists():
+            return path
+    return None
+
+
+def stats_file(settings: Settings) -> Path:
+    return settings.run_dir / "pager-stats.json"
+
+
+def forensic_params() -> ForensicParams | None:
+    """Parameters of every forensic query (for the command line in a page), None if they cannot load."""
+    try:
+        from stream_jobs.forensics import load_queries
+
+        return {name: [(p.name, p.required) for p in q.params] for name, q in load_queries().items()}
+    except Exception as exc:  # noqa: BLE001 - a page without a precise command beats no page
+        log.warning("forensic queries unavailable (%s); pages name the fallback parameters", exc)
+        return None
+
+
+@dataclass(frozen=True)
+class PagerTopics:
+    findings: str
+    pages: str
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: PagerService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.service.commit(only=set(revoked))
+        self.service.tracker.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        return None
+
+
+class HttpSender:
+    """One HTTP attempt: a response (status, Retry-After, a redacted excerpt of an error body) or an error."""
+
+    def __init__(self, session: aiohttp.ClientSession, redact: Redactor) -> None:
+        self.session = session
+        self.redact = redact
+
+    async def send(self, request: HttpRequest, timeout: float) -> AttemptResult:
+        started = time.monotonic()
+        try:
+            async with self.session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                head = await response.content.read(MAX_RESPONSE_BYTES)
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            latency = (time.monotonic() - started) * 1000
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return AttemptResult(None, latency, None, self.redact(text))
+        latency = (time.monotonic() - started) * 1000
+        error = None
+        if not 200 <= status < 300:
+            text = self.redact(head.decode("utf-8", "replace"), limit=200)
+            error = f"HTTP {status}" + (f": {text}" if text else "")
+        return AttemptResult(status, latency, retry_after, error)
+
+
+class PagerService:
+    def __init__(
+        self,
+        config: PagerConfig,
+        routes: list[Route],
+        bootstrap: str,
+        topics: PagerTopics,
+        *,
+        group: str | None = None,
+        stats_path: Path | None = None,
+        params: ForensicParams | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        drain_seconds: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.routes = routes
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.group = group or config.group
+        self.stats_path = stats_path
+        self.clock = clock
+        self.rand = rand
+        self.drain_seconds = drain_seconds
+        self.book = PageBook(config, routes, clock(), params)
+        self.redact = Redactor.for_routes(routes)
+        self.tracker = OffsetTracker()
+        self.counters: Counter[str] = Counter()
+        self.restored = 0
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._sender: HttpSender | None = None
+        self._paused = False
+        self.ready = asyncio.Event()
+        """Set once the ledger is re-read and the consumer has joined (tests, readiness)."""
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "pending_pages": self.book.pending,
+            "held_findings": self.tracker.held,
+            "windows": len(self.book.windows),
+            "restored_windows": self.restored,
+            "paused": int(self._paused),
+            "routes": [r.name for r in self.routes],
+        }
+
+    # ------------------------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+        )
+        await self._producer.start()
+        try:
+            await self._restore()
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=self.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=500,
+            )
+            self._consumer.subscribe([self.topics.findings], listener=_Rebalance(self))
+            await self._consumer.start()
+            try:
+                async with aiohttp.ClientSession() as http:
+                    self._sender = HttpSender(http, self.redact)
+                    reporter = asyncio.create_task(self._report())
+                    try:
+                        await self._loop()
+                        await self._drain()
+                    finally:
+                        reporter.cancel()
+                        self._write_stats()
+            finally:
+                await self._consumer.stop()
+        finally:
+            await self._producer.stop()
+
+    async def _loop(self) -> None:
+        assert self._consumer is not None
+        cfg = self.config
+        last_flush = last_expire = self.clock()
+        while not self._stop.is_set():
+            self._pause_if_full()
+            room = min(cfg.max_pending_pages - self.book.pending, cfg.max_held_findings - self.tracker.held)
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=max(1, min(500, room)))
+            if not self.ready.is_set() and self._consumer.assignment():
+                self.ready.set()
+                log.info("consuming %s as group %s", self.topics.findings, self.group)
+            for tp, messages in batch.items():
+                for msg in messages:
+                    await self._absorb(tp, msg)
+            now = self.clock()
+            if now - last_flush >= cfg.suppressed_flush_seconds:
+                last_flush = now
+                await self._flush_suppressed()
+            if now - last_expire >= 5.0:
+                last_expire = now
+                self.book.expire(now)
+            await self.commit()
+
+    def _pause_if_full(self) -> None:
+        assert self._consumer is not None
+        full = self.book.pending >= self.config.max_pending_pages or self.tracker.held >= self.config.max_held_findings
+        assignment = self._consumer.assignment()
+        if full:
+            if not self._paused:
+                log.warning(
+                    "pausing consumption: %d pages pending, %d findings held", self.book.pending, self.tracker.held
+                )
+                self.counters["pauses"] += 1
+            self._consumer.pause(*assignment)  # again each time: partitions assigned since
+        elif self._paused:
+            self._consumer.resume(*assignment)
+            log.info("resuming consumption")
+        self._paused = full
+
+    async def _drain(self) -> None:
+        """Stop: finish attempts in flight (bounded), record held-back counts, commit what is recorded."""
+        if self._tasks:
+            log.info("stopping: waiting up to %.0fs for %d deliveries", self.drain_seconds, len(self._tasks))
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self._flush_suppressed()
+        await self.commit()
+
+    # ------------------------------------------------------------------------- findings
+
+    async def _absorb(self, tp: TopicPartition, msg: Any) -> None:
+        self.counters["findings"] += 1
+        self.tracker.seen(tp, msg.offset)
+        hold = Hold(tp, msg.offset)
+        try:
+            record = decode(msg.value or b"")
+        except CodecError as exc:
+            self.counters["undecodable"] += 1
+            log.warning("%s[%d]@%d: not a record (%s); skipped", tp.topic, tp.partition, msg.offset, exc)
+            self.tracker.done(tp, msg.offset)
+            return
+        if not isinstance(record, Finding):
+            self.counters["not_findings"] += 1
+            self.tracker.done(tp, msg.offset)
+            return
+        now = self.clock()
+        offer = self.book.offer(record, hold, now)
+        self.counters[offer.kind] += 1
+        self._release(offer.release)
+        page = offer.page
+        if page is None:
+            return
+        if offer.kind in ("new", "resumed"):
+            log.info(
+                "page %s (%s %s): %s to %s",
+                page.page_key,
+                record.severity,
+                record.rule_id,
+                "opened" if offer.kind == "new" else "resumed",
+                ", ".join(rs.route.name for rs in (*offer.start, *offer.rate_limited)) or "no route",
+            )
+        for rs in offer.rate_limited:
+            step = self.book.rate_limited_row(page, rs, now)
+            log.warning("page %s to %s: rate limited, not sent", page.page_key, rs.route.name)
+            await self._record(step.row)
+            self._release(self.book.release(step.holds))
+        for rs in offer.start:
+            task = asyncio.create_task(self._deliver(page, rs))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _release(self, holds: Iterable[Hold]) -> None:
+        for hold in holds:
+            self.tracker.done(hold.partition, hold.offset)
+
+    async def _flush_suppressed(self) -> None:
+        for item in self.book.take_suppressed(self.clock()):
+            log.debug(
+                "page %s to %s: %d findings held back",
+                item.page.page_key,
+                item.state.route.name,
+                item.row.findings_grouped,
+            )
+            await self._record(item.row)
+            self._release(self.book.release(item.holds))
+
+    # ------------------------------------------------------------------------ deliveries
+
+    async def _deliver(self, page: Page, rs: RouteState) -> None:
+        try:
+            while True:
+                request = self.book.begin_attempt(page, rs, self.clock())
+                assert self._sender is not None
+                result = await self._sender.send(request, rs.route.config.timeout_seconds)
+                step = self.book.end_attempt(page, rs, result, self.clock(), self.rand())
+                await self._record(step.row)
+                self._release(self.book.release(step.holds))
+                row = step.row
+                level = logging.INFO if row.outcome == "delivered" else logging.WARNING
+                log.log(
+                    level,
+                    "page %s to %s: %s (attempt %d, HTTP %s, %.0f ms)%s",
+                    page.page_key,
+                    rs.route.name,
+                    row.outcome,
+                    row.attempt,
+                    row.http_status if row.http_status is not None else "-",
+                    row.latency_ms,
+                    f": {row.error}" if row.error else "",
+                )
+                if step.delay is None:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=step.delay)
+                if self._stop.is_set():
+                    log.info("page %s to %s: left for the next start (stopping)", page.page_key, rs.route.name)
+                    self.book.abandon(rs)
+                    return
+        except asyncio.CancelledError:
+            self.book.abandon(rs)
+            raise
+        except Exception:
+            self.book.abandon(rs)
+            self.counters["delivery_errors"] += 1
+            log.exception("page %s to %s: delivery task failed; it stays uncommitted", page.page_key, rs.route.name)
+
+    async def _record(self, row: PageAttempt) -> None:
+        """Put one row on the ledger (acks=all), retrying while Kafka is unavailable."""
+        assert self._producer is not None
+        delay = 0.5
+        while True:
+            try:
+                await self._producer.send_and_wait(self.topics.pages, encode(row), key=row.dedup_key.encode())
+                self.counters[f"recorded.{row.outcome}"] += 1
+                return
+            except KafkaError as exc:
+                self.counters["ledger_retries"] += 1
+                log.warning("cannot record a page attempt on %s (%s); retrying in %.1fs", self.topics.pages, exc, delay)
+                if self._stop.is_set() and delay >= 8:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    # --------------------------------------------------------------------------- offsets
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        offsets: dict[Any, int] = {
+            tp: pos for tp, pos in self.tracker.committable().items() if tp in assigned and (only is None or tp in only)
+        }
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            self.counters["commit_failures"] += 1
+            log.warning("offset commit failed (%s); the findings will be read again", exc)
+            return
+        self.tracker.committed(offsets)
+
+    # ---------------------------------------------------------------------------- ledger
+
+    async def _restore(self) -> None:
+        """Rebuild windows from the recent ledger (audit.pages) before consuming findings."""
+        now = self.clock()
+        horizon = max(self.config.window_seconds, self.config.max_age_seconds)
+        rows: list[PageAttempt] = []
+        partitions = await self._ledger_partitions()
+        if not partitions:
+            log.info("no ledger topic %s yet: starting with no windows", self.topics.pages)
+            return
+        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
+        await reader.start()
+        try:
+            tps = [TopicPartition(self.topics.pages, p) for p in partitions]
+            reader.assign(tps)
+            since = int((now - horizon) * 1000)
+            starts = await reader.offsets_for_times({tp: since for tp in tps})
+            ends = await reader.end_offsets(tps)
+            remaining: dict[TopicPartition, int] = {}
+            for tp in tps:
+                start = starts.get(tp)
+                if start is not None and start.offset < ends[tp]:
+                    reader.seek(tp, start.offset)
+                    remaining[tp] = ends[tp]
+            deadline = time.monotonic() + 60
+            while remaining:
+                if time.monotonic() > deadline:
+                    log.warning("ledger re-read timed out; windows may be incomplete")
+                    break
+                batch = await reader.getmany(*remaining, timeout_ms=500)
+                for tp, messages in batch.items():
+                    for msg in messages:
+                        if msg.offset >= remaining.get(tp, 0):
+                            break
+                        with contextlib.suppress(CodecError):
+                            record = decode(msg.value or b"")
+                            if isinstance(record, PageAttempt):
+                                rows.append(record)
+                for tp, end in list(remaining.items()):
+                    if await reader.position(tp) >= end:  # past the end as it was (gaps in offsets included)
+                        del remaining[tp]
+        finally:
+            await reader.stop()
+        self.restored = self.book.restore(rows, now)
+        pending = sum(1 for p in self.book.windows.values() if not p.done)
+        log.info(
+            "ledger: %d rows of the last %.0fs; %d windows open (%d pages to resume)",
+            len(rows),
+            horizon,
+            self.restored,
+            pending,
+        )
+
+    async def _ledger_partitions(self) -> list[int]:
+        """Partition ids of the ledger topic; none when it does not exist (never creates it)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            if self.topics.pages not in set(await admin.list_topics()):
+                return []
+            described = await admin.describe_topics([self.topics.pages])
+        finally:
+            await admin.close()
+        return sorted(p["partition"] for t in described if t["topic"] == self.topics.pages for p in t["partitions"])
+
+    # ----------------------------------------------------------------------------- stats
+
+    def _write_stats(self) -> None:
+        if self.stats_path is not None:
+            atomic_write(self.stats_path, json.dumps({"at": time.time(), "pid": os.getpid(), **self.stats()}))
+
+    async def _report(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self._write_stats()
+            await asyncio.sleep(2.0)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def load(
+    settings: Settings, config_path: Path, environ: Mapping[str, str] | None = None
+) -> tuple[PagerConfig, list[Route]]:
+    """The configuration and its routes with their secrets; PagerConfigError says what is missing."""
+    config = load_config(config_path)
+    return config, resolve_routes(config, os.environ if environ is None else environ)
+
+
+def run_pager_service(
+    settings: Settings, config_path: Path, *, group: str | None = None, log_level: str = "INFO"
+) -> None:
+    """Run the pager in the foreground until SIGTERM/SIGINT (PagerConfigError before it starts)."""
+    _logging(log_level)
+    config, routes = load(settings, config_path)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    service = PagerService(
+        config,
+        routes,
+        settings.kafka_bootstrap,
+        PagerTopics(settings.topics.findings, settings.topics.pages),
+        group=group,
+        stats_path=stats_file(settings),
+        params=forensic_params(),
+    )
+    log.info(
+        "routes: %s; window %.0fs",
+        ", ".join(f"{r.name} ({r.channel}, >= {r.config.min_severity})" for r in routes),
+        config.window_seconds,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.run()
+
+    asyncio.run(main())
+
+
+async def send_test_page(
+    config: PagerConfig,
+    route: Route,
+    finding: Finding,
+    clock: Callable[[], float] = time.time,
+    max_attempts: int = 3,
+) -> list[PageAttempt]:
+    """Deliver one page for ``finding`` to ``route`` now (no Kafka, no ledger): its attempt rows."""
+    book = PageBook(config, [route], clock())
+    rows: list[PageAttempt] = []
+    page = book.offer(finding, Hold(None, 0), clock()).page
+    if page is None:
+        raise ValueError(f"route {route.name} does not take {finding.severity} findings of tenant {finding.tenant}")
+    rs = page.routes[route.name]
+    async with aiohttp.ClientSession() as http:
+        sender = HttpSender(http, Redactor.for_routes([route]))
+        while True:
+            request = book.begin_attempt(page, rs, clock())
+            result = await sender.send(request, route.config.timeout_seconds)
+            step = book.end_attempt(page, rs, result, clock(), 0.0)
+            rows.append(step.row)
+            if step.delay is None or len(rows) >= max_attempts:
+                return rows
+            await asyncio.sleep(min(step.delay, 5.0))
+
+
+def synthetic_finding(severity: str, tenant: str, now: datetime | None = None) -> Finding:
+    """A synthetic finding for ``scopewatch pager send-test``."""
+    at = now or datetime.now(UTC)
+    return Finding(
+        finding_id=f"test-{int(at.timestamp())}",
+        dedup_key=f"pager_test|{tenant}|{int(at.timestamp())}",
+        rule_id="pager_test",
+        rule_version=1,
+        severity=severity,  # type: ignore[arg-type]
+        title="scopewatch pager test page",
+        summary="A test page sent by `scopewatch pager send-test`; no agent did anything.",
+        tenant=tenant,
+        principal=None,
+        agent_id=None,
+        call_id="test-call",
+        call_ids=["test-call"],
+        session_id="test-session",
+        grant_id=None,
+        forensic_query="call_evidence",
+        first_call_time=at - timedelta(seconds=1),
+        last_call_time=at,
+        details={},
+        detected_at=at,
+    )
