@@ -11,7 +11,11 @@ are final.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -233,6 +237,153 @@ def explain(verdict: str, matched: str | None, reasons: list[str]) -> str:
     return reasons[0] if reasons else ""
 
 
+# ------------------------------------------------------------------------------- paging
+
+DEMO_ROUTE = "demo-oncall"
+DEMO_SECRET_ENV = "SCOPEWATCH_DEMO_WEBHOOK_SECRET"  # noqa: S105 - the variable's name, not a secret
+
+
+class OnCall:
+    """A local on-call receiver and an in-process pager paging it, for a stack without a pager.
+
+    The receiver is a real HTTP server on 127.0.0.1 that checks each delivery's Standard Webhooks
+    signature; the pager is ``stream_jobs.pager.PagerService`` with one webhook route to it, so the
+    requests and the ``pages`` rows are what a configured pager would produce.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.received: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._service: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="demo-oncall", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise DemoError("the demo's local pager did not start")
+        if self._error is not None:
+            raise DemoError(f"the demo's local pager failed: {self._error}")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._service is not None:
+            self._loop.call_soon_threadsafe(self._service.stop)
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the demo thread
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from aiohttp import web
+
+        from collectors.intake import parse_secret, sign
+        from stream_jobs.pager import PagerService, PagerTopics
+        from stream_jobs.pager_config import PagerConfig, RouteConfig, resolve_routes
+
+        secret = "whsec_" + base64.b64encode(os.urandom(24)).decode("ascii")
+        key = parse_secret(secret)
+
+        async def deliver(request: web.Request) -> web.Response:
+            body = await request.read()
+            msg_id = request.headers.get("webhook-id", "")
+            stamp = request.headers.get("webhook-timestamp", "0")
+            expected = sign(key, msg_id, int(stamp), body)
+            if request.headers.get("webhook-signature", "") != expected:
+                self.bad_signatures += 1
+                return web.Response(status=401)
+            self.received.append({"id": msg_id, "body": json.loads(body)})
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/oncall", deliver)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = proc.free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        config = PagerConfig(
+            group=f"{self.settings.worker_group}-demo-pager",
+            window_seconds=600,
+            routes=(
+                RouteConfig(
+                    name=DEMO_ROUTE,
+                    channel="webhook",
+                    url=f"http://127.0.0.1:{port}/oncall",
+                    secret_env=DEMO_SECRET_ENV,
+                    min_severity="medium",
+                    tenants=(DEMO_TENANT,),
+                ),
+            ),
+        )
+        routes = resolve_routes(config, {DEMO_SECRET_ENV: secret})
+        topics = PagerTopics(self.settings.topics.findings, self.settings.topics.pages)
+        self._service = PagerService(config, routes, self.settings.kafka_bootstrap, topics)
+        self._loop = asyncio.get_running_loop()
+        self._ready.set()
+        try:
+            await self._service.run()
+        finally:
+            await runner.cleanup()
+
+
+def pager_running(settings: Settings) -> bool:
+    record = proc.read_pid_record(settings.run_dir / "pager.json")
+    return record is not None and proc.is_running(record)
+
+
+def wait_for_pages(settings: Settings, session_ids: list[str], timeout: float) -> list[list[Any]]:
+    """Findings of the demo's calls and the page attempts for them, once every pageable one was delivered."""
+    ids = ",".join(f"'{s}'" for s in session_ids)
+    db = settings.clickhouse_database
+    query = f"""
+        SELECT f.rule_id AS rule, f.severity AS severity, count() AS findings,
+               any(f.summary) AS summary, f.dedup_key AS dedup_key,
+               argMax(p.outcome, p.attempted_at) AS page, argMax(p.route, p.attempted_at) AS route,
+               max(p.attempt) AS attempts
+        FROM (SELECT * FROM {db}.findings FINAL WHERE session_id IN ({ids})) AS f
+        LEFT JOIN {db}.pages AS p ON p.dedup_key = f.dedup_key
+        GROUP BY f.rule_id, f.severity, f.dedup_key
+        ORDER BY f.rule_id, f.dedup_key
+        SETTINGS join_use_nulls = 1"""
+    deadline = time.monotonic() + timeout
+    rows: list[list[Any]] = []
+    while time.monotonic() < deadline:
+        try:
+            rows = run_sql(settings, query)["rows"]
+        except SqlError:
+            rows = []
+        pageable = [r for r in rows if r[1] in ("medium", "high", "critical")]
+        if pageable and all(r[5] == "delivered" for r in pageable):
+            return rows
+        time.sleep(0.5)
+    return rows
+
+
+def show_pages(console: Console, rows: list[list[Any]], oncall: OnCall | None) -> dict[str, int]:
+    table = Table("rule", "severity", "findings", "summary", "page", "route", title="findings and pages")
+    outcomes: dict[str, int] = {}
+    for rule, severity, count, summary, _key, page, route, _attempts in rows:
+        outcome = page or ("not paged (below the route's severity)" if severity in ("info", "low") else "pending")
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        style = "green" if page == "delivered" else "yellow"
+        table.add_row(str(rule), str(severity), str(count), str(summary), f"[{style}]{outcome}[/]", str(route or ""))
+    console.print(table)
+    if oncall is not None:
+        console.print(
+            f"the local on-call receiver got {len(oncall.received)} signed webhook deliveries "
+            f"(Standard Webhooks signatures verified; {oncall.bad_signatures} bad)"
+        )
+    return outcomes
+
+
 def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -> dict[str, Any]:
     _require_stack(settings)
     if calls < STORY_CALLS:
@@ -256,6 +407,11 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
         f"[bold]demo[/]: {calls} tool calls in {len(sessions)} MCP sessions "
         "(mcp Python SDK client → scopewatch wrap → @modelcontextprotocol/server-everything)"
     )
+    oncall: OnCall | None = None
+    if not pager_running(settings):
+        console.print("  no pager configured: pages go to a local on-call receiver the demo starts")
+        oncall = OnCall(settings)
+        oncall.start()
     made = errors = 0
     for session_id, principal, script in sessions:
         console.print(f"  session {session_id} for {principal}:")
@@ -310,4 +466,12 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
         f'Every verdict version: scopewatch sql "SELECT call_id, version, verdict, final, late FROM {db}.evidence '
         'ORDER BY decided_at DESC LIMIT 20"'
     )
-    return {"made": made, "errors": errors, "verdicts": verdicts, **counts}
+    try:
+        with console.status("waiting for the findings to be paged"):
+            page_rows = wait_for_pages(settings, [s for s, _, _ in sessions], timeout)
+    finally:
+        if oncall is not None:
+            oncall.stop()
+    pages = show_pages(console, page_rows, oncall)
+    received = None if oncall is None else len(oncall.received)
+    return {"made": made, "errors": errors, "verdicts": verdicts, "pages": pages, "received": received, **counts}

@@ -102,6 +102,21 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
             ("get-structured-content", "revoked_grant", "reports"),
             ("echo", "expired_grant", "basics"),
         ], demo.stdout
+        # the violations were paged: each pageable finding's dedup key delivered to the demo's receiver
+        paged = cli(
+            env,
+            "sql",
+            "SELECT f.rule_id AS rule, countIf(p.outcome = 'delivered') AS delivered FROM scopewatch.findings AS f"
+            " LEFT JOIN scopewatch.pages AS p ON p.dedup_key = f.dedup_key"
+            " WHERE f.principal = 'alice@acme.example' AND f.severity IN ('medium', 'high', 'critical')"
+            " GROUP BY f.rule_id ORDER BY f.rule_id",
+            "--format",
+            "json",
+        )
+        rules = {r["rule"]: r["delivered"] for r in json.loads(paged.stdout)}
+        assert {"revoked_grant", "expired_grant", "out_of_scope_tool", "out_of_scope_resource"} <= set(rules), rules
+        assert all(n >= 1 for n in rules.values()), rules
+        assert "signed webhook deliveries" in demo.stdout and "0 bad" in demo.stdout
 
         pids = recorded_pids(home)
         assert len(pids) == 3
