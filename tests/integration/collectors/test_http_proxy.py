@@ -31,7 +31,6 @@ from typing import Any
 import httpx2
 import jwt
 import pytest
-from aiokafka import AIOKafkaConsumer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from integration.conftest import make_settings
@@ -45,6 +44,7 @@ from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
 from scopewatch.stack.stack import settings_env
+from support.kafka import reader
 
 pytestmark = pytest.mark.integration
 
@@ -369,16 +369,7 @@ class Landed:
 
 
 async def _collect(settings: Settings, done: Any, timeout: float) -> Landed:
-    topics = settings.topics
-    consumer = AIOKafkaConsumer(
-        topics.tool_calls,
-        topics.tool_results,
-        topics.sessions,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = reader(settings)
     await consumer.start()
     landed = Landed([], [])
     try:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka import AIOKafkaConsumer
 
 from collectors.chain import record_hash
 from collectors.intake import IntakeConfig, KafkaSink, make_app, new_secret, parse_secret, sign
@@ -25,6 +24,7 @@ from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded, decod
 from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from support.kafka import reader
 from support.wrap import child_env
 
 pytestmark = pytest.mark.integration
@@ -94,14 +94,7 @@ def _signed(body: bytes, msg_id: str, key: bytes = KEY, ts: int | None = None) -
 
 async def _consume(settings: Settings, done: Any, timeout: float = 60.0) -> list[tuple[str, bytes, Any]]:
     """(topic, key, event) of everything on the session and grant topics, until ``done(found)``."""
-    consumer = AIOKafkaConsumer(
-        settings.topics.sessions,
-        settings.topics.grants,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = reader(settings, settings.topics.sessions, settings.topics.grants)
     await consumer.start()
     found: list[tuple[str, bytes, Any]] = []
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from collectors.sdk import SdkCollector
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from support.kafka import reader
 from support.wrap import child_env
 
 pytestmark = pytest.mark.integration
@@ -43,16 +43,7 @@ def _env(settings: Settings, tmp_path: Path) -> dict[str, str]:
 
 
 async def _landed(settings: Settings, want: int, timeout: float = 60.0) -> list[tuple[bytes, Any]]:
-    topics = settings.topics
-    consumer = AIOKafkaConsumer(
-        topics.tool_calls,
-        topics.tool_results,
-        topics.sessions,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = reader(settings)
     await consumer.start()
     found: list[tuple[bytes, Any]] = []
     try:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from collectors.spool import inspect_spool
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode
@@ -26,6 +25,7 @@ from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from support.canaries import CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, leaked
+from support.kafka import reader
 from support.wrap import child_env, wrap_argv
 
 pytestmark = pytest.mark.integration
@@ -92,16 +92,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 async def _consume(settings: Settings, sessions: set[str], want: int, timeout: float = 180.0) -> list[Any]:
     """Every event of ``sessions`` on the call, result and session topics, in partition order."""
-    topics = settings.topics
-    consumer = AIOKafkaConsumer(
-        topics.tool_calls,
-        topics.tool_results,
-        topics.sessions,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = reader(settings)
     await consumer.start()
     found: list[Any] = []
 

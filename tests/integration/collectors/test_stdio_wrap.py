@@ -13,12 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from schemas import ToolCall, ToolResult, decode, to_canonical_json
 from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
 from support.canaries import BEARER, CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, GHP, leaked, seeded_arguments
+from support.kafka import reader
 from support.mcp_raw import INITIALIZED, call, initialize, run_script
 from support.wrap import child_env, wrap_argv
 
@@ -83,14 +83,7 @@ def test_relay_bytes_reach_the_server_unchanged(
 
 async def _collect(settings: Settings, session_id: str, want: int, timeout: float = 60.0) -> list[object]:
     topics = settings.topics
-    consumer = AIOKafkaConsumer(
-        topics.tool_calls,
-        topics.tool_results,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = reader(settings, topics.tool_calls, topics.tool_results)
     await consumer.start()
     found: list[object] = []
     try:

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from schemas import decode, delegation_key
 from scopewatch.settings import Settings
+from support.kafka import reader
 from support.scenario import bound, grant, jsonl, revoke, tool_call
 from support.wrap import child_env
 
@@ -20,15 +20,7 @@ pytestmark = pytest.mark.integration
 
 async def consume_all(settings: Settings, want: int) -> list[tuple[str, bytes, object]]:
     t = settings.topics
-    consumer = AIOKafkaConsumer(
-        t.tool_calls,
-        t.sessions,
-        t.grants,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = reader(settings, t.tool_calls, t.sessions, t.grants)
     await consumer.start()
     out: list[tuple[str, bytes, object]] = []
     try:
