@@ -32,12 +32,10 @@ TO_DRILL_DOWN: Final = Link(
     f"/d/{DELEGATION_UID}?var-tenant=${{__data.fields.tenant}}&var-principal=${{__data.fields.principal}}"
     "&${__url_time_range}",
 )
-MISSING_METRICS: Final = """\
-**Not measured yet:** Kafka consumer lag, sink retries and collector spool depth are counters the
-processes keep in memory (`run/sink-stats.json`, `run/worker-*.json`); nothing writes them to
-ClickHouse yet. The proposed `pipeline_metrics` table is described in `compose/README.md`.
-The panels here show what the evidence store already proves: dead letters, ingestion delay,
-verdict finality and collector sequence gaps."""
+METRICS_NOTE: Final = (
+    "From `pipeline_metrics`: the sink appends a snapshot every 10 s (its counters, the workers' and the "
+    "pager's stats files, the spools on its host); counters are cumulative since their process started."
+)
 
 
 def _overview() -> Dashboard:
@@ -449,10 +447,52 @@ def _pipeline() -> Dashboard:
         "GROUP BY collector_id, epoch\nORDER BY missing_seq DESC, last_event_time DESC, collector_id\nLIMIT 100",
         ("collector_id", "epoch", "events", "missing_seq", "last_event_time"),
     )
+    lag = Query(
+        _last_per_instance("label AS topic", "component = 'sink' AND metric = 'consumer_lag'", "topic", "consumer_lag"),
+        ("time", "topic", "consumer_lag"),
+        Format.TIME_SERIES,
+    )
+    sink_retries = Query(
+        _last_per_instance(
+            "metric", "component = 'sink' AND metric IN ('retries', 'paused') AND label = ''", "metric", "value"
+        ),
+        ("time", "metric", "value"),
+        Format.TIME_SERIES,
+    )
+    worker = Query(
+        _last_per_instance(
+            "metric",
+            "component = 'worker' AND metric IN ('dead_letters', 'open_calls_stage1', 'open_calls_stage2')",
+            "metric",
+            "value",
+        ),
+        ("time", "metric", "value"),
+        Format.TIME_SERIES,
+    )
+    spool_depth = Query(
+        "SELECT $__timeInterval(at) AS time, instance AS spool, max(value) AS pending_events\n"
+        "FROM {db}.pipeline_metrics\n"
+        "WHERE component = 'spool' AND metric = 'pending_events' AND $__timeFilter(at)\n"
+        "GROUP BY time, spool\nORDER BY time, spool",
+        ("time", "spool", "pending_events"),
+        Format.TIME_SERIES,
+    )
+    spools_now = Query(
+        "SELECT instance AS spool, max(at) AS measured_at,\n"
+        "       argMaxIf(value, at, metric = 'pending_events') AS pending_events,\n"
+        "       argMaxIf(value, at, metric = 'pending_bytes') AS pending_bytes,\n"
+        "       argMaxIf(value, at, metric = 'problems') AS problems,\n"
+        "       argMaxIf(value, at, metric = 'live_writers') AS live_writers\n"
+        "FROM {db}.pipeline_metrics\n"
+        "WHERE component = 'spool' AND $__timeFilter(at)\n"
+        "GROUP BY spool\nORDER BY pending_events DESC, spool\nLIMIT 50",
+        ("spool", "measured_at", "pending_events", "pending_bytes", "problems", "live_writers"),
+    )
     return Dashboard(
         PIPELINE_UID,
         "scopewatch · pipeline health",
-        "Dead letters, ingestion delay, verdict finality and collector sequence gaps.",
+        "Dead letters, ingestion delay, verdict finality, collector sequence gaps, consumer lag, sink retries, "
+        "worker state and collector spool depth.",
         (
             Panel("Dead letters by stage", "timeseries", dead_over_time, "Messages the pipeline set aside.", 12, 8),
             Panel("Dead letters by topic and reason", "table", dead_by_reason, "", 12, 8, red_from=1),
@@ -483,8 +523,70 @@ def _pipeline() -> Dashboard:
                 12,
                 8,
             ),
-            Panel("Not measured yet", "text", text=MISSING_METRICS, width=12, height=8),
+            Panel(
+                "Consumer lag by topic (sink)",
+                "timeseries",
+                lag,
+                "Messages on each topic the sink has not committed yet (high watermark minus committed offset), "
+                "summed over sink instances. " + METRICS_NOTE,
+                12,
+                8,
+                unit="short",
+            ),
+            Panel(
+                "Sink retries and paused",
+                "timeseries",
+                sink_retries,
+                "retries: ClickHouse writes the sink retried (cumulative since the sink started); paused: 1 while "
+                "the sink holds its partitions because ClickHouse refuses writes. " + METRICS_NOTE,
+                12,
+                8,
+                unit="short",
+            ),
+            Panel(
+                "Worker dead letters and open calls",
+                "timeseries",
+                worker,
+                "Dead letters the decision job wrote (cumulative since each worker started), and calls waiting "
+                "for facts (stage 1) or a final verdict (stage 2), summed over workers. " + METRICS_NOTE,
+                12,
+                8,
+                unit="short",
+            ),
+            Panel(
+                "Collector spool depth",
+                "timeseries",
+                spool_depth,
+                "Events (and loss records) the collectors on the sink's host wrote to their spool and Kafka has "
+                "not acknowledged yet, per spool directory. " + METRICS_NOTE,
+                12,
+                8,
+                unit="short",
+            ),
+            Panel(
+                "Collector spools",
+                "table",
+                spools_now,
+                "Latest measure of each spool: pending events and bytes, damaged records found (problems) and "
+                "collectors writing to it.",
+                12,
+                8,
+            ),
         ),
+    )
+
+
+def _last_per_instance(series: str, where: str, group: str, value: str) -> str:
+    """Per interval: each instance's last value of a ``pipeline_metrics`` series, summed over instances."""
+    return (
+        f"SELECT time, {group}, sum(last_value) AS {value}\n"
+        "FROM (\n"
+        f"    SELECT $__timeInterval(at) AS time, instance, {series}, argMax(value, at) AS last_value\n"
+        "    FROM {db}.pipeline_metrics\n"
+        f"    WHERE {where} AND $__timeFilter(at)\n"
+        f"    GROUP BY time, instance, {group}\n"
+        ")\n"
+        f"GROUP BY time, {group}\nORDER BY time, {group}"
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write, process_start_time
+from stream_jobs import metrics
 from stream_jobs.clickhouse import connect, migrate
 from stream_jobs.query_server import QueryServer, write_token
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
@@ -72,10 +73,16 @@ async def _sink_main(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.stop)
 
+    recorder = metrics.MetricsReporter(
+        writer, settings.run_dir, metrics.spool_dirs(os.environ, settings.home), metrics.instance_name()
+    )
+
     async def report() -> None:
         stats = settings.run_dir / "sink-stats.json"
         while True:
-            _write_json(stats, {"at": time.time(), **sink.stats()})
+            counts = sink.stats()
+            _write_json(stats, {"at": time.time(), **counts, **recorder.counters()})
+            await recorder.tick(counts)
             await asyncio.sleep(2.0)
 
     reporter = asyncio.create_task(report())

@@ -37,6 +37,7 @@ def test_migrations_apply_once(chdb: Client) -> None:
         "findings",
         "pages",
         "evidence_current",
+        "pipeline_metrics",
         "schema_migrations",
     } <= tables
 
@@ -102,6 +103,7 @@ def test_evidence_current_has_one_row_per_call_with_its_result(chdb: Client) -> 
 
 import uuid  # noqa: E402
 from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from dashboards.macros import TimeRange  # noqa: E402
@@ -197,8 +199,40 @@ def _page_row(finding: dict[str, Any], attempt: int, outcome: str, channel: str,
     }
 
 
+def _metric_rows(spool_dir: Path) -> list[dict[str, Any]]:
+    """Pipeline metrics snapshots every 10 s from 10:00:00 (stream_jobs.metrics, as the sink writes them):
+    lag on two topics, a sink that retried and paused, one worker, a pager, a spool with 3 events pending."""
+    from collectors.spool import KIND_EVENT, Segment, encode_payload, inspect_spool
+    from stream_jobs.metrics import metric_rows
+
+    seg = Segment.create(spool_dir / "tok-000001.seg")
+    seg.append([(KIND_EVENT, encode_payload("mcp.tool-calls", None, b"event")) for _ in range(3)])
+    seg.close()
+    rows: list[dict[str, Any]] = []
+    for i in range(4):
+        now = T + timedelta(seconds=10 * i)
+        sink = {"rows": 10 * i, "batches": i, "retries": min(i, 2), "paused": int(i == 1)}
+        sink["lag_by_topic"] = {"mcp.tool-calls": 5 - i, "audit.evidence": i}
+        worker = {
+            "updated_at": now.isoformat(),
+            "counters": {"dead_letters": 1, "dead_letters_decode": 1},
+            "open_calls_stage1": 2,
+            "open_calls_stage2": i,
+        }
+        pager = {"at": now.timestamp(), "pid": 9, "pending_pages": 1, "recorded.delivered": i}
+        rows += metric_rows(
+            now=now,
+            instance="dash-host-1",
+            sink=sink,
+            workers={"worker-dash-7": worker},
+            pager=pager,
+            spools=[inspect_spool(spool_dir)],
+        )
+    return rows
+
+
 @pytest.fixture(scope="module")
-def dash(chdb: Client) -> Client:
+def dash(chdb: Client, tmp_path_factory: pytest.TempPathFactory) -> Client:
     import io
 
     from detections.live import build_evidence
@@ -251,6 +285,7 @@ def dash(chdb: Client) -> Client:
         )[1]
         for offset, stage in ((0, "decode"), (1, "authorize"))
     ]
+    tables["pipeline_metrics"] = _metric_rows(tmp_path_factory.mktemp("dash-spool"))
     for table, rows in tables.items():
         writer.insert(table, rows, token=f"dash-{table}")
     return chdb
@@ -311,6 +346,45 @@ def test_dashboard_panels_show_what_the_scenario_did(dash: Client) -> None:
     assert paged == ["delivered", "failed", "not paged"]
     collectors = _panel_rows(dash, "scopewatch-pipeline", "Collectors: sequence gaps")
     assert [(r["collector_id"], r["missing_seq"]) for r in collectors] == [(f"{tag}-wrap", 1)]
+
+
+def test_pipeline_metric_panels_show_the_snapshots(dash: Client) -> None:
+    lag = _panel_rows(dash, "scopewatch-pipeline", "Consumer lag by topic (sink)")
+    last = max(r["time"] for r in lag)
+    assert {r["topic"]: r["consumer_lag"] for r in lag if r["time"] == last} == {
+        "audit.evidence": 3.0,
+        "mcp.tool-calls": 2.0,
+    }
+    sink = _panel_rows(dash, "scopewatch-pipeline", "Sink retries and paused")
+    assert {(r["metric"], r["value"]) for r in sink if r["time"] == last} == {("paused", 0.0), ("retries", 2.0)}
+    worker = _panel_rows(dash, "scopewatch-pipeline", "Worker dead letters and open calls")
+    assert {r["metric"]: r["value"] for r in worker if r["time"] == last} == {
+        "dead_letters": 1.0,
+        "open_calls_stage1": 2.0,
+        "open_calls_stage2": 3.0,
+    }
+    depth = _panel_rows(dash, "scopewatch-pipeline", "Collector spool depth")
+    assert {r["pending_events"] for r in depth} == {3.0}
+    [spool] = _panel_rows(dash, "scopewatch-pipeline", "Collector spools")
+    assert (spool["pending_events"], spool["problems"], spool["live_writers"]) == (3.0, 0.0, 0.0)
+    assert spool["pending_bytes"] > 0
+
+
+def test_a_retried_metrics_snapshot_lands_once(chdb: Client, tmp_path: Path) -> None:
+    from stream_jobs.metrics import TABLE, MetricsReporter
+
+    migrate(chdb, "metrics")
+    writer = ClickHouseWriter(chdb, "metrics")
+    reporter = MetricsReporter(writer, tmp_path, [tmp_path / "spool"], "h-1")
+    written = reporter.write({"retries": 1}, T)
+    assert reporter.write({"retries": 1}, T) == written  # same instance and time: same token
+    count = chdb.query(f"SELECT count() FROM metrics.{TABLE}").result_rows[0][0]
+    assert count == written
+    (tmp_path / "fault").touch()
+    failing = MetricsReporter(ClickHouseWriter(chdb, "metrics", fault_file=tmp_path / "fault"), tmp_path, [], "h-2")
+    import asyncio
+
+    assert asyncio.run(failing.tick({})) is False and failing.failures == 1
 
 
 def test_alert_queries_count_recent_findings_per_tenant(dash: Client) -> None:
