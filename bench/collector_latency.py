@@ -1,0 +1,626 @@
+"""Added latency of the collectors on the agent's call path, side by side in one run (issue 6).
+
+Target for stdio: ``scopewatch wrap`` adds at most 100 us at p50 and 250 us at p99 per call. The
+HTTP proxy is measured the same way (no target in the issue).
+
+Sessions, all open at the same time in one run:
+
+* stdio: the real ``@modelcontextprotocol/server-everything`` (node, from the cache) started
+  directly (twice: ``direct`` and ``direct-b``), via ``python -m scopewatch wrap`` with the
+  broker up, and via ``wrap`` with the broker down (``SCOPEWATCH_BOOTSTRAP`` is a closed port,
+  so the collector spools to ``SCOPEWATCH_SPOOL_DIR``);
+* HTTP: the ``mcp`` SDK's own Streamable-HTTP server (``MCPServer`` with an ``echo`` tool, in a
+  child process) called directly (twice), via ``python -m scopewatch proxy`` with the broker up,
+  and via a second proxy with the broker down.
+
+Two client methods, each with its own set of sessions:
+
+1. **raw** (stdio only): a minimal JSON-RPC client in this process writes one ``tools/call``
+   line to the pipe and blocks reading until the matching response line -- no asyncio, no
+   validation, so its own jitter is small.
+2. **sdk**: the ``mcp`` SDK's ``Client`` (``StdioServerParameters`` / Streamable HTTP URL), what
+   an agent runs; its own cost (anyio streams, pydantic) is several hundred microseconds a call.
+
+Each method makes ``--calls`` sequential ``echo`` calls per session after ``--warmup`` calls,
+interleaved: round after round, every session gets one call, in a shuffled order. Load changes
+on the machine therefore hit every session alike. Per session the p50/p90/p99 of the call's
+wall time (``perf_counter_ns`` around the call) are computed, and **added = via - direct per
+percentile**. The calls are not paired, so this is a difference of percentiles, not a
+percentile of differences. The noise of the method is measured in the same run: ``direct-b``
+minus ``direct`` is an A/A comparison of two identical sessions (ideally 0), and a bootstrap
+(resampling each session's calls) gives a 95 % interval for every "added" figure. Python's
+garbage collector is off in this process while calls run.
+
+Also checked: the broker-up collectors' events reached Kafka (count on the tool-calls topic)
+and the broker-down collectors' spools hold every event (``collectors.spool.inspect_spool``).
+
+Usage: ``.venv/bin/python bench/collector_latency.py [--calls 2000] [--warmup 200] ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import console, cpu_times, load_text, machine, mark, percentile, say, wait_for_quiet
+from rich.table import Table
+
+from scopewatch.settings import Settings
+from scopewatch.stack import proc
+from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.npm import server_everything_command
+from scopewatch.stack.stack import settings_env
+
+TARGET_P50_US = 100.0
+TARGET_P99_US = 250.0
+PERCENTILES = (50, 90, 99)
+RAW_CPU: dict[str, float] = {}  # raw pass: CPU microseconds per call of each session's child process
+
+UPSTREAM = r"""
+import asyncio, sys
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("bench-upstream", log_level="WARNING")
+
+@server.tool()
+def echo(message: str) -> str:
+    "Echo the message back."
+    return f"Echo: {message}"
+
+asyncio.run(server.run_streamable_http_async(host="127.0.0.1", port=int(sys.argv[1])))
+"""
+
+
+# ------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Env:
+    tmp: Path
+    settings: Settings
+    up_env: dict[str, str]
+    down_env: dict[str, str]
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    spools: dict[str, Path] = field(default_factory=dict)
+
+    def env_for(self, name: str, broker_up: bool) -> dict[str, str]:
+        env = dict(self.up_env if broker_up else self.down_env)
+        spool = self.tmp / "spool" / name
+        spool.mkdir(parents=True, exist_ok=True)
+        env["SCOPEWATCH_SPOOL_DIR"] = str(spool)
+        self.spools[name] = spool
+        return env
+
+    def stop_children(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait(timeout=10)
+
+
+def wrap_argv(server: list[str], name: str, flush: float) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "scopewatch",
+        "wrap",
+        "--session-id",
+        str(uuid.uuid4()),
+        "--tenant",
+        "acme",
+        "--principal",
+        "alice@example.com",
+        "--agent-id",
+        f"bench-{name}",
+        "--server",
+        "everything",
+        "--flush-timeout",
+        str(flush),
+        "--",
+        *server,
+    ]
+
+
+def wait_port(port: int, child: subprocess.Popen[bytes], what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"{what} exited with {child.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: nothing listens on port {port} after {timeout:.0f}s")
+
+
+def start_upstream(env: Env) -> str:
+    port = proc.free_port()
+    with (env.tmp / "upstream.log").open("wb") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-c", UPSTREAM, str(port)], stdout=log, stderr=log, start_new_session=True
+        )
+    env.children.append(child)
+    wait_port(port, child, "the upstream MCP server")
+    return f"http://127.0.0.1:{port}/mcp"
+
+
+def start_proxy(env: Env, upstream: str, name: str, broker_up: bool) -> str:
+    port = proc.free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "scopewatch",
+        "proxy",
+        "--upstream",
+        upstream,
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--tenant",
+        "acme",
+        "--log-level",
+        "warning",
+        "--flush-timeout",
+        "5" if broker_up else "1",
+    ]
+    with (env.tmp / f"{name}.log").open("wb") as log:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env.env_for(name, broker_up),
+            start_new_session=True,
+        )
+    env.children.append(child)
+    wait_port(port, child, f"proxy {name}")
+    return f"http://127.0.0.1:{port}/mcp"
+
+
+# ------------------------------------------------------------------------- raw stdio client
+
+
+class RawSession:
+    """One MCP stdio session driven with plain blocking pipe I/O (minimal client-side jitter)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log.open("wb")
+        self.child = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            bufsize=0,
+            start_new_session=True,
+        )
+        assert self.child.stdin is not None and self.child.stdout is not None
+        self.wfd = self.child.stdin.fileno()
+        self.rfd = self.child.stdout.fileno()
+        self.buf = b""
+        self.next_id = 1
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        rid = self.next_id
+        self.next_id += 1
+        self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+        return self._wait(rid)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view) :]
+
+    def _wait(self, rid: int) -> dict[str, Any]:
+        while True:
+            nl = self.buf.find(b"\n")
+            while nl < 0:
+                chunk = os.read(self.rfd, 1 << 16)
+                if not chunk:
+                    raise RuntimeError(f"session closed; see {self.log.name}")
+                self.buf += chunk
+                nl = self.buf.find(b"\n")
+            line, self.buf = self.buf[:nl], self.buf[nl + 1 :]
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if message.get("id") == rid and "method" not in message:
+                return dict(message)
+
+    def initialize(self) -> None:
+        self.request(
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+        )
+        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def call_echo(self, i: int) -> int:
+        """One echo call; its wall time in nanoseconds."""
+        t0 = time.perf_counter_ns()
+        answer = self.request("tools/call", {"name": "echo", "arguments": {"message": f"call {i}"}})
+        t1 = time.perf_counter_ns()
+        if "result" not in answer or answer["result"].get("isError"):
+            raise RuntimeError(f"echo failed: {answer}")
+        return t1 - t0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.wfd)
+        self.child.stdin = None
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.child.pid, signal.SIGKILL)
+            self.child.wait(timeout=10)
+        self.log.close()
+
+
+def interleave(
+    names: list[str], call: Callable[[str, int], int], calls: int, warmup: int, seed: int
+) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+    samples: dict[str, list[int]] = {n: [] for n in names}
+    order = list(names)
+    for i in range(warmup + calls):
+        rng.shuffle(order)
+        for name in order:
+            ns = call(name, i)
+            if i >= warmup:
+                samples[name].append(ns)
+    return samples
+
+
+def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str, list[int]]:
+    plan = {
+        "direct": (server, env.up_env),
+        "direct-b": (server, env.up_env),
+        "wrap": (wrap_argv(server, "raw-wrap", 10), env.env_for("raw-wrap", True)),
+        "wrap, broker down": (wrap_argv(server, "raw-wrap-down", 1), env.env_for("raw-wrap-down", False)),
+    }
+    sessions: dict[str, RawSession] = {}
+    try:
+        for name, (argv, child_env) in plan.items():
+            sessions[name] = RawSession(argv, child_env, env.tmp / f"raw-{name.replace(' ', '_')}.log")
+        for s in sessions.values():
+            s.initialize()
+        gc.collect()
+        gc.disable()
+        before = {n: cpu_times(s.child.pid).proc for n, s in sessions.items()}
+        try:
+            samples = interleave(list(sessions), lambda n, i: sessions[n].call_echo(i), args.calls, args.warmup, 1)
+        finally:
+            gc.enable()
+        per_call = args.calls + args.warmup
+        for n, s in sessions.items():
+            RAW_CPU[n] = (cpu_times(s.child.pid).proc - before[n]) / per_call * 1e6
+        return samples
+    finally:
+        for s in sessions.values():
+            s.close()
+
+
+# ------------------------------------------------------------------------- SDK client
+
+
+async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Namespace) -> dict[str, list[int]]:
+    from mcp import Client, StdioServerParameters
+
+    proxy_up = start_proxy(env, upstream, "proxy", True)
+    proxy_down = start_proxy(env, upstream, "proxy-down", False)
+
+    def stdio(argv: list[str], child_env: dict[str, str]) -> Any:
+        return StdioServerParameters(command=argv[0], args=argv[1:], env=child_env)
+
+    plan: dict[str, Any] = {
+        "stdio direct": stdio(server, env.up_env),
+        "stdio direct-b": stdio(server, env.up_env),
+        "stdio wrap": stdio(wrap_argv(server, "sdk-wrap", 10), env.env_for("sdk-wrap", True)),
+        "stdio wrap, broker down": stdio(wrap_argv(server, "sdk-wrap-down", 1), env.env_for("sdk-wrap-down", False)),
+        "http direct": upstream,
+        "http direct-b": upstream,
+        "http proxy": proxy_up,
+        "http proxy, broker down": proxy_down,
+    }
+    samples: dict[str, list[int]] = {n: [] for n in plan}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {}
+        for name, target in plan.items():
+            clients[name] = await stack.enter_async_context(Client(target, read_timeout_seconds=120))
+            await clients[name].list_tools()
+
+        async def one(name: str, i: int) -> None:
+            client = clients[name]
+            t0 = time.perf_counter_ns()
+            result = await client.call_tool("echo", {"message": f"call {i}"})
+            t1 = time.perf_counter_ns()
+            if result.is_error:
+                raise RuntimeError(f"{name}: echo failed: {result}")
+            if i >= args.warmup:
+                samples[name].append(t1 - t0)
+
+        rng = random.Random(2)
+        order = list(plan)
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(args.warmup + args.calls):
+                rng.shuffle(order)
+                for name in order:
+                    await one(name, i)
+        finally:
+            gc.enable()
+    return samples
+
+
+# ------------------------------------------------------------------------- observer cost
+
+
+def observer_cost(calls: int = 3000) -> tuple[float, float]:
+    """CPU microseconds per echo call of the wrapper's observer thread work, in this process.
+
+    What ``StdioWrapper._observe`` does per call besides the relay: JSON-parse the request and the
+    response, build, redact and resource-extract the ``tool_call``/``tool_result`` events, stamp the
+    collector chain and Avro-encode them (the publisher's queue is replaced by a counter). Returns
+    (request side, response side). In ``wrap`` this runs on another thread than the relay, but
+    under the same GIL.
+    """
+    from collectors.chain import ChainStamper
+    from collectors.observer import McpSessionObserver, SessionIdentity, utc_from_ns
+    from collectors.stdio import configure_observer, kafka_emitter
+    from schemas.topics import Topics
+
+    class Counter:
+        n = 0
+
+        def publish(self, _topic: str, _key: bytes | None, _value: bytes) -> bool:
+            self.n += 1
+            return True
+
+    identity = SessionIdentity(
+        session_id=str(uuid.uuid4()), tenant="acme", principal="alice@example.com", agent_id="bench", auth={}
+    )
+    observer = McpSessionObserver(identity, transport="stdio", server_label="everything")
+    configure_observer(observer, {"SCOPEWATCH_REDACTION_KEY": "bench-redaction-key-0123456789abcdef"})
+    emit = kafka_emitter(Counter(), Topics.with_prefix(""), ChainStamper("bench", epoch=1))
+
+    def feed(events: list[Any]) -> None:
+        for event in events:
+            emit(event)
+
+    def now() -> Any:
+        return utc_from_ns(time.time_ns())
+
+    feed(observer.start(now()))
+    init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+    feed(observer.from_client({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}, now(), 0.0))
+    info = {"protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": {"name": "everything", "version": "1"}}
+    feed(observer.from_server({"jsonrpc": "2.0", "id": 0, "result": info}, now(), 0.0))
+    requests, responses = [], []
+    for i in range(1, calls + 1):
+        params = {"name": "echo", "arguments": {"message": f"call {i}"}}
+        requests.append(json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params}).encode())
+        result = {"content": [{"type": "text", "text": f"Echo: call {i}"}]}
+        responses.append(json.dumps({"jsonrpc": "2.0", "id": i, "result": result}).encode())
+    req_cpu = resp_cpu = 0.0
+    for req, resp in zip(requests, responses, strict=True):
+        c0 = time.thread_time()
+        feed(observer.from_client(json.loads(req), now(), time.monotonic()))
+        c1 = time.thread_time()
+        feed(observer.from_server(json.loads(resp), now(), time.monotonic()))
+        c2 = time.thread_time()
+        req_cpu += c1 - c0
+        resp_cpu += c2 - c1
+    return req_cpu / calls * 1e6, resp_cpu / calls * 1e6
+
+
+# ------------------------------------------------------------------------- checks and report
+
+
+async def topic_count(bootstrap: str, topic: str, partitions: int) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+        return int(sum(ends.values()))
+    finally:
+        await consumer.stop()
+
+
+def us(ns: float) -> str:
+    return f"{ns / 1000:,.0f} us"
+
+
+def bootstrap_interval(a: list[int], b: list[int], q: float, rounds: int = 300, seed: int = 5) -> tuple[float, float]:
+    """95 % interval of percentile_q(b) - percentile_q(a), resampling each sample with replacement."""
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(rounds):
+        ra = [a[rng.randrange(len(a))] for _ in a]
+        rb = [b[rng.randrange(len(b))] for _ in b]
+        diffs.append(percentile(rb, q) - percentile(ra, q))
+    return percentile(diffs, 2.5), percentile(diffs, 97.5)
+
+
+def report_pass(title: str, samples: dict[str, list[int]], baselines: dict[str, str], targets: set[str]) -> None:
+    table = Table(title=title)
+    table.add_column("session")
+    for q in PERCENTILES:
+        table.add_column(f"p{q}", justify="right")
+    for q in PERCENTILES:
+        table.add_column(f"added p{q} [95% interval]", justify="right")
+    table.add_column("target (added)", justify="right")
+    table.add_column("result", justify="right")
+    for name, values in samples.items():
+        cells = [us(percentile(values, q)) for q in PERCENTILES]
+        base = baselines.get(name)
+        if base is None:
+            table.add_row(name, *cells, "", "", "", "", "")
+            continue
+        added = {}
+        for q in PERCENTILES:
+            d = percentile(values, q) - percentile(samples[base], q)
+            lo, hi = bootstrap_interval(samples[base], values, q)
+            added[q] = d
+            cells.append(f"{d / 1000:+,.0f} us [{lo / 1000:+,.0f}, {hi / 1000:+,.0f}]")
+        if name in targets:
+            ok = added[50] <= TARGET_P50_US * 1000 and added[99] <= TARGET_P99_US * 1000
+            table.add_row(name, *cells, f"p50 <= {TARGET_P50_US:.0f} us, p99 <= {TARGET_P99_US:.0f} us", mark(ok))
+        else:
+            table.add_row(name, *cells, "(A/A noise)" if name.endswith("direct-b") else "", "")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> int:
+    say(f"machine: {machine()}")
+    load = wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+    say(f"load average {load}")
+    tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-collector-"))
+    broker: KafkaBroker | None = None
+    env: Env | None = None
+    try:
+        run_id = uuid.uuid4().hex[:8]
+        settings = Settings(home=tmp / "home", bootstrap="127.0.0.1:0", topic_prefix=f"bench{run_id}.", partitions=2)
+        server = server_everything_command(settings.cache_dir)
+        broker = start_broker(
+            tmp / "kafka", settings.cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap="512m"
+        )
+        settings = settings.model_copy(update={"bootstrap": broker.config.bootstrap})
+        settings.home.mkdir(parents=True, exist_ok=True)
+        asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
+        say(f"Kafka broker ready on {settings.kafka_bootstrap}; topics created")
+        up_env = settings_env(settings)
+        up_env["SCOPEWATCH_REDACTION_KEY"] = "bench-redaction-key-0123456789abcdef"
+        up_env["PYTHONUNBUFFERED"] = "1"
+        down_env = dict(up_env)
+        down_env["SCOPEWATCH_BOOTSTRAP"] = f"127.0.0.1:{proc.free_port()}"  # nothing listens there
+        env = Env(tmp, settings, up_env, down_env)
+        upstream = start_upstream(env)
+        say(f"upstream MCP server (SDK, Streamable HTTP) on {upstream}")
+        load_before = load_text()
+        raw: dict[str, list[int]] = {}
+        if not args.skip_raw:
+            say(f"raw pass: 4 stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each")
+            t0 = time.perf_counter()
+            raw = raw_pass(env, server, args)
+            say(f"raw pass done in {time.perf_counter() - t0:.1f}s")
+        sdk: dict[str, list[int]] = {}
+        if not args.skip_sdk:
+            say(f"SDK pass: 8 sessions (stdio and HTTP), {args.warmup} + {args.calls} interleaved echo calls each")
+            t0 = time.perf_counter()
+            sdk = asyncio.run(sdk_pass(env, server, upstream, args))
+            say(f"SDK pass done in {time.perf_counter() - t0:.1f}s")
+        load_after = load_text()
+        obs_req, obs_resp = observer_cost()
+        env.stop_children()  # proxies flush at SIGTERM
+        time.sleep(1.0)
+        if raw:
+            report_pass(
+                "stdio, raw JSON-RPC client: wall time per echo call; added = session - direct, per percentile",
+                raw,
+                {"direct-b": "direct", "wrap": "direct", "wrap, broker down": "direct"},
+                {"wrap", "wrap, broker down"},
+            )
+        if sdk:
+            report_pass(
+                "mcp SDK client: wall time per echo call; added = session - its direct, per percentile",
+                sdk,
+                {
+                    "stdio direct-b": "stdio direct",
+                    "stdio wrap": "stdio direct",
+                    "stdio wrap, broker down": "stdio direct",
+                    "http direct-b": "http direct",
+                    "http proxy": "http direct",
+                    "http proxy, broker down": "http direct",
+                },
+                {"stdio wrap", "stdio wrap, broker down"},
+            )
+        # Where did the events go?
+        extra = Table(title="Events of the collectors")
+        extra.add_column("check")
+        extra.add_column("value", justify="right")
+        per_session = args.warmup + args.calls
+        up_sessions = (0 if args.skip_raw else 1) + (0 if args.skip_sdk else 2)
+        kafka_calls = asyncio.run(
+            topic_count(settings.kafka_bootstrap, settings.topics.tool_calls, settings.partitions)
+        )
+        extra.add_row(
+            "tool_call events on Kafka from the broker-up collectors (want)",
+            f"{kafka_calls:,} ({up_sessions * per_session:,})",
+        )
+        from collectors.spool import inspect_spool
+
+        for name, spool in sorted(env.spools.items()):
+            if name.endswith("down"):
+                report = inspect_spool(spool)
+                events = sum(s.events for s in report.segments)
+                extra.add_row(
+                    f"spool of {name}: event records / pending / problems (want >= {2 * per_session:,} events)",
+                    f"{events:,} / {report.pending:,} / {len(report.problems)}",
+                )
+        for name, cpu in RAW_CPU.items():
+            what = "wrap process (python, all threads; node not included)" if "wrap" in name else "node server"
+            extra.add_row(f"raw pass, {name}: CPU per call of the {what}", f"{cpu:,.0f} us")
+        extra.add_row(
+            "wrap's observer work per echo call, CPU in this process (request / response side)",
+            f"{obs_req:,.0f} us / {obs_resp:,.0f} us",
+        )
+        extra.add_row("load average before / after the passes (1/5/15)", f"{load_before} / {load_after}")
+        console.print(extra)
+        return 0
+    finally:
+        if env is not None:
+            env.stop_children()
+        if broker is not None:
+            broker.stop()
+        if args.keep:
+            say(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="measured echo calls per session (default 2,000)")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per session first")
+    parser.add_argument("--skip-raw", action="store_true")
+    parser.add_argument("--skip-sdk", action="store_true")
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
+    parser.add_argument("--wait", type=float, default=600)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(run(args))
+
+
+if __name__ == "__main__":
+    main()
