@@ -14,11 +14,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from integration.conftest import make_settings
 
 from scopewatch.settings import Settings
+from scopewatch.stack.kafka import KafkaBroker
+from scopewatch.stack.stack import Stack
 from support.pipeline import cli, current_verdicts, replay_lines, replay_output, wait_findings
 from support.scenario import jsonl, story
 from support.wrap import child_env
@@ -93,7 +97,20 @@ def _wait_for_stats(settings: Settings, pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"worker {pid} never wrote its stats")
 
 
-def test_two_workers_give_the_same_verdicts_as_one(pipeline: Settings, tmp_path: Path) -> None:
+@pytest.fixture
+def own_pipeline(tmp_path: Path, kafka_broker: KafkaBroker, cache_dir: Path) -> Iterator[Settings]:
+    """A pipeline of its own: whatever the rebalances do to its worker stays out of the shared one."""
+    settings = make_settings(tmp_path / "own", kafka_broker.config.bootstrap, cache_dir)
+    stack = Stack(settings)
+    stack.up(timeout=120)
+    try:
+        yield settings
+    finally:
+        stack.down()
+
+
+def test_two_workers_give_the_same_verdicts_as_one(own_pipeline: Settings, tmp_path: Path) -> None:
+    pipeline = own_pipeline
     extra = _start_worker(pipeline, tmp_path / "worker2.log")
     try:
         _wait_for_stats(pipeline, extra.pid)
@@ -102,8 +119,10 @@ def test_two_workers_give_the_same_verdicts_as_one(pipeline: Settings, tmp_path:
         assert_live_equals_replay(pipeline, expected)
         assert extra.poll() is None, (tmp_path / "worker2.log").read_text()[-3000:]
     finally:
-        os.killpg(extra.pid, signal.SIGKILL)
-        extra.wait(timeout=30)
+        # A graceful leave. (After a SIGKILL, faust-streaming's table recovery has been seen to hang on
+        # this machine -- "No event received for active tp since recovery start"; see the issue notes.)
+        os.killpg(extra.pid, signal.SIGTERM)
+        extra.wait(timeout=60)
     # the surviving worker takes the partitions back and recovers their state from the changelogs
     _, expected = publish_story(pipeline, tmp_path, f"after{os.getpid()}")
     assert_live_equals_replay(pipeline, expected)
