@@ -1,14 +1,16 @@
 """Small helpers shared by the evidence-store and collector benchmarks (issues 4 and 6).
 
-Re-uses the conventions of ``decisions_throughput.py`` (its ``say``/``machine``/``cpu_times``
-helpers and its rich console), adds percentiles, PASS/MISS cells, CPU pinning and a wait for a
-quiet machine.
+Re-uses the conventions of ``decisions_throughput.py`` (its ``say``/``cpu_times`` helpers and its
+rich console) and ``benchlib.py`` (``machine``, ``code_fingerprint``), adds percentiles, PASS/MISS
+cells, CPU pinning and a wait for a quiet machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -16,9 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decisions_throughput import console, cpu_times, machine, say
+from benchlib import code_fingerprint, machine
+from decisions_throughput import console, cpu_times, say
 
 __all__ = [
+    "add_common_options",
+    "code_fingerprint",
     "console",
     "cpu_times",
     "load_text",
@@ -26,6 +31,8 @@ __all__ = [
     "mark",
     "percentile",
     "pin_to",
+    "quiet_load",
+    "remove_temp",
     "say",
     "wait_for_quiet",
 ]
@@ -77,3 +84,22 @@ def pin_to(cpu: int | None) -> str:
     cpu = cpu % (os.cpu_count() or 1)
     os.sched_setaffinity(0, {cpu})
     return f"pinned to CPU {cpu}"
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-load``, ``--wait`` and ``--keep``, the same in every script of issues 4 and 6."""
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
+    parser.add_argument("--wait", type=float, default=600, help="wait at most this many seconds for it")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")
+
+
+def quiet_load(args: argparse.Namespace) -> str:
+    """Wait for a quiet machine as the common options say; the load average measured under."""
+    return wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+
+
+def remove_temp(tmp: Path, keep: bool) -> None:
+    if keep:
+        say(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)

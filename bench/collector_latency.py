@@ -46,7 +46,6 @@ import gc
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -61,7 +60,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import console, cpu_times, load_text, machine, mark, percentile, say, wait_for_quiet
+from benchkit import (
+    add_common_options,
+    code_fingerprint,
+    console,
+    cpu_times,
+    load_text,
+    machine,
+    mark,
+    percentile,
+    quiet_load,
+    remove_temp,
+    say,
+)
 from rich.table import Table
 
 from scopewatch.settings import Settings
@@ -69,6 +80,14 @@ from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from scopewatch.stack.npm import server_everything_command
 from scopewatch.stack.stack import settings_env
+
+CODE = (
+    "collectors/stdio.py",
+    "collectors/observer.py",
+    "collectors/publisher.py",
+    "collectors/spool.py",
+    "collectors/http_proxy.py",
+)  # printed as sha256 prefixes: there is no commit to name
 
 TARGET_P50_US = 100.0
 TARGET_P99_US = 250.0
@@ -502,7 +521,8 @@ def report_pass(title: str, samples: dict[str, list[int]], baselines: dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     say(f"machine: {machine()}")
-    load = wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+    say(f"code: {code_fingerprint(CODE)}")
+    load = quiet_load(args)
     say(f"load average {load}")
     tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-collector-"))
     broker: KafkaBroker | None = None
@@ -602,10 +622,7 @@ def run(args: argparse.Namespace) -> int:
             env.stop_children()
         if broker is not None:
             broker.stop()
-        if args.keep:
-            say(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp, args.keep)
 
 
 def main() -> None:
@@ -614,9 +631,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per session first")
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
-    parser.add_argument("--wait", type=float, default=600)
-    parser.add_argument("--keep", action="store_true")
+    add_common_options(parser)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(run(args))

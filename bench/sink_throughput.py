@@ -51,7 +51,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from benchkit import console, load_text, machine, mark, pin_to, say, wait_for_quiet
+from benchkit import (
+    add_common_options,
+    code_fingerprint,
+    console,
+    load_text,
+    machine,
+    mark,
+    pin_to,
+    quiet_load,
+    remove_temp,
+    say,
+)
 from decisions_throughput import build_workload, produce
 from rich.table import Table
 
@@ -59,6 +70,14 @@ from schemas import Evidence, decode, encode
 from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+
+CODE = (
+    "stream_jobs/sink.py",
+    "stream_jobs/rows.py",
+    "stream_jobs/clickhouse.py",
+    "schemas/codec.py",
+    "schemas/events.py",
+)  # printed as sha256 prefixes: there is no commit to name
 
 TARGET_ROWS_PER_S = 250_000
 DATABASE = "scopewatch"
@@ -82,7 +101,7 @@ def evidence_pool(calls: int, seed: int = 7) -> list[Evidence]:
         sim.drain(t)
     later = now + timedelta(minutes=5)
     sim.tick(later)  # past the grace: the final versions
-    return sim.evidence
+    return list(sim.evidence)
 
 
 def realistic_evidence(n: int, pool_calls: int = 2000, seed: int = 7) -> list[Evidence]:
@@ -405,7 +424,8 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
 
 def parent(args: argparse.Namespace) -> int:
     say(f"machine: {machine()}")
-    load = wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+    say(f"code: {code_fingerprint(CODE)}")
+    load = quiet_load(args)
     say(f"load average {load}")
     tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-sink-"))
     broker: KafkaBroker | None = None
@@ -464,10 +484,7 @@ def parent(args: argparse.Namespace) -> int:
     finally:
         if broker is not None:
             broker.stop()
-        if args.keep:
-            say(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp, args.keep)
 
 
 def main() -> None:
@@ -488,10 +505,8 @@ def main() -> None:
         metavar="FILE",
         help="record the sink child with py-spy (raw collapsed stacks to FILE; slows it down; for where the time goes)",
     )
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
-    parser.add_argument("--wait", type=float, default=600, help="wait at most this long for it")
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--keep", action="store_true")
+    add_common_options(parser)
     # child-only
     parser.add_argument("--child", choices=["writer", "sink"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)

@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -54,7 +53,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aiokafka import AIOKafkaProducer
-from benchkit import console, cpu_times, load_text, machine, mark, percentile, say, wait_for_quiet
+from benchkit import (
+    add_common_options,
+    code_fingerprint,
+    console,
+    cpu_times,
+    load_text,
+    machine,
+    mark,
+    percentile,
+    quiet_load,
+    remove_temp,
+    say,
+)
 from decisions_throughput import build_workload, wait_counters, worker_stats
 from rich.table import Table
 
@@ -65,6 +76,14 @@ from scopewatch.sqlclient import SqlError, run_sql
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from scopewatch.stack.stack import Stack
+
+CODE = (
+    "stream_jobs/app.py",
+    "stream_jobs/sink.py",
+    "stream_jobs/rows.py",
+    "detections/live.py",
+    "schemas/codec.py",
+)  # printed as sha256 prefixes: there is no commit to name
 
 TARGET_P99_S = 1.0
 TARGET_RATE = 5_000
@@ -269,6 +288,19 @@ class RunResult:
     dead_letters: int
 
 
+def diagnose(settings: Settings, worker_pid: int) -> None:
+    """Print the worker's counters and its last warnings: why calls are not being decided."""
+    stats = worker_stats(settings, worker_pid) or {}
+    say(f"worker counters: {stats.get('counters')}")
+    log = settings.log_dir / "worker.log"
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if "WARNING" in ln or "ERROR" in ln]
+    except OSError:
+        lines = []
+    for line in lines[-5:]:
+        say(f"worker log: {line[:300]}")
+
+
 def dead_letters(settings: Settings, worker_pid: int) -> int:
     stats = worker_stats(settings, worker_pid) or {}
     return int(stats.get("counters", {}).get("dead_letters", 0))
@@ -281,6 +313,7 @@ def measure(
     seconds: float,
     args: argparse.Namespace,
     pids: dict[str, int],
+    drain: float | None = None,
 ) -> RunResult:
     poller = Poller(settings, args.poll)
     poller.start()
@@ -300,11 +333,17 @@ def measure(
             f"({n / (emitted.ended - emitted.started):,.0f}/s); waiting for their verdicts"
         )
         drain_start = time.time()
-        deadline = time.monotonic() + args.drain
+        deadline = time.monotonic() + (args.drain if drain is None else drain)
         decided = 0
+        moved = time.monotonic()
         while time.monotonic() < deadline:
-            decided = decided_count(settings, emitted.started)
+            count = decided_count(settings, emitted.started)
+            if count != decided:
+                decided, moved = count, time.monotonic()
             if decided >= n and poller.pending() == 0:
+                break
+            if time.monotonic() - moved > args.stall:
+                say(f"[red]no new verdict for {args.stall:.0f}s: the worker is stuck or skipped calls[/]")
                 break
             time.sleep(1.0)
         drain_seconds = time.time() - emitted.ended
@@ -312,6 +351,7 @@ def measure(
             drain_samples[name].append(cpu_times(pid))
         if decided < n:
             say(f"[red]{n - decided:,} calls still without a verdict {time.time() - drain_start:.0f}s after the run[/]")
+            diagnose(settings, pids["worker"])
     finally:
         poller.stop()
     versions = fetch_versions(settings, emitted.started)
@@ -501,6 +541,7 @@ def fresh_pipeline(
 
 def run(args: argparse.Namespace) -> int:
     say(f"machine: {machine()}")
+    say(f"code: {code_fingerprint(CODE)}")
     tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-latency-"))
     broker: KafkaBroker | None = None
     stack: Stack | None = None
@@ -516,11 +557,19 @@ def run(args: argparse.Namespace) -> int:
         for attempt in range(args.fallbacks + 1):
             # Every rate gets its own sink, worker and chDB folder: the backlog of a run that did not keep up
             # (final versions, sink ingest) must not slow the next one down.
-            settings, stack, pids = fresh_pipeline(args, tmp, broker, wl)
-            warm = min(rate, 500)
-            say(f"warming up at {warm:,.0f}/s for 3 s")
-            measure(settings, pool, warm, 3, args, pids)
-            load = wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+            for _try in range(3):
+                settings, stack, pids = fresh_pipeline(args, tmp, broker, wl)
+                warm = min(rate, 500)
+                say(f"warming up at {warm:,.0f}/s for 3 s")
+                w = measure(settings, pool, warm, 3, args, pids, drain=120)
+                if w.decided == w.emitted:
+                    break
+                say("[red]the warm-up calls were not all decided: starting another fresh pipeline[/]")
+                stack.down()
+                stack = None
+            else:
+                raise RuntimeError("three fresh pipelines in a row did not decide their warm-up calls")
+            load = quiet_load(args)
             say(f"measuring at {rate:,.0f} calls/s for {args.seconds:.0f}s (load {load})")
             r = measure(settings, pool, rate, args.seconds, args, pids)
             results.append(r)
@@ -542,10 +591,7 @@ def run(args: argparse.Namespace) -> int:
             stack.down()
         if broker is not None:
             broker.stop()
-        if args.keep:
-            say(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp, args.keep)
 
 
 def main() -> None:
@@ -561,9 +607,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=5_000, help="distinct call templates")
     parser.add_argument("--poll", type=float, default=0.1, help="poll interval of the visibility check (s)")
     parser.add_argument("--drain", type=float, default=900, help="seconds to wait for the backlog after a run")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
-    parser.add_argument("--wait", type=float, default=600)
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--stall", type=float, default=60, help="stop waiting when no verdict came for this long")
+    add_common_options(parser)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(run(args))
