@@ -765,7 +765,8 @@ class Stage2:
         now_us = micros(now)
         final = now_us >= rec["d"]
         if rec["ver"] > 0 and summary == rec["last"] and (rec["fin"] or not final):
-            self.calls[skey] = _dumps(rec)  # attribution version or facts moved on; verdict unchanged
+            if reason == "update":
+                self.calls[skey] = _dumps(rec)  # a new attribution version, same verdict: keep the record
             return Output()
         was_final = rec["fin"]
         rec["ver"] += 1

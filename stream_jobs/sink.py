@@ -233,7 +233,7 @@ class ClickHouseSink:
                 self.counters["recoveries_abandoned"] += 1
                 self._clear_intent()
                 return
-            await self._seek_back(consumer, await consumer.getmany(timeout_ms=200))
+            self._seek_back(consumer, await consumer.getmany(timeout_ms=200))
         for tp, (first, _last) in wanted.items():
             consumer.seek(tp, first)
         log.info("re-reading %s", ", ".join(f"{tp.topic}[{tp.partition}]@{a}-{b}" for tp, (a, b) in wanted.items()))
@@ -267,7 +267,7 @@ class ClickHouseSink:
 
     # -- writing
 
-    async def _seek_back(self, consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> None:
+    def _seek_back(self, consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> None:
         for tp, messages in records.items():
             if messages:
                 consumer.seek(tp, messages[0].offset)
@@ -301,7 +301,7 @@ class ClickHouseSink:
                 waited = 0.0
                 while waited < delay:
                     records = await consumer.getmany(timeout_ms=int(min(delay - waited, 0.5) * 1000))
-                    await self._seek_back(consumer, records)  # newly assigned partitions: fetch them again later
+                    self._seek_back(consumer, records)  # newly assigned partitions: fetch them again later
                     consumer.pause(*consumer.assignment())
                     waited += 0.5
                 delay = min(delay * 2, self.config.retry_max_seconds)

@@ -48,6 +48,7 @@ from schemas import (
     parse_event,
     record_hash,
 )
+from stream_jobs.forensics import render_literal
 
 Fetch = Callable[[str], dict[str, Any]]
 
@@ -317,10 +318,6 @@ def _check_epoch(chain: list[Stamped], cid: str, epoch: int, from_start: bool, r
 # ------------------------------------------------------------------------------ loading
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _pages(fetch: Fetch, sql: str) -> Iterator[dict[str, Any]]:
     offset = 0
     while True:
@@ -337,10 +334,10 @@ def verify(fetch: Fetch, database: str, since: datetime | None = None, tenant: s
     report = VerifyReport()
     where = []
     if tenant is not None:
-        where.append(f"tenant = {_quote(tenant)}")
+        where.append(f"tenant = {render_literal('String', tenant)}")
     tenant_only = f" WHERE {' AND '.join(where)}" if where else ""
     if since is not None:
-        where.append(f"event_time >= {_quote(format_timestamp(since))}")
+        where.append(f"event_time >= {render_literal('String', format_timestamp(since))}")
     filtered = f" WHERE {' AND '.join(where)}" if where else ""
 
     stamped: list[Stamped] = []
