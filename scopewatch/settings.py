@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     amend_window_seconds: float = Field(default=600.0, ge=0, description="after grace: late facts still amend")
     retention_days: float = Field(default=7.0, gt=0, description="fact history kept for calls this old")
     tick_seconds: float = Field(default=1.0, gt=0, description="how often idle partitions finalize calls")
+    worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")
+    worker_batch_seconds: float = Field(default=0.02, gt=0, le=5, description="longest wait to fill a batch")
 
     # Pager
     pager_config: Path | None = Field(

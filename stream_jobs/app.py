@@ -4,34 +4,45 @@ Two agents, each over a pair of co-partitioned topics, run the pure processors o
 ``detections.live`` and send what they return:
 
 * ``attribute`` (stage 1) reads ``mcp.tool-calls`` and ``identity.sessions`` (key: session_id).
-  Its tables hold session histories and open calls; it forwards each call, with its attribution,
+  Its state holds session histories and open calls; it forwards each call, with its attribution,
   to the internal topic ``scopewatch.calls-by-route`` keyed by the call's route (delegation key,
   or the session route when the session names nobody).
 * ``authorize`` (stage 2) reads ``scopewatch.calls-by-route`` and ``consent.grants`` (key: the
-  delegation key). Its tables hold grant histories and the calls it owns; every verdict version
+  delegation key). Its state holds grant histories and the calls it owns; every verdict version
   goes to ``audit.evidence``.
 
 Faust assigns topics with the same partition count and the same subscribers together, so
-partition p of both inputs of an agent, and of its tables' changelogs, live on one worker. The
-internal topic is written with the partition Kafka's default partitioner (murmur2) gives the key,
-which is how the grants topic is keyed by its producers. A timer sends a tick to each assigned
-partition of the internal topic so idle partitions still finalize calls at their deadline.
+partition p of both inputs of an agent lives on one worker. The internal topic is written with the
+partition Kafka's default partitioner (murmur2) gives the key, which is how the grants topic is
+keyed by its producers. A timer sends a tick to each assigned partition of the internal topic so
+idle partitions still finalize calls at their deadline.
+
+State is not kept in Faust tables (see ``stream_jobs.state`` for why): each stage keeps, per
+partition, stores loaded from compacted changelog topics of its own on first use after an
+assignment and dropped on revocation. Agents take events in batches (``take_events``: up to
+``SCOPEWATCH_WORKER_BATCH_SIZE`` events or ``SCOPEWATCH_WORKER_BATCH_SECONDS``), run the pure
+processors of ``detections.live`` on each event, then send the batch's outputs and changelog
+writes (one per changed key) through Faust's producer and wait for every acknowledgement before
+the batch is acked. So an input offset is committed only after everything it produced is on the
+broker: at-least-once, and the processors ignore redelivered events (evidence ids are
+deterministic).
 
 Agents only decode, call the core and emit. Raw bytes are decoded with our own Avro codec (not
 ``faust.Record``); an event that does not decode, is of the wrong type or makes the core fail
 goes to the dead-letter topic with the reason, and is counted. Agents run with
-``concurrency=1`` (faust-streaming#606), at-least-once: outputs are sent before the input offset
-is committed, and the core ignores redelivered events (evidence ids are deterministic).
+``concurrency=1`` (faust-streaming#606). An input offset that jumps (events never delivered, the
+faust-streaming#596 symptom) is logged and counted (``offset_gaps``, ``offsets_skipped``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,8 +61,10 @@ from schemas import (
     encode,
 )
 from scopewatch.settings import Settings
+from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.dead_letters import dead_letter_for
+from stream_jobs.state import ChangelogReader, ChangelogStore
 
 log = logging.getLogger("scopewatch.stream")
 
@@ -62,31 +75,166 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
-class TableView(MutableMapping[str, bytes]):
-    """A Faust table of bytes -> bytes seen as str -> bytes (raw keys come back as bytes on recovery)."""
+class _Partition:
+    """One partition of one stage: its stores, its processor, the last offset seen per input topic."""
 
-    def __init__(self, table: Any) -> None:
-        self.table = table
+    __slots__ = ("offsets", "proc", "stores")
 
-    def __getitem__(self, key: str) -> bytes:
-        value: bytes = self.table[key.encode("utf-8")]
-        return value
+    def __init__(self, proc: Any, stores: dict[str, ChangelogStore]) -> None:
+        self.proc = proc
+        self.stores = stores
+        self.offsets: dict[str, int] = {}
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.table.get(key.encode("utf-8"), default)
 
-    def __setitem__(self, key: str, value: bytes) -> None:
-        self.table[key.encode("utf-8")] = value
+class StageRunner:
+    """Runs one stage's processors over batches of Faust events: decode, decide, write state, emit.
 
-    def __delitem__(self, key: str) -> None:
-        del self.table[key.encode("utf-8")]
+    Each partition's state is loaded from its changelog partitions on first use after an
+    assignment and dropped when the partition is revoked (another worker may change it).
+    """
 
-    def __iter__(self) -> Iterator[str]:
-        for key in list(self.table.keys()):
-            yield key.decode("utf-8") if isinstance(key, bytes) else key
+    def __init__(
+        self,
+        name: str,
+        tables: dict[str, str],
+        make: Callable[[int, dict[str, ChangelogStore]], Any],
+        handle: Callable[[Any, Any, datetime], Output],
+        sender: Sender,
+        reader: ChangelogReader,
+        ready: asyncio.Event,
+        counters: Counter[str],
+    ) -> None:
+        self.name = name
+        self.tables = tables  # store name -> changelog topic
+        self.make = make
+        self.handle = handle
+        self.sender = sender
+        self.reader = reader
+        self.ready = ready
+        self.counters = counters
+        self.partitions: dict[int, _Partition] = {}
 
-    def __len__(self) -> int:
-        return len(self.table)
+    async def partition(self, p: int) -> _Partition:
+        part = self.partitions.get(p)
+        if part is None:
+            await self.ready.wait()
+            loaded, stats = await self.reader.load(list(self.tables.values()), p)
+            stores = {name: ChangelogStore(loaded[topic]) for name, topic in self.tables.items()}
+            part = _Partition(self.make(p, stores), stores)
+            part.proc.rebuild()
+            self.partitions[p] = part
+            self.counters[f"{self.name}_partition_loads"] += 1
+            self.counters[f"{self.name}_state_records_read"] += stats.records
+            log.info(
+                "%s: partition %d state loaded in %.2fs (%s records, keys %s)",
+                self.name,
+                p,
+                stats.seconds,
+                stats.records,
+                stats.per_topic,
+            )
+        return part
+
+    def revoke(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.partitions.pop(p, None)
+
+    def open_calls(self) -> int:
+        return sum(part.proc.open_calls() for part in self.partitions.values())
+
+    async def run(self, events: Sequence[Any]) -> None:
+        now = datetime.now(UTC)
+        touched: dict[int, _Partition] = {}
+        for event in events:
+            m = event.message
+            part = touched.get(m.partition)
+            if part is None:
+                part = touched[m.partition] = await self.partition(m.partition)
+            last = part.offsets.get(m.topic)
+            if last is not None and m.offset > last + 1:
+                # Kafka offsets of these (non-compacted, non-transactional) topics are contiguous:
+                # a jump means events we were never given (the faust-streaming#596 symptom).
+                self.counters["offset_gaps"] += 1
+                self.counters["offsets_skipped"] += m.offset - last - 1
+                log.warning("%s: %s[%d] jumped from offset %d to %d", self.name, m.topic, m.partition, last, m.offset)
+            if last is None or m.offset > last:
+                part.offsets[m.topic] = m.offset
+            try:
+                out = self.handle(part.proc, m, now)
+            except Exception as exc:  # noqa: BLE001 - every bad event is dead-lettered, never fatal
+                self.sender.dead_letter(m, self.name, exc, now)
+                continue
+            self.counters[f"{self.name}_events"] += 1
+            self.sender.emit(out)
+        for p, part in touched.items():
+            for name, store in part.stores.items():
+                for key, value in store.drain():
+                    self.sender.changelog(self.tables[name], key, value, p)
+        await self.sender.flush()
+
+
+class Sender:
+    """Collects a batch's messages, sends them through Faust's producer and waits for every ack."""
+
+    def __init__(self, app: faust.App, settings: Settings, counters: Counter[str]) -> None:
+        self.app = app
+        self.topics = settings.topics
+        self.partitions = settings.partitions
+        self.counters = counters
+        self._out: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+
+    def emit(self, out: Output) -> None:
+        add, counters = self._out.append, self.counters
+        for fwd in out.forwards:
+            key = fwd.route.encode("utf-8")
+            add((self.topics.calls_by_route, key, fwd.payload, partition_for(key, self.partitions)))
+        for evidence in out.evidence:
+            add((self.topics.evidence, evidence.call_id.encode("utf-8"), encode(evidence), None))
+            counters[f"evidence_{evidence.verdict}"] += 1
+        for finding in out.findings:
+            # keyed by dedup key: one pager partition sees every finding of a dedup key
+            add((self.topics.findings, finding.dedup_key.encode("utf-8"), encode(finding), None))
+            counters["findings"] += 1
+
+    def changelog(self, topic: str, key: str, value: bytes | None, partition: int) -> None:
+        self._out.append((topic, key.encode("utf-8"), value, partition))
+        self.counters["changelog_writes"] += 1
+
+    def dead_letter(self, m: Any, stage: str, exc: Exception, now: datetime) -> None:
+        self.counters["dead_letters"] += 1
+        self.counters[f"dead_letters_{stage}"] += 1
+        record = dead_letter_for(
+            m.topic, m.partition, m.offset, m.key, m.value, stage, f"{type(exc).__name__}: {exc}", now
+        )
+        self._out.append((self.topics.dead_letter, m.key, encode(record), None))
+        log.warning("dead-lettered %s[%s]@%s: %s", m.topic, m.partition, m.offset, record.reason)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> None:
+        self._out.append((topic, key, value, partition))
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything collected and wait until the broker has acknowledged all of it.
+
+        A failed send raises: the batch is then not acked, the agent crashes and the worker
+        stops, and its events are redelivered (at-least-once) instead of being committed past.
+        """
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        producer = self.app.producer
+        pending = [await producer.send(topic, key, value, part, None, None) for topic, key, value, part in out]
+        await asyncio.gather(*pending)
+        self.counters["messages_sent"] += len(out)
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    """The compacted topic holding one state table (the name Faust gave its table changelogs)."""
+    return f"{settings.worker_group}-{table}-changelog"
+
+
+STAGE1_TABLES = ("s1-sessions", "s1-calls")
+STAGE2_TABLES = ("s2-grants", "s2-calls")
 
 
 def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
@@ -115,118 +263,87 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     def raw_topic(*names: str) -> Any:
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    def table(name: str) -> Any:
-        return app.Table(
-            name,
-            default=None,
-            partitions=n,
-            key_type=bytes,
-            value_type=bytes,
-        )
-
     stage1_in = raw_topic(topics.tool_calls, topics.sessions)
     stage2_in = raw_topic(topics.calls_by_route, topics.grants)
-    routed_topic = raw_topic(topics.calls_by_route)
-    evidence_topic = raw_topic(topics.evidence)
-    findings_topic = raw_topic(topics.findings)
-    dead_letter_topic = raw_topic(topics.dead_letter)
 
-    s1_sessions, s1_calls = TableView(table("s1-sessions")), TableView(table("s1-calls"))
-    s2_grants, s2_calls = TableView(table("s2-grants")), TableView(table("s2-calls"))
-    stage1: dict[int, Stage1] = {}
-    stage2: dict[int, Stage2] = {}
+    sender = Sender(app, settings, counters)
+    reader = ChangelogReader(settings.kafka_bootstrap)
+    ready = asyncio.Event()
+    changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
+    app.scopewatch_changelogs = changelogs  # type: ignore[attr-defined]
 
-    def stage1_for(partition: int) -> Stage1:
-        proc = stage1.get(partition)
-        if proc is None:
-            proc = stage1[partition] = Stage1(partition, s1_sessions, s1_calls, config, live_counters)
-            proc.rebuild()
-        return proc
+    def handle_stage1(proc: Stage1, m: Any, now: datetime) -> Output:
+        obj = decode(m.value)
+        if m.topic == topics.tool_calls and isinstance(obj, ToolCall):
+            return proc.on_call(obj, now)
+        if m.topic == topics.sessions and isinstance(obj, (SessionBound, SessionEnded)):
+            return proc.on_fact(obj, now)
+        raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
 
-    def stage2_for(partition: int) -> Stage2:
-        proc = stage2.get(partition)
-        if proc is None:
-            proc = stage2[partition] = Stage2(partition, s2_grants, s2_calls, config, live_counters)
-            proc.rebuild()
-        return proc
+    def handle_stage2(proc: Stage2, m: Any, now: datetime) -> Output:
+        if m.topic == topics.calls_by_route:
+            return proc.on_message((m.key or b"").decode("utf-8"), m.value, now)
+        obj = decode(m.value)
+        if not isinstance(obj, (GrantIssued, GrantRevoked)):
+            raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
+        return proc.on_fact(obj, now)
 
-    # After a rebalance the tables hold what recovery gave: indexes are rebuilt lazily from them.
-    s1_calls.table.on_recover(_clearer(stage1))
-    s2_calls.table.on_recover(_clearer(stage2))
+    stage1 = StageRunner(
+        "attribute",
+        {name: changelogs[name] for name in STAGE1_TABLES},
+        lambda p, s: Stage1(p, s["s1-sessions"], s["s1-calls"], config, live_counters),
+        handle_stage1,
+        sender,
+        reader,
+        ready,
+        counters,
+    )
+    stage2 = StageRunner(
+        "authorize",
+        {name: changelogs[name] for name in STAGE2_TABLES},
+        lambda p, s: Stage2(p, s["s2-grants"], s["s2-calls"], config, live_counters),
+        handle_stage2,
+        sender,
+        reader,
+        ready,
+        counters,
+    )
+    app.scopewatch_stages = (stage1, stage2)  # type: ignore[attr-defined]
+    batch, within = settings.worker_batch_size, settings.worker_batch_seconds
 
-    async def emit(out: Output) -> None:
-        for fwd in out.forwards:
-            key = fwd.route.encode("utf-8")
-            await routed_topic.send(key=key, value=fwd.payload, partition=partition_for(key, n))
-        for evidence in out.evidence:
-            await evidence_topic.send(key=evidence.call_id.encode("utf-8"), value=encode(evidence))
-            counters[f"evidence_{evidence.verdict}"] += 1
-        for finding in out.findings:
-            # keyed by dedup key: one pager partition sees every finding of a dedup key
-            await findings_topic.send(key=finding.dedup_key.encode("utf-8"), value=encode(finding))
-            counters["findings"] += 1
-
-    async def dead_letter(event: Any, stage: str, exc: Exception, now: datetime) -> None:
-        counters["dead_letters"] += 1
-        counters[f"dead_letters_{stage}"] += 1
-        m = event.message
-        record = dead_letter_for(
-            m.topic, m.partition, m.offset, m.key, m.value, stage, f"{type(exc).__name__}: {exc}", now
+    @app.task  # type: ignore[untyped-decorator]
+    async def prepare() -> None:
+        # Runs once the worker has set up logging, which leaves aiokafka at DEBUG: about ten log
+        # records per call, a tenth of the worker's time (bench/profile_decisions.py).
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        await create_topics(
+            settings.kafka_bootstrap, list(changelogs.values()), n, configs={"cleanup.policy": "compact"}
         )
-        await dead_letter_topic.send(key=m.key, value=encode(record))
-        log.warning("dead-lettered %s[%s]@%s: %s", m.topic, m.partition, m.offset, record.reason)
+        ready.set()
 
     @app.agent(stage1_in, concurrency=1, name="attribute")
     async def attribute_agent(stream: Any) -> None:
-        async for event in stream.events():
-            now = datetime.now(UTC)
-            m = event.message
-            try:
-                obj = decode(m.value)
-                proc = stage1_for(m.partition)
-                if m.topic == topics.tool_calls and isinstance(obj, ToolCall):
-                    out = proc.on_call(obj, now)
-                elif m.topic == topics.sessions and isinstance(obj, (SessionBound, SessionEnded)):
-                    out = proc.on_fact(obj, now)
-                else:
-                    raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
-            except Exception as exc:  # noqa: BLE001 - every bad event is dead-lettered, never fatal
-                await dead_letter(event, "attribute", exc, now)
-                continue
-            counters["stage1_events"] += 1
-            await emit(out)
+        async for events in stream.take_events(batch, within=within):
+            await stage1.run(events)
 
     @app.agent(stage2_in, concurrency=1, name="authorize")
     async def authorize_agent(stream: Any) -> None:
-        async for event in stream.events():
-            now = datetime.now(UTC)
-            m = event.message
-            try:
-                proc = stage2_for(m.partition)
-                if m.topic == topics.calls_by_route:
-                    out = proc.on_message((m.key or b"").decode("utf-8"), m.value, now)
-                else:
-                    obj = decode(m.value)
-                    if not isinstance(obj, (GrantIssued, GrantRevoked)):
-                        raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
-                    out = proc.on_fact(obj, now)
-            except Exception as exc:  # noqa: BLE001
-                await dead_letter(event, "authorize", exc, now)
-                continue
-            counters["stage2_events"] += 1
-            await emit(out)
+        async for events in stream.take_events(batch, within=within):
+            await stage2.run(events)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
+        # Faust has waited for in-flight batches (ours send and await everything before acking):
+        # forget the state, the next owner (maybe us again) reads it back from the changelogs.
+        stage1.revoke({tp.partition for tp in revoked if tp.topic in (topics.tool_calls, topics.sessions)})
+        stage2.revoke({tp.partition for tp in revoked if tp.topic in (topics.calls_by_route, topics.grants)})
 
     @app.timer(interval=settings.tick_seconds)  # type: ignore[untyped-decorator]
     async def tick() -> None:
         for tp in app.consumer.assignment():
             if tp.topic == topics.calls_by_route:
-                await routed_topic.send(key=b"", value=tick_message(), partition=tp.partition)
-
-    @app.task  # type: ignore[untyped-decorator]
-    async def quiet_kafka_client() -> None:
-        # Runs once the worker has set up logging, which leaves aiokafka at DEBUG: about ten log
-        # records per call, a tenth of the worker's time (bench/profile_decisions.py).
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+                await sender.send(topics.calls_by_route, b"", tick_message(), tp.partition)
 
     stats_file = settings.run_dir / f"worker-{socket.gethostname()}-{os.getpid()}.json"
 
@@ -236,8 +353,8 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
             "pid": os.getpid(),
             "updated_at": datetime.now(UTC).isoformat(),
             "counters": dict(counters) | live_counters.counts,
-            "open_calls_stage1": sum(p.open_calls() for p in stage1.values()),
-            "open_calls_stage2": sum(p.open_calls() for p in stage2.values()),
+            "open_calls_stage1": stage1.open_calls(),
+            "open_calls_stage2": stage2.open_calls(),
         }
         try:
             atomic_write(stats_file, json.dumps(data, indent=1, sort_keys=True))
@@ -245,13 +362,6 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
             log.warning("cannot write %s: %s", stats_file, exc)
 
     return app
-
-
-def _clearer(processors: dict[int, Any]) -> Any:
-    async def on_recover() -> None:
-        processors.clear()
-
-    return on_recover
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:

@@ -1,4 +1,4 @@
-"""The decision job's wiring, without a broker: agents, tables, partitioning."""
+"""The decision job's wiring, without a broker: agents, state stores, partitioning."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import delegation_key
 from scopewatch.settings import Settings
-from stream_jobs.app import TableView, create_app, partition_for
+from stream_jobs.app import create_app, partition_for
+from stream_jobs.state import ChangelogStore
 
 
-def test_create_app_declares_both_stages_and_their_tables(tmp_path: Path) -> None:
+def test_create_app_declares_both_stages_and_their_changelogs(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, topic_prefix="u.", partitions=3, worker_group="u-decisions")
     app = create_app(settings)
     assert set(app.agents) >= {"attribute", "authorize"}
-    assert set(app.tables) == {"s1-sessions", "s1-calls", "s2-grants", "s2-calls"}
-    assert all(t.partitions == 3 for t in app.tables.values())
+    assert not app.tables  # state is ours (stream_jobs.state), not Faust tables
+    assert app.scopewatch_changelogs == {  # type: ignore[attr-defined]
+        name: f"u-decisions-{name}-changelog" for name in ("s1-sessions", "s1-calls", "s2-grants", "s2-calls")
+    }
     # two apps never share state
     assert create_app(settings) is not app
 
@@ -30,12 +33,16 @@ def test_partition_for_is_kafkas_default_partitioner() -> None:
             assert partition_for(key, n) == partitioner(key, parts, parts)
 
 
-def test_table_view_maps_str_keys_to_bytes() -> None:
-    raw: dict[bytes, bytes] = {}
-    view = TableView(raw)
-    view["acme/s1"] = b"x"
-    assert raw == {b"acme/s1": b"x"}
-    assert view.get("acme/s1") == b"x" and view.get("nope") is None
-    assert list(view) == ["acme/s1"] and len(view) == 1
-    del view["acme/s1"]
-    assert raw == {}
+def test_changelog_store_drains_the_last_value_of_each_changed_key() -> None:
+    store = ChangelogStore({"kept": b"0", "gone": b"1"})
+    assert store.drain() == []  # loaded state is not written back
+    store["a"] = b"1"
+    store["a"] = b"2"  # five writes of a key in a batch are one changelog message
+    del store["gone"]
+    store["b"] = b"x"
+    del store["b"]  # written then deleted: a tombstone (it may exist in the changelog already)
+    assert sorted(store.drain(), key=lambda kv: kv[0]) == [("a", b"2"), ("b", None), ("gone", None)]
+    assert store.drain() == []
+    assert dict(store.items()) == {"kept": b"0", "a": b"2"}
+    assert store.get("a") == b"2" and store.get("nope") is None and "kept" in store and len(store) == 2
+    assert store.pop("a") == b"2" and store.drain() == [("a", None)]  # MutableMapping mixins go through us
