@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from detections.live import LiveCounters, Output, Stage1, Stage2, tick_message
@@ -144,6 +145,7 @@ class StageRunner:
 
     async def run(self, events: Sequence[Any]) -> None:
         now = datetime.now(UTC)
+        self.counters[f"{self.name}_batches"] += 1
         touched: dict[int, _Partition] = {}
         for event in events:
             m = event.message
@@ -174,14 +176,42 @@ class StageRunner:
 
 
 class Sender:
-    """Collects a batch's messages, sends them through Faust's producer and waits for every ack."""
+    """Collects a batch's messages, sends them as per-partition record batches, waits for every ack.
 
-    def __init__(self, app: faust.App, settings: Settings, counters: Counter[str]) -> None:
-        self.app = app
+    It has its own idempotent aiokafka producer (acks=all) instead of going through Faust's
+    per-message ``send``: a batch of a few hundred events produces a few thousand messages, and
+    building one record batch per topic-partition costs a fraction of as many sends. Nothing
+    relies on Faust's flush-before-commit for these messages: :meth:`flush` returns only once the
+    broker has acknowledged all of them, and the agent acks its events after that.
+    """
+
+    def __init__(self, settings: Settings, counters: Counter[str]) -> None:
+        self.bootstrap = settings.kafka_bootstrap
         self.topics = settings.topics
         self.partitions = settings.partitions
         self.counters = counters
         self._out: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+        self._producer: AIOKafkaProducer | None = None
+        self._partition_counts: dict[str, int] = {}
+
+    async def _get(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=2,
+                max_batch_size=1024 * 1024,
+                max_request_size=4 * 1024 * 1024,
+            )
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
     def emit(self, out: Output) -> None:
         add, counters = self._out.append, self.counters
@@ -213,17 +243,39 @@ class Sender:
         self._out.append((topic, key, value, partition))
         await self.flush()
 
+    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = self._partition_counts[topic] = len(await producer.partitions_for(topic))
+        return count
+
     async def flush(self) -> None:
         """Send everything collected and wait until the broker has acknowledged all of it.
 
-        A failed send raises: the batch is then not acked, the agent crashes and the worker
-        stops, and its events are redelivered (at-least-once) instead of being committed past.
+        Keyed messages without a partition go where Kafka's default partitioner (murmur2) puts
+        them, as with any other producer of these topics. A failed send raises: the batch is then
+        not acked, the agent crashes and the worker stops, and its events are redelivered
+        (at-least-once) instead of being committed past.
         """
         if not self._out:
             return
         out, self._out = self._out, []
-        producer = self.app.producer
-        pending = [await producer.send(topic, key, value, part, None, None) for topic, key, value, part in out]
+        producer = await self._get()
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        for topic, key, value, part in out:
+            if part is None:
+                part = partition_for(key or b"", await self._partition_count(producer, topic))
+            groups.setdefault((topic, part), []).append((key, value))
+        pending = []
+        for (topic, part), messages in groups.items():
+            batch = producer.create_batch()
+            for key, value in messages:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic, partition=part))
+                    batch = producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"a message for {topic} is larger than a whole record batch")
+            pending.append(await producer.send_batch(batch, topic, partition=part))
         await asyncio.gather(*pending)
         self.counters["messages_sent"] += len(out)
 
@@ -266,7 +318,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     stage1_in = raw_topic(topics.tool_calls, topics.sessions)
     stage2_in = raw_topic(topics.calls_by_route, topics.grants)
 
-    sender = Sender(app, settings, counters)
+    sender = Sender(settings, counters)
     reader = ChangelogReader(settings.kafka_bootstrap)
     ready = asyncio.Event()
     changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
@@ -338,6 +390,10 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         # forget the state, the next owner (maybe us again) reads it back from the changelogs.
         stage1.revoke({tp.partition for tp in revoked if tp.topic in (topics.tool_calls, topics.sessions)})
         stage2.revoke({tp.partition for tp in revoked if tp.topic in (topics.calls_by_route, topics.grants)})
+
+    @app.on_before_shutdown.connect
+    async def close_producer(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        await sender.stop()  # Faust has stopped its consumer: no batch is in flight any more
 
     @app.timer(interval=settings.tick_seconds)  # type: ignore[untyped-decorator]
     async def tick() -> None:
