@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     tick_seconds: float = Field(default=1.0, gt=0, description="how often idle partitions finalize calls")
     worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")
     worker_batch_seconds: float = Field(default=0.02, gt=0, le=5, description="longest wait to fill a batch")
+    worker_session_timeout_seconds: float = Field(
+        default=30.0, ge=6, le=300, description="a silent worker leaves the group (its partitions move) after this"
+    )
 
     # Pager
     pager_config: Path | None = Field(

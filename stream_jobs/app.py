@@ -306,6 +306,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         table_standby_replicas=0,
+        broker_session_timeout=settings.worker_session_timeout_seconds,
     )
     counters: Counter[str] = Counter()
     live_counters = LiveCounters()
