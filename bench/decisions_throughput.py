@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import shutil
@@ -311,6 +312,61 @@ async def passthrough(bootstrap: str, source: str, dest: str, group: str, n: int
     print(json.dumps({"copied": copied}))
 
 
+def faust_passthrough(bootstrap: str, source: str, dest: str, group: str, n: int) -> None:
+    """The same copy through a Faust agent built like the decision worker's: ``take_events`` batches,
+    sent as per-partition record batches by an aiokafka producer, acks awaited before the next batch.
+    This is the ceiling of the worker's Kafka path with zero decision work."""
+    import faust
+
+    app = faust.App(
+        group,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        datadir=tempfile.mkdtemp(prefix="faust-pt-"),
+    )
+    topic = app.topic(source, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    copied = 0
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def quiet() -> None:
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+    @app.agent(topic, concurrency=1)
+    async def copy(stream: Any) -> None:
+        nonlocal copied
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2, max_batch_size=1024 * 1024
+        )
+        await producer.start()
+        async for events in stream.take_events(1000, within=0.02):
+            groups: dict[int, list[Any]] = {}
+            for event in events:
+                groups.setdefault(event.message.partition, []).append(event.message)
+            pending = []
+            for part, messages in groups.items():
+                batch = producer.create_batch()
+                for m in messages:
+                    if batch.append(key=m.key, value=m.value, timestamp=None) is None:
+                        pending.append(await producer.send_batch(batch, dest, partition=part))
+                        batch = producer.create_batch()
+                        batch.append(key=m.key, value=m.value, timestamp=None)
+                pending.append(await producer.send_batch(batch, dest, partition=part))
+            await asyncio.gather(*pending)
+            copied += len(events)
+            if copied >= n:
+                await producer.stop()
+                print(json.dumps({"copied": copied}), flush=True)
+                os._exit(0)  # a bench child: everything it produced is acknowledged
+
+    from faust.worker import Worker
+
+    Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+
+
 # ------------------------------------------------------------------------- processes
 
 
@@ -496,8 +552,9 @@ def run(args: argparse.Namespace) -> int:
         settings.home.mkdir(parents=True, exist_ok=True)
         topics = settings.topics
         passthrough_topics = [f"{settings.topic_prefix}bench.passthrough.{i}" for i in range(args.passthrough_runs)]
+        faust_topic = f"{settings.topic_prefix}bench.faust-passthrough"
         say(f"Kafka broker ready on {bootstrap} (pid record {broker.pid_path})")
-        asyncio.run(create_topics(bootstrap, [*topics.all(), *passthrough_topics], settings.partitions))
+        asyncio.run(create_topics(bootstrap, [*topics.all(), *passthrough_topics, faust_topic], settings.partitions))
 
         # -- facts, through a worker (and the sink)
         if args.sink:
@@ -534,6 +591,9 @@ def run(args: argparse.Namespace) -> int:
             for i, dest in enumerate(passthrough_topics)
         ]
         pt = sorted(pt_runs, key=lambda r: r.rate)[len(pt_runs) // 2]  # the median run
+        fpt = passthrough_run(
+            bootstrap, topics.tool_calls, faust_topic, f"bench{run_id}-fpt", n, args.timeout, "faust-passthrough"
+        )
 
         # -- pipeline
         route_start = asyncio.run(end_offsets(bootstrap, topics.calls_by_route))
@@ -599,6 +659,7 @@ def run(args: argparse.Namespace) -> int:
             pt_window=pt.window,
             pt_e2e=pt.e2e,
             pt_all=[r.rate for r in pt_runs],
+            fpt=fpt,
             pipe_rate=pipe_rate,
             pipe_window=pipe_window,
             pipe_rate_ev=pipe_rate_ev,
@@ -658,10 +719,12 @@ class PassthroughRun:
     cpu: Window
 
 
-def passthrough_run(bootstrap: str, source: str, dest: str, group: str, n: int, timeout: float) -> PassthroughRun:
+def passthrough_run(
+    bootstrap: str, source: str, dest: str, group: str, n: int, timeout: float, kind: str = "passthrough"
+) -> PassthroughRun:
     """One passthrough process over the whole source topic (fresh group), timed from record timestamps."""
     me = str(Path(__file__).resolve())
-    argv = [sys.executable, me, "--passthrough-child", bootstrap, source, dest, group, str(n)]
+    argv = [sys.executable, me, f"--{kind}-child", bootstrap, source, dest, group, str(n)]
     spawned = time.time()
     done, samples = run_sampled(argv, timeout=timeout)
     if done.returncode != 0:
@@ -670,7 +733,7 @@ def passthrough_run(bootstrap: str, source: str, dest: str, group: str, n: int, 
     assert len(ts) == n, (len(ts), n)
     window = (ts[-1] - ts[0]) / 1000
     run = PassthroughRun(rate(n, window), window, rate(n, ts[-1] / 1000 - spawned), Window.of(samples, *_secs(ts)))
-    say(f"passthrough to {dest}: {n:,} msgs in {window:.2f}s = {run.rate:,.0f} msgs/s")
+    say(f"{kind} to {dest}: {n:,} msgs in {window:.2f}s = {run.rate:,.0f} msgs/s")
     return run
 
 
@@ -730,6 +793,16 @@ def report(args: argparse.Namespace, **r: Any) -> None:
         f">= {TARGET_RATIO:.0%}",
         "[green]PASS[/]" if ok2 else "[red]MISS[/]",
     )
+    fpt = r["fpt"]
+    table.add_row(
+        "peer: Faust passthrough msgs/s (the worker's Kafka path, no decisions)",
+        f"{fpt.rate:,.0f}",
+        f"{fpt.window:.2f} s",
+        "",
+        "",
+    )
+    table.add_row("ratio Faust passthrough / aiokafka passthrough", f"{fpt.rate / r['pt_rate']:.1%}", "", "", "")
+    table.add_row("ratio pipeline / Faust passthrough", f"{r['pipe_rate'] / fpt.rate:.1%}", "", "", "")
     console.print(table)
     extra = Table(title="Other views of the same run")
     extra.add_column("measure")
@@ -758,6 +831,12 @@ def report(args: argparse.Namespace, **r: Any) -> None:
     extra.add_row("pipeline calls per worker CPU-second", f"{per_cpu_pipe:,.0f}")
     extra.add_row("passthrough msgs per passthrough CPU-second", f"{per_cpu_pt:,.0f}")
     extra.add_row("ratio per CPU-second (pipeline / passthrough)", f"{per_cpu_pipe / per_cpu_pt:.1%}")
+    per_cpu_fpt = n / max(1e-9, fpt.cpu.cpu)
+    extra.add_row(
+        "Faust passthrough process CPU in its window / machine busy",
+        f"{fpt.cpu.cpu / fpt.cpu.seconds:.0%} / {fpt.cpu.busy:.0%}",
+    )
+    extra.add_row("Faust passthrough msgs per CPU-second", f"{per_cpu_fpt:,.0f}")
     extra.add_row("load average at the end (1/5/15 min)", " ".join(f"{x:.2f}" for x in r["load"]))
     if done < n:
         extra.add_row("[red]calls never processed by stage 1 (partition@offsets)[/]", describe(r["skipped"]))
@@ -775,6 +854,11 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--passthrough-child":
         bootstrap, source, dest, group, n = sys.argv[2:7]
         asyncio.run(passthrough(bootstrap, source, dest, group, int(n)))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--faust-passthrough-child":
+        bootstrap, source, dest, group, n = sys.argv[2:7]
+        sys.argv[1:] = ["worker"]  # what faust's Worker parses
+        faust_passthrough(bootstrap, source, dest, group, int(n))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200_000, help="tool calls to push through (default 200,000)")
