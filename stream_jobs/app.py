@@ -77,14 +77,16 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 class _Partition:
-    """One partition of one stage: its stores, its processor, the last offset seen per input topic."""
+    """One partition of one stage: its stores, its processor, the last offset seen per input topic,
+    and the end offset of each changelog partition as far as this worker knows it."""
 
-    __slots__ = ("offsets", "proc", "stores")
+    __slots__ = ("ends", "offsets", "proc", "stores")
 
-    def __init__(self, proc: Any, stores: dict[str, ChangelogStore]) -> None:
+    def __init__(self, proc: Any, stores: dict[str, ChangelogStore], ends: dict[str, int]) -> None:
         self.proc = proc
         self.stores = stores
         self.offsets: dict[str, int] = {}
+        self.ends = ends
 
 
 class StageRunner:
@@ -114,14 +116,23 @@ class StageRunner:
         self.ready = ready
         self.counters = counters
         self.partitions: dict[int, _Partition] = {}
+        self.revoked: dict[int, _Partition] = {}
 
     async def partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)
         if part is None:
             await self.ready.wait()
-            loaded, stats = await self.reader.load(list(self.tables.values()), p)
+            topics = list(self.tables.values())
+            kept = self.revoked.pop(p, None)
+            if kept is not None and await self.reader.end_offsets(topics, p) == kept.ends:
+                # Back after a rebalance and nobody wrote its changelogs meanwhile: what we hold
+                # is exactly what a load would give (eager rebalances revoke everything each time).
+                self.partitions[p] = kept
+                self.counters[f"{self.name}_partition_reuses"] += 1
+                return kept
+            loaded, stats = await self.reader.load(topics, p)
             stores = {name: ChangelogStore(loaded[topic]) for name, topic in self.tables.items()}
-            part = _Partition(self.make(p, stores), stores)
+            part = _Partition(self.make(p, stores), stores, stats.ends)
             part.proc.rebuild()
             self.partitions[p] = part
             self.counters[f"{self.name}_partition_loads"] += 1
@@ -137,8 +148,12 @@ class StageRunner:
         return part
 
     def revoke(self, partitions: set[int]) -> None:
+        """Stop using these partitions; keep their state in case they come back unchanged."""
         for p in partitions:
-            self.partitions.pop(p, None)
+            part = self.partitions.pop(p, None)
+            if part is not None:
+                part.offsets.clear()  # another worker may process events before it comes back
+                self.revoked[p] = part
 
     def open_calls(self) -> int:
         return sum(part.proc.open_calls() for part in self.partitions.values())
@@ -172,7 +187,12 @@ class StageRunner:
             for name, store in part.stores.items():
                 for key, value in store.drain():
                     self.sender.changelog(self.tables[name], key, value, p)
-        await self.sender.flush()
+        ends = await self.sender.flush()
+        for p, part in touched.items():
+            for topic in self.tables.values():
+                end = ends.get((topic, p))
+                if end is not None:
+                    part.ends[topic] = end
 
 
 class Sender:
@@ -249,8 +269,9 @@ class Sender:
             count = self._partition_counts[topic] = len(await producer.partitions_for(topic))
         return count
 
-    async def flush(self) -> None:
-        """Send everything collected and wait until the broker has acknowledged all of it.
+    async def flush(self) -> dict[tuple[str, int], int]:
+        """Send everything collected and wait until the broker has acknowledged all of it; returns
+        the end offset (last offset + 1) each topic-partition written to has after our writes.
 
         Keyed messages without a partition go where Kafka's default partitioner (murmur2) puts
         them, as with any other producer of these topics. A failed send raises: the batch is then
@@ -258,7 +279,7 @@ class Sender:
         (at-least-once) instead of being committed past.
         """
         if not self._out:
-            return
+            return {}
         out, self._out = self._out, []
         producer = await self._get()
         groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
@@ -266,18 +287,25 @@ class Sender:
             if part is None:
                 part = partition_for(key or b"", await self._partition_count(producer, topic))
             groups.setdefault((topic, part), []).append((key, value))
-        pending = []
+        pending, counts = [], []
         for (topic, part), messages in groups.items():
-            batch = producer.create_batch()
+            batch, count = producer.create_batch(), 0
             for key, value in messages:
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     pending.append(await producer.send_batch(batch, topic, partition=part))
-                    batch = producer.create_batch()
+                    counts.append(count)
+                    batch, count = producer.create_batch(), 0
                     if batch.append(key=key, value=value, timestamp=None) is None:
                         raise ValueError(f"a message for {topic} is larger than a whole record batch")
+                count += 1
             pending.append(await producer.send_batch(batch, topic, partition=part))
-        await asyncio.gather(*pending)
+            counts.append(count)
+        ends: dict[tuple[str, int], int] = {}
+        for meta, count in zip(await asyncio.gather(*pending), counts, strict=True):
+            tp = (meta.topic, meta.partition)
+            ends[tp] = max(ends.get(tp, 0), meta.offset + count)  # a batch's metadata names its first offset
         self.counters["messages_sent"] += len(out)
+        return ends
 
 
 def changelog_topic(settings: Settings, table: str) -> str:

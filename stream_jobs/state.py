@@ -82,6 +82,7 @@ class LoadStats:
     tombstones: int = 0
     seconds: float = 0.0
     per_topic: dict[str, int] = field(default_factory=dict)
+    ends: dict[str, int] = field(default_factory=dict)  # topic -> end offset the load read up to
 
 
 class ChangelogReader:
@@ -144,4 +145,16 @@ class ChangelogReader:
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
         stats.per_topic = {topic: len(d) for topic, d in out.items()}
+        stats.ends = {tp.topic: ends[tp] for tp in tps}
         return out, stats
+
+    async def end_offsets(self, topics: list[str], partition: int) -> dict[str, int]:
+        """The current end offset of each topic's partition ``partition``."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, partition) for topic in topics]
+            ends = await consumer.end_offsets(tps)
+        finally:
+            await consumer.stop()
+        return {tp.topic: ends[tp] for tp in tps}

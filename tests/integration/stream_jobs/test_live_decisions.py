@@ -128,6 +128,10 @@ def test_two_workers_give_the_same_verdicts_as_one(own_pipeline: Settings, tmp_p
     # the surviving worker takes the partitions back and reads their state from the changelogs
     _, expected = publish_story(pipeline, tmp_path, f"after{os.getpid()}")
     assert_live_equals_replay(pipeline, expected)
+    # ...except a partition nobody wrote to while it was away: that state is kept, not re-read
+    survivor = [p for p in pipeline.run_dir.glob("worker-*.json") if not p.name.endswith(f"-{extra.pid}.json")]
+    counters = json.loads(survivor[0].read_text())["counters"]
+    assert counters.get("authorize_partition_reuses", 0) + counters.get("attribute_partition_reuses", 0) >= 1
 
 
 @pytest.fixture
