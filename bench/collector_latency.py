@@ -8,7 +8,8 @@ Sessions, all open at the same time in one run:
 * stdio: the real ``@modelcontextprotocol/server-everything`` (node, from the cache) started
   directly (twice: ``direct`` and ``direct-b``), via ``python -m scopewatch wrap`` with the
   broker up, and via ``wrap`` with the broker down (``SCOPEWATCH_BOOTSTRAP`` is a closed port,
-  so the collector spools to ``SCOPEWATCH_SPOOL_DIR``);
+  so the collector spools to ``SCOPEWATCH_SPOOL_DIR``); in the raw pass also behind a bare
+  two-thread relay with no observer at all (:data:`RELAY_ONLY`), the floor of any Python relay;
 * HTTP: the ``mcp`` SDK's own Streamable-HTTP server (``MCPServer`` with an ``echo`` tool, in a
   child process) called directly (twice), via ``python -m scopewatch proxy`` with the broker up,
   and via a second proxy with the broker down.
@@ -83,6 +84,8 @@ from scopewatch.stack.stack import settings_env
 
 CODE = (
     "collectors/stdio.py",
+    "collectors/tap.py",
+    "collectors/observer_process.py",
     "collectors/observer.py",
     "collectors/publisher.py",
     "collectors/spool.py",
@@ -93,6 +96,7 @@ TARGET_P50_US = 100.0
 TARGET_P99_US = 250.0
 PERCENTILES = (50, 90, 99)
 RAW_CPU: dict[str, float] = {}  # raw pass: CPU microseconds per call of each session's child process
+OBSERVER_CPU: dict[str, float] = {}  # raw pass: the same for the observer process of each wrap session
 
 UPSTREAM = r"""
 import asyncio, sys
@@ -107,6 +111,22 @@ def echo(message: str) -> str:
 
 asyncio.run(server.run_streamable_http_async(host="127.0.0.1", port=int(sys.argv[1])))
 """
+
+RELAY_ONLY = r"""
+import os, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+def pump(src, dst, close):
+    while chunk := os.read(src, 1 << 16):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
+    close()
+threading.Thread(target=pump, args=(0, child.stdin.fileno(), child.stdin.close), daemon=True).start()
+out = threading.Thread(target=pump, args=(child.stdout.fileno(), 1, lambda: None), daemon=True)
+out.start()
+sys.exit(child.wait() if out.join() is None else 1)
+"""
+"""The lower bound of any relay in Python: the same two blocking relay threads as ``wrap``, no observer."""
 
 
 # ------------------------------------------------------------------------- processes
@@ -299,6 +319,16 @@ class RawSession:
         self.log.close()
 
 
+def observer_pid(wrapper: int) -> int | None:
+    """The observer process ``scopewatch wrap`` forked (``scopewatch-obs``), if ``wrapper`` is one."""
+    for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-obs":
+                    return int(pid)
+    return None
+
+
 def interleave(
     names: list[str], call: Callable[[str, int], int], calls: int, warmup: int, seed: int
 ) -> dict[str, list[int]]:
@@ -318,6 +348,7 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
     plan = {
         "direct": (server, env.up_env),
         "direct-b": (server, env.up_env),
+        "relay only (no observer)": ([sys.executable, "-c", RELAY_ONLY, *server], env.up_env),
         "wrap": (wrap_argv(server, "raw-wrap", 10), env.env_for("raw-wrap", True)),
         "wrap, broker down": (wrap_argv(server, "raw-wrap-down", 1), env.env_for("raw-wrap-down", False)),
     }
@@ -330,6 +361,8 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         gc.collect()
         gc.disable()
         before = {n: cpu_times(s.child.pid).proc for n, s in sessions.items()}
+        observers = {n: observer_pid(s.child.pid) for n, s in sessions.items()}
+        before_obs = {n: cpu_times(pid).proc for n, pid in observers.items() if pid is not None}
         try:
             samples = interleave(list(sessions), lambda n, i: sessions[n].call_echo(i), args.calls, args.warmup, 1)
         finally:
@@ -337,6 +370,10 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         per_call = args.calls + args.warmup
         for n, s in sessions.items():
             RAW_CPU[n] = (cpu_times(s.child.pid).proc - before[n]) / per_call * 1e6
+        for n, cpu in before_obs.items():
+            pid = observers[n]
+            assert pid is not None
+            OBSERVER_CPU[n] = (cpu_times(pid).proc - cpu) / per_call * 1e6
         return samples
     finally:
         for s in sessions.values():
@@ -400,13 +437,13 @@ async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Na
 
 
 def observer_cost(calls: int = 3000) -> tuple[float, float]:
-    """CPU microseconds per echo call of the wrapper's observer thread work, in this process.
+    """CPU microseconds per echo call of the wrapper's observer work, in this process.
 
-    What ``StdioWrapper._observe`` does per call besides the relay: JSON-parse the request and the
-    response, build, redact and resource-extract the ``tool_call``/``tool_result`` events, stamp the
-    collector chain and Avro-encode them (the publisher's queue is replaced by a counter). Returns
-    (request side, response side). In ``wrap`` this runs on another thread than the relay, but
-    under the same GIL.
+    What the observer process of ``wrap`` does per call besides reading the copy pipe: JSON-parse
+    the request and the response, build, redact and resource-extract the ``tool_call``/``tool_result``
+    events, stamp the collector chain and Avro-encode them (the publisher's queue is replaced by a
+    counter). Returns (request side, response side). In ``wrap`` this runs in the observer process,
+    not in the relay's.
     """
     from collectors.chain import ChainStamper
     from collectors.observer import McpSessionObserver, SessionIdentity, utc_from_ns
@@ -549,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
         load_before = load_text()
         raw: dict[str, list[int]] = {}
         if not args.skip_raw:
-            say(f"raw pass: 4 stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each")
+            say(f"raw pass: 5 stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each")
             t0 = time.perf_counter()
             raw = raw_pass(env, server, args)
             say(f"raw pass done in {time.perf_counter() - t0:.1f}s")
@@ -567,7 +604,12 @@ def run(args: argparse.Namespace) -> int:
             report_pass(
                 "stdio, raw JSON-RPC client: wall time per echo call; added = session - direct, per percentile",
                 raw,
-                {"direct-b": "direct", "wrap": "direct", "wrap, broker down": "direct"},
+                {
+                    "direct-b": "direct",
+                    "relay only (no observer)": "direct",
+                    "wrap": "direct",
+                    "wrap, broker down": "direct",
+                },
                 {"wrap", "wrap, broker down"},
             )
         if sdk:
@@ -608,8 +650,10 @@ def run(args: argparse.Namespace) -> int:
                     f"{events:,} / {report.pending:,} / {len(report.problems)}",
                 )
         for name, cpu in RAW_CPU.items():
-            what = "wrap process (python, all threads; node not included)" if "wrap" in name else "node server"
+            what = "relay process (node not included)" if "wrap" in name or "relay" in name else "node server"
             extra.add_row(f"raw pass, {name}: CPU per call of the {what}", f"{cpu:,.0f} us")
+        for name, cpu in OBSERVER_CPU.items():
+            extra.add_row(f"raw pass, {name}: CPU per call of its observer process (all threads)", f"{cpu:,.0f} us")
         extra.add_row(
             "wrap's observer work per echo call, CPU in this process (request / response side)",
             f"{obs_req:,.0f} us / {obs_resp:,.0f} us",

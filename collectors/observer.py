@@ -15,7 +15,8 @@ collectors pass the host's configured redactor (see :mod:`collectors.stdio`).
 
 from __future__ import annotations
 
-import uuid
+import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from schemas import (
     ToolResult,
 )
 
-__all__ = ["MAX_ERROR_CHARS", "McpSessionObserver", "SessionIdentity", "canonical_digest", "utc_from_ns"]
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "McpSessionObserver",
+    "SessionIdentity",
+    "canonical_digest",
+    "random_uuid",
+    "utc_from_ns",
+]
 
 MAX_ERROR_CHARS = 1024
 
@@ -47,6 +55,38 @@ class SessionIdentity:
     agent_id: str | None = None
     valid_until: datetime | None = None
     auth: dict[str, Any] = field(default_factory=dict)
+
+
+class _RandomPool:
+    """OS randomness fetched 4 KiB at a time (one ``getrandom`` per 256 ids instead of one per id)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._pos = 0
+
+    def take16(self) -> bytes:
+        with self._lock:
+            if self._pos + 16 > len(self._pool):
+                self._pool, self._pos = os.urandom(4096), 0
+            raw = self._pool[self._pos : self._pos + 16]
+            self._pos += 16
+            return raw
+
+    def reset(self) -> None:  # after a fork: never hand out the parent's numbers again
+        self._lock = threading.Lock()
+        self._pool, self._pos = b"", 0
+
+
+_POOL = _RandomPool()
+os.register_at_fork(after_in_child=_POOL.reset)
+
+
+def random_uuid() -> str:
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` but cheaper."""
+    h = _POOL.take16().hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
 
 
 def _rpc_key(msg_id: Any) -> tuple[str, Any] | None:
@@ -87,7 +127,7 @@ class McpSessionObserver:
     identity: SessionIdentity
     transport: Literal["stdio", "http", "sdk"] = "stdio"
     server_label: str | None = None
-    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    new_id: Callable[[], str] = field(default=lambda: random_uuid())
     attested: dict[str, Any] | None = None
     redactor: Redactor | None = None
     extractor: ResourceExtractor = field(default_factory=ResourceExtractor)

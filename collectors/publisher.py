@@ -26,7 +26,10 @@ Bounded memory: at most ``max_queued`` events / ``max_queued_bytes`` wait in mem
 and described in a *loss record* -- a :class:`~schemas.DeadLetter` with stage ``collector``
 on the dead-letter topic, written to the spool's reserved space and delivered like any other
 record -- so a loss is always explicit. Corrupt or torn records found in an adopted spool
-produce loss records too.
+produce loss records too, and so do losses a collector reports with :meth:`~BackgroundPublisher.record_loss`
+(e.g. traffic the stdio wrapper relayed but could not observe). Losses are counted and written
+as one record per topic at most once a second, and not while the spool is full: a burst of
+refusals cannot use up the reserve; the final counts are always written at close.
 
 Delivery guarantee: every event accepted by ``publish`` is delivered at least once; across a
 broker outage while the collector runs, exactly once (the idempotent producer's retries).
@@ -93,6 +96,8 @@ _TICK = 0.05
 _DEGRADED_SEND_TIMEOUT = 0.1
 FAIL_GRACE = 1.0
 """``on_full="fail"``: how long publish() waits for the thread to move memory to a spool that has room."""
+LOSS_RECORD_INTERVAL = 1.0
+"""At most one batch of loss records per this many seconds (the counts accumulate meanwhile)."""
 _SPILL_BATCH = 1000
 _SPILL_BATCH_BYTES = 4 << 20
 
@@ -108,6 +113,7 @@ class PublisherStats:
     queued: int = 0
     sent: int = 0
     lost_queue_full: int = 0  # refused by publish(): memory and spool full (or publisher closed)
+    lost_upstream: int = 0  # lost before publish(), reported with record_loss()
     send_errors: int = 0
     last_error: str | None = None
     lost_at_close: int = 0  # neither delivered nor spooled when the publisher closed
@@ -222,6 +228,7 @@ class BackgroundPublisher:
         self._loss = _Loss()
         self._sleeping = False
         self._accepting = True
+        self._no_wait = False
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._closing = False
@@ -248,6 +255,7 @@ class BackgroundPublisher:
         self._broken: BaseException | None = None
         self._last_sync = time.monotonic()
         self._wrote = False
+        self._loss_flushed_at = -LOSS_RECORD_INTERVAL
 
     @property
     def spool_dir(self) -> str:
@@ -285,6 +293,8 @@ class BackgroundPublisher:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if not self._accepting:
                         return self._refuse(topic, "publisher closed")
+                    if self._no_wait:
+                        return self._refuse(topic, "spool full, collector stopping")
                     if (fail and self.stats.spool_full) or (remaining is not None and remaining <= 0):
                         return self._refuse(topic, "spool full" if self.stats.spool_full else "memory full")
                     self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
@@ -297,6 +307,28 @@ class BackgroundPublisher:
         if wake:
             self._poke()
         return True
+
+    def record_loss(self, topic: str, reason: str, count: int = 1) -> None:
+        """Count ``count`` events lost before they reached the publisher (e.g. traffic a collector
+        could not observe); they are described in the next loss record like any refused event."""
+        if count <= 0:
+            return
+        with self._cond:
+            self.stats.lost_upstream += count
+            self._loss.add(topic, reason, count)
+            self._sleeping = False
+        if self._started:
+            self._poke()
+
+    def stop_waiting(self) -> None:
+        """From now on ``publish`` never waits for room: what does not fit is refused and recorded as
+        lost at once. For a collector that must finish now (its process is being stopped).
+
+        Safe to call from a signal handler (takes no lock).
+        """
+        self._no_wait = True
+        if self._started:
+            self._poke()
 
     def _is_full(self, size: int) -> bool:
         if not self._incoming:
@@ -357,13 +389,15 @@ class BackgroundPublisher:
                 self.stats.spooled_at_close,
                 self.config.dir,
             )
-        if self.stats.lost_queue_full or self.stats.lost_at_close or self.stats.lost_poison:
+        stats = self.stats
+        if stats.lost_queue_full or stats.lost_at_close or stats.lost_poison or stats.lost_upstream:
             log.warning(
-                "events lost: %d refused (spool full), %d at close, %d refused by Kafka; see the loss records "
-                "(stage 'collector') on %s",
-                self.stats.lost_queue_full,
-                self.stats.lost_at_close,
-                self.stats.lost_poison,
+                "events lost: %d refused (spool full), %d at close, %d refused by Kafka, %d before the publisher; "
+                "see the loss records (stage 'collector') on %s",
+                stats.lost_queue_full,
+                stats.lost_at_close,
+                stats.lost_poison,
+                stats.lost_upstream,
                 self.config.loss_topic,
             )
         return self.stats
@@ -548,11 +582,23 @@ class BackgroundPublisher:
         self.stats.loss_records += 1
         return _Item(self.config.loss_topic, self.client_id.encode("utf-8"), encode(record), KIND_LOSS)
 
-    def _flush_loss(self) -> None:
+    def _flush_loss(self, *, final: bool = False) -> None:
+        """Turn the losses counted so far into loss records (one per topic).
+
+        While the spool is full, and within ``LOSS_RECORD_INTERVAL`` of the last ones, the counts
+        keep accumulating instead: a burst of refusals must not use up the spool's reserve with many
+        small records and leave no room for the one that matters. ``final``: at close, always.
+        """
+        now = time.monotonic()
+        if not final and (
+            (self._degraded and self.stats.spool_full) or now - self._loss_flushed_at < LOSS_RECORD_INTERVAL
+        ):
+            return
         with self._cond:
             loss, self._loss = self._loss, _Loss()
         if not loss.count:
             return
+        self._loss_flushed_at = now
         items = [
             self._loss_item(
                 f"collector lost {n} events for {topic}: " + ", ".join(f"{r} ({c})" for r, c in loss.reasons.items()),
@@ -760,7 +806,13 @@ class BackgroundPublisher:
         self._backoff = min(self._backoff * 2, 5.0)
 
     def _heal(self) -> None:
-        if self._degraded and not self._inflight and self._spool.pending() == 0 and self._broken is None:
+        if (
+            self._degraded
+            and self._producer is not None  # still no connection: new events go straight to the spool
+            and not self._inflight
+            and self._spool.pending() == 0
+            and self._broken is None
+        ):
             self._spool.drop_delivered()
             self._degraded = False
             log.log(logging.DEBUG if self._closing else logging.WARNING, "Kafka is back: the spool is delivered")
@@ -781,7 +833,9 @@ class BackgroundPublisher:
     def _update_idle(self) -> float | None:
         """Set or clear the idle flag; returns how long the loop may sleep (None: until woken)."""
         with self._cond:
-            empty = not self._incoming and not self._loss.count
+            waiting = bool(self._incoming)
+            losses = bool(self._loss.count)
+            empty = not waiting and not losses
             busy = not empty or bool(self._inflight) or self._degraded or self._spool.pending() > 0
             if not busy:
                 self._idle.set()
@@ -793,8 +847,11 @@ class BackgroundPublisher:
                 self._durable.clear()
             if empty:
                 self._sleeping = True
-        if not empty and self._can_progress():
+        if waiting and self._can_progress():
             return 0.0  # more arrived meanwhile: go on at once
+        if losses and not waiting:  # loss records held back (see _flush_loss)
+            due = self._loss_flushed_at + LOSS_RECORD_INTERVAL - time.monotonic()
+            return _TICK if self._degraded and self.stats.spool_full else min(_TICK, max(0.005, due))
         if self._wrote and self.config.fsync == "interval":
             return max(0.0, min(_TICK, self._last_sync + self.config.fsync_interval - time.monotonic()))
         if busy or self._producer is None:
@@ -851,7 +908,7 @@ class BackgroundPublisher:
                 self._loss.add(item.topic, "not delivered and no room in the spool at close")
         self.stats.lost_at_close += len(left)
         self._degraded = True  # loss records go to the spool from here on
-        self._flush_loss()
+        self._flush_loss(final=True)
         try:
             for seg in self._spool.segments:
                 if seg.acked:

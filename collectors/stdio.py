@@ -1,10 +1,36 @@
 """``scopewatch wrap -- COMMAND ...``: a stdio MCP collector.
 
 The wrapper runs an MCP server as its child and relays stdin and stdout byte for byte
-(read a chunk, write the same chunk, nothing reframed or buffered). A copy of each
-chunk goes to an observer thread that parses the newline-delimited JSON-RPC messages
-and publishes ``tool_call`` / ``tool_result`` events; publishing never blocks the relay.
-stderr is inherited, signals are forwarded, and the child's exit status is ours.
+(read a chunk, write the same chunk, nothing reframed or buffered): two threads, one per
+direction, each a tight loop of blocking ``os.read`` / ``os.write``. stderr is inherited,
+signals are forwarded, and the child's exit status is ours.
+
+Everything else happens in a separate *observer process* (:mod:`collectors.observer_process`),
+forked before the server starts: parsing the newline-delimited JSON-RPC messages, building,
+redacting and chain-stamping ``tool_call`` / ``tool_result`` events, publishing them to Kafka
+and spooling them while Kafka is down. Before the relay forwards a chunk it hands a copy to
+that process with one non-blocking write to a pipe (:mod:`collectors.tap`), so the relay never
+waits for the broker, the spool, redaction or parsing, and shares no interpreter lock with the
+threads that do that work. If the pipe is full (the observer is behind, e.g. blocked on a full
+spool), the full-spool policy applies -- ``block`` waits for room, ``fail`` waits at most a
+second -- and a chunk not handed over is still relayed but recorded in a loss record, never
+dropped silently. The pipe (1 MiB) and the publisher's memory bound what is in flight.
+
+Guarantees when the wrapper is killed (``kill -9``): every chunk it relayed was written to the
+pipe first, and the observer process reads the pipe to its end, records those messages and
+spools what Kafka has not acknowledged before it exits (a partial message the wrapper had not
+finished relaying is not a call that reached the server); no ``session_ended`` is invented and
+calls left unanswered get no result. Copies the relay had to drop (``fail`` mode, or a
+``block_timeout``) are counted in memory the two processes share, so their loss record is written
+even if the wrapper died before it could report them. Order per session is the relay order
+throughout: one pipe, one observer, one producer, one spool. The observer process exits when the
+wrapper does -- after it flushed, which the wrapper waits for (at most the flush timeout plus
+30 s), or about a second after it read what the pipe held when the wrapper died, even if it was
+blocked on a full spool (it then records what has no room as lost). If the observer process
+dies, the wrapper starts another (at most three times) whose first record is a loss record: the
+events the dead one had not spooled yet, and copies still in its pipe, are lost -- how many is
+not known. Killing both at once (``kill -9`` of the process group) loses what the observer had
+not spooled, as killing a collector always did; events already spooled survive either way.
 
 Redaction happens in the observer, before an event is handed to the publisher, so no
 argument, error text or resource leaves the host unredacted. Its configuration comes from
@@ -44,107 +70,125 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
-import queue
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretBytes, ValidationError
 
-from collectors.chain import ChainStamper
-from collectors.observer import McpSessionObserver, utc_from_ns
+from collectors.observer import McpSessionObserver
+from collectors.observer_process import (
+    MAX_LINE_BYTES,
+    EventSink,
+    KafkaSink,
+    LineAssembler,
+    SinkSpec,
+    WrapStats,
+    kafka_emitter,
+    observer_main,
+    wait_exit,
+    wait_ready,
+)
 from collectors.redact import MIN_KEY_BYTES, Redactor
 from collectors.resources import ResourceExtractor
-from schemas import Event
+from collectors.tap import C2S, S2C, DropCounters, Tap, set_pipe_size
+
+__all__ = [
+    "CHUNK",
+    "KEY_FILE",
+    "MAX_LINE_BYTES",
+    "EventSink",
+    "KafkaSink",
+    "LineAssembler",
+    "SinkSpec",
+    "StdioWrapper",
+    "WrapError",
+    "WrapStats",
+    "configure_observer",
+    "exit_like",
+    "extractor_from_env",
+    "host_key",
+    "kafka_emitter",
+    "key_file",
+    "redaction_key",
+    "redactor_from_env",
+]
 
 CHUNK = 1 << 16
-MAX_LINE_BYTES = 16 * 1024 * 1024
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-
-Emit = Callable[[Event], None]
-
-
-@dataclass
-class WrapStats:
-    client_bytes: int = 0
-    server_bytes: int = 0
-    unparsable_lines: int = 0
-    oversize_lines: int = 0
-    observer_errors: int = 0
-    events: int = 0
-
-
-class LineAssembler:
-    """Splits a byte stream into lines; lines longer than ``limit`` are skipped, not parsed."""
-
-    def __init__(self, limit: int = MAX_LINE_BYTES) -> None:
-        self._buf = bytearray()
-        self._skipping = False
-        self.limit = limit
-        self.oversize = 0
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        lines: list[bytes] = []
-        start = 0
-        while True:
-            nl = chunk.find(b"\n", start)
-            if nl < 0:
-                break
-            if self._skipping:
-                self._skipping = False
-            else:
-                self._buf += chunk[start:nl]
-                lines.append(bytes(self._buf))
-            self._buf.clear()
-            start = nl + 1
-        if not self._skipping:
-            self._buf += chunk[start:]
-            if len(self._buf) > self.limit:
-                self._buf.clear()
-                self._skipping = True
-                self.oversize += 1
-        return lines
+OBSERVER_NICE = 19
+"""Default niceness of the observer process (``SCOPEWATCH_OBSERVER_NICE``)."""
+OBSERVER_START_TIMEOUT = 60.0
+END_GRACE = 30.0
+"""Seconds the end of a session may wait for room in the copy pipe before the observer is told to hurry."""
+OBSERVER_EXIT_MARGIN = 30.0
+"""Seconds the wrapper waits for the observer beyond the flush timeout before it leaves anyway."""
+MAX_OBSERVER_RESTARTS = 3
 
 
 @dataclass
 class StdioWrapper:
-    """Relays one MCP stdio session and observes it."""
+    """Relays one MCP stdio session; a forked observer process records it (see the module docstring).
+
+    ``sink`` says where events go; :meth:`SinkSpec.open` runs in the observer process.
+    ``observer_nice``: niceness added to the observer process (default ``SCOPEWATCH_OBSERVER_NICE``,
+    else 19), so that on a busy machine the relay, the client and the server come first. The cost:
+    while every CPU is saturated by other work, the observer gets little time and falls behind; the
+    copy pipe then fills and ``block`` mode slows the session down (``fail`` mode records losses).
+    Set 0 to give it a full share.
+    """
 
     argv: list[str]
     observer: McpSessionObserver
-    emit: Emit
+    sink: SinkSpec
     stdin_fd: int = 0
     stdout_fd: int = 1
-    stats: WrapStats = field(default_factory=WrapStats)
+    observer_nice: int | None = None
 
     def __post_init__(self) -> None:
-        self._inbox: queue.SimpleQueue[tuple[str, int, float, bytes] | None] = queue.SimpleQueue()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._tap: Tap | None = None
+        self._ctl: socket.socket | None = None
+        self.observer_pid: int | None = None
+        self.observer_restarts = 0
+        self._restart_lock = threading.Lock()
+        self._gone: list[int] = []  # observer processes that died or were replaced (reaped at the end)
 
     # -- relay ----------------------------------------------------------------------
-    def _pump(self, src: int, dst: int | None, direction: str, close_dst: Callable[[], None]) -> None:
-        """Copy ``src`` to ``dst`` chunk by chunk, handing each chunk to the observer."""
-        inbox = self._inbox
+    def _pump(self, src: int, dst: int | None, direction: int, close_dst: Callable[[], None]) -> None:
+        """Copy ``src`` to ``dst`` chunk by chunk; a copy of each chunk goes to the observer first.
+
+        The copy is handed over *before* the chunk is forwarded: a request is in the pipe before
+        the server can possibly answer it, so the observer sees every exchange in causal order,
+        and whatever was relayed is in the pipe if the wrapper dies right after.
+        """
+        tap = self._tap
+        assert tap is not None
+        send = tap.send
+        read = os.read
+        wall = time.time_ns
+        mono = time.monotonic_ns
         while True:
             try:
-                chunk = os.read(src, CHUNK)
+                chunk = read(src, CHUNK)
             except OSError:
                 chunk = b""
             if not chunk:
                 break
-            # Hand the copy to the observer *before* forwarding: a request must be seen before
-            # the server can possibly answer it, or the observer could not match the response.
-            inbox.put((direction, time.time_ns(), time.monotonic(), chunk))
+            if not send(direction, chunk, wall(), mono()) and tap.broken:
+                self._observer_died(tap)
             if dst is not None:
                 try:
                     _write_all(dst, chunk)
@@ -158,88 +202,205 @@ class StdioWrapper:
     def run(self) -> int:
         """Run the child to completion; returns its exit code (negative: killed by that signal)."""
         configure_observer(self.observer, os.environ)
-        observer_thread = threading.Thread(target=self._observe, name="scopewatch-observer", daemon=True)
-        observer_thread.start()
-        self._emit_all(self.observer.start(utc_from_ns(time.time_ns())))
+        nice = self.observer_nice
+        self.observer_nice = _int_env("SCOPEWATCH_OBSERVER_NICE", OBSERVER_NICE) if nice is None else nice
+        wfd, counters = self._start_observer(time.time_ns(), restart_note=None)
+        # What is alive now (imports, configuration) stays: keep the garbage collector from walking it
+        # again and again -- a full collection of it would pause the relay for milliseconds.
+        gc.freeze()
+        tap = self._tap = Tap(
+            wfd,
+            on_full=self.sink.on_full,
+            block_timeout=self.sink.block_timeout,
+            counters=counters,
+            wake=self._wake_observer,
+        )
         try:
             proc = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, process_group=0
             )
         except OSError as exc:
-            self._inbox.put(None)
-            observer_thread.join(timeout=5)
+            tap.close()  # no end frame: the session never started
+            self._wait_observer()
             raise WrapError(f"cannot start {self.argv[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
         previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED_SIGNALS}
         assert proc.stdin is not None and proc.stdout is not None
         child_in, child_out = proc.stdin, proc.stdout
         to_server = threading.Thread(
-            target=self._pump, args=(self.stdin_fd, child_in.fileno(), "c2s", _closer(child_in)), daemon=True
+            target=self._pump, args=(self.stdin_fd, child_in.fileno(), C2S, _closer(child_in)), daemon=True
         )
         to_client = threading.Thread(
-            target=self._pump, args=(child_out.fileno(), self.stdout_fd, "s2c", lambda: None), daemon=True
+            target=self._pump, args=(child_out.fileno(), self.stdout_fd, S2C, lambda: None), daemon=True
         )
         to_server.start()
         to_client.start()
         try:
             code = proc.wait()
-            to_client.join()  # everything the server wrote reaches the client before we finish
+            to_client.join(END_GRACE)  # everything the server wrote reaches the client before we finish
+            if to_client.is_alive():  # e.g. waiting for room in the copy pipe that a full spool keeps full
+                self._hurry_observer()
+                to_client.join()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        self._inbox.put(("end", time.time_ns(), time.monotonic(), b""))
-        self._inbox.put(None)
-        observer_thread.join(timeout=30)
+        with self._restart_lock:
+            self._end_session(tap)
+            self._wait_observer()
         return code
+
+    def _end_session(self, tap: Tap) -> None:
+        """Hand over the end of the session. If the observer cannot take it (blocked on a full spool
+        for ``END_GRACE`` s), tell it to stop waiting: what has no room is then recorded as lost."""
+        wall, mono = time.time_ns(), time.monotonic_ns()
+        if tap.end(wall, mono, timeout=END_GRACE):
+            return
+        self._hurry_observer()
+        if not tap.end(wall, mono, timeout=self._exit_timeout()):
+            tap.close()
+
+    def _wake_observer(self) -> None:
+        """The copy pipe is full: have the observer read it now rather than at its next tick."""
+        ctl = self._ctl
+        if ctl is not None:
+            with contextlib.suppress(OSError):
+                ctl.send(b"w", socket.MSG_DONTWAIT)
+
+    def _hurry_observer(self) -> None:
+        """Tell the observer to stop waiting for room in the spool (it records what has none as lost)."""
+        if self._ctl is not None:
+            with contextlib.suppress(OSError):
+                self._ctl.send(b"h")
 
     def _forward(self, signum: int, _frame: object) -> None:
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.send_signal(signum)
 
-    # -- observer ---------------------------------------------------------------------
-    def _observe(self) -> None:
-        lines = {"c2s": LineAssembler(), "s2c": LineAssembler()}
-        handlers = {"c2s": self.observer.from_client, "s2c": self.observer.from_server}
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            direction, wall, mono, chunk = item
+    # -- the observer process -------------------------------------------------------------
+    def _start_observer(self, started_ns: int, restart_note: str | None) -> tuple[int, DropCounters]:
+        """Fork an observer process and wait until its sink is open (fail closed if it cannot be).
+
+        Returns the write end of its copy pipe and the drop counters it shares.
+        """
+        rfd, wfd = os.pipe()
+        set_pipe_size(wfd)
+        mine, theirs = socket.socketpair()
+        counters = DropCounters()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the observer process
+            status = 70
             try:
-                if direction == "end":
-                    self._emit_all(self.observer.finish(utc_from_ns(wall), mono))
-                    continue
-                if direction == "c2s":
-                    self.stats.client_bytes += len(chunk)
-                else:
-                    self.stats.server_bytes += len(chunk)
-                assembler = lines[direction]
-                for line in assembler.feed(chunk):
-                    if not line.strip():
-                        continue
-                    try:
-                        message: Any = json.loads(line)
-                    except ValueError:
-                        self.stats.unparsable_lines += 1
-                        continue
-                    self._emit_all(handlers[direction](message, utc_from_ns(wall), mono))
-                self.stats.oversize_lines = lines["c2s"].oversize + lines["s2c"].oversize
-            except Exception as exc:  # noqa: BLE001 - the relay must outlive any observer bug
-                self.stats.observer_errors += 1
-                _warn(f"observer error ({type(exc).__name__}): {self._describe(exc)}")
+                os.close(wfd)
+                mine.close()
+                status = observer_main(
+                    rfd=rfd,
+                    ctl=theirs,
+                    observer=self.observer,
+                    spec=self.sink,
+                    started_ns=started_ns,
+                    counters=counters,
+                    nice=self.observer_nice or 0,
+                    restart_note=restart_note,
+                )
+            except BaseException as exc:  # noqa: BLE001 - never return into the wrapper's code
+                with contextlib.suppress(Exception):
+                    _warn(f"observer process failed: {type(exc).__name__}")
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os._exit(status)
+        os.close(rfd)
+        theirs.close()
+        self.observer_pid = pid
+        self._ctl = mine
+        problem = wait_ready(mine, OBSERVER_START_TIMEOUT)
+        if problem is not None:
+            os.close(wfd)
+            self._wait_observer()
+            kind, _, message = problem.partition(":")
+            if kind == "publisher":
+                from collectors.publisher import PublisherError
 
-    def _describe(self, exc: Exception) -> str:
-        """An exception's message, redacted and short (it may quote what the agent sent)."""
+                raise PublisherError(message)
+            raise WrapError(f"the observer process cannot start: {message}")
+        return wfd, counters
+
+    def _observer_died(self, tap: Tap) -> None:
+        """The observer process stopped reading (it died): start a new one, which first records
+        the loss, and hand the pipe over to it. At most ``MAX_OBSERVER_RESTARTS`` times."""
+        if tap.gave_up:
+            return
+        with self._restart_lock:
+            if not tap.broken or tap.closed or tap.gave_up:
+                return  # another relay thread restarted it already, or the session is over
+            old = self.observer_pid
+            status = _reap(old) if old is not None else None
+            if old is not None and status is None:
+                self._gone.append(old)
+            if self._ctl is not None:
+                self._ctl.close()
+                self._ctl = None
+            if self.observer_restarts >= MAX_OBSERVER_RESTARTS:
+                if not tap.gave_up:
+                    tap.gave_up = True
+                    _warn("the observer process keeps dying: the rest of this session is NOT recorded")
+                return
+            self.observer_restarts += 1
+            how = f"exit status {status}" if status is not None else "stopped reading"
+            _warn(f"the observer process died ({how}); starting a new one")
+            self.sink = self.sink.restarted()
+            note = (
+                f"the observer process of this session died ({how}): the events it had not spooled or delivered "
+                "yet are lost, and the calls in flight then get no result"
+            )
+            try:
+                wfd, counters = self._start_observer(time.time_ns(), restart_note=note)
+            except (WrapError, OSError) as exc:
+                tap.gave_up = True
+                _warn(f"cannot restart the observer process ({exc}): the rest of this session is NOT recorded")
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. PublisherError: the relay goes on regardless
+                tap.gave_up = True
+                _warn(f"cannot restart the observer process ({exc}): the rest of this session is NOT recorded")
+                return
+            tap.reopen(wfd, counters)
+
+    def _exit_timeout(self) -> float:
+        return self.sink.flush_timeout + OBSERVER_EXIT_MARGIN
+
+    def _wait_observer(self) -> None:
+        """Wait until the observer has recorded and spooled or delivered everything (bounded)."""
+        if self._ctl is not None and self.observer_pid is not None:
+            if wait_exit(self._ctl, self._exit_timeout()):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.observer_pid, 0)
+            else:
+                _warn("the observer process is still flushing; leaving it to finish on its own")
+            self._ctl.close()
+            self._ctl = None
+        for pid in self._gone:
+            _reap(pid)
+
+
+def _reap(pid: int) -> int | None:
+    """The exit status of an observer process that is gone (negative: its signal); None if it is not."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if not done:
+        time.sleep(0.05)  # it closed its end of the pipe: usually on its way out
         try:
-            return self.observer.redact_text(str(exc))[:300]
-        except Exception:  # noqa: BLE001 - never let a log line take the observer down
-            return "(message withheld)"
-
-    def _emit_all(self, events: list[Event]) -> None:
-        for event in events:
-            self.emit(event)
-            self.stats.events += 1
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if not done:
+            return None
+    return os.waitstatus_to_exitcode(status)
 
 
 class WrapError(RuntimeError):
@@ -367,21 +528,20 @@ def _closer(stream: Any) -> Callable[[], None]:
     return close
 
 
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise WrapError(f"{name} must be an integer") from None
+
+
 def _warn(text: str) -> None:
     with contextlib.suppress(OSError):
         sys.stderr.write(f"scopewatch wrap: {text}\n")
         sys.stderr.flush()
-
-
-def kafka_emitter(publisher: Any, topics: Any, stamper: ChainStamper) -> Emit:
-    """An :data:`Emit` that stamps, encodes and queues events for Kafka (never blocking)."""
-    from schemas import encode, key_for, topic_for
-
-    def emit(event: Event) -> None:
-        stamped = stamper.stamp(event)
-        publisher.publish(topic_for(stamped, topics), key_for(stamped).encode("utf-8"), encode(stamped))
-
-    return emit
 
 
 def exit_like(code: int) -> None:

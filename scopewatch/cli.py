@@ -153,8 +153,8 @@ def wrap(
 
     from collectors.chain import ChainStamper
     from collectors.observer import McpSessionObserver, SessionIdentity
-    from collectors.publisher import BackgroundPublisher, PublisherError
-    from collectors.stdio import StdioWrapper, WrapError, exit_like, kafka_emitter
+    from collectors.publisher import PublisherError
+    from collectors.stdio import KafkaSink, StdioWrapper, WrapError, exit_like
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout carries the MCP session
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # delivery problems are summed up at exit
@@ -169,27 +169,17 @@ def wrap(
         agent_id=agent_id,
         auth={"method": "launcher", "issuer": "scopewatch-wrap", "host": socket.gethostname()},
     )
+    cid = collector_id or f"stdio:{socket.gethostname()}:{sid}"
+    stamper = ChainStamper(cid, epoch=time.time_ns() // 1_000_000)
+    observer = McpSessionObserver(identity, transport="stdio", server_label=server)
     try:
-        publisher = BackgroundPublisher(settings.kafka_bootstrap, client_id="scopewatch-wrap").start()
+        # the publisher runs in the wrapper's observer process (see collectors.stdio)
+        sink = KafkaSink(settings.kafka_bootstrap, settings.topics, stamper, flush_timeout=flush_timeout)
+        code = StdioWrapper(list(command), observer, sink).run()
     except PublisherError as exc:
         _fail(str(exc), code=2)
-    cid = collector_id or f"stdio:{socket.gethostname()}:{sid}"
-    emit = kafka_emitter(publisher, settings.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000))
-    observer = McpSessionObserver(identity, transport="stdio", server_label=server)
-    wrapper = StdioWrapper(list(command), observer, emit)
-    try:
-        code = wrapper.run()
     except WrapError as exc:
-        publisher.close(flush_timeout)
         _fail(str(exc), code=127)
-    stats = publisher.close(flush_timeout)
-    lost = stats.lost_queue_full + stats.lost_at_close
-    if lost:
-        sys.stderr.write(
-            f"scopewatch wrap: {lost} events NOT delivered to Kafka "
-            f"(queue full {stats.lost_queue_full}, unsent at exit {stats.lost_at_close}; "
-            f"last error: {stats.last_error})\n"
-        )
     exit_like(code)
 
 

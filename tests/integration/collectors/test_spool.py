@@ -26,6 +26,7 @@ from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from support.canaries import CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, leaked
 from support.kafka import reader
+from support.procs import gone
 from support.wrap import child_env, wrap_argv
 
 pytestmark = pytest.mark.integration
@@ -81,6 +82,19 @@ async def _drive(
             assert not result.is_error, result
             if each is not None:
                 await each(i, client)
+
+
+def observer_processes(wrapper: int) -> list[int]:
+    """The observer process(es) a running `scopewatch wrap` forked (named ``scopewatch-obs``)."""
+    found = []
+    for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-obs":
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -181,18 +195,26 @@ def test_kill_9_while_the_broker_is_down_the_next_collector_delivers_the_spool(
     argv += wrap_argv(server_everything, session_id=first)[1:]
     broker.stop()
 
-    async def kill_when_spooled(i: int, client: Any) -> None:
+    observers: list[int] = []
+
+    async def kill_at_once(i: int, client: Any) -> None:
         if i == 0:  # fake secrets of every kind: redacted before anything is spooled
             await client.call_tool("echo", {"message": " ".join(CANARY_TEXTS), "password": "hunter2-canary"})
         if i == calls - 1:
-            # session_bound + every call and result: all in the spool, none in Kafka
-            await asyncio.to_thread(_wait_for, lambda: inspect_spool(spool).pending == spooled, 60, "spool")
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            # the last response reached the client: kill the wrapper at once, without waiting for anything to
+            # be spooled -- whatever it relayed is in the copy pipe or already in its observer's spool
+            wrapper = int(pid_file.read_text())
+            observers.extend(observer_processes(wrapper))
+            os.kill(wrapper, signal.SIGKILL)
 
-    asyncio.run(_drive(argv, env, calls, kill_when_spooled))
+    asyncio.run(_drive(argv, env, calls, kill_at_once))
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)  # it is gone
+    assert len(observers) == 1
+    # its observer process drains the pipe into the spool and exits on its own: no orphan
+    _wait_for(lambda: gone(observers[0]), 30, "the observer process to exit")
     left = inspect_spool(spool)
+    # session_bound + every call and result: all in the spool, none in Kafka
     assert left.pending == spooled and not left.problems
     assert not any(left.locks.values())  # nobody holds the dead collector's lock
     on_disk = b"".join(path.read_bytes() for path in spool.glob("*.seg")).decode("utf-8", "replace")

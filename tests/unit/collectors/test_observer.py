@@ -124,3 +124,15 @@ def test_arguments_are_stored_as_an_object() -> None:
     o = observer()
     [none, listed] = o.from_client([req(1, "tools/call", {"name": "a"}), call(2, "b", [1, 2])], T0, 0.0)
     assert none.arguments == {} and listed.arguments == {"_value": [1, 2]}
+
+
+def test_random_ids_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    from collectors.observer import random_uuid
+
+    ids = [random_uuid() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
