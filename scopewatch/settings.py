@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     grace_seconds: float = Field(default=15.0, ge=0, description="wait for late identity/consent facts")
     amend_window_seconds: float = Field(default=600.0, ge=0, description="after grace: late facts still amend")
     retention_days: float = Field(default=7.0, gt=0, description="fact history kept for calls this old")
-    tick_seconds: float = Field(default=1.0, gt=0, description="how often idle partitions finalize calls")
+    tick_seconds: float = Field(default=0.25, gt=0, description="how often idle partitions finalize calls")
     worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")
     worker_batch_seconds: float = Field(default=0.02, gt=0, le=5, description="longest wait to fill a batch")
     worker_session_timeout_seconds: float = Field(
