@@ -3,19 +3,22 @@
 Target: at least 250,000 rows/s on one core. Two measurements, each in a fresh child process
 pinned to one CPU (``--cpu``; chDB's own threads inherit the pinning), so "one core" is literal:
 
-**(a) writer alone.** ``ClickHouseWriter.insert`` (the sink's only path into ClickHouse) of
-batches of 10k, 20k and 50k evidence rows into a migrated chDB folder, repeated; rows/s = rows
-/ wall time of the call. The same child also times the per-row Python work the sink does before
-a batch reaches the writer (Avro ``decode`` + ``to_row``), on the same core, so the figures add
-up to where the time of (b) goes.
+**(a) writer alone.** ``ClickHouseWriter.insert_columns`` (the sink's only path into ClickHouse)
+of batches of 10k, 20k and 50k evidence rows into a migrated chDB folder, repeated; rows/s = rows
+/ wall time of the call. The columns are what the sink hands the writer: the row tuples of the
+columnar fast path, transposed. The same child also times the sink's per-message Python work
+before a batch reaches the writer (``ClickHouseSink._absorb_many``: the generated fast reader per
+message; and, for comparison, the full path ``decode`` + ``to_row``), how an insert splits between
+chDB's engine and Python, and a what-if: chDB parsing the same Avro bodies itself.
 
 **(b) the whole sink.** A real local Kafka broker (KRaft, 127.0.0.1, free ports, temp folder);
 N evidence messages are produced to the evidence topic first (4 partitions, as ``up``). Then a
-child runs ``ClickHouseSink`` exactly as ``scopewatch sink`` configures it (all the sink topics,
-default batch rows/seconds unless told otherwise, the fsynced intent file, offsets committed
-after each insert) until its row counter reaches N. rows/s = rows / (time the counter reached
-N - time the first batch was counted), i.e. steady state after the consumer joined; the figure
-from the sink's start (group join included) is printed too. The broker is not pinned.
+child first reads them all with a bare aiokafka consumer (no processing: the floor aiokafka sets
+on one core), then runs ``ClickHouseSink`` exactly as ``scopewatch sink`` configures it (all the
+sink topics, default batch rows/seconds unless told otherwise, the fsynced intent file, offsets
+committed after each insert) until its row counter reaches N. rows/s = rows / (time the counter
+reached N - time the first batch was counted), i.e. steady state after the consumer joined; the
+figure from the sink's start (group join included) is printed too. The broker is not pinned.
 
 Rows: real verdicts. The decision processors (``detections.live`` through the tests' LiveSim,
 the same code the worker runs) decide the calls of ``decisions_throughput.build_workload``
@@ -73,6 +76,7 @@ from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 
 CODE = (
     "stream_jobs/sink.py",
+    "stream_jobs/columnar.py",
     "stream_jobs/rows.py",
     "stream_jobs/clickhouse.py",
     "schemas/codec.py",
@@ -81,6 +85,7 @@ CODE = (
 
 TARGET_ROWS_PER_S = 250_000
 DATABASE = "scopewatch"
+EVIDENCE_TOPIC = "bench.audit.evidence"
 
 
 # ------------------------------------------------------------------------- rows
@@ -148,12 +153,153 @@ def describe_rows(sample: list[Evidence]) -> dict[str, Any]:
 # ------------------------------------------------------------------------- (a) writer child
 
 
+def _records(messages: list[bytes], partitions: int = 4) -> list[list[Any]]:
+    """The messages as the consumer hands them to the sink: per partition, in offset order."""
+    from aiokafka.structs import ConsumerRecord
+
+    out: list[list[Any]] = [[] for _ in range(partitions)]
+    for offset, value in enumerate(messages):
+        part = offset % partitions
+        out[part].append(ConsumerRecord(EVIDENCE_TOPIC, part, offset, 0, 0, None, value, None, 0, len(value), ()))
+    return out
+
+
+def _engine_timer(writer: Any) -> list[float]:
+    """Accumulates the process time of the writer's call into chDB (reading the Arrow table, writing the part)."""
+    spent = [0.0]
+    insert = writer._insert_arrow
+
+    def timed(*a: Any, **k: Any) -> Any:
+        c0 = time.process_time()
+        try:
+            return insert(*a, **k)
+        finally:
+            spent[0] += time.process_time() - c0
+
+    writer._insert_arrow = timed
+    return spent
+
+
+def _ocf(schema: dict[str, Any], bodies: list[bytes]) -> bytes:
+    """An Avro object container file holding ``bodies`` (single-object headers stripped) as one block."""
+
+    def varint(n: int) -> bytes:
+        n = (n << 1) ^ (n >> 63)
+        out = bytearray()
+        while n & ~0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+        return bytes(out)
+
+    sync = b"scopewatch-bench"
+    meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": b"null"}
+    head = bytearray(b"Obj\x01") + varint(len(meta))
+    for k, v in meta.items():
+        head += varint(len(k)) + k + varint(len(v)) + v
+    data = b"".join(bodies)
+    return bytes(head) + varint(0) + sync + varint(len(bodies)) + varint(len(data)) + data + sync
+
+
+def insert_variants(client: Any, rows: list[tuple[Any, ...]], repeat: int) -> dict[str, dict[str, float]]:
+    """The same evidence rows through each way of inserting tried for issue 4; median wall and CPU seconds.
+
+    Rounds are interleaved (every variant once per round) so that a change in the machine's load
+    affects all of them alike.
+    """
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    from stream_jobs.columnar import arrow_table
+    from stream_jobs.rows import COLUMNS, TIME_COLUMNS
+    from stream_jobs.sink import INSERT_SETTINGS, ClickHouseWriter
+
+    names = list(COLUMNS["evidence"])
+    table = f"{DATABASE}.evidence"
+    writer = ClickHouseWriter(client, DATABASE)
+    types = writer._column_types("evidence")
+    type_names = [types[c] for c in names]
+    plain = [t.removeprefix("LowCardinality(")[:-1] if t.startswith("LowCardinality(") else t for t in type_names]
+    columns = list(zip(*rows, strict=True))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    dated = [
+        [None if v is None else epoch + timedelta(milliseconds=v) for v in col]
+        if name in TIME_COLUMNS["evidence"]
+        else col
+        for name, col in zip(names, columns, strict=True)
+    ]
+    dict_rows = [dict(zip(names, row, strict=True)) for row in zip(*dated, strict=True)]
+    native = {**INSERT_SETTINGS}
+    old = {"async_insert": 0}
+
+    def ipc_stream() -> bytes:
+        sink = pa.BufferOutputStream()
+        batch = arrow_table(names, type_names, columns)
+        with pyarrow.ipc.new_stream(sink, batch.schema) as out:
+            out.write_table(batch)
+        return bytes(sink.getvalue())
+
+    variants: dict[str, Any] = {
+        "old writer: dict rows, row-oriented, datetimes (optimize_on_insert on)": lambda tok: client.insert(
+            table,
+            [[r[c] for c in names] for r in dict_rows],
+            column_names=names,
+            settings={**old, "insert_deduplication_token": tok},
+        ),
+        "column-oriented Native, datetimes": lambda tok: client.insert(
+            table, dated, column_names=names, column_oriented=True, settings={**old, "insert_deduplication_token": tok}
+        ),
+        "  + integer ms ticks, column types given (no DESCRIBE per insert)": lambda tok: client.insert(
+            table,
+            columns,
+            column_names=names,
+            column_type_names=type_names,
+            column_oriented=True,
+            settings={**old, "insert_deduplication_token": tok},
+        ),
+        "  + optimize_on_insert=0 (the writer's path into a server)": lambda tok: client.insert(
+            table,
+            columns,
+            column_names=names,
+            column_type_names=type_names,
+            column_oriented=True,
+            settings={**native, "insert_deduplication_token": tok},
+        ),
+        "  + LowCardinality columns sent as String": lambda tok: client.insert(
+            table,
+            columns,
+            column_names=names,
+            column_type_names=plain,
+            column_oriented=True,
+            settings={**native, "insert_deduplication_token": tok},
+        ),
+        "Arrow IPC stream, raw_insert (through a temp file, as Native is)": lambda tok: client.raw_insert(
+            table, names, ipc_stream(), settings={**native, "insert_deduplication_token": tok}, fmt="ArrowStream"
+        ),
+        "Arrow table read in place, INSERT ... SELECT FROM Python() (the writer's chDB path)": lambda tok: (
+            writer.insert_columns("evidence", names, columns, tok)
+        ),
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for round_ in range(repeat):
+        for name, run in variants.items():
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            run(f"variant:{round_}:{name}")
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {
+        name: {"rows": len(rows), "wall": median(w for w, _ in ts), "cpu": median(c for _, c in ts)}
+        for name, ts in times.items()
+    }
+
+
 def writer_child(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs in its own process, pinned: ClickHouseWriter.insert of batches into a fresh chDB folder."""
+    """Runs in its own process, pinned: ClickHouseWriter.insert_columns of batches into a fresh chDB folder."""
     pinned = pin_to(args.cpu)
+    from schemas.codec import AVRO_DIR
     from stream_jobs.clickhouse import connect, migrate
-    from stream_jobs.rows import Provenance, to_row
-    from stream_jobs.sink import ClickHouseWriter
+    from stream_jobs.rows import COLUMNS, Provenance, check_row, row_values, to_row
+    from stream_jobs.sink import INSERT_SETTINGS, Batch, ClickHouseSink, ClickHouseWriter, SinkConfig, columns_of
 
     home = Path(args.home)
     client = connect(f"chdb://{home / 'chdb'}")
@@ -163,65 +309,90 @@ def writer_child(args: argparse.Namespace) -> dict[str, Any]:
     events = realistic_evidence(biggest)
     rows_info = describe_rows(events[:2000])
     messages = [encode(e) for e in events]
-
-    # The sink's per-message Python work before the writer: decode + to_row (ClickHouseSink._absorb).
+    del events
     now = datetime.now(UTC)
+    per_partition = _records(messages)
+
+    # The sink's per-message work before the writer, fast path: ClickHouseSink._absorb_many per fetched partition.
+    sink = ClickHouseSink(SinkConfig(bootstrap="", topics=[], group="bench"), writer)
+    fast_runs = []
+    batch = Batch()
+    for _ in range(3):
+        batch = Batch()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for records in per_partition:
+            for i in range(0, len(records), 2500):  # a fetch returns up to ~2,500 of these per partition
+                sink._absorb_many(batch, records[i : i + 2500], now)
+        fast_runs.append({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0})
+    rows = batch.rows["evidence"]
+    assert len(rows) == len(messages) and sink.counters["full_path"] == 0, "every message should take the fast path"
+    # The full path (what the sink did for every message before), on a sample: decode + to_row + check_row.
+    sample = messages[: min(len(messages), 10_000)]
     t0 = time.perf_counter()
-    c0 = time.process_time()
-    rows = []
-    for offset, value in enumerate(messages):
-        _table, row = to_row(decode(value), Provenance("bench.audit.evidence", offset % 4, offset, now))
-        rows.append(row)
-    absorb_s = time.perf_counter() - t0
-    absorb_cpu = time.process_time() - c0
+    for offset, value in enumerate(sample):
+        table, row = to_row(decode(value), Provenance(EVIDENCE_TOPIC, offset % 4, offset, now))
+        check_row(table, row)
+        row_values(table, row)
+    full_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for value in messages:
+    for value in sample:
         decode(value)
     decode_s = time.perf_counter() - t0
-    del messages, events
+    del messages
+    names = list(COLUMNS["evidence"])
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), 10_000):  # as the sink does at each flush of a (default) 10,000-row batch
+        columns_of(rows[i : i + 10_000])
+    transpose_s = time.perf_counter() - t0
 
     results: dict[str, list[dict[str, float]]] = {}
-    warm = rows[:1000]
-    writer.insert("evidence", warm, "warm-up")
+    writer.insert_columns("evidence", names, list(zip(*rows[:1000], strict=True)), "warm-up")
+    engine = _engine_timer(writer)
     seq = 0
     for size in args.batches:
+        columns = list(zip(*rows[:size], strict=True))
         runs = []
         for _ in range(args.repeat):
             seq += 1
-            batch = rows[:size]
+            engine[0] = 0.0
             c0 = time.process_time()
             t0 = time.perf_counter()
-            writer.insert("evidence", batch, f"evidence|bench:{seq}")
+            writer.insert_columns("evidence", names, columns, f"evidence|bench:{seq}")
             wall = time.perf_counter() - t0
-            runs.append({"rows": size, "wall": wall, "cpu": time.process_time() - c0})
+            runs.append({"rows": size, "wall": wall, "cpu": time.process_time() - c0, "engine": engine[0]})
         results[str(size)] = runs
 
-    # How the insert time splits: the writer's own row -> column-list conversion, clickhouse-connect, chDB.
-    batch = rows[:biggest]
-    columns = list(batch[0].keys())
-    t0 = time.perf_counter()
-    _data = [[row[c] for c in columns] for row in batch]
-    listing_s = time.perf_counter() - t0
-    # What-if: the same rows handed to clickhouse-connect column-oriented (no transposition in Python).
-    columnar = [[row[c] for row in batch] for c in columns]
-    what_if = []
+    # What-if: chDB decodes the same Avro bodies itself (C++), no Python per row or column.
+    schema = json.loads((AVRO_DIR / "evidence.avsc").read_text())
+    fields = [f["name"] for f in schema["fields"] if f["name"] != "extra_json"]
+    c0 = time.process_time()
+    container = _ocf(schema, [r.value[10:] for records in per_partition for r in records[: biggest // 4]])
+    ocf_cpu = time.process_time() - c0
+    avro_walls = []
     for _ in range(args.repeat):
         seq += 1
         t0 = time.perf_counter()
         with writer.lock:
-            client.insert(
+            client.raw_insert(
                 f"{DATABASE}.evidence",
-                columnar,
-                column_names=columns,
-                column_oriented=True,
-                settings={"insert_deduplication_token": f"evidence|bench:{seq}", "async_insert": 0},
+                fields,
+                container,
+                settings={
+                    **INSERT_SETTINGS,
+                    "insert_deduplication_token": f"avro:{seq}",
+                    "input_format_skip_unknown_fields": 1,
+                },
+                fmt="Avro",
             )
-        what_if.append(time.perf_counter() - t0)
+        avro_walls.append(time.perf_counter() - t0)
+    variants = insert_variants(client, rows[:biggest], args.repeat) if args.variants else {}
     profile_text = ""
     if args.profile:
+        columns = list(zip(*rows[:biggest], strict=True))
         prof = cProfile.Profile()
         prof.enable()
-        writer.insert("evidence", batch, "evidence|bench:profile")
+        writer.insert_columns("evidence", names, columns, "evidence|bench:profile")
         prof.disable()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile)
@@ -230,10 +401,12 @@ def writer_child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "pinned": pinned,
         "rows_info": rows_info,
-        "absorb": {"rows": len(rows), "wall": absorb_s, "cpu": absorb_cpu, "decode_wall": decode_s},
+        "fast": {"rows": len(rows), "runs": fast_runs},
+        "full": {"rows": len(sample), "wall": full_s, "decode_wall": decode_s},
+        "transpose": {"rows": len(rows), "wall": transpose_s},
         "inserts": results,
-        "listing": {"rows": len(batch), "wall": listing_s},
-        "column_oriented": {"rows": len(batch), "walls": what_if},
+        "avro_what_if": {"rows": biggest // 4 * 4, "walls": avro_walls, "container_cpu": ocf_cpu},
+        "variants": variants,
         "rows_in_table": total,
         "profile": profile_text,
     }
@@ -262,8 +435,9 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         batch_seconds=args.batch_seconds or settings.sink_batch_seconds,
         intent_file=settings.run_dir / "sink-intent.json",
     )
-    sink = ClickHouseSink(config, writer)
     n = args.messages
+    floor = asyncio.run(consume_only(settings, n, config.batch_rows, f"{args.group}-floor"))
+    sink = ClickHouseSink(config, writer)
     marks: dict[str, Any] = {}
 
     async def watch() -> None:
@@ -309,8 +483,40 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "batches": stats.get("batches", 0),
         "retries": stats.get("retries", 0),
         "dead_letters": stats.get("dead_letters", 0),
+        "full_path": stats.get("full_path", 0),
         "rows_in_table": total,
+        "consume_only": floor,
     }
+
+
+async def consume_only(settings: Settings, n: int, batch_rows: int, group: str) -> dict[str, float]:
+    """A bare aiokafka consumer reading the same messages, touching each value: aiokafka's own cost per message."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.topics.evidence,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=batch_rows,
+    )
+    await consumer.start()
+    try:
+        got = first = 0
+        t0 = c0 = 0.0
+        size = 0
+        while got < n:
+            records = await consumer.getmany(timeout_ms=500, max_records=batch_rows)
+            for messages in records.values():
+                if not got and messages:
+                    t0, c0, first = time.perf_counter(), time.process_time(), len(messages)
+                got += len(messages)
+                for msg in messages:
+                    size += len(msg.value or b"")
+        return {"rows": got - first, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    finally:
+        await consumer.stop()
 
 
 # ------------------------------------------------------------------------- parent
@@ -350,7 +556,7 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
             cpu = sum(r["cpu"] for r in runs) / sum(r["wall"] for r in runs)
             best = median(rates)
             table.add_row(
-                f"(a) ClickHouseWriter.insert, {int(size):,}-row batches",
+                f"(a) ClickHouseWriter.insert_columns, {int(size):,}-row batches",
                 f"{best:,.0f}",
                 f"median of {len(runs)}; min {min(rates):,.0f} max {max(rates):,.0f}; process CPU {cpu:.0%}",
                 f">= {TARGET_ROWS_PER_S:,}",
@@ -371,6 +577,10 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
     extra = Table(title="Where the time goes, and other views of the same run")
     extra.add_column("measure")
     extra.add_column("value", justify="right")
+
+    def per_row(rows: float, seconds: float) -> str:
+        return f"{rate(rows, seconds):,.0f} rows/s ({seconds / rows * 1e6:.2f} µs/row)"
+
     if writer is not None:
         info = writer["rows_info"]
         extra.add_row("CPU of the children", writer["pinned"])
@@ -379,44 +589,74 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
             f"Avro {info['avro_bytes']:.0f} B, facts JSON {info['facts_json_bytes']:.0f} B, "
             f"{info['reasons_per_row']:.1f} reasons / {info['reasons_bytes']:.0f} B, {info['final_share']:.0%} final",
         )
-        a = writer["absorb"]
+        fast = writer["fast"]
+        best = min(fast["runs"], key=lambda r: r["wall"])
         extra.add_row(
-            "sink per-message Python work: Avro decode + to_row (rows/s, one core)",
-            f"{rate(a['rows'], a['wall']):,.0f}",
+            "sink per-message work, fast path: ClickHouseSink._absorb_many (best of 3)",
+            per_row(fast["rows"], best["wall"]),
         )
-        extra.add_row("  of which Avro decode alone (rows/s)", f"{rate(a['rows'], a['decode_wall']):,.0f}")
-        lst = writer["listing"]
+        full = writer["full"]
         extra.add_row(
-            "ClickHouseWriter's dict rows -> column lists (rows/s, part of (a))",
-            f"{rate(lst['rows'], lst['wall']):,.0f}",
+            "  for comparison, the full path: decode + to_row + check_row", per_row(full["rows"], full["wall"])
         )
-        runs = writer["inserts"][str(max(int(s) for s in writer["inserts"]))]
-        insert_rate = median(rate(r["rows"], r["wall"]) for r in runs)
-        combined = 1 / (1 / rate(a["rows"], a["wall"]) + 1 / insert_rate)
-        extra.add_row("decode + to_row + insert in series (rows/s, one core; ceiling of (b))", f"{combined:,.0f}")
-        co = writer["column_oriented"]
         extra.add_row(
-            f"what-if: the same {co['rows']:,} rows inserted column-oriented (rows/s, median)",
-            f"{median(rate(co['rows'], w) for w in co['walls']):,.0f}",
+            "  of which Avro decode alone (fastavro + pydantic validation)", per_row(full["rows"], full["decode_wall"])
+        )
+        tr = writer["transpose"]
+        extra.add_row("row tuples -> columns (zip), at each flush of 10,000 rows", per_row(tr["rows"], tr["wall"]))
+        biggest = str(max(int(s) for s in writer["inserts"]))
+        runs = writer["inserts"][biggest]
+        wall = median(r["wall"] for r in runs)
+        engine = median(r["engine"] for r in runs)
+        rows = runs[0]["rows"]
+        extra.add_row(
+            f"(a) {int(biggest):,}-row insert: in chDB (INSERT ... SELECT FROM Python(): read Arrow, write the part)",
+            per_row(rows, engine),
+        )
+        extra.add_row(
+            f"(a) {int(biggest):,}-row insert: the rest (building the Arrow table)", per_row(rows, wall - engine)
+        )
+        insert_rate = rate(rows, wall)
+        combined = 1 / (1 / rate(fast["rows"], best["wall"]) + 1 / insert_rate + tr["wall"] / tr["rows"])
+        extra.add_row(
+            "fast path + transpose + insert in series (one core; ceiling of (b) without Kafka)",
+            f"{combined:,.0f} rows/s",
+        )
+        av = writer["avro_what_if"]
+        extra.add_row(
+            f"what-if: chDB decodes the same {av['rows']:,} Avro bodies itself (INSERT ... FORMAT Avro, median)",
+            per_row(av["rows"], median(av["walls"])),
         )
         extra.add_row(
             "evidence rows in the writer's table (re-inserted rows collapse when ReplacingMergeTree merges)",
             f"{writer['rows_in_table']:,}",
         )
     if sink is not None:
+        floor = sink["consume_only"]
+        extra.add_row(
+            "(b) a bare aiokafka consumer over the same messages (no processing), same CPU",
+            f"{per_row(floor['rows'], floor['wall'])}, process CPU {floor['cpu'] / floor['wall']:.0%}",
+        )
         extra.add_row(
             "(b) rows/s including consumer start and group join",
             f"{rate(sink['total_rows'], sink['total_wall']):,.0f} ({sink['startup']:.1f}s to the first batch)",
         )
         extra.add_row("(b) rows per sink CPU-second (steady)", f"{rate(sink['steady_rows'], sink['steady_cpu']):,.0f}")
         extra.add_row(
-            "(b) batches / retries / dead letters",
-            f"{sink['batches']} / {sink['retries']} / {sink['dead_letters']}",
+            "(b) batches / retries / dead letters / messages that took the full path",
+            f"{sink['batches']} / {sink['retries']} / {sink['dead_letters']} / {sink['full_path']}",
         )
         extra.add_row("(b) batch bound (rows / seconds)", f"{sink['batch_rows']:,} / {sink['batch_seconds']}")
         extra.add_row("(b) evidence rows in chDB at the end", f"{sink['rows_in_table']:,}")
     extra.add_row("load average before / after (1/5/15 min)", f"{load} / {load_text()}")
     console.print(extra)
+    if writer is not None and writer["variants"]:
+        variants = Table(title="(a) ways of inserting the largest batch (interleaved rounds, medians)")
+        for col in ("variant", "rows/s (wall)", "rows per CPU-second"):
+            variants.add_column(col, justify="left" if col == "variant" else "right")
+        for name, v in writer["variants"].items():
+            variants.add_row(name, f"{rate(v['rows'], v['wall']):,.0f}", f"{rate(v['rows'], v['cpu']):,.0f}")
+        console.print(variants)
     if writer is not None and writer["profile"]:
         console.print("cProfile of one insert of the largest batch (tottime):")
         print(writer["profile"])
@@ -442,6 +682,7 @@ def parent(args: argparse.Namespace) -> int:
                 str(args.repeat),
                 "--profile",
                 str(args.profile),
+                *([] if args.variants else ["--no-variants"]),
             ]
             writer = run_child("writer", args, extra, args.timeout)
             shutil.rmtree(tmp / "writer", ignore_errors=True)
@@ -500,6 +741,12 @@ def main() -> None:
     parser.add_argument("--skip-writer", action="store_true")
     parser.add_argument("--skip-sink", action="store_true")
     parser.add_argument("--profile", type=int, default=0, help="print the top N functions of one insert")
+    parser.add_argument(
+        "--no-variants",
+        dest="variants",
+        action="store_false",
+        help="skip (a)'s comparison of insert formats and settings on the largest batch",
+    )
     parser.add_argument(
         "--py-spy",
         metavar="FILE",

@@ -39,11 +39,13 @@ __all__ = [
     "CRC64_EMPTY",
     "MAGIC",
     "CodecError",
+    "SchemaEntry",
     "crc64_avro",
     "decode",
     "encode",
     "fingerprint_of",
     "register_schema",
+    "schema_entries",
     "schema_fingerprint",
 ]
 
@@ -105,6 +107,7 @@ class _Entry:
     fingerprint: bytes
     schema: Any  # parsed by fastavro
     model: type[SchemaModel]
+    source: dict[str, Any] | None = None  # the schema as JSON, as registered
 
 
 @dataclass
@@ -124,7 +127,8 @@ def _registry() -> _Registry:
 
 def _add(reg: _Registry, schema: dict[str, Any], model: type[SchemaModel], *, current: bool) -> bytes:
     fingerprint = schema_fingerprint(schema)
-    entry = _Entry(fingerprint, parse_schema(schema), model)
+    source = json.loads(json.dumps(schema))
+    entry = _Entry(fingerprint, parse_schema(schema), model, source)
     reg.by_fingerprint[fingerprint] = entry
     if current or model not in reg.current:
         reg.current[model] = entry
@@ -137,6 +141,29 @@ def register_schema(schema: dict[str, Any], model: type[SchemaModel], *, current
     Messages written with it decode to ``model``; with ``current=True`` encode uses it too.
     """
     return _add(_registry(), schema, model, current=current)
+
+
+@dataclass(frozen=True)
+class SchemaEntry:
+    """One registered schema: what a fast reader needs to decode its messages without ``decode``."""
+
+    fingerprint: bytes
+    schema: dict[str, Any]  # the schema as JSON (a copy)
+    model: type[SchemaModel]
+    current: bool  # encode writes this schema for ``model``
+
+
+def schema_entries() -> list[SchemaEntry]:
+    """Every registered schema version, with its model.
+
+    For readers that decode message bodies themselves (the sink's columnar path): they must
+    produce what ``decode`` would, so they need the exact schema behind each fingerprint.
+    """
+    reg = _registry()
+    return [
+        SchemaEntry(fp, json.loads(json.dumps(entry.source)), entry.model, reg.current.get(entry.model) is entry)
+        for fp, entry in reg.by_fingerprint.items()
+    ]
 
 
 def fingerprint_of(event_type: str) -> bytes:

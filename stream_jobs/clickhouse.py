@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -30,6 +31,17 @@ class Migration:
 
 _OPENED_HERE: set[str] = set()
 """chDB folders this process has opened (a second client in the same process shares the engine)."""
+
+_CHDB_PATHS: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
+
+
+def chdb_path(client: Client) -> str | None:
+    """The data folder of an embedded (chDB) client made by :func:`connect`; None for a server or ``:memory:``.
+
+    Code that talks to the embedded engine directly (the sink's Arrow insert) opens its own
+    ``chdb.connect(path)`` handle to the same engine with it.
+    """
+    return _CHDB_PATHS.get(client)
 
 
 def _ensure_not_locked(path: str) -> None:
@@ -79,6 +91,7 @@ def connect(
                 import os
 
                 _OPENED_HERE.add(os.path.realpath(path))
+                _CHDB_PATHS[client] = os.path.realpath(path)
             return client
         parsed = urlparse(dsn)
         if parsed.scheme not in ("http", "https"):

@@ -1,11 +1,19 @@
-"""Mapping of decoded events to ClickHouse rows (one table per kind of record)."""
+"""Mapping of decoded events to ClickHouse rows (one table per kind of record).
+
+``to_row`` maps one decoded model to a dict row; the sink's columnar fast path
+(:mod:`stream_jobs.columnar`) produces the same values straight from the Avro bytes, as tuples
+in the order of :data:`COLUMNS`, with DateTime64 columns as integer milliseconds
+(:func:`row_values` turns a dict row into such a tuple). :func:`check_row` holds the checks the
+sink adds to the models' own validation: values a column cannot store, and verdict names.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
+from detections.engine import VERDICTS
 from schemas import (
     BaseEvent,
     DeadLetter,
@@ -241,3 +249,118 @@ def _to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             **common,
         }
     raise TypeError(f"no table for {type(record).__name__}")
+
+
+# ------------------------------------------------------------------ column layout
+
+_PROVENANCE: Final = ("_topic", "_partition", "_offset", "_ingested_at")
+_COLLECTOR: Final = ("collector_id", "collector_epoch", "collector_seq", "collector_prev_hash")
+
+COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    "tool_calls": (
+        "event_id", "event_time", "tenant", "call_id", "session_id", "server", "tool", "arguments", "resources",
+        "transport", "attested", "claimed", "tool_digest", *_COLLECTOR, "extra", *_PROVENANCE, "_record_hash",
+    ),
+    "tool_results": (
+        "event_id", "event_time", "tenant", "call_id", "session_id", "status", "duration_ms", "error",
+        "result_digest", *_COLLECTOR, "extra", *_PROVENANCE, "_record_hash",
+    ),
+    "identity_events": (
+        "event_id", "event_type", "event_time", "tenant", "session_id", "principal", "agent_id", "valid_from",
+        "valid_until", "auth", *_COLLECTOR, "extra", *_PROVENANCE, "_record_hash",
+    ),
+    "consent_events": (
+        "event_id", "event_type", "event_time", "tenant", "grant_id", "principal", "agent_id", "tools", "resources",
+        "scopes", "not_before", "expires_at", "granted_by", "purpose", "parent_grant_id", "revoked_by", "reason",
+        *_COLLECTOR, "extra", *_PROVENANCE, "_record_hash",
+    ),
+    "evidence": (
+        "evidence_id", "call_id", "tenant", "session_id", "principal", "agent_id", "server", "tool", "call_time",
+        "verdict", "matched_grant_id", "reasons", "version", "final", "late", "decided_at", "facts", *_PROVENANCE,
+    ),
+    "findings": (
+        "finding_id", "dedup_key", "rule_id", "rule_version", "severity", "title", "summary", "tenant", "principal",
+        "agent_id", "call_id", "call_ids", "session_id", "grant_id", "forensic_query", "first_call_time",
+        "last_call_time", "details", "detected_at", *_PROVENANCE,
+    ),
+    "pages": (
+        "attempt_id", "page_key", "dedup_key", "finding_id", "rule_id", "severity", "tenant", "channel", "route",
+        "attempt", "outcome", "http_status", "error", "findings_grouped", "attempted_at", "latency_ms",
+        "_ingested_at",
+    ),
+    "dead_letters": (
+        "dead_letter_id", "source_topic", "source_partition", "source_offset", "key", "reason", "stage",
+        "payload_b64", "failed_at", *_PROVENANCE,
+    ),
+}  # fmt: skip
+"""Every table's insert columns, in the order of ``to_row``'s dict and of the fast path's tuples."""
+
+TIME_COLUMNS: Final[dict[str, frozenset[str]]] = {
+    "tool_calls": frozenset({"event_time", "_ingested_at"}),
+    "tool_results": frozenset({"event_time", "_ingested_at"}),
+    "identity_events": frozenset({"event_time", "valid_from", "valid_until", "_ingested_at"}),
+    "consent_events": frozenset({"event_time", "not_before", "expires_at", "_ingested_at"}),
+    "evidence": frozenset({"call_time", "decided_at", "_ingested_at"}),
+    "findings": frozenset({"first_call_time", "last_call_time", "detected_at", "_ingested_at"}),
+    "pages": frozenset({"attempted_at", "_ingested_at"}),
+    "dead_letters": frozenset({"failed_at", "_ingested_at"}),
+}
+"""DateTime64(3) columns: in row tuples they hold integer milliseconds since the epoch (UTC)."""
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+
+
+def millis(value: datetime) -> int:
+    """Milliseconds since the epoch, rounded down: the DateTime64(3) tick ClickHouse stores for ``value``."""
+    return (value - _EPOCH) // _MS
+
+
+def row_values(table: str, row: dict[str, Any]) -> tuple[Any, ...]:
+    """A ``to_row`` dict as the tuple the columnar batch holds (DateTime64 columns as milliseconds)."""
+    times = TIME_COLUMNS[table]
+    return tuple((None if row[c] is None else millis(row[c])) if c in times else row[c] for c in COLUMNS[table])
+
+
+# ------------------------------------------------------------------ checks the sink adds
+
+UINT32_MAX: Final = 2**32 - 1
+LIMITS: Final[dict[str, dict[str, int]]] = {
+    "evidence": {"version": UINT32_MAX},
+    "dead_letters": {"source_partition": UINT32_MAX},
+}
+"""Upper bounds of UInt32 columns whose model allows more: such a row would fail the whole insert."""
+
+VERDICT_NAMES: Final[frozenset[str]] = frozenset(VERDICTS)
+
+JSON_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    "tool_calls": ("arguments", "attested", "claimed", "extra"),
+    "tool_results": ("extra",),
+    "identity_events": ("auth", "extra"),
+    "consent_events": ("extra",),
+    "evidence": ("facts",),
+    "findings": ("details",),
+}
+"""Columns holding canonical JSON text. Python's json reads an escaped lone surrogate (``"\\ud800"``)
+into a str that is not valid UTF-8; ClickHouse cannot be sent such a value (the insert would fail
+on every retry), so check_row refuses it."""
+
+
+class RowError(ValueError):
+    """A decoded record the sink will not store (it becomes a dead letter)."""
+
+
+def check_row(table: str, row: dict[str, Any]) -> None:
+    """Raise RowError if ``row`` has a value its column cannot hold or a verdict outside the taxonomy."""
+    for column, limit in LIMITS.get(table, {}).items():
+        if row[column] > limit:
+            raise RowError(f"{table}.{column} = {row[column]} does not fit the column (at most {limit})")
+    if table == "evidence" and row["verdict"] not in VERDICT_NAMES:
+        raise RowError(f"evidence.verdict {row['verdict'][:60]!r} is not a known verdict")
+    for column in JSON_COLUMNS.get(table, ()):
+        value = row[column]
+        if value is not None:
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise RowError(f"{table}.{column} holds a lone surrogate (not valid UTF-8)") from None

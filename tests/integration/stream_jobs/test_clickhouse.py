@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from scopewatch.stack.kafka import KafkaBroker
 from stream_jobs.clickhouse import connect, load_migrations, migrate, run_query
 from stream_jobs.rows import Provenance, to_row
 from stream_jobs.sink import ClickHouseWriter
@@ -1084,3 +1085,312 @@ def _plain(value: object) -> object:
     from stream_jobs.clickhouse import jsonable
 
     return jsonable(value)
+
+
+# -- the sink's columnar fast path (issue 4, sink throughput) ----------------------------------------
+# The fast path (stream_jobs/columnar.py) must store exactly what the old row path stored, and the
+# sink must still dead-letter every kind of bad input while the good records of the batch land.
+
+
+def _columnar_records() -> list[Any]:
+    """Records of every type, with the edge cases: unicode, empty optionals, collector stamps, big facts."""
+    from schemas import Collector, DeadLetter, Evidence, Finding, PageAttempt, ToolCall, ToolResult
+
+    records: list[Any] = [record for _, record in SAMPLES]
+    stamp = Collector(id="col-ü", epoch=7, seq=2**40, prev_hash="sha256:" + "cd" * 32)
+    call = next(r for _, r in SAMPLES if isinstance(r, ToolCall))
+    ev = next(r for _, r in SAMPLES if isinstance(r, Evidence))
+    for _, record in SAMPLES:  # every raw event type again, stamped and without unknown fields
+        if hasattr(record, "collector"):
+            declared = {k: v for k, v in record.model_dump().items() if k in type(record).model_fields}
+            fields = {**declared, "collector": stamp, "event_id": str(uuid.uuid4())}
+            records.append(type(record).model_validate(fields))
+    records += [
+        call.model_copy(update={"event_id": str(uuid.uuid4()), "tool": "日本語", "arguments": {"q": "😀\u2028\x01"}}),
+        ToolCall(
+            event_id=str(uuid.uuid4()),
+            event_time=T,
+            tenant="t",
+            call_id="c-empty",
+            session_id="s",
+            server="fs",
+            tool="read",
+            arguments={},
+            resources=[],
+            transport="http",
+            collector=Collector(id="c", epoch=0, seq=0),
+        ),
+        ToolResult(
+            event_id=str(uuid.uuid4()),
+            event_time=T,
+            tenant="t",
+            call_id="c",
+            session_id="s",
+            status="error",
+            duration_ms=0.1 + 0.2,
+            error="boom \u00e9",
+        ),
+        ev.model_copy(
+            update={
+                "evidence_id": "big",
+                "principal": "渡辺",
+                "agent_id": "a",
+                "matched_grant_id": "g",
+                "reasons": ["r1", "ü"],
+                "version": 2**32 - 1,
+                "final": True,
+                "late": True,
+                "facts": {f"k{i:04d}": {"id": str(uuid.UUID(int=i)), "n": i, "ok": i % 3 == 0} for i in range(2000)},
+            }
+        ),
+        Finding(
+            finding_id="f-1",
+            dedup_key="revoked_grant|acme|alice|a|g",
+            rule_id="revoked_grant",
+            rule_version=1,
+            severity="high",
+            title="Tool call under a revoked grant",
+            summary="ünïcode",
+            tenant="acme",
+            call_id="c",
+            call_ids=["c", "d"],
+            session_id="s",
+            forensic_query="grant_history",
+            first_call_time=T,
+            last_call_time=T,
+            details={"seconds_after_revocation": 1.5},
+            detected_at=T,
+        ),
+        PageAttempt(
+            attempt_id=str(uuid.uuid4()),
+            page_key="k#1",
+            dedup_key="k",
+            finding_id="f-1",
+            rule_id="revoked_grant",
+            severity="critical",
+            tenant="acme",
+            channel="slack",
+            route="oncall",
+            attempt=0,
+            outcome="suppressed",
+            findings_grouped=2,
+            attempted_at=T,
+            latency_ms=0.0,
+        ),
+        DeadLetter(
+            dead_letter_id="dl-2",
+            source_topic="x",
+            source_partition=2**32 - 1,
+            source_offset=2**63 - 1,
+            key="ключ",
+            reason="bad",
+            stage="sink",
+            payload_b64="",
+            failed_at=T,
+        ),
+    ]
+    return records
+
+
+def _messages(values: list[bytes], topic: str = "t") -> list[Any]:
+    from aiokafka.structs import ConsumerRecord
+
+    return [
+        ConsumerRecord(topic, 0, offset, 0, 0, None, value, None, 0, len(value), ())
+        for offset, value in enumerate(values)
+    ]
+
+
+def _table_bytes(client: Client, database: str, table: str) -> bytes:
+    order = "attempt_id" if table == "pages" else "_offset"
+    data: bytes = client.raw_query(
+        f"SELECT * FROM {database}.{table} ORDER BY {order}", fmt="RowBinaryWithNamesAndTypes"
+    )
+    return data
+
+
+def test_fast_path_stores_the_same_bytes_as_the_row_path(chdb: Client) -> None:
+    import io
+    from collections import defaultdict
+    from datetime import UTC, datetime
+
+    from fastavro import schemaless_writer
+
+    from schemas import Evidence, decode, encode
+    from schemas.codec import MAGIC, _registry
+    from stream_jobs.rows import COLUMNS
+    from stream_jobs.sink import Batch, ClickHouseSink, SinkConfig
+
+    migrate(chdb, "rowpath")
+    migrate(chdb, "colpath")
+    migrate(chdb, "nativepath")
+    records = _columnar_records()
+    values = [encode(r) for r in records]
+    entry = _registry().current[Evidence]
+    for facts in ('{"b": 2, "a": 1}', '{"é":"\\u00e9"}'):  # valid JSON, not canonical: the full path canonicalises
+        body = io.BytesIO()
+        body.write(MAGIC + entry.fingerprint)
+        rec = {**next(r for r in records if isinstance(r, Evidence)).model_dump(), "facts": facts, "extra_json": None}
+        schemaless_writer(body, entry.schema, {**rec, "evidence_id": facts})
+        values.append(body.getvalue())
+    now = datetime(2026, 11, 21, 10, 0, 1, 234567, tzinfo=UTC)
+
+    # the row path as the sink ran it before: decode + to_row, dict rows inserted row-oriented
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for offset, value in enumerate(values):
+        table, row = to_row(decode(value), Provenance("t", 0, offset, now))
+        rows[table].append(row)
+    for table, batch_rows in rows.items():
+        columns = list(batch_rows[0])
+        chdb.insert(
+            f"rowpath.{table}",
+            [[row[c] for c in columns] for row in batch_rows],
+            column_names=columns,
+            settings={"insert_deduplication_token": f"row-{table}", "async_insert": 0},
+        )
+
+    # the sink's own absorb and insert: into chDB as an Arrow table; as into a server (Native, column-oriented)
+    arrow_writer = ClickHouseWriter(chdb, "colpath")
+    assert arrow_writer._chdb_path is not None
+    native_writer = ClickHouseWriter(chdb, "nativepath")
+    native_writer._chdb_path = None
+    sink = ClickHouseSink(SinkConfig(bootstrap="", topics=[], group="g"), arrow_writer)
+    batch = Batch()
+    sink._absorb_many(batch, _messages(values), now)
+    for table, batch_rows in batch.rows.items():
+        sink._insert(table, batch_rows, batch.token(table))
+        native_writer.insert_columns(table, list(COLUMNS[table]), list(zip(*batch_rows, strict=True)), "n")
+    extras = sum(1 for r in records if r.model_extra or (getattr(r, "collector", None) and r.collector.model_extra))
+    assert sink.counters["full_path"] == extras + 2  # unknown fields and non-canonical JSON only
+    assert sink.counters["dead_letters"] == 0
+
+    assert set(rows) == set(COLUMNS)
+    for table in COLUMNS:
+        old, new = _table_bytes(chdb, "rowpath", table), _table_bytes(chdb, "colpath", table)
+        assert new == old, table
+        assert _table_bytes(chdb, "nativepath", table) == old, table
+        assert int(chdb.command(f"SELECT count() FROM colpath.{table}")) == len(rows[table])
+
+
+def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
+    chdb: Client, kafka_broker: KafkaBroker, tmp_path: Path, cache_dir: Path
+) -> None:
+    import asyncio
+    import io
+    import json
+    import re
+
+    from aiokafka import AIOKafkaProducer
+    from fastavro import parse_schema, schemaless_writer
+
+    from schemas import Evidence, PageAttempt, ToolCall, ToolResult, encode, register_schema, topic_for
+    from schemas.codec import AVRO_DIR, MAGIC, _registry
+    from scopewatch.settings import Settings
+    from scopewatch.stack.kafka import create_topics
+    from stream_jobs.service import sink_topics
+    from stream_jobs.sink import ClickHouseSink, SinkConfig
+
+    def raw(model: type[Any], record: dict[str, Any], schema: Any = None, fingerprint: bytes | None = None) -> bytes:
+        entry = _registry().current[model]
+        buf = io.BytesIO()
+        buf.write(MAGIC + (fingerprint or entry.fingerprint))
+        schemaless_writer(buf, schema or entry.schema, {"extra_json": None, **record})
+        return buf.getvalue()
+
+    good = _columnar_records()
+    ev = next(r for r in good if isinstance(r, Evidence)).model_dump()
+    call = next(r for r in good if isinstance(r, ToolCall) and not r.model_extra)
+    call_rec = {**call.model_dump(), "arguments": '{"path":"/x"}', "claimed": "{}", "attested": None}
+    result_rec = next(r for r in good if isinstance(r, ToolResult)).model_dump()
+    page = next(r for r in good if isinstance(r, PageAttempt)).model_dump()
+    facts = '{"a":1}'
+    # an older ToolResult schema without the required "status": it decodes, the model refuses it
+    older = json.loads((AVRO_DIR / "tool_result.avsc").read_text())
+    older["fields"] = [f for f in older["fields"] if f["name"] != "status"]
+    older_fp = register_schema(older, ToolResult)
+    evidence_message = encode(next(r for r in good if isinstance(r, Evidence)))
+    bad: dict[str, tuple[bytes, str]] = {
+        "undecodable bytes": (b"\x00\x01not avro", "not Avro single-object encoding"),
+        "empty message": (b"", "empty message"),
+        "unknown schema fingerprint": (MAGIC + b"\x01" * 8 + evidence_message[10:], "unknown schema fingerprint"),
+        "truncated body": (evidence_message[:-7], "truncated|corrupt"),
+        "trailing bytes": (evidence_message + b"\x00\x00", "trailing bytes"),
+        "missing required field": (
+            raw(
+                ToolResult,
+                {k: v for k, v in result_rec.items() if k != "status"},
+                parse_schema(older),
+                older_fp,
+            ),
+            "missing required field 'status'",
+        ),
+        "event id not a UUID": (raw(ToolCall, {**call_rec, "event_id": "1234"}), "not a UUID"),
+        "transport not allowed": (raw(ToolCall, {**call_rec, "transport": "pigeon"}), "transport"),
+        "facts not an object": (raw(Evidence, {**ev, "facts": "[1]"}), "facts"),
+        "facts not JSON": (raw(Evidence, {**ev, "facts": "{oops"}), "not valid JSON"),
+        "facts with a lone surrogate": (raw(Evidence, {**ev, "facts": '{"a":"\\udc00"}'}), "lone surrogate"),
+        "version beyond UInt32": (raw(Evidence, {**ev, "facts": facts, "version": 2**32}), "does not fit"),
+        "version 0": (raw(Evidence, {**ev, "facts": facts, "version": 0}), "version"),
+        "http status beyond UInt16": (raw(PageAttempt, {**page, "http_status": 70_000}), "http_status"),
+        "unknown verdict": (raw(Evidence, {**ev, "facts": facts, "verdict": "probably_fine"}), "not a known verdict"),
+    }
+
+    run = uuid.uuid4().hex[:8]
+    settings = Settings(
+        home=tmp_path / "home", cache_dir=cache_dir, bootstrap=kafka_broker.config.bootstrap, topic_prefix=f"dl{run}."
+    )
+    asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), 1))
+    bad_topic = settings.topics.evidence
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            sends = []
+            for name in bad:  # interleaved with good ones, in one batch
+                sends.append(await producer.send(bad_topic, bad[name][0]))
+                sends.append(await producer.send(bad_topic, evidence_message))
+            for record in good:
+                sends.append(await producer.send(topic_for(record, settings.topics), encode(record)))
+            await asyncio.gather(*sends)
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    migrate(chdb, "dl")
+    config = SinkConfig(
+        bootstrap=settings.kafka_bootstrap,
+        topics=sink_topics(settings),
+        group=f"dl{run}-sink",
+        batch_rows=10_000,
+        batch_seconds=1.0,
+        intent_file=tmp_path / "intent.json",
+    )
+    sink = ClickHouseSink(config, ClickHouseWriter(chdb, "dl"))
+    total = 2 * len(bad) + len(good)
+
+    async def consume() -> None:
+        task = asyncio.create_task(sink.run())
+        deadline = asyncio.get_running_loop().time() + 60
+        while sink.counters["rows"] < total and asyncio.get_running_loop().time() < deadline and not task.done():
+            await asyncio.sleep(0.1)
+        sink.stop()
+        await task
+
+    asyncio.run(consume())
+    assert sink.counters["rows"] == total
+    assert sink.counters["dead_letters"] == len(bad)
+    letters = run_query(
+        chdb, f"SELECT source_offset, reason FROM dl.dead_letters WHERE source_topic = '{bad_topic}' ORDER BY 1"
+    )["rows"]
+    assert [int(offset) for offset, _ in letters] == [2 * i for i in range(len(bad))]
+    for (name, (_, pattern)), (_, reason) in zip(bad.items(), letters, strict=True):
+        assert re.search(pattern, reason), (name, reason)
+    counts = dict(run_query(chdb, "SELECT 'evidence', count() FROM dl.evidence")["rows"])
+    assert int(counts["evidence"]) == len(bad) + sum(1 for r in good if isinstance(r, Evidence))
+    for table in ("tool_calls", "tool_results", "identity_events", "consent_events", "findings", "pages"):
+        expected = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == table)
+        assert int(chdb.command(f"SELECT count() FROM dl.{table}")) == expected, table
+    good_letters = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == "dead_letters")
+    assert int(chdb.command("SELECT count() FROM dl.dead_letters")) == len(bad) + good_letters
+    assert not (tmp_path / "intent.json").exists()

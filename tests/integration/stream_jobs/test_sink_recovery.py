@@ -116,13 +116,24 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=60)
 
 
-def wait_final(settings: Settings, timeout: float = 120) -> None:
+def serving(settings: Settings, sink: subprocess.Popen[bytes]) -> bool:
+    """Whether ``sink`` itself serves SQL now. A ``query.json`` left by a crashed sink does not count:
+    `scopewatch sql` would then open the chDB folder directly and could hold it just when the new
+    sink opens it (the new sink then exits: folder in use)."""
+    try:
+        return int(json.loads((settings.run_dir / "query.json").read_text())["pid"]) == sink.pid
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def wait_final(settings: Settings, sink: subprocess.Popen[bytes], timeout: float = 120) -> None:
     """Poll through a `scopewatch sql` subprocess (never open chDB in this process: the sink owns it)."""
     db = settings.clickhouse_database
     deadline = time.monotonic() + timeout
     seen = ""
     while time.monotonic() < deadline:
-        if (settings.run_dir / "query.json").exists():
+        assert sink.poll() is None, f"the sink exited ({sink.returncode})"
+        if serving(settings, sink):
             result = cli(
                 settings, "sql", f"SELECT count() AS n FROM {db}.evidence_current WHERE final", "--format", "json"
             )
@@ -188,7 +199,7 @@ def test_killed_at_every_point_of_the_flush_cycle_nothing_is_lost_or_doubled(
     assert text.count("found an unfinished batch") >= 3, text[-3000:]
     sink = start_sink(settings, log)
     try:
-        wait_final(settings)
+        wait_final(settings, sink)
         time.sleep(1.0)  # anything doubled would have landed by now
     finally:
         stop(sink)
@@ -219,7 +230,7 @@ def test_clickhouse_unavailable_for_a_while_nothing_lost_and_it_resumes_by_itsel
         assert int(str(stats.get("retries", 0))) >= 3 and stats.get("paused") == 1, stats
         assert sink.poll() is None, "the sink waits out the outage"
         outage.unlink()
-        wait_final(settings)
+        wait_final(settings, sink)
         deadline = time.monotonic() + 15  # the stats file is rewritten every 2 s
         while time.monotonic() < deadline:
             stats = json.loads(stats_file.read_text())
