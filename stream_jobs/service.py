@@ -9,11 +9,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
-from stream_jobs.clickhouse import connect, migrate
+from stream_jobs.clickhouse import ClickHouseError, connect, migrate
 from stream_jobs.query_server import QueryServer, write_token
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
 
@@ -37,9 +38,28 @@ def _write_json(path: Path, data: dict[str, object]) -> None:
     atomic_write(path, json.dumps(data, indent=1))
 
 
-async def _sink_main(settings: Settings) -> None:
+async def _connect_owner(settings: Settings, patience: float = 15.0) -> Any:
+    """Open the store the sink will own, waiting briefly while another process holds its folder.
+
+    A sink that crashed leaves its ``query.json`` behind; until the new sink has written its own,
+    a ``scopewatch sql`` one-shot opens the chDB folder directly for a moment. The new sink waits
+    that out instead of dying with "in use" (a sink left running elsewhere still fails, after
+    ``patience`` seconds).
+    """
     password = settings.clickhouse_password.get_secret_value()
-    client = connect(settings.dsn, password=password, user=settings.clickhouse_user)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return connect(settings.dsn, password=password, user=settings.clickhouse_user)
+        except ClickHouseError as exc:
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("%s; retrying", exc)
+            await asyncio.sleep(0.5)
+
+
+async def _sink_main(settings: Settings) -> None:
+    client = await _connect_owner(settings)
     applied = migrate(client, settings.clickhouse_database)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
