@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -101,16 +102,22 @@ def _wait_for_stats(settings: Settings, pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"worker {pid} never wrote its stats")
 
 
-@pytest.fixture
-def own_pipeline(tmp_path: Path, kafka_broker: KafkaBroker, cache_dir: Path) -> Iterator[Settings]:
-    """A pipeline of its own: whatever the rebalances do to its worker stays out of the shared one."""
-    settings = make_settings(tmp_path / "own", kafka_broker.config.bootstrap, cache_dir)
+@contextmanager
+def _own_stack(home: Path, kafka_broker: KafkaBroker, cache_dir: Path, **extra: object) -> Iterator[Settings]:
+    """A pipeline of its own: whatever the rebalances do to its workers stays out of the shared one."""
+    settings = make_settings(home, kafka_broker.config.bootstrap, cache_dir, **extra)
     stack = Stack(settings)
     stack.up(timeout=120)
     try:
         yield settings
     finally:
         stack.down()
+
+
+@pytest.fixture
+def own_pipeline(tmp_path: Path, kafka_broker: KafkaBroker, cache_dir: Path) -> Iterator[Settings]:
+    with _own_stack(tmp_path / "own", kafka_broker, cache_dir) as settings:
+        yield settings
 
 
 def test_two_workers_give_the_same_verdicts_as_one(own_pipeline: Settings, tmp_path: Path) -> None:
@@ -136,16 +143,9 @@ def test_two_workers_give_the_same_verdicts_as_one(own_pipeline: Settings, tmp_p
 
 @pytest.fixture
 def quick_failover(tmp_path: Path, kafka_broker: KafkaBroker, cache_dir: Path) -> Iterator[Settings]:
-    """A pipeline of its own whose workers are declared dead after 8 s of silence (not 30)."""
-    settings = make_settings(
-        tmp_path / "kill", kafka_broker.config.bootstrap, cache_dir, worker_session_timeout_seconds=8.0
-    )
-    stack = Stack(settings)
-    stack.up(timeout=120)
-    try:
+    """Its workers are declared dead after 8 s of silence (not 30)."""
+    with _own_stack(tmp_path / "kill", kafka_broker, cache_dir, worker_session_timeout_seconds=8.0) as settings:
         yield settings
-    finally:
-        stack.down()
 
 
 def test_a_worker_killed_mid_story_loses_nothing(quick_failover: Settings, tmp_path: Path) -> None:
