@@ -22,8 +22,9 @@ partition, stores loaded from compacted changelog topics of its own on first use
 assignment and dropped on revocation. Agents take events in batches (``take_events``: up to
 ``SCOPEWATCH_WORKER_BATCH_SIZE`` events or ``SCOPEWATCH_WORKER_BATCH_SECONDS``), run the pure
 processors of ``detections.live`` on each event, then send the batch's outputs and changelog
-writes (one per changed key) through Faust's producer and wait for every acknowledgement before
-the batch is acked. So an input offset is committed only after everything it produced is on the
+writes (one per changed key) through the worker's own producer and wait for every acknowledgement
+of exactly that batch's messages (each stage and the tick timer collect into their own buffer)
+before the batch is acked. So an input offset is committed only after everything it produced is on the
 broker: at-least-once, and the processors ignore redelivered events (evidence ids are
 deterministic).
 
@@ -195,22 +196,20 @@ class StageRunner:
                     part.ends[topic] = end
 
 
-class Sender:
-    """Collects a batch's messages, sends them as per-partition record batches, waits for every ack.
+Message = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value, partition (None: by key)
 
-    It has its own idempotent aiokafka producer (acks=all) instead of going through Faust's
-    per-message ``send``: a batch of a few hundred events produces a few thousand messages, and
-    building one record batch per topic-partition costs a fraction of as many sends. Nothing
-    relies on Faust's flush-before-commit for these messages: :meth:`flush` returns only once the
-    broker has acknowledged all of them, and the agent acks its events after that.
+
+class BatchProducer:
+    """The worker's own idempotent aiokafka producer (acks=all), shared by every :class:`Sender`.
+
+    It is used instead of Faust's per-message ``send``: a batch of a few hundred events produces a
+    few thousand messages, and building one record batch per topic-partition costs a fraction of
+    as many sends. Nothing relies on Faust's flush-before-commit for these messages.
     """
 
-    def __init__(self, settings: Settings, counters: Counter[str]) -> None:
-        self.bootstrap = settings.kafka_bootstrap
-        self.topics = settings.topics
-        self.partitions = settings.partitions
+    def __init__(self, bootstrap: str, counters: Counter[str]) -> None:
+        self.bootstrap = bootstrap
         self.counters = counters
-        self._out: list[tuple[str, bytes | None, bytes | None, int | None]] = []
         self._producer: AIOKafkaProducer | None = None
         self._partition_counts: dict[str, int] = {}
 
@@ -232,6 +231,66 @@ class Sender:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             await producer.stop()
+
+    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = self._partition_counts[topic] = len(await producer.partitions_for(topic))
+        return count
+
+    async def send_all(self, out: Sequence[Message]) -> dict[tuple[str, int], int]:
+        """Send these messages and wait until the broker has acknowledged every one; returns the
+        end offset (last offset + 1) each topic-partition written to has after these writes.
+
+        Keyed messages without a partition go where Kafka's default partitioner (murmur2) puts
+        them, as with any other producer of these topics. A failed send raises.
+        """
+        if not out:
+            return {}
+        producer = await self._get()
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        for topic, key, value, part in out:
+            if part is None:
+                part = partition_for(key or b"", await self._partition_count(producer, topic))
+            groups.setdefault((topic, part), []).append((key, value))
+        pending, counts = [], []
+        for (topic, part), messages in groups.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in messages:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic, partition=part))
+                    counts.append(count)
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"a message for {topic} is larger than a whole record batch")
+                count += 1
+            pending.append(await producer.send_batch(batch, topic, partition=part))
+            counts.append(count)
+        ends: dict[tuple[str, int], int] = {}
+        for meta, count in zip(await asyncio.gather(*pending), counts, strict=True):
+            tp = (meta.topic, meta.partition)
+            ends[tp] = max(ends.get(tp, 0), meta.offset + count)  # a batch's metadata names its first offset
+        self.counters["messages_sent"] += len(out)
+        return ends
+
+
+class Sender:
+    """Collects the messages of ONE producer of work (a stage, or the tick timer) and sends them
+    through the shared :class:`BatchProducer`.
+
+    Each stage has its own Sender: the two agents and the timer interleave at every ``await``, and
+    with one shared buffer a stage's flush could take (and the other stage then ack events before)
+    messages the other stage had collected but not yet seen acknowledged. :meth:`flush` returns
+    only once the broker has acknowledged exactly this Sender's messages, and the agent acks its
+    events after that.
+    """
+
+    def __init__(self, producer: BatchProducer, settings: Settings, counters: Counter[str]) -> None:
+        self.producer = producer
+        self.topics = settings.topics
+        self.partitions = settings.partitions
+        self.counters = counters
+        self._out: list[Message] = []
 
     def emit(self, out: Output) -> None:
         add, counters = self._out.append, self.counters
@@ -259,53 +318,23 @@ class Sender:
         self._out.append((self.topics.dead_letter, m.key, encode(record), None))
         log.warning("dead-lettered %s[%s]@%s: %s", m.topic, m.partition, m.offset, record.reason)
 
+    def pending(self) -> int:
+        """Messages collected and not yet handed to :meth:`flush`."""
+        return len(self._out)
+
     async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> None:
         self._out.append((topic, key, value, partition))
         await self.flush()
 
-    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
-        count = self._partition_counts.get(topic)
-        if count is None:
-            count = self._partition_counts[topic] = len(await producer.partitions_for(topic))
-        return count
-
     async def flush(self) -> dict[tuple[str, int], int]:
-        """Send everything collected and wait until the broker has acknowledged all of it; returns
-        the end offset (last offset + 1) each topic-partition written to has after our writes.
+        """Send everything this Sender collected and wait until the broker has acknowledged all of
+        it; returns the end offset each topic-partition written to has after these writes.
 
-        Keyed messages without a partition go where Kafka's default partitioner (murmur2) puts
-        them, as with any other producer of these topics. A failed send raises: the batch is then
-        not acked, the agent crashes and the worker stops, and its events are redelivered
-        (at-least-once) instead of being committed past.
+        A failed send raises: the batch is then not acked, the agent crashes and the worker stops,
+        and its events are redelivered (at-least-once) instead of being committed past.
         """
-        if not self._out:
-            return {}
         out, self._out = self._out, []
-        producer = await self._get()
-        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
-        for topic, key, value, part in out:
-            if part is None:
-                part = partition_for(key or b"", await self._partition_count(producer, topic))
-            groups.setdefault((topic, part), []).append((key, value))
-        pending, counts = [], []
-        for (topic, part), messages in groups.items():
-            batch, count = producer.create_batch(), 0
-            for key, value in messages:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    pending.append(await producer.send_batch(batch, topic, partition=part))
-                    counts.append(count)
-                    batch, count = producer.create_batch(), 0
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        raise ValueError(f"a message for {topic} is larger than a whole record batch")
-                count += 1
-            pending.append(await producer.send_batch(batch, topic, partition=part))
-            counts.append(count)
-        ends: dict[tuple[str, int], int] = {}
-        for meta, count in zip(await asyncio.gather(*pending), counts, strict=True):
-            tp = (meta.topic, meta.partition)
-            ends[tp] = max(ends.get(tp, 0), meta.offset + count)  # a batch's metadata names its first offset
-        self.counters["messages_sent"] += len(out)
-        return ends
+        return await self.producer.send_all(out)
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
@@ -347,7 +376,8 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     stage1_in = raw_topic(topics.tool_calls, topics.sessions)
     stage2_in = raw_topic(topics.calls_by_route, topics.grants)
 
-    sender = Sender(settings, counters)
+    producer = BatchProducer(settings.kafka_bootstrap, counters)
+    ticks = Sender(producer, settings, counters)
     reader = ChangelogReader(settings.kafka_bootstrap)
     ready = asyncio.Event()
     changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
@@ -374,7 +404,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         {name: changelogs[name] for name in STAGE1_TABLES},
         lambda p, s: Stage1(p, s["s1-sessions"], s["s1-calls"], config, live_counters),
         handle_stage1,
-        sender,
+        Sender(producer, settings, counters),
         reader,
         ready,
         counters,
@@ -384,7 +414,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         {name: changelogs[name] for name in STAGE2_TABLES},
         lambda p, s: Stage2(p, s["s2-grants"], s["s2-calls"], config, live_counters),
         handle_stage2,
-        sender,
+        Sender(producer, settings, counters),
         reader,
         ready,
         counters,
@@ -422,13 +452,13 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
 
     @app.on_before_shutdown.connect
     async def close_producer(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
-        await sender.stop()  # Faust has stopped its consumer: no batch is in flight any more
+        await producer.stop()  # Faust has stopped its consumer: no batch is in flight any more
 
     @app.timer(interval=settings.tick_seconds)  # type: ignore[untyped-decorator]
     async def tick() -> None:
         for tp in app.consumer.assignment():
             if tp.topic == topics.calls_by_route:
-                await sender.send(topics.calls_by_route, b"", tick_message(), tp.partition)
+                await ticks.send(topics.calls_by_route, b"", tick_message(), tp.partition)
 
     stats_file = settings.run_dir / f"worker-{socket.gethostname()}-{os.getpid()}.json"
 
