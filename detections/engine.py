@@ -16,6 +16,13 @@ Pieces, in the order the live pipeline uses them:
 * :func:`authorize` -- stage 2 (keyed by delegation): verdicts 4-10 and ``matched_grant_id``.
 * :class:`DecisionEngine` -- both histories for all keys, for replay and tests.
 
+For the live pipeline's speed (``detections.live``), the same decisions also come in parts that
+can be computed once and shared: :meth:`SessionHistory.state_key` (what an attribution depends on
+besides t), :meth:`GrantHistory.slot_at` (the grants over an interval in which nothing about them
+changes), :func:`authorize_matched` (:func:`authorize` with pattern matching done by the caller,
+so it can keep compiled matchers) and :func:`decision_of` (a decision remade for another instant).
+:func:`authorize` itself runs on :func:`authorize_matched`, so replay and live share one code path.
+
 Histories are idempotent by ``event_id`` and independent of arrival order: every tie is broken by
 a total order on the facts, so the same set of facts always gives the same :class:`Decision`
 (reasons and facts included).

@@ -238,9 +238,19 @@ def _at(us: int) -> datetime:
 _UNQUOTED: Final = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
+_QUOTED: Final[dict[str, str]] = {}
+
+
 def _quote(part: str) -> str:
-    """``quote(part, safe="")`` without its cost for the usual part that needs no escaping."""
-    return part if _UNQUOTED(part) else quote(part, safe="")
+    """``quote(part, safe="")``: parts that need no escaping (the usual) as they are, others memoized."""
+    if _UNQUOTED(part):
+        return part
+    quoted = _QUOTED.get(part)
+    if quoted is None:
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        quoted = _QUOTED[part] = quote(part, safe="")
+    return quoted
 
 
 def session_key(tenant: str, session_id: str) -> str:
@@ -288,6 +298,9 @@ def _matchers(view: GrantView) -> tuple[Callable[[str], object], Callable[[str],
 # ------------------------------------------------------------------- serialisation
 
 
+_orjson_dumps: Final = orjson.dumps
+
+
 def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
@@ -307,7 +320,7 @@ def _parse_list(data: bytes, tag: str, size: int) -> list[Any] | None:
 
 
 _EVIDENCE_FIELDS: Final = set(Evidence.model_fields)
-_sha1: Final = hashlib.sha1
+_EVIDENCE_SHA1: Final = hashlib.sha1(_EVIDENCE_NS, usedforsecurity=False)  # uuid5, not security
 _UUID_VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 _CALL_FIELDS_SET: Final = set(ToolCall.model_fields) - {"event_type", "collector"}
 """What ``model_construct`` records as set for the stripped call of earlier snapshots (all but defaults)."""
@@ -335,7 +348,9 @@ def _evidence(
     facts["trigger"] = reason
     facts["kind"] = kind
     # evidence_id_for, inline: uuid5 of the call key and the version
-    h = _sha1(_EVIDENCE_NS + f"{ckey or call_key(tenant, session_id, call_id)}#{version}".encode()).hexdigest()
+    hasher = _EVIDENCE_SHA1.copy()  # sha1 of the namespace so far: copying it is cheaper than a new hash
+    hasher.update(f"{ckey or call_key(tenant, session_id, call_id)}#{version}".encode())
+    h = hasher.hexdigest()
     values = {
         "evidence_id": f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}",
         "call_id": call_id,
@@ -355,7 +370,13 @@ def _evidence(
         "decided_at": decided_at,
         "facts": facts,
     }
-    return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
+    # trusted_model(Evidence, values, {}), inline
+    evidence: Evidence = _new_object(Evidence)
+    _set_attribute(evidence, "__dict__", values)
+    _set_attribute(evidence, "__pydantic_fields_set__", _EVIDENCE_FIELDS.copy())
+    _set_attribute(evidence, "__pydantic_extra__", {})
+    _set_attribute(evidence, "__pydantic_private__", None)
+    return evidence
 
 
 def build_evidence(
@@ -618,7 +639,7 @@ class Stage1:
             self.calls[ckey] = _dumps(rec)
             self._index(ckey, rec[_K], skey)
             counts["stage1_calls"] = counts.get("stage1_calls", 0) + 1
-        head = _dumps([MESSAGE_FORMAT, "call", ckey, rec[_Q], False, rec[_D], rec[_K], attributed.digest])
+        head = _orjson_dumps([MESSAGE_FORMAT, "call", ckey, rec[_Q], False, rec[_D], rec[_K], attributed.digest])
         line = _dumps(
             [
                 call.event_id,
@@ -724,7 +745,7 @@ class _Owned:
 
     def encode(self) -> bytes:
         head = [_OWNED, self.p, self.route, self.ck, self.q, self.ver, self.last, self.fin, self.d, self.k, self.digest]
-        return b"\n".join((_dumps(head), self.attribution_line, self.call_line))
+        return b"\n".join((_orjson_dumps(head), self.attribution_line, self.call_line))  # plain values only
 
 
 class _Moved:
