@@ -4,12 +4,15 @@
   skipped) and validates it; every problem found is reported at once in one :class:`CatalogError`:
   a module that does not import (metadata failing validation raises at import), no ``RULE``, an
   id that differs from the module name, a duplicate id, a kind that does not fit the rule's state
-  (``per_call`` rules keep :class:`NoState`, sequence rules their own), an OWASP or ATLAS id missing from
+  (``per_call`` rules keep :class:`NoState`, sequence rules their own), ``Rule.verdicts`` naming a
+  verdict that does not exist, an OWASP or ATLAS id missing from
   ``detections/taxonomy.json``, no positive or no negative case, duplicate case names, or a
   case expecting a finding on a call it does not contain.
 * :class:`Detector` runs the rules over ``(call, decision)`` pairs and keeps the sequence state of
   at most ``config.max_delegations`` delegations (least recently used evicted). It is pure: time is
   each call's event_time. Sequence rules assume each delegation's calls come in event_time order.
+  A rule is only called on the verdicts its ``Rule.verdicts`` names (all if None): per-call rules
+  name the one verdict they report, so a common in-scope call runs only the sequence rules.
 * :func:`judge` is replay semantics (DESIGN.md): all facts known, every call decided, and the
   detector fed the calls in (event_time, call_id, event_id) order, which orders each delegation's
   calls; results come back in input order. ``scopewatch replay`` and the rule cases use it.
@@ -27,9 +30,9 @@ from importlib import resources
 from types import ModuleType
 from typing import Any, Final
 
-from detections.engine import Decision, DecisionEngine, GrantState
+from detections.engine import VERDICTS, Decision, DecisionEngine, GrantState
 from detections.findings import Finding
-from detections.rulebase import Case, DetectionConfig, Lru, NoState, Rule, RuleContext, delegation_key
+from detections.rulebase import Case, DetectionConfig, Lru, NoState, Rule, RuleContext
 from schemas import BaseEvent, GrantIssued, GrantRevoked, SessionBound, SessionEnded, ToolCall
 
 __all__ = [
@@ -158,6 +161,8 @@ def build_catalog(modules: Iterable[ModuleType], taxonomy: Taxonomy, problems: S
         by_id.setdefault(rule.id, name)
         if (rule.meta.kind == "per_call") != isinstance(rule.new_state(DetectionConfig()), NoState):
             found.append(f"{name}: kind {rule.meta.kind!r} does not fit its state (per_call rules keep NoState)")
+        if rule.verdicts is not None and (unknown := sorted(set(rule.verdicts) - set(VERDICTS))):
+            found.append(f"{name}: unknown verdicts {unknown!r} in Rule.verdicts")
         found.extend(_mapping_problems(name, rule, taxonomy))
         found.extend(_case_problems(name, rule))
         rules.append(rule)
@@ -193,6 +198,8 @@ class Detector:
         self.rules: Final = tuple(sorted(default_catalog() if rules is None else rules, key=lambda r: r.id))
         self.config: Final = config or DetectionConfig()
         self._states: Lru[tuple[str, ...], dict[str, Any]] = Lru(self.config.max_delegations)
+        self._sequence: Final = tuple(r for r in self.rules if r.meta.kind == "sequence")
+        self._plans: dict[str, tuple[tuple[Any, ...], ...]] = {}  # verdict -> rules to run
 
     def __len__(self) -> int:
         """How many delegations state is kept for."""
@@ -209,20 +216,53 @@ class Detector:
         ``grants``: the delegation's grant states at the call's event_time, as given to
         ``authorize``; rules that need a grant's issue or revocation time stay silent without them.
         """
-        key = delegation_key(call, decision)
-        slots: dict[str, Any] = self._states.get(key) or {}
-        self._states[key] = slots  # now the most recently seen delegation
-        by_id = {g.grant_id: g for g in grants}
+        return self.evaluate_with(call, decision, {g.grant_id: g for g in grants})
+
+    def evaluate_with(self, call: ToolCall, decision: Decision, by_id: Mapping[str, GrantState]) -> list[Finding]:
+        """:meth:`evaluate` with the grant states already by grant id."""
+        if decision.principal is not None and decision.agent_id is not None:  # delegation_key(call, decision)
+            key: tuple[str, ...] = (call.tenant, decision.principal, decision.agent_id)
+        else:
+            key = (call.tenant, f"session:{call.session_id}")
+        states = self._states
+        slots: dict[str, Any] | None = states.get(key)
+        if not slots:
+            # Every sequence rule keeps state for a delegation from its first call on, whatever it does.
+            slots = {rule.id: rule.new_state(self.config) for rule in self._sequence}
+        states[key] = slots  # now the most recently seen delegation
+        config, verdict = self.config, decision.verdict
+        plan = self._plans.get(verdict)
+        if plan is None:
+            # The rules that may fire or change state on this verdict (Rule.verdicts), in id order.
+            plan = self._plans[verdict] = tuple(
+                (r.evaluate, r.meta, r.id, r.meta.kind == "sequence", r.new_state)
+                for r in self.rules
+                if r.verdicts is None or verdict in r.verdicts
+            )
         findings: list[Finding] = []
-        for rule in self.rules:
-            if rule.meta.kind == "sequence":
-                state = slots.get(rule.id)
-                if state is None:
-                    state = slots[rule.id] = rule.new_state(self.config)
-            else:
-                state = rule.new_state(self.config)
-            findings.extend(rule.evaluate(call, decision, RuleContext(rule.meta, self.config, state, by_id)))
-        return sorted(findings, key=lambda f: (f.rule_id, f.finding_id))
+        for evaluate, meta, rule_id, sequence, new_state in plan:
+            # RuleContext(meta, config, state, by_id), without the dataclass __init__ call
+            ctx: RuleContext[Any] = _new_object(RuleContext)
+            _set_attribute(
+                ctx,
+                "__dict__",
+                {
+                    "meta": meta,
+                    "config": config,
+                    "state": slots[rule_id] if sequence else new_state(config),
+                    "grants": by_id,
+                },
+            )
+            found = evaluate(call, decision, ctx)
+            if found:
+                findings.extend(found)
+        if len(findings) > 1:
+            findings.sort(key=lambda f: (f.rule_id, f.finding_id))
+        return findings
+
+
+_new_object: Final = object.__new__
+_set_attribute: Final = object.__setattr__
 
 
 @dataclass(frozen=True)

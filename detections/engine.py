@@ -16,6 +16,13 @@ Pieces, in the order the live pipeline uses them:
 * :func:`authorize` -- stage 2 (keyed by delegation): verdicts 4-10 and ``matched_grant_id``.
 * :class:`DecisionEngine` -- both histories for all keys, for replay and tests.
 
+For the live pipeline's speed (``detections.live``), the same decisions also come in parts that
+can be computed once and shared: :meth:`SessionHistory.state_key` (what an attribution depends on
+besides t), :meth:`GrantHistory.slot_at` (the grants over an interval in which nothing about them
+changes), :func:`authorize_matched` (:func:`authorize` with pattern matching done by the caller,
+so it can keep compiled matchers) and :func:`decision_of` (a decision remade for another instant).
+:func:`authorize` itself runs on :func:`authorize_matched`, so replay and live share one code path.
+
 Histories are idempotent by ``event_id`` and independent of arrival order: every tie is broken by
 a total order on the facts, so the same set of facts always gives the same :class:`Decision`
 (reasons and facts included).
@@ -72,10 +79,10 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Final, Literal, TypeAlias, get_args
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 from schemas import (
     BaseEvent,
@@ -96,14 +103,19 @@ __all__ = [
     "Fact",
     "GrantFact",
     "GrantHistory",
+    "GrantSlot",
     "GrantState",
+    "GrantView",
     "SessionFact",
     "SessionHistory",
     "SessionState",
     "Verdict",
     "attribute",
+    "attribute_identity",
     "authorize",
+    "authorize_matched",
     "covers",
+    "decision_of",
     "tool_name",
     "tools_match",
     "uncovered_resources",
@@ -136,8 +148,23 @@ SessionStatus: TypeAlias = Literal["unbound", "ended", "bound"]
 GrantStatus: TypeAlias = Literal["active", "revoked", "expired", "not_yet_valid"]
 
 
+_TS_MEMO: Final[dict[datetime, str]] = {}
+
+
 def _ts(dt: datetime | None) -> str:
-    return "never" if dt is None else format_timestamp(dt)
+    """``format_timestamp``, memoized (calls close in time share their instants)."""
+    if dt is None:
+        return "never"
+    text = _TS_MEMO.get(dt)
+    if text is None:
+        if len(_TS_MEMO) >= 4096:
+            _TS_MEMO.clear()
+        if dt.tzinfo is UTC:  # isoformat is faster, same text (milliseconds truncated, not rounded)
+            text = dt.isoformat(timespec="milliseconds")[:-6] + "Z"
+        else:
+            text = format_timestamp(dt)
+        _TS_MEMO[dt] = text
+    return text
 
 
 # ---------------------------------------------------------------------------- sessions
@@ -224,6 +251,9 @@ class SessionHistory:
         self._keys: list[_SessionKey] = []
         self._events: list[SessionFact] = []
         self._ids: set[str] = set()
+        self.memo: dict[Any, Any] = {}
+        """Free for callers to memoize results derived from this history (keyed by :meth:`state_key`);
+        cleared whenever the history changes (:meth:`add`, :meth:`compact`)."""
 
     def __len__(self) -> int:
         return len(self._events)
@@ -249,6 +279,7 @@ class SessionHistory:
         self._keys.insert(i, key)
         self._events.insert(i, event)
         self._ids.add(event.event_id)
+        self.memo.clear()
         return True
 
     def _count_upto(self, t: datetime) -> int:
@@ -260,6 +291,21 @@ class SessionHistory:
             if isinstance(self._events[j], SessionBound):
                 return j
         return None
+
+    def state_key(self, t: datetime) -> tuple[int, bool, bool]:
+        """What :meth:`state_at` depends on besides ``t`` itself: (facts at or before t, valid, before valid_from).
+
+        Two instants with the same key and a non-zero count give the same state except for ``at``, and
+        the same :func:`attribute` result for the same call identity (the unbound state, count 0, names t).
+        """
+        n = bisect.bisect_right(self._keys, (t, _AFTER_ALL_RANKS, ""))
+        if n == 0:
+            return (0, False, False)
+        deciding = self._events[n - 1]
+        if isinstance(deciding, SessionBound):
+            early = t < deciding.valid_from
+            return (n, not early and (deciding.valid_until is None or t < deciding.valid_until), early)
+        return (n, False, False)
 
     def state_at(self, t: datetime) -> SessionState:
         n = self._count_upto(t)
@@ -295,6 +341,8 @@ class SessionHistory:
         kept_prefix = sorted(keep)
         self._keys = [self._keys[i] for i in kept_prefix] + self._keys[n:]
         self._events = [self._events[i] for i in kept_prefix] + self._events[n:]
+        if dropped:
+            self.memo.clear()
         return len(dropped)
 
 
@@ -369,6 +417,87 @@ class GrantState:
         return f"active (not_before {_ts(v.not_before)}, expires_at {_ts(v.expires_at)})"
 
 
+class GrantView:
+    """One grant version as deciding reads it: its times and, computed once, the texts of its reasons.
+
+    ``tools_match``/``resources_match`` are free slots for callers that keep compiled pattern
+    matchers with the version (the live pipeline); this module matches with ``fnmatch`` itself.
+    """
+
+    __slots__ = (
+        "_texts",
+        "event_id",
+        "expires_at",
+        "grant_id",
+        "issued",
+        "not_before",
+        "resources_match",
+        "resources_text",
+        "tools_match",
+        "tools_text",
+        "version",
+    )
+
+    def __init__(self, version: GrantIssued) -> None:
+        self.version: Final = version
+        self.grant_id: Final = version.grant_id
+        self.event_id: Final = version.event_id
+        self.issued: Final = version.event_time
+        self.not_before: Final = version.not_before
+        self.expires_at: Final = version.expires_at
+        self.tools_text: Final = repr(list(version.tools))
+        self.resources_text: Final = repr(list(version.resources))
+        self.tools_match: Callable[[str], object] | None = None
+        self.resources_match: Callable[[str], object] | None = None
+        self._texts: dict[str, str] = {}
+
+    def status_at(self, at: datetime, revocation: GrantRevoked | None) -> GrantStatus:
+        """:attr:`GrantState.status` of this version at ``at`` with ``revocation`` applied."""
+        if revocation is not None:
+            return "revoked"
+        if self.expires_at is not None and at >= self.expires_at:
+            return "expired"
+        if self.not_before > at:
+            return "not_yet_valid"
+        return "active"
+
+    def describe(self, status: GrantStatus, revocation: GrantRevoked | None) -> str:
+        """:meth:`GrantState.describe_status` for a state with this status and revocation."""
+        if revocation is not None:
+            r = revocation
+            text = f"revoked at {_ts(r.event_time)} by {r.revoked_by}"
+            return f"{text} ({r.reason})" if r.reason else text
+        cached = self._texts.get(status)
+        if cached is not None:
+            return cached
+        if status == "expired":
+            text = f"expired at {_ts(self.expires_at)}"
+        elif status == "not_yet_valid":
+            text = f"not valid before {_ts(self.not_before)}"
+        else:
+            text = f"active (not_before {_ts(self.not_before)}, expires_at {_ts(self.expires_at)})"
+        self._texts[status] = text
+        return text
+
+
+class GrantSlot:
+    """The grants of a delegation over one interval of time in which nothing about them changes.
+
+    The intervals are cut at every fact time and at every version's ``not_before`` and
+    ``expires_at``, so for every t inside one, :meth:`GrantHistory.grants_at` gives the same
+    versions and revocations with the same statuses. ``grants``: (view, revocation, status) per
+    grant issued by then, ordered by grant_id; ``memo`` is free for callers to keep results
+    derived from them (it lives as long as the history is unchanged).
+    """
+
+    __slots__ = ("grants", "memo", "pairs")
+
+    def __init__(self, grants: list[tuple[GrantView, GrantRevoked | None, GrantStatus]]) -> None:
+        self.grants: Final = grants
+        self.pairs: Final = [(view, revocation) for view, revocation, _status in grants]
+        self.memo: dict[Any, Any] = {}
+
+
 class GrantHistory:
     """All ``grant_issued``/``grant_revoked`` facts of one delegation (tenant, principal, agent_id)."""
 
@@ -379,6 +508,15 @@ class GrantHistory:
         self._versions: dict[str, list[GrantIssued]] = {}
         self._revocations: dict[str, list[GrantRevoked]] = {}
         self._ids: set[str] = set()
+        # Derived, rebuilt lazily after a change: the instants where something about the grants
+        # changes (see GrantSlot) and the slots between them.
+        self._times: list[datetime] | None = None
+        self._slots: dict[int, GrantSlot] = {}
+        self._views: dict[str, GrantView] = {}
+
+    def _changed(self) -> None:
+        self._times = None
+        self._slots.clear()
 
     def __len__(self) -> int:
         return sum(map(len, self._versions.values())) + sum(map(len, self._revocations.values()))
@@ -406,19 +544,46 @@ class GrantHistory:
         else:
             bisect.insort(self._revocations.setdefault(event.grant_id, []), event, key=_fact_order)
         self._ids.add(event.event_id)
+        self._changed()
         return True
 
     def grants_at(self, t: datetime) -> list[GrantState]:
         """Each grant issued at or before t, at its version at t, ordered by grant_id."""
-        states: list[GrantState] = []
-        for grant_id in sorted(self._versions):
-            versions = self._versions[grant_id]
-            n = bisect.bisect_right(versions, t, key=_event_time)
-            if n == 0:
-                continue
-            version = versions[n - 1]
-            states.append(GrantState(at=t, version=version, revocation=self._revocation(version, t)))
-        return states
+        return [GrantState(at=t, version=view.version, revocation=revocation) for view, revocation in self.views_at(t)]
+
+    def views_at(self, t: datetime) -> list[tuple[GrantView, GrantRevoked | None]]:
+        """:meth:`grants_at` as (version view, revocation) pairs, ordered by grant_id (shared: do not modify)."""
+        return self.slot_at(t).pairs
+
+    def slot_at(self, t: datetime) -> GrantSlot:
+        """The :class:`GrantSlot` holding t, computed once per interval until the history changes."""
+        times = self._times
+        if times is None:
+            stamps = {f.event_time for fs in self._versions.values() for f in fs}
+            stamps.update(f.event_time for fs in self._revocations.values() for f in fs)
+            for versions in self._versions.values():
+                for v in versions:
+                    stamps.add(v.not_before)
+                    if v.expires_at is not None:
+                        stamps.add(v.expires_at)
+            times = self._times = sorted(stamps)
+        index = bisect.bisect_right(times, t)
+        slot = self._slots.get(index)
+        if slot is None:
+            grants: list[tuple[GrantView, GrantRevoked | None, GrantStatus]] = []
+            for grant_id in sorted(self._versions):
+                versions = self._versions[grant_id]
+                n = bisect.bisect_right(versions, t, key=_event_time)
+                if n == 0:
+                    continue
+                version = versions[n - 1]
+                view = self._views.get(version.event_id)
+                if view is None or view.version is not version:
+                    view = self._views[version.event_id] = GrantView(version)
+                revocation = self._revocation(version, t)
+                grants.append((view, revocation, view.status_at(t, revocation)))
+            slot = self._slots[index] = GrantSlot(grants)
+        return slot
 
     def _revocation(self, version: GrantIssued, t: datetime) -> GrantRevoked | None:
         """The earliest revocation of this version with version.event_time <= event_time <= t."""
@@ -464,6 +629,9 @@ class GrantHistory:
                     self._revocations[grant_id] = kept
                 else:
                     del self._revocations[grant_id]
+        if dropped:
+            self._changed()
+            self._views.clear()
         return dropped
 
 
@@ -535,12 +703,17 @@ def attribute(call: ToolCall, session: SessionState) -> Attribution:
 
     ``claimed`` is never consulted.
     """
-    reasons = [_session_reason(call.session_id, session)]
-    facts: dict[str, object] = {"session_id": call.session_id, "session": session.to_facts()}
+    return attribute_identity(call.session_id, call.attested, session)
+
+
+def attribute_identity(session_id: str, attested: Mapping[str, Any] | None, session: SessionState) -> Attribution:
+    """:func:`attribute` from what it reads of the call: the session id and the ``attested`` claims."""
+    reasons = [_session_reason(session_id, session)]
+    facts: dict[str, object] = {"session_id": session_id, "session": session.to_facts()}
     if session.status == "unbound":
         return Attribution(session, None, None, "unbound_session", tuple(reasons), facts)
 
-    attested = call.attested or {}
+    attested = attested or {}
     compared: dict[str, object] = {}
     mismatches: list[str] = []
     if session.binding_event_id is not None:
@@ -585,39 +758,87 @@ class Decision:
     facts: dict[str, object] = field(default_factory=dict, hash=False)
 
 
-def _pick(candidates: Sequence[GrantState]) -> GrantState:
-    """DESIGN tie-break: the latest not_before, then the smallest grant_id."""
-    ordered = sorted(candidates, key=lambda g: g.grant_id)
-    ordered.sort(key=lambda g: g.not_before, reverse=True)  # stable: smallest grant_id first among equals
-    return ordered[0]
+GrantMatch: TypeAlias = tuple[GrantView, GrantRevoked | None, datetime, bool, Sequence[str]]
+"""One grant as :func:`authorize_matched` takes it: (version view, revocation applying at ``at``, ``at``,
+whether its tools match the call, the call resources none of its resource patterns match). The
+uncovered resources are only read when the tools match."""
 
 
-def _grant_reason(g: GrantState, call: ToolCall) -> str:
-    v = g.version
-    name = tool_name(call)
-    if not tools_match(v, call):
-        text = f"grant {g.grant_id}: tools {list(v.tools)!r} do not match {name!r}"
+_new_object: Final = object.__new__
+_set_attribute: Final = object.__setattr__
+
+
+def _decision(
+    verdict: Verdict,
+    matched_grant_id: str | None,
+    reasons: tuple[str, ...],
+    principal: str | None,
+    agent_id: str | None,
+    facts: dict[str, object],
+) -> Decision:
+    """``Decision(...)`` without the frozen dataclass's per-field ``object.__setattr__`` calls."""
+    decision = _new_object(Decision)
+    _set_attribute(
+        decision,
+        "__dict__",
+        {
+            "verdict": verdict,
+            "matched_grant_id": matched_grant_id,
+            "reasons": reasons,
+            "principal": principal,
+            "agent_id": agent_id,
+            "facts": facts,
+        },
+    )
+    return decision
+
+
+def decision_of(
+    t: datetime,
+    verdict: Verdict,
+    matched_grant_id: str | None,
+    reasons: tuple[str, ...],
+    principal: str | None,
+    agent_id: str | None,
+    attribution_facts: Mapping[str, object],
+    grant_facts: Sequence[Mapping[str, object]],
+) -> Decision:
+    """A decision :func:`authorize_matched` gave for another call at the same ``slot`` (see
+    :class:`GrantSlot`), with the same attribution, tool name and every resource covered, remade for
+    a call at ``t``: only ``as_of`` differs (fresh copies of the per-grant facts)."""
+    facts: dict[str, object] = {"as_of": _ts(t), **attribution_facts, "grants": [dict(g) for g in grant_facts]}
+    return _decision(verdict, matched_grant_id, reasons, principal, agent_id, facts)
+
+
+def _pick(candidates: list[tuple[GrantView, GrantStatus, GrantRevoked | None, bool, Sequence[str]]]) -> GrantView:
+    """DESIGN tie-break: the latest not_before, then the smallest grant_id (candidates come ordered by grant_id)."""
+    best = candidates[0][0]
+    for row in candidates:
+        if row[0].not_before > best.not_before:
+            best = row[0]
+    return best
+
+
+def _grant_reason(
+    view: GrantView,
+    status: GrantStatus,
+    revocation: GrantRevoked | None,
+    tools_ok: bool,
+    missing: Sequence[str],
+    name: str,
+) -> str:
+    if not tools_ok:
+        text = f"grant {view.grant_id}: tools {view.tools_text} do not match {name!r}"
+    elif len(missing) == 1:
+        text = f"grant {view.grant_id}: resource {missing[0]!r} outside {view.resources_text}"
+    elif missing:
+        listed = ", ".join(repr(m) for m in missing)
+        text = f"grant {view.grant_id}: resources {listed} outside {view.resources_text}"
+    elif status == "active":
+        return f"grant {view.grant_id}: {view.describe(status, revocation)}"
     else:
-        missing = uncovered_resources(v, call)
-        if len(missing) == 1:
-            text = f"grant {g.grant_id}: resource {missing[0]!r} outside {list(v.resources)!r}"
-        elif missing:
-            listed = ", ".join(repr(m) for m in missing)
-            text = f"grant {g.grant_id}: resources {listed} outside {list(v.resources)!r}"
-        else:
-            return f"grant {g.grant_id}: {g.describe_status()}" + ("" if g.active else f"; it covers {name!r}")
-    return text if g.active else f"{text}; also {g.describe_status()}"
-
-
-def _grant_facts(g: GrantState, call: ToolCall) -> dict[str, object]:
-    return {
-        "grant_id": g.grant_id,
-        "version_event_id": g.version.event_id,
-        "revocation_event_id": None if g.revocation is None else g.revocation.event_id,
-        "status": g.status,
-        "tools_match": tools_match(g.version, call),
-        "covers": covers(g.version, call),
-    }
+        return f"grant {view.grant_id}: {view.describe(status, revocation)}; it covers {name!r}"
+    return text if status == "active" else f"{text}; also {view.describe(status, revocation)}"
 
 
 def authorize(call: ToolCall, attribution: Attribution, grants: Sequence[GrantState]) -> Decision:
@@ -627,56 +848,100 @@ def authorize(call: ToolCall, attribution: Attribution, grants: Sequence[GrantSt
     ``call.event_time`` (grants issued after t must not be passed). An attribution that already
     holds a terminal verdict is returned as the decision unchanged.
     """
-    t = call.event_time
-    base_facts: dict[str, object] = {"as_of": _ts(t), **attribution.facts}
-    if attribution.verdict is not None:
-        return Decision(
-            verdict=attribution.verdict,
-            matched_grant_id=None,
-            reasons=attribution.reasons,
-            principal=attribution.principal,
-            agent_id=attribution.agent_id,
-            facts={**base_facts, "grants": []},
-        )
+    matched: list[GrantMatch] = []
+    if attribution.verdict is None:
+        for g in sorted(grants, key=lambda g: g.grant_id):
+            tools_ok = tools_match(g.version, call)
+            missing = uncovered_resources(g.version, call) if tools_ok else ()
+            matched.append((GrantView(g.version), g.revocation, g.at, tools_ok, missing))
+    return authorize_matched(
+        call.event_time,
+        call.tenant,
+        tool_name(call),
+        attribution.verdict,
+        attribution.principal,
+        attribution.agent_id,
+        attribution.reasons,
+        attribution.facts,
+        matched,
+    )
 
-    considered = sorted((g for g in grants if g.version.event_time <= t), key=lambda g: g.grant_id)
-    name = tool_name(call)
-    covering = [g for g in considered if covers(g.version, call)]
+
+def authorize_matched(
+    t: datetime,
+    tenant: str,
+    name: str,
+    terminal: Verdict | None,
+    principal: str | None,
+    agent_id: str | None,
+    reasons: tuple[str, ...],
+    attribution_facts: Mapping[str, object],
+    grants: Sequence[GrantMatch],
+) -> Decision:
+    """:func:`authorize` from the parts of the call and attribution it reads, pattern matching done.
+
+    ``name`` is :func:`tool_name` of the call; ``terminal``, ``principal``, ``agent_id``, ``reasons``
+    and ``attribution_facts`` are the attribution's; ``grants`` are ordered by grant_id. Matching is
+    left to the caller so that it can keep compiled matchers per grant version.
+    """
+    base_facts: dict[str, object] = {"as_of": _ts(t), **attribution_facts}
+    if terminal is not None:
+        return _decision(terminal, None, reasons, principal, agent_id, {**base_facts, "grants": []})
+    rows: list[tuple[GrantView, GrantStatus, GrantRevoked | None, bool, Sequence[str]]] = []
+    covering: list[tuple[GrantView, GrantStatus, GrantRevoked | None, bool, Sequence[str]]] = []
+    for view, revocation, at, tools_ok, missing in grants:
+        if view.issued > t:
+            continue
+        row = (view, view.status_at(at, revocation), revocation, tools_ok, missing)
+        rows.append(row)
+        if tools_ok and not missing:
+            covering.append(row)
 
     verdict: Verdict
-    matched: GrantState | None = None
-    if active := [g for g in covering if g.active]:
+    matched: GrantView | None = None
+    if active := [row for row in covering if row[1] == "active"]:
         verdict, matched = "in_scope", _pick(active)
         headline = f"in_scope: grant {matched.grant_id} is active and covers {name!r}"
-    elif not considered:
+    elif not rows:
         verdict = "no_grant"
-        headline = (
-            f"no_grant: delegation {call.tenant}/{attribution.principal}/{attribution.agent_id} "
-            f"has no grant issued at or before {_ts(t)}"
-        )
-    elif revoked := [g for g in covering if g.revoked]:
+        headline = f"no_grant: delegation {tenant}/{principal}/{agent_id} has no grant issued at or before {_ts(t)}"
+    elif revoked := [row for row in covering if row[1] == "revoked"]:
         verdict, matched = "revoked_grant", _pick(revoked)
         headline = f"revoked_grant: grant {matched.grant_id} covers {name!r} but is revoked"
-    elif expired := [g for g in covering if g.expired]:
+    elif expired := [row for row in covering if row[1] == "expired"]:
+        # no covering grant is revoked here, so "expired" is GrantState.expired
         verdict, matched = "expired_grant", _pick(expired)
         headline = f"expired_grant: grant {matched.grant_id} covers {name!r} but has expired"
-    elif early := [g for g in covering if g.not_yet_valid]:
+    elif early := [row for row in covering if row[1] == "not_yet_valid"]:
         verdict, matched = "not_yet_valid", _pick(early)
         headline = f"not_yet_valid: grant {matched.grant_id} covers {name!r} but is not valid yet"
-    elif not any(tools_match(g.version, call) for g in considered):
+    elif not any(row[3] for row in rows):
         verdict = "out_of_scope_tool"
         headline = f"out_of_scope_tool: no grant's tools match {name!r}"
     else:
         verdict = "out_of_scope_resource"
         headline = f"out_of_scope_resource: a grant's tools match {name!r}, but not every resource is covered"
 
-    return Decision(
-        verdict=verdict,
-        matched_grant_id=None if matched is None else matched.grant_id,
-        reasons=(*attribution.reasons, headline, *(_grant_reason(g, call) for g in considered)),
-        principal=attribution.principal,
-        agent_id=attribution.agent_id,
-        facts={**base_facts, "grants": [_grant_facts(g, call) for g in considered]},
+    return _decision(
+        verdict,
+        None if matched is None else matched.grant_id,
+        (*reasons, headline, *[_grant_reason(v, st, r, ok, miss, name) for v, st, r, ok, miss in rows]),
+        principal,
+        agent_id,
+        {
+            **base_facts,
+            "grants": [
+                {
+                    "grant_id": v.grant_id,
+                    "version_event_id": v.event_id,
+                    "revocation_event_id": None if r is None else r.event_id,
+                    "status": st,
+                    "tools_match": ok,
+                    "covers": ok and not miss,
+                }
+                for v, st, r, ok, miss in rows
+            ],
+        },
     )
 
 

@@ -35,56 +35,71 @@ version, so duplicates and stale updates (at-least-once delivery, rebalances) ar
 
 State lives in injected mutable mappings of ``str -> bytes`` (Faust tables in the job, dicts in
 tests); in-memory indexes are rebuilt from them with ``rebuild()`` after a recovery.
+
+Speed (``bench/profile_decisions.py``): between and inside the stages calls travel as plain JSON
+arrays with integer microsecond times; no pydantic model is built until evidence, findings or
+rules need one (and then without re-validation); what does not change from call to call is
+computed once and shared: the attribution per session state (:attr:`SessionHistory.memo`), the
+grant states per interval of time (:meth:`GrantHistory.slot_at`), one compiled regex per grant
+pattern list, the part of a decision that depends only on the grants and the tool name (per slot),
+the parsed attribution per attribution line (by its digest). Nothing is kept in memory per open
+call: objects kept per call for the grace period cost more in garbage collection than parsing the
+stored record again at the deadline (measured). Store writes: one per changed record, never an
+unchanged value (each write is a changelog message).
+
+Wire and state formats: JSON arrays, one per line (JSON never contains a raw ``\\n``):
+
+* internal message: the head ``[2, kind, call key, attribution version, late, ...,
+  attribution digest]`` (``call``: deadline and keep_until before the digest; ``handoff``: the
+  owned record's head fields; ``tick``: ``[2, "tick"]``), then for
+  ``call``, ``update`` and ``handoff`` the attribution line ``[verdict, principal, agent_id,
+  reasons, facts]`` and for ``call`` and ``handoff`` the call line ``[event_id, tenant, call_id,
+  session_id, server, tool, resources, transport, event_time_us, attested, tool_digest]`` (the
+  event time at millisecond precision, as the canonical timestamp form carries it);
+* stage-1 open call: one array (see :data:`_S1_TAG`);
+* stage-2 owned call: the head ``["o", partition, route, call key, attribution version, evidence
+  version, last summary, final, deadline, keep_until, attribution digest]`` then the attribution
+  and call lines as received (stored without re-encoding); forwarding record: ``["m", partition,
+  route, call key, attribution version, keep_until, owner route]``. Records in any other form
+  (an earlier format) are ignored: they never crash a processor.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import json
+import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Final, Generic, Literal, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import quote
 
 import orjson
 
 from detections.catalog import Detector
-from detections.compact import (
-    decode_grants,
-    decode_sessions,
-    encode_grants,
-    encode_sessions,
-    from_micros,
-    micros,
-)
+from detections.compact import decode_grants, decode_sessions, encode_grants, encode_sessions
 from detections.engine import (
     Attribution,
     Decision,
     GrantFact,
     GrantHistory,
+    GrantMatch,
     GrantState,
+    GrantView,
     SessionFact,
     SessionHistory,
-    SessionState,
-    attribute,
-    authorize,
+    attribute_identity,
+    authorize_matched,
+    decision_of,
 )
-from schemas import (
-    Evidence,
-    ToolCall,
-    delegation_key,
-    format_timestamp,
-    parse_delegation_key,
-    parse_timestamp,
-)
-from schemas import (
-    Finding as FindingRecord,
-)
+from detections.findings import trusted_model, uuid5_text
+from detections.rulebase import glob_matcher
+from schemas import Evidence, ToolCall, parse_delegation_key
+from schemas import Finding as FindingRecord
 
 __all__ = [
     "EVIDENCE_NAMESPACE",
@@ -94,15 +109,19 @@ __all__ = [
     "Output",
     "Stage1",
     "Stage2",
+    "build_evidence",
     "call_key",
     "evidence_id_for",
     "route_for",
     "session_key",
     "session_route",
+    "tick_message",
 ]
 
 EVIDENCE_NAMESPACE: Final = uuid.UUID("6f1c2b1e-3c1a-5b7e-9a53-7d5b0c9e2a10")
-MESSAGE_FORMAT: Final = 1
+_EVIDENCE_NS: Final = EVIDENCE_NAMESPACE.bytes
+MESSAGE_FORMAT: Final = 2
+"""Version of the internal message format (1: the JSON objects of earlier snapshots, not read)."""
 
 
 @dataclass(frozen=True)
@@ -154,13 +173,89 @@ class Output:
         self.findings.extend(other.findings)
 
 
+_new_object: Final = object.__new__
+_set_attribute: Final = object.__setattr__
+
+
+def _output() -> Output:
+    """``Output()`` without the dataclass ``__init__`` and its three default factories."""
+    out: Output = _new_object(Output)
+    _set_attribute(out, "__dict__", {"forwards": [], "evidence": [], "findings": []})
+    return out
+
+
+def _forward(route: str, payload: bytes) -> Forward:
+    """``Forward(route, payload)`` without the frozen dataclass's per-field ``object.__setattr__``."""
+    fwd: Forward = _new_object(Forward)
+    _set_attribute(fwd, "__dict__", {"route": route, "payload": payload})
+    return fwd
+
+
+def _count(counters: LiveCounters, name: str) -> None:
+    counts = counters.counts
+    counts[name] = counts.get(name, 0) + 1
+
+
+# ------------------------------------------------------------------------------- time
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO: Final = timedelta(microseconds=1)
+
+
+def _us(dt: datetime) -> int:
+    """Microseconds since the epoch (exact; ``compact.micros``)."""
+    return (dt - _EPOCH) // _MICRO
+
+
+_LAST_NOW: list[Any] = [None, 0]
+
+
+def _now_us(now: datetime) -> int:
+    """:func:`_us` of the processing clock; the same ``now`` is often passed for several events."""
+    last = _LAST_NOW
+    if now is not last[0]:
+        last[1] = (now - _EPOCH) // _MICRO
+        last[0] = now
+    value: int = last[1]
+    return value
+
+
+_AT_MEMO: Final[dict[int, datetime]] = {}
+
+
+def _at(us: int) -> datetime:
+    """The UTC datetime ``us`` microseconds after the epoch (memoized: calls share their instants)."""
+    dt = _AT_MEMO.get(us)
+    if dt is None:
+        if len(_AT_MEMO) >= 4096:
+            _AT_MEMO.clear()
+        dt = _AT_MEMO[us] = _EPOCH + timedelta(microseconds=us)
+    return dt
+
+
 # ------------------------------------------------------------------------------- keys
 
+_UNQUOTED: Final = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
-@functools.lru_cache(maxsize=65536)
+
+_QUOTED: Final[dict[str, str]] = {}
+
+
+def _quote(part: str) -> str:
+    """``quote(part, safe="")``: parts that need no escaping (the usual) as they are, others memoized."""
+    if _UNQUOTED(part):
+        return part
+    quoted = _QUOTED.get(part)
+    if quoted is None:
+        if len(_QUOTED) >= 4096:
+            _QUOTED.clear()
+        quoted = _QUOTED[part] = quote(part, safe="")
+    return quoted
+
+
 def session_key(tenant: str, session_id: str) -> str:
     """Key of a session's history: ``tenant/session_id``, parts percent-encoded (2 parts)."""
-    return f"{quote(tenant, safe='')}/{quote(session_id, safe='')}"
+    return f"{_quote(tenant)}/{_quote(session_id)}"
 
 
 session_route = session_key
@@ -168,127 +263,151 @@ session_route = session_key
 
 
 def call_key(tenant: str, session_id: str, call_id: str) -> str:
-    return f"{session_key(tenant, session_id)}/{quote(call_id, safe='')}"
+    return f"{session_key(tenant, session_id)}/{_quote(call_id)}"
+
+
+def _route(tenant: str, session_id: str, principal: str | None, agent_id: str | None) -> str:
+    if principal is not None and agent_id is not None:
+        # schemas.delegation_key(tenant, principal, agent_id), same text
+        return f"{_quote(tenant)}/{_quote(principal)}/{_quote(agent_id)}"
+    return session_route(tenant, session_id)
 
 
 def route_for(tenant: str, session_id: str, attribution: Attribution) -> str:
-    if attribution.principal is not None and attribution.agent_id is not None:
-        return delegation_key(tenant, attribution.principal, attribution.agent_id)
-    return session_route(tenant, session_id)
+    return _route(tenant, session_id, attribution.principal, attribution.agent_id)
 
 
 def evidence_id_for(tenant: str, session_id: str, call_id: str, version: int, ckey: str | None = None) -> str:
     """Deterministic: a version re-emitted after a crash has the same id (idempotent sink)."""
-    return str(uuid.uuid5(EVIDENCE_NAMESPACE, f"{ckey or call_key(tenant, session_id, call_id)}#{version}"))
+    return uuid5_text(_EVIDENCE_NS, f"{ckey or call_key(tenant, session_id, call_id)}#{version}")
 
 
-def _store_key(route: str, ckey: str) -> str:
-    return f"{route}|{ckey}"  # "|" is percent-encoded inside both parts
+# -------------------------------------------------------------------------- patterns
+
+
+def _matchers(view: GrantView) -> tuple[Callable[[str], object], Callable[[str], object] | None]:
+    """The compiled tests of a grant version's tool and resource patterns (kept on the view)."""
+    tools = view.tools_match
+    if tools is None:
+        version = view.version
+        tools = view.tools_match = glob_matcher(tuple(version.tools))
+        view.resources_match = glob_matcher(tuple(version.resources)) if version.resources else None
+    return tools, view.resources_match
 
 
 # ------------------------------------------------------------------- serialisation
 
 
-def _time_or_none(value: datetime | None) -> int | None:
-    return None if value is None else micros(value)
+_orjson_dumps: Final = orjson.dumps
 
 
-def _from_time_or_none(value: int | None) -> datetime | None:
-    return None if value is None else from_micros(value)
-
-
-def _session_to_json(s: SessionState) -> dict[str, Any]:
-    return {
-        "at": micros(s.at),
-        "status": s.status,
-        "valid": s.valid,
-        "event_id": s.event_id,
-        "event_time": _time_or_none(s.event_time),
-        "binding_event_id": s.binding_event_id,
-        "principal": s.principal,
-        "agent_id": s.agent_id,
-        "valid_from": _time_or_none(s.valid_from),
-        "valid_until": _time_or_none(s.valid_until),
-    }
-
-
-def _session_from_json(d: dict[str, Any]) -> SessionState:
-    return SessionState(
-        at=from_micros(d["at"]),
-        status=d["status"],
-        valid=d["valid"],
-        event_id=d["event_id"],
-        event_time=_from_time_or_none(d["event_time"]),
-        binding_event_id=d["binding_event_id"],
-        principal=d["principal"],
-        agent_id=d["agent_id"],
-        valid_from=_from_time_or_none(d["valid_from"]),
-        valid_until=_from_time_or_none(d["valid_until"]),
-    )
-
-
-def attribution_to_json(a: Attribution) -> dict[str, Any]:
-    return {
-        "session": _session_to_json(a.session),
-        "principal": a.principal,
-        "agent_id": a.agent_id,
-        "verdict": a.verdict,
-        "reasons": list(a.reasons),
-        "facts": a.facts,
-    }
-
-
-def attribution_from_json(d: dict[str, Any]) -> Attribution:
-    return Attribution(
-        session=_session_from_json(d["session"]),
-        principal=d["principal"],
-        agent_id=d["agent_id"],
-        verdict=d["verdict"],
-        reasons=tuple(d["reasons"]),
-        facts=d["facts"],
-    )
-
-
-def _digest(value: Any) -> str:
-    try:
-        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:
-        data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
-
-
-_CALL_FIELDS: Final = ("event_id", "tenant", "call_id", "session_id", "server", "tool", "resources", "transport")
-
-
-def strip_call(call: ToolCall) -> dict[str, Any]:
-    """What stage 2 needs of a call: no arguments, no claimed hints (they stay in the raw event)."""
-    d: dict[str, Any] = {name: getattr(call, name) for name in _CALL_FIELDS}
-    d["resources"] = list(call.resources)
-    d["event_time"] = format_timestamp(call.event_time)
-    d["attested"] = call.attested
-    d["tool_digest"] = call.tool_digest
-    return d
-
-
-def unstrip_call(d: dict[str, Any]) -> ToolCall:
-    """The stripped call as a ToolCall (validated when stage 1 decoded it; not validated again)."""
-    fields = dict(d)
-    fields["event_time"] = parse_timestamp(d["event_time"])
-    return ToolCall.model_construct(arguments={}, claimed={}, **fields)
-
-
-def _dumps(value: dict[str, Any]) -> bytes:
+def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:  # e.g. an integer beyond 64 bits in attested claims
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _loads(data: bytes) -> dict[str, Any]:
-    value = orjson.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError("state record is not an object")
+def _parse_list(data: bytes, tag: str, size: int) -> list[Any] | None:
+    """A stored JSON array with ``tag`` first and ``size`` items; None for anything else (old formats)."""
+    try:
+        value = orjson.loads(data)
+    except ValueError:
+        return None
+    if type(value) is not list or len(value) != size or value[0] != tag:
+        return None
     return value
+
+
+_EVIDENCE_FIELDS: Final = set(Evidence.model_fields)
+_EVIDENCE_SHA1: Final = hashlib.sha1(_EVIDENCE_NS, usedforsecurity=False)  # uuid5, not security
+_UUID_VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+_CALL_FIELDS_SET: Final = set(ToolCall.model_fields) - {"event_type", "collector"}
+"""What ``model_construct`` records as set for the stripped call of earlier snapshots (all but defaults)."""
+
+
+def _evidence(
+    tenant: str,
+    session_id: str,
+    call_id: str,
+    server: str,
+    tool: str,
+    call_time: datetime,
+    decision: Decision,
+    version: int,
+    final: bool,
+    late: bool,
+    decided_at: datetime,
+    attribution_version: int,
+    reason: str,
+    kind: str,
+    ckey: str | None,
+) -> Evidence:
+    facts = dict(decision.facts)
+    facts["attribution_version"] = attribution_version
+    facts["trigger"] = reason
+    facts["kind"] = kind
+    # evidence_id_for, inline: uuid5 of the call key and the version
+    hasher = _EVIDENCE_SHA1.copy()  # sha1 of the namespace so far: copying it is cheaper than a new hash
+    hasher.update(f"{ckey or call_key(tenant, session_id, call_id)}#{version}".encode())
+    h = hasher.hexdigest()
+    values = {
+        "evidence_id": f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}",
+        "call_id": call_id,
+        "tenant": tenant,
+        "session_id": session_id,
+        "principal": decision.principal,
+        "agent_id": decision.agent_id,
+        "server": server,
+        "tool": tool,
+        "call_time": call_time,
+        "verdict": decision.verdict,
+        "matched_grant_id": decision.matched_grant_id,
+        "reasons": list(decision.reasons),
+        "version": version,
+        "final": final,
+        "late": late,
+        "decided_at": decided_at,
+        "facts": facts,
+    }
+    # trusted_model(Evidence, values, {}), inline
+    evidence: Evidence = _new_object(Evidence)
+    _set_attribute(evidence, "__dict__", values)
+    _set_attribute(evidence, "__pydantic_fields_set__", _EVIDENCE_FIELDS.copy())
+    _set_attribute(evidence, "__pydantic_extra__", {})
+    _set_attribute(evidence, "__pydantic_private__", None)
+    return evidence
+
+
+def build_evidence(
+    call: ToolCall,
+    decision: Decision,
+    version: int,
+    final: bool,
+    late: bool,
+    decided_at: datetime,
+    attribution_version: int,
+    reason: str,
+    kind: str,
+    ckey: str | None = None,
+) -> Evidence:
+    return _evidence(
+        call.tenant,
+        call.session_id,
+        call.call_id,
+        call.server,
+        call.tool,
+        call.event_time,
+        decision,
+        version,
+        final,
+        late,
+        decided_at,
+        attribution_version,
+        reason,
+        kind,
+        ckey,
+    )
 
 
 # ------------------------------------------------------------------------------ cache
@@ -302,6 +421,14 @@ class _HistoryCache(Generic[H]):
     def __init__(self, size: int) -> None:
         self._size = size
         self._entries: OrderedDict[str, tuple[bytes, H]] = OrderedDict()
+
+    def hit(self, key: str, stored: bytes) -> H | None:
+        """The history decoded from ``stored`` if it is cached (the usual case), else None."""
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is stored:
+            self._entries.move_to_end(key)
+            return hit[1]
+        return None
 
     def get(self, key: str, stored: bytes | None, decode: Callable[[bytes], H], empty: Callable[[], H]) -> H:
         if stored is None:
@@ -321,39 +448,78 @@ class _HistoryCache(Generic[H]):
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
-    def drop(self, key: str) -> None:
-        self._entries.pop(key, None)
+
+_heappush: Final = heapq.heappush
+_heappop: Final = heapq.heappop
 
 
-class _Timers:
-    """Min-heap of (instant, key) with lazy deletion: callers re-check the record."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, str]] = []
-
-    def push(self, at: int, key: str) -> None:
-        heapq.heappush(self._heap, (at, key))
-
-    def due(self, now: int) -> Iterator[str]:
-        while self._heap and self._heap[0][0] <= now:
-            yield heapq.heappop(self._heap)[1]
-
-    def clear(self) -> None:
-        self._heap.clear()
-
-    def __len__(self) -> int:
-        return len(self._heap)
+def _due(heap: list[tuple[int, str]], now_us: int) -> Iterator[str]:
+    """Pop the keys of a min-heap of (instant, key) due at ``now_us`` (lazy deletion: callers re-check)."""
+    while heap and heap[0][0] <= now_us:
+        yield _heappop(heap)[1]
 
 
 # ----------------------------------------------------------------------------- stage 1
+
+_S1_TAG: Final = "s1"
+"""Stage-1 open call: ``["s1", partition, event_time_us, attested identity claims, attribution
+version, attribution digest, first route, deadline, keep_until]`` (the call key names the session)."""
+_S1_SIZE: Final = 9
+_P1, _T, _ATT, _Q, _H, _R, _D, _K = range(1, 9)
+
+_CLAIMS: Final = ("sub", "client_id")
+
+
+def _time_or_none(value: datetime | None) -> int | None:
+    return None if value is None else _us(value)
+
+
+class _Attributed:
+    """An attribution as stage 1 forwards it: the attribution line, its digest and its route."""
+
+    __slots__ = ("digest", "line", "route")
+
+    def __init__(self, a: Attribution, tenant: str, session_id: str) -> None:
+        self.line: Final = _dumps([a.verdict, a.principal, a.agent_id, list(a.reasons), a.facts])
+        s = a.session  # `at` is the call's event time: the same for every attribution of one call
+        session = [s.status, s.valid, s.event_id, _time_or_none(s.event_time), s.binding_event_id]
+        session += [s.principal, s.agent_id, _time_or_none(s.valid_from), _time_or_none(s.valid_until)]
+        self.digest: Final = hashlib.blake2b(_dumps(session) + b"\n" + self.line, digest_size=12).hexdigest()
+        self.route: Final = _route(tenant, session_id, a.principal, a.agent_id)
+
+
+_MEMO_LIMIT: Final = 256
+
+
+def _attributed(history: SessionHistory, t: datetime, attested: dict[str, Any] | None) -> _Attributed:
+    """:func:`~detections.engine.attribute` at ``t`` for a call with these attested claims, memoized
+    per session state: it depends on t only through :meth:`SessionHistory.state_key` (bound sessions)."""
+    n, valid, early = history.state_key(t)
+    key = None
+    if n:
+        sub = client_id = None
+        if attested:
+            sub, client_id = attested.get("sub"), attested.get("client_id")
+        if (sub is None or type(sub) is str) and (client_id is None or type(client_id) is str):
+            key = (n, valid, early, sub, client_id)
+            hit: _Attributed | None = history.memo.get(key)
+            if hit is not None:
+                return hit
+    sid = history.session_id
+    found = _Attributed(attribute_identity(sid, attested, history.state_at(t)), history.tenant, sid)
+    if key is not None:
+        if len(history.memo) >= _MEMO_LIMIT:
+            history.memo.clear()
+        history.memo[key] = found
+    return found
 
 
 class Stage1:
     """Attribution for one partition of the session-keyed topics.
 
     ``sessions``: session key -> compact session history. ``calls``: call key -> open-call record
-    (JSON: partition, ids, event time, attested identity claims, attribution version and digest,
-    first route, deadline, keep-until).
+    (partition, ids, event time, attested identity claims, attribution version and digest, first
+    route, deadline, keep-until; see :data:`_S1_TAG`).
     """
 
     def __init__(
@@ -371,7 +537,9 @@ class Stage1:
         self.counters = counters or LiveCounters()
         self._cache: _HistoryCache[SessionHistory] = _HistoryCache(self.config.cache_size)
         self._open: dict[str, set[str]] = {}  # session key -> open call keys
-        self._expiry = _Timers()
+        self._expiry: list[tuple[int, str]] = []  # (keep_until, call key), min-heap
+        self._grace_us = self.config.grace // _MICRO
+        self._amend_us = self.config.amend_window // _MICRO
 
     # -- state
 
@@ -380,19 +548,26 @@ class Stage1:
         self._open.clear()
         self._expiry.clear()
         for ckey, raw in list(self.calls.items()):
-            rec = _loads(raw)
-            if rec["p"] == self.partition:
-                self._index(ckey, rec)
+            rec = _parse_list(raw, _S1_TAG, _S1_SIZE)
+            if rec is not None and rec[_P1] == self.partition:
+                self._index(ckey, rec[_K], ckey.rpartition("/")[0])
 
-    def _index(self, ckey: str, rec: dict[str, Any]) -> None:
-        self._open.setdefault(rec["sk"], set()).add(ckey)
-        self._expiry.push(rec["k"], ckey)
+    def _index(self, ckey: str, keep_until: int, skey: str) -> None:
+        members = self._open.get(skey)
+        if members is None:
+            members = self._open[skey] = set()
+        members.add(ckey)
+        _heappush(self._expiry, (keep_until, ckey))
 
-    def _history(self, tenant: str, session_id: str) -> SessionHistory:
-        skey = session_key(tenant, session_id)
+    def _history(self, skey: str, tenant: str, session_id: str) -> SessionHistory:
+        stored = self.sessions.get(skey)
+        if stored is not None:
+            hit = self._cache.hit(skey, stored)
+            if hit is not None:
+                return hit
         return self._cache.get(
             skey,
-            self.sessions.get(skey),
+            stored,
             lambda raw: decode_sessions(raw, tenant, session_id),
             lambda: SessionHistory(tenant, session_id),
         )
@@ -402,20 +577,23 @@ class Stage1:
 
     def sweep(self, now: datetime) -> int:
         """Forget calls whose amendment window has closed; returns how many."""
-        now_us, dropped = micros(now), 0
-        for ckey in self._expiry.due(now_us):
-            raw = self.calls.get(ckey)
-            if raw is None:
-                continue
-            rec = _loads(raw)
-            if rec["k"] > now_us:
+        return self._sweep(_now_us(now))
+
+    def _sweep(self, now_us: int) -> int:
+        dropped = 0
+        # Each open record has exactly one heap entry, pushed with its keep_until (which never
+        # changes), so a due entry needs no look at the record itself.
+        for ckey in _due(self._expiry, now_us):
+            if ckey not in self.calls:
                 continue
             del self.calls[ckey]
-            members = self._open.get(rec["sk"])
+            # A call key is "<session key>/<quoted call id>": quoting leaves no "/" in the call id.
+            skey = ckey.rpartition("/")[0]
+            members = self._open.get(skey)
             if members is not None:
                 members.discard(ckey)
                 if not members:
-                    del self._open[rec["sk"]]
+                    del self._open[skey]
             dropped += 1
         if dropped:
             self.counters.add("stage1_calls_closed", dropped)
@@ -424,129 +602,294 @@ class Stage1:
     # -- events
 
     def on_call(self, call: ToolCall, now: datetime) -> Output:
-        self.sweep(now)
-        out = Output()
-        ckey = call_key(call.tenant, call.session_id, call.call_id)
-        history = self._history(call.tenant, call.session_id)
-        attribution = attribute(call, history.state_at(call.event_time))
-        digest = _digest(attribution_to_json(attribution))
+        now_us = _now_us(now)
+        if self._expiry and self._expiry[0][0] <= now_us:
+            self._sweep(now_us)
+        out = _output()
+        tenant, session_id, call_id = call.tenant, call.session_id, call.call_id
+        skey = f"{_quote(tenant)}/{_quote(session_id)}"  # session_key
+        ckey = f"{skey}/{_quote(call_id)}"  # call_key
+        t = call.event_time
+        t_us = (t - _EPOCH) // _MICRO
+        attested = call.attested
+        attributed = _attributed(self._history(skey, tenant, session_id), t, attested)
         raw = self.calls.get(ckey)
-        if raw is not None:
+        rec = None if raw is None else _parse_list(raw, _S1_TAG, _S1_SIZE)
+        counts = self.counters.counts
+        if rec is not None:
             # Delivered again (at-least-once): send it again so a lost forward is repaired; stage 2
             # ignores it if it already has this attribution version.
-            rec = _loads(raw)
-            self.counters.add("stage1_duplicate_calls")
-            if rec["h"] != digest:
-                rec["q"], rec["h"] = rec["q"] + 1, digest
+            counts["stage1_duplicate_calls"] = counts.get("stage1_duplicate_calls", 0) + 1
+            if rec[_H] != attributed.digest:
+                rec[_Q], rec[_H] = rec[_Q] + 1, attributed.digest
                 self.calls[ckey] = _dumps(rec)
         else:
-            now_us = micros(now)
-            deadline = now_us + self.config.grace // timedelta(microseconds=1)
-            rec = {
-                "p": self.partition,
-                "sk": session_key(call.tenant, call.session_id),
-                "tenant": call.tenant,
-                "sid": call.session_id,
-                "cid": call.call_id,
-                "t": micros(call.event_time),
-                "att": _identity_claims(call.attested),
-                "q": 1,
-                "h": digest,
-                "r": route_for(call.tenant, call.session_id, attribution),
-                "d": deadline,
-                "k": deadline + self.config.amend_window // timedelta(microseconds=1),
-            }
+            deadline = now_us + self._grace_us
+            rec = [
+                _S1_TAG,
+                self.partition,
+                t_us,
+                None if attested is None else {k: attested[k] for k in _CLAIMS if k in attested},
+                1,
+                attributed.digest,
+                attributed.route,
+                deadline,
+                deadline + self._amend_us,
+            ]
             self.calls[ckey] = _dumps(rec)
-            self._index(ckey, rec)
-            self.counters.add("stage1_calls")
-        message = {
-            "v": MESSAGE_FORMAT,
-            "type": "call",
-            "ck": ckey,
-            "q": rec["q"],
-            "d": rec["d"],
-            "k": rec["k"],
-            "late": False,
-            "attr": attribution_to_json(attribution),
-            "call": strip_call(call),
-        }
-        out.forwards.append(Forward(rec["r"], _dumps(message)))
+            self._index(ckey, rec[_K], skey)
+            counts["stage1_calls"] = counts.get("stage1_calls", 0) + 1
+        head = _orjson_dumps([MESSAGE_FORMAT, "call", ckey, rec[_Q], False, rec[_D], rec[_K], attributed.digest])
+        line = _dumps(
+            [
+                call.event_id,
+                tenant,
+                call_id,
+                session_id,
+                call.server,
+                call.tool,
+                call.resources,
+                call.transport,
+                t_us - t_us % 1000,  # milliseconds, as the canonical timestamp form carries them
+                attested,
+                call.tool_digest,
+            ]
+        )
+        out.forwards.append(_forward(rec[_R], b"\n".join((head, attributed.line, line))))
         return out
 
     def on_fact(self, fact: SessionFact, now: datetime) -> Output:
-        self.sweep(now)
-        out = Output()
-        history = self._history(fact.tenant, fact.session_id)
+        now_us = _now_us(now)
+        self._sweep(now_us)
+        out = _output()
+        skey = session_key(fact.tenant, fact.session_id)
+        history = self._history(skey, fact.tenant, fact.session_id)
         if not history.add(fact):
             self.counters.add("stage1_duplicate_facts")
             return out
         history.compact(now - self.config.retention)
-        skey = session_key(fact.tenant, fact.session_id)
-        stored = encode_sessions(history)
-        self.sessions[skey] = stored
+        stored = self.sessions.get(skey)
+        encoded = encode_sessions(history)
+        if encoded != stored:  # a fact compacted away at once changes nothing: no store write
+            stored = self.sessions[skey] = encoded
+        assert stored is not None
         self._cache.put(skey, stored, history)
         self.counters.add("stage1_facts")
-        now_us, fact_us = micros(now), micros(fact.event_time)
+        fact_us = _us(fact.event_time)
         for ckey in sorted(self._open.get(skey, ())):
             raw = self.calls.get(ckey)
-            if raw is None:
+            rec = None if raw is None else _parse_list(raw, _S1_TAG, _S1_SIZE)
+            if rec is None:
                 continue
-            rec = _loads(raw)
-            if rec["t"] < fact_us or rec["k"] <= now_us:
+            if rec[_T] < fact_us or rec[_K] <= now_us:
                 continue  # a fact only affects calls at or after its event_time
-            call = _identity_call(rec)
-            attribution = attribute(call, history.state_at(call.event_time))
-            digest = _digest(attribution_to_json(attribution))
-            if digest == rec["h"]:
+            attributed = _attributed(history, _at(rec[_T]), rec[_ATT])
+            if attributed.digest == rec[_H]:
                 continue
-            rec["q"], rec["h"] = rec["q"] + 1, digest
+            rec[_Q], rec[_H] = rec[_Q] + 1, attributed.digest
             self.calls[ckey] = _dumps(rec)
-            late = now_us > rec["d"]
+            late = now_us > rec[_D]
             self.counters.add("stage1_reattributions_late" if late else "stage1_reattributions")
-            message = {
-                "v": MESSAGE_FORMAT,
-                "type": "update",
-                "ck": ckey,
-                "q": rec["q"],
-                "late": late,
-                "attr": attribution_to_json(attribution),
-            }
-            out.forwards.append(Forward(rec["r"], _dumps(message)))
+            head = _dumps([MESSAGE_FORMAT, "update", ckey, rec[_Q], late, attributed.digest])
+            out.forwards.append(_forward(rec[_R], head + b"\n" + attributed.line))
         return out
-
-
-_CLAIMS: Final = ("sub", "client_id")
-
-
-def _identity_claims(attested: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The attested claims attribution reads (None when the call had no attested object)."""
-    if attested is None:
-        return None
-    return {k: attested[k] for k in _CLAIMS if k in attested}
-
-
-def _identity_call(rec: dict[str, Any]) -> ToolCall:
-    """A ToolCall carrying only what :func:`attribute` reads."""
-    return ToolCall.model_construct(
-        tenant=rec["tenant"],
-        session_id=rec["sid"],
-        call_id=rec["cid"],
-        event_time=from_micros(rec["t"]),
-        attested=rec["att"],
-    )
 
 
 # ----------------------------------------------------------------------------- stage 2
 
 Reason = Literal["call", "update", "handoff", "fact", "deadline"]
 
+_OWNED: Final = "o"
+_MOVED: Final = "m"
+_OWNED_SIZE: Final = 11
+_MOVED_SIZE: Final = 7
+_MEMO_SIZE: Final = 8192
+"""Parsed attribution lines kept per stage-2 processor (one per session state, shared by its calls)."""
+_SLOT_MEMO_SIZE: Final = 1024
+
+
+class _Owned:
+    """A call owned by this route, as stored: the head fields and the attribution and call lines."""
+
+    __slots__ = (
+        "_call",
+        "attribution_line",
+        "call_line",
+        "ck",
+        "d",
+        "digest",
+        "fin",
+        "k",
+        "last",
+        "p",
+        "q",
+        "route",
+        "ver",
+    )
+
+    def __init__(self, head: list[Any], attribution_line: bytes, call_line: bytes) -> None:
+        _tag, self.p, self.route, self.ck, self.q, self.ver, last, self.fin, self.d, self.k, self.digest = head
+        self.last: tuple[Any, ...] | None = None if last is None else tuple(last)
+        self.attribution_line = attribution_line
+        self.call_line = call_line
+        self._call: list[Any] | None = None
+
+    @property
+    def call(self) -> list[Any]:
+        """The call line: ``[event_id, tenant, call_id, session_id, server, tool, resources, transport,
+        event_time_us, attested, tool_digest]``."""
+        call = self._call
+        if call is None:
+            call = self._call = orjson.loads(self.call_line)
+        return call
+
+    def encode(self) -> bytes:
+        head = [_OWNED, self.p, self.route, self.ck, self.q, self.ver, self.last, self.fin, self.d, self.k, self.digest]
+        return b"\n".join((_orjson_dumps(head), self.attribution_line, self.call_line))  # plain values only
+
+
+class _Moved:
+    """A forwarding record: the call is owned by route ``moved`` now."""
+
+    __slots__ = ("k", "moved", "q")
+
+    def __init__(self, head: list[Any]) -> None:
+        self.q, self.k, self.moved = head[4], head[5], head[6]
+
+
+def _parse_record(raw: bytes) -> _Owned | _Moved | None:
+    parts = raw.split(b"\n")
+    if len(parts) == 3:
+        head = _parse_list(parts[0], _OWNED, _OWNED_SIZE)
+        return None if head is None else _Owned(head, parts[1], parts[2])
+    if len(parts) == 1:
+        head = _parse_list(raw, _MOVED, _MOVED_SIZE)
+        return None if head is None else _Moved(head)
+    return None
+
+
+def _parse_head(raw: bytes) -> list[Any] | None:
+    end = raw.find(b"\n")
+    if end < 0:
+        return _parse_list(raw, _MOVED, _MOVED_SIZE)
+    return _parse_list(raw[:end], _OWNED, _OWNED_SIZE)
+
+
+_Body: TypeAlias = tuple[Any, str | None, tuple[str, ...], tuple[dict[str, object], ...]]
+"""(verdict, matched_grant_id, reasons, per-grant facts) of a decision :func:`decision_of` remakes."""
+_GrantPart: TypeAlias = tuple[Any, str | None, tuple[str, ...], tuple[dict[str, object], ...]]
+"""A :data:`_Body` without the attribution's reasons: what one grants slot gives one tool name."""
+
+
+class _Attribution:
+    """An attribution line, parsed once per stage-2 processor and shared by the calls that carry it."""
+
+    __slots__ = ("agent_id", "body", "facts", "line", "principal", "reasons", "terminal")
+
+    def __init__(self, line: bytes) -> None:
+        terminal, principal, agent_id, reasons, facts = orjson.loads(line)
+        self.line: Final = line
+        self.terminal: Final = terminal
+        self.principal: Final[str | None] = principal
+        self.agent_id: Final[str | None] = agent_id
+        self.reasons: Final[tuple[str, ...]] = tuple(reasons)
+        self.facts: Final[dict[str, object]] = facts
+        self.body: Final[_Body | None] = None if terminal is None else (terminal, None, self.reasons, ())
+        """A terminal attribution is the decision, whatever the instant (``as_of`` aside)."""
+
+
+def _remake(t: datetime, body: _Body, a: _Attribution) -> Decision:
+    verdict, matched, reasons, grant_facts = body
+    return decision_of(t, verdict, matched, reasons, a.principal, a.agent_id, a.facts, grant_facts)
+
+
+def _tool_call(c: list[Any], t: datetime) -> ToolCall:
+    """The call as rules read it (what stage 2 has of it: no arguments, no claimed hints)."""
+    values = {
+        "event_type": "tool_call",
+        "event_id": c[0],
+        "event_time": t,
+        "tenant": c[1],
+        "collector": None,
+        "call_id": c[2],
+        "session_id": c[3],
+        "server": c[4],
+        "tool": c[5],
+        "arguments": {},
+        "resources": c[6],
+        "transport": c[7],
+        "attested": c[9],
+        "claimed": {},
+        "tool_digest": c[10],
+    }
+    return trusted_model(ToolCall, values, {}, _CALL_FIELDS_SET.copy())
+
+
+class _GrantsAt(Mapping[str, GrantState]):
+    """The grant states a decision used, by grant id; each is built when a rule first asks for it."""
+
+    __slots__ = ("_at", "_states", "_views")
+
+    def __init__(self, views: Sequence[tuple[GrantView, Any]], at: datetime) -> None:
+        self._views = views
+        self._at = at
+        self._states: dict[str, GrantState] = {}
+
+    def __getitem__(self, grant_id: str) -> GrantState:
+        state = self._states.get(grant_id)
+        if state is None:
+            for view, revocation in self._views:
+                if view.grant_id == grant_id:
+                    # GrantState(at=..., version=..., revocation=...), as the frozen dataclass builds it
+                    state = _new_object(GrantState)
+                    _set_attribute(
+                        state, "__dict__", {"at": self._at, "version": view.version, "revocation": revocation}
+                    )
+                    self._states[grant_id] = state
+                    break
+            else:
+                raise KeyError(grant_id)
+        return state
+
+    def get(self, grant_id: str, default: Any = None) -> Any:
+        try:
+            return self[grant_id]
+        except KeyError:
+            return default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([view.grant_id for view, _ in self._views])
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+def _message(payload: bytes) -> tuple[list[Any], list[bytes]]:
+    parts = payload.split(b"\n")
+    head = orjson.loads(parts[0])
+    if type(head) is not list or not head or head[0] != MESSAGE_FORMAT:
+        version = head.get("v") if isinstance(head, dict) else head[0] if type(head) is list and head else None
+        raise ValueError(f"unknown internal message format {version!r}")
+    kind = head[1] if len(head) > 1 else None
+    shape = _MESSAGE_SHAPES.get(kind) if type(kind) is str else None
+    if shape is None:
+        raise ValueError(f"unknown internal message type {kind!r}")
+    if len(head) != shape[0] or len(parts) != shape[1]:
+        raise ValueError(f"malformed internal message of type {kind!r}")
+    return head, parts
+
+
+_MESSAGE_SHAPES: Final = {"tick": (2, 1), "call": (8, 3), "update": (6, 2), "handoff": (11, 3)}
+"""Items of the head and lines of each kind of internal message."""
+_EVIDENCE_COUNTER: Final = {k: f"evidence_{k}" for k in ("amendment", "final", "provisional")}
+
 
 class Stage2:
     """Authorization, evidence versions and finality for one partition of the route-keyed topics.
 
     ``grants``: delegation key -> compact grant history. ``calls``: ``route|call key`` -> either an
-    owned call (stripped call, attribution and its version, last emitted summary and version,
-    finality, deadline, keep-until) or a forwarding record (``moved``: the route that owns it now).
+    owned call (attribution and its version, last emitted summary and version, finality, deadline,
+    keep-until, the call) or a forwarding record (the route that owns it now).
     """
 
     def __init__(
@@ -567,8 +910,9 @@ class Stage2:
         self.counters = counters or LiveCounters()
         self._cache: _HistoryCache[GrantHistory] = _HistoryCache(self.config.cache_size)
         self._owned: dict[str, set[str]] = {}  # route -> store keys of calls owned there
-        self._deadlines = _Timers()
-        self._expiry = _Timers()
+        self._deadlines: list[tuple[int, str]] = []  # (deadline, store key) of owned calls not final
+        self._expiry: list[tuple[int, str]] = []  # (keep_until, store key)
+        self._attributions: dict[str, _Attribution] = {}  # attribution digest -> parsed line
 
     # -- state
 
@@ -577,16 +921,24 @@ class Stage2:
         self._deadlines.clear()
         self._expiry.clear()
         for skey, raw in list(self.calls.items()):
-            rec = _loads(raw)
-            if rec["p"] == self.partition:
-                self._index(skey, rec)
+            head = _parse_head(raw)
+            if head is None or head[1] != self.partition:
+                continue
+            if head[0] == _MOVED:
+                _heappush(self._expiry, (head[5], skey))
+            else:
+                self._index(skey, head[2], head[7], head[8], head[9])
 
-    def _index(self, skey: str, rec: dict[str, Any]) -> None:
-        self._expiry.push(rec["k"], skey)
-        if rec.get("moved") is None:
-            self._owned.setdefault(rec["route"], set()).add(skey)
-            if not rec["fin"]:
-                self._deadlines.push(rec["d"], skey)
+    def _index(self, skey: str, route: str, fin: bool, deadline: int, keep_until: int) -> None:
+        # One deadline entry per owned call that is not final: it stays not final until that
+        # deadline, which finalizes it (amendments keep it final), so no other push is needed.
+        _heappush(self._expiry, (keep_until, skey))
+        members = self._owned.get(route)
+        if members is None:
+            members = self._owned[route] = set()
+        members.add(skey)
+        if not fin:
+            _heappush(self._deadlines, (deadline, skey))
 
     def _unindex_owned(self, skey: str, route: str) -> None:
         members = self._owned.get(route)
@@ -595,238 +947,298 @@ class Stage2:
             if not members:
                 del self._owned[route]
 
-    def _grant_history(self, route: str) -> GrantHistory | None:
-        try:
-            tenant, principal, agent_id = parse_delegation_key(route)
-        except ValueError:
-            return None  # a session route: no delegation, no grants
-        return self._cache.get(
-            route,
-            self.grants.get(route),
-            lambda raw: decode_grants(raw, tenant, principal, agent_id),
-            lambda: GrantHistory(tenant, principal, agent_id),
-        )
+    def _record(self, skey: str) -> _Owned | _Moved | None:
+        raw = self.calls.get(skey)
+        return None if raw is None else _parse_record(raw)
+
+    def _attribution(self, digest: str, line: bytes) -> _Attribution:
+        """The parsed attribution line (memoized by its digest, checked against the line itself)."""
+        found = self._attributions.get(digest)
+        if found is None or found.line != line:
+            if len(self._attributions) >= _MEMO_SIZE:
+                self._attributions.clear()
+            found = self._attributions[digest] = _Attribution(line)
+        return found
+
+    def _grant_history(self, route: str, stored: bytes) -> GrantHistory:
+        hit = self._cache.hit(route, stored)
+        if hit is not None:
+            return hit
+
+        def decode(raw: bytes) -> GrantHistory:
+            return decode_grants(raw, *parse_delegation_key(route))
+
+        return self._cache.get(route, stored, decode, _no_history)
 
     def open_calls(self) -> int:
         return sum(map(len, self._owned.values()))
 
     def advance(self, now: datetime) -> Output:
         """Finalize calls whose deadline has passed and forget closed ones (run on every event)."""
-        out = Output()
-        now_us = micros(now)
-        due: list[tuple[int, str, str, dict[str, Any]]] = []
-        for skey in set(self._deadlines.due(now_us)):
-            raw = self.calls.get(skey)
-            if raw is None:
-                continue
-            rec = _loads(raw)
-            if rec.get("moved") is not None or rec["fin"] or rec["d"] > now_us:
-                continue
-            due.append((rec["call"]["_t"], rec["call"]["call_id"], skey, rec))
-        # Calls that become final together go to the sequence rules in event-time order, as in replay.
-        for _t, _cid, skey, rec in sorted(due, key=lambda d: d[:3]):
-            out.extend(self._decide(skey, rec, now, "deadline", late=False))
-        closed = 0
-        for skey in self._expiry.due(now_us):
-            raw = self.calls.get(skey)
-            if raw is None:
-                continue
-            rec = _loads(raw)
-            if rec["k"] > now_us:
-                continue
-            del self.calls[skey]
-            if rec.get("moved") is None:
-                self._unindex_owned(skey, rec["route"])
-            closed += 1
-        if closed:
-            self.counters.add("stage2_calls_closed", closed)
+        out = _output()
+        self._advance(now, _now_us(now), out)
         return out
+
+    def _advance(self, now: datetime, now_us: int, out: Output) -> None:
+        deadlines = self._deadlines
+        if deadlines and deadlines[0][0] <= now_us:
+            keys = set()
+            while deadlines and deadlines[0][0] <= now_us:
+                keys.add(_heappop(deadlines)[1])
+            due: list[tuple[int, str, str, _Owned]] = []
+            for skey in keys:
+                rec = self._record(skey)
+                if not isinstance(rec, _Owned) or rec.fin or rec.d > now_us:
+                    continue
+                call = rec.call
+                due.append((call[8], call[2], skey, rec))
+            # Calls that become final together go to the sequence rules in event-time order, as in replay.
+            due.sort(key=lambda d: d[:3])
+            for _t, _cid, skey, rec in due:
+                self._decide(skey, rec, now, now_us, "deadline", False, out)
+        if self._expiry and self._expiry[0][0] <= now_us:
+            closed = 0
+            for skey in _due(self._expiry, now_us):
+                raw = self.calls.get(skey)
+                head = None if raw is None else _parse_head(raw)
+                if head is None:
+                    continue
+                moved = head[0] == _MOVED
+                if (head[5] if moved else head[9]) > now_us:
+                    continue
+                del self.calls[skey]
+                if not moved:
+                    self._unindex_owned(skey, head[2])
+                closed += 1
+            if closed:
+                self.counters.add("stage2_calls_closed", closed)
 
     # -- events
 
     def on_message(self, route: str, payload: bytes, now: datetime) -> Output:
         """A message of the internal topic, keyed by ``route``."""
-        out = self.advance(now)
-        msg = _loads(payload)
-        if msg.get("v") != MESSAGE_FORMAT:
-            raise ValueError(f"unknown internal message format {msg.get('v')!r}")
-        kind = msg["type"]
+        out = _output()
+        now_us = _now_us(now)
+        if (self._deadlines and self._deadlines[0][0] <= now_us) or (self._expiry and self._expiry[0][0] <= now_us):
+            self._advance(now, now_us, out)
+        head, parts = _message(payload)
+        kind = head[1]
         if kind == "tick":
             return out
-        skey = _store_key(route, msg["ck"])
-        raw = self.calls.get(skey)
-        rec = None if raw is None else _loads(raw)
+        skey = f"{route}|{head[2]}"  # "|" is percent-encoded inside both parts
+        rec = self._record(skey)
         if kind == "handoff":
-            out.extend(self._on_handoff(route, skey, rec, msg, now))
+            self._on_handoff(route, skey, rec, head, parts, now, now_us, out)
             return out
-        if kind not in ("call", "update"):
-            raise ValueError(f"unknown internal message type {kind!r}")
         if rec is None:
             if kind == "update":
                 self.counters.add("stage2_update_for_unknown_call")
                 return out
-            rec = self._new_record(route, msg)
-            self._index(skey, rec)
-            self.counters.add("stage2_calls")
-            out.extend(self._decide(skey, rec, now, "call", late=False))
+            # a "call" message: [2, "call", call key, q, late, deadline, keep_until, digest]
+            _v, _kind, ck, q, _late, d, k, digest = head
+            rec = _Owned([_OWNED, self.partition, route, ck, q, 0, None, False, d, k, digest], parts[1], parts[2])
+            self._index(skey, route, False, d, k)
+            counts = self.counters.counts
+            counts["stage2_calls"] = counts.get("stage2_calls", 0) + 1
+            self._decide(skey, rec, now, now_us, "call", False, out)
             return out
-        if rec.get("moved") is not None:
-            if msg["q"] > rec["q"]:
+        if isinstance(rec, _Moved):
+            if head[3] > rec.q:
                 self.counters.add("stage2_forwarded")
-                out.forwards.append(Forward(rec["moved"], payload))
+                out.forwards.append(_forward(rec.moved, payload))
             return out
-        if msg["q"] <= rec["q"]:
+        if head[3] <= rec.q:
             self.counters.add("stage2_duplicates")
             return out
-        rec["attr"], rec["q"] = msg["attr"], msg["q"]
-        out.extend(self._reattributed(route, skey, rec, now, late=bool(msg["late"])))
+        rec.attribution_line, rec.q, rec.digest = parts[1], head[3], head[-1]
+        self._reattributed(route, skey, rec, now, now_us, bool(head[4]), out)
         return out
 
     def on_fact(self, fact: GrantFact, now: datetime) -> Output:
-        out = self.advance(now)
-        route = delegation_key(fact.tenant, fact.principal, fact.agent_id)
-        history = self._grant_history(route)
-        assert history is not None
+        out = _output()
+        now_us = _now_us(now)
+        self._advance(now, now_us, out)
+        route = _route(fact.tenant, "", fact.principal, fact.agent_id)
+        stored = self.grants.get(route)
+        if stored is None:
+            history = GrantHistory(fact.tenant, fact.principal, fact.agent_id)
+        else:
+            history = self._grant_history(route, stored)
         if not history.add(fact):
             self.counters.add("stage2_duplicate_facts")
             return out
         history.compact(now - self.config.retention)
-        stored = encode_grants(history)
-        self.grants[route] = stored
+        encoded = encode_grants(history)
+        if encoded != stored:  # a fact compacted away at once changes nothing: no store write
+            stored = self.grants[route] = encoded
+        assert stored is not None
         self._cache.put(route, stored, history)
         self.counters.add("stage2_facts")
-        now_us, fact_us = micros(now), micros(fact.event_time)
+        fact_us = _us(fact.event_time)
         for skey in sorted(self._owned.get(route, ())):
-            raw = self.calls.get(skey)
-            if raw is None:
+            rec = self._record(skey)
+            if not isinstance(rec, _Owned):
                 continue
-            rec = _loads(raw)
-            if rec["call"]["_t"] < fact_us or rec["k"] <= now_us:
+            if rec.call[8] < fact_us or rec.k <= now_us:
                 continue
-            out.extend(self._decide(skey, rec, now, "fact", late=now_us > rec["d"]))
+            self._decide(skey, rec, now, now_us, "fact", now_us > rec.d, out)
         return out
 
     # -- internals
 
-    def _new_record(self, route: str, msg: dict[str, Any]) -> dict[str, Any]:
-        call = dict(msg["call"])
-        call["_t"] = micros(parse_timestamp(call["event_time"]))
-        return {
-            "p": self.partition,
-            "route": route,
-            "ck": msg["ck"],
-            "call": call,
-            "attr": msg["attr"],
-            "q": msg["q"],
-            "ver": 0,
-            "last": None,
-            "fin": False,
-            "d": msg["d"],
-            "k": msg["k"],
-            "moved": None,
-        }
-
     def _on_handoff(
-        self, route: str, skey: str, rec: dict[str, Any] | None, msg: dict[str, Any], now: datetime
-    ) -> Output:
-        if rec is not None and msg["q"] <= rec["q"]:
+        self,
+        route: str,
+        skey: str,
+        rec: _Owned | _Moved | None,
+        head: list[Any],
+        parts: list[bytes],
+        now: datetime,
+        now_us: int,
+        out: Output,
+    ) -> None:
+        if rec is not None and head[3] <= rec.q:
             self.counters.add("stage2_duplicates")
-            return Output()
-        if rec is not None and rec.get("moved") is None:
-            self._unindex_owned(skey, rec["route"])
-        new = msg["rec"]
-        new.update(p=self.partition, route=route, moved=None)
+            return
+        if isinstance(rec, _Owned):
+            self._unindex_owned(skey, rec.route)
+        _v, _kind, ck, q, late, ver, last, fin, d, k, digest = head
+        new = _Owned([_OWNED, self.partition, route, ck, q, ver, last, fin, d, k, digest], parts[1], parts[2])
         self.counters.add("stage2_handoffs_in")
-        self._index(skey, new)
-        return self._reattributed(route, skey, new, now, late=bool(msg["late"]))
+        self._index(skey, route, fin, d, k)
+        self._reattributed(route, skey, new, now, now_us, bool(late), out)
 
-    def _reattributed(self, route: str, skey: str, rec: dict[str, Any], now: datetime, late: bool) -> Output:
-        call = rec["call"]
-        target = route_for(call["tenant"], call["session_id"], attribution_from_json(rec["attr"]))
+    def _reattributed(
+        self, route: str, skey: str, rec: _Owned, now: datetime, now_us: int, late: bool, out: Output
+    ) -> None:
+        call, attribution = rec.call, self._attribution(rec.digest, rec.attribution_line)
+        target = _route(call[1], call[3], attribution.principal, attribution.agent_id)
         if target == route:
-            return self._decide(skey, rec, now, "update", late=late)
+            self._decide(skey, rec, now, now_us, "update", late, out)
+            return
         # The call now belongs to another route: hand it over, keep a forwarding record.
         self._unindex_owned(skey, route)
-        self.calls[skey] = _dumps({"p": self.partition, "route": route, "moved": target, "q": rec["q"], "k": rec["k"]})
+        self.calls[skey] = _dumps([_MOVED, self.partition, route, rec.ck, rec.q, rec.k, target])
         self.counters.add("stage2_handoffs_out")
-        handoff = {"v": MESSAGE_FORMAT, "type": "handoff", "ck": rec["ck"], "q": rec["q"], "late": late, "rec": rec}
-        return Output(forwards=[Forward(target, _dumps(handoff))])
+        head = [MESSAGE_FORMAT, "handoff", rec.ck, rec.q, late, rec.ver, rec.last, rec.fin, rec.d, rec.k, rec.digest]
+        out.forwards.append(_forward(target, b"\n".join((_dumps(head), rec.attribution_line, rec.call_line))))
 
-    def _decide(self, skey: str, rec: dict[str, Any], now: datetime, reason: Reason, late: bool) -> Output:
-        call = unstrip_call({k: v for k, v in rec["call"].items() if k != "_t"})
-        attribution = attribution_from_json(rec["attr"])
-        grants: list[GrantState] = []
-        if not attribution.terminal and attribution.principal is not None and attribution.agent_id is not None:
-            history = self._grant_history(rec["route"])
-            if history is not None:
-                grants = history.grants_at(call.event_time)
-        decision = authorize(call, attribution, grants)
-        summary = [decision.verdict, decision.matched_grant_id, decision.principal, decision.agent_id]
-        now_us = micros(now)
-        final = now_us >= rec["d"]
-        if rec["ver"] > 0 and summary == rec["last"] and (rec["fin"] or not final):
+    def _decision(
+        self, route: str, a: _Attribution, call: list[Any], t: datetime
+    ) -> tuple[Decision, Sequence[tuple[GrantView, Any]]]:
+        """:func:`~detections.engine.authorize` of the call at ``route`` (whose grants count: the
+        call's owner's), and the grants it used. Decisions that differ only in the call's instant
+        (same attribution, grants slot and tool name, every resource covered) are made once."""
+        if a.body is not None:
+            return _remake(t, a.body, a), ()
+        name = f"{call[4]}/{call[5]}"
+        stored = None if a.principal is None or a.agent_id is None else self.grants.get(route)
+        if stored is None:  # no grant history
+            return authorize_matched(t, call[1], name, None, a.principal, a.agent_id, a.reasons, a.facts, ()), ()
+        slot = self._grant_history(route, stored).slot_at(t)
+        grants, memo = slot.grants, slot.memo
+        tools: tuple[bool, ...] | None = memo.get(name)
+        if tools is None:
+            if len(memo) >= _SLOT_MEMO_SIZE:  # two entries per tool name
+                memo.clear()
+            tools = memo[name] = tuple(_matchers(view)[0](name) is not None for view, _r, _s in grants)
+        missing: list[list[str]] | None = None
+        resources: list[str] = call[6]
+        if resources:
+            single = resources[0] if len(resources) == 1 else None
+            for i, (view, _r, _s) in enumerate(grants):
+                within = view.resources_match  # compiled with tools_match (the tools memo above)
+                if tools[i] and within is not None:
+                    if single is not None:
+                        if within(single) is not None:
+                            continue
+                        outside = [single]
+                    else:
+                        outside = [r for r in resources if within(r) is None]
+                        if not outside:
+                            continue
+                    if missing is None:
+                        missing = [[] for _ in grants]
+                    missing[i] = outside
+        if missing is None and grants:
+            part: _GrantPart | None = memo.get((name,))
+            if part is not None:
+                return _remake(t, (part[0], part[1], a.reasons + part[2], part[3]), a), slot.pairs
+        rows: list[GrantMatch] = [
+            (view, revocation, t, tools[i], () if missing is None else missing[i])
+            for i, (view, revocation, _status) in enumerate(grants)
+        ]
+        decision = authorize_matched(t, call[1], name, None, a.principal, a.agent_id, a.reasons, a.facts, rows)
+        if missing is None and grants:
+            # What depends on the grants and the tool only: verdict, grant, the reasons after the
+            # attribution's, the per-grant facts (a verdict with grants never names t).
+            grant_facts = tuple(cast(list[dict[str, object]], decision.facts["grants"]))
+            memo[(name,)] = (
+                decision.verdict,
+                decision.matched_grant_id,
+                decision.reasons[len(a.reasons) :],
+                grant_facts,
+            )
+        return decision, slot.pairs
+
+    def _decide(
+        self, skey: str, rec: _Owned, now: datetime, now_us: int, reason: Reason, late: bool, out: Output
+    ) -> None:
+        call = rec.call
+        t = _at(call[8])
+        decision, used = self._decision(rec.route, self._attribution(rec.digest, rec.attribution_line), call, t)
+        summary = (decision.verdict, decision.matched_grant_id, decision.principal, decision.agent_id)
+        final = now_us >= rec.d
+        if rec.ver > 0 and summary == rec.last and (rec.fin or not final):
             if reason == "update":
-                self.calls[skey] = _dumps(rec)  # a new attribution version, same verdict: keep the record
-            return Output()
-        was_final = rec["fin"]
-        rec["ver"] += 1
-        rec["last"] = summary
-        rec["fin"] = final
-        self.calls[skey] = _dumps(rec)
-        if not final:
-            self._deadlines.push(rec["d"], skey)
+                self.calls[skey] = rec.encode()  # a new attribution version, same verdict: keep the record
+            return
+        was_final = rec.fin
+        rec.ver += 1
+        rec.last = summary
+        rec.fin = final
+        self.calls[skey] = rec.encode()
+        if was_final and not final:  # only if the clock went back: final again at the deadline
+            _heappush(self._deadlines, (rec.d, skey))
         kind = "amendment" if was_final else ("final" if final else "provisional")
-        self.counters.add(f"evidence_{kind}")
+        counts = self.counters.counts
+        name = _EVIDENCE_COUNTER[kind]
+        counts[name] = counts.get(name, 0) + 1
         if late:
-            self.counters.add("evidence_late")
-        evidence = build_evidence(call, decision, rec["ver"], final, late, now, rec["q"], reason, kind, rec["ck"])
-        findings: list[FindingRecord] = []
+            counts["evidence_late"] = counts.get("evidence_late", 0) + 1
+        out.evidence.append(
+            _evidence(
+                call[1],
+                call[3],
+                call[2],
+                call[4],
+                call[5],
+                t,
+                decision,
+                rec.ver,
+                final,
+                late,
+                now,
+                rec.q,
+                reason,
+                kind,
+                rec.ck,
+            )
+        )
         if final:
             # Final verdicts go through the rules once; an amendment re-runs the per-call rules only
             # (sequence rules have already counted this call).
             detector = self._per_call if was_final else self.detector
-            findings = [f.to_record(now) for f in detector.evaluate(call, decision, grants)]
-            self.counters.add("findings", len(findings))
-        return Output(evidence=[evidence], findings=findings)
+            found = detector.evaluate_with(_tool_call(call, t), decision, _GrantsAt(used, t))
+            counts["findings"] = counts.get("findings", 0) + len(found)
+            if found:
+                out.findings.extend([f.to_record(now) for f in found])
 
 
-def build_evidence(
-    call: ToolCall,
-    decision: Decision,
-    version: int,
-    final: bool,
-    late: bool,
-    decided_at: datetime,
-    attribution_version: int,
-    reason: str,
-    kind: str,
-    ckey: str | None = None,
-) -> Evidence:
-    facts = dict(decision.facts)
-    facts["attribution_version"] = attribution_version
-    facts["trigger"] = reason
-    facts["kind"] = kind
-    return Evidence.model_construct(
-        evidence_id=evidence_id_for(call.tenant, call.session_id, call.call_id, version, ckey),
-        call_id=call.call_id,
-        tenant=call.tenant,
-        session_id=call.session_id,
-        principal=decision.principal,
-        agent_id=decision.agent_id,
-        server=call.server,
-        tool=call.tool,
-        call_time=call.event_time,
-        verdict=decision.verdict,
-        matched_grant_id=decision.matched_grant_id,
-        reasons=list(decision.reasons),
-        version=version,
-        final=final,
-        late=late,
-        decided_at=decided_at,
-        facts=facts,
-    )
+def _no_history() -> GrantHistory:  # never called: a route with no stored grants has no history
+    raise AssertionError("no stored grant history")
 
 
 def tick_message() -> bytes:
     """A clock tick for a stage-2 partition: lets an idle partition finalize and close calls."""
-    return _dumps({"v": MESSAGE_FORMAT, "type": "tick"})
+    return _dumps([MESSAGE_FORMAT, "tick"])

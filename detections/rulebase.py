@@ -22,6 +22,8 @@ agent_id) when the decision names a principal and agent, else (tenant, session i
 from __future__ import annotations
 
 import fnmatch
+import functools
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from typing import Annotated, Final, Generic, Literal, TypeAlias, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from detections.engine import Decision, GrantState, Verdict
-from detections.findings import Detail, Finding, FindingEvidence, ForensicQuery, Severity, dedup_key, finding_id
+from detections.findings import Detail, Finding, ForensicQuery, Severity, dedup_key, finding_id, new_finding
 from schemas import BaseEvent, ToolCall
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "RuleKind",
     "RuleMeta",
     "delegation_key",
+    "glob_matcher",
     "headline",
     "matches",
     "negative",
@@ -159,15 +162,55 @@ class Lru(OrderedDict[K, V]):
         self.cap: Final = cap
 
     def __setitem__(self, key: K, value: V) -> None:
-        super().__setitem__(key, value)
+        _setitem(self, key, value)
         self.move_to_end(key)
-        while len(self) > self.cap:
-            self.popitem(last=False)
+        if len(self) > self.cap:
+            while len(self) > self.cap:
+                self.popitem(last=False)
+
+
+_setitem: Final = OrderedDict.__setitem__
+
+
+@functools.lru_cache(maxsize=8192)
+def glob_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled test for "some glob of ``patterns`` matches" (``fnmatch.fnmatchcase`` semantics).
+
+    The patterns' ``fnmatch.translate`` forms joined by ``|`` (each ends in ``\\Z``; fnmatch keeps
+    them joinable), so one regex match replaces one ``fnmatchcase`` per pattern. The test returns
+    None (no match) or a match object.
+    """
+    if not patterns:
+        return _no_match
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
+
+
+def _no_match(_name: str) -> None:
+    return None
+
+
+_MATCHES: dict[int, tuple[object, dict[str, bool]]] = {}  # id(patterns) -> (patterns, name -> result)
 
 
 def matches(patterns: Iterable[str], name: str) -> bool:
-    """Whether some glob (``fnmatch.fnmatchcase``, as grants use) matches ``name``."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether some glob (``fnmatch.fnmatchcase``, as grants use) matches ``name``.
+
+    Results are kept per patterns object (a configuration's tuple) and name, the few tool names seen.
+    """
+    known = _MATCHES.get(id(patterns))
+    if known is None or known[0] is not patterns:
+        if not isinstance(patterns, tuple):
+            return glob_matcher(tuple(patterns))(name) is not None
+        if len(_MATCHES) >= 64:
+            _MATCHES.clear()
+        known = _MATCHES[id(patterns)] = (patterns, {})
+    results = known[1]
+    found = results.get(name)
+    if found is None:
+        if len(results) >= 4096:
+            results.clear()
+        found = results[name] = glob_matcher(tuple(patterns))(name) is not None
+    return found
 
 
 # ----------------------------------------------------------------------------- cases
@@ -258,27 +301,27 @@ class RuleContext(Generic[S]):
 
         ``call_ids`` are earlier calls involved (the triggering call is appended).
         """
-        dkey = dedup_key(self.meta.id, (*delegation_key(call, decision), *key))
-        return Finding(
-            finding_id=finding_id(self.meta.id, dkey, call.call_id),
+        meta = self.meta
+        dkey = dedup_key(meta.id, (*delegation_key(call, decision), *key))
+        t = call.event_time
+        return new_finding(
+            finding_id=finding_id(meta.id, dkey, call.call_id),
             dedup_key=dkey,
-            rule_id=self.meta.id,
-            rule_version=self.meta.version,
-            severity=self.meta.severity,
-            title=self.meta.title,
+            rule_id=meta.id,
+            rule_version=meta.version,
+            severity=meta.severity,
+            title=meta.title,
             summary=summary,
             tenant=call.tenant,
             principal=decision.principal,
             agent_id=decision.agent_id,
             call_id=call.call_id,
-            first_call_time=min(first_call_time or call.event_time, call.event_time),
-            last_call_time=call.event_time,
-            evidence=FindingEvidence(
-                call_ids=(*call_ids, call.call_id),
-                session_id=call.session_id,
-                grant_id=grant_id,
-                query=query,
-            ),
+            first_call_time=min(first_call_time or t, t),
+            last_call_time=t,
+            call_ids=(*call_ids, call.call_id),
+            session_id=call.session_id,
+            grant_id=grant_id,
+            query=query,
             details=dict(details or {}),
         )
 
@@ -321,6 +364,9 @@ class Rule(Generic[S]):
     evaluate: Evaluate[S]
     cases: tuple[Case, ...]
     new_state: Callable[[DetectionConfig], S]
+    verdicts: frozenset[Verdict] | None = None
+    """The verdicts on which ``evaluate`` can fire or change its state (None: any). The detector does
+    not call it for the others, so a rule that returns early on most verdicts costs nothing there."""
 
     @property
     def id(self) -> str:
@@ -331,6 +377,8 @@ def _no_state(_config: DetectionConfig) -> NoState:
     return NoState()
 
 
-def per_call_rule(meta: RuleMeta, evaluate: Evaluate[NoState], cases: Sequence[Case]) -> Rule[NoState]:
-    """A rule that looks at one call and its decision only."""
-    return Rule(meta, evaluate, tuple(cases), _no_state)
+def per_call_rule(
+    meta: RuleMeta, evaluate: Evaluate[NoState], cases: Sequence[Case], verdicts: Iterable[Verdict] | None = None
+) -> Rule[NoState]:
+    """A rule that looks at one call and its decision only (``verdicts``: see :attr:`Rule.verdicts`)."""
+    return Rule(meta, evaluate, tuple(cases), _no_state, None if verdicts is None else frozenset(verdicts))

@@ -46,4 +46,5 @@ RULE = per_call_rule(
         positive("call at expires_at", *_FACTS, call("10:00:00", "c1"), fires_on=["c1"]),
         negative("call before expires_at", *_FACTS, call("09:59:59.999", "c1")),
     ],
+    verdicts=("expired_grant",),
 )

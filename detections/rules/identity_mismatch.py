@@ -60,4 +60,5 @@ RULE = per_call_rule(
             call("10:00:00", "c1", attested={"sub": "alice", "client_id": "agent-1"}),
         ),
     ],
+    verdicts=("identity_mismatch",),
 )

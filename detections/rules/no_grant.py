@@ -52,4 +52,5 @@ RULE = per_call_rule(
         ),
         negative("grant issued before the call", *delegation(), call("10:00:00", "c1")),
     ],
+    verdicts=("no_grant",),
 )

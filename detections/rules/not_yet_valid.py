@@ -45,4 +45,5 @@ RULE = per_call_rule(
         positive("call before not_before", *_FACTS, call("10:00:00", "c1"), fires_on=["c1"]),
         negative("call at not_before", *_FACTS, call("12:00:00", "c1")),
     ],
+    verdicts=("not_yet_valid",),
 )

@@ -51,4 +51,5 @@ RULE = per_call_rule(
         ),
         negative("granted resource", *_FACTS, call("10:00:00", "c1", resources=("file:/data/a.txt",))),
     ],
+    verdicts=("out_of_scope_resource",),
 )

@@ -45,4 +45,5 @@ RULE = per_call_rule(
         positive("tool on another server", *delegation(), call("10:00:00", "c1", "db/drop_table"), fires_on=["c1"]),
         negative("granted tool", *delegation(), call("10:00:00", "c1", "fs/read_file")),
     ],
+    verdicts=("out_of_scope_tool",),
 )

@@ -49,4 +49,5 @@ RULE = per_call_rule(
         ),
         negative("call before the revocation", *delegation(), revoke("10:00:10"), call("10:00:05", "c1")),
     ],
+    verdicts=("revoked_grant",),
 )

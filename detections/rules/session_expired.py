@@ -51,4 +51,5 @@ RULE = per_call_rule(
         ),
         negative("within the binding", bound("09:00:00", until="10:30:00"), grant("09:00:00"), _CALL),
     ],
+    verdicts=("session_expired",),
 )

@@ -81,12 +81,17 @@ def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[Digests]) -> l
     if digest is None:
         return []
     name = tool_name(call)
-    epochs = ctx.state.tools.get(name) or []
+    tools = ctx.state.tools
+    epochs = tools.get(name) or []
     findings: list[Finding] = []
     matched = ctx.grant(decision.matched_grant_id) if decision.verdict == "in_scope" else None
     if matched is not None:
         issued = matched.version.event_time
-        baseline = next((e for e in epochs if e.last_seen >= issued), None)
+        baseline = None
+        for epoch in epochs:  # the first epoch seen since the issue
+            if epoch.last_seen >= issued:
+                baseline = epoch
+                break
         if baseline is not None and baseline.digest != digest:
             findings.append(
                 ctx.finding(
@@ -103,7 +108,7 @@ def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[Digests]) -> l
                 )
             )
     _record(epochs, digest, call)
-    ctx.state.tools[name] = epochs
+    tools[name] = epochs
     return findings
 
 

@@ -49,4 +49,5 @@ RULE = per_call_rule(
         positive("call before the binding", call("08:59:59", "c1"), *delegation(), fires_on=["c1"]),
         negative("call on the bound session", *delegation(), call("10:00:00", "c1")),
     ],
+    verdicts=("unbound_session",),
 )

@@ -110,4 +110,5 @@ RULE = Rule(
         negative("before the revocation", *delegation(), revoke("10:00:00"), call("09:59:59", "c1")),
     ),
     new_state,
+    frozenset({"revoked_grant"}),  # evaluate returns at once on other verdicts
 )

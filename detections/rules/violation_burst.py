@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from detections.casekit import call, delegation
-from detections.engine import Decision
+from detections.engine import VERDICTS, Decision
 from detections.findings import Finding
 from detections.rulebase import DetectionConfig, Rule, RuleContext, RuleMeta, negative, positive
 from schemas import ToolCall
@@ -115,4 +115,5 @@ RULE = Rule(
         ),
     ),
     new_state,
+    frozenset(VERDICTS) - {"in_scope"},  # evaluate returns at once on in_scope calls
 )
