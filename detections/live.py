@@ -71,7 +71,7 @@ import heapq
 import json
 import re
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -134,9 +134,12 @@ class LiveConfig:
     """Facts older than ``now - retention`` that cannot change a newer verdict are compacted."""
     cache_size: int = 4096
     """Decoded histories kept per processor (the stored form is compact bytes)."""
+    sequence_slack: timedelta = timedelta(seconds=1)
+    """How long a final call waits before the sequence rules see it, so that calls finalized a
+    little apart reach them in event-time order, as in replay (see :class:`Stage2`)."""
 
     def __post_init__(self) -> None:
-        for name in ("grace", "amend_window", "retention"):
+        for name in ("grace", "amend_window", "retention", "sequence_slack"):
             if getattr(self, name) < timedelta(0):
                 raise ValueError(f"{name} must not be negative")
         if self.cache_size < 1:
@@ -904,9 +907,19 @@ class Stage2:
         self.partition = partition
         self.grants = grants
         self.detector = detector or Detector()
-        self._per_call = Detector([r for r in self.detector.rules if r.meta.kind == "per_call"], self.detector.config)
+        rules, rule_config = self.detector.rules, self.detector.config
+        self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config)
+        self._sequence = Detector([r for r in rules if r.meta.kind != "per_call"], rule_config)
+        # Final calls waiting for the sequence rules: a min-heap by (event time, call id), and
+        # their release instants in the order they came (deadline order), see _release.
+        # (event time, call id, hold number, release instant, call, decision, grant states)
+        self._held: list[tuple[int, str, int, int, ToolCall, Decision, Mapping[str, GrantState]]] = []
+        self._held_order: deque[tuple[int, int]] = deque()  # (release instant, hold number)
+        self._held_out: set[int] = set()  # hold numbers released before their turn in _held_order
+        self._holds = 0
         self.calls = calls
         self.config = config or LiveConfig()
+        self._slack_us = self.config.sequence_slack // _MICRO
         self.counters = counters or LiveCounters()
         self._cache: _HistoryCache[GrantHistory] = _HistoryCache(self.config.cache_size)
         self._owned: dict[str, set[str]] = {}  # route -> store keys of calls owned there
@@ -973,6 +986,10 @@ class Stage2:
     def open_calls(self) -> int:
         return sum(map(len, self._owned.values()))
 
+    def held_calls(self) -> int:
+        """Final calls the sequence rules have not seen yet (at most ``sequence_slack`` old)."""
+        return len(self._held)
+
     def advance(self, now: datetime) -> Output:
         """Finalize calls whose deadline has passed and forget closed ones (run on every event)."""
         out = _output()
@@ -980,6 +997,45 @@ class Stage2:
         return out
 
     def _advance(self, now: datetime, now_us: int, out: Output) -> None:
+        self._advance_calls(now, now_us, out)
+        if self._held:
+            self._release(now, now_us, out)
+
+    def _hold(self, call: ToolCall, decision: Decision, grants: Mapping[str, GrantState], deadline: int) -> None:
+        self._holds += 1
+        release = deadline + self._slack_us
+        _heappush(self._held, (_now_us(call.event_time), call.call_id, self._holds, release, call, decision, grants))
+        self._held_order.append((release, self._holds))
+
+    def _release(self, now: datetime, now_us: int, out: Output) -> None:
+        """Run the sequence rules over held calls, in (event time, call id) order.
+
+        A call is held from its finalization until ``sequence_slack`` after its deadline. The call
+        with the earliest event time goes first once its own hold is over, and no held call waits
+        more than ``sequence_slack`` beyond its own: when the longest-held one is due, calls go in
+        event-time order until it is out. So two calls of a delegation reach the rules in
+        event-time order (as in replay) unless they arrived more than ``sequence_slack`` apart.
+        """
+        held, order, gone = self._held, self._held_order, self._held_out
+        overdue = now_us - self._slack_us
+        counts = self.counters.counts
+        while held:
+            while order[0][1] in gone:  # every held call has its entry in order, so never empty here
+                gone.discard(order.popleft()[1])
+            top = held[0]
+            if top[3] > now_us and order[0][0] > overdue:
+                break
+            _heappop(held)
+            number, (call, decision, grants) = top[2], top[4:]
+            gone.add(number)
+            found = self._sequence.evaluate_with(call, decision, grants)
+            if found:
+                counts["findings"] = counts.get("findings", 0) + len(found)
+                out.findings.extend([f.to_record(now) for f in found])
+        while order and order[0][1] in gone:
+            gone.discard(order.popleft()[1])
+
+    def _advance_calls(self, now: datetime, now_us: int, out: Output) -> None:
         deadlines = self._deadlines
         if deadlines and deadlines[0][0] <= now_us:
             keys = set()
@@ -1019,7 +1075,11 @@ class Stage2:
         """A message of the internal topic, keyed by ``route``."""
         out = _output()
         now_us = _now_us(now)
-        if (self._deadlines and self._deadlines[0][0] <= now_us) or (self._expiry and self._expiry[0][0] <= now_us):
+        if (
+            (self._deadlines and self._deadlines[0][0] <= now_us)
+            or (self._expiry and self._expiry[0][0] <= now_us)
+            or self._held
+        ):
             self._advance(now, now_us, out)
         head, parts = _message(payload)
         kind = head[1]
@@ -1226,10 +1286,13 @@ class Stage2:
             )
         )
         if final:
-            # Final verdicts go through the rules once; an amendment re-runs the per-call rules only
-            # (sequence rules have already counted this call).
-            detector = self._per_call if was_final else self.detector
-            found = detector.evaluate_with(_tool_call(call, t), decision, _GrantsAt(used, t))
+            # Final verdicts go through the rules once: the per-call rules now, the sequence rules
+            # after the hold (_release); an amendment re-runs the per-call rules only (sequence
+            # rules have already counted this call).
+            rule_call, grants = _tool_call(call, t), _GrantsAt(used, t)
+            if not was_final:
+                self._hold(rule_call, decision, grants, rec.d)
+            found = self._per_call.evaluate_with(rule_call, decision, grants)
             counts["findings"] = counts.get("findings", 0) + len(found)
             if found:
                 out.findings.extend([f.to_record(now) for f in found])

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     grace_seconds: float = Field(default=15.0, ge=0, description="wait for late identity/consent facts")
     amend_window_seconds: float = Field(default=600.0, ge=0, description="after grace: late facts still amend")
     retention_days: float = Field(default=7.0, gt=0, description="fact history kept for calls this old")
+    sequence_slack_seconds: float = Field(
+        default=1.0, ge=0, le=60, description="final calls wait this long so sequence rules see them in event order"
+    )
     tick_seconds: float = Field(default=0.25, gt=0, description="how often idle partitions finalize calls")
     worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")
     worker_batch_seconds: float = Field(default=0.02, gt=0, le=5, description="longest wait to fill a batch")
@@ -80,6 +83,7 @@ class Settings(BaseSettings):
             grace=timedelta(seconds=self.grace_seconds),
             amend_window=timedelta(seconds=self.amend_window_seconds),
             retention=timedelta(days=self.retention_days),
+            sequence_slack=timedelta(seconds=self.sequence_slack_seconds),
         )
 
     @field_validator("home", "cache_dir")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from detections.catalog import Detector
 from detections.live import LiveConfig, Stage2, evidence_id_for, tick_message
-from schemas import parse_event
+from schemas import Finding, ToolCall, parse_event
 from support.live_sim import LiveSim
 from support.scenario import bound, ended, grant, revoke
 from support.scenario import tool_call as call
@@ -147,6 +149,8 @@ def test_final_verdicts_raise_the_same_findings_as_replay() -> None:
         sim.drain(NOW)
     assert sim.findings == [], "provisional verdicts raise nothing"
     sim.tick(NOW + GRACE + timedelta(seconds=1))
+    assert sim.findings and {f.rule_id for f in sim.findings} <= PER_CALL_RULES, "sequence rules wait for the slack"
+    sim.tick(NOW + GRACE + timedelta(seconds=3))
     live: dict[str, list[str]] = {}
     for f in sim.findings:
         live.setdefault(f.call_id, []).append(f.rule_id)
@@ -166,3 +170,61 @@ def test_an_amendment_raises_the_per_call_finding_of_its_new_verdict() -> None:
     assert sim.findings == []
     run(sim, revoke("10:00:04", "g1", "alice", "a1"), at=NOW + timedelta(seconds=40))
     assert [f.rule_id for f in sim.findings] == ["revoked_grant"]
+
+
+PER_CALL_RULES = {r.id for r in Detector().rules if r.meta.kind == "per_call"}
+
+
+def _findings_by_call(findings: Sequence[Finding]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in findings:
+        out.setdefault(f.call_id, []).append(f.rule_id)
+    return {c: sorted(r) for c, r in out.items()}
+
+
+def test_sequence_rules_see_calls_in_event_time_order_when_they_finalize_apart() -> None:
+    """Calls arrive (so reach their deadlines) in reverse event-time order, 50 ms apart, and a tick
+    every 20 ms finalizes them one by one: the sequence rules must still see each delegation's calls
+    in event-time order, as replay does (else the burst fires on another call)."""
+    from scopewatch.replay import replay
+    from support.scenario import story
+
+    events = [parse_event(e) for e in story("o")]
+    facts = [e for e in events if not isinstance(e, ToolCall)]
+    calls = sorted(
+        (e for e in events if isinstance(e, ToolCall)), key=lambda c: (c.event_time, c.call_id), reverse=True
+    )
+    sim = LiveSim()
+    for e in facts:
+        sim.deliver(e, NOW)
+    for i, c in enumerate(calls):
+        sim.deliver(c, NOW + timedelta(milliseconds=50 * i))
+        sim.drain(NOW + timedelta(milliseconds=50 * i))
+    end = NOW + GRACE + timedelta(milliseconds=50 * len(calls)) + 2 * LiveConfig().sequence_slack
+    at = NOW + GRACE
+    while at <= end:
+        sim.tick(at)
+        at += timedelta(milliseconds=20)
+    expected = _findings_by_call(replay(enumerate(facts + calls)).findings)
+    assert any(r not in PER_CALL_RULES for rules in expected.values() for r in rules), "the story has sequence findings"
+    assert _findings_by_call(sim.findings) == expected
+
+
+def test_a_held_call_waits_at_most_twice_the_slack_behind_an_earlier_one() -> None:
+    """A (10:00:05) arrives first, B (10:00:01) 0.8 s later, C (10:00:00) 1.5 s later, slack 1 s.
+    Each waits for the earlier-in-event-time calls finalized within its slack; A is let go (after
+    C and B, in event-time order) once it has waited a second slack, not when C's hold ends."""
+    sim = LiveSim(partitions=1)
+    s2 = sim.stage2[0]
+    run(sim, bound("10:00:00", "s1", "alice", "a1"))
+    for at, (hms, cid) in ((0.0, ("10:00:05", "A")), (0.8, ("10:00:01", "B")), (1.5, ("10:00:00", "C"))):
+        run(sim, call(hms, cid, "s1", "db", "drop_table"), at=NOW + timedelta(seconds=at))
+    seen: list[tuple[float, int]] = []
+    for tenth in range(0, 40):
+        sim.tick(NOW + GRACE + timedelta(seconds=tenth / 10))
+        seen.append((tenth / 10, s2.held_calls()))
+    held = dict(seen)
+    assert held[0.0] == 1 and held[0.8] == 2 and held[1.5] == 3
+    assert held[1.9] == 3, "B's hold is over but C (earlier) is held and A is not overdue: nothing goes"
+    assert held[2.0] == 0, "A is overdue (deadline + 2 slack): C, B and A go, in event-time order"
+    assert [e.call_id for e in sim.evidence if e.final] == ["A", "B", "C"]
