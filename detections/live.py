@@ -134,7 +134,7 @@ class LiveConfig:
     """Facts older than ``now - retention`` that cannot change a newer verdict are compacted."""
     cache_size: int = 4096
     """Decoded histories kept per processor (the stored form is compact bytes)."""
-    sequence_slack: timedelta = timedelta(seconds=1)
+    sequence_slack: timedelta = timedelta(seconds=0.5)
     """How long a final call waits before the sequence rules see it, so that calls finalized a
     little apart reach them in event-time order, as in replay (see :class:`Stage2`)."""
 

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     amend_window_seconds: float = Field(default=600.0, ge=0, description="after grace: late facts still amend")
     retention_days: float = Field(default=7.0, gt=0, description="fact history kept for calls this old")
     sequence_slack_seconds: float = Field(
-        default=1.0, ge=0, le=60, description="final calls wait this long so sequence rules see them in event order"
+        default=0.5, ge=0, le=60, description="final calls wait this long so sequence rules see them in event order"
     )
     tick_seconds: float = Field(default=0.25, gt=0, description="how often idle partitions finalize calls")
     worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")

@@ -143,14 +143,15 @@ def test_final_verdicts_raise_the_same_findings_as_replay() -> None:
     from support.scenario import story
 
     events = [parse_event(e) for e in story("f")]
-    sim = LiveSim()
+    assert len(events) < 100, "all of them arrive within the first second"
+    sim = LiveSim(config=LiveConfig(sequence_slack=timedelta(seconds=2)))
     for i, e in enumerate(events):
         sim.deliver(e, NOW + timedelta(milliseconds=10 * i))
         sim.drain(NOW)
     assert sim.findings == [], "provisional verdicts raise nothing"
     sim.tick(NOW + GRACE + timedelta(seconds=1))
     assert sim.findings and {f.rule_id for f in sim.findings} <= PER_CALL_RULES, "sequence rules wait for the slack"
-    sim.tick(NOW + GRACE + timedelta(seconds=3))
+    sim.tick(NOW + GRACE + timedelta(seconds=5))
     live: dict[str, list[str]] = {}
     for f in sim.findings:
         live.setdefault(f.call_id, []).append(f.rule_id)
@@ -214,7 +215,7 @@ def test_a_held_call_waits_at_most_twice_the_slack_behind_an_earlier_one() -> No
     """A (10:00:05) arrives first, B (10:00:01) 0.8 s later, C (10:00:00) 1.5 s later, slack 1 s.
     Each waits for the earlier-in-event-time calls finalized within its slack; A is let go (after
     C and B, in event-time order) once it has waited a second slack, not when C's hold ends."""
-    sim = LiveSim(partitions=1)
+    sim = LiveSim(partitions=1, config=LiveConfig(sequence_slack=timedelta(seconds=1)))
     s2 = sim.stage2[0]
     run(sim, bound("10:00:00", "s1", "alice", "a1"))
     for at, (hms, cid) in ((0.0, ("10:00:05", "A")), (0.8, ("10:00:01", "B")), (1.5, ("10:00:00", "C"))):
