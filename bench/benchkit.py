@@ -1,41 +1,127 @@
-"""Small helpers shared by the evidence-store and collector benchmarks (issues 4 and 6).
+"""What the benchmark scripts share: one module, imported by every script in this folder.
 
-Re-uses the conventions of ``decisions_throughput.py`` (its ``say``/``cpu_times`` helpers and its
-rich console) and ``benchlib.py`` (``machine``, ``code_fingerprint``), adds percentiles, PASS/MISS
-cells, CPU pinning and a wait for a quiet machine.
+* what a result belongs to: :func:`machine`, :func:`code_fingerprint`, :func:`announce`;
+* printing: the rich :data:`console`, :func:`say`, :func:`mark`, :func:`ms`, :func:`percentile`,
+  :func:`ms_p`, :func:`new_table` and :class:`RunsTable`;
+* the command line and the run's life: :func:`add_common_options` (``--max-load``, ``--wait``,
+  ``--keep``), :func:`quiet_load`, :func:`exit_with`, :func:`temp_folder`, :func:`pin_to`;
+* CPU from ``/proc``: :func:`cpu_times`, :func:`sample_cpu`, :func:`cpu_shares`, :func:`busy_share`;
+* the stack: :func:`local_broker`, :func:`pipeline_settings`, :func:`start_pipeline`,
+  :func:`warmed_pipeline`, the worker's stats (:func:`wait_counters`, :func:`dead_letters`,
+  :func:`diagnose`);
+* traffic and read-back: :func:`fresh_call`, :func:`send_paced`, :func:`select`,
+  :func:`select_by_call`, :func:`window`;
+* keeping up: :func:`tenths`, :func:`kept_up`, :func:`verdict_rates`, :func:`measure_rates`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
 import math
 import os
+import platform
 import shutil
+import signal
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, NoReturn, Protocol, TypeVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aiokafka import AIOKafkaProducer
+from rich.console import Console
+from rich.table import Table
 
-from benchlib import code_fingerprint, machine
-from decisions_throughput import console, cpu_times, say
+from schemas import Event, SessionBound, ToolCall, encode
+from scopewatch.publish import publish_events
+from scopewatch.settings import Settings
+from scopewatch.sqlclient import run_sql
+from scopewatch.stack import proc
+from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.stack import Stack
 
-__all__ = [
-    "add_common_options",
-    "code_fingerprint",
-    "console",
-    "cpu_times",
-    "load_text",
-    "machine",
-    "mark",
-    "percentile",
-    "pin_to",
-    "quiet_load",
-    "remove_temp",
-    "say",
-    "wait_for_quiet",
-]
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The sources of the decision path, whose speed or size ``decisions_throughput.py``,
+#: ``profile_decisions.py`` and ``state_size.py`` measure (the default of :func:`code_fingerprint`).
+DECISION_CODE = (
+    "detections/live.py",
+    "detections/compact.py",
+    "detections/engine.py",
+    "schemas/codec.py",
+    "schemas/events.py",
+    "stream_jobs/app.py",
+)
+
+console = Console(width=150)
+
+
+# ------------------------------------------------------------------------- what a result belongs to
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_text() -> str:
+    """The load average (1/5/15 min), as ``1.23 1.10 0.98``."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> str:
+    return (
+        f"{os.cpu_count()} cores (nproc), {cpu_model()}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; load average now {load_text()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    )
+
+
+def code_fingerprint(paths: tuple[str, ...] = DECISION_CODE) -> str:
+    """``file sha256[:10]`` of each measured source (there is no commit to name while it changes)."""
+    parts = []
+    for rel in paths:
+        try:
+            digest = hashlib.sha256((ROOT / rel).read_bytes()).hexdigest()[:10]
+        except OSError:
+            digest = "missing"
+        parts.append(f"{rel} {digest}")
+    return ", ".join(parts)
+
+
+def announce(code: tuple[str, ...] = DECISION_CODE) -> None:
+    """Print the machine and the sha256 prefixes of the measured sources: the first lines of every run."""
+    say(f"machine: {machine()}")
+    say(f"code: {code_fingerprint(code)}")
+
+
+# ------------------------------------------------------------------------- printing
+
+
+def say(msg: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}")
+
+
+def mark(ok: bool) -> str:
+    return "[green]PASS[/]" if ok else "[red]MISS[/]"
+
+
+def ms(seconds: float) -> str:
+    """Seconds as whole milliseconds, ``-`` for NaN (a percentile of nothing)."""
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:,.0f} ms"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -51,12 +137,42 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def mark(ok: bool) -> str:
-    return "[green]PASS[/]" if ok else "[red]MISS[/]"
+def ms_p(values: Sequence[float], q: float) -> str:
+    """The q-th percentile of ``values`` (seconds) in milliseconds, as :func:`ms` prints it."""
+    return ms(percentile(values, q))
 
 
-def load_text() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+def new_table(title: str, columns: Iterable[str], left: Collection[str] = ("measure",)) -> Table:
+    """A rich table with these columns: the ones named in ``left`` left-aligned, the others right-aligned."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+class RunsTable:
+    """A table of measures (rows) by run (one column per run, headed by its offered rate)."""
+
+    def __init__(self, title: str, runs: Sequence[Any], first: str = "measure") -> None:
+        self.runs = runs
+        self.table = Table(title=title)
+        self.table.add_column(first)
+        for r in runs:
+            self.table.add_column(f"{r.rate:,.0f}/s", justify="right")
+
+    def row(self, name: str, cell: Callable[..., str]) -> None:
+        """One row: ``name``, then ``cell(run)`` for every run."""
+        self.table.add_row(name, *[cell(r) for r in self.runs])
+
+
+# ------------------------------------------------------------------------- command line, load and the run's life
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-load``, ``--wait`` and ``--keep``, the same in every script of issues 4, 5 and 6."""
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
+    parser.add_argument("--wait", type=float, default=600, help="wait at most this many seconds for it")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")
 
 
 def wait_for_quiet(threshold: float, max_wait: float) -> str:
@@ -77,6 +193,34 @@ def wait_for_quiet(threshold: float, max_wait: float) -> str:
     return load_text()
 
 
+def quiet_load(args: argparse.Namespace) -> str:
+    """Wait for a quiet machine as the common options say; the load average measured under."""
+    return wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+
+
+def exit_with(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> NoReturn:
+    """Exit with ``run(args)``'s status. SIGTERM exits (143) through ``run``'s cleanup, as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(run(args))
+
+
+def remove_temp(tmp: Path, keep: bool) -> None:
+    if keep:
+        say(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def temp_folder(prefix: str, keep: bool) -> Iterator[Path]:
+    """A new temp folder for the run, removed at the end unless ``keep`` (then its path is printed)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        remove_temp(tmp, keep)
+
+
 def pin_to(cpu: int | None) -> str:
     """Restrict this process (and threads it starts later) to one CPU; returns a description."""
     if cpu is None or not hasattr(os, "sched_setaffinity"):
@@ -86,20 +230,356 @@ def pin_to(cpu: int | None) -> str:
     return f"pinned to CPU {cpu}"
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """``--max-load``, ``--wait`` and ``--keep``, the same in every script of issues 4 and 6."""
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load average (0: never)")
-    parser.add_argument("--wait", type=float, default=600, help="wait at most this many seconds for it")
-    parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data)")
+# ------------------------------------------------------------------------- CPU from /proc
 
 
-def quiet_load(args: argparse.Namespace) -> str:
-    """Wait for a quiet machine as the common options say; the load average measured under."""
-    return wait_for_quiet(args.max_load, args.wait) if args.max_load else load_text()
+@dataclass(frozen=True)
+class CpuSample:
+    at: float
+    busy: float  # machine-wide busy CPU seconds (all cores) since boot
+    total: float  # machine-wide CPU seconds since boot
+    proc: float  # CPU seconds of one process (0 when none given)
 
 
-def remove_temp(tmp: Path, keep: bool) -> None:
-    if keep:
-        say(f"kept {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+def cpu_times(pid: int | None = None) -> CpuSample:
+    """Machine-wide busy/total CPU seconds (/proc/stat) and, optionally, one process's CPU seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    used = 0.0
+    if pid is not None:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        rest = stat[stat.rfind(")") + 2 :].split()
+        used = (int(rest[11]) + int(rest[12])) / tick
+    return CpuSample(time.time(), (total - idle) / tick, total / tick, used)
+
+
+def sample_cpu(pids: dict[str, int]) -> dict[str, CpuSample]:
+    """One :func:`cpu_times` sample per named process."""
+    return {name: cpu_times(pid) for name, pid in pids.items()}
+
+
+def cpu_shares(a: dict[str, CpuSample], b: dict[str, CpuSample]) -> dict[str, float]:
+    """CPU share of each process between two :func:`sample_cpu` samples (1 core = 1.0)."""
+    return {name: (b[name].proc - a[name].proc) / max(1e-9, b[name].at - a[name].at) for name in a}
+
+
+def busy_share(a: CpuSample, b: CpuSample) -> float:
+    """How busy the whole machine was between two samples (all cores = 1.0)."""
+    return (b.busy - a.busy) / max(1e-9, b.total - a.total)
+
+
+# ------------------------------------------------------------------------- the stack
+
+
+def local_broker(tmp: Path, cache_dir: Path, heap: str = "1g") -> KafkaBroker:
+    """A Kafka broker (KRaft) on 127.0.0.1 with free ports, its data under ``tmp/kafka``; ready when returned."""
+    return start_broker(tmp / "kafka", cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap=heap)
+
+
+def pipeline_settings(tmp: Path, bootstrap: str, run_id: str, partitions: int, grace: float, **extra: Any) -> Settings:
+    """Settings of one pipeline on a shared broker: its own home (created), topic prefix, groups and SQL port."""
+    settings = Settings(
+        home=tmp / f"pipeline-{run_id}",
+        bootstrap=bootstrap,
+        topic_prefix=f"bench{run_id}.",
+        partitions=partitions,
+        query_port=proc.free_port(),
+        sink_group=f"bench{run_id}-sink",
+        worker_group=f"bench{run_id}-decisions",
+        grace_seconds=grace,
+        **extra,
+    )
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+@dataclass
+class Pipeline:
+    """A sink and a worker (and a pager) that ``Stack.up`` started on topics and groups of their own."""
+
+    settings: Settings
+    stack: Stack
+    pids: dict[str, int]  # service -> pid, then "kafka" -> the broker's
+    tag: str  # the run id in the topic prefix and group names
+
+
+def start_pipeline(
+    settings: Settings, broker: KafkaBroker, facts: list[Event], tag: str, services: Sequence[str] = ("worker", "sink")
+) -> Pipeline:
+    """Create the topics, ``Stack.up``, publish ``facts`` and wait for the worker to have them; restart it once.
+
+    ``services`` are the ones ``Stack.up`` must have started (the pager starts when ``HOME/pager.toml``
+    exists). Whatever was started is stopped again if anything fails.
+    """
+    asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
+    stack = Stack(settings, report=lambda m: say(f"stack: {m}"))
+    try:
+        stack.up(timeout=180)
+        records = {name: proc.read_pid_record(stack.pid_path(name)) for name in services}
+        started = {name: record for name, record in records.items() if record is not None}
+        if len(started) < len(services):
+            raise RuntimeError(f"Stack.up did not start all of {', '.join(services)}")
+        sent, _ = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, list(enumerate(facts))))
+        n_sessions = sum(isinstance(f, SessionBound) for f in facts)
+        wanted = {"stage1_facts": n_sessions, "stage2_facts": len(facts) - n_sessions}
+        wait_counters(settings, started["worker"], wanted, timeout=300)
+        # Restart the worker once, as decisions_throughput.py does: a worker started on a fresh cluster can miss
+        # the changelog topics Faust creates at its start ("Topic ...-s2-calls-changelog not found in cluster
+        # metadata") and then dead-letters every call (PartitionsMismatch) until its metadata refresh.
+        proc.stop_process(started["worker"], timeout=60)
+        stack.up(timeout=180)
+        worker = proc.read_pid_record(stack.pid_path("worker"))
+        if worker is None:
+            raise RuntimeError("Stack.up did not restart the worker")
+        started["worker"] = worker
+        pids = {name: record.pid for name, record in started.items()}
+        kafka = broker.running_record()
+        if kafka is not None:
+            pids["kafka"] = kafka.pid
+    except BaseException:
+        stack.down()  # whatever it started, before the error propagates
+        raise
+    others = "".join(f"; {name} pid {started[name].pid}" for name in services if name not in ("worker", "sink"))
+    say(f"facts processed by the worker ({dict(sent)}); worker restarted{others}")
+    return Pipeline(settings, stack, pids, tag)
+
+
+def warmed_pipeline(
+    start: Callable[[], Pipeline],
+    warm_up: Callable[[Pipeline], bool],
+    failed: str,
+    gave_up: str,
+    retry: tuple[type[Exception], ...] = (),
+) -> Pipeline:
+    """A pipeline from ``start`` whose ``warm_up`` passed, on the first of at most three fresh ones.
+
+    A pipeline whose warm-up fails (``failed`` says how) is stopped and the next one started; so is
+    one whose start raises one of ``retry``. RuntimeError(``gave_up``) after the third.
+    """
+    for _ in range(3):
+        try:
+            pipe = start()
+        except retry as exc:  # start() stopped what it started
+            say(f"[red]the pipeline did not come up ({str(exc)[:500]}); trying a fresh one[/]")
+            continue
+        try:
+            ok = warm_up(pipe)
+        except BaseException:
+            pipe.stack.down()
+            raise
+        if ok:
+            return pipe
+        say(f"[red]{failed}: starting another fresh pipeline[/]")
+        pipe.stack.down()
+    raise RuntimeError(gave_up)
+
+
+def worker_stats(settings: Settings, pid: int) -> dict[str, Any] | None:
+    """The stats file the worker with this pid writes (its counters), if there is one."""
+    for path in settings.run_dir.glob(f"worker-*-{pid}.json"):
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def wait_counters(
+    settings: Settings,
+    record: proc.PidRecord,
+    wanted: dict[str, int],
+    timeout: float,
+    stall: float | None = None,
+    samples: list[CpuSample] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Poll the worker's stats until every counter reaches its value: (stats, True).
+
+    With ``stall``: give up when none of the counters moved for that many seconds after they
+    started moving, and return (stats, False). ``samples`` collects the worker's CPU time.
+    """
+    deadline = time.monotonic() + timeout
+    stats: dict[str, Any] | None = None
+    last: tuple[int, ...] | None = None
+    moved = time.monotonic()
+    while time.monotonic() < deadline:
+        if not proc.is_running(record):
+            raise RuntimeError(f"worker pid {record.pid} exited; see its log under {settings.log_dir}")
+        if samples is not None:
+            samples.append(cpu_times(record.pid))
+        stats = worker_stats(settings, record.pid)
+        counters = (stats or {}).get("counters", {})
+        values = tuple(counters.get(k, 0) for k in wanted)
+        if stats is not None and all(v >= w for v, w in zip(values, wanted.values(), strict=True)):
+            return stats, True
+        if values != last:
+            last, moved = values, time.monotonic()
+        elif stall is not None and stats is not None and any(values) and time.monotonic() - moved > stall:
+            return stats, False
+        time.sleep(0.25)
+    raise TimeoutError(f"worker did not reach {wanted} in {timeout:.0f}s; last stats: {stats}")
+
+
+def dead_letters(settings: Settings, worker_pid: int) -> int:
+    """The worker's dead-letter counter."""
+    stats = worker_stats(settings, worker_pid) or {}
+    return int(stats.get("counters", {}).get("dead_letters", 0))
+
+
+def diagnose(settings: Settings, worker_pid: int, logs: Sequence[str] = ("worker",)) -> None:
+    """Print the worker's counters, the pager's stats (when ``logs`` names it) and the last warnings of ``logs``."""
+    stats = worker_stats(settings, worker_pid) or {}
+    say(f"worker counters: {stats.get('counters')}")
+    if "pager" in logs:
+        try:
+            say(f"pager stats: {(settings.run_dir / 'pager-stats.json').read_text()[:400]}")
+        except OSError:
+            say("pager stats: none")
+    for name in logs:
+        try:
+            lines = (settings.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in [ln for ln in lines if "WARNING" in ln or "ERROR" in ln][-5:]:
+            say(f"{name} log: {line[:300]}")
+
+
+# ------------------------------------------------------------------------- traffic
+
+
+def fresh_call(template: ToolCall, now: float, **changes: Any) -> ToolCall:
+    """``template`` as a new call emitted at ``now`` (epoch s): new call and event ids, ``event_time`` = now."""
+    return template.model_copy(
+        update={
+            "call_id": str(uuid.uuid4()),
+            "event_id": str(uuid.uuid4()),
+            "event_time": datetime.fromtimestamp(now, UTC),
+            **changes,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Paced:
+    """When a paced send ran (epoch s: the start and the end of the sending) and how often it fell behind."""
+
+    started: float
+    ended: float
+    late_ticks: int  # pacing ticks that ran more than 50 ms late (the bench process could not keep up)
+
+
+async def send_paced(
+    bootstrap: str, topic: str, rate: float, total: int, make: Callable[[int, float], ToolCall]
+) -> Paced:
+    """Send ``total`` calls to ``topic`` at ``rate`` per second, as the collectors send them.
+
+    ``make(i, now)`` builds the i-th call, emitted at ``now`` (epoch s). An idempotent aiokafka
+    producer (acks=all, linger 5 ms, keyed by session id) sends them, paced every 2 ms; every send
+    is acknowledged before this returns.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    futures = []
+    late = 0
+    sent = 0
+    try:
+        started = time.time()
+        t0 = time.perf_counter()
+        while sent < total:
+            elapsed = time.perf_counter() - t0
+            due = min(total, int(elapsed * rate) + 1)
+            if due - sent > rate * 0.05:
+                late += 1
+            while sent < due:
+                call = make(sent, time.time())
+                futures.append(await producer.send(topic, value=encode(call), key=call.session_id.encode("utf-8")))
+                sent += 1
+            next_at = t0 + (sent / rate)
+            await asyncio.sleep(max(0.0, min(0.002, next_at - time.perf_counter())))
+        ended = time.time()
+        await producer.flush()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return Paced(started, ended, late)
+
+
+# ------------------------------------------------------------------------- reading back from ClickHouse
+
+
+def window(column: str, since: float, until: float | None = None) -> str:
+    """SQL condition: ``column`` at or after ``since`` (and at or before ``until``), epoch s to the ms."""
+    cond = f"{column} >= fromUnixTimestamp64Milli({int(since * 1000)})"
+    if until is not None:
+        cond += f" AND {column} <= fromUnixTimestamp64Milli({int(until * 1000)})"
+    return cond
+
+
+def select(settings: Settings, columns: str, table: str, where: str, timeout: float = 300) -> list[list[Any]]:
+    """The rows of ``SELECT columns FROM <database>.table WHERE where``, through the sink's SQL endpoint.
+
+    Raises ``scopewatch.sqlclient.SqlError`` or OSError when the query fails.
+    """
+    sql = f"SELECT {columns} FROM {settings.clickhouse_database}.{table} WHERE {where}"
+    return list(run_sql(settings, sql, timeout=timeout)["rows"])
+
+
+def select_by_call(settings: Settings, columns: str, table: str, where: str, pages: int) -> list[list[Any]]:
+    """``SELECT call_id, columns ... GROUP BY call_id``, in ``pages`` queries (by call id hash): smaller answers."""
+    rows: list[list[Any]] = []
+    for page in range(pages):
+        cond = f"{where} AND cityHash64(call_id) % {pages} = {page} GROUP BY call_id"
+        rows += select(settings, f"call_id, {columns}", table, cond)
+    return rows
+
+
+# ------------------------------------------------------------------------- keeping up
+
+
+def tenths(pairs: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """The median value of the first and of the last tenth of ``(time, value)`` pairs, in time order."""
+    order = sorted(pairs)
+    tenth = max(1, len(order) // 10)
+    return percentile([x for _, x in order[:tenth]], 50), percentile([x for _, x in order[-tenth:]], 50)
+
+
+def kept_up(trend: tuple[float, float]) -> bool:
+    """Whether latency stayed flat from the first to the last tenth of a run (see :func:`tenths`)."""
+    first, last = trend
+    return last <= first + 0.5 and last <= 2 * max(first, 0.25)
+
+
+def verdict_rates(latencies: Iterable[tuple[float, float]], started: float, ended: float) -> tuple[float, float]:
+    """Verdicts per second for ``(emit, latency)`` pairs of calls emitted from ``started`` to ``ended``.
+
+    Returns (from the first emit to the last verdict, backlog included; decided inside the emit window).
+    """
+    done = sorted(emit + lat for emit, lat in latencies)
+    throughput = len(done) / max(1e-9, done[-1] - started) if done else 0.0
+    in_window = sum(1 for t in done if t <= ended) / max(1e-9, ended - started)
+    return throughput, in_window
+
+
+class RateRun(Protocol):
+    rate: float  # offered calls/s
+    throughput: float  # what the stack got through, calls/s
+    sustained: bool  # whether it kept up
+
+
+R = TypeVar("R", bound=RateRun)
+
+
+def measure_rates(rate: float, fallbacks: int, measure_at: Callable[[float], R]) -> list[R]:
+    """``measure_at(rate)``; while the stack did not keep up, again at 0.7 x the rate it got through (at
+    least 50/s), up to ``fallbacks`` times. Every result, in order."""
+    results: list[R] = []
+    for attempt in range(fallbacks + 1):
+        r = measure_at(rate)
+        results.append(r)
+        if r.sustained or attempt == fallbacks:
+            break
+        rate = max(50.0, round(min(r.throughput, rate) * 0.7, -1))
+        say(f"the stack did not keep up at {r.rate:,.0f}/s; trying {rate:,.0f}/s on a fresh pipeline")
+    return results

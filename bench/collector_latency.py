@@ -51,7 +51,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -61,24 +60,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import (
-    add_common_options,
-    code_fingerprint,
-    console,
-    cpu_times,
-    load_text,
-    machine,
-    mark,
-    percentile,
-    quiet_load,
-    remove_temp,
-    say,
-)
-from rich.table import Table
+import benchkit as bk
 
 from scopewatch.settings import Settings
 from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.npm import server_everything_command
 from scopewatch.stack.stack import settings_env
 
@@ -329,6 +315,11 @@ def observer_pid(wrapper: int) -> int | None:
     return None
 
 
+def cpu_per_call(a: dict[str, bk.CpuSample], b: dict[str, bk.CpuSample], calls: int) -> dict[str, float]:
+    """CPU microseconds per call of each process between two :func:`benchkit.sample_cpu` samples."""
+    return {name: (b[name].proc - a[name].proc) / calls * 1e6 for name in a}
+
+
 def interleave(
     names: list[str], call: Callable[[str, int], int], calls: int, warmup: int, seed: int
 ) -> dict[str, list[int]]:
@@ -360,20 +351,16 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
             s.initialize()
         gc.collect()
         gc.disable()
-        before = {n: cpu_times(s.child.pid).proc for n, s in sessions.items()}
-        observers = {n: observer_pid(s.child.pid) for n, s in sessions.items()}
-        before_obs = {n: cpu_times(pid).proc for n, pid in observers.items() if pid is not None}
+        relays = {n: s.child.pid for n, s in sessions.items()}
+        observers = {n: pid for n, pid in ((n, observer_pid(p)) for n, p in relays.items()) if pid is not None}
+        before, before_obs = bk.sample_cpu(relays), bk.sample_cpu(observers)
         try:
             samples = interleave(list(sessions), lambda n, i: sessions[n].call_echo(i), args.calls, args.warmup, 1)
         finally:
             gc.enable()
         per_call = args.calls + args.warmup
-        for n, s in sessions.items():
-            RAW_CPU[n] = (cpu_times(s.child.pid).proc - before[n]) / per_call * 1e6
-        for n, cpu in before_obs.items():
-            pid = observers[n]
-            assert pid is not None
-            OBSERVER_CPU[n] = (cpu_times(pid).proc - cpu) / per_call * 1e6
+        RAW_CPU.update(cpu_per_call(before, bk.sample_cpu(relays), per_call))
+        OBSERVER_CPU.update(cpu_per_call(before_obs, bk.sample_cpu(observers), per_call))
         return samples
     finally:
         for s in sessions.values():
@@ -520,83 +507,73 @@ def bootstrap_interval(a: list[int], b: list[int], q: float, rounds: int = 300, 
     for _ in range(rounds):
         ra = [a[rng.randrange(len(a))] for _ in a]
         rb = [b[rng.randrange(len(b))] for _ in b]
-        diffs.append(percentile(rb, q) - percentile(ra, q))
-    return percentile(diffs, 2.5), percentile(diffs, 97.5)
+        diffs.append(bk.percentile(rb, q) - bk.percentile(ra, q))
+    return bk.percentile(diffs, 2.5), bk.percentile(diffs, 97.5)
 
 
 def report_pass(title: str, samples: dict[str, list[int]], baselines: dict[str, str], targets: set[str]) -> None:
-    table = Table(title=title)
-    table.add_column("session")
-    for q in PERCENTILES:
-        table.add_column(f"p{q}", justify="right")
-    for q in PERCENTILES:
-        table.add_column(f"added p{q} [95% interval]", justify="right")
-    table.add_column("target (added)", justify="right")
-    table.add_column("result", justify="right")
+    columns = ["session", *(f"p{q}" for q in PERCENTILES), *(f"added p{q} [95% interval]" for q in PERCENTILES)]
+    table = bk.new_table(title, [*columns, "target (added)", "result"], left=("session",))
     for name, values in samples.items():
-        cells = [us(percentile(values, q)) for q in PERCENTILES]
+        cells = [us(bk.percentile(values, q)) for q in PERCENTILES]
         base = baselines.get(name)
         if base is None:
             table.add_row(name, *cells, "", "", "", "", "")
             continue
         added = {}
         for q in PERCENTILES:
-            d = percentile(values, q) - percentile(samples[base], q)
+            d = bk.percentile(values, q) - bk.percentile(samples[base], q)
             lo, hi = bootstrap_interval(samples[base], values, q)
             added[q] = d
             cells.append(f"{d / 1000:+,.0f} us [{lo / 1000:+,.0f}, {hi / 1000:+,.0f}]")
         if name in targets:
             ok = added[50] <= TARGET_P50_US * 1000 and added[99] <= TARGET_P99_US * 1000
-            table.add_row(name, *cells, f"p50 <= {TARGET_P50_US:.0f} us, p99 <= {TARGET_P99_US:.0f} us", mark(ok))
+            table.add_row(name, *cells, f"p50 <= {TARGET_P50_US:.0f} us, p99 <= {TARGET_P99_US:.0f} us", bk.mark(ok))
         else:
             table.add_row(name, *cells, "(A/A noise)" if name.endswith("direct-b") else "", "")
-    console.print(table)
+    bk.console.print(table)
 
 
 # ------------------------------------------------------------------------- main
 
 
 def run(args: argparse.Namespace) -> int:
-    say(f"machine: {machine()}")
-    say(f"code: {code_fingerprint(CODE)}")
-    load = quiet_load(args)
-    say(f"load average {load}")
-    tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-collector-"))
-    broker: KafkaBroker | None = None
-    env: Env | None = None
-    try:
+    bk.announce(CODE)
+    load = bk.quiet_load(args)
+    bk.say(f"load average {load}")
+    with bk.temp_folder("scopewatch-bench-collector-", args.keep) as tmp, contextlib.ExitStack() as cleanup:
         run_id = uuid.uuid4().hex[:8]
         settings = Settings(home=tmp / "home", bootstrap="127.0.0.1:0", topic_prefix=f"bench{run_id}.", partitions=2)
         server = server_everything_command(settings.cache_dir)
-        broker = start_broker(
-            tmp / "kafka", settings.cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap="512m"
-        )
+        broker = bk.local_broker(tmp, settings.cache_dir, heap="512m")
+        cleanup.callback(broker.stop)
         settings = settings.model_copy(update={"bootstrap": broker.config.bootstrap})
         settings.home.mkdir(parents=True, exist_ok=True)
         asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
-        say(f"Kafka broker ready on {settings.kafka_bootstrap}; topics created")
+        bk.say(f"Kafka broker ready on {settings.kafka_bootstrap}; topics created")
         up_env = settings_env(settings)
         up_env["SCOPEWATCH_REDACTION_KEY"] = "bench-redaction-key-0123456789abcdef"
         up_env["PYTHONUNBUFFERED"] = "1"
         down_env = dict(up_env)
         down_env["SCOPEWATCH_BOOTSTRAP"] = f"127.0.0.1:{proc.free_port()}"  # nothing listens there
         env = Env(tmp, settings, up_env, down_env)
+        cleanup.callback(env.stop_children)
         upstream = start_upstream(env)
-        say(f"upstream MCP server (SDK, Streamable HTTP) on {upstream}")
-        load_before = load_text()
+        bk.say(f"upstream MCP server (SDK, Streamable HTTP) on {upstream}")
+        load_before = bk.load_text()
         raw: dict[str, list[int]] = {}
         if not args.skip_raw:
-            say(f"raw pass: 5 stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each")
+            bk.say(f"raw pass: 5 stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each")
             t0 = time.perf_counter()
             raw = raw_pass(env, server, args)
-            say(f"raw pass done in {time.perf_counter() - t0:.1f}s")
+            bk.say(f"raw pass done in {time.perf_counter() - t0:.1f}s")
         sdk: dict[str, list[int]] = {}
         if not args.skip_sdk:
-            say(f"SDK pass: 8 sessions (stdio and HTTP), {args.warmup} + {args.calls} interleaved echo calls each")
+            bk.say(f"SDK pass: 8 sessions (stdio and HTTP), {args.warmup} + {args.calls} interleaved echo calls each")
             t0 = time.perf_counter()
             sdk = asyncio.run(sdk_pass(env, server, upstream, args))
-            say(f"SDK pass done in {time.perf_counter() - t0:.1f}s")
-        load_after = load_text()
+            bk.say(f"SDK pass done in {time.perf_counter() - t0:.1f}s")
+        load_after = bk.load_text()
         obs_req, obs_resp = observer_cost()
         env.stop_children()  # proxies flush at SIGTERM
         time.sleep(1.0)
@@ -627,9 +604,7 @@ def run(args: argparse.Namespace) -> int:
                 {"stdio wrap", "stdio wrap, broker down"},
             )
         # Where did the events go?
-        extra = Table(title="Events of the collectors")
-        extra.add_column("check")
-        extra.add_column("value", justify="right")
+        extra = bk.new_table("Events of the collectors", ("check", "value"), left=("check",))
         per_session = args.warmup + args.calls
         up_sessions = (0 if args.skip_raw else 1) + (0 if args.skip_sdk else 2)
         kafka_calls = asyncio.run(
@@ -659,14 +634,8 @@ def run(args: argparse.Namespace) -> int:
             f"{obs_req:,.0f} us / {obs_resp:,.0f} us",
         )
         extra.add_row("load average before / after the passes (1/5/15)", f"{load_before} / {load_after}")
-        console.print(extra)
-        return 0
-    finally:
-        if env is not None:
-            env.stop_children()
-        if broker is not None:
-            broker.stop()
-        remove_temp(tmp, args.keep)
+        bk.console.print(extra)
+    return 0
 
 
 def main() -> None:
@@ -675,10 +644,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per session first")
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")
-    add_common_options(parser)
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(run(args))
+    bk.add_common_options(parser)
+    bk.exit_with(run, parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -67,28 +66,21 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from rich.console import Console
 from rich.table import Table
 
 from schemas import Event, Evidence, GrantIssued, SessionBound, ToolCall, decode, encode, key_for
 from scopewatch.publish import publish_events
 from scopewatch.settings import Settings
 from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.kafka import KafkaBroker, create_topics
 from scopewatch.stack.stack import Stack, settings_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import code_fingerprint, machine
+import benchkit as bk
 
 TARGET_CALLS_PER_S = 20_000
 TARGET_RATIO = 0.5
 TENANT = "acme"
-
-console = Console(width=150)
-
-
-def say(msg: str) -> None:
-    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}")
 
 
 # ------------------------------------------------------------------------- workload
@@ -378,51 +370,6 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> proc
     return proc.PidRecord.for_pid(child.pid, Path(argv[-1]).name, argv)
 
 
-def worker_stats(settings: Settings, pid: int) -> dict[str, Any] | None:
-    for path in settings.run_dir.glob(f"worker-*-{pid}.json"):
-        try:
-            data: dict[str, Any] = json.loads(path.read_text())
-            return data
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-def wait_counters(
-    settings: Settings,
-    record: proc.PidRecord,
-    wanted: dict[str, int],
-    timeout: float,
-    stall: float | None = None,
-    samples: list[CpuSample] | None = None,
-) -> tuple[dict[str, Any], bool]:
-    """Poll the worker's stats until every counter reaches its value: (stats, True).
-
-    With ``stall``: give up when none of the counters moved for that many seconds after they
-    started moving, and return (stats, False). ``samples`` collects the worker's CPU time.
-    """
-    deadline = time.monotonic() + timeout
-    stats: dict[str, Any] | None = None
-    last: tuple[int, ...] | None = None
-    moved = time.monotonic()
-    while time.monotonic() < deadline:
-        if not proc.is_running(record):
-            raise RuntimeError(f"worker pid {record.pid} exited; see its log under {settings.log_dir}")
-        if samples is not None:
-            samples.append(cpu_times(record.pid))
-        stats = worker_stats(settings, record.pid)
-        counters = (stats or {}).get("counters", {})
-        values = tuple(counters.get(k, 0) for k in wanted)
-        if stats is not None and all(v >= w for v, w in zip(values, wanted.values(), strict=True)):
-            return stats, True
-        if values != last:
-            last, moved = values, time.monotonic()
-        elif stall is not None and stats is not None and any(values) and time.monotonic() - moved > stall:
-            return stats, False
-        time.sleep(0.25)
-    raise TimeoutError(f"worker did not reach {wanted} in {timeout:.0f}s; last stats: {stats}")
-
-
 def worker_argv(profile: str | None = None) -> list[str]:
     if profile:
         return [sys.executable, "-m", "cProfile", "-o", str(Path(profile).resolve()), "-m", "scopewatch", "worker"]
@@ -432,33 +379,7 @@ def worker_argv(profile: str | None = None) -> list[str]:
 # ------------------------------------------------------------------------- main
 
 
-@dataclass(frozen=True)
-class CpuSample:
-    at: float
-    busy: float  # machine-wide busy CPU seconds (all cores) since boot
-    total: float  # machine-wide CPU seconds since boot
-    proc: float  # CPU seconds of one process (0 when none given)
-
-
-def cpu_times(pid: int | None = None) -> CpuSample:
-    """Machine-wide busy/total CPU seconds (/proc/stat) and, optionally, one process's CPU seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    total = sum(fields[:8])
-    used = 0.0
-    if pid is not None:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        rest = stat[stat.rfind(")") + 2 :].split()
-        used = (int(rest[11]) + int(rest[12])) / tick
-    return CpuSample(time.time(), (total - idle) / tick, total / tick, used)
-
-
-def busy_share(a: CpuSample, b: CpuSample) -> float:
-    return (b.busy - a.busy) / max(1e-9, b.total - a.total)
-
-
-def interpolate(samples: list[CpuSample], at: float) -> CpuSample:
+def interpolate(samples: list[bk.CpuSample], at: float) -> bk.CpuSample:
     """The CPU counters at wall time ``at``, linear between the two samples around it."""
     before = max((s for s in samples if s.at <= at), key=lambda s: s.at, default=samples[0])
     after = min((s for s in samples if s.at >= at), key=lambda s: s.at, default=samples[-1])
@@ -469,7 +390,7 @@ def interpolate(samples: list[CpuSample], at: float) -> CpuSample:
     def mix(a: float, b: float) -> float:
         return a + (b - a) * f
 
-    return CpuSample(at, mix(before.busy, after.busy), mix(before.total, after.total), mix(before.proc, after.proc))
+    return bk.CpuSample(at, mix(before.busy, after.busy), mix(before.total, after.total), mix(before.proc, after.proc))
 
 
 @dataclass(frozen=True)
@@ -481,21 +402,21 @@ class Window:
     busy: float  # machine-wide busy share (all cores = 1.0)
 
     @classmethod
-    def of(cls, samples: list[CpuSample], start: float, end: float) -> Window:
+    def of(cls, samples: list[bk.CpuSample], start: float, end: float) -> Window:
         a, b = interpolate(samples, start), interpolate(samples, end)
-        return cls(end - start, b.proc - a.proc, busy_share(a, b))
+        return cls(end - start, b.proc - a.proc, bk.busy_share(a, b))
 
 
-def run_sampled(argv: list[str], timeout: float) -> tuple[subprocess.CompletedProcess[str], list[CpuSample]]:
+def run_sampled(argv: list[str], timeout: float) -> tuple[subprocess.CompletedProcess[str], list[bk.CpuSample]]:
     """Run a child to completion, sampling its CPU time every 50 ms."""
-    samples: list[CpuSample] = []
+    samples: list[bk.CpuSample] = []
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(argv, stdout=out, stderr=err, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
             while child.poll() is None:
                 try:
-                    samples.append(cpu_times(child.pid))
+                    samples.append(bk.cpu_times(child.pid))
                 except (OSError, IndexError, ValueError):
                     pass  # exiting
                 if time.monotonic() > deadline:
@@ -524,57 +445,43 @@ def run(args: argparse.Namespace) -> int:
     measured: proc.PidRecord | None = None
     facts_worker: proc.PidRecord | None = None
     try:
-        say(f"machine: {machine()}")
-        say(f"code: {code_fingerprint()}")
-        say(f"temp folder {tmp}; building the workload ({args.calls:,} calls)")
+        bk.announce()
+        bk.say(f"temp folder {tmp}; building the workload ({args.calls:,} calls)")
         t0 = time.perf_counter()
         wl = build_workload(args.calls, args.sessions, args.delegations, args.seed)
-        say(
+        bk.say(
             f"workload: {len(wl.facts):,} facts, {len(wl.calls):,} calls "
             f"({wl.avg_call_bytes:.0f} B Avro on average) in {time.perf_counter() - t0:.1f}s; mix {dict(wl.call_mix)}"
         )
 
-        settings = Settings(
-            home=tmp / "pipeline",
-            bootstrap="127.0.0.1:0",  # replaced below once the broker runs
-            topic_prefix=f"bench{run_id}.",
-            partitions=args.partitions,
-            query_port=proc.free_port(),
-            sink_group=f"bench{run_id}-sink",
-            worker_group=f"bench{run_id}-decisions",
-            grace_seconds=args.grace,
-        )
-        broker = start_broker(
-            tmp / "kafka", settings.cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap="1g"
-        )
+        broker = bk.local_broker(tmp, Settings().cache_dir)
         bootstrap = broker.config.bootstrap
-        settings = settings.model_copy(update={"bootstrap": bootstrap})
-        settings.home.mkdir(parents=True, exist_ok=True)
+        settings = bk.pipeline_settings(tmp, bootstrap, run_id, args.partitions, args.grace)
         topics = settings.topics
         passthrough_topics = [f"{settings.topic_prefix}bench.passthrough.{i}" for i in range(args.passthrough_runs)]
         faust_topic = f"{settings.topic_prefix}bench.faust-passthrough"
-        say(f"Kafka broker ready on {bootstrap} (pid record {broker.pid_path})")
+        bk.say(f"Kafka broker ready on {bootstrap} (pid record {broker.pid_path})")
         asyncio.run(create_topics(bootstrap, [*topics.all(), *passthrough_topics, faust_topic], settings.partitions))
 
         # -- facts, through a worker (and the sink)
         if args.sink:
-            stack = Stack(settings, report=lambda m: say(f"stack: {m}"))
+            stack = Stack(settings, report=lambda m: bk.say(f"stack: {m}"))
             stack.up(timeout=180)
             facts_worker = proc.read_pid_record(stack.pid_path("worker"))
             assert facts_worker is not None
         else:
             facts_worker = spawn(worker_argv(), settings.log_dir / "worker-facts.log", settings_env(settings))
         sent, _ = asyncio.run(publish_events(bootstrap, topics, list(enumerate(wl.facts))))
-        say(f"published facts {dict(sent)}; waiting for the worker to process them")
+        bk.say(f"published facts {dict(sent)}; waiting for the worker to process them")
         n_sessions = sum(isinstance(f, SessionBound) for f in wl.facts)
         n_grants = len(wl.facts) - n_sessions
-        wait_counters(settings, facts_worker, {"stage1_facts": n_sessions, "stage2_facts": n_grants}, timeout=300)
+        bk.wait_counters(settings, facts_worker, {"stage1_facts": n_sessions, "stage2_facts": n_grants}, timeout=300)
         proc.stop_process(facts_worker, timeout=60)
-        say("facts processed; worker stopped")
+        bk.say("facts processed; worker stopped")
 
         # -- pre-produce every call
         count, seconds = asyncio.run(produce(bootstrap, topics.tool_calls, wl.calls))
-        say(f"produced {count:,} calls to {topics.tool_calls} in {seconds:.1f}s ({rate(count, seconds):,.0f}/s)")
+        bk.say(f"produced {count:,} calls to {topics.tool_calls} in {seconds:.1f}s ({rate(count, seconds):,.0f}/s)")
         n = len(wl.calls)
         del wl
         if args.sink:
@@ -583,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"sink still {lag} calls behind")
                 time.sleep(1)
-            say("sink has ingested the calls into chDB (lag 0); measuring")
+            bk.say("sink has ingested the calls into chDB (lag 0); measuring")
 
         # -- passthrough (several runs: each is short, so it is more exposed to other load than the pipeline)
         pt_runs = [
@@ -602,19 +509,19 @@ def run(args: argparse.Namespace) -> int:
         measured = spawn(
             worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", settings_env(settings)
         )
-        samples: list[CpuSample] = []
-        stats, complete = wait_counters(
+        samples: list[bk.CpuSample] = []
+        stats, complete = bk.wait_counters(
             settings, measured, {"stage2_calls": n}, timeout=args.timeout, stall=args.stall, samples=samples
         )
         time.sleep(1.0)
-        stats = worker_stats(settings, measured.pid) or stats
+        stats = bk.worker_stats(settings, measured.pid) or stats
         proc.stop_process(measured, timeout=60)
         measured = None
         decided = int(stats["counters"].get("stage2_calls", 0))
         if complete:
-            say("pipeline: the worker decided every call in stage 2 (first version); reading record timestamps")
+            bk.say("pipeline: the worker decided every call in stage 2 (first version); reading record timestamps")
         else:
-            say(
+            bk.say(
                 f"[red]pipeline: the worker stalled at {decided:,} of {n:,} calls decided "
                 f"(no progress for {args.stall:.0f}s); measuring over the calls it did decide[/]"
             )
@@ -637,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
         decided_ids = {(key or b"").decode() for key in first_version}
         skipped = [] if done >= n else asyncio.run(skipped_calls(bootstrap, topics.tool_calls, decided_ids))
         if done < n:
-            say(f"[red]{n - done:,} calls have no evidence: {describe(skipped)}[/]")
+            bk.say(f"[red]{n - done:,} calls have no evidence: {describe(skipped)}[/]")
         start_ms, first_ev_ms, nth_ms = min(forwards), firsts[0], firsts[-1]
         pipe_window = (nth_ms - start_ms) / 1000
         pipe_rate = rate(done, pipe_window)
@@ -668,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
             first_kinds=first_kinds,
             pipe_cpu=pipe_cpu,
             pt_cpu=pt.cpu,
-            load=os.getloadavg(),
+            load=bk.load_text(),
             forwards=len(forwards),
             evidence_records=len(evidence),
             counters=counters,
@@ -683,10 +590,7 @@ def run(args: argparse.Namespace) -> int:
             stack.down()
         if broker is not None:
             broker.stop()
-        if args.keep:
-            say(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        bk.remove_temp(tmp, args.keep)
 
 
 async def skipped_calls(bootstrap: str, topic: str, decided: set[str]) -> list[tuple[int, int]]:
@@ -733,7 +637,7 @@ def passthrough_run(
     assert len(ts) == n, (len(ts), n)
     window = (ts[-1] - ts[0]) / 1000
     run = PassthroughRun(rate(n, window), window, rate(n, ts[-1] / 1000 - spawned), Window.of(samples, *_secs(ts)))
-    say(f"{kind} to {dest}: {n:,} msgs in {window:.2f}s = {run.rate:,.0f} msgs/s")
+    bk.say(f"{kind} to {dest}: {n:,} msgs in {window:.2f}s = {run.rate:,.0f} msgs/s")
     return run
 
 
@@ -752,7 +656,7 @@ def evidence_rows(settings: Settings, n: int) -> int | None:
         try:
             rows = int(run_sql(settings, sql, timeout=30)["rows"][0][0])
         except (SqlError, OSError) as exc:
-            say(f"chDB query failed: {exc}")
+            bk.say(f"chDB query failed: {exc}")
             return None
         if rows >= n:
             break
@@ -765,9 +669,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
     title = f"Decision throughput, {n:,} calls, {args.partitions} partitions, one worker process"
     if done < n:
         title += f" ({done:,} decided, {n - done:,} skipped by the worker)"
-    table = Table(title=title)
-    for col in ("measure", "value", "window", "target", "result"):
-        table.add_column(col, justify="left" if col == "measure" else "right")
+    table = bk.new_table(title, ("measure", "value", "window", "target", "result"))
     ratio = r["pipe_rate"] / r["pt_rate"]
     ok1 = r["pipe_rate"] >= TARGET_CALLS_PER_S
     ok2 = ratio >= TARGET_RATIO
@@ -776,7 +678,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
         f"{r['pipe_rate']:,.0f}",
         f"{r['pipe_window']:.2f} s",
         f">= {TARGET_CALLS_PER_S:,}",
-        "[green]PASS[/]" if ok1 else "[red]MISS[/]",
+        bk.mark(ok1),
     )
     runs = len(r["pt_all"])
     table.add_row(
@@ -791,7 +693,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
         f"{ratio:.1%}",
         "",
         f">= {TARGET_RATIO:.0%}",
-        "[green]PASS[/]" if ok2 else "[red]MISS[/]",
+        bk.mark(ok2),
     )
     fpt = r["fpt"]
     table.add_row(
@@ -803,7 +705,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
     )
     table.add_row("ratio Faust passthrough / aiokafka passthrough", f"{fpt.rate / r['pt_rate']:.1%}", "", "", "")
     table.add_row("ratio pipeline / Faust passthrough", f"{r['pipe_rate'] / fpt.rate:.1%}", "", "", "")
-    console.print(table)
+    bk.console.print(table)
     extra = Table(title="Other views of the same run")
     extra.add_column("measure")
     extra.add_column("value", justify="right")
@@ -837,7 +739,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
         f"{fpt.cpu.cpu / fpt.cpu.seconds:.0%} / {fpt.cpu.busy:.0%}",
     )
     extra.add_row("Faust passthrough msgs per CPU-second", f"{per_cpu_fpt:,.0f}")
-    extra.add_row("load average at the end (1/5/15 min)", " ".join(f"{x:.2f}" for x in r["load"]))
+    extra.add_row("load average at the end (1/5/15 min)", r["load"])
     if done < n:
         extra.add_row("[red]calls never processed by stage 1 (partition@offsets)[/]", describe(r["skipped"]))
     c = r["counters"]
@@ -847,7 +749,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
     extra.add_row(
         "calls with evidence in chDB (sink)", "sink not running" if r["chdb_rows"] is None else f"{r['chdb_rows']:,}"
     )
-    console.print(extra)
+    bk.console.print(extra)
 
 
 def main() -> None:
@@ -879,9 +781,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, broker data)")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally
-    sys.exit(run(args))
+    bk.exit_with(run, parser.parse_args())
 
 
 if __name__ == "__main__":

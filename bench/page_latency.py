@@ -23,7 +23,7 @@ suppression window stays at the default 600 s.
 
 1. The identity and consent facts of ``decisions_throughput.build_workload`` (2,000 sessions,
    500 delegations x 2 grants) are published; the worker is restarted once after processing them
-   (see ``verdict_latency.py`` for why). A warm-up (3 s at up to 500 calls/s, 1 % violating) must
+   (see ``benchkit.start_pipeline`` for why). A warm-up (3 s at up to 500 calls/s, 1 % violating) must
    page every one of its violating calls, which proves the whole path before measuring.
 2. Calls are emitted at the offered rate for ``--seconds`` (default 30): in-scope calls of the
    workload (``fs/read_file`` and ``github/create_issue`` inside the grants), and every
@@ -63,49 +63,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
-import math
 import os
 import random
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from benchkit import (
-    add_common_options,
-    code_fingerprint,
-    console,
-    cpu_times,
-    load_text,
-    machine,
-    mark,
-    percentile,
-    quiet_load,
-    remove_temp,
-    say,
-)
-from decisions_throughput import build_workload, wait_counters, worker_stats
-from rich.table import Table
+import benchkit as bk
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from decisions_throughput import build_workload
 
-from schemas import CodecError, Finding, SessionBound, ToolCall, decode, encode
+from schemas import CodecError, Finding, SessionBound, ToolCall, decode
 from schemas.events import parse_timestamp
-from scopewatch.publish import publish_events
 from scopewatch.settings import Settings
-from scopewatch.sqlclient import SqlError, run_sql
+from scopewatch.sqlclient import SqlError
 from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, StackError, create_topics, start_broker
-from scopewatch.stack.stack import Stack
+from scopewatch.stack.kafka import KafkaBroker, StackError
 
 CODE = (
     "stream_jobs/app.py",
@@ -126,6 +108,7 @@ RULE = "out_of_scope_tool"
 HOOK_PATH = "/hooks/scopewatch"
 PD_PATH = "/v2/enqueue"
 ROUTES = {"webhook": "bench-webhook", "pagerduty": "bench-pagerduty"}  # channel -> route name
+SERVICES = ("worker", "sink", "pager")  # what Stack.up starts (the pager because HOME/pager.toml exists)
 WEBHOOK_SECRET_ENV = "BENCH_PAGE_WEBHOOK_SECRET"
 PD_KEY_ENV = "BENCH_PAGE_PD_ROUTING_KEY"
 UNLIMITED = 1_000_000  # pages per minute and burst of every token bucket: never limits here
@@ -291,16 +274,13 @@ class Calls:
         self.next_violation += 1
         group = self.by_delegation[n % len(self.by_delegation)]
         template = group[(n // len(self.by_delegation)) % len(group)]
-        return template.model_copy(
-            update={
-                "call_id": str(uuid.uuid4()),
-                "event_id": str(uuid.uuid4()),
-                "event_time": datetime.fromtimestamp(now, UTC),
-                "server": "shell",
-                "tool": f"exec_{tag}_{n:06d}",
-                "arguments": {"command": "cat /etc/shadow"},
-                "resources": [],
-            }
+        return bk.fresh_call(
+            template,
+            now,
+            server="shell",
+            tool=f"exec_{tag}_{n:06d}",
+            arguments={"command": "cat /etc/shadow"},
+            resources=[],
         )
 
 
@@ -326,8 +306,6 @@ def make_calls(wl: Any) -> Calls:
 
 @dataclass
 class Emitted:
-    rate: float
-    seconds: float
     started: float
     ended: float
     times: dict[str, float]  # call_id -> emit time (epoch s), every call of the measured window
@@ -347,111 +325,59 @@ async def emit_calls(
     last ``grace`` seconds of calls would become final in an idle pipeline, driven only by the
     worker's tick, which is not the steady state at the offered rate.
     """
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
-    await producer.start()
     measured = int(rate * seconds)
-    total = measured + int(rate * tail)
     times: dict[str, float] = {}
     violating: dict[str, float] = {}
     tools: set[str] = set()
-    futures = []
     rng = random.Random(13)
-    late = 0
-    sent = 0
-    ended = 0.0
-    try:
-        started = time.time()
-        t0 = time.perf_counter()
-        while sent < total:
-            elapsed = time.perf_counter() - t0
-            due = min(total, int(elapsed * rate) + 1)
-            if due - sent > rate * 0.05:
-                late += 1
-            while sent < due:
-                now = time.time()
-                # exactly every (1/share)-th call violates, evenly spread
-                bad = int((sent + 1) * share) > int(sent * share)
-                if bad:
-                    call = calls.violation(tag, now)
-                else:
-                    call = calls.normal[rng.randrange(len(calls.normal))].model_copy(
-                        update={
-                            "call_id": str(uuid.uuid4()),
-                            "event_id": str(uuid.uuid4()),
-                            "event_time": datetime.fromtimestamp(now, UTC),
-                        }
-                    )
-                futures.append(await producer.send(topic, value=encode(call), key=call.session_id.encode("utf-8")))
-                if sent < measured:
-                    times[call.call_id] = now
-                    if bad:
-                        violating[call.call_id] = now
-                        tools.add(f"{call.server}/{call.tool}")
-                    ended = now
-                sent += 1
-            next_at = t0 + (sent / rate)
-            await asyncio.sleep(max(0.0, min(0.002, next_at - time.perf_counter())))
-        tail_ended = time.time()
-        await producer.flush()
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return Emitted(rate, seconds, started, ended, times, violating, tools, late, total - measured, tail_ended)
+
+    def make(i: int, now: float) -> ToolCall:
+        # exactly every (1/share)-th call violates, evenly spread
+        bad = int((i + 1) * share) > int(i * share)
+        if bad:
+            call = calls.violation(tag, now)
+        else:
+            call = bk.fresh_call(calls.normal[rng.randrange(len(calls.normal))], now)
+        if i < measured:
+            times[call.call_id] = now
+            if bad:
+                violating[call.call_id] = now
+                tools.add(f"{call.server}/{call.tool}")
+        return call
+
+    total = measured + int(rate * tail)
+    paced = await bk.send_paced(bootstrap, topic, rate, total, make)
+    ended = max(times.values(), default=0.0)  # the last measured call's emit time
+    return Emitted(paced.started, ended, times, violating, tools, paced.late_ticks, total - measured, paced.ended)
 
 
 # ------------------------------------------------------------------------- reading back
 
 
-def sql_rows(settings: Settings, sql: str, timeout: float = 300) -> list[list[Any]]:
-    return list(run_sql(settings, sql, timeout=timeout)["rows"])
-
-
-def window(column: str, since: float, until: float) -> str:
-    """SQL condition: ``column`` within [since, until] (epoch s; event times are ms, so the bounds are too)."""
-    return (
-        f"{column} >= fromUnixTimestamp64Milli({int(since * 1000)}) "
-        f"AND {column} <= fromUnixTimestamp64Milli({int(until * 1000)})"
-    )
-
-
 def verdict_counts(settings: Settings, since: float, until: float) -> tuple[int, int]:
     """(calls with a version-1 verdict, calls with a final verdict) of calls emitted in [since, until]."""
-    db = settings.clickhouse_database
-    rows = sql_rows(
-        settings,
-        f"SELECT uniqExactIf(call_id, version = 1), uniqExactIf(call_id, final) FROM {db}.evidence "
-        f"WHERE {window('call_time', since, until)}",
-        timeout=120,
-    )
+    what = "uniqExactIf(call_id, version = 1), uniqExactIf(call_id, final)"
+    rows = bk.select(settings, what, "evidence", bk.window("call_time", since, until), timeout=120)
     return int(rows[0][0]), int(rows[0][1])
 
 
 def fetch_decided(settings: Settings, since: float, until: float) -> dict[str, tuple[int, int | None]]:
     """call_id -> (version-1 decided_at ms, first final decided_at ms or None), for calls in [since, until]."""
-    db = settings.clickhouse_database
-    out: dict[str, tuple[int, int | None]] = {}
-    pages = 4
-    for page in range(pages):
-        sql = (
-            "SELECT call_id, toUnixTimestamp64Milli(minIf(decided_at, version = 1)), "
-            "toUnixTimestamp64Milli(minIf(decided_at, final)), countIf(final) "
-            f"FROM {db}.evidence WHERE {window('call_time', since, until)} "
-            f"AND cityHash64(call_id) % {pages} = {page} GROUP BY call_id"
-        )
-        for cid, v1, fin, n_final in sql_rows(settings, sql):
-            out[cid] = (int(v1), int(fin) if int(n_final) else None)
-    return out
+    rows = bk.select_by_call(
+        settings,
+        "toUnixTimestamp64Milli(minIf(decided_at, version = 1)), toUnixTimestamp64Milli(minIf(decided_at, final)), "
+        "countIf(final)",
+        "evidence",
+        bk.window("call_time", since, until),
+        pages=4,
+    )
+    return {cid: (int(v1), int(fin) if int(n_final) else None) for cid, v1, fin, n_final in rows}
 
 
 def findings_by_rule(settings: Settings, since: float, until: float) -> dict[str, int]:
     """Findings of every rule on calls emitted in [since, until]."""
-    db = settings.clickhouse_database
-    rows = sql_rows(
-        settings,
-        f"SELECT rule_id, uniqExact(finding_id) FROM {db}.findings "
-        f"WHERE {window('last_call_time', since, until)} GROUP BY rule_id ORDER BY rule_id",
-    )
-    return {str(r): int(n) for r, n in rows}
+    where = f"{bk.window('last_call_time', since, until)} GROUP BY rule_id ORDER BY rule_id"
+    return {str(r): int(n) for r, n in bk.select(settings, "rule_id, uniqExact(finding_id)", "findings", where)}
 
 
 @dataclass(frozen=True)
@@ -467,11 +393,12 @@ class LedgerRow:
 
 
 def fetch_ledger(settings: Settings, since: float) -> list[LedgerRow]:
-    db = settings.clickhouse_database
-    rows = sql_rows(
+    rows = bk.select(
         settings,
-        "SELECT page_key, dedup_key, route, attempt, outcome, toUnixTimestamp64Milli(attempted_at), latency_ms, "
-        f"findings_grouped FROM {db}.pages FINAL WHERE attempted_at >= fromUnixTimestamp64Milli({int(since * 1000)})",
+        "page_key, dedup_key, route, attempt, outcome, toUnixTimestamp64Milli(attempted_at), latency_ms, "
+        "findings_grouped",
+        "pages FINAL",
+        bk.window("attempted_at", since),
     )
     return [
         LedgerRow(str(k), str(d), str(r), int(a), str(o), int(t) / 1000, float(lat), int(g))
@@ -510,14 +437,6 @@ async def finding_offsets(bootstrap: str, topic: str, partitions: int, wanted: s
 
 
 # ------------------------------------------------------------------------- a measured run
-
-
-@dataclass
-class Pipeline:
-    settings: Settings
-    stack: Stack
-    pids: dict[str, int]
-    tag: str
 
 
 @dataclass
@@ -575,28 +494,6 @@ class RunResult:
     dead_letters: int
 
 
-def dead_letters(settings: Settings, worker_pid: int) -> int:
-    stats = worker_stats(settings, worker_pid) or {}
-    return int(stats.get("counters", {}).get("dead_letters", 0))
-
-
-def diagnose(settings: Settings, pids: dict[str, int]) -> None:
-    """Print the worker's counters, the pager's stats and their last warnings."""
-    stats = worker_stats(settings, pids["worker"]) or {}
-    say(f"worker counters: {stats.get('counters')}")
-    try:
-        say(f"pager stats: {(settings.run_dir / 'pager-stats.json').read_text()[:400]}")
-    except OSError:
-        say("pager stats: none")
-    for name in ("worker", "pager"):
-        try:
-            lines = (settings.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        for line in [ln for ln in lines if "WARNING" in ln or "ERROR" in ln][-5:]:
-            say(f"{name} log: {line[:300]}")
-
-
 def paged(receiver: Receiver, wanted: dict[str, float]) -> dict[str, dict[str, dict[str, Any]]]:
     """channel -> call_id -> first good delivery, for the wanted calls."""
     out: dict[str, dict[str, dict[str, Any]]] = {ch: {} for ch in ROUTES}
@@ -643,13 +540,15 @@ def wait_pages(
         if min(n_paged) >= len(wanted) and counts[0] >= n_calls and counts[1] >= n_calls:
             return True
         if time.time() > quiet_until and time.time() - moved > stall:
-            say(
+            bk.say(
                 f"[red]nothing new for {stall:.0f}s: pages {n_paged} of {len(wanted)}, "
                 f"verdicts {counts} of {n_calls}[/]"
             )
             return False
         time.sleep(0.5)
-    say(f"[red]gave up after {timeout:.0f}s: pages {progress[:2]} of {len(wanted)}, verdicts {counts} of {n_calls}[/]")
+    bk.say(
+        f"[red]gave up after {timeout:.0f}s: pages {progress[:2]} of {len(wanted)}, verdicts {counts} of {n_calls}[/]"
+    )
     return False
 
 
@@ -661,23 +560,23 @@ def page_opened_at(page_key: str | None) -> float | None:
 
 
 def measure(
-    pipe: Pipeline, receiver: Receiver, calls: Calls, rate: float, seconds: float, args: argparse.Namespace
+    pipe: bk.Pipeline, receiver: Receiver, calls: Calls, rate: float, seconds: float, args: argparse.Namespace
 ) -> RunResult:
     settings, pids = pipe.settings, pipe.pids
     grace = settings.grace_seconds
-    dead_before = dead_letters(settings, pids["worker"])
+    dead_before = bk.dead_letters(settings, pids["worker"])
     watched = {**pids, "receiver": receiver.record.pid, "bench": os.getpid()}
-    s0 = {name: cpu_times(pid) for name, pid in watched.items()}
-    load = load_text()
+    s0 = bk.sample_cpu(watched)
+    load = bk.load_text()
     tail = grace + 3 if args.tail is None else args.tail
     emitted = asyncio.run(
         emit_calls(
             settings.kafka_bootstrap, settings.topics.tool_calls, calls, pipe.tag, rate, seconds, args.share, tail
         )
     )
-    s1 = {name: cpu_times(pid) for name, pid in watched.items()}
+    s1 = bk.sample_cpu(watched)
     n = len(emitted.times)
-    say(
+    bk.say(
         f"emitted {n:,} calls ({len(emitted.violating):,} violating) in {emitted.ended - emitted.started:.2f}s "
         f"({n / (emitted.ended - emitted.started):,.0f}/s), then {emitted.tail_calls:,} more (not measured) to "
         f"keep the load on while their grace ({grace:g}s) runs out; waiting for their pages"
@@ -694,10 +593,10 @@ def measure(
         stall=args.stall,
     )
     drain_seconds = time.time() - emitted.ended
-    s2 = {name: cpu_times(pid) for name, pid in watched.items()}
-    load_end = load_text()
+    s2 = bk.sample_cpu(watched)
+    load_end = bk.load_text()
     if not complete:
-        diagnose(settings, pids)
+        bk.diagnose(settings, pids["worker"], ("worker", "pager"))
 
     # -- read back
     decided = fetch_decided(settings, emitted.started, emitted.ended)
@@ -760,30 +659,11 @@ def measure(
         d = decided.get(cid)
         if d is not None:
             order.append((emit, d[0] / 1000 - emit))
-    order.sort()
-    tenth = max(1, len(order) // 10)
-    first = percentile([x for _, x in order[:tenth]], 50)
-    last = percentile([x for _, x in order[-tenth:]], 50)
-    v1_times = sorted(e + x for e, x in order)
-    throughput = len(v1_times) / max(1e-9, v1_times[-1] - emitted.started) if v1_times else 0.0
-    decided_rate = sum(1 for t in v1_times if t <= emitted.ended) / max(1e-9, emitted.ended - emitted.started)
-    hooks = sorted((d.emit, d.total) for d in deliveries if d.channel == "webhook")
-    ptenth = max(1, len(hooks) // 10)
-    page_trend = (percentile([x for _, x in hooks[:ptenth]], 50), percentile([x for _, x in hooks[-ptenth:]], 50))
-    sustained = (
-        len(order) >= n
-        and last <= first + 0.5
-        and last <= 2 * max(first, 0.25)
-        and all(m == 0 for m in missing.values())
-    )
+    trend = bk.tenths(order)
+    throughput, decided_rate = bk.verdict_rates(order, emitted.started, emitted.ended)
+    page_trend = bk.tenths((d.emit, d.total) for d in deliveries if d.channel == "webhook")
+    sustained = len(order) >= n and bk.kept_up(trend) and all(m == 0 for m in missing.values())
     n_final = sum(1 for cid in emitted.times if decided.get(cid, (0, None))[1] is not None)
-
-    def cpu(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-        return {k: (b[k].proc - a[k].proc) / max(1e-9, b[k].at - a[k].at) for k in a}
-
-    def busy(a: dict[str, Any], b: dict[str, Any]) -> float:
-        x, y = a["worker"], b["worker"]
-        return (y.busy - x.busy) / max(1e-9, y.total - x.total)
 
     ledger_counts: dict[tuple[str, str], int] = {}
     for r in ledger:
@@ -806,7 +686,7 @@ def measure(
         decided=len(order),
         final=n_final,
         v1_lat=[x for _, x in order],
-        trend=(first, last),
+        trend=trend,
         page_trend=page_trend,
         throughput=throughput,
         decided_rate=decided_rate,
@@ -814,22 +694,18 @@ def measure(
         findings=findings,
         ledger=ledger_counts,
         max_attempt=max((r.attempt for r in ledger), default=0),
-        cpu_emit=cpu(s0, s1),
-        cpu_all=cpu(s0, s2),
-        busy_emit=busy(s0, s1),
-        busy_all=busy(s0, s2),
+        cpu_emit=bk.cpu_shares(s0, s1),
+        cpu_all=bk.cpu_shares(s0, s2),
+        busy_emit=bk.busy_share(s0["worker"], s1["worker"]),
+        busy_all=bk.busy_share(s0["worker"], s2["worker"]),
         load=load,
         load_end=load_end,
         drain_seconds=drain_seconds,
-        dead_letters=dead_letters(settings, pids["worker"]) - dead_before,
+        dead_letters=bk.dead_letters(settings, pids["worker"]) - dead_before,
     )
 
 
 # ------------------------------------------------------------------------- report
-
-
-def ms(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x * 1000:,.0f} ms"
 
 
 def steps(ds: list[Delivery]) -> list[tuple[str, list[float]]]:
@@ -854,9 +730,11 @@ def steps(ds: list[Delivery]) -> list[tuple[str, list[float]]]:
 
 
 def report(results: list[RunResult]) -> None:
-    table = Table(title="Violating call emitted -> page received by the local on-call receiver")
-    for col in ("offered rate", "route", "paged / expected", "p50", "p90", "p99", "max", "target p99", "result"):
-        table.add_column(col, justify="left" if col in ("route", "offered rate") else "right")
+    table = bk.new_table(
+        "Violating call emitted -> page received by the local on-call receiver",
+        ("offered rate", "route", "paged / expected", "p50", "p90", "p99", "max", "target p99", "result"),
+        left=("route", "offered rate"),
+    )
     for r in results:
         target = r.grace + TARGET_SLACK_S
         label = f"{r.rate:,.0f}/s, {r.grace:g}s grace" + ("" if r.sustained else " (not kept up)")
@@ -864,45 +742,31 @@ def report(results: list[RunResult]) -> None:
             vals = [d.total for d in r.deliveries if channel in ("all", d.channel)]
             expected = r.expected_pages * (len(ROUTES) if channel == "all" else 1)
             complete = len(vals) == expected
-            p99 = percentile(vals, 99)
+            p99 = bk.percentile(vals, 99)
             table.add_row(
                 label,
                 channel,
                 f"{len(vals):,} / {expected:,}",
-                ms(percentile(vals, 50)),
-                ms(percentile(vals, 90)),
-                ms(p99),
-                ms(max(vals)) if vals else "-",
+                bk.ms_p(vals, 50),
+                bk.ms_p(vals, 90),
+                bk.ms(p99),
+                bk.ms(max(vals)) if vals else "-",
                 f"<= {target * 1000:,.0f} ms",
-                mark(bool(vals) and p99 <= target and complete),
+                bk.mark(bool(vals) and p99 <= target and complete),
             )
             label = ""
-    console.print(table)
+    bk.console.print(table)
 
-    where = Table(title="Where the time goes (every delivery, both routes): p50 / p99 / max")
-    where.add_column("step")
-    for r in results:
-        where.add_column(f"{r.rate:,.0f}/s", justify="right")
-    per_run = [steps(r.deliveries) for r in results]
-    for i, (name, _) in enumerate(per_run[0]):
-        cells = []
-        for run_steps in per_run:
-            vals = run_steps[i][1]
-            cells.append(
-                f"{ms(percentile(vals, 50))} / {ms(percentile(vals, 99))} / {ms(max(vals)) if vals else '-'}"
-                + ("" if vals else " (n=0)")
-            )
-        where.add_row(name, *cells)
-    console.print(where)
+    def spread(vals: list[float]) -> str:
+        return f"{bk.ms_p(vals, 50)} / {bk.ms_p(vals, 99)} / " + (bk.ms(max(vals)) if vals else "- (n=0)")
 
-    extra = Table(title="The same runs, other views")
-    extra.add_column("measure")
-    for r in results:
-        extra.add_column(f"{r.rate:,.0f}/s", justify="right")
+    where = bk.RunsTable("Where the time goes (every delivery, both routes): p50 / p99 / max", results, "step")
+    for i, (name, _) in enumerate(steps(results[0].deliveries)):
+        where.row(name, lambda r, i=i: spread(steps(r.deliveries)[i][1]))
+    bk.console.print(where.table)
 
-    def row(name: str, fn: Any) -> None:
-        extra.add_row(name, *[fn(r) for r in results])
-
+    extra = bk.RunsTable("The same runs, other views", results)
+    row = extra.row
     row("calls emitted / violating (expected pages per route)", lambda r: f"{r.emitted:,} / {r.expected_pages:,}")
     row("calls emitted after the window to keep the load on (not measured)", lambda r: f"{r.tail_calls:,}")
     row("emit rate achieved (bench producer)", lambda r: f"{r.emit_rate:,.0f}/s")
@@ -910,12 +774,12 @@ def report(results: list[RunResult]) -> None:
     row("calls with a v1 verdict / a final verdict", lambda r: f"{r.decided:,} / {r.final:,}")
     row(
         "emit -> v1 verdict p50 / p99, every call",
-        lambda r: f"{ms(percentile(r.v1_lat, 50))} / {ms(percentile(r.v1_lat, 99))}",
+        lambda r: f"{bk.ms_p(r.v1_lat, 50)} / {bk.ms_p(r.v1_lat, 99)}",
     )
-    row("median v1 latency, first -> last tenth of calls", lambda r: f"{ms(r.trend[0])} -> {ms(r.trend[1])}")
+    row("median v1 latency, first -> last tenth of calls", lambda r: f"{bk.ms(r.trend[0])} -> {bk.ms(r.trend[1])}")
     row(
         "median page latency (webhook), first -> last tenth",
-        lambda r: f"{ms(r.page_trend[0])} -> {ms(r.page_trend[1])}",
+        lambda r: f"{bk.ms(r.page_trend[0])} -> {bk.ms(r.page_trend[1])}",
     )
     row("v1 verdicts/s decided inside the emit window", lambda r: f"{r.decided_rate:,.0f}/s")
     row("v1 verdicts/s, first emit -> last v1 (backlog included)", lambda r: f"{r.throughput:,.0f}/s")
@@ -949,8 +813,8 @@ def report(results: list[RunResult]) -> None:
     )
     row("measured window end -> last page and final verdict", lambda r: f"{r.drain_seconds:.1f} s")
     row("load average at the start / end (1/5/15)", lambda r: f"{r.load} / {r.load_end}")
-    console.print(extra)
-    say(f"load average at the end: {load_text()}")
+    bk.console.print(extra.table)
+    bk.say(f"load average at the end: {bk.load_text()}")
 
 
 # ------------------------------------------------------------------------- main
@@ -973,59 +837,29 @@ def pager_toml(settings: Settings, port: int) -> str:
     )
 
 
-def fresh_pipeline(args: argparse.Namespace, tmp: Path, broker: KafkaBroker, wl: Any, receiver: Receiver) -> Pipeline:
+def fresh_pipeline(
+    args: argparse.Namespace, tmp: Path, broker: KafkaBroker, wl: Any, receiver: Receiver
+) -> bk.Pipeline:
     """A new sink, worker and pager with a fresh chDB folder, on new topics and groups; facts decided."""
     run_id = uuid.uuid4().hex[:8]
-    settings = Settings(
-        home=tmp / f"pipeline-{run_id}",
-        bootstrap=broker.config.bootstrap,
-        topic_prefix=f"bench{run_id}.",
-        partitions=args.partitions,
-        query_port=proc.free_port(),
-        sink_group=f"bench{run_id}-sink",
-        worker_group=f"bench{run_id}-decisions",
+    settings = bk.pipeline_settings(
+        tmp,
+        broker.config.bootstrap,
+        run_id,
+        args.partitions,
+        args.grace,
         pager_group=f"bench{run_id}-pager",
         sink_batch_seconds=args.batch_seconds,
-        grace_seconds=args.grace,
     )
-    settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "pager.toml").write_text(pager_toml(settings, receiver.port), encoding="utf-8")
-    asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
-    stack = Stack(settings, report=lambda m: say(f"stack: {m}"))
-    try:
-        stack.up(timeout=180)
-        worker = proc.read_pid_record(stack.pid_path("worker"))
-        sink = proc.read_pid_record(stack.pid_path("sink"))
-        pager = proc.read_pid_record(stack.pid_path("pager"))
-        if worker is None or sink is None or pager is None:
-            raise RuntimeError("Stack.up did not start the sink, the worker and the pager")
-        sent, _ = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, list(enumerate(wl.facts))))
-        n_sessions = sum(isinstance(f, SessionBound) for f in wl.facts)
-        wait_counters(
-            settings, worker, {"stage1_facts": n_sessions, "stage2_facts": len(wl.facts) - n_sessions}, timeout=300
-        )
-        # Restart the worker once, as verdict_latency.py does: a worker started on a fresh cluster can miss the
-        # changelog topics Faust creates at its start and dead-letter every call until its metadata refresh.
-        proc.stop_process(worker, timeout=60)
-        stack.up(timeout=180)
-        worker = proc.read_pid_record(stack.pid_path("worker"))
-        assert worker is not None
-        pids = {"worker": worker.pid, "sink": sink.pid, "pager": pager.pid}
-        kafka = broker.running_record()
-        if kafka is not None:
-            pids["kafka"] = kafka.pid
-    except BaseException:
-        stack.down()  # whatever it started, before the error propagates
-        raise
-    say(f"facts processed by the worker ({dict(sent)}); worker restarted; pager pid {pager.pid}")
-    return Pipeline(settings, stack, pids, run_id)
+    return bk.start_pipeline(settings, broker, wl.facts, run_id, SERVICES)
 
 
-def warm_up(pipe: Pipeline, receiver: Receiver, calls: Calls, rate: float, args: argparse.Namespace) -> bool:
+def warm_up(pipe: bk.Pipeline, receiver: Receiver, calls: Calls, rate: float, args: argparse.Namespace) -> bool:
     """3 s of calls at up to 500/s, 1 % violating: True once every violating one was paged on every route."""
     settings = pipe.settings
     warm = min(rate, 500.0)
-    say(f"warming up at {warm:,.0f}/s for 3 s; waiting for its pages (grace {settings.grace_seconds:g}s)")
+    bk.say(f"warming up at {warm:,.0f}/s for 3 s; waiting for its pages (grace {settings.grace_seconds:g}s)")
     emitted = asyncio.run(
         emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, calls, pipe.tag, warm, 3, args.share)
     )
@@ -1041,78 +875,59 @@ def warm_up(pipe: Pipeline, receiver: Receiver, calls: Calls, rate: float, args:
         stall=60,
     )
     if not ok:
-        diagnose(settings, pipe.pids)
+        bk.diagnose(settings, pipe.pids["worker"], ("worker", "pager"))
     return ok
 
 
 def run(args: argparse.Namespace) -> int:
-    say(f"machine: {machine()}")
-    say(f"code: {code_fingerprint(CODE)}")
-    tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-pages-"))
-    broker: KafkaBroker | None = None
-    receiver: Receiver | None = None
-    pipe: Pipeline | None = None
-    try:
+    bk.announce(CODE)
+    with bk.temp_folder("scopewatch-bench-pages-", args.keep) as tmp, contextlib.ExitStack() as cleanup:
         os.environ[WEBHOOK_SECRET_ENV] = "whsec_" + base64.b64encode(os.urandom(32)).decode()
         os.environ[PD_KEY_ENV] = uuid.uuid4().hex
-        cache = Settings().cache_dir
-        broker = start_broker(tmp / "kafka", cache, port=proc.free_port(), controller_port=proc.free_port(), heap="1g")
-        say(f"Kafka broker ready on {broker.config.bootstrap}")
+        broker = bk.local_broker(tmp, Settings().cache_dir)
+        cleanup.callback(broker.stop)
+        bk.say(f"Kafka broker ready on {broker.config.bootstrap}")
         receiver = Receiver.start(tmp)
-        say(f"on-call receiver on 127.0.0.1:{receiver.port} (pid {receiver.record.pid})")
+        cleanup.callback(receiver.stop)
+        bk.say(f"on-call receiver on 127.0.0.1:{receiver.port} (pid {receiver.record.pid})")
         wl = build_workload(args.pool, args.sessions, args.delegations, seed=7)
         calls = make_calls(wl)
         per_delegation_gap = len(calls.by_delegation) / max(1e-9, args.rate * args.share)
-        say(
+        bk.say(
             f"{len(calls.normal):,} in-scope call templates; violating calls round-robin over "
             f"{len(calls.by_delegation)} delegations: one per delegation every {per_delegation_gap:.0f}s at "
             f"{args.rate:,.0f}/s"
         )
         if per_delegation_gap * 4 <= 60:
-            say("[yellow]5 violations of one delegation can fall within 60 s: violation_burst may fire too[/]")
+            bk.say("[yellow]5 violations of one delegation can fall within 60 s: violation_burst may fire too[/]")
 
-        results: list[RunResult] = []
-        rate = args.rate
-        for attempt in range(args.fallbacks + 1):
-            for _try in range(3):
-                try:
-                    pipe = fresh_pipeline(args, tmp, broker, wl, receiver)
-                except (StackError, RuntimeError, TimeoutError) as exc:  # fresh_pipeline stopped what it started
-                    say(f"[red]the pipeline did not come up ({str(exc)[:500]}); trying a fresh one[/]")
-                    continue
-                if warm_up(pipe, receiver, calls, rate, args):
-                    break
-                say("[red]the warm-up's violating calls were not all paged: starting another fresh pipeline[/]")
+        def at_rate(rate: float) -> RunResult:
+            pipe = bk.warmed_pipeline(
+                lambda: fresh_pipeline(args, tmp, broker, wl, receiver),
+                lambda p: warm_up(p, receiver, calls, rate, args),
+                failed="the warm-up's violating calls were not all paged",
+                gave_up="three fresh pipelines in a row did not come up or page their warm-up calls",
+                retry=(StackError, RuntimeError, TimeoutError),
+            )
+            try:
+                load = bk.quiet_load(args)
+                bk.say(
+                    f"measuring at {rate:,.0f} calls/s for {args.seconds:.0f}s, {args.share:.1%} violating "
+                    f"(load {load})"
+                )
+                r = measure(pipe, receiver, calls, rate, args.seconds, args)
+            finally:
                 pipe.stack.down()
-                pipe = None
-            else:
-                raise RuntimeError("three fresh pipelines in a row did not come up or page their warm-up calls")
-            load = quiet_load(args)
-            say(f"measuring at {rate:,.0f} calls/s for {args.seconds:.0f}s, {args.share:.1%} violating (load {load})")
-            r = measure(pipe, receiver, calls, rate, args.seconds, args)
-            results.append(r)
-            pipe.stack.down()
-            pipe = None
             hooks = [d.total for d in r.deliveries]
-            say(
+            bk.say(
                 f"{rate:,.0f}/s: {len(r.deliveries):,} of {r.expected_pages * len(ROUTES):,} pages; "
-                f"p50 {ms(percentile(hooks, 50))} p99 {ms(percentile(hooks, 99))}; "
+                f"p50 {bk.ms_p(hooks, 50)} p99 {bk.ms_p(hooks, 99)}; "
                 f"{'kept up' if r.sustained else 'did NOT keep up'} (v1 verdicts {r.throughput:,.0f}/s)"
             )
-            if r.sustained or attempt == args.fallbacks:
-                break
-            rate = max(50.0, round(min(r.throughput, rate) * 0.7, -1))
-            say(f"the stack did not keep up at {r.rate:,.0f}/s; trying {rate:,.0f}/s on a fresh pipeline")
-        report(results)
-        return 0
-    finally:
-        if pipe is not None:
-            pipe.stack.down()
-        if receiver is not None:
-            receiver.stop()
-        if broker is not None:
-            broker.stop()
-        remove_temp(tmp, args.keep)
+            return r
+
+        report(bk.measure_rates(args.rate, args.fallbacks, at_rate))
+    return 0
 
 
 def main() -> None:
@@ -1138,12 +953,11 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=5_000, help="call templates drawn from the workload")
     parser.add_argument("--drain", type=float, default=600, help="seconds past the grace to wait for pages")
     parser.add_argument("--stall", type=float, default=60, help="stop waiting when nothing new came for this long")
-    add_common_options(parser)
+    bk.add_common_options(parser)
     args = parser.parse_args()
     if not 0 < args.share <= 0.5:
         parser.error("--share must be in (0, 0.5]")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(run(args))
+    bk.exit_with(run, args)
 
 
 if __name__ == "__main__":

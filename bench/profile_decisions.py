@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from benchlib import code_fingerprint, machine
+import benchkit as bk
 from decisions_throughput import build_workload
 
 from detections.catalog import Detector
@@ -197,10 +196,11 @@ def main() -> None:
     encode_us = (time.perf_counter() - t0) / len(sample) * 1e6
     del sim, sample
 
-    print(f"machine: {machine()}")
-    print(f"code: {code_fingerprint()}")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"{n:,} calls, {args.sessions:,} sessions, {args.delegations:,} delegations x 2 grants; load {load}")
+    print(f"machine: {bk.machine()}")
+    print(f"code: {bk.code_fingerprint()}")
+    print(
+        f"{n:,} calls, {args.sessions:,} sessions, {args.delegations:,} delegations x 2 grants; load {bk.load_text()}"
+    )
     print(
         f"  all of it, per call (CPU time, best of {args.repeat}; wall {best_wall * us:.1f} µs): {live_us:7.1f} µs/call"
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import json
@@ -43,9 +44,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from statistics import median
@@ -54,25 +55,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from benchkit import (
-    add_common_options,
-    code_fingerprint,
-    console,
-    load_text,
-    machine,
-    mark,
-    pin_to,
-    quiet_load,
-    remove_temp,
-    say,
-)
+import benchkit as bk
 from decisions_throughput import build_workload, produce
-from rich.table import Table
 
 from schemas import Evidence, decode, encode
 from scopewatch.settings import Settings
-from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.kafka import create_topics
 
 CODE = (
     "stream_jobs/sink.py",
@@ -232,6 +220,12 @@ def insert_variants(client: Any, rows: list[tuple[Any, ...]], repeat: int) -> di
     native = {**INSERT_SETTINGS}
     old = {"async_insert": 0}
 
+    def via_insert(data: Callable[[], Any], settings: dict[str, Any], **kw: Any) -> Callable[[str], Any]:
+        """A variant: ``client.insert`` of ``data()`` (built inside the timed call) with these settings."""
+        return lambda tok: client.insert(
+            table, data(), column_names=names, settings={**settings, "insert_deduplication_token": tok}, **kw
+        )
+
     def ipc_stream() -> bytes:
         sink = pa.BufferOutputStream()
         batch = arrow_table(names, type_names, columns)
@@ -240,38 +234,18 @@ def insert_variants(client: Any, rows: list[tuple[Any, ...]], repeat: int) -> di
         return bytes(sink.getvalue())
 
     variants: dict[str, Any] = {
-        "old writer: dict rows, row-oriented, datetimes (optimize_on_insert on)": lambda tok: client.insert(
-            table,
-            [[r[c] for c in names] for r in dict_rows],
-            column_names=names,
-            settings={**old, "insert_deduplication_token": tok},
+        "old writer: dict rows, row-oriented, datetimes (optimize_on_insert on)": via_insert(
+            lambda: [[r[c] for c in names] for r in dict_rows], old
         ),
-        "column-oriented Native, datetimes": lambda tok: client.insert(
-            table, dated, column_names=names, column_oriented=True, settings={**old, "insert_deduplication_token": tok}
+        "column-oriented Native, datetimes": via_insert(lambda: dated, old, column_oriented=True),
+        "  + integer ms ticks, column types given (no DESCRIBE per insert)": via_insert(
+            lambda: columns, old, column_type_names=type_names, column_oriented=True
         ),
-        "  + integer ms ticks, column types given (no DESCRIBE per insert)": lambda tok: client.insert(
-            table,
-            columns,
-            column_names=names,
-            column_type_names=type_names,
-            column_oriented=True,
-            settings={**old, "insert_deduplication_token": tok},
+        "  + optimize_on_insert=0 (the writer's path into a server)": via_insert(
+            lambda: columns, native, column_type_names=type_names, column_oriented=True
         ),
-        "  + optimize_on_insert=0 (the writer's path into a server)": lambda tok: client.insert(
-            table,
-            columns,
-            column_names=names,
-            column_type_names=type_names,
-            column_oriented=True,
-            settings={**native, "insert_deduplication_token": tok},
-        ),
-        "  + LowCardinality columns sent as String": lambda tok: client.insert(
-            table,
-            columns,
-            column_names=names,
-            column_type_names=plain,
-            column_oriented=True,
-            settings={**native, "insert_deduplication_token": tok},
+        "  + LowCardinality columns sent as String": via_insert(
+            lambda: columns, native, column_type_names=plain, column_oriented=True
         ),
         "Arrow IPC stream, raw_insert (through a temp file, as Native is)": lambda tok: client.raw_insert(
             table, names, ipc_stream(), settings={**native, "insert_deduplication_token": tok}, fmt="ArrowStream"
@@ -295,7 +269,7 @@ def insert_variants(client: Any, rows: list[tuple[Any, ...]], repeat: int) -> di
 
 def writer_child(args: argparse.Namespace) -> dict[str, Any]:
     """Runs in its own process, pinned: ClickHouseWriter.insert_columns of batches into a fresh chDB folder."""
-    pinned = pin_to(args.cpu)
+    pinned = bk.pin_to(args.cpu)
     from schemas.codec import AVRO_DIR
     from stream_jobs.clickhouse import connect, migrate
     from stream_jobs.rows import COLUMNS, Provenance, check_row, row_values, to_row
@@ -417,7 +391,7 @@ def writer_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     """Runs in its own process, pinned: ClickHouseSink over the pre-filled topic until N rows."""
-    pinned = pin_to(args.cpu)
+    pinned = bk.pin_to(args.cpu)
     from stream_jobs.clickhouse import connect, migrate
     from stream_jobs.service import sink_topics
     from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
@@ -547,9 +521,11 @@ def rate(rows: float, seconds: float) -> float:
 
 
 def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[str, Any] | None, load: str) -> None:
-    table = Table(title="Sink rows/s into chDB, realistic evidence rows")
-    for col in ("measure", "value", "detail", "target", "result"):
-        table.add_column(col, justify="left" if col in ("measure", "detail") else "right")
+    table = bk.new_table(
+        "Sink rows/s into chDB, realistic evidence rows",
+        ("measure", "value", "detail", "target", "result"),
+        left=("measure", "detail"),
+    )
     if writer is not None:
         for size, runs in writer["inserts"].items():
             rates = [rate(r["rows"], r["wall"]) for r in runs]
@@ -560,7 +536,7 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
                 f"{best:,.0f}",
                 f"median of {len(runs)}; min {min(rates):,.0f} max {max(rates):,.0f}; process CPU {cpu:.0%}",
                 f">= {TARGET_ROWS_PER_S:,}",
-                mark(best >= TARGET_ROWS_PER_S),
+                bk.mark(best >= TARGET_ROWS_PER_S),
             )
     if sink is not None:
         steady = rate(sink["steady_rows"], sink["steady_wall"])
@@ -570,13 +546,11 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
             f"{sink['steady_rows']:,} rows in {sink['steady_wall']:.2f}s after the first batch; "
             f"process CPU {sink['steady_cpu'] / sink['steady_wall']:.0%}",
             f">= {TARGET_ROWS_PER_S:,}",
-            mark(steady >= TARGET_ROWS_PER_S),
+            bk.mark(steady >= TARGET_ROWS_PER_S),
         )
-    console.print(table)
+    bk.console.print(table)
 
-    extra = Table(title="Where the time goes, and other views of the same run")
-    extra.add_column("measure")
-    extra.add_column("value", justify="right")
+    extra = bk.new_table("Where the time goes, and other views of the same run", ("measure", "value"))
 
     def per_row(rows: float, seconds: float) -> str:
         return f"{rate(rows, seconds):,.0f} rows/s ({seconds / rows * 1e6:.2f} µs/row)"
@@ -648,31 +622,30 @@ def report(args: argparse.Namespace, writer: dict[str, Any] | None, sink: dict[s
         )
         extra.add_row("(b) batch bound (rows / seconds)", f"{sink['batch_rows']:,} / {sink['batch_seconds']}")
         extra.add_row("(b) evidence rows in chDB at the end", f"{sink['rows_in_table']:,}")
-    extra.add_row("load average before / after (1/5/15 min)", f"{load} / {load_text()}")
-    console.print(extra)
+    extra.add_row("load average before / after (1/5/15 min)", f"{load} / {bk.load_text()}")
+    bk.console.print(extra)
     if writer is not None and writer["variants"]:
-        variants = Table(title="(a) ways of inserting the largest batch (interleaved rounds, medians)")
-        for col in ("variant", "rows/s (wall)", "rows per CPU-second"):
-            variants.add_column(col, justify="left" if col == "variant" else "right")
+        variants = bk.new_table(
+            "(a) ways of inserting the largest batch (interleaved rounds, medians)",
+            ("variant", "rows/s (wall)", "rows per CPU-second"),
+            left=("variant",),
+        )
         for name, v in writer["variants"].items():
             variants.add_row(name, f"{rate(v['rows'], v['wall']):,.0f}", f"{rate(v['rows'], v['cpu']):,.0f}")
-        console.print(variants)
+        bk.console.print(variants)
     if writer is not None and writer["profile"]:
-        console.print("cProfile of one insert of the largest batch (tottime):")
+        bk.console.print("cProfile of one insert of the largest batch (tottime):")
         print(writer["profile"])
 
 
 def parent(args: argparse.Namespace) -> int:
-    say(f"machine: {machine()}")
-    say(f"code: {code_fingerprint(CODE)}")
-    load = quiet_load(args)
-    say(f"load average {load}")
-    tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-sink-"))
-    broker: KafkaBroker | None = None
+    bk.announce(CODE)
+    load = bk.quiet_load(args)
+    bk.say(f"load average {load}")
     writer = sink = None
-    try:
+    with bk.temp_folder("scopewatch-bench-sink-", args.keep) as tmp, contextlib.ExitStack() as cleanup:
         if not args.skip_writer:
-            say(f"(a) writer alone: batches {args.batches}, {args.repeat} each, fresh chDB under {tmp}")
+            bk.say(f"(a) writer alone: batches {args.batches}, {args.repeat} each, fresh chDB under {tmp}")
             extra = [
                 "--home",
                 str(tmp / "writer"),
@@ -689,18 +662,17 @@ def parent(args: argparse.Namespace) -> int:
         if not args.skip_sink:
             run_id = uuid.uuid4().hex[:8]
             settings = Settings(home=tmp / "sink", bootstrap="127.0.0.1:0", topic_prefix=f"bench{run_id}.")
-            broker = start_broker(
-                tmp / "kafka", settings.cache_dir, port=proc.free_port(), controller_port=proc.free_port()
-            )
+            broker = bk.local_broker(tmp, settings.cache_dir)
+            cleanup.callback(broker.stop)
             bootstrap = broker.config.bootstrap
-            say(f"(b) Kafka broker ready on {bootstrap}; creating topics, building {args.messages:,} evidence rows")
+            bk.say(f"(b) Kafka broker ready on {bootstrap}; creating topics, building {args.messages:,} evidence rows")
             asyncio.run(create_topics(bootstrap, settings.topics.all(), args.partitions))
             events = realistic_evidence(args.messages)
             messages = [(e.call_id.encode(), encode(e)) for e in events]
             del events
             count, seconds = asyncio.run(produce(bootstrap, settings.topics.evidence, messages))
             del messages
-            say(f"produced {count:,} evidence messages in {seconds:.1f}s; starting the sink")
+            bk.say(f"produced {count:,} evidence messages in {seconds:.1f}s; starting the sink")
             extra = [
                 "--home",
                 str(tmp / "sink"),
@@ -721,11 +693,7 @@ def parent(args: argparse.Namespace) -> int:
             ]
             sink = run_child("sink", args, extra, args.timeout + 120)
         report(args, writer, sink, load)
-        return 0
-    finally:
-        if broker is not None:
-            broker.stop()
-        remove_temp(tmp, args.keep)
+    return 0
 
 
 def main() -> None:
@@ -753,7 +721,7 @@ def main() -> None:
         help="record the sink child with py-spy (raw collapsed stacks to FILE; slows it down; for where the time goes)",
     )
     parser.add_argument("--timeout", type=float, default=900)
-    add_common_options(parser)
+    bk.add_common_options(parser)
     # child-only
     parser.add_argument("--child", choices=["writer", "sink"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
@@ -765,8 +733,7 @@ def main() -> None:
         result = writer_child(args) if args.child == "writer" else sink_child(args)
         print(json.dumps(result))
         return
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(parent(args))
+    bk.exit_with(parent, args)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from detections.live import LiveConfig, Stage1, Stage2
 from schemas import GrantIssued, SessionBound
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import CODE, code_fingerprint, machine
+import benchkit as bk
 
 TARGET_BYTES = 300
 NOW = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
@@ -282,9 +281,9 @@ def main() -> None:
         parser.error("--n must be a positive multiple of 5")
     console = Console(width=170)
     console.print(f"[bold]state_size[/]: n={args.n:,} per shape, cache_size=1 during the drive")
-    console.print(f"machine: {machine()}")
-    sources = (*CODE[:3], "schemas/events.py")
-    console.print(f"code: {code_fingerprint(sources)}")
+    console.print(f"machine: {bk.machine()}")
+    sources = (*bk.DECISION_CODE[:3], "schemas/events.py")
+    console.print(f"code: {bk.code_fingerprint(sources)}")
     started = time.perf_counter()
     ctx = get_context("fork")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
@@ -292,19 +291,21 @@ def main() -> None:
         results = [f.result() for f in futures]
     total_s = time.perf_counter() - started
 
-    table = Table(title=f"Live state per entity at n = {args.n:,} (plain dict stores)")
-    for col in (
-        "shape",
-        "store keys",
-        "avg key len",
-        "avg value len",
-        "tracemalloc B/entity",
-        "getsizeof B/entity",
-        "RSS growth B/entity",
-        "target",
-        "result",
-    ):
-        table.add_column(col, justify="left" if col == "shape" else "right")
+    table = bk.new_table(
+        f"Live state per entity at n = {args.n:,} (plain dict stores)",
+        (
+            "shape",
+            "store keys",
+            "avg key len",
+            "avg value len",
+            "tracemalloc B/entity",
+            "getsizeof B/entity",
+            "RSS growth B/entity",
+            "target",
+            "result",
+        ),
+        left=("shape",),
+    )
     for r in results:
         ok = r["traced_per_entity"] <= TARGET_BYTES
         table.add_row(
@@ -316,22 +317,24 @@ def main() -> None:
             f"{r['sizeof_per_entity']:.0f}",
             f"{r['rss_per_entity']:.0f}",
             f"<= {TARGET_BYTES}",
-            "[green]PASS[/]" if ok else "[red]MISS[/]",
+            bk.mark(ok),
         )
     console.print(table)
 
-    checks = Table(title="Cross-checks and the bounded decode cache")
-    for col in (
-        "shape",
-        "drive µs/fact",
-        "traced sample",
-        "sample tracemalloc B/entity",
-        "sample store B/entity",
-        "retained outside store",
-        "decode cache B/entry",
-        "cache bound / processor",
-    ):
-        checks.add_column(col, justify="left" if col == "shape" else "right")
+    checks = bk.new_table(
+        "Cross-checks and the bounded decode cache",
+        (
+            "shape",
+            "drive µs/fact",
+            "traced sample",
+            "sample tracemalloc B/entity",
+            "sample store B/entity",
+            "retained outside store",
+            "decode cache B/entry",
+            "cache bound / processor",
+        ),
+        left=("shape",),
+    )
     for r in results:
         outside = r["sample_traced_per_entity"] - r["sample_sizeof_per_entity"]
         checks.add_row(

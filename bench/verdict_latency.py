@@ -37,45 +37,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
-import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aiokafka import AIOKafkaProducer
-from benchkit import (
-    add_common_options,
-    code_fingerprint,
-    console,
-    cpu_times,
-    load_text,
-    machine,
-    mark,
-    percentile,
-    quiet_load,
-    remove_temp,
-    say,
-)
-from decisions_throughput import build_workload, wait_counters, worker_stats
-from rich.table import Table
+import benchkit as bk
+from decisions_throughput import build_workload
 
-from schemas import SessionBound, ToolCall, decode, encode
-from scopewatch.publish import publish_events
+from schemas import ToolCall, decode
 from scopewatch.settings import Settings
-from scopewatch.sqlclient import SqlError, run_sql
-from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
-from scopewatch.stack.stack import Stack
+from scopewatch.sqlclient import SqlError
+from scopewatch.stack.kafka import KafkaBroker
 
 CODE = (
     "stream_jobs/app.py",
@@ -125,7 +106,6 @@ class Poller:
             return len(self.outstanding)
 
     def _run(self) -> None:
-        db = self.settings.clickhouse_database
         previous_sent = time.time()
         while not self._stop.is_set():
             with self._lock:
@@ -135,10 +115,11 @@ class Poller:
                 self._stop.wait(self.interval)
                 continue
             in_list = ",".join(f"'{cid}'" for cid, _ in ids)
-            sql = f"SELECT DISTINCT call_id FROM {db}.evidence WHERE tenant = '{TENANT}' AND call_id IN ({in_list})"
             sent = time.time()
             try:
-                rows = run_sql(self.settings, sql, timeout=30)["rows"]
+                rows = bk.select(
+                    self.settings, "DISTINCT call_id", "evidence", f"tenant = '{TENANT}' AND call_id IN ({in_list})", 30
+                )
             except (SqlError, OSError):
                 self.errors += 1
                 self._stop.wait(self.interval)
@@ -160,8 +141,6 @@ class Poller:
 
 @dataclass
 class Emitted:
-    rate: float
-    seconds: float
     started: float
     ended: float
     times: dict[str, float]  # call_id -> emit time (epoch seconds)
@@ -171,47 +150,20 @@ class Emitted:
 async def emit_calls(
     bootstrap: str, topic: str, pool: list[ToolCall], rate: float, seconds: float, poller: Poller
 ) -> Emitted:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
-    await producer.start()
-    total = int(rate * seconds)
+    """Calls of the pool at ``rate`` for ``seconds``, about 200 a second of them sampled for the poller."""
     sample_every = max(1, int(rate // 200))
     times: dict[str, float] = {}
-    futures = []
     rng = random.Random(11)
-    late = 0
-    sent = 0
-    try:
-        started = time.time()
-        t0 = time.perf_counter()
-        while sent < total:
-            elapsed = time.perf_counter() - t0
-            due = min(total, int(elapsed * rate) + 1)
-            if due - sent > rate * 0.05:
-                late += 1
-            while sent < due:
-                template = pool[rng.randrange(len(pool))]
-                now = time.time()
-                call_id = str(uuid.uuid4())
-                call = template.model_copy(
-                    update={
-                        "call_id": call_id,
-                        "event_id": str(uuid.uuid4()),
-                        "event_time": datetime.fromtimestamp(now, UTC),
-                    }
-                )
-                futures.append(await producer.send(topic, value=encode(call), key=call.session_id.encode("utf-8")))
-                times[call_id] = now
-                if sent % sample_every == 0:
-                    poller.add(call_id, now)
-                sent += 1
-            next_at = t0 + (sent / rate)
-            await asyncio.sleep(max(0.0, min(0.002, next_at - time.perf_counter())))
-        ended = time.time()
-        await producer.flush()
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return Emitted(rate, seconds, started, ended, times, late)
+
+    def make(i: int, now: float) -> ToolCall:
+        call = bk.fresh_call(pool[rng.randrange(len(pool))], now)
+        times[call.call_id] = now
+        if i % sample_every == 0:
+            poller.add(call.call_id, now)
+        return call
+
+    paced = await bk.send_paced(bootstrap, topic, rate, int(rate * seconds), make)
+    return Emitted(paced.started, paced.ended, times, paced.late_ticks)
 
 
 # ------------------------------------------------------------------------- reading back
@@ -219,43 +171,27 @@ async def emit_calls(
 
 def fetch_versions(settings: Settings, since: float) -> dict[str, tuple[int, int, int]]:
     """call_id -> (call_time ms, decided_at ms, _ingested_at ms) of version 1, for calls since ``since``."""
-    db = settings.clickhouse_database
-    out: dict[str, tuple[int, int, int]] = {}
-    pages = 8
-    since_ms = int(since * 1000)
-    for page in range(pages):
-        sql = (
-            "SELECT call_id, toUnixTimestamp64Milli(any(call_time)), toUnixTimestamp64Milli(min(decided_at)), "
-            f"toUnixTimestamp64Milli(min(_ingested_at)) FROM {db}.evidence "
-            f"WHERE version = 1 AND call_time >= fromUnixTimestamp64Milli({since_ms}) "
-            f"AND cityHash64(call_id) % {pages} = {page} GROUP BY call_id"
-        )
-        for cid, ct, dec, ing in run_sql(settings, sql, timeout=300)["rows"]:
-            out[cid] = (int(ct), int(dec), int(ing))
-    return out
+    rows = bk.select_by_call(
+        settings,
+        "toUnixTimestamp64Milli(any(call_time)), toUnixTimestamp64Milli(min(decided_at)), "
+        "toUnixTimestamp64Milli(min(_ingested_at))",
+        "evidence",
+        f"version = 1 AND {bk.window('call_time', since)}",
+        pages=8,
+    )
+    return {cid: (int(ct), int(dec), int(ing)) for cid, ct, dec, ing in rows}
 
 
 def current_check(settings: Settings, since: float) -> tuple[int, int, float]:
     """(rows, distinct calls) of ``evidence_current`` for calls since ``since``, and the query's seconds."""
-    db = settings.clickhouse_database
-    since_ms = int(since * 1000)
-    sql = (
-        f"SELECT count(), uniqExact(call_id) FROM {db}.evidence_current "
-        f"WHERE call_time >= fromUnixTimestamp64Milli({since_ms})"
-    )
     t0 = time.perf_counter()
-    row = run_sql(settings, sql, timeout=300)["rows"][0]
+    row = bk.select(settings, "count(), uniqExact(call_id)", "evidence_current", bk.window("call_time", since))[0]
     return int(row[0]), int(row[1]), time.perf_counter() - t0
 
 
 def decided_count(settings: Settings, since: float) -> int:
-    db = settings.clickhouse_database
-    since_ms = int(since * 1000)
-    sql = (
-        f"SELECT uniqExact(call_id) FROM {db}.evidence "
-        f"WHERE version = 1 AND call_time >= fromUnixTimestamp64Milli({since_ms})"
-    )
-    return int(run_sql(settings, sql, timeout=120)["rows"][0][0])
+    where = f"version = 1 AND {bk.window('call_time', since)}"
+    return int(bk.select(settings, "uniqExact(call_id)", "evidence", where, timeout=120)[0][0])
 
 
 @dataclass
@@ -288,47 +224,27 @@ class RunResult:
     dead_letters: int
 
 
-def diagnose(settings: Settings, worker_pid: int) -> None:
-    """Print the worker's counters and its last warnings: why calls are not being decided."""
-    stats = worker_stats(settings, worker_pid) or {}
-    say(f"worker counters: {stats.get('counters')}")
-    log = settings.log_dir / "worker.log"
-    try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if "WARNING" in ln or "ERROR" in ln]
-    except OSError:
-        lines = []
-    for line in lines[-5:]:
-        say(f"worker log: {line[:300]}")
-
-
-def dead_letters(settings: Settings, worker_pid: int) -> int:
-    stats = worker_stats(settings, worker_pid) or {}
-    return int(stats.get("counters", {}).get("dead_letters", 0))
-
-
 def measure(
-    settings: Settings,
+    pipe: bk.Pipeline,
     pool: list[ToolCall],
     rate: float,
     seconds: float,
     args: argparse.Namespace,
-    pids: dict[str, int],
     drain: float | None = None,
 ) -> RunResult:
+    settings, pids = pipe.settings, pipe.pids
     poller = Poller(settings, args.poll)
     poller.start()
-    dead_before = dead_letters(settings, pids["worker"])
-    samples = {name: [cpu_times(pid)] for name, pid in pids.items()}
-    load = load_text()
+    dead_before = bk.dead_letters(settings, pids["worker"])
+    s0 = bk.sample_cpu(pids)
+    load = bk.load_text()
     try:
         emitted = asyncio.run(
             emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, pool, rate, seconds, poller)
         )
-        for name, pid in pids.items():
-            samples[name].append(cpu_times(pid))
-        drain_samples = {name: [s[-1]] for name, s in samples.items()}
+        s1 = bk.sample_cpu(pids)
         n = len(emitted.times)
-        say(
+        bk.say(
             f"emitted {n:,} calls in {emitted.ended - emitted.started:.2f}s "
             f"({n / (emitted.ended - emitted.started):,.0f}/s); waiting for their verdicts"
         )
@@ -343,15 +259,16 @@ def measure(
             if decided >= n and poller.pending() == 0:
                 break
             if time.monotonic() - moved > args.stall:
-                say(f"[red]no new verdict for {args.stall:.0f}s: the worker is stuck or skipped calls[/]")
+                bk.say(f"[red]no new verdict for {args.stall:.0f}s: the worker is stuck or skipped calls[/]")
                 break
             time.sleep(1.0)
         drain_seconds = time.time() - emitted.ended
-        for name, pid in pids.items():
-            drain_samples[name].append(cpu_times(pid))
+        s2 = bk.sample_cpu(pids)
         if decided < n:
-            say(f"[red]{n - decided:,} calls still without a verdict {time.time() - drain_start:.0f}s after the run[/]")
-            diagnose(settings, pids["worker"])
+            bk.say(
+                f"[red]{n - decided:,} calls still without a verdict {time.time() - drain_start:.0f}s after the run[/]"
+            )
+            bk.diagnose(settings, pids["worker"])
     finally:
         poller.stop()
     versions = fetch_versions(settings, emitted.started)
@@ -366,24 +283,11 @@ def measure(
         decided_lat.append(dec / 1000 - emit)
         sink_lat.append((ing - dec) / 1000)
         order.append((emit, ing / 1000 - emit))
-    order.sort()
-    tenth = max(1, len(order) // 10)
-    first = percentile([x for _, x in order[:tenth]], 50)
-    last = percentile([x for _, x in order[-tenth:]], 50)
-    # Decided rate: version-1 rows ingested per second over the run's window.
-    ing_times = sorted(emit + lat for emit, lat in order)
-    window_end = emitted.ended
-    in_window = sum(1 for t in ing_times if t <= window_end)
-    decided_rate = in_window / max(1e-9, window_end - emitted.started)
-    # What the stack got through, backlog included: from the first emit to the last version-1 row ingested.
-    throughput = len(ing_times) / max(1e-9, ing_times[-1] - emitted.started) if ing_times else 0.0
-    sustained = len(versions) >= n and last <= first + 0.5 and last <= 2 * max(first, 0.25)
+    trend = bk.tenths(order)
+    # Throughput: what the stack got through, backlog included: from the first emit to the last version-1 row
+    # ingested. Decided rate: version-1 rows ingested per second over the run's window.
+    throughput, decided_rate = bk.verdict_rates(order, emitted.started, emitted.ended)
     rows, calls, cur_s = current_check(settings, emitted.started)
-    dead = dead_letters(settings, pids["worker"]) - dead_before
-    cpu = {name: (s[-1].proc - s[0].proc) / max(1e-9, s[-1].at - s[0].at) for name, s in samples.items()}
-    drain_cpu = {name: (s[-1].proc - s[0].proc) / max(1e-9, s[-1].at - s[0].at) for name, s in drain_samples.items()}
-    any_s = next(iter(samples.values()))
-    busy = (any_s[-1].busy - any_s[0].busy) / max(1e-9, any_s[-1].total - any_s[0].total)
     polled = [upper - emit for emit, _lower, upper in poller.seen.values()]
     polled_lower = [lower - emit for emit, lower, _upper in poller.seen.values()]
     return RunResult(
@@ -398,35 +302,32 @@ def measure(
         sink_lat=sink_lat,
         polled=polled,
         polled_lower=polled_lower,
-        poll_cycle=percentile(poller.cycles, 50) if poller.cycles else float("nan"),
+        poll_cycle=bk.percentile(poller.cycles, 50) if poller.cycles else float("nan"),
         poll_errors=poller.errors,
-        sustained=sustained,
-        trend=(first, last),
+        sustained=len(versions) >= n and bk.kept_up(trend),
+        trend=trend,
         decided_rate=decided_rate,
         throughput=throughput,
-        drain_cpu=drain_cpu,
+        drain_cpu=bk.cpu_shares(s1, s2),
         current_rows=rows,
         current_calls=calls,
         current_seconds=cur_s,
-        cpu=cpu,
-        busy=busy,
+        cpu=bk.cpu_shares(s0, s1),
+        busy=bk.busy_share(s0["worker"], s1["worker"]),
         load=load,
         drain_seconds=drain_seconds,
-        dead_letters=dead,
+        dead_letters=bk.dead_letters(settings, pids["worker"]) - dead_before,
     )
 
 
 # ------------------------------------------------------------------------- report
 
 
-def ms(x: float) -> str:
-    return f"{x * 1000:,.0f} ms"
-
-
-def report(results: list[RunResult], args: argparse.Namespace) -> None:
-    table = Table(title="Call emitted -> provisional verdict visible in ClickHouse (evidence_current)")
-    for col in ("offered rate", "measure", "p50", "p99", "max", "target p99", "result"):
-        table.add_column(col, justify="left" if col == "measure" else "right")
+def report(results: list[RunResult]) -> None:
+    table = bk.new_table(
+        "Call emitted -> provisional verdict visible in ClickHouse (evidence_current)",
+        ("offered rate", "measure", "p50", "p99", "max", "target p99", "result"),
+    )
     for r in results:
         label = f"{r.rate:,.0f}/s" + ("" if r.sustained else " (not kept up)")
         rows = [
@@ -439,40 +340,32 @@ def report(results: list[RunResult], args: argparse.Namespace) -> None:
             if not values:
                 table.add_row(label, name, "-", "-", "-", "", "")
                 continue
-            p99 = percentile(values, 99)
+            p99 = bk.percentile(values, 99)
             table.add_row(
                 label,
                 name + f" (n={len(values):,})",
-                ms(percentile(values, 50)),
-                ms(p99),
-                ms(max(values)),
+                bk.ms_p(values, 50),
+                bk.ms(p99),
+                bk.ms(max(values)),
                 f"<= {TARGET_P99_S * 1000:.0f} ms" if judged else "",
-                mark(p99 <= TARGET_P99_S) if judged else "",
+                bk.mark(p99 <= TARGET_P99_S) if judged else "",
             )
             label = ""
-    console.print(table)
-    extra = Table(title="The same runs, other views")
-    extra.add_column("measure")
-    for r in results:
-        extra.add_column(f"{r.rate:,.0f}/s", justify="right")
-
-    def row(name: str, fn: Any) -> None:
-        extra.add_row(name, *[fn(r) for r in results])
-
+    bk.console.print(table)
+    extra = bk.RunsTable("The same runs, other views", results)
+    row = extra.row
     row("calls emitted / with a version-1 verdict", lambda r: f"{r.emitted:,} / {r.decided:,}")
     row("emit rate achieved (bench producer)", lambda r: f"{r.emit_rate:,.0f}/s")
     row("pacing ticks > 50 ms late (bench process starved)", lambda r: str(r.late_ticks))
     row("verdicts ingested per second during the emit window", lambda r: f"{r.decided_rate:,.0f}/s")
     row("verdicts per second, first emit -> last verdict (backlog included)", lambda r: f"{r.throughput:,.0f}/s")
-    row("median latency, first tenth -> last tenth of calls", lambda r: f"{ms(r.trend[0])} -> {ms(r.trend[1])}")
+    row("median latency, first tenth -> last tenth of calls", lambda r: f"{bk.ms(r.trend[0])} -> {bk.ms(r.trend[1])}")
     row("kept up with the offered rate", lambda r: "yes" if r.sustained else "[red]no[/]")
     row(
         "visible (poll): lower bound p50 / p99",
-        lambda r: (
-            f"{ms(percentile(r.polled_lower, 50))} / {ms(percentile(r.polled_lower, 99))}" if r.polled_lower else "-"
-        ),
+        lambda r: f"{bk.ms_p(r.polled_lower, 50)} / {bk.ms_p(r.polled_lower, 99)}" if r.polled_lower else "-",
     )
-    row("poll cycle (query round trip, median)", lambda r: ms(r.poll_cycle))
+    row("poll cycle (query round trip, median)", lambda r: bk.ms(r.poll_cycle))
     row("poll errors", lambda r: str(r.poll_errors))
     row("worker dead letters during the run", lambda r: str(r.dead_letters))
     row(
@@ -489,109 +382,61 @@ def report(results: list[RunResult], args: argparse.Namespace) -> None:
         lambda r: f"{r.drain_cpu.get('worker', 0):.0%} / {r.drain_cpu.get('sink', 0):.0%}",
     )
     row("load average at the start (1/5/15)", lambda r: r.load)
-    console.print(extra)
-    say(f"load average at the end: {load_text()}")
+    bk.console.print(extra.table)
+    bk.say(f"load average at the end: {bk.load_text()}")
 
 
 # ------------------------------------------------------------------------- main
 
 
-def fresh_pipeline(
-    args: argparse.Namespace, tmp: Path, broker: KafkaBroker, wl: Any
-) -> tuple[Settings, Stack, dict[str, int]]:
+def fresh_pipeline(args: argparse.Namespace, tmp: Path, broker: KafkaBroker, wl: Any) -> bk.Pipeline:
     """A new sink, worker and chDB folder on new topics and groups of the shared broker, facts decided."""
     run_id = uuid.uuid4().hex[:8]
-    settings = Settings(
-        home=tmp / f"pipeline-{run_id}",
-        bootstrap=broker.config.bootstrap,
-        topic_prefix=f"bench{run_id}.",
-        partitions=args.partitions,
-        query_port=proc.free_port(),
-        sink_group=f"bench{run_id}-sink",
-        worker_group=f"bench{run_id}-decisions",
-        sink_batch_seconds=args.batch_seconds,
-        grace_seconds=args.grace,
+    settings = bk.pipeline_settings(
+        tmp, broker.config.bootstrap, run_id, args.partitions, args.grace, sink_batch_seconds=args.batch_seconds
     )
-    settings.home.mkdir(parents=True, exist_ok=True)
-    asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
-    stack = Stack(settings, report=lambda m: say(f"stack: {m}"))
-    stack.up(timeout=180)
-    worker = proc.read_pid_record(stack.pid_path("worker"))
-    sink = proc.read_pid_record(stack.pid_path("sink"))
-    assert worker is not None and sink is not None
-    sent, _ = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, list(enumerate(wl.facts))))
-    n_sessions = sum(isinstance(f, SessionBound) for f in wl.facts)
-    wait_counters(
-        settings, worker, {"stage1_facts": n_sessions, "stage2_facts": len(wl.facts) - n_sessions}, timeout=300
-    )
-    # Restart the worker once, as decisions_throughput.py does: a worker started on a fresh cluster can miss
-    # the changelog topics Faust creates at its start ("Topic ...-s2-calls-changelog not found in cluster
-    # metadata") and then dead-letters every call (PartitionsMismatch) until its metadata refresh.
-    proc.stop_process(worker, timeout=60)
-    stack.up(timeout=180)
-    worker = proc.read_pid_record(stack.pid_path("worker"))
-    assert worker is not None
-    pids = {"worker": worker.pid, "sink": sink.pid}
-    kafka = broker.running_record()
-    if kafka is not None:
-        pids["kafka"] = kafka.pid
-    say(f"facts processed by the worker ({dict(sent)}); worker restarted")
-    return settings, stack, pids
+    return bk.start_pipeline(settings, broker, wl.facts, run_id)
 
 
 def run(args: argparse.Namespace) -> int:
-    say(f"machine: {machine()}")
-    say(f"code: {code_fingerprint(CODE)}")
-    tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-latency-"))
-    broker: KafkaBroker | None = None
-    stack: Stack | None = None
-    try:
-        cache = Settings().cache_dir
-        broker = start_broker(tmp / "kafka", cache, port=proc.free_port(), controller_port=proc.free_port(), heap="1g")
-        say(f"Kafka broker ready on {broker.config.bootstrap}")
+    bk.announce(CODE)
+    with bk.temp_folder("scopewatch-bench-latency-", args.keep) as tmp, contextlib.ExitStack() as cleanup:
+        broker = bk.local_broker(tmp, Settings().cache_dir)
+        cleanup.callback(broker.stop)
+        bk.say(f"Kafka broker ready on {broker.config.bootstrap}")
         wl = build_workload(args.pool, args.sessions, args.delegations, seed=7)
         pool = [c for c in (decode(v) for _, v in wl.calls) if isinstance(c, ToolCall)]
 
-        results: list[RunResult] = []
-        rate = args.rate
-        for attempt in range(args.fallbacks + 1):
+        def warm_up(pipe: bk.Pipeline, rate: float) -> bool:
+            warm = min(rate, 500)
+            bk.say(f"warming up at {warm:,.0f}/s for 3 s")
+            w = measure(pipe, pool, warm, 3, args, drain=120)
+            return w.decided == w.emitted
+
+        def at_rate(rate: float) -> RunResult:
             # Every rate gets its own sink, worker and chDB folder: the backlog of a run that did not keep up
             # (final versions, sink ingest) must not slow the next one down.
-            for _try in range(3):
-                settings, stack, pids = fresh_pipeline(args, tmp, broker, wl)
-                warm = min(rate, 500)
-                say(f"warming up at {warm:,.0f}/s for 3 s")
-                w = measure(settings, pool, warm, 3, args, pids, drain=120)
-                if w.decided == w.emitted:
-                    break
-                say("[red]the warm-up calls were not all decided: starting another fresh pipeline[/]")
-                stack.down()
-                stack = None
-            else:
-                raise RuntimeError("three fresh pipelines in a row did not decide their warm-up calls")
-            load = quiet_load(args)
-            say(f"measuring at {rate:,.0f} calls/s for {args.seconds:.0f}s (load {load})")
-            r = measure(settings, pool, rate, args.seconds, args, pids)
-            results.append(r)
-            stack.down()
-            stack = None
-            say(
-                f"{rate:,.0f}/s: visible p50 {ms(percentile(r.polled, 50))} p99 {ms(percentile(r.polled, 99))}; "
-                f"ingested p50 {ms(percentile(r.ingested, 50))} p99 {ms(percentile(r.ingested, 99))}; "
+            pipe = bk.warmed_pipeline(
+                lambda: fresh_pipeline(args, tmp, broker, wl),
+                lambda p: warm_up(p, rate),
+                failed="the warm-up calls were not all decided",
+                gave_up="three fresh pipelines in a row did not decide their warm-up calls",
+            )
+            try:
+                load = bk.quiet_load(args)
+                bk.say(f"measuring at {rate:,.0f} calls/s for {args.seconds:.0f}s (load {load})")
+                r = measure(pipe, pool, rate, args.seconds, args)
+            finally:
+                pipe.stack.down()
+            bk.say(
+                f"{rate:,.0f}/s: visible p50 {bk.ms_p(r.polled, 50)} p99 {bk.ms_p(r.polled, 99)}; "
+                f"ingested p50 {bk.ms_p(r.ingested, 50)} p99 {bk.ms_p(r.ingested, 99)}; "
                 f"{'kept up' if r.sustained else 'did NOT keep up'} (got through {r.throughput:,.0f}/s)"
             )
-            if r.sustained or attempt == args.fallbacks:
-                break
-            rate = max(50.0, round(min(r.throughput, rate) * 0.7, -1))
-            say(f"the stack did not keep up at {r.rate:,.0f}/s; trying {rate:,.0f}/s on a fresh pipeline")
-        report(results, args)
-        return 0
-    finally:
-        if stack is not None:
-            stack.down()
-        if broker is not None:
-            broker.stop()
-        remove_temp(tmp, args.keep)
+            return r
+
+        report(bk.measure_rates(args.rate, args.fallbacks, at_rate))
+    return 0
 
 
 def main() -> None:
@@ -608,10 +453,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.1, help="poll interval of the visibility check (s)")
     parser.add_argument("--drain", type=float, default=900, help="seconds to wait for the backlog after a run")
     parser.add_argument("--stall", type=float, default=60, help="stop waiting when no verdict came for this long")
-    add_common_options(parser)
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(run(args))
+    bk.add_common_options(parser)
+    bk.exit_with(run, parser.parse_args())
 
 
 if __name__ == "__main__":
