@@ -50,6 +50,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from detections.live import LiveCounters, Output, Stage1, Stage2, tick_message
 from schemas import (
@@ -337,6 +338,44 @@ class Sender:
         return await self.producer.send_all(out)
 
 
+FETCH_MIN_BYTES = 64 * 1024
+FETCH_WAIT_MS = 40
+
+
+class _FetchTunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, whose fetches wait in the broker for ``FETCH_MIN_BYTES`` or
+    ``FETCH_WAIT_MS``, whichever comes first.
+
+    Faust builds its aiokafka consumer with the 1-byte default (no setting reaches it), so a busy
+    worker sent a fetch request for every few messages: about a tenth of its CPU went to fetch
+    requests (py-spy at 490 calls/s). The values are set before the consumer starts, which is when
+    aiokafka hands them to its fetcher; the wait adds at most ``FETCH_WAIT_MS`` per stage.
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_min_bytes = FETCH_MIN_BYTES
+        consumer._fetch_max_wait_ms = FETCH_WAIT_MS
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> _FetchTunedConsumerThread:
+        return _FetchTunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
+class _App(faust.App):
+    """A Faust app whose consumer transport is :class:`_Transport` (the ``kafka://`` driver with
+    tuned fetches); everything else is Faust's."""
+
+    def _new_transport(self) -> Any:
+        return _Transport(self.conf.broker_consumer, self)
+
+
 def changelog_topic(settings: Settings, table: str) -> str:
     """The compacted topic holding one state table (the name Faust gave its table changelogs)."""
     return f"{settings.worker_group}-{table}-changelog"
@@ -351,7 +390,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     topics = settings.topics
     config = settings.live_config
     n = settings.partitions
-    app = faust.App(
+    app = _App(
         app_id or settings.worker_group,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",

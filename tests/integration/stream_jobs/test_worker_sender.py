@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from integration.conftest import make_settings
 
 from scopewatch.stack.kafka import KafkaBroker, create_topics
-from stream_jobs.app import BatchProducer, Sender, create_app
+from stream_jobs.app import FETCH_MIN_BYTES, FETCH_WAIT_MS, BatchProducer, Sender, create_app
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +73,19 @@ def test_the_worker_gives_each_stage_its_own_sender_over_one_producer(
     stage1, stage2 = app.scopewatch_stages  # type: ignore[attr-defined]
     assert stage1.sender is not stage2.sender
     assert stage1.sender.producer is stage2.sender.producer
+
+
+def test_the_worker_consumer_fetches_wait_for_bytes_in_the_broker(
+    kafka_broker: KafkaBroker, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Faust's aiokafka consumer would fetch with aiokafka's 1-byte minimum (a request every few
+    messages); the worker's waits for FETCH_MIN_BYTES or FETCH_WAIT_MS."""
+    app = create_app(make_settings(tmp_path, kafka_broker.config.bootstrap, cache_dir))
+    thread = app.consumer._new_consumer_thread()
+
+    async def build() -> Any:  # aiokafka consumers are made inside a running loop
+        return thread._create_worker_consumer(app.transport)
+
+    aio = asyncio.run(build())
+    assert (aio._fetch_min_bytes, aio._fetch_max_wait_ms) == (FETCH_MIN_BYTES, FETCH_WAIT_MS)
+    assert FETCH_MIN_BYTES > 1
