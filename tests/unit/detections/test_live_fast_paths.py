@@ -28,6 +28,24 @@ from schemas import Finding as FindingRecord
 from support.live_sim import LiveSim
 from support.strategies import BASE, calls, fact_sets
 
+
+def tool_call(**fields: Any) -> ToolCall:
+    """A validated call of acme's session s1 (fs/read_file by default); ``fields`` override."""
+    values: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "event_time": BASE,
+        "tenant": "acme",
+        "call_id": "c1",
+        "session_id": "s1",
+        "server": "fs",
+        "tool": "read_file",
+        "arguments": {},
+        "resources": [],
+        "transport": "sdk",
+    }
+    return ToolCall(**(values | fields))
+
+
 GLOB_ALPHABET = "ab/*?[]!-.:\\"
 globs = st.text(alphabet=GLOB_ALPHABET, max_size=6)
 names = st.text(alphabet="ab/-.:[]!*?\\", max_size=6)
@@ -86,18 +104,7 @@ def _state(model: Any) -> tuple[Any, ...]:
 
 def test_trusted_evidence_is_what_model_construct_builds() -> None:
     decision = Decision("in_scope", "g1", ("a", "b"), "alice", "a1", {"as_of": "x", "grants": []})
-    call = ToolCall(
-        event_id=str(uuid.uuid4()),
-        event_time=BASE,
-        tenant="acme",
-        call_id="c1",
-        session_id="s1",
-        server="fs",
-        tool="read_file",
-        arguments={},
-        resources=["file:/a"],
-        transport="sdk",
-    )
+    call = tool_call(resources=["file:/a"])
     now = datetime.now(UTC)
     fast = live.build_evidence(call, decision, 2, True, False, now, 3, "deadline", "final", "acme/s1/c1")
     facts = dict(decision.facts, attribution_version=3, trigger="deadline", kind="final")
@@ -210,19 +217,8 @@ def test_odd_finding_values_still_go_through_validation() -> None:
 
 @pytest.mark.parametrize("rule", [r for r in default_catalog() if r.verdicts is not None], ids=lambda r: r.id)
 def test_rules_skipped_on_other_verdicts_would_not_fire_nor_change_state(rule: Any) -> None:
-    call = ToolCall(
-        event_id=str(uuid.uuid4()),
-        event_time=BASE,
-        tenant="acme",
-        call_id="c1",
-        session_id="s1",
-        server="web",
-        tool="fetch",
-        arguments={},
-        resources=["file:/etc/passwd"],
-        transport="sdk",
-        attested={"sub": "mallory"},
-        tool_digest="sha256:x",
+    call = tool_call(
+        server="web", tool="fetch", resources=["file:/etc/passwd"], attested={"sub": "mallory"}, tool_digest="sha256:x"
     )
     config = Detector().config
     for verdict in VERDICTS:
@@ -307,18 +303,7 @@ def test_records_of_an_earlier_format_are_ignored_not_fatal() -> None:
     sim.s2_calls["acme/s1|acme/s1/c2"] = b"not json"
     sim.rebuild()
     assert sim.stage1[0].open_calls() == 0 and sim.stage2[0].open_calls() == 0
-    call = ToolCall(
-        event_id=str(uuid.uuid4()),
-        event_time=BASE,
-        tenant="acme",
-        call_id="c1",
-        session_id="s1",
-        server="fs",
-        tool="read_file",
-        arguments={},
-        resources=[],
-        transport="sdk",
-    )
+    call = tool_call()
     now = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
     sim.deliver(call, now)
     sim.drain(now)
@@ -335,18 +320,8 @@ def test_session_facts_of_every_kind_still_feed_the_memo() -> None:
     now = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
     def call(n: int, sub: str | None = None) -> ToolCall:
-        return ToolCall(
-            event_id=str(uuid.uuid4()),
-            event_time=BASE + timedelta(seconds=n),
-            tenant="acme",
-            call_id=f"c{n}",
-            session_id="s1",
-            server="fs",
-            tool="read_file",
-            arguments={},
-            resources=[],
-            transport="sdk",
-            attested=None if sub is None else {"sub": sub},
+        return tool_call(
+            event_time=BASE + timedelta(seconds=n), call_id=f"c{n}", attested=None if sub is None else {"sub": sub}
         )
 
     bound = SessionBound(
@@ -414,18 +389,7 @@ def test_authorize_takes_the_same_path_as_the_live_pipeline() -> None:
     engine.add_fact(bound)
     engine.add_fact(grant)
     for tool, resources in (("read_file", ["file:/data/a"]), ("list", ["file:/etc/x", "file:/data/b"]), ("write", [])):
-        call = ToolCall(
-            event_id=str(uuid.uuid4()),
-            event_time=BASE + timedelta(seconds=1),
-            tenant="acme",
-            call_id="c1",
-            session_id="s1",
-            server="fs",
-            tool=tool,
-            arguments={},
-            resources=resources,
-            transport="sdk",
-        )
+        call = tool_call(event_time=BASE + timedelta(seconds=1), tool=tool, resources=resources)
         decision = engine.decide(call)
         from detections.engine import attribute
 
