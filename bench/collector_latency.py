@@ -9,7 +9,9 @@ Sessions, all open at the same time in one run:
   directly (twice: ``direct`` and ``direct-b``), via ``python -m scopewatch wrap`` with the
   broker up, and via ``wrap`` with the broker down (``SCOPEWATCH_BOOTSTRAP`` is a closed port,
   so the collector spools to ``SCOPEWATCH_SPOOL_DIR``); in the raw pass also behind a bare
-  two-thread relay with no observer at all (:data:`RELAY_ONLY`), the floor of any Python relay;
+  two-thread relay with no observer at all (:data:`RELAY_ONLY`), the floor of any Python relay,
+  and behind a one-thread ``poll()`` relay in C (:data:`RELAY_C`, built with ``gcc`` when there is
+  one), the floor of any relay process at all;
 * HTTP: the ``mcp`` SDK's own Streamable-HTTP server (``MCPServer`` with an ``echo`` tool, in a
   child process) called directly (twice), via ``python -m scopewatch proxy`` with the broker up,
   and via a second proxy with the broker down.
@@ -113,6 +115,68 @@ out.start()
 sys.exit(child.wait() if out.join() is None else 1)
 """
 """The lower bound of any relay in Python: the same two blocking relay threads as ``wrap``, no observer."""
+
+RELAY_C = r"""/* The floor of any relay process: fork/exec the server, then one poll() loop copying
+ * stdin -> child's stdin and child's stdout -> stdout. No observer, no threads. */
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int copy(int src, int dst) {
+    char buf[65536];
+    ssize_t n = read(src, buf, sizeof buf);
+    if (n <= 0) return -1;
+    for (ssize_t off = 0; off < n;) {
+        ssize_t w = write(dst, buf + off, (size_t)(n - off));
+        if (w < 0) return -1;
+        off += w;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    int in[2], out[2];
+    if (argc < 2 || pipe(in) || pipe(out)) return 2;
+    signal(SIGPIPE, SIG_IGN);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(in[0], 0); dup2(out[1], 1);
+        close(in[0]); close(in[1]); close(out[0]); close(out[1]);
+        execvp(argv[1], argv + 1);
+        _exit(127);
+    }
+    close(in[0]); close(out[1]);
+    struct pollfd fds[2] = {{0, POLLIN, 0}, {out[0], POLLIN, 0}};
+    int open_in = 1;
+    for (;;) {
+        if (poll(fds, 2, -1) < 0) continue;
+        if (open_in && fds[0].revents) {
+            if (copy(0, in[1]) < 0) { close(in[1]); open_in = 0; fds[0].fd = -1; }
+        }
+        if (fds[1].revents) {
+            if (copy(out[0], 1) < 0) break;
+        }
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+"""
+"""The lower bound of any relay process: one ``poll()`` loop in C, no threads, no observer."""
+
+
+def build_c_relay(folder: Path) -> Path | None:
+    """Compile :data:`RELAY_C` with gcc into ``folder``; None (the session is left out) without gcc."""
+    source, binary = folder / "relay.c", folder / "relay-c"
+    source.write_text(RELAY_C)
+    try:
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        bk.say(f"no C relay session: cannot build it ({exc})")
+        return None
+    return binary
 
 
 # ------------------------------------------------------------------------- processes
@@ -343,6 +407,9 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         "wrap": (wrap_argv(server, "raw-wrap", 10), env.env_for("raw-wrap", True)),
         "wrap, broker down": (wrap_argv(server, "raw-wrap-down", 1), env.env_for("raw-wrap-down", False)),
     }
+    c_relay = build_c_relay(env.tmp)
+    if c_relay is not None:
+        plan["C relay (no observer)"] = ([str(c_relay), *server], env.up_env)
     sessions: dict[str, RawSession] = {}
     try:
         for name, (argv, child_env) in plan.items():
@@ -584,6 +651,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "direct-b": "direct",
                     "relay only (no observer)": "direct",
+                    "C relay (no observer)": "direct",
                     "wrap": "direct",
                     "wrap, broker down": "direct",
                 },
