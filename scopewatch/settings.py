@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # Sink
     sink_batch_rows: int = Field(default=10_000, ge=1)
     sink_batch_seconds: float = Field(default=0.5, gt=0)
+    sink_fetch_wait_ms: int = Field(
+        default=100, ge=0, le=5000, description="a sink fetch waits in the broker this long for 256 KiB"
+    )
     sink_group: str = "scopewatch-sink"
 
     # Stream job

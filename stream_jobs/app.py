@@ -438,26 +438,23 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
             raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
         return proc.on_fact(obj, now)
 
-    stage1 = StageRunner(
-        "attribute",
-        {name: changelogs[name] for name in STAGE1_TABLES},
-        lambda p, s: Stage1(p, s["s1-sessions"], s["s1-calls"], config, live_counters),
-        handle_stage1,
-        Sender(producer, settings, counters),
-        reader,
-        ready,
-        counters,
-    )
-    stage2 = StageRunner(
-        "authorize",
-        {name: changelogs[name] for name in STAGE2_TABLES},
-        lambda p, s: Stage2(p, s["s2-grants"], s["s2-calls"], config, live_counters),
-        handle_stage2,
-        Sender(producer, settings, counters),
-        reader,
-        ready,
-        counters,
-    )
+    def runner(
+        name: str, tables: tuple[str, ...], make: Callable[..., Any], handle: Callable[..., Output]
+    ) -> StageRunner:
+        stores = {table: changelogs[table] for table in tables}
+        return StageRunner(
+            name,
+            stores,
+            lambda p, s: make(p, *(s[t] for t in tables), config, live_counters),
+            handle,
+            Sender(producer, settings, counters),  # one buffer per stage: a flush waits for its own only
+            reader,
+            ready,
+            counters,
+        )
+
+    stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
+    stage2 = runner("authorize", STAGE2_TABLES, Stage2, handle_stage2)
     app.scopewatch_stages = (stage1, stage2)  # type: ignore[attr-defined]
     batch, within = settings.worker_batch_size, settings.worker_batch_seconds
 

@@ -58,6 +58,21 @@ async def _connect_owner(settings: Settings, patience: float = 15.0) -> Any:
             await asyncio.sleep(0.5)
 
 
+def sink_config(settings: Settings) -> SinkConfig:
+    """The sink's configuration from the settings (and the crash-drill variables)."""
+    return SinkConfig(
+        bootstrap=settings.kafka_bootstrap,
+        topics=sink_topics(settings),
+        group=settings.sink_group,
+        batch_rows=settings.sink_batch_rows,
+        batch_seconds=settings.sink_batch_seconds,
+        fetch_wait_ms=settings.sink_fetch_wait_ms,
+        intent_file=settings.run_dir / "sink-intent.json",
+        crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
+        crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),
+    )
+
+
 async def _sink_main(settings: Settings) -> None:
     client = await _connect_owner(settings)
     applied = migrate(client, settings.clickhouse_database)
@@ -76,19 +91,7 @@ async def _sink_main(settings: Settings) -> None:
             query_endpoint_file(settings),
             {"port": settings.query_port, "pid": os.getpid(), "start_ticks": process_start_time(os.getpid())},
         )
-    sink = ClickHouseSink(
-        SinkConfig(
-            bootstrap=settings.kafka_bootstrap,
-            topics=sink_topics(settings),
-            group=settings.sink_group,
-            batch_rows=settings.sink_batch_rows,
-            batch_seconds=settings.sink_batch_seconds,
-            intent_file=settings.run_dir / "sink-intent.json",
-            crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
-            crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),
-        ),
-        writer,
-    )
+    sink = ClickHouseSink(sink_config(settings), writer)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.stop)

@@ -291,8 +291,9 @@ class ClickHouseSink:
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "lag": sum(self.lag.values()), "lag_by_topic": dict(self.lag)}
 
-    async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
+    def new_consumer(self) -> AIOKafkaConsumer:
+        """The sink's consumer (not started; call inside the running loop)."""
+        return AIOKafkaConsumer(
             *self.config.topics,
             bootstrap_servers=self.config.bootstrap,
             group_id=self.config.group,
@@ -303,6 +304,9 @@ class ClickHouseSink:
             fetch_min_bytes=self.config.fetch_min_bytes,
             fetch_max_wait_ms=self.config.fetch_wait_ms,
         )
+
+    async def run(self) -> None:
+        consumer = self.new_consumer()
         await consumer.start()
         try:
             intent = self._read_intent()

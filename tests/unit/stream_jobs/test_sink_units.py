@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 
+from scopewatch.settings import Settings
 from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
 from stream_jobs.rows import Provenance, to_row
-from stream_jobs.sink import Batch
+from stream_jobs.service import sink_config
+from stream_jobs.sink import Batch, ClickHouseSink
 from support.samples import SAMPLES
 
 T = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
@@ -49,3 +54,18 @@ def test_migrations_parse_into_statements() -> None:
 def test_query_values_become_json() -> None:
     assert jsonable(datetime(2026, 1, 1, 10, 0, 0, 123000)) == "2026-01-01T10:00:00.123Z"
     assert jsonable((b"x", [1, None])) == ["x", [1, None]]
+
+
+def test_the_sink_consumer_fetches_wait_in_the_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka's default fetch_min_bytes of 1 made the sink send a fetch request every few
+    messages; the consumer waits for SinkConfig.fetch_min_bytes or SCOPEWATCH_SINK_FETCH_WAIT_MS."""
+    monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
+    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25))
+    assert config.fetch_wait_ms == 25 and config.fetch_min_bytes >= 64 * 1024
+
+    async def build() -> Any:  # aiokafka consumers are made inside a running loop
+        return ClickHouseSink(config, writer=None).new_consumer()  # type: ignore[arg-type]
+
+    consumer = asyncio.run(build())
+    assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (config.fetch_min_bytes, 25)
+    assert Settings(home=tmp_path).sink_fetch_wait_ms == 100
