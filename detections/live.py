@@ -44,8 +44,13 @@ grant states per interval of time (:meth:`GrantHistory.slot_at`), one compiled r
 pattern list, the part of a decision that depends only on the grants and the tool name (per slot),
 the parsed attribution per attribution line (by its digest). Nothing is kept in memory per open
 call: objects kept per call for the grace period cost more in garbage collection than parsing the
-stored record again at the deadline (measured). Store writes: one per changed record, never an
-unchanged value (each write is a changelog message).
+stored record again at the deadline (measured). (A final call is kept for at most twice
+``sequence_slack`` after its deadline, for the sequence rules: see ``Stage2._release``.) Store
+writes: one per changed record, never an unchanged value (each write is a changelog message).
+
+Rules: per-call rules run on a call's final verdict at once; sequence rules see final calls
+``sequence_slack`` after their deadline, in (event time, call id) order as replay does, so calls of
+a delegation that arrive less than the slack apart are counted in event-time order.
 
 Wire and state formats: JSON arrays, one per line (JSON never contains a raw ``\\n``):
 
