@@ -328,8 +328,6 @@ def _parse_list(data: bytes, tag: str, size: int) -> list[Any] | None:
 
 
 _EVIDENCE_FIELDS: Final = set(Evidence.model_fields)
-_EVIDENCE_SHA1: Final = hashlib.sha1(_EVIDENCE_NS, usedforsecurity=False)  # uuid5, not security
-_UUID_VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 _CALL_FIELDS_SET: Final = set(ToolCall.model_fields) - {"event_type", "collector"}
 """What ``model_construct`` records as set for the stripped call of earlier snapshots (all but defaults)."""
 
@@ -355,12 +353,8 @@ def _evidence(
     facts["attribution_version"] = attribution_version
     facts["trigger"] = reason
     facts["kind"] = kind
-    # evidence_id_for, inline: uuid5 of the call key and the version
-    hasher = _EVIDENCE_SHA1.copy()  # sha1 of the namespace so far: copying it is cheaper than a new hash
-    hasher.update(f"{ckey or call_key(tenant, session_id, call_id)}#{version}".encode())
-    h = hasher.hexdigest()
     values = {
-        "evidence_id": f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}",
+        "evidence_id": evidence_id_for(tenant, session_id, call_id, version, ckey),
         "call_id": call_id,
         "tenant": tenant,
         "session_id": session_id,
@@ -378,13 +372,7 @@ def _evidence(
         "decided_at": decided_at,
         "facts": facts,
     }
-    # trusted_model(Evidence, values, {}), inline
-    evidence: Evidence = _new_object(Evidence)
-    _set_attribute(evidence, "__dict__", values)
-    _set_attribute(evidence, "__pydantic_fields_set__", _EVIDENCE_FIELDS.copy())
-    _set_attribute(evidence, "__pydantic_extra__", {})
-    _set_attribute(evidence, "__pydantic_private__", None)
-    return evidence
+    return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
 
 
 def build_evidence(
