@@ -12,3 +12,16 @@ def gone(pid: int) -> bool:
     except OSError:
         return True
     return stat[stat.rfind(")") + 2 :].startswith("Z")
+
+
+def observer_processes(wrapper: int) -> list[int]:
+    """The observer process(es) a running `scopewatch wrap` forked (named ``scopewatch-obs``)."""
+    found = []
+    for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-obs":
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found

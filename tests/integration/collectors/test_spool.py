@@ -26,7 +26,7 @@ from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from support.canaries import CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, leaked
 from support.kafka import reader
-from support.procs import gone
+from support.procs import gone, observer_processes
 from support.wrap import child_env, wrap_argv
 
 pytestmark = pytest.mark.integration
@@ -82,19 +82,6 @@ async def _drive(
             assert not result.is_error, result
             if each is not None:
                 await each(i, client)
-
-
-def observer_processes(wrapper: int) -> list[int]:
-    """The observer process(es) a running `scopewatch wrap` forked (named ``scopewatch-obs``)."""
-    found = []
-    for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-obs":
-                    found.append(int(pid))
-            except OSError:
-                pass
-    return found
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -28,7 +28,7 @@ from collectors.spool import SpoolConfig, inspect_spool, read_pending
 from collectors.stdio import KafkaSink, StdioWrapper
 from schemas import DeadLetter, SessionBound, SessionEnded, ToolCall, ToolResult, decode
 from schemas.topics import Topics
-from support.procs import gone
+from support.procs import gone, observer_processes
 
 pytestmark = pytest.mark.integration
 
@@ -120,18 +120,6 @@ class Client:
         params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
         self.send({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params})
         self.receive()
-
-
-def observer_processes(wrapper: int) -> list[int]:
-    found = []
-    for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-obs":
-                    found.append(int(pid))
-            except OSError:
-                pass
-    return found
 
 
 def all_threads_gone(pid: int) -> bool:
