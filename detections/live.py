@@ -1041,7 +1041,8 @@ class Stage2:
                     continue
                 call = rec.call
                 due.append((call[8], call[2], skey, rec))
-            # Calls that become final together go to the sequence rules in event-time order, as in replay.
+            # Calls that become final together are decided in event-time order: a deterministic order of
+            # their evidence (the sequence rules get them in that order anyway, from _held).
             due.sort(key=lambda d: d[:3])
             for _t, _cid, skey, rec in due:
                 self._decide(skey, rec, now, now_us, "deadline", False, out)

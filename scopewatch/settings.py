@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     pager_config: Path | None = Field(
         default=None, description="routes file (TOML/JSON); default HOME/pager.toml or HOME/pager.json when present"
     )
-    pager_group: str = "scopewatch-pager"
+    pager_group: str | None = Field(
+        default=None, description="pager consumer group; unset: the routes file's `group`, else scopewatch-pager"
+    )
 
     @property
     def live_config(self) -> LiveConfig:

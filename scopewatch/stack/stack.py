@@ -35,17 +35,11 @@ OPTIONAL_SERVICES = ("pager",)
 Report = Callable[[str], None]
 
 
-OVERRIDES_ONLY = frozenset({"pager_group"})
-"""Settings a child gets only when they were set explicitly: for these, leaving the variable out
-lets something else decide (the pager's routes file names its own consumer group, and
-``SCOPEWATCH_PAGER_GROUP`` would override it)."""
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child process the same settings."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        if value is None or (name in OVERRIDES_ONLY and name not in settings.model_fields_set):
+        if value is None:  # unset: the child decides (e.g. the pager takes its routes file's group)
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
