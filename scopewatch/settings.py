@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         default=30.0, ge=6, le=300, description="a silent worker leaves the group (its partitions move) after this"
     )
 
+    # Every service
+    stop_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a service still stopping this long after SIGTERM exits anyway (uncommitted input is re-read)",
+    )
+
     # Pager
     pager_config: Path | None = Field(
         default=None, description="routes file (TOML/JSON); default HOME/pager.toml or HOME/pager.json when present"

@@ -63,6 +63,7 @@ from schemas import (
     decode,
     encode,
 )
+from scopewatch.runtime import StopTimer, limit_repeats
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
@@ -516,9 +517,29 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
-    """Run one decision worker until it is stopped (SIGTERM/SIGINT)."""
+    """Run one decision worker until it is stopped (SIGTERM/SIGINT).
+
+    The stop is bounded by ``settings.stop_seconds`` and Faust's Kafka logging is rate-limited
+    (:mod:`scopewatch.runtime`).
+    """
     from faust.worker import Worker
 
+    class _Worker(Worker):
+        stop_timer = StopTimer(settings.stop_seconds, "decision worker")
+
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            limit_repeats(logger)
+
+        def _on_sigterm(self) -> None:
+            self.stop_timer.arm()
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            self.stop_timer.arm()
+            super()._on_sigint()
+
+    settings.home.mkdir(parents=True, exist_ok=True)  # Faust's workdir: a missing one made it exit 1, silently
     app = create_app(settings)
-    worker = Worker(app, loglevel=loglevel, quiet=True, workdir=str(settings.home))
+    worker = _Worker(app, loglevel=loglevel, quiet=True, workdir=str(settings.home))
     worker.execute_from_commandline()

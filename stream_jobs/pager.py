@@ -43,6 +43,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import CodecError, Finding, PageAttempt, decode, encode
+from scopewatch.runtime import StopTimer, service_logging
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.pager_config import PagerConfig, Redactor, Route, load_config, resolve_routes
@@ -497,11 +498,6 @@ class PagerService:
 # ----------------------------------------------------------------------------- entry points
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-
-
 def load(
     settings: Settings, config_path: Path, environ: Mapping[str, str] | None = None
 ) -> tuple[PagerConfig, list[Route]]:
@@ -514,7 +510,7 @@ def run_pager_service(
     settings: Settings, config_path: Path, *, group: str | None = None, log_level: str = "INFO"
 ) -> None:
     """Run the pager in the foreground until SIGTERM/SIGINT (PagerConfigError before it starts)."""
-    _logging(log_level)
+    service_logging(log_level.upper())
     config, routes = load(settings, config_path)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     service = PagerService(
@@ -534,8 +530,14 @@ def run_pager_service(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        timer = StopTimer(settings.stop_seconds, "pager")
+
+        def stop() -> None:
+            timer.arm()
+            service.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
+            loop.add_signal_handler(sig, stop)
         await service.run()
 
     asyncio.run(main())

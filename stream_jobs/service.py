@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scopewatch.runtime import StopTimer, service_logging
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
@@ -93,8 +94,14 @@ async def _sink_main(settings: Settings) -> None:
         )
     sink = ClickHouseSink(sink_config(settings), writer)
     loop = asyncio.get_running_loop()
+    timer = StopTimer(settings.stop_seconds, "sink")
+
+    def stop() -> None:
+        timer.arm()
+        sink.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sink.stop)
+        loop.add_signal_handler(sig, stop)
 
     recorder = metrics.MetricsReporter(
         writer, settings.run_dir, metrics.spool_dirs(os.environ, settings.home), metrics.instance_name()
@@ -119,6 +126,5 @@ async def _sink_main(settings: Settings) -> None:
 
 
 def run_sink_service(settings: Settings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    service_logging(logging.INFO)
     asyncio.run(_sink_main(settings))

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from scopewatch.stack import proc
+from support.pipeline import cli_env as cli
+from support.pipeline import stack_env
 from support.procs import gone
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "scopewatch", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def recorded_pids(home: Path) -> list[int]:
@@ -44,17 +33,7 @@ def count(env: dict[str, str], table: str) -> int:
 
 def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
     home = tmp_path / "home"
-    env = dict(
-        os.environ,
-        SCOPEWATCH_HOME=str(home),
-        SCOPEWATCH_CACHE_DIR=str(cache_dir),
-        SCOPEWATCH_KAFKA_PORT=str(proc.free_port()),
-        SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
-        SCOPEWATCH_QUERY_PORT=str(proc.free_port()),
-        SCOPEWATCH_PARTITIONS="2",
-        SCOPEWATCH_GRACE_SECONDS="3",
-    )
-    env.pop("SCOPEWATCH_BOOTSTRAP", None)
+    env = stack_env(home, cache_dir)
     try:
         up = cli(env, "up")
         assert up.returncode == 0, up.stderr

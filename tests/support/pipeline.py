@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
+from scopewatch.stack import proc
 from support.wrap import child_env
 
 
@@ -28,15 +30,31 @@ def wait_rows(
     raise AssertionError(f"timed out; last rows: {rows}")
 
 
-def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "scopewatch", *args],
-        env=child_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+def stack_env(home: Path, cache_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a whole local stack (its own broker, free ports) in ``home``; ``extra`` without the prefix."""
+    env = dict(
+        os.environ,
+        SCOPEWATCH_HOME=str(home),
+        SCOPEWATCH_CACHE_DIR=str(cache_dir),
+        SCOPEWATCH_KAFKA_PORT=str(proc.free_port()),
+        SCOPEWATCH_KAFKA_CONTROLLER_PORT=str(proc.free_port()),
+        SCOPEWATCH_QUERY_PORT=str(proc.free_port()),
+        SCOPEWATCH_PARTITIONS="2",
+        SCOPEWATCH_GRACE_SECONDS="3",
+        **{f"SCOPEWATCH_{k.upper()}": v for k, v in extra.items()},
     )
+    env.pop("SCOPEWATCH_BOOTSTRAP", None)
+    return env
+
+
+def cli_env(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m scopewatch ARGS`` with exactly this environment; its output captured."""
+    argv = [sys.executable, "-m", "scopewatch", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return cli_env(child_env(settings), *args, timeout=timeout)
 
 
 def replay_output(settings: Settings, path: Path) -> list[dict[str, object]]:
