@@ -410,6 +410,12 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
     c_relay = build_c_relay(env.tmp)
     if c_relay is not None:
         plan["C relay (no observer)"] = ([str(c_relay), *server], env.up_env)
+    if args.sessions:
+        wanted = {w.strip() for w in args.sessions.split(",")}
+        unknown = wanted - set(plan)
+        if unknown:
+            raise SystemExit(f"--sessions: unknown {sorted(unknown)}; known: {sorted(plan)}")
+        plan = {name: v for name, v in plan.items() if name in wanted | {"direct"}}
     sessions: dict[str, RawSession] = {}
     try:
         for name, (argv, child_env) in plan.items():
@@ -674,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
         # Where did the events go?
         extra = bk.new_table("Events of the collectors", ("check", "value"), left=("check",))
         per_session = args.warmup + args.calls
-        up_sessions = (0 if args.skip_raw else 1) + (0 if args.skip_sdk else 2)
+        up_sessions = (1 if "wrap" in raw else 0) + (0 if args.skip_sdk else 2)
         kafka_calls = asyncio.run(
             topic_count(settings.kafka_bootstrap, settings.topics.tool_calls, settings.partitions)
         )
@@ -685,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
         from collectors.spool import inspect_spool
 
         for name, spool in sorted(env.spools.items()):
-            if name.endswith("down"):
+            if name.endswith("down") and not (name.startswith("raw") and "wrap, broker down" not in raw):
                 report = inspect_spool(spool)
                 events = sum(s.events for s in report.segments)
                 extra.add_row(
@@ -712,6 +718,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per session first")
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")
+    parser.add_argument(
+        "--sessions",
+        default="",
+        help="raw pass: only these sessions, comma-separated (`direct` always runs), e.g. 'direct-b,C relay (no observer)'"
+        " to measure the relay floor without wrap's observers busy on the same cores",
+    )
     bk.add_common_options(parser)
     bk.exit_with(run, parser.parse_args())
 

@@ -527,6 +527,11 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     class _Worker(Worker):
         stop_timer = StopTimer(settings.stop_seconds, "decision worker")
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if not self.stdout.isatty():  # the spinner wrote cursor codes into the log file
+                self.spinner = None
+
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             limit_repeats(logger)

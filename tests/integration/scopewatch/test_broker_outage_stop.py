@@ -87,6 +87,8 @@ def test_services_stop_in_bounded_time_with_the_broker_gone_and_lose_nothing(tmp
             assert gone(record.pid), f"{name} still running 30 s after SIGTERM"
             assert took <= STOP_SECONDS + 4, (name, took, logs[name].read_text()[-3000:])
 
+        assert b"\x1b[" not in logs["worker"].read_bytes()  # Faust's terminal spinner stays out of log files
+
         # Back up on the same folders: what the stopped services left uncommitted is read again,
         # and every call still has exactly one current verdict, the same as before the outage.
         assert (up := cli(env, "up")).returncode == 0, up.stderr
