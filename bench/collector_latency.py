@@ -721,8 +721,8 @@ def main() -> None:
     parser.add_argument(
         "--sessions",
         default="",
-        help="raw pass: only these sessions, comma-separated (`direct` always runs), e.g. 'direct-b,C relay (no observer)'"
-        " to measure the relay floor without wrap's observers busy on the same cores",
+        help="raw pass: only these sessions, comma-separated (`direct` always runs), e.g."
+        " 'direct-b,C relay (no observer)' to measure the relay floor without wrap's observers on the same cores",
     )
     bk.add_common_options(parser)
     bk.exit_with(run, parser.parse_args())
