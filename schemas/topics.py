@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote
 
+from aiokafka.partitioner import murmur2
+
 from schemas.events import (
     BaseEvent,
     DeadLetter,
@@ -36,6 +38,7 @@ __all__ = [
     "delegation_key",
     "key_for",
     "parse_delegation_key",
+    "partition_for",
     "topic_for",
 ]
 
@@ -121,3 +124,9 @@ def parse_delegation_key(key: str) -> tuple[str, str, str]:
         raise ValueError(f"not a delegation key (tenant/principal/agent_id): {key!r}")
     tenant, principal, agent_id = (unquote(p, errors="strict") for p in parts)
     return tenant, principal, agent_id
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (murmur2, as the Java client and aiokafka)."""
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions

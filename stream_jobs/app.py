@@ -49,7 +49,6 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from detections.live import LiveCounters, Output, Stage1, Stage2, tick_message
@@ -63,6 +62,7 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.topics import partition_for
 from scopewatch.runtime import StopTimer, limit_repeats
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
@@ -71,12 +71,6 @@ from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.state import ChangelogReader, ChangelogStore
 
 log = logging.getLogger("scopewatch.stream")
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2, as the Java client and aiokafka use)."""
-    hashed: int = murmur2(key)
-    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class _Partition:

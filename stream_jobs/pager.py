@@ -9,9 +9,13 @@ The I/O around :mod:`stream_jobs.pager_core` (grouping, windows, rate limits, re
   ``audit.pages`` (acks=all; the sink lands it in the ``pages`` table) *before* the finding's
   offset may be committed: a partition is committed only up to its oldest finding not yet fully
   recorded, so a receiver that is down, or a pager that dies, loses no page;
-* on start, re-reads the last ``max(window, max_age)`` of ``audit.pages`` to rebuild the windows
-  (a restart neither re-pages a problem paged a minute ago nor forgets a page still being retried:
-  the same page key, the same webhook id, attempt numbers carry on);
+* whenever it is given findings partitions (at start, and after a rebalance of a group of several
+  pagers), re-reads the last ``max(window, max_age)`` of ``audit.pages`` for those partitions
+  before it reads their findings, to rebuild their windows (a restart or a takeover neither
+  re-pages a problem paged a minute ago nor forgets a page still being retried: the same page key,
+  the same webhook id, attempt numbers carry on); a partition that goes away first has its
+  deliveries stopped, its held-back counts recorded and its offsets committed, and its windows
+  dropped (the ledger rows and findings are keyed by dedup key, so a window lives in one partition);
 * pauses consumption while ``max_pending_pages`` deliveries or ``max_held_findings`` uncommitted
   findings are in flight (bounded state), and keeps polling so the group keeps it;
 * writes counters to ``<home>/run/pager-stats.json`` every 2 s.
@@ -43,6 +47,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import CodecError, Finding, PageAttempt, decode, encode
+from schemas.topics import partition_for
 from scopewatch.runtime import StopTimer, service_logging
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write
@@ -106,11 +111,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.service.commit(only=set(revoked))
-        self.service.tracker.forget(revoked)
+        await self.service.partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        return None
+        await self.service.partitions_assigned(set(assigned))
 
 
 class HttpSender:
@@ -175,7 +179,9 @@ class PagerService:
         self.counters: Counter[str] = Counter()
         self.restored = 0
         self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], str] = {}  # delivery task -> its page's dedup key
+        self._owned: set[int] = set()  # findings partitions whose windows this pager holds
+        self._findings_partitions = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._sender: HttpSender | None = None
@@ -205,7 +211,6 @@ class PagerService:
         )
         await self._producer.start()
         try:
-            await self._restore()
             self._consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap,
                 group_id=self.group,
@@ -238,10 +243,13 @@ class PagerService:
             self._pause_if_full()
             room = min(cfg.max_pending_pages - self.book.pending, cfg.max_held_findings - self.tracker.held)
             batch = await self._consumer.getmany(timeout_ms=200, max_records=max(1, min(500, room)))
-            if not self.ready.is_set() and self._consumer.assignment():
+            if not self.ready.is_set() and self._owned:
                 self.ready.set()
                 log.info("consuming %s as group %s", self.topics.findings, self.group)
             for tp, messages in batch.items():
+                if messages and tp.partition not in self._owned:  # windows still being rebuilt: read again
+                    self._consumer.seek(tp, messages[0].offset)
+                    continue
                 for msg in messages:
                     await self._absorb(tp, msg)
             now = self.clock()
@@ -321,8 +329,11 @@ class PagerService:
             self._release(self.book.release(step.holds))
         for rs in offer.start:
             task = asyncio.create_task(self._deliver(page, rs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = page.dedup_key
+            task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     def _release(self, holds: Iterable[Hold]) -> None:
         for hold in holds:
@@ -396,6 +407,47 @@ class PagerService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
 
+    # ------------------------------------------------------------------------- rebalances
+
+    def _partition(self, dedup_key: str) -> int:
+        """The findings partition of a dedup key (findings and ledger rows are keyed by it)."""
+        return partition_for(dedup_key.encode("utf-8"), self._findings_partitions)
+
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Before a rebalance: stop the deliveries of these partitions and commit what is recorded.
+
+        Whoever owns a partition next -- another pager of the group, or this one again -- rebuilds
+        its windows from the ledger and reads its uncommitted findings again, which resume the pages
+        still being delivered. Stopping here keeps two pagers from delivering one page at once.
+        """
+        parts = {tp.partition for tp in revoked if tp.topic == self.topics.findings}
+        if self._findings_partitions:
+            moving = [task for task, key in self._tasks.items() if self._partition(key) in parts]
+            for task in moving:
+                task.cancel()
+            if moving:
+                await asyncio.gather(*moving, return_exceptions=True)
+                log.info("stopped %d deliveries of partitions %s (rebalance)", len(moving), sorted(parts))
+        await self._flush_suppressed()
+        await self.commit(only=revoked)
+        self.tracker.forget(revoked)
+
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """After a rebalance: drop the windows of partitions that went elsewhere, rebuild those of
+        partitions that are new here from the ledger, before any of their findings is read."""
+        assert self._consumer is not None
+        parts = {tp.partition for tp in assigned if tp.topic == self.topics.findings}
+        known = self._consumer.partitions_for_topic(self.topics.findings) or set()
+        self._findings_partitions = max(len(known), max(parts, default=-1) + 1, 1)
+        gone, new = self._owned - parts, parts - self._owned
+        self._owned -= gone  # findings of `new` are not absorbed until their windows are back
+        if gone:
+            dropped = self.book.forget(lambda key: self._partition(key) in gone)
+            log.info("partitions %s moved to another pager: %d windows handed over", sorted(gone), dropped)
+        if new:
+            await self._restore(new)
+        self._owned = parts
+
     # --------------------------------------------------------------------------- offsets
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
@@ -418,19 +470,19 @@ class PagerService:
 
     # ---------------------------------------------------------------------------- ledger
 
-    async def _restore(self) -> None:
-        """Rebuild windows from the recent ledger (audit.pages) before consuming findings."""
+    async def _restore(self, partitions: set[int]) -> None:
+        """Rebuild the windows of these findings partitions from the recent ledger (audit.pages)."""
         now = self.clock()
         horizon = max(self.config.window_seconds, self.config.max_age_seconds)
         rows: list[PageAttempt] = []
-        partitions = await self._ledger_partitions()
-        if not partitions:
+        ledger = await self._ledger_partitions()
+        if not ledger:
             log.info("no ledger topic %s yet: starting with no windows", self.topics.pages)
             return
         reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
         await reader.start()
         try:
-            tps = [TopicPartition(self.topics.pages, p) for p in partitions]
+            tps = [TopicPartition(self.topics.pages, p) for p in ledger]
             reader.assign(tps)
             since = int((now - horizon) * 1000)
             starts = await reader.offsets_for_times({tp: since for tp in tps})
@@ -453,20 +505,22 @@ class PagerService:
                             break
                         with contextlib.suppress(CodecError):
                             record = decode(msg.value or b"")
-                            if isinstance(record, PageAttempt):
+                            if isinstance(record, PageAttempt) and self._partition(record.dedup_key) in partitions:
                                 rows.append(record)
                 for tp, end in list(remaining.items()):
                     if await reader.position(tp) >= end:  # past the end as it was (gaps in offsets included)
                         del remaining[tp]
         finally:
             await reader.stop()
-        self.restored = self.book.restore(rows, now)
-        pending = sum(1 for p in self.book.windows.values() if not p.done)
+        restored = self.book.restore(rows, now)
+        self.restored += restored
+        pending = sum(1 for p in self.book.windows.values() if p.restored and not p.done)
         log.info(
-            "ledger: %d rows of the last %.0fs; %d windows open (%d pages to resume)",
+            "ledger: %d rows of the last %.0fs for findings partitions %s; %d windows open (%d pages to resume)",
             len(rows),
             horizon,
-            self.restored,
+            sorted(partitions),
+            restored,
             pending,
         )
 

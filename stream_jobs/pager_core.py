@@ -379,6 +379,18 @@ class PageBook:
             del self.windows[key]
         return len(gone)
 
+    def forget(self, moved: Callable[[str], bool]) -> int:
+        """Drop the windows of dedup keys for which ``moved(key)`` holds (their partition went to
+        another pager of the group, which rebuilds them from the ledger). Their deliveries must
+        have stopped (:meth:`abandon`). Returns the number dropped."""
+        gone = [key for key in self.windows if moved(key)]
+        for key in gone:
+            page = self.windows.pop(key)
+            for rs in page.routes.values():
+                self._set_active(rs, False)
+                self._dirty.pop(id(rs), None)
+        return len(gone)
+
     # -- deliveries
 
     def content(self, page: Page, rs: RouteState) -> PageContent:

@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import Finding, PageAttempt, Topics, decode, encode
+from schemas.topics import partition_for
 from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
@@ -540,6 +541,42 @@ async def test_500_findings_with_one_dedup_key_page_once(run_for: Any, receiver:
     assert {r.page_key for r in rows} == {delivered.page_key}
     assert "1 windows open (0 pages to resume)" in run.log.read_text()
     await run.assert_no_secrets()
+
+
+async def test_two_pagers_of_one_group_hand_their_windows_over(
+    run_for: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A second pager in the group takes half the partitions; when the first one leaves, the
+    survivor rebuilds the windows of the partitions it takes over from the ledger: no page twice."""
+    a: Run = await run_for(routes(receiver, HOOK_ROUTE))
+    b = Run(a.broker, tmp_path / "b", receiver, a.routes, topics=a.topics, group=a.group, secrets=a.secrets)
+    b.home.mkdir()
+    (b.home / "pager.toml").write_text((a.home / "pager.toml").read_text())
+    keys = {partition_for(k.encode(), 2): k for k in (f"revoked_grant|acme|alice|agent-{i}" for i in range(20))}
+    assert set(keys) == {0, 1}
+    try:
+        a.start()
+        await a.wait_ready()
+        b.start()
+        await b.wait_ready()  # b owns a partition: the group has settled on one partition each
+        await a.produce([finding(1, keys[0]), finding(2, keys[1])])
+        await a.wait_ledger(lambda rs: sum(r.outcome == "delivered" for r in rs) == 2)
+        delivered_by = [run for run in (a, b) if "delivered (attempt 1" in run.log.read_text()]
+        assert delivered_by == [a, b]  # each pager paged the key of its own partition
+
+        await a.stop()  # b takes a's partition over, with the window of the page a sent
+        await a.produce([finding(3, keys[0]), finding(4, keys[1])])
+
+        def accounted(rows: list[PageAttempt]) -> bool:
+            return sum(r.findings_grouped for r in rows if r.outcome in ("delivered", "suppressed")) == 4
+
+        rows = await b.wait_ledger(accounted)
+        assert len(receiver.on(HOOK_PATH)) == 2
+        assert sorted(r.outcome for r in rows) == ["delivered", "delivered", "suppressed", "suppressed"]
+        assert re.search(r"for findings partitions \[\d\]; 1 windows open", b.log.read_text())
+        await b.assert_no_secrets()
+    finally:
+        await b.stop()
 
 
 async def test_a_receiver_down_for_a_while_gets_the_page_when_it_returns(run_for: Any, receiver: Receiver) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,6 +30,7 @@ from schemas import (
     parse_event,
     topic_for,
 )
+from schemas.topics import partition_for
 
 Make = Callable[..., dict[str, Any]]
 
@@ -116,3 +118,12 @@ def test_delegation_key_round_trip(tenant: str, principal: str, agent_id: str) -
 def test_parse_delegation_key_rejects_malformed(key: str) -> None:
     with pytest.raises(ValueError, match="not a delegation key"):
         parse_delegation_key(key)
+
+
+def test_partition_for_is_kafkas_default_partitioner() -> None:
+    partitioner = DefaultPartitioner()
+    for i in range(200):
+        key = delegation_key("acme", f"user-{i}@example.com", f"agent-{i % 7}").encode()
+        for n in (1, 2, 4, 12):
+            parts = list(range(n))
+            assert partition_for(key, n) == partitioner(key, parts, parts)

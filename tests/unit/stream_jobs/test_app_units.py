@@ -1,14 +1,11 @@
-"""The decision job's wiring, without a broker: agents, state stores, partitioning."""
+"""The decision job's wiring, without a broker: agents and state stores."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from aiokafka.partitioner import DefaultPartitioner
-
-from schemas import delegation_key
 from scopewatch.settings import Settings
-from stream_jobs.app import create_app, partition_for
+from stream_jobs.app import create_app
 from stream_jobs.state import ChangelogStore
 
 
@@ -22,15 +19,6 @@ def test_create_app_declares_both_stages_and_their_changelogs(tmp_path: Path) ->
     }
     # two apps never share state
     assert create_app(settings) is not app
-
-
-def test_partition_for_is_kafkas_default_partitioner() -> None:
-    partitioner = DefaultPartitioner()
-    for i in range(200):
-        key = delegation_key("acme", f"user-{i}@example.com", f"agent-{i % 7}").encode()
-        for n in (1, 2, 4, 12):
-            parts = list(range(n))
-            assert partition_for(key, n) == partitioner(key, parts, parts)
 
 
 def test_changelog_store_drains_the_last_value_of_each_changed_key() -> None:

@@ -582,6 +582,17 @@ def test_restore_drops_pending_pages_past_their_max_age() -> None:
     assert b.restore(rows, T0) == 0
 
 
+def test_forget_hands_windows_over_and_frees_their_pending_slots() -> None:
+    b, _ = book()
+    first = b.offer(finding(0), Hold("p0", 0), T0)
+    other = b.offer(finding(1, dedup_key="k2"), Hold("p1", 0), T0)
+    assert first.page is not None and other.page is not None and b.pending == 6  # 3 routes each
+    assert b.forget(lambda key: key == "k2") == 1
+    assert set(b.windows) == {first.page.dedup_key} and b.pending == 3
+    # whoever owns k2 now decides about it; here a finding of k2 would open a new page
+    assert b.offer(finding(2, dedup_key="k2"), Hold("p1", 1), T0 + 1).kind == "new"
+
+
 def test_offsets_commit_up_to_the_oldest_held_finding() -> None:
     tracker = OffsetTracker()
     for offset in range(5):
