@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from collectors.redact import Redactor
 
@@ -42,6 +42,8 @@ __all__ = ["DEFAULT_RULES", "MAX_RESOURCES", "OVERFLOW", "ResourceExtractor", "R
 
 MAX_RESOURCES = 256
 MAX_RESOURCE_CHARS = 4096
+TEMPLATE_CACHE = 4096
+"""Distinct ``server/tool`` names whose matching templates an extractor remembers (then starts over)."""
 OVERFLOW = "overflow:truncated"
 _FORMATTER = string.Formatter()
 
@@ -111,21 +113,34 @@ class ResourceExtractor(BaseModel):
     rules: tuple[ResourceRule, ...] = ()
     defaults: bool = True
     max_resources: int = Field(default=MAX_RESOURCES, ge=2)
+    _templates: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
 
     @property
     def active_rules(self) -> tuple[ResourceRule, ...]:
         return self.rules + (DEFAULT_RULES if self.defaults else ())
 
+    def templates_for(self, target: str) -> tuple[str, ...]:
+        """The templates of every rule matching ``server/tool``, in rule order (remembered per target)."""
+        found = self._templates.get(target)
+        if found is None:
+            found = tuple(
+                template
+                for rule in self.active_rules
+                if any(fnmatchcase(target, pattern) for pattern in rule.tools)
+                for template in rule.templates
+            )
+            if len(self._templates) >= TEMPLATE_CACHE:  # tool names come from the agent: stay bounded
+                self._templates.clear()
+            self._templates[target] = found
+        return found
+
     def extract(self, server: str, tool: str, arguments: Any, redactor: Redactor) -> list[str]:
         """The sorted, distinct, redacted resources of a call to ``server``/``tool`` with ``arguments``."""
         if not isinstance(arguments, Mapping):
             return []
-        target = f"{server}/{tool}"
         found: set[str] = set()
-        for rule in self.active_rules:
-            if any(fnmatchcase(target, pattern) for pattern in rule.tools):
-                for template in rule.templates:
-                    found.update(_render(template, arguments, redactor, self.max_resources))
+        for template in self.templates_for(f"{server}/{tool}"):
+            found.update(_render(template, arguments, redactor, self.max_resources))
         resources = sorted({redactor.redact_text(r).value for r in found})
         if len(resources) > self.max_resources:
             resources = [*resources[: self.max_resources - 1], OVERFLOW]

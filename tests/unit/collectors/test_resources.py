@@ -175,3 +175,22 @@ def test_extraction_never_raises_and_is_sorted_distinct_and_deterministic(
     assert out == sorted(set(out)) and len(out) <= DEFAULTS.max_resources
     assert extract(server, tool, args) == out
     assert all(isinstance(r, str) and ":" in r for r in out)
+
+
+def test_matching_templates_are_remembered_per_tool_and_the_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import collectors.resources as resources
+
+    extractor = ResourceExtractor(rules=(ResourceRule(tools=("git*/push",), templates=("repo:{repo}",)),))
+    assert extractor.templates_for("github/push") == ("repo:{repo}", "url:{url}", "repo:{owner}/{repo}")
+    assert extractor.templates_for("fs/move_file") == (
+        "url:{url}",
+        "repo:{owner}/{repo}",
+        "file:{source}",
+        "file:{destination}",
+    )
+    assert extractor.templates_for("github/push") is extractor.templates_for("github/push")  # remembered
+    monkeypatch.setattr(resources, "TEMPLATE_CACHE", 8)
+    for i in range(50):
+        extractor.templates_for(f"s{i}/t")
+    assert len(extractor._templates) <= 8
+    assert extractor.templates_for("github/push") == ("repo:{repo}", "url:{url}", "repo:{owner}/{repo}")
