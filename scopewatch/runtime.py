@@ -126,3 +126,90 @@ class StopTimer:
                 continue
         sys.stderr.flush()
         self._exit(EXIT_UNFINISHED_STOP)
+
+
+class KafkaUnreachable(Exception):
+    """Kafka did not answer within the start-up wait."""
+
+
+def kafka_probe(bootstrap: str) -> str | None:
+    """None when a Kafka client can bootstrap from ``bootstrap`` (metadata answered), else why not."""
+    import asyncio
+
+    from aiokafka import AIOKafkaClient
+    from aiokafka.errors import KafkaError
+
+    async def probe() -> str | None:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await client.bootstrap()
+            return None
+        except KafkaError as exc:
+            return str(exc) or type(exc).__name__
+        finally:
+            await client.close()
+
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # each failed connect is logged there; our own line says why
+    try:
+        return asyncio.run(probe())
+    finally:
+        quiet.setLevel(level)
+
+
+def wait_for_kafka(
+    bootstrap: str,
+    service: str,
+    timeout: float,
+    probe: Callable[[str], str | None] = kafka_probe,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], object] = time.sleep,
+) -> None:
+    """Return once Kafka answers; a service started before its broker waits instead of crashing.
+
+    Retries with backoff (0.5 s doubling to 5 s), one log line when the wait begins and one every
+    30 s. Raises :class:`KafkaUnreachable` after ``timeout`` seconds.
+    """
+    started = clock()
+    delay = 0.5
+    logged: float | None = None
+    while True:
+        error = probe(bootstrap)
+        now = clock()
+        if error is None:
+            if logged is not None:
+                log.info("%s: Kafka at %s answers after %.0fs", service, bootstrap, now - started)
+            return
+        if now - started >= timeout:
+            raise KafkaUnreachable(f"{service}: Kafka at {bootstrap} did not answer in {timeout:.0f}s ({error})")
+        if logged is None or now - logged >= 30.0:
+            log.warning("%s: waiting for Kafka at %s (%s)", service, bootstrap, error)
+            logged = now
+        sleep(min(delay, max(0.0, timeout - (now - started))))
+        delay = min(delay * 2, 5.0)
+
+
+def kafka_or_exit(bootstrap: str, service: str, timeout: float, own_handler: bool = False) -> None:
+    """:func:`wait_for_kafka`, or one clear log line and exit status 1 (no traceback).
+
+    ``own_handler``: log to stderr from here even though logging is not set up yet (the Faust
+    worker sets it up only when it starts).
+    """
+    handler: logging.Handler | None = None
+    if own_handler:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+        log.setLevel(logging.INFO)
+    try:
+        wait_for_kafka(bootstrap, service, timeout)
+    except KafkaUnreachable as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            log.propagate = True
+            log.setLevel(logging.NOTSET)

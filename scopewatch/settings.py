@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         description="a service still stopping this long after SIGTERM exits anyway (uncommitted input is re-read)",
     )
 
+    kafka_wait_seconds: float = Field(
+        default=300.0, ge=0, description="a service started before Kafka answers waits this long, then exits 1"
+    )
+
     # Pager
     pager_config: Path | None = Field(
         default=None, description="routes file (TOML/JSON); default HOME/pager.toml or HOME/pager.json when present"

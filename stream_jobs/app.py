@@ -63,7 +63,7 @@ from schemas import (
     encode,
 )
 from schemas.topics import partition_for
-from scopewatch.runtime import StopTimer, limit_repeats
+from scopewatch.runtime import StopTimer, kafka_or_exit, limit_repeats
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
@@ -539,6 +539,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
             super()._on_sigint()
 
     settings.home.mkdir(parents=True, exist_ok=True)  # Faust's workdir: a missing one made it exit 1, silently
+    kafka_or_exit(settings.kafka_bootstrap, "decision worker", settings.kafka_wait_seconds, own_handler=True)
     app = create_app(settings)
     worker = _Worker(app, loglevel=loglevel, quiet=True, workdir=str(settings.home))
     worker.execute_from_commandline()

@@ -48,7 +48,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import CodecError, Finding, PageAttempt, decode, encode
 from schemas.topics import partition_for
-from scopewatch.runtime import StopTimer, service_logging
+from scopewatch.runtime import StopTimer, kafka_or_exit, service_logging
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.pager_config import PagerConfig, Redactor, Route, load_config, resolve_routes
@@ -566,6 +566,7 @@ def run_pager_service(
     """Run the pager in the foreground until SIGTERM/SIGINT (PagerConfigError before it starts)."""
     service_logging(log_level.upper())
     config, routes = load(settings, config_path)
+    kafka_or_exit(settings.kafka_bootstrap, "pager", settings.kafka_wait_seconds)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     service = PagerService(
         config,

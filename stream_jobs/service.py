@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scopewatch.runtime import StopTimer, service_logging
+from scopewatch.runtime import StopTimer, kafka_or_exit, service_logging
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
@@ -127,4 +127,5 @@ async def _sink_main(settings: Settings) -> None:
 
 def run_sink_service(settings: Settings) -> None:
     service_logging(logging.INFO)
+    kafka_or_exit(settings.kafka_bootstrap, "sink", settings.kafka_wait_seconds)
     asyncio.run(_sink_main(settings))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,3 +112,40 @@ def test_services_stop_in_bounded_time_with_the_broker_gone_and_lose_nothing(tmp
         assert calls[0]["n"] == len(calls_a + calls_b)
     finally:
         cli(env, "down")
+
+
+@pytest.mark.parametrize("service", ["sink", "worker", "pager"])
+def test_a_service_started_without_kafka_waits_then_says_why_it_gives_up(
+    service: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    env = stack_env(tmp_path / "home", cache_dir, bootstrap=f"127.0.0.1:{proc.free_port()}", kafka_wait_seconds="3")
+    if service == "pager":
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "pager.toml").write_text(
+            '[[routes]]\nname = "siem"\nchannel = "webhook"\nurl = "http://127.0.0.1:9/x"\nsecret_env = "PG_SECRET"\n'
+        )
+        env["PG_SECRET"] = "whsec_" + "A" * 44
+    started = time.monotonic()
+    result = cli(env, service, timeout=60)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert 3 <= took < 30
+    assert "waiting for Kafka at 127.0.0.1:" in result.stderr
+    assert "did not answer in 3s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_service_waiting_for_kafka_stops_at_once(tmp_path: Path, cache_dir: Path) -> None:
+    env = stack_env(tmp_path / "home", cache_dir, bootstrap=f"127.0.0.1:{proc.free_port()}")
+    child = subprocess.Popen([sys.executable, "-m", "scopewatch", "worker"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)
+        assert child.poll() is None  # still waiting (the default wait is 5 minutes), not crashed
+        started = time.monotonic()
+        child.terminate()
+        child.wait(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from scopewatch.runtime import EXIT_UNFINISHED_STOP, RepeatFilter, StopTimer
+import pytest
+
+from scopewatch.runtime import EXIT_UNFINISHED_STOP, KafkaUnreachable, RepeatFilter, StopTimer, wait_for_kafka
 
 
 class Clock:
@@ -89,3 +91,48 @@ def test_stop_timer_does_nothing_until_armed() -> None:
     StopTimer(0.01, "worker", exit=exited.append)
     threading.Event().wait(0.1)
     assert exited == []
+
+
+class FakeKafka:
+    """A probe that fails ``down`` times, then answers; a clock that moves only when slept."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def probe(self, bootstrap: str) -> str | None:
+        assert bootstrap == "k:9092"
+        if self.down:
+            self.down -= 1
+            return "KafkaConnectionError: Unable to bootstrap"
+        return None
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def wait(kafka: FakeKafka, timeout: float) -> None:
+    wait_for_kafka("k:9092", "sink", timeout, probe=kafka.probe, clock=lambda: kafka.now, sleep=kafka.sleep)
+
+
+def test_a_service_waits_for_kafka_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    kafka = FakeKafka(down=0)
+    wait(kafka, 300)
+    assert kafka.sleeps == [] and not caplog.records
+    kafka = FakeKafka(down=12)
+    with caplog.at_level(logging.INFO, logger="scopewatch.runtime"):
+        wait(kafka, 300)
+    assert kafka.sleeps == [0.5, 1, 2, 4, 5, 5, 5, 5, 5, 5, 5, 5]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "sink: waiting for Kafka at k:9092 (KafkaConnectionError: Unable to bootstrap)"
+    assert len([m for m in messages if "waiting" in m]) == 2  # at 0 s and again after 30 s, not per attempt
+    assert messages[-1] == "sink: Kafka at k:9092 answers after 48s"
+
+
+def test_a_service_gives_up_on_kafka_after_its_wait() -> None:
+    kafka = FakeKafka(down=1000)
+    with pytest.raises(KafkaUnreachable, match=r"sink: Kafka at k:9092 did not answer in 20s \(KafkaConnectionError"):
+        wait(kafka, 20)
+    assert sum(kafka.sleeps) == 20  # the last sleep is cut to the time left
