@@ -49,6 +49,9 @@ class Settings(BaseSettings):
 
     # The process that owns an embedded chDB folder serves read-only SQL on this port (loopback only).
     query_port: int = 18124
+    query_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="longest a query through the sink's SQL endpoint may run"
+    )
 
     # Sink
     sink_batch_rows: int = Field(default=10_000, ge=1)

@@ -193,9 +193,15 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_query(client: Client, sql: str, max_rows: int = 100_000) -> dict[str, Any]:
-    """Run one read query; returns ``{"columns", "types", "rows"}`` with JSON-ready values."""
-    result = client.query(sql, settings={"max_result_rows": max_rows, "result_overflow_mode": "throw"})
+def run_query(client: Client, sql: str, max_rows: int = 100_000, max_seconds: float | None = None) -> dict[str, Any]:
+    """Run one read query; returns ``{"columns", "types", "rows"}`` with JSON-ready values.
+
+    ``max_seconds``: ClickHouse stops the query after this long (``max_execution_time``).
+    """
+    settings: dict[str, Any] = {"max_result_rows": max_rows, "result_overflow_mode": "throw"}
+    if max_seconds is not None:
+        settings["max_execution_time"] = max_seconds
+    result = client.query(sql, settings=settings)
     return {
         "columns": list(result.column_names),
         "types": [t.name for t in result.column_types],

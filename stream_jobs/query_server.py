@@ -4,6 +4,10 @@ chDB allows one process per data folder, so while the sink runs, ``scopewatch sq
 sends its query here. The endpoint listens on 127.0.0.1 only, requires a bearer token
 kept in a 0600 file under the stack's run folder, runs queries on a separate read-only
 session (ClickHouse ``readonly=2``: no writes, no DDL) and caps query and result size.
+
+Queries run one at a time under the sink's writer lock (one chDB engine in the process), so a
+query holds up the sink's inserts while it runs: ClickHouse stops it after ``max_seconds``
+(``SCOPEWATCH_QUERY_TIMEOUT_SECONDS``), so a runaway query cannot stall the evidence pipeline.
 """
 
 from __future__ import annotations
@@ -37,8 +41,17 @@ def write_token(path: Path) -> str:
 
 
 class QueryServer:
-    def __init__(self, client: Client, token: str, lock: threading.Lock, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        client: Client,
+        token: str,
+        lock: threading.Lock,
+        port: int,
+        host: str = "127.0.0.1",
+        max_seconds: float = 30.0,
+    ) -> None:
         self.client = client
+        self.max_seconds = max_seconds
         self.token = token
         self.lock = lock
         self.port = port
@@ -47,7 +60,7 @@ class QueryServer:
 
     def _run(self, sql: str) -> dict[str, Any]:
         with self.lock:
-            return run_query(self.client, sql, max_rows=MAX_ROWS)
+            return run_query(self.client, sql, max_rows=MAX_ROWS, max_seconds=self.max_seconds)
 
     async def handle_query(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")

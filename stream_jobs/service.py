@@ -86,7 +86,8 @@ async def _sink_main(settings: Settings) -> None:
     if settings.embedded:
         reader = connect(settings.dsn, readonly=True)
         token = write_token(query_token_file(settings))
-        server = QueryServer(reader, token, writer.lock, settings.query_port)
+        limit = settings.query_timeout_seconds
+        server = QueryServer(reader, token, writer.lock, settings.query_port, max_seconds=limit)
         await server.start()
         _write_json(
             query_endpoint_file(settings),
