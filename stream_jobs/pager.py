@@ -585,7 +585,7 @@ def run_pager_service(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        timer = StopTimer(settings.stop_seconds, "pager")
+        timer = StopTimer(settings.stop_seconds + service.drain_seconds, "pager")  # after its own drain
 
         def stop() -> None:
             timer.arm()
