@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -128,14 +130,26 @@ class StopTimer:
         self._exit(EXIT_UNFINISHED_STOP)
 
 
+def stop_on_signals(stop: Callable[[], None], seconds: float, service: str) -> StopTimer:
+    """On SIGTERM/SIGINT in the running event loop: arm a :class:`StopTimer`, then call ``stop``."""
+    timer = StopTimer(seconds, service)
+
+    def on_signal() -> None:
+        timer.arm()
+        stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    return timer
+
+
 class KafkaUnreachable(Exception):
     """Kafka did not answer within the start-up wait."""
 
 
 def kafka_probe(bootstrap: str) -> str | None:
     """None when a Kafka client can bootstrap from ``bootstrap`` (metadata answered), else why not."""
-    import asyncio
-
     from aiokafka import AIOKafkaClient
     from aiokafka.errors import KafkaError
 

@@ -84,7 +84,6 @@ class Settings(BaseSettings):
         le=300,
         description="a service still stopping this long after SIGTERM exits anyway (uncommitted input is re-read)",
     )
-
     kafka_wait_seconds: float = Field(
         default=300.0, ge=0, description="a service started before Kafka answers waits this long, then exits 1"
     )

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -48,7 +47,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import CodecError, Finding, PageAttempt, decode, encode
 from schemas.topics import partition_for
-from scopewatch.runtime import StopTimer, kafka_or_exit, service_logging
+from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.pager_config import PagerConfig, Redactor, Route, load_config, resolve_routes
@@ -584,15 +583,7 @@ def run_pager_service(
     )
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        timer = StopTimer(settings.stop_seconds + service.drain_seconds, "pager")  # after its own drain
-
-        def stop() -> None:
-            timer.arm()
-            service.stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
+        stop_on_signals(service.stop, settings.stop_seconds + service.drain_seconds, "pager")  # after its drain
         await service.run()
 
     asyncio.run(main())

@@ -51,11 +51,11 @@ class QueryServer:
         max_seconds: float = 30.0,
     ) -> None:
         self.client = client
-        self.max_seconds = max_seconds
         self.token = token
         self.lock = lock
         self.port = port
         self.host = host
+        self.max_seconds = max_seconds
         self._runner: web.AppRunner | None = None
 
     def _run(self, sql: str) -> dict[str, Any]:

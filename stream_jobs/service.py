@@ -6,12 +6,11 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from scopewatch.runtime import StopTimer, kafka_or_exit, service_logging
+from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
@@ -94,15 +93,7 @@ async def _sink_main(settings: Settings) -> None:
             {"port": settings.query_port, "pid": os.getpid(), "start_ticks": process_start_time(os.getpid())},
         )
     sink = ClickHouseSink(sink_config(settings), writer)
-    loop = asyncio.get_running_loop()
-    timer = StopTimer(settings.stop_seconds, "sink")
-
-    def stop() -> None:
-        timer.arm()
-        sink.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+    stop_on_signals(sink.stop, settings.stop_seconds, "sink")
 
     recorder = metrics.MetricsReporter(
         writer, settings.run_dir, metrics.spool_dirs(os.environ, settings.home), metrics.instance_name()
