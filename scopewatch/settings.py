@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     worker_session_timeout_seconds: float = Field(
         default=30.0, ge=6, le=300, description="a silent worker leaves the group (its partitions move) after this"
     )
+    worker_slot: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="stable name of this worker in its group (static membership: a restart reclaims its partitions"
+        " at once); unique per group; `scopewatch up --workers N` sets HOST-0 .. HOST-(N-1)",
+    )
 
     # Every service
     stop_seconds: float = Field(

@@ -41,10 +41,13 @@ import asyncio
 import json
 import logging
 import os
+import signal as signal_module
 import socket
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -67,6 +70,7 @@ from scopewatch.runtime import StopTimer, kafka_or_exit, limit_repeats
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
+from stream_jobs.assignor import CoPartitionedAssignor, check
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.state import ChangelogReader, ChangelogStore
 
@@ -114,6 +118,8 @@ class StageRunner:
         self.counters = counters
         self.partitions: dict[int, _Partition] = {}
         self.revoked: dict[int, _Partition] = {}
+        self.halted = asyncio.Event()
+        """Set when this worker's assignment is not co-partitioned: it judges nothing from then on."""
 
     async def partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)
@@ -156,6 +162,9 @@ class StageRunner:
         return sum(part.proc.open_calls() for part in self.partitions.values())
 
     async def run(self, events: Sequence[Any]) -> None:
+        if self.halted.is_set():
+            # never judge on half the facts, never ack: the worker is stopping (see on_assigned)
+            await asyncio.Event().wait()
         now = datetime.now(UTC)
         self.counters[f"{self.name}_batches"] += 1
         touched: dict[int, _Partition] = {}
@@ -351,7 +360,23 @@ class _FetchTunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_min_bytes = FETCH_MIN_BYTES
         consumer._fetch_max_wait_ms = FETCH_WAIT_MS
+        # Faust passes aiokafka's round robin when an app has no changelog tables (ours has none),
+        # which splits partition p of a stage's two inputs across workers: use ours instead. The
+        # coordinator is built at start() from this attribute.
+        assignor = self.app.scopewatch_assignor  # type: ignore[attr-defined]
+        consumer._partition_assignment_strategy = (assignor,)
+        self._assignor = assignor
         return consumer
+
+    async def on_thread_stop(self) -> None:
+        # A static member (group instance id set) does not leave the group on stop in aiokafka, so
+        # its partitions would wait a whole session timeout for the next owner. Leave anyway on an
+        # orderly stop; a restart after a crash still reclaims the slot at once by its instance id.
+        consumer = getattr(self, "_consumer", None)
+        coordinator = getattr(consumer, "_coordinator", None)
+        if coordinator is not None:
+            coordinator._group_instance_id = None
+        await super().on_thread_stop()
 
 
 class _Consumer(faust_aiokafka.Consumer):
@@ -385,6 +410,8 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     topics = settings.topics
     config = settings.live_config
     n = settings.partitions
+    slot = settings.worker_slot
+    groups = stage_groups(settings)
     app = _App(
         app_id or settings.worker_group,
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -398,7 +425,10 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         value_serializer="raw",
         table_standby_replicas=0,
         broker_session_timeout=settings.worker_session_timeout_seconds,
+        consumer_group_instance_id=slot,
     )
+    assignor = CoPartitionedAssignor(groups, slot=slot or "")
+    app.scopewatch_assignor = assignor  # type: ignore[attr-defined]
     counters: Counter[str] = Counter()
     live_counters = LiveCounters()
     app.scopewatch_counters = counters  # type: ignore[attr-defined]
@@ -473,9 +503,45 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         async for events in stream.take_events(batch, within=within):
             await stage2.run(events)
 
+    assignment: dict[str, Any] = {"generation": 0, "held": {}, "ok": None, "problems": []}
+    app.scopewatch_assignment = assignment  # type: ignore[attr-defined]
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
+        verdict = check(((tp.topic, tp.partition) for tp in assigned), assignor.last_counts, groups)
+        held: dict[str, list[int]] = {}
+        for tp in assigned:
+            held.setdefault(tp.topic, []).append(tp.partition)
+        assignment.update(
+            generation=assignment["generation"] + 1,
+            held={t: sorted(ps) for t, ps in sorted(held.items())},
+            ok=verdict.ok,
+            problems=verdict.problems,
+        )
+        write_stats()
+        for line in verdict.waiting:
+            log.warning("assignment: %s", line)
+        if not verdict.ok:
+            for stage in (stage1, stage2):
+                stage.halted.set()
+            log.critical(
+                "stopping: this worker's partition assignment is not co-partitioned (%s); it judges nothing"
+                " rather than decide on half the facts",
+                "; ".join(verdict.problems),
+            )
+            os.kill(os.getpid(), signal_module.SIGTERM)  # the orderly, bounded stop (run_worker exits 78)
+            return
+        log.info(
+            "partitions assigned: %s",
+            "; ".join(f"{t} {ps}" for t, ps in assignment["held"].items()) or "none (more workers than partitions)",
+        )
+
     @app.on_partitions_revoked.connect
     async def on_revoked(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
+        if revoked:
+            log.info("partitions revoked: %s", "; ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)))
         # Faust has waited for in-flight batches (ours send and await everything before acking):
         # forget the state, the next owner (maybe us again) reads it back from the changelogs.
         stage1.revoke({tp.partition for tp in revoked if tp.topic in (topics.tool_calls, topics.sessions)})
@@ -493,10 +559,12 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
 
     stats_file = settings.run_dir / f"worker-{socket.gethostname()}-{os.getpid()}.json"
 
-    @app.timer(interval=max(settings.tick_seconds, 1.0))  # type: ignore[untyped-decorator]
-    async def write_stats() -> None:
+    def write_stats() -> None:
         data = {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "slot": slot,
+            "assignment": assignment,
             "updated_at": datetime.now(UTC).isoformat(),
             "counters": dict(counters) | live_counters.counts,
             "open_calls_stage1": stage1.open_calls(),
@@ -507,7 +575,18 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         except OSError as exc:  # stats are best effort; never stop the job
             log.warning("cannot write %s: %s", stats_file, exc)
 
+    @app.timer(interval=max(settings.tick_seconds, 1.0))  # type: ignore[untyped-decorator]
+    async def stats_timer() -> None:
+        write_stats()
+
+    app.scopewatch_stats_file = stats_file  # type: ignore[attr-defined]
     return app
+
+
+def stage_groups(settings: Settings) -> list[tuple[str, str]]:
+    """The co-partition groups: the two input topics of each stage."""
+    topics = settings.topics
+    return [(topics.tool_calls, topics.sessions), (topics.calls_by_route, topics.grants)]
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
@@ -526,10 +605,6 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
             if not self.stdout.isatty():  # the spinner wrote cursor codes into the log file
                 self.spinner = None
 
-        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-            super().on_setup_root_logger(logger, level)
-            limit_repeats(logger)
-
         def _on_sigterm(self) -> None:
             self.stop_timer.arm()
             super()._on_sigterm()
@@ -538,8 +613,62 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
             self.stop_timer.arm()
             super()._on_sigint()
 
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            limit_repeats(logger)
+            log.setLevel(logging.INFO)  # our own lifecycle lines (start, assignment, stop); Faust stays at `loglevel`
+            log.info(
+                "decision worker starting: pid %d, group %s, slot %s, %d partitions per topic%s",
+                os.getpid(),
+                settings.worker_group,
+                settings.worker_slot or "none (dynamic membership)",
+                settings.partitions,
+                f"; removed {removed} stats files of stopped workers" if removed else "",
+            )
+
     settings.home.mkdir(parents=True, exist_ok=True)  # Faust's workdir: a missing one made it exit 1, silently
     kafka_or_exit(settings.kafka_bootstrap, "decision worker", settings.kafka_wait_seconds, own_handler=True)
+    removed = remove_stale_stats(settings.run_dir)
     app = create_app(settings)
     worker = _Worker(app, loglevel=loglevel, quiet=True, workdir=str(settings.home))
-    worker.execute_from_commandline()
+    stages = app.scopewatch_stages  # type: ignore[attr-defined]
+    code: int | str | None = 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        app.scopewatch_stats_file.unlink(missing_ok=True)  # type: ignore[attr-defined]
+    if any(stage.halted.is_set() for stage in stages):
+        log.critical("decision worker stopped: its assignment was not co-partitioned (exit 78)")
+        sys.exit(EXIT_NOT_COPARTITIONED)
+    log.info("decision worker stopped (exit %s)", code)
+    sys.exit(code)
+
+
+EXIT_NOT_COPARTITIONED = 78  # EX_CONFIG
+
+
+def remove_stale_stats(run_dir: Path) -> int:
+    """Remove the stats files of this host's workers whose process is gone; how many."""
+    host = socket.gethostname()
+    removed = 0
+    for path in run_dir.glob(f"worker-{host}-*.json"):
+        try:
+            pid = int(path.stem.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
