@@ -38,6 +38,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 @app.command()
 def up(
     home: Annotated[Path | None, typer.Option(help="state folder (env SCOPEWATCH_HOME)")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=32, help="decision workers to run here (one consumer group, co-partitioned)")
+    ] = 1,
 ) -> None:
     """Start the local stack: Kafka broker (KRaft), ClickHouse sink (embedded chDB) and decision worker."""
     from scopewatch.stack.kafka import StackError
@@ -46,7 +49,7 @@ def up(
     settings = _settings(home=home)
     stack = Stack(settings, report=lambda m: err.print(f"[green]•[/] {m}", highlight=False))
     try:
-        stack.up()
+        stack.up(workers=workers)
     except StackError as exc:
         _fail(str(exc))
     err.print(f"[bold green]stack is up[/] (home {settings.home}); try: scopewatch demo", highlight=False)

@@ -47,7 +47,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -72,9 +71,12 @@ from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.assignor import CoPartitionedAssignor, check
 from stream_jobs.dead_letters import dead_letter_for
+from stream_jobs.metrics import remove_stale_worker_stats
 from stream_jobs.state import ChangelogReader, ChangelogStore
 
 log = logging.getLogger("scopewatch.stream")
+
+EXIT_NOT_COPARTITIONED = 78  # EX_CONFIG: the worker refused an assignment that is not co-partitioned
 
 
 class _Partition:
@@ -510,12 +512,9 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     async def on_assigned(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
         verdict = check(((tp.topic, tp.partition) for tp in assigned), assignor.last_counts, groups)
-        held: dict[str, list[int]] = {}
-        for tp in assigned:
-            held.setdefault(tp.topic, []).append(tp.partition)
         assignment.update(
             generation=assignment["generation"] + 1,
-            held={t: sorted(ps) for t, ps in sorted(held.items())},
+            held=_by_topic(assigned),
             ok=verdict.ok,
             problems=verdict.problems,
         )
@@ -532,16 +531,13 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
             )
             os.kill(os.getpid(), signal_module.SIGTERM)  # the orderly, bounded stop (run_worker exits 78)
             return
-        log.info(
-            "partitions assigned: %s",
-            "; ".join(f"{t} {ps}" for t, ps in assignment["held"].items()) or "none (more workers than partitions)",
-        )
+        log.info("partitions assigned: %s", _describe(assignment["held"]) or "none (more workers than partitions)")
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
         if revoked:
-            log.info("partitions revoked: %s", "; ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)))
+            log.info("partitions revoked: %s", _describe(_by_topic(revoked)))
         # Faust has waited for in-flight batches (ours send and await everything before acking):
         # forget the state, the next owner (maybe us again) reads it back from the changelogs.
         stage1.revoke({tp.partition for tp in revoked if tp.topic in (topics.tool_calls, topics.sessions)})
@@ -583,6 +579,17 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
     return app
 
 
+def _by_topic(tps: set[Any]) -> dict[str, list[int]]:
+    held: dict[str, list[int]] = {}
+    for tp in tps:
+        held.setdefault(tp.topic, []).append(tp.partition)
+    return {topic: sorted(parts) for topic, parts in sorted(held.items())}
+
+
+def _describe(held: dict[str, list[int]]) -> str:
+    return "; ".join(f"{topic} {parts}" for topic, parts in held.items())
+
+
 def stage_groups(settings: Settings) -> list[tuple[str, str]]:
     """The co-partition groups: the two input topics of each stage."""
     topics = settings.topics
@@ -616,7 +623,12 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
             limit_repeats(logger)
-            log.setLevel(logging.INFO)  # our own lifecycle lines (start, assignment, stop); Faust stays at `loglevel`
+            # Our own lifecycle lines (start, assignment, revocation, stop) at INFO; the libraries stay at `level`.
+            for name in ("faust", "mode", "aiokafka", "kafka"):
+                logging.getLogger(name).setLevel(level)
+            for handler in logger.handlers:
+                handler.setLevel(min(handler.level or logging.INFO, logging.INFO))
+            log.setLevel(logging.INFO)
             log.info(
                 "decision worker starting: pid %d, group %s, slot %s, %d partitions per topic%s",
                 os.getpid(),
@@ -628,7 +640,7 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
 
     settings.home.mkdir(parents=True, exist_ok=True)  # Faust's workdir: a missing one made it exit 1, silently
     kafka_or_exit(settings.kafka_bootstrap, "decision worker", settings.kafka_wait_seconds, own_handler=True)
-    removed = remove_stale_stats(settings.run_dir)
+    removed = remove_stale_worker_stats(settings.run_dir)
     app = create_app(settings)
     worker = _Worker(app, loglevel=loglevel, quiet=True, workdir=str(settings.home))
     stages = app.scopewatch_stages  # type: ignore[attr-defined]
@@ -644,31 +656,3 @@ def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
         sys.exit(EXIT_NOT_COPARTITIONED)
     log.info("decision worker stopped (exit %s)", code)
     sys.exit(code)
-
-
-EXIT_NOT_COPARTITIONED = 78  # EX_CONFIG
-
-
-def remove_stale_stats(run_dir: Path) -> int:
-    """Remove the stats files of this host's workers whose process is gone; how many."""
-    host = socket.gethostname()
-    removed = 0
-    for path in run_dir.glob(f"worker-{host}-*.json"):
-        try:
-            pid = int(path.stem.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -184,6 +185,8 @@ class StatsFiles:
         self.workers: dict[str, dict[str, Any]] = {}
         self.pager: dict[str, Any] | None = None
         self.unreadable: list[str] = []
+        self.stale: list[str] = []
+        """Worker stats files of this host whose process is gone (left by a crash): not read."""
 
 
 def _read_json(path: Path, out: StatsFiles) -> dict[str, Any] | None:
@@ -205,6 +208,9 @@ def read_stats_files(run_dir: Path) -> StatsFiles:
     """The workers' ``worker-*.json`` and the pager's ``pager-stats.json`` in ``run_dir``."""
     out = StatsFiles()
     for path in sorted(run_dir.glob("worker-*.json")):
+        if worker_stats_stale(path):
+            out.stale.append(path.name)
+            continue
         data = _read_json(path, out)
         if data is not None:
             out.workers[path.stem] = data
@@ -212,6 +218,34 @@ def read_stats_files(run_dir: Path) -> StatsFiles:
     if pager.exists():
         out.pager = _read_json(pager, out)
     return out
+
+
+def worker_stats_stale(path: Path, host: str | None = None) -> bool:
+    """Is this a worker stats file (``worker-HOST-PID.json``) of this host whose process is gone?"""
+    prefix = f"worker-{host or socket.gethostname()}-"
+    if not (path.name.startswith(prefix) and path.suffix == ".json"):
+        return False
+    try:
+        pid = int(path.stem[len(prefix) :])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_worker_stats(run_dir: Path) -> int:
+    """Remove the stats files :func:`worker_stats_stale` names; how many."""
+    removed = 0
+    for path in run_dir.glob("worker-*.json"):
+        if worker_stats_stale(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def spool_dirs(environ: Mapping[str, str], home: Path | None = None) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,17 @@ from scopewatch.stack.kafka import (
 SERVICES = ("sink", "worker", "pager")
 OPTIONAL_SERVICES = ("pager",)
 """Started only when configured (the pager needs a routes file); not counted as down otherwise."""
+MAX_WORKERS = 32
+
+
+def worker_name(index: int) -> str:
+    """The service name of the index-th local worker (1-based): ``worker``, ``worker2``, ``worker3``..."""
+    return "worker" if index == 1 else f"worker{index}"
+
+
+def worker_slot(index: int) -> str:
+    """The stable group-instance name of the index-th local worker: a restart reclaims its partitions."""
+    return f"{socket.gethostname()}-w{index}"
 Report = Callable[[str], None]
 
 
@@ -79,7 +91,7 @@ class Stack:
         return KafkaBroker(config, libs or Path("/nonexistent"))
 
     # -- up ----------------------------------------------------------------------------
-    def up(self, timeout: float = 120.0) -> None:
+    def up(self, timeout: float = 120.0, workers: int = 1) -> None:
         s = self.settings
         s.home.mkdir(parents=True, exist_ok=True)
         if s.bootstrap is None:
@@ -95,8 +107,42 @@ class Stack:
             ready=self._sink_ready,
             timeout=timeout,
         )
-        self._up_service("worker", ["worker"], ports={}, ready=lambda: True, timeout=timeout)
+        if not 1 <= workers <= MAX_WORKERS:
+            raise StackError(f"--workers must be between 1 and {MAX_WORKERS}")
+        if workers > s.partitions:
+            self.report(f"{workers} workers for {s.partitions} partitions: {workers - s.partitions} will stay idle")
+        for index in range(1, workers + 1):
+            self._up_worker(index, timeout)
         self._up_pager(timeout)
+
+    def worker_records(self) -> list[tuple[str, proc.PidRecord]]:
+        """The pid records of the local workers ``up`` started: (service name, record)."""
+        out = []
+        for index in range(1, MAX_WORKERS + 1):
+            record = proc.read_pid_record(self.pid_path(worker_name(index)))
+            if record is not None:
+                out.append((worker_name(index), record))
+        return out
+
+    def _up_worker(self, index: int, timeout: float) -> None:
+        """Start a worker with a stable slot; it is ready once it holds its share of the partitions
+        (its stats file shows an assignment), not merely once the process runs."""
+        name = worker_name(index)
+
+        def ready() -> bool:
+            record = proc.read_pid_record(self.pid_path(name))
+            assignment = worker_assignment(self.settings.run_dir, record.pid) if record is not None else None
+            return bool(assignment and assignment.get("generation"))
+
+        self._up_service(
+            name,
+            ["worker"],
+            ports={},
+            ready=ready,
+            timeout=timeout,
+            env={"SCOPEWATCH_WORKER_SLOT": worker_slot(index)},
+            detail=lambda pid: _holding(worker_assignment(self.settings.run_dir, pid)),
+        )
 
     def _up_pager(self, timeout: float) -> None:
         from stream_jobs.pager import find_config, load, stats_file
@@ -126,7 +172,14 @@ class Stack:
         self.report(f"Kafka (KRaft) ready on {s.kafka_bootstrap} in {time.monotonic() - started:.1f}s")
 
     def _up_service(
-        self, name: str, args: list[str], ports: dict[str, int], ready: Callable[[], bool], timeout: float
+        self,
+        name: str,
+        args: list[str],
+        ports: dict[str, int],
+        ready: Callable[[], bool],
+        timeout: float,
+        env: dict[str, str] | None = None,
+        detail: Callable[[int], str] | None = None,
     ) -> None:
         record = proc.read_pid_record(self.pid_path(name))
         if record is not None and proc.is_running(record):
@@ -138,7 +191,7 @@ class Stack:
         argv = [sys.executable, "-m", "scopewatch", *args]
         log = self.log_path(name)
         offset = log.stat().st_size if log.exists() else 0
-        pid = proc.spawn_daemon(argv, log, env=settings_env(self.settings), cwd=self.settings.home)
+        pid = proc.spawn_daemon(argv, log, env=settings_env(self.settings) | (env or {}), cwd=self.settings.home)
         record = proc.PidRecord.for_pid(pid, name, argv)
         proc.write_pid_record(self.pid_path(name), record)
         deadline = time.monotonic() + timeout
@@ -146,7 +199,8 @@ class Stack:
             if not proc.is_running(record):
                 raise StackError(f"{name} exited during start-up; last lines of {log}:\n{_tail_from(log, offset)}")
             if ready():
-                self.report(f"{name} running (pid {pid}, log {log})")
+                extra = f"; {detail(pid)}" if detail is not None else ""
+                self.report(f"{name} running (pid {pid}, log {log}{extra})")
                 return
             time.sleep(0.2)
         proc.stop_process(record)
@@ -167,7 +221,8 @@ class Stack:
     # -- down --------------------------------------------------------------------------
     def down(self) -> list[str]:
         stopped: list[str] = []
-        for name in reversed(SERVICES):
+        extra_workers = [name for name, _ in self.worker_records() if name != "worker"]
+        for name in [*reversed(extra_workers), *reversed(SERVICES)]:
             path = self.pid_path(name)
             record = proc.read_pid_record(path)
             if record is not None and proc.stop_process(record):
@@ -193,13 +248,17 @@ class Stack:
                     "kafka", rec is not None, rec.pid if rec else None, self.settings.kafka_bootstrap
                 ).__dict__
             )
-        for name in SERVICES:
+        names = [*SERVICES[:2], *(name for name, _ in self.worker_records() if name != "worker"), *SERVICES[2:]]
+        for name in names:
             record = proc.read_pid_record(self.pid_path(name))
             alive = record is not None and proc.is_running(record)
             if name in OPTIONAL_SERVICES and record is None:
                 continue  # not configured, so not started: not "down"
+            detail = str(self.log_path(name))
+            if name.startswith("worker") and record is not None and alive:
+                detail += "; " + _holding(worker_assignment(self.settings.run_dir, record.pid))
             out["services"].append(
-                ServiceStatus(name, alive, record.pid if record and alive else None, str(self.log_path(name))).__dict__
+                ServiceStatus(name, alive, record.pid if record and alive else None, detail).__dict__
             )
         if rec is not None or self.settings.bootstrap is not None:
             try:
@@ -229,6 +288,27 @@ class Stack:
         except SqlError as exc:
             return {"error": str(exc)}
         return {str(name): int(n or 0) for name, n in rows}
+
+
+def worker_assignment(run_dir: Path, pid: int) -> dict[str, Any] | None:
+    """The assignment a running worker reports in its stats file (None before it wrote one)."""
+    for path in run_dir.glob(f"worker-*-{pid}.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        assignment = data.get("assignment")
+        return assignment if isinstance(assignment, dict) else None
+    return None
+
+
+def _holding(assignment: dict[str, Any] | None) -> str:
+    if not assignment or not assignment.get("generation"):
+        return "no assignment yet"
+    held = assignment.get("held") or {}
+    if not held:
+        return "holds no partitions (more workers than partitions)"
+    return "holds " + ", ".join(f"{topic} {parts}" for topic, parts in held.items())
 
 
 def _tail_from(path: Path, offset: int, lines: int = 40) -> str:

@@ -41,8 +41,8 @@ def stack_env(home: Path, cache_dir: Path, **extra: str) -> dict[str, str]:
         SCOPEWATCH_QUERY_PORT=str(proc.free_port()),
         SCOPEWATCH_PARTITIONS="2",
         SCOPEWATCH_GRACE_SECONDS="3",
-        **{f"SCOPEWATCH_{k.upper()}": v for k, v in extra.items()},
     )
+    env.update({f"SCOPEWATCH_{k.upper()}": v for k, v in extra.items()})
     env.pop("SCOPEWATCH_BOOTSTRAP", None)
     return env
 
