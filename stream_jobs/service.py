@@ -16,6 +16,7 @@ from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
 from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect, migrate
 from stream_jobs.query_server import AnalystSession, QueryServer, write_token
+from stream_jobs.rows import table_topics
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
 from stream_jobs.sql_guard import QueryCaps
 
@@ -81,6 +82,7 @@ def sink_config(settings: Settings) -> SinkConfig:
         intent_file=settings.run_dir / "sink-intent.json",
         crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
         crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),
+        table_topics=table_topics(settings.topics),
     )
 
 

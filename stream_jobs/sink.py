@@ -270,6 +270,14 @@ class SinkConfig:
     (py-spy). The wait adds at most ``fetch_wait_ms`` to a row's time to ClickHouse."""
     lag_interval: float = 2.0
     """Seconds between consumer-lag refreshes (one offset lookup per assigned partition)."""
+    table_topics: dict[str, str] | None = None
+    """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
+    type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
+    any topic (tests of the column path)."""
+
+
+class WrongTopic(ValueError):
+    """A record of a type that does not belong on the topic it came from."""
 
 
 class ClickHouseSink:
@@ -354,10 +362,11 @@ class ClickHouseSink:
         ingested = millis(now)
         readers = self._readers
         rows = batch.rows
+        expected = self.config.table_topics
         for msg in messages:
             value = msg.value
             reader = readers.get(value[:10]) if value is not None else None
-            if reader is not None:
+            if reader is not None and (expected is None or expected.get(reader.table) == topic):
                 try:
                     rows[reader.table].append(reader.read(value, topic, partition, msg.offset, ingested))
                     continue
@@ -376,6 +385,11 @@ class ClickHouseSink:
         try:
             record = decode(msg.value or b"")
             table, row = to_row(record, prov)
+            expected = self.config.table_topics
+            if expected is not None and expected.get(table) != msg.topic:
+                self.counters["wrong_topic"] += 1
+                event_type = getattr(record, "event_type", type(record).__name__)
+                raise WrongTopic(f"a {event_type} does not belong on {msg.topic} (its topic: {expected.get(table)})")
             check_row(table, row)
         except Exception as exc:  # noqa: BLE001 - bad input becomes a dead letter, never a crash
             self.counters["dead_letters"] += 1
