@@ -223,7 +223,9 @@ def verify(
     except ValueError as exc:
         _fail(f"--since: {exc}", code=2)
     try:
-        report = run_verify(lambda q: run_sql(settings, q), settings.clickhouse_database, start, tenant)
+        report = run_verify(
+            lambda q: run_sql(settings, q), settings.clickhouse_database, start, tenant, settings.topics
+        )
     except SqlError as exc:
         _fail(str(exc))
     if as_json:

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     query_timeout_seconds: float = Field(
         default=30.0, gt=0, le=3600, description="longest a query through the sink's SQL endpoint may run"
     )
+    query_max_rows: int = Field(
+        default=100_000, ge=10_000, description="most rows one answer of the SQL endpoint may have"
+    )
+    query_max_result_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024 * 1024, description="most bytes (uncompressed) of one answer"
+    )
+    query_max_memory_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=64 * 1024 * 1024, description="most memory one analyst query may use"
+    )
 
     # Sink
     sink_batch_rows: int = Field(default=10_000, ge=1)

@@ -201,7 +201,11 @@ def run_query(client: Client, sql: str, max_rows: int = 100_000, max_seconds: fl
     settings: dict[str, Any] = {"max_result_rows": max_rows, "result_overflow_mode": "throw"}
     if max_seconds is not None:
         settings["max_execution_time"] = max_seconds
-    result = client.query(sql, settings=settings)
+    return result_json(client.query(sql, settings=settings))
+
+
+def result_json(result: Any) -> dict[str, Any]:
+    """A clickhouse-connect query result as ``{"columns", "types", "rows"}`` with JSON-ready values."""
     return {
         "columns": list(result.column_names),
         "types": [t.name for t in result.column_types],

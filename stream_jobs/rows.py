@@ -29,6 +29,7 @@ from schemas import (
     canonical_json,
     record_hash,
 )
+from schemas.topics import Topics
 
 
 def _extra(model: Any) -> str:
@@ -249,6 +250,20 @@ def _to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             **common,
         }
     raise TypeError(f"no table for {type(record).__name__}")
+
+
+def table_topics(topics: Topics) -> dict[str, str]:
+    """Each table's topic: tool_calls only from the tool-calls topic, consent_events from the grants topic..."""
+    return {
+        "tool_calls": topics.tool_calls,
+        "tool_results": topics.tool_results,
+        "identity_events": topics.sessions,
+        "consent_events": topics.grants,
+        "evidence": topics.evidence,
+        "findings": topics.findings,
+        "pages": topics.pages,
+        "dead_letters": topics.dead_letter,
+    }
 
 
 # ------------------------------------------------------------------ column layout

@@ -14,9 +14,11 @@ from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
-from stream_jobs.clickhouse import ClickHouseError, connect, migrate
-from stream_jobs.query_server import QueryServer, write_token
+from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect, migrate
+from stream_jobs.query_server import AnalystSession, QueryServer, write_token
+from stream_jobs.rows import table_topics
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
+from stream_jobs.sql_guard import QueryCaps
 
 log = logging.getLogger("scopewatch.sink")
 
@@ -58,6 +60,16 @@ async def _connect_owner(settings: Settings, patience: float = 15.0) -> Any:
             await asyncio.sleep(0.5)
 
 
+def query_caps(settings: Settings) -> QueryCaps:
+    """The limits of every query through the sink's SQL endpoint."""
+    return QueryCaps(
+        max_rows=settings.query_max_rows,
+        max_result_bytes=settings.query_max_result_bytes,
+        max_memory_bytes=settings.query_max_memory_bytes,
+        max_seconds=settings.query_timeout_seconds,
+    )
+
+
 def sink_config(settings: Settings) -> SinkConfig:
     """The sink's configuration from the settings (and the crash-drill variables)."""
     return SinkConfig(
@@ -70,6 +82,7 @@ def sink_config(settings: Settings) -> SinkConfig:
         intent_file=settings.run_dir / "sink-intent.json",
         crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
         crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),
+        table_topics=table_topics(settings.topics),
     )
 
 
@@ -83,10 +96,12 @@ async def _sink_main(settings: Settings) -> None:
     server: QueryServer | None = None
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if settings.embedded:
-        reader = connect(settings.dsn, readonly=True)
+        path = chdb_path(client)
+        if path is None:  # pragma: no cover - an embedded store always has a folder here
+            raise ClickHouseError("the embedded ClickHouse has no data folder")
+        session = AnalystSession(path, query_caps(settings))
         token = write_token(query_token_file(settings))
-        limit = settings.query_timeout_seconds
-        server = QueryServer(reader, token, writer.lock, settings.query_port, max_seconds=limit)
+        server = QueryServer(session, token, settings.query_port)
         await server.start()
         _write_json(
             query_endpoint_file(settings),
@@ -115,6 +130,7 @@ async def _sink_main(settings: Settings) -> None:
         if server is not None:
             await server.stop()
             query_endpoint_file(settings).unlink(missing_ok=True)
+            server.session.close()
 
 
 def run_sink_service(settings: Settings) -> None:

@@ -134,6 +134,10 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+SLOW_INSERT_SECONDS = 1.0
+"""An insert that took longer (waiting for the writer's lock included) is logged and counted."""
+
+
 class ClickHouseWriter:
     """Serialises all access to one ClickHouse client (chDB is one engine per process).
 
@@ -151,6 +155,15 @@ class ClickHouseWriter:
         """While this file exists, inserts fail as if ClickHouse were unreachable (outage drills, tests)."""
         self._types: dict[str, dict[str, str]] = {}
         self._chdb_path = chdb_path(client)
+        self.insert_seconds_max = 0.0
+        """Longest insert (waiting for the lock included) since :meth:`timing` last read it."""
+        self.slow_inserts = 0
+        """Inserts that took longer than SLOW_INSERT_SECONDS, waiting for the lock included."""
+
+    def timing(self) -> dict[str, int]:
+        """``insert_ms_max`` since the last call (then reset) and the count of slow inserts so far."""
+        longest, self.insert_seconds_max = self.insert_seconds_max, 0.0
+        return {"insert_ms_max": round(longest * 1000), "slow_inserts": self.slow_inserts}
 
     def insert(self, table: str, rows: list[dict[str, Any]], token: str) -> None:
         """Insert dict rows (all with the same keys); datetimes or integer milliseconds for DateTime64.
@@ -172,6 +185,19 @@ class ClickHouseWriter:
         if self.fault_file is not None and self.fault_file.exists():
             raise ConnectionError(f"ClickHouse unavailable (drill: {self.fault_file} exists)")
         settings = {**INSERT_SETTINGS, "insert_deduplication_token": token}
+        started = time.monotonic()
+        try:
+            self._insert_locked(table, columns, data, settings, arrow)
+        finally:
+            took = time.monotonic() - started
+            self.insert_seconds_max = max(self.insert_seconds_max, took)
+            if took > SLOW_INSERT_SECONDS:
+                self.slow_inserts += 1
+                log.warning("an insert into %s took %.1f s (lock wait included)", table, took)
+
+    def _insert_locked(
+        self, table: str, columns: list[str], data: Sequence[Sequence[Any]], settings: dict[str, Any], arrow: bool
+    ) -> None:
         with self.lock:
             types = self._column_types(table)
         type_names = [types[c] for c in columns]
@@ -270,6 +296,14 @@ class SinkConfig:
     (py-spy). The wait adds at most ``fetch_wait_ms`` to a row's time to ClickHouse."""
     lag_interval: float = 2.0
     """Seconds between consumer-lag refreshes (one offset lookup per assigned partition)."""
+    table_topics: dict[str, str] | None = None
+    """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
+    type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
+    any topic (tests of the column path)."""
+
+
+class WrongTopic(ValueError):
+    """A record of a type that does not belong on the topic it came from."""
 
 
 class ClickHouseSink:
@@ -289,7 +323,8 @@ class ClickHouseSink:
         self._stop.set()
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "lag": sum(self.lag.values()), "lag_by_topic": dict(self.lag)}
+        timing = self.writer.timing() if self.writer is not None else {}
+        return {**self.counters, **timing, "lag": sum(self.lag.values()), "lag_by_topic": dict(self.lag)}
 
     def new_consumer(self) -> AIOKafkaConsumer:
         """The sink's consumer (not started; call inside the running loop)."""
@@ -354,10 +389,11 @@ class ClickHouseSink:
         ingested = millis(now)
         readers = self._readers
         rows = batch.rows
+        expected = self.config.table_topics
         for msg in messages:
             value = msg.value
             reader = readers.get(value[:10]) if value is not None else None
-            if reader is not None:
+            if reader is not None and (expected is None or expected.get(reader.table) == topic):
                 try:
                     rows[reader.table].append(reader.read(value, topic, partition, msg.offset, ingested))
                     continue
@@ -376,6 +412,11 @@ class ClickHouseSink:
         try:
             record = decode(msg.value or b"")
             table, row = to_row(record, prov)
+            expected = self.config.table_topics
+            if expected is not None and expected.get(table) != msg.topic:
+                self.counters["wrong_topic"] += 1
+                event_type = getattr(record, "event_type", type(record).__name__)
+                raise WrongTopic(f"a {event_type} does not belong on {msg.topic} (its topic: {expected.get(table)})")
             check_row(table, row)
         except Exception as exc:  # noqa: BLE001 - bad input becomes a dead letter, never a crash
             self.counters["dead_letters"] += 1

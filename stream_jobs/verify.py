@@ -48,17 +48,20 @@ from schemas import (
     parse_event,
     record_hash,
 )
+from schemas.topics import Topics
 from stream_jobs.forensics import render_literal
+from stream_jobs.rows import table_topics
 
 Fetch = Callable[[str], dict[str, Any]]
 
 RAW_TABLES = ("tool_calls", "tool_results", "identity_events", "consent_events")
-PAGE = 50_000
+PAGE = 10_000
+"""Rows per fetch: well inside the SQL endpoint's answer cap (SCOPEWATCH_QUERY_MAX_RESULT_BYTES)."""
 
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # gap, edited, chain_break, conflict, unreadable, mismatch, undecided
+    kind: str  # gap, edited, chain_break, conflict, unreadable, wrong_topic, mismatch, undecided
     detail: str
     collector_id: str | None = None
     epoch: int | None = None
@@ -330,8 +333,18 @@ def _pages(fetch: Fetch, sql: str) -> Iterator[dict[str, Any]]:
         offset += PAGE
 
 
-def verify(fetch: Fetch, database: str, since: datetime | None = None, tenant: str | None = None) -> VerifyReport:
+def verify(
+    fetch: Fetch,
+    database: str,
+    since: datetime | None = None,
+    tenant: str | None = None,
+    topics: Topics | None = None,
+) -> VerifyReport:
+    """``topics``: the pipeline's topic names; a raw row whose ``_topic`` is not its type's topic (stored
+    before the sink checked it) is reported as ``wrong_topic`` and left out of the re-judging, as the
+    worker dead-letters such an event."""
     report = VerifyReport()
+    expected = table_topics(topics or Topics())
     where = []
     if tenant is not None:
         where.append(f"tenant = {render_literal('String', tenant)}")
@@ -361,7 +374,19 @@ def verify(fetch: Fetch, database: str, since: datetime | None = None, tenant: s
                 )
                 continue
             in_window = since is None or event.event_time >= since
-            if isinstance(event, (SessionBound, SessionEnded, GrantIssued, GrantRevoked)):
+            landed = row.get("_topic")
+            if landed is not None and landed != expected[table]:
+                if in_window:
+                    report.row_problems.append(
+                        Problem(
+                            "wrong_topic",
+                            f"a {event.event_type} that came from {landed}, not {expected[table]} "
+                            "(the worker dead-lettered it; not re-judged)",
+                            table=table,
+                            event_id=event.event_id,
+                        )
+                    )
+            elif isinstance(event, (SessionBound, SessionEnded, GrantIssued, GrantRevoked)):
                 engine.add_fact(event)
             elif isinstance(event, ToolCall):
                 calls.append(event)

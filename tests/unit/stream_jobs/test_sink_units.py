@@ -12,7 +12,7 @@ from aiokafka import TopicPartition
 
 from scopewatch.settings import Settings
 from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
-from stream_jobs.rows import Provenance, to_row
+from stream_jobs.rows import COLUMNS, Provenance, to_row
 from stream_jobs.service import sink_config
 from stream_jobs.sink import Batch, ClickHouseSink
 from support.samples import SAMPLES
@@ -69,3 +69,29 @@ def test_the_sink_consumer_fetches_wait_in_the_broker(tmp_path: Path, monkeypatc
     consumer = asyncio.run(build())
     assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (config.fetch_min_bytes, 25)
     assert Settings(home=tmp_path).sink_fetch_wait_ms == 100
+
+
+@pytest.mark.parametrize(("table", "record"), SAMPLES, ids=[s[0] + ":" + type(s[1]).__name__ for s in SAMPLES])
+def test_a_record_lands_only_from_its_own_topic(table: str, record: Any, tmp_path: Path) -> None:
+    """Each table takes its records only from its topic: the same bytes on another topic are dead-lettered."""
+    from aiokafka.structs import ConsumerRecord
+
+    from schemas import encode, topic_for
+    from schemas.topics import Topics
+
+    config = sink_config(Settings(home=tmp_path))
+    sink = ClickHouseSink(config, writer=None)  # type: ignore[arg-type]  # nothing is flushed here
+    value = encode(record)
+    own = topic_for(record, Topics())
+    other = Topics().grants if own != Topics().grants else Topics().tool_calls
+    batch = Batch()
+    for offset, topic in enumerate([own, other]):
+        sink._absorb_many(batch, [ConsumerRecord(topic, 0, offset, 0, 0, None, value, None, 0, len(value), ())], T)
+    topic_at = COLUMNS[table].index("_topic")
+    assert [row[topic_at] for row in batch.rows[table]][:1] == [own]  # stored from its own topic
+    letter = batch.rows["dead_letters"][-1]  # (a DeadLetter sample is itself the first dead_letters row)
+    assert len(batch.rows[table]) == (2 if table == "dead_letters" else 1)
+    assert f"WrongTopic: a {getattr(record, 'event_type', type(record).__name__)} does not belong on {other}" in str(
+        letter
+    )
+    assert sink.counters["wrong_topic"] == 1 and sink.counters["dead_letters"] == 1
