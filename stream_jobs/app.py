@@ -69,7 +69,7 @@ from scopewatch.runtime import StopTimer, kafka_or_exit, limit_repeats
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
-from stream_jobs.assignor import CoPartitionedAssignor, check
+from stream_jobs.assignor import CoPartitionedAssignor, by_topic, check, describe
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.metrics import remove_stale_worker_stats
 from stream_jobs.state import ChangelogReader, ChangelogStore
@@ -514,7 +514,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         verdict = check(((tp.topic, tp.partition) for tp in assigned), assignor.last_counts, groups)
         assignment.update(
             generation=assignment["generation"] + 1,
-            held=_by_topic(assigned),
+            held=by_topic(assigned),
             ok=verdict.ok,
             problems=verdict.problems,
         )
@@ -531,13 +531,13 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
             )
             os.kill(os.getpid(), signal_module.SIGTERM)  # the orderly, bounded stop (run_worker exits 78)
             return
-        log.info("partitions assigned: %s", _describe(assignment["held"]) or "none (more workers than partitions)")
+        log.info("partitions assigned: %s", describe(assignment["held"]) or "none (more workers than partitions)")
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked: set[Any] = args[0] if args else kwargs.get("revoked", set())
         if revoked:
-            log.info("partitions revoked: %s", _describe(_by_topic(revoked)))
+            log.info("partitions revoked: %s", describe(by_topic(revoked)))
         # Faust has waited for in-flight batches (ours send and await everything before acking):
         # forget the state, the next owner (maybe us again) reads it back from the changelogs.
         stage1.revoke({tp.partition for tp in revoked if tp.topic in (topics.tool_calls, topics.sessions)})
@@ -577,17 +577,6 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
 
     app.scopewatch_stats_file = stats_file  # type: ignore[attr-defined]
     return app
-
-
-def _by_topic(tps: set[Any]) -> dict[str, list[int]]:
-    held: dict[str, list[int]] = {}
-    for tp in tps:
-        held.setdefault(tp.topic, []).append(tp.partition)
-    return {topic: sorted(parts) for topic, parts in sorted(held.items())}
-
-
-def _describe(held: dict[str, list[int]]) -> str:
-    return "; ".join(f"{topic} {parts}" for topic, parts in held.items())
 
 
 def stage_groups(settings: Settings) -> list[tuple[str, str]]:

@@ -179,6 +179,19 @@ class CoPartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         self.last_counts = _counts(assignment.user_data)
 
 
+def by_topic(tps: Iterable[Any]) -> dict[str, list[int]]:
+    """Topic partitions (anything with ``topic`` and ``partition``) as topic -> sorted partitions."""
+    held: dict[str, list[int]] = {}
+    for tp in tps:
+        held.setdefault(tp.topic, []).append(tp.partition)
+    return {topic: sorted(parts) for topic, parts in sorted(held.items())}
+
+
+def describe(held: Mapping[str, Sequence[int]]) -> str:
+    """``topic [0, 2]; other [1]`` for log lines."""
+    return "; ".join(f"{topic} {list(parts)}" for topic, parts in held.items())
+
+
 def _slot(user_data: bytes | None) -> str:
     try:
         slot = json.loads(user_data or b"{}").get("slot", "")

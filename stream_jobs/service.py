@@ -131,6 +131,9 @@ async def _sink_main(settings: Settings) -> None:
             await server.stop()
             query_endpoint_file(settings).unlink(missing_ok=True)
             server.session.close()
+        log.info(
+            "sink stopped: %s", ", ".join(f"{k}={v}" for k, v in sorted(sink.counters.items())) or "nothing written"
+        )
 
 
 def run_sink_service(settings: Settings) -> None:

@@ -60,12 +60,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from clickhouse_connect.driver.client import Client
 
 from schemas import decode
 from scopewatch.stack.proc import atomic_write
+from stream_jobs.assignor import by_topic, describe
 from stream_jobs.clickhouse import chdb_path
 from stream_jobs.columnar import FastReader, arrow_table, fast_readers
 from stream_jobs.dead_letters import dead_letter_for
@@ -306,6 +307,27 @@ class WrongTopic(ValueError):
     """A record of a type that does not belong on the topic it came from."""
 
 
+class _LogRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Logs every assignment with the committed offsets the sink resumes from, and every revocation."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            log.info("partitions revoked: %s", describe(by_topic(revoked)))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        resume: dict[str, list[str]] = {}
+        for tp in sorted(assigned):
+            committed = await self.consumer.committed(tp)
+            resume.setdefault(tp.topic, []).append(f"{tp.partition}@{'start' if committed is None else committed}")
+        log.info(
+            "partitions assigned, resuming at the committed offsets: %s",
+            "; ".join(f"{topic} {', '.join(parts)}" for topic, parts in resume.items()) or "none",
+        )
+
+
 class ClickHouseSink:
     def __init__(self, config: SinkConfig, writer: ClickHouseWriter) -> None:
         if config.crash_at is not None and config.crash_at not in CRASH_POINTS:
@@ -328,8 +350,7 @@ class ClickHouseSink:
 
     def new_consumer(self) -> AIOKafkaConsumer:
         """The sink's consumer (not started; call inside the running loop)."""
-        return AIOKafkaConsumer(
-            *self.config.topics,
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap,
             group_id=self.config.group,
             enable_auto_commit=False,
@@ -339,9 +360,12 @@ class ClickHouseSink:
             fetch_min_bytes=self.config.fetch_min_bytes,
             fetch_max_wait_ms=self.config.fetch_wait_ms,
         )
+        consumer.subscribe(list(self.config.topics), listener=_LogRebalance(consumer))
+        return consumer
 
     async def run(self) -> None:
         consumer = self.new_consumer()
+        log.info("sink starting: group %s, %d topics", self.config.group, len(self.config.topics))
         await consumer.start()
         try:
             intent = self._read_intent()
