@@ -30,16 +30,8 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from integration.collectors.test_http_proxy import (  # fixtures and helpers of the proxy suite
-    Keys,
-    Upstream,
-    collect,
-    keys,  # noqa: F401 - a fixture
-    proxy_options,
-    raw_call,
-    running_proxy,
-    upstream,  # noqa: F401 - a fixture
-)
+from integration.collectors import test_http_proxy as proxy_suite
+from integration.collectors.test_http_proxy import Keys, Upstream, collect, proxy_options, raw_call, running_proxy
 from integration.conftest import make_settings
 
 from collectors.chain import ChainStamper
@@ -59,6 +51,9 @@ pytestmark = pytest.mark.integration
 
 SECRET = new_secret()
 KEY = parse_secret(SECRET)
+
+keys = proxy_suite.keys  # the proxy suite's fixtures: signing keys, the upstream MCP server
+upstream = proxy_suite.upstream
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jwt as pyjwt
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +65,13 @@ def test_emit_accepts_a_real_token_id() -> None:
         "bind", "--session-id", "s", "--principal", "p", "--agent-id", "a", "--auth-token-id", "jti-77", "--dry-run"
     )
     assert code == 0 and '"token_id":"jti-77"' in out
+
+
+@pytest.mark.parametrize("option", ["--principal", "--agent-id", "--session-id"])
+def test_wrap_refuses_an_empty_identity_before_starting_anything(option: str) -> None:
+    from scopewatch.cli import app
+
+    args = {"--principal": "alice", "--agent-id": "agent", "--session-id": "s-1", option: "  "}
+    flat = [part for pair in args.items() for part in pair]
+    result = CliRunner().invoke(app, ["wrap", *flat, "--", sys.executable, "-c", "raise SystemExit(7)"])
+    assert result.exit_code == 2 and f"{option} must not be empty" in result.stderr
