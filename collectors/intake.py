@@ -22,6 +22,8 @@ Answers, in the order they are checked:
        event. **Nothing of the delivery is published** (fail whole batch): a webhook-id is either
        fully accepted or not at all, so the sender can fix and resend without duplicates.
 401    ``replayed``: this webhook-id was already accepted (or is being published right now)
+409    ``duplicate_event``: an event_id of the delivery was accepted before (under any webhook-id,
+       within the event-id window); ``errors`` names them. Nothing of the delivery is published.
 503    Kafka did not acknowledge in ``publish_timeout`` seconds: nothing is recorded as accepted,
        the sender retries later (``Retry-After``)
 200    every event is acknowledged by Kafka (``acks=all``), on its topic with its key
@@ -36,9 +38,19 @@ a restart. A duplicate delivery of an accepted message is thus answered 401 ``re
 publishes nothing: it lands once. (Senders that retry after a lost 200 see that 401; its
 ``reason`` tells them the message was accepted before.)
 
-The intake is a collector: events without a ``collector`` stamp get this intake's chain stamp
-(:class:`~collectors.chain.ChainStamper`), so ``scopewatch verify`` sees gaps. Deliveries are
-published one at a time; a delivery Kafka did not acknowledge gives its sequence numbers back.
+Re-sent events: the event_ids of accepted events are remembered for ``event_id_window_seconds``
+(default 24 h), at most ``event_id_window_size`` of them (default 200,000, a few tens of MB; past
+that the oldest are forgotten first), in memory only. A delivery repeating one is answered 409.
+Beyond that window (or after a restart) a re-sent event is published again; ``scopewatch verify``
+still counts it once.
+
+The intake is a collector: **every** event it publishes gets this intake's chain stamp
+(:class:`~collectors.chain.ChainStamper`), so ``scopewatch verify`` sees gaps. A sender cannot
+write into another collector's chain: a ``collector`` the sender put on an event is moved to the
+extra field ``claimed_collector`` (untrusted, kept like any unknown field) and replaced by the
+intake's stamp. Empty or whitespace-only ``principal``, ``agent_id``, ``session_id``,
+``granted_by`` and ``revoked_by`` are invalid (422). Deliveries are published one at a time; a
+delivery Kafka did not acknowledge gives its sequence numbers back.
 
 Secrets and signatures are never logged; neither are bodies (only counts, types and ids).
 """
@@ -55,9 +67,11 @@ import hmac
 import json
 import logging
 import os
+import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,21 +81,26 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from collectors.chain import ChainStamper
-from schemas import Event, EventError, Topics, encode, key_for, parse_event, topic_for
+from schemas import Event, EventError, Topics, encode, key_for, parse_event, to_canonical_dict, topic_for
 
 __all__ = [
     "ACCEPTED_TYPES",
+    "CLAIMED_COLLECTOR",
     "INTAKE",
+    "DuplicateEvents",
+    "EventIdWindow",
     "Intake",
     "IntakeConfig",
     "KafkaSink",
     "PublishError",
     "ReplayCache",
     "Unauthorized",
+    "blank_identity_fields",
     "make_app",
     "new_secret",
     "parse_secret",
     "sign",
+    "token_id_problem",
     "verify_signature",
 ]
 
@@ -92,6 +111,55 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the format prefix, not a secret
 MIN_SECRET_BYTES = 16
 MAX_ID_CHARS = 256
 DEFAULT_PATH = "/v1/events"
+MAX_TOKEN_ID_CHARS = 128
+"""The longest ``auth.token_id`` accepted (a jti, a UUID, a handle -- never a token)."""
+CLAIMED_COLLECTOR = "claimed_collector"
+"""Extra field keeping the ``collector`` stamp a sender put on an event (untrusted)."""
+IDENTITY_FIELDS = ("principal", "agent_id", "session_id", "granted_by", "revoked_by")
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def blank_identity_fields(fields: Mapping[str, Any]) -> list[str]:
+    """The identity fields of an event (or of emit's options) that are present but empty or whitespace."""
+    return [name for name in IDENTITY_FIELDS if isinstance(fields.get(name), str) and not fields[name].strip()]
+
+
+def _b64url_json_object(segment: str) -> bool:
+    try:
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return isinstance(json.loads(decoded), dict)
+    except (binascii.Error, ValueError, RecursionError):
+        return False
+
+
+_B64URL_SEGMENTS = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2,4}")
+
+
+def token_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an ``auth.token_id`` (it looks like a token or secret), or ``None``.
+
+    The message never repeats the value. A token id is at most :data:`MAX_TOKEN_ID_CHARS`
+    printable characters without spaces; a JWT/JWS/JWE (dot-separated base64url segments whose
+    first decodes to a JSON object) or anything :mod:`collectors.redact`'s detectors call a
+    secret is refused.
+    """
+    from collectors.redact import Redactor
+
+    text = value.strip()
+    if not text:
+        return "is empty"
+    if _B64URL_SEGMENTS.fullmatch(text) and _b64url_json_object(text.split(".", 1)[0]):
+        return "looks like a JWT (the token itself); pass its jti claim, never the token"
+    found = Redactor.ephemeral().redact_text(text[: 64 * 1024]).counts
+    if found:
+        return f"looks like a secret ({', '.join(sorted(found))}); pass the token's id, never a credential"
+    if len(text) > MAX_TOKEN_ID_CHARS:
+        return f"is {len(text)} characters long; a token id (jti) has at most {MAX_TOKEN_ID_CHARS}"
+    if not text.isprintable() or any(c.isspace() for c in text):
+        return "holds spaces or control characters; a token id (jti) has none"
+    return None
 
 
 # ----------------------------------------------------------------------------- signatures
@@ -233,11 +301,54 @@ class ReplayCache:
         return len(self._entries)
 
 
+class EventIdWindow:
+    """event_ids of accepted events, each for ``seconds`` and at most ``max_entries`` of them.
+
+    Bounded memory: ids leave after ``seconds``, and when more than ``max_entries`` were accepted
+    within that time the oldest leave first. Only this intake process remembers them (a restart
+    forgets); ``scopewatch verify`` and the tables' FINAL views count a re-sent event once anyway.
+    """
+
+    def __init__(self, max_entries: int = 200_000, seconds: float = 86_400.0) -> None:
+        self.max_entries = max_entries
+        self.seconds = seconds
+        self._ids: OrderedDict[str, float] = OrderedDict()  # event_id -> accepted at (oldest first)
+
+    def _purge(self, now: float) -> None:
+        horizon = now - self.seconds
+        while self._ids:
+            oldest, at = next(iter(self._ids.items()))
+            if at > horizon and len(self._ids) <= self.max_entries:
+                return
+            del self._ids[oldest]
+
+    def seen(self, event_id: str, now: float) -> bool:
+        self._purge(now)
+        return event_id in self._ids
+
+    def add(self, event_ids: Iterable[str], now: float) -> None:
+        for event_id in event_ids:
+            self._ids[event_id] = now
+            self._ids.move_to_end(event_id)
+        self._purge(now)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 # ----------------------------------------------------------------------------- Kafka
 
 
 class PublishError(RuntimeError):
     """Kafka did not acknowledge a delivery."""
+
+
+class DuplicateEvents(Exception):
+    """Events of a delivery were accepted before (by event_id); ``errors`` as in a 422 answer."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"{len(errors)} events were accepted before")
+        self.errors = errors
 
 
 Record = tuple[str, bytes, bytes]  # topic, key, value
@@ -309,6 +420,8 @@ class IntakeConfig:
     tolerance: float = 300.0
     replay_cache_size: int = 100_000
     replay_file: Path | None = None
+    event_id_window_size: int = 200_000
+    event_id_window_seconds: float = 86_400.0
     collector_id: str = field(default_factory=lambda: f"intake:{socket.gethostname()}")
 
     def __post_init__(self) -> None:
@@ -354,9 +467,33 @@ def _validate(items: list[Any]) -> _Delivery:
         if event.event_id in seen:
             errors.append({**where, "error": "event_id repeats an earlier event of this delivery"})
             continue
+        blank = blank_identity_fields(event.__dict__)
+        if blank:
+            errors.append({**where, "error": f"field '{blank[0]}' is empty"})
+            continue
+        try:
+            event = _untrusted_stamp(event)
+        except EventError as exc:
+            errors.append({**where, "error": str(exc)})
+            continue
         seen.add(event.event_id)
         events.append(event)
     return _Delivery(events, errors)
+
+
+def _untrusted_stamp(event: Event) -> Event:
+    """``event`` without the sender's ``collector`` stamp, which is kept as ``claimed_collector``.
+
+    Only the intake stamps what it publishes: a sender cannot write into another collector's chain.
+    """
+    if event.collector is None:
+        return event
+    extra = event.model_extra or {}
+    if CLAIMED_COLLECTOR in extra:
+        raise EventError(f"both 'collector' and '{CLAIMED_COLLECTOR}' are set; send at most one")
+    fields = to_canonical_dict(event)
+    fields[CLAIMED_COLLECTOR] = fields.pop("collector")
+    return parse_event(fields)
 
 
 class Intake:
@@ -367,6 +504,7 @@ class Intake:
         self.sink = sink
         self.clock = clock
         self.replays = ReplayCache(config.replay_cache_size, config.replay_file)
+        self.event_ids = EventIdWindow(config.event_id_window_size, config.event_id_window_seconds)
         self.stamper = ChainStamper(config.collector_id, epoch=time.time_ns() // 1_000_000)
         self._lock = asyncio.Lock()
         self.counters: dict[str, int] = {"accepted_deliveries": 0, "accepted_events": 0}
@@ -420,6 +558,13 @@ class Intake:
             return _error(503, "too many deliveries in the replay window; retry later")
         try:
             placed = await self._publish(delivery.events)
+        except DuplicateEvents as exc:
+            self.replays.release(msg_id)
+            self._count("rejected_duplicate_event")
+            log.warning("rejected delivery %s from %s: %d events accepted before", msg_id, peer, len(exc.errors))
+            return _error(
+                409, "events were accepted before; nothing was published", reason="duplicate_event", errors=exc.errors
+            )
         except PublishError as exc:
             self.replays.release(msg_id)
             self._count("failed_publish")
@@ -436,18 +581,29 @@ class Intake:
     async def _publish(self, events: list[Event]) -> list[dict[str, str]]:
         topics = self.config.topics
         async with self._lock:  # one delivery at a time: chain order is Kafka order
+            now = self.clock()
+            repeated = [
+                {"index": i, "event_id": e.event_id, "error": "event_id was accepted before (an earlier delivery)"}
+                for i, e in enumerate(events)
+                if self.event_ids.seen(e.event_id, now)
+            ]
+            if repeated:
+                raise DuplicateEvents(repeated)
             seq, prev_hash = self.stamper.seq, self.stamper.prev_hash
-            stamped = [self.stamper.stamp(e) if e.collector is None else e for e in events]
+            stamped = [self.stamper.stamp(e) for e in events]  # senders' stamps were moved aside
             records = [(topic_for(e, topics), key_for(e).encode("utf-8"), encode(e)) for e in stamped]
             try:
                 await self.sink(records)
             except PublishError:
                 self.stamper.seq, self.stamper.prev_hash = seq, prev_hash
                 raise
+            self.event_ids.add((e.event_id for e in stamped), now)
         return [{"event_id": e.event_id, "topic": topic} for e, (topic, _k, _v) in zip(stamped, records, strict=True)]
 
     async def health(self, _request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, **self.counters, "replay_cache": len(self.replays)})
+        return web.json_response(
+            {"ok": True, **self.counters, "replay_cache": len(self.replays), "event_ids": len(self.event_ids)}
+        )
 
 
 INTAKE = web.AppKey("intake", Intake)

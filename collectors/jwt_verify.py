@@ -7,8 +7,11 @@ leeway. The outcome is a :class:`TokenCheck`:
 
 ``verified``
     ``attested`` holds the verified claims the audit records: ``iss``, ``sub``, ``client_id``
-    (the ``client_id`` claim, else ``azp``), ``azp``, ``act``, ``scope`` (``scp`` joined when
-    there is no ``scope``), ``jti`` and ``exp`` -- those present in the token.
+    (the configured agent claim, else the ``client_id`` claim, else ``azp``), ``azp``, ``act``,
+    ``scope`` (``scp`` joined when there is no ``scope``), ``jti`` and ``exp`` -- those present in
+    the token. A token is only verified when it names its subject: ``sub`` must be a non-empty
+    string (else ``missing_subject``), and so must the agent claim when one is configured (else
+    ``missing_agent``).
 ``invalid``
     ``reason`` is a short code (:data:`REASONS`); ``hints`` holds a few *unverified* claims
     and the header's ``alg``/``kid``, for forensics only (they are untrusted and end up in
@@ -75,6 +78,8 @@ REASONS: Final[Mapping[str, str]] = {
     "wrong_audience": "The access token is not meant for this resource",
     "wrong_issuer": "The access token comes from an untrusted issuer",
     "missing_claim": "The access token lacks a required claim",
+    "missing_subject": "The access token names no subject (sub)",
+    "missing_agent": "The access token names no agent (the configured agent claim)",
     "invalid": "The access token is invalid",
     "multiple_tokens": "More than one access token was presented",
     "bad_scheme": "The Authorization header does not carry a Bearer token",
@@ -222,6 +227,10 @@ class JwtVerifier:
     jwks_path: Path | None = None
     leeway: float = DEFAULT_LEEWAY_SECONDS
     algorithms: tuple[str, ...] = ALGORITHMS
+    agent_claim: str | None = None
+    """The claim naming the agent (e.g. ``client_id``, ``azp``): when set, a token without a
+    non-empty string in it is invalid (``missing_agent``), and it is what ``attested.client_id``
+    records."""
 
     def __post_init__(self) -> None:
         if not self.issuers:
@@ -230,6 +239,8 @@ class JwtVerifier:
             raise JwtConfigError("at least one audience is required to verify tokens")
         if not 0 <= self.leeway <= 300:
             raise JwtConfigError("the leeway must be between 0 and 300 seconds")
+        if self.agent_claim is not None and not self.agent_claim.strip():
+            raise JwtConfigError("the agent claim must be a claim name, e.g. client_id")
         unknown = [a for a in self.algorithms if a not in ALGORITHMS]
         if unknown or not self.algorithms:
             raise JwtConfigError(f"algorithms must be a subset of {', '.join(ALGORITHMS)}")
@@ -252,9 +263,17 @@ class JwtVerifier:
         pem_files: Iterable[Path] = (),
         jwks_file: Path | None = None,
         leeway: float = DEFAULT_LEEWAY_SECONDS,
+        agent_claim: str | None = None,
     ) -> JwtVerifier:
         keys = [load_pem_key(Path(p)) for p in pem_files]
-        return cls(issuers=tuple(issuers), audiences=tuple(audiences), keys=keys, jwks_path=jwks_file, leeway=leeway)
+        return cls(
+            issuers=tuple(issuers),
+            audiences=tuple(audiences),
+            keys=keys,
+            jwks_path=jwks_file,
+            leeway=leeway,
+            agent_claim=agent_claim,
+        )
 
     # -- verification --------------------------------------------------------------------
     def check(self, token: str, now: float | None = None) -> TokenCheck:
@@ -304,16 +323,30 @@ class JwtVerifier:
             except jwt.PyJWTError as exc:
                 return TokenCheck(status="invalid", reason=_reason(exc), hints=hints)
             failure = _time_failure(claims, now, self.leeway)
+            if failure is None:
+                failure = self._identity_failure(claims)
             if failure is not None:
                 return TokenCheck(status="invalid", reason=failure, hints=hints)
             nbf = claims.get("nbf")
             return TokenCheck(
                 status="verified",
-                attested=attested_claims(claims),
+                attested=attested_claims(claims, self.agent_claim),
                 not_after=float(claims["exp"]) + self.leeway,
                 not_before=float(nbf) - self.leeway if _is_number(nbf) else None,
             )
         return TokenCheck(status="invalid", reason="bad_signature", hints=hints)
+
+    def _identity_failure(self, claims: Mapping[str, Any]) -> str | None:
+        """A verified token must say whom it is for: a non-empty ``sub`` (and agent claim, if configured).
+
+        Without ``sub`` a call's ``attested`` could never contradict its session binding, so the
+        identity-mismatch check could not fire for it.
+        """
+        if not _named(claims.get("sub")):
+            return "missing_subject"
+        if self.agent_claim is not None and not _named(claims.get(self.agent_claim)):
+            return "missing_agent"
+        return None
 
     def _candidates(self, alg: str, kid: str | None) -> list[_Key]:
         keys = self._all_keys()
@@ -399,6 +432,7 @@ _REASON_OF: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
     (jwt.MissingRequiredClaimError, "missing_claim"),
     (jwt.InvalidIssuedAtError, "bad_iat"),
     (jwt.InvalidAlgorithmError, "unsupported_alg"),
+    (jwt.exceptions.InvalidSubjectError, "missing_subject"),  # sub is not a string
     (jwt.DecodeError, "malformed"),  # last: the base of several others
 )
 
@@ -407,13 +441,20 @@ def _reason(exc: jwt.PyJWTError) -> str:
     return next((reason for kind, reason in _REASON_OF if isinstance(exc, kind)), "invalid")
 
 
-def attested_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
-    """The verified claims recorded on tool calls (``client_id`` falls back to ``azp``)."""
+def _named(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def attested_claims(claims: Mapping[str, Any], agent_claim: str | None = None) -> dict[str, Any]:
+    """The verified claims recorded on tool calls (``client_id``: the ``agent_claim`` if given, else
+    ``client_id``, else ``azp``)."""
     picked: dict[str, Any] = {}
     for name in _ATTESTED:
         value = claims.get(name)
         if value is not None:
             picked[name] = value
+    if agent_claim is not None and _named(claims.get(agent_claim)):
+        picked["client_id"] = claims[agent_claim]
     if "client_id" not in picked and isinstance(claims.get("azp"), str):
         picked["client_id"] = claims["azp"]
     if "scope" not in picked:

@@ -161,6 +161,9 @@ def wrap(
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout carries the MCP session
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # delivery problems are summed up at exit
+    for option, value in (("--principal", principal), ("--agent-id", agent_id), ("--session-id", session_id)):
+        if value is not None and not value.strip():
+            _fail(f"{option} must not be empty or whitespace", code=2)
     settings = _settings()
     sid = session_id or str(uuid.uuid4())
     if principal is None or agent_id is None:

@@ -104,6 +104,10 @@ def intake(
     replay_file: Annotated[
         Path | None, typer.Option(help="where accepted webhook-ids survive restarts (default: HOME/intake/)")
     ] = None,
+    event_id_window: Annotated[
+        int, typer.Option(help="most accepted event_ids remembered to refuse a re-sent event (409)")
+    ] = 200_000,
+    event_id_seconds: Annotated[float, typer.Option(help="seconds an accepted event_id is remembered")] = 86_400.0,
     publish_timeout: Annotated[float, typer.Option(help="seconds to wait for Kafka's acknowledgement")] = 10.0,
     collector_id: Annotated[str | None, typer.Option(envvar="SCOPEWATCH_COLLECTOR_ID")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
@@ -131,6 +135,8 @@ def intake(
         tolerance=tolerance,
         replay_cache_size=replay_cache,
         replay_file=replay_file or settings.home / "intake" / "webhook-ids",
+        event_id_window_size=event_id_window,
+        event_id_window_seconds=event_id_seconds,
     )
     if collector_id:
         config.collector_id = collector_id
@@ -195,8 +201,18 @@ AgentId = Annotated[str, typer.Option(help="the agent's client or workload id")]
 
 def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -> None:
     """Build, print and (unless ``dry_run``) publish one event; fields of ``times`` are parsed first."""
+    from collectors.intake import blank_identity_fields, token_id_problem
     from schemas import EventError, parse_event, to_canonical_json, topic_for
 
+    blank = blank_identity_fields(fields)
+    if blank:
+        _fail("emit", f"--{blank[0].replace('_', '-')} must not be empty or whitespace")
+    auth = fields.get("auth")
+    token_id = auth.get("token_id") if isinstance(auth, dict) else None
+    if token_id is not None:
+        problem = token_id_problem(token_id)
+        if problem is not None:
+            _fail("emit", f"--auth-token-id {problem}")
     now = datetime.now(UTC)
     try:
         for name, text in times.items():
@@ -232,7 +248,10 @@ def emit_bind(
     valid_until: Annotated[str | None, typer.Option(help="default: no expiry")] = None,
     auth_issuer: Annotated[str | None, typer.Option(help="who authenticated the principal")] = None,
     auth_method: Annotated[str, typer.Option(help="how, e.g. oidc, mtls, operator")] = "operator",
-    auth_token_id: Annotated[str | None, typer.Option(help="id (jti) of the token used, never the token")] = None,
+    auth_token_id: Annotated[
+        str | None,
+        typer.Option(help="id (jti) of the token used, never the token (JWTs and secrets are refused)"),
+    ] = None,
     event_time: EventTime = "now",
     event_id: EventId = None,
     dry_run: DryRun = False,

@@ -82,6 +82,10 @@ def proxy(
         bool, typer.Option("--require-auth", help="answer 401 to requests without a verified token")
     ] = False,
     leeway: Annotated[float, typer.Option(help="clock leeway in seconds for exp/nbf/iat")] = 30.0,
+    agent_claim: Annotated[
+        str | None,
+        typer.Option(help="claim naming the agent (e.g. client_id, azp): tokens without it are invalid"),
+    ] = None,
     resource_metadata: Annotated[
         str | None, typer.Option(help="protected-resource metadata URL announced in WWW-Authenticate")
     ] = None,
@@ -120,12 +124,17 @@ def proxy(
     if keys or jwks is not None:
         try:
             verifier = JwtVerifier.from_files(
-                issuers=issuer or (), audiences=audience or (), pem_files=keys, jwks_file=jwks, leeway=leeway
+                issuers=issuer or (),
+                audiences=audience or (),
+                pem_files=keys,
+                jwks_file=jwks,
+                leeway=leeway,
+                agent_claim=agent_claim,
             )
         except JwtConfigError as exc:
             _fail(str(exc))
-    elif issuer or audience:
-        _fail("--issuer/--audience need keys to verify with: --jwks FILE or --key PEM")
+    elif issuer or audience or agent_claim:
+        _fail("--issuer/--audience/--agent-claim need keys to verify with: --jwks FILE or --key PEM")
     if require_auth and verifier is None:
         _fail("--require-auth needs keys to verify with: --jwks FILE or --key PEM")
     if not _is_loopback(host) and not require_auth:

@@ -15,6 +15,12 @@ Two checks over the stored rows:
      record before was edited, replaced or moved (rows reordered);
    * two different rows claiming the same ``seq`` are a **conflict**.
 
+   Rows are read with ``FINAL`` (one row per event, whether or not ClickHouse has merged yet). A
+   collector that stamped one event twice (a re-sent event) thus has one of the two records
+   missing; when stored records re-stamped at the missing sequence numbers hash to the next
+   record's ``prev_hash``, the missing records are proven copies and counted as **resent**, not as
+   a gap (see :class:`_Resent`), so each event counts once and the report does not depend on merges.
+
    The report names, per collector, the first bad record in chain order.
 2. **Verdicts.** The replay engine re-derives every call's verdict from the stored identity and
    consent facts (all of them, whatever ``--since`` says: older facts decide newer calls) and
@@ -38,6 +44,7 @@ from typing import Any
 from detections.engine import DecisionEngine
 from schemas import (
     BaseEvent,
+    Collector,
     EventError,
     GrantIssued,
     GrantRevoked,
@@ -87,6 +94,8 @@ class CollectorReport:
     events: int = 0
     epochs: int = 0
     problems: list[Problem] = field(default_factory=list)
+    resent: int = 0
+    """Missing sequence numbers proven to be re-sent copies of stored events (not lost; counted once)."""
 
     @property
     def first_bad(self) -> Problem | None:
@@ -126,6 +135,7 @@ class VerifyReport:
                     "gaps": c.count("gap"),
                     "chain_breaks": c.count("chain_break"),
                     "edited": c.count("edited"),
+                    "resent": c.resent,
                     "first_bad": None if c.first_bad is None else _problem_json(c.first_bad),
                 }
                 for c in self.collectors
@@ -238,6 +248,53 @@ class Stamped:
         return self.event.collector.seq
 
 
+MAX_RESENT_RUN = 16
+"""The longest run of missing sequence numbers :class:`_Resent` tries to explain."""
+RESENT_HASH_BUDGET = 200_000
+"""Chain hashes one verify run may spend explaining gaps (a few seconds); beyond it gaps are gaps."""
+
+
+class _Resent:
+    """Explains gaps left by re-sent events.
+
+    A collector may stamp the same event twice (the intake after its event-id window, a restart, or
+    two intake replicas): two chain records with one ``event_id``. The raw tables keep one row per
+    event (``ReplacingMergeTree``, read with ``FINAL``), so one of the two records is missing from
+    its chain. Such a gap is *proven* harmless when stored records, re-stamped at the missing
+    sequence numbers, hash to exactly the ``prev_hash`` of the record after the gap: the missing
+    records were copies of events that are stored. Verify then counts them as ``resent``, not as
+    gaps, and the result is the same before and after ClickHouse's background merges.
+    """
+
+    def __init__(self, records: list[Stamped]) -> None:
+        chains: dict[tuple[str, int], list[Stamped]] = defaultdict(list)
+        for r in records:
+            c = r.event.collector
+            assert c is not None
+            chains[(c.id, c.epoch)].append(r)
+        self.chains = {k: sorted(v, key=lambda r: r.seq) for k, v in chains.items()}
+        self.budget = RESENT_HASH_BUDGET
+
+    def explains(self, cid: str, epoch: int, first: int, width: int, prev_hash: str | None, target: str | None) -> bool:
+        """Whether ``width`` consecutive stored records, re-stamped as seq ``first``.. of this chain
+        after ``prev_hash``, end in a record whose hash is ``target``."""
+        if target is None or width > MAX_RESENT_RUN:
+            return False
+        own = self.chains.get((cid, epoch), [])
+        for chain in [own, *(chain for key, chain in self.chains.items() if key != (cid, epoch))]:
+            for start in range(len(chain) - width + 1):
+                if self.budget < width:
+                    return False
+                self.budget -= width
+                run_hash = prev_hash
+                for n in range(width):
+                    stamp = Collector(id=cid, epoch=epoch, seq=first + n, prev_hash=run_hash)
+                    run_hash = record_hash(chain[start + n].event.model_copy(update={"collector": stamp}))
+                if run_hash == target:
+                    return True
+        return False
+
+
 def check_chains(records: list[Stamped], from_start: bool = True) -> list[CollectorReport]:
     """Gaps, edits, breaks and conflicts per collector; ``from_start=False`` when rows were filtered
     by time (the first record seen of an epoch need not be seq 1)."""
@@ -247,12 +304,13 @@ def check_chains(records: list[Stamped], from_start: bool = True) -> list[Collec
         assert c is not None
         by_epoch[c.id][c.epoch].append(r)
     reports = []
+    resent = _Resent(records)
     for cid in sorted(by_epoch):
         report = CollectorReport(cid, epochs=len(by_epoch[cid]))
         for epoch in sorted(by_epoch[cid]):
             chain = _dedup(sorted(by_epoch[cid][epoch], key=lambda r: (r.seq, r.event.event_id)), cid, epoch, report)
             report.events += len(chain)
-            _check_epoch(chain, cid, epoch, from_start, report)
+            _check_epoch(chain, cid, epoch, from_start, report, resent)
         reports.append(report)
     return reports
 
@@ -270,7 +328,9 @@ def _dedup(chain: list[Stamped], cid: str, epoch: int, report: CollectorReport) 
     return out
 
 
-def _check_epoch(chain: list[Stamped], cid: str, epoch: int, from_start: bool, report: CollectorReport) -> None:
+def _check_epoch(
+    chain: list[Stamped], cid: str, epoch: int, from_start: bool, report: CollectorReport, resent: _Resent
+) -> None:
     expected = 1 if from_start else (chain[0].seq if chain else 1)
     previous: Stamped | None = None
     previous_hash: str | None = None
@@ -279,11 +339,17 @@ def _check_epoch(chain: list[Stamped], cid: str, epoch: int, from_start: bool, r
         assert c is not None
         actual = record_hash(r.event)
         if r.seq > expected:
-            missing = f"seq {expected}" if r.seq == expected + 1 else f"seq {expected}..{r.seq - 1}"
-            report.problems.append(
-                Problem("gap", f"{missing} missing (lost on the way, or deleted)", cid, epoch, expected)
-            )
-            previous = None  # the link across a gap cannot be checked
+            width = r.seq - expected
+            linked = previous is not None or expected == 1
+            if linked and resent.explains(cid, epoch, expected, width, previous_hash, c.prev_hash):
+                report.resent += width  # copies of stored events: nothing lost, and the link is proven
+                previous_hash = c.prev_hash
+            else:
+                missing = f"seq {expected}" if r.seq == expected + 1 else f"seq {expected}..{r.seq - 1}"
+                report.problems.append(
+                    Problem("gap", f"{missing} missing (lost on the way, or deleted)", cid, epoch, expected)
+                )
+                previous = None  # the link across a gap cannot be checked
         if r.stored_hash and r.stored_hash != actual:
             report.problems.append(
                 Problem(

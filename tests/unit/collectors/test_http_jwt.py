@@ -321,3 +321,25 @@ def test_the_real_clock_is_the_default(verifier: JwtVerifier, rsa_key: Any) -> N
     assert verifier.check(sign(rsa_key, "RS256", claims(iat=now - 600, nbf=now - 600, exp=now - 120))).reason == (
         "expired"
     )
+
+
+@pytest.mark.parametrize("sub", [None, "", "   ", 42])
+def test_a_token_must_name_its_subject(verifier: JwtVerifier, rsa_key: Any, sub: Any) -> None:
+    payload = claims(sub=None)
+    if sub is not None:
+        payload["sub"] = sub
+    token = jwt.encode(payload, rsa_key, algorithm="RS256")  # PyJWT itself checks no sub here
+    check = verifier.check(token, now=NOW)
+    assert (check.status, check.reason, check.attested) == ("invalid", "missing_subject", None)
+    assert check.reason in REASONS
+
+
+def test_a_configured_agent_claim_is_required_and_recorded(files: dict[str, Path], rsa_key: Any) -> None:
+    strict = JwtVerifier.from_files(issuers=[ISS], audiences=[AUD], pem_files=[files["rsa_pem"]], agent_claim="azp")
+    for azp in (None, "", " "):
+        check = strict.check(sign(rsa_key, "RS256", claims(azp=azp)), now=NOW)
+        assert (check.status, check.reason) == ("invalid", "missing_agent"), azp
+    check = strict.check(sign(rsa_key, "RS256", claims(azp="agent-azp")), now=NOW)
+    assert check.verified and check.attested is not None and check.attested["client_id"] == "agent-azp"
+    with pytest.raises(JwtConfigError, match="agent claim"):
+        JwtVerifier.from_files(issuers=[ISS], audiences=[AUD], pem_files=[files["rsa_pem"]], agent_claim=" ")

@@ -242,3 +242,95 @@ def test_times_are_rfc3339_now_or_relative() -> None:
     assert parse_when("2026-11-21T11:00:00+01:00", now) == now
     with pytest.raises(ValueError):
         parse_when("tomorrow", now)
+
+
+# -- what the intake trusts -------------------------------------------------------------------------
+def test_the_event_id_window_is_bounded_by_time_and_by_count() -> None:
+    from collectors.intake import EventIdWindow
+
+    window = EventIdWindow(max_entries=3, seconds=100)
+    window.add(["a", "b"], now=0)
+    assert window.seen("a", 50) and window.seen("b", 99.9)
+    assert not window.seen("a", 100.1) and len(window) == 0  # expired
+    window.add(["c", "d", "e", "f"], now=200)  # over the count: the oldest goes first
+    assert not window.seen("c", 200) and all(window.seen(i, 200) for i in "def") and len(window) == 3
+
+
+def test_token_ids_refuse_tokens_and_secrets_without_repeating_them() -> None:
+    import jwt as pyjwt
+
+    from collectors.intake import MAX_TOKEN_ID_CHARS, token_id_problem
+
+    token = pyjwt.encode({"sub": "alice", "jti": "j-1"}, "k" * 32, algorithm="HS256")
+    for bad, why in (
+        (token, "looks like a JWT"),
+        ("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0", "looks like a secret (jwt)"),  # two segments: the detector
+        ("ghp_" + "a" * 36, "looks like a secret (github_token)"),
+        ("x" * (MAX_TOKEN_ID_CHARS + 1), "characters long"),
+        ("   ", "is empty"),
+        ("jti 1", "spaces"),
+    ):
+        problem = token_id_problem(bad)
+        assert problem is not None and why in problem, (bad, problem)
+        assert bad.strip() == "" or bad not in problem
+    for good in ("j-1", "550e8400-e29b-41d4-a716-446655440000", "release.2026.1", "AbC_123"):
+        assert token_id_problem(good) is None, good
+
+
+def test_blank_identity_fields_are_named() -> None:
+    from collectors.intake import blank_identity_fields
+
+    assert blank_identity_fields({"principal": "", "agent_id": " \t", "session_id": "s", "tools": []}) == [
+        "principal",
+        "agent_id",
+    ]
+    assert blank_identity_fields({"principal": "alice", "granted_by": None}) == []
+
+
+async def test_the_intake_stamps_every_event_and_keeps_a_senders_stamp_only_as_claimed() -> None:
+    from collectors.intake import make_app
+    from schemas import decode
+
+    published: list[Any] = []
+
+    async def record(records: list[Any]) -> None:
+        published.extend(records)
+
+    config = IntakeConfig(keys=[parse_secret(SECRET)], collector_id="intake:unit")
+    async with TestClient(TestServer(make_app(config, record))) as c:
+        forged = _bound(collector={"id": "stdio-victim", "epoch": 1, "seq": 999999, "prev_hash": None})
+        status, answer = await _post(c, [forged, _bound()])
+        assert status == 200, answer
+        events: list[Any] = [decode(value) for _topic, _key, value in published]
+        assert [(e.collector.id, e.collector.seq) for e in events] == [("intake:unit", 1), ("intake:unit", 2)]
+        assert events[0].model_extra["claimed_collector"]["id"] == "stdio-victim"
+        assert "claimed_collector" not in (events[1].model_extra or {})
+        # both a stamp and a claimed stamp: refused, nothing published
+        both = _bound(collector={"id": "x", "epoch": 1, "seq": 1}, claimed_collector={"id": "y"})
+        status, answer = await _post(c, [both])
+        assert status == 422 and "claimed_collector" in answer["errors"][0]["error"] and len(published) == 2
+        # an empty principal or agent: refused
+        status, answer = await _post(c, [_bound(principal=" "), _bound(agent_id="")])
+        assert status == 422 and [e["index"] for e in answer["errors"]] == [0, 1] and len(published) == 2
+
+
+async def test_a_re_sent_event_id_is_refused_under_a_new_webhook_id() -> None:
+    from collectors.intake import make_app
+
+    published: list[Any] = []
+
+    async def record(records: list[Any]) -> None:
+        published.extend(records)
+
+    config = IntakeConfig(keys=[parse_secret(SECRET)], collector_id="intake:unit")
+    async with TestClient(TestServer(make_app(config, record))) as c:
+        first, second = _bound(), _bound()
+        assert (await _post(c, [first]))[0] == 200
+        status, answer = await _post(c, [second, first])  # new webhook-id (each _post signs a fresh one)
+        assert (status, answer["reason"]) == (409, "duplicate_event")
+        assert answer["errors"] == [
+            {"index": 1, "event_id": first["event_id"], "error": "event_id was accepted before (an earlier delivery)"}
+        ]
+        assert len(published) == 1
+        assert (await _post(c, [second]))[0] == 200  # the sender drops the repeat and resends
+        assert len(published) == 2
