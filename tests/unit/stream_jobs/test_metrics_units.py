@@ -181,3 +181,24 @@ def test_metrics_migration_has_a_ttl_and_the_snapshot_columns() -> None:
     rows = metric_rows(now=NOW, instance="h", sink=SINK)
     for column in rows[0]:
         assert f"\n    {column} " in statement
+
+
+def test_stats_files_of_dead_workers_of_this_host_are_stale(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    from stream_jobs.metrics import remove_stale_worker_stats, worker_stats_stale
+
+    host = socket.gethostname()
+    child = subprocess.Popen(["true"])  # a pid that existed and is gone
+    child.wait()
+    live = tmp_path / f"worker-{host}-{os.getpid()}.json"
+    gone = tmp_path / f"worker-{host}-{child.pid}.json"
+    other = tmp_path / "worker-otherhost-1.json"
+    for path in (live, gone, other):
+        path.write_text(json.dumps(_worker(NOW)))
+    assert not worker_stats_stale(live) and worker_stats_stale(gone) and not worker_stats_stale(other)
+    files = read_stats_files(tmp_path)
+    assert sorted(files.workers) == sorted([live.stem, other.stem]) and files.stale == [gone.name]
+    assert remove_stale_worker_stats(tmp_path) == 1 and not gone.exists() and live.exists()
