@@ -68,7 +68,7 @@ from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.dead_letters import dead_letter_for
-from stream_jobs.state import ChangelogReader, ChangelogStore
+from stream_jobs.state import ChangelogReader, ChangelogStore, deferred_stage2
 
 log = logging.getLogger("scopewatch.stream")
 
@@ -377,7 +377,7 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 
 STAGE1_TABLES = ("s1-sessions", "s1-calls")
-STAGE2_TABLES = ("s2-grants", "s2-calls")
+STAGE2_TABLES = ("s2-grants", "s2-calls", "s2-seq")
 
 
 def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
@@ -449,7 +449,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         )
 
     stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
-    stage2 = runner("authorize", STAGE2_TABLES, Stage2, handle_stage2)
+    stage2 = runner("authorize", STAGE2_TABLES, deferred_stage2, handle_stage2)
     app.scopewatch_stages = (stage1, stage2)  # type: ignore[attr-defined]
     batch, within = settings.worker_batch_size, settings.worker_batch_seconds
 
