@@ -914,7 +914,7 @@ class Stage2:
         rules, rule_config = self.detector.rules, self.detector.config
         self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config)
         self._sequence = Detector(
-            [r for r in rules if r.meta.kind != "per_call"], rule_config, on_evict=self._seq_dirty_add
+            [r for r in rules if r.meta.kind != "per_call"], rule_config, on_evict=self._seq_states_changed
         )
         # Final calls waiting for the sequence rules: a min-heap by (event time, call id), and
         # their release instants in the order they came (deadline order), see _release.
@@ -927,9 +927,12 @@ class Stage2:
         self._deferred = deferred
         # What the sequence records hold: per delegation key, its held calls as stored (hold number
         # -> release instant, attribution digest, attribution line, call line); the keys changed
-        # since the last flush.
+        # since the last flush, and those of them whose rule states changed (else the encoded
+        # states are taken from the stored record as they are).
         self._seq_held: dict[tuple[str, ...], dict[int, tuple[int, str, bytes, bytes]]] = {}
         self._seq_dirty: set[tuple[str, ...]] = set()
+        self._seq_states: set[tuple[str, ...]] = set()
+        self._seq_rule_ids: Final = [r.id for r in self._sequence.sequence_rules]
         self.calls = calls
         self.config = config or LiveConfig()
         self._slack_us = self.config.sequence_slack // _MICRO
@@ -958,8 +961,9 @@ class Stage2:
                 self._index(skey, head[2], head[7], head[8], head[9])
         self._rebuild_sequence()
 
-    def _seq_dirty_add(self, key: tuple[str, ...]) -> None:
+    def _seq_states_changed(self, key: tuple[str, ...]) -> None:
         self._seq_dirty.add(key)
+        self._seq_states.add(key)
 
     def flush(self) -> None:
         """Write the sequence record of every delegation whose rule state or held calls changed since
@@ -967,33 +971,44 @@ class Stage2:
         dirty = self._seq_dirty
         if not dirty:
             return
-        self._seq_dirty = set()
+        states = self._seq_states
+        self._seq_dirty, self._seq_states = set(), set()
         store = self.sequence
         for key in dirty:
             route = _key_route(key)
-            value = self._encode_sequence(key)
+            value = self._encode_sequence(key, route, key in states)
             if value is None:
                 if route in store:
                     del store[route]
             elif store.get(route) != value:
                 store[route] = value
 
-    def _encode_sequence(self, key: tuple[str, ...]) -> bytes | None:
+    def _encode_sequence(self, key: tuple[str, ...], route: str, states_changed: bool) -> bytes | None:
         slots = self._sequence.slots(key)
         held = self._seq_held.get(key)
         if slots is None and not held:
             return None
         rules = self._sequence.sequence_rules if slots is not None else ()
-        head = [_SEQ, SEQUENCE_FORMAT, self.partition, list(key), [r.id for r in rules], len(held) if held else 0]
+        rule_ids = self._seq_rule_ids if slots is not None else []
+        head = [_SEQ, SEQUENCE_FORMAT, self.partition, list(key), rule_ids, len(held) if held else 0]
         lines = [_orjson_dumps(head)]
         if slots is not None:
-            lines.extend([r.codec.encode(slots[r.id]) for r in rules])  # type: ignore[union-attr]
+            stored = None if states_changed else self.sequence.get(route)
+            kept = None if stored is None else stored.split(b"\n", len(rules) + 1)
+            if kept is not None and len(kept) > len(rules) and kept[0].startswith(self._seq_head_prefix(key)):
+                lines.extend(kept[1 : len(rules) + 1])  # only the held calls changed: the states as stored
+            else:
+                lines.extend([r.codec.encode(slots[r.id]) for r in rules])  # type: ignore[union-attr]
         if held:
             for release, digest, attribution_line, call_line in held.values():
                 lines.append(_orjson_dumps([_HELD, HELD_FORMAT, release, digest]))
                 lines.append(attribution_line)
                 lines.append(call_line)
         return b"\n".join(lines)
+
+    def _seq_head_prefix(self, key: tuple[str, ...]) -> bytes:
+        """How a record of ``key`` with every rule's state starts (its held-call count follows)."""
+        return _orjson_dumps([_SEQ, SEQUENCE_FORMAT, self.partition, list(key), self._seq_rule_ids])[:-1] + b","
 
     def _rebuild_sequence(self) -> None:
         self._sequence.clear()
@@ -1002,10 +1017,12 @@ class Stage2:
         self._held_out.clear()
         self._seq_held.clear()
         self._seq_dirty.clear()
+        self._seq_states.clear()
         rules = {r.id: r for r in self._sequence.sequence_rules}
         config = self._sequence.config
         counts = self.counters.counts
         restored: list[tuple[int, int, str, str, str, bytes, bytes]] = []
+        rewrite: set[tuple[str, ...]] = set()  # records read only in part: written again in full
         for route, raw in list(self.sequence.items()):
             lines = raw.split(b"\n")
             try:
@@ -1025,6 +1042,8 @@ class Stage2:
                 counts["sequence_records_malformed"] = counts.get("sequence_records_malformed", 0) + 1
                 continue
             key = tuple(key_parts)
+            if rule_ids and rule_ids != self._seq_rule_ids:
+                rewrite.add(key)
             if rule_ids:
                 slots: dict[str, Any] = {}
                 for rule_id, data in zip(rule_ids, lines[1 : 1 + len(rule_ids)], strict=True):
@@ -1037,6 +1056,7 @@ class Stage2:
                     except StateDecodeError as exc:
                         name = f"sequence_state_{exc.reason}"
                         counts[name] = counts.get(name, 0) + 1
+                        rewrite.add(key)
                 self._sequence.restore(key, slots)
             at = 1 + len(rule_ids)
             for _ in range(n_held):
@@ -1048,15 +1068,18 @@ class Stage2:
                     h = None
                 if type(h) is not list or len(h) < 2 or h[0] != _HELD:
                     counts["sequence_held_malformed"] = counts.get("sequence_held_malformed", 0) + 1
+                    rewrite.add(key)
                     continue
                 if h[1] != HELD_FORMAT or len(h) != 4:
                     counts["sequence_held_unknown_version"] = counts.get("sequence_held_unknown_version", 0) + 1
+                    rewrite.add(key)
                     continue
                 try:
                     call = orjson.loads(call_line)
                     restored.append((h[2], call[8], call[2], route, h[3], attribution_line, call_line))
                 except (ValueError, TypeError, IndexError, KeyError):
                     counts["sequence_held_malformed"] = counts.get("sequence_held_malformed", 0) + 1
+                    rewrite.add(key)
         # Held calls go back in the order they were held (release instant), and decided again from
         # their stored attribution and call lines with this route's grants (what the decision at the
         # deadline used: only a fact after the deadline, an amendment, can make it differ).
@@ -1072,7 +1095,10 @@ class Stage2:
             except (ValueError, TypeError, IndexError, KeyError):
                 counts["sequence_held_malformed"] = counts.get("sequence_held_malformed", 0) + 1
         counts["sequence_held_restored"] = counts.get("sequence_held_restored", 0) + len(self._held)
-        self._seq_dirty.clear()  # what was just read is what is stored
+        self._seq_dirty.clear()  # what was just read is what is stored, except:
+        self._seq_states.clear()
+        for key in rewrite:  # records read in part: written again from what could be read
+            self._seq_states_changed(key)
 
     def _index(self, skey: str, route: str, fin: bool, deadline: int, keep_until: int) -> None:
         # One deadline entry per owned call that is not final: it stays not final until that
@@ -1187,6 +1213,7 @@ class Stage2:
                 if not stored:
                     del self._seq_held[key]
             self._seq_dirty.add(key)
+            self._seq_states.add(key)
             if found:
                 counts["findings"] = counts.get("findings", 0) + len(found)
                 out.findings.extend([f.to_record(now) for f in found])

@@ -397,6 +397,9 @@ def test_unreadable_sequence_records_are_counted_never_fatal(
     sim.rebuild()
     assert sim.counters.counts.get(counter) == 1, sim.counters.counts
     sim.tick(NOW + LiveConfig().grace + timedelta(seconds=5))  # still runs
+    if not counter.startswith("sequence_records_"):  # a record whose head was read is written again
+        sim.rebuild()
+        assert sim.counters.counts.get(counter) == 1, "the record was written again in full since"
 
 
 def test_an_evicted_delegation_leaves_no_record_behind() -> None:
