@@ -66,7 +66,11 @@ Wire and state formats: JSON arrays, one per line (JSON never contains a raw ``\
   version, last summary, final, deadline, keep_until, attribution digest]`` then the attribution
   and call lines as received (stored without re-encoding); forwarding record: ``["m", partition,
   route, call key, attribution version, keep_until, owner route]``. Records in any other form
-  (an earlier format) are ignored: they never crash a processor.
+  (an earlier format) are ignored: they never crash a processor;
+* stage-2 sequence record (store ``sequence``, key: route): the sequence rules' state of the
+  delegation, each encoded by its rule's versioned codec, and the final calls held for them (see
+  :data:`SEQUENCE_FORMAT`, :data:`HELD_FORMAT`); restored by ``Stage2.rebuild``, so a crash or a
+  rebalance loses no sequence finding.
 """
 
 from __future__ import annotations
