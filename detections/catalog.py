@@ -4,7 +4,8 @@
   skipped) and validates it; every problem found is reported at once in one :class:`CatalogError`:
   a module that does not import (metadata failing validation raises at import), no ``RULE``, an
   id that differs from the module name, a duplicate id, a kind that does not fit the rule's state
-  (``per_call`` rules keep :class:`NoState`, sequence rules their own), ``Rule.verdicts`` naming a
+  (``per_call`` rules keep :class:`NoState`, sequence rules their own), a sequence rule without a
+  state codec (``Rule.codec``, how the live job stores its state), ``Rule.verdicts`` naming a
   verdict that does not exist, an OWASP or ATLAS id missing from
   ``detections/taxonomy.json``, no positive or no negative case, duplicate case names, or a
   case expecting a finding on a call it does not contain.
@@ -24,7 +25,7 @@ import functools
 import importlib
 import json
 import pkgutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from types import ModuleType
@@ -161,6 +162,8 @@ def build_catalog(modules: Iterable[ModuleType], taxonomy: Taxonomy, problems: S
         by_id.setdefault(rule.id, name)
         if (rule.meta.kind == "per_call") != isinstance(rule.new_state(DetectionConfig()), NoState):
             found.append(f"{name}: kind {rule.meta.kind!r} does not fit its state (per_call rules keep NoState)")
+        if rule.meta.kind == "sequence" and rule.codec is None:
+            found.append(f"{name}: sequence rule without a state codec (Rule.codec, a rulebase.StateCodec)")
         if rule.verdicts is not None and (unknown := sorted(set(rule.verdicts) - set(VERDICTS))):
             found.append(f"{name}: unknown verdicts {unknown!r} in Rule.verdicts")
         found.extend(_mapping_problems(name, rule, taxonomy))
@@ -191,19 +194,45 @@ class Detector:
 
     State: per delegation key, one state object per sequence rule, each bounded by the rule
     (see its module) from ``config``; at most ``config.max_delegations`` delegations, the least
-    recently seen evicted first (its sequence rules start afresh if it comes back).
+    recently seen evicted first (its sequence rules start afresh if it comes back; ``on_evict`` is
+    told the key). :meth:`slots` and :meth:`restore` give and set a delegation's states (the live
+    job stores them with each rule's :class:`~detections.rulebase.StateCodec`).
     """
 
-    def __init__(self, rules: Iterable[Rule[Any]] | None = None, config: DetectionConfig | None = None) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule[Any]] | None = None,
+        config: DetectionConfig | None = None,
+        on_evict: Callable[[tuple[str, ...]], object] | None = None,
+    ) -> None:
         self.rules: Final = tuple(sorted(default_catalog() if rules is None else rules, key=lambda r: r.id))
         self.config: Final = config or DetectionConfig()
-        self._states: Lru[tuple[str, ...], dict[str, Any]] = Lru(self.config.max_delegations)
+        self._states: Lru[tuple[str, ...], dict[str, Any]] = Lru(self.config.max_delegations, on_evict)
         self._sequence: Final = tuple(r for r in self.rules if r.meta.kind == "sequence")
         self._plans: dict[str, tuple[tuple[Any, ...], ...]] = {}  # verdict -> rules to run
 
     def __len__(self) -> int:
         """How many delegations state is kept for."""
         return len(self._states)
+
+    @property
+    def sequence_rules(self) -> tuple[Rule[Any], ...]:
+        return self._sequence
+
+    def slots(self, key: tuple[str, ...]) -> dict[str, Any] | None:
+        """The sequence states of delegation ``key`` by rule id (the live objects; None if none)."""
+        return self._states.get(key)
+
+    def restore(self, key: tuple[str, ...], slots: Mapping[str, Any]) -> None:
+        """Set delegation ``key``'s sequence states (as the newest); rules missing from ``slots``
+        start afresh, states of rules this detector does not run are dropped."""
+        self._states[key] = {
+            rule.id: slots[rule.id] if rule.id in slots else rule.new_state(self.config) for rule in self._sequence
+        }
+
+    def clear(self) -> None:
+        """Forget every delegation's state (without telling ``on_evict``)."""
+        self._states.clear()
 
     def state_of(self, key: tuple[str, ...], rule_id: str) -> Any:
         """The sequence state rule ``rule_id`` keeps for delegation ``key`` (None if none)."""

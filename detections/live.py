@@ -66,7 +66,11 @@ Wire and state formats: JSON arrays, one per line (JSON never contains a raw ``\
   version, last summary, final, deadline, keep_until, attribution digest]`` then the attribution
   and call lines as received (stored without re-encoding); forwarding record: ``["m", partition,
   route, call key, attribution version, keep_until, owner route]``. Records in any other form
-  (an earlier format) are ignored: they never crash a processor.
+  (an earlier format) are ignored: they never crash a processor;
+* stage-2 sequence record (store ``sequence``, key: route): the sequence rules' state of the
+  delegation, each encoded by its rule's versioned codec, and the final calls held for them (see
+  :data:`SEQUENCE_FORMAT`, :data:`HELD_FORMAT`); restored by ``Stage2.rebuild``, so a crash or a
+  rebalance loses no sequence finding.
 """
 
 from __future__ import annotations
@@ -102,12 +106,14 @@ from detections.engine import (
     decision_of,
 )
 from detections.findings import trusted_model, uuid5_text
-from detections.rulebase import glob_matcher
+from detections.rulebase import StateDecodeError, glob_matcher
 from schemas import Evidence, ToolCall, parse_delegation_key
 from schemas import Finding as FindingRecord
 
 __all__ = [
     "EVIDENCE_NAMESPACE",
+    "HELD_FORMAT",
+    "SEQUENCE_FORMAT",
     "Forward",
     "LiveConfig",
     "LiveCounters",
@@ -885,7 +891,13 @@ class Stage2:
 
     ``grants``: delegation key -> compact grant history. ``calls``: ``route|call key`` -> either an
     owned call (attribution and its version, last emitted summary and version, finality, deadline,
-    keep-until, the call) or a forwarding record (the route that owns it now).
+    keep-until, the call) or a forwarding record (the route that owns it now). ``sequence``: route
+    -> the sequence rules' state of that delegation and the final calls held for them (see
+    :data:`SEQUENCE_FORMAT`), so that a crash or a rebalance loses no sequence finding.
+
+    Sequence records are written by :meth:`flush`: after each event, or, with ``deferred``, only
+    when the caller calls it (the job: once per batch, just before the stores are drained, so a
+    delegation with many calls in a batch costs one encoding and one changelog message).
     """
 
     def __init__(
@@ -896,20 +908,35 @@ class Stage2:
         config: LiveConfig | None = None,
         counters: LiveCounters | None = None,
         detector: Detector | None = None,
+        *,
+        sequence: MutableMapping[str, bytes] | None = None,
+        deferred: bool = False,
     ) -> None:
         self.partition = partition
         self.grants = grants
-        self.detector = detector or Detector()
+        self.detector = detector if detector is not None else Detector()  # (an empty Detector is falsy: len 0)
         rules, rule_config = self.detector.rules, self.detector.config
         self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config)
-        self._sequence = Detector([r for r in rules if r.meta.kind != "per_call"], rule_config)
+        self._sequence = Detector(
+            [r for r in rules if r.meta.kind != "per_call"], rule_config, on_evict=self._seq_states_changed
+        )
         # Final calls waiting for the sequence rules: a min-heap by (event time, call id), and
         # their release instants in the order they came (deadline order), see _release.
-        # (event time, call id, hold number, release instant, call, decision, grant states)
-        self._held: list[tuple[int, str, int, int, ToolCall, Decision, Mapping[str, GrantState]]] = []
+        # (event time, call id, hold number, release instant, call, decision, grant states, delegation key)
+        self._held: list[_Held] = []
         self._held_order: deque[tuple[int, int]] = deque()  # (release instant, hold number)
         self._held_out: set[int] = set()  # hold numbers released before their turn in _held_order
         self._holds = 0
+        self.sequence: MutableMapping[str, bytes] = {} if sequence is None else sequence
+        self._deferred = deferred
+        # What the sequence records hold: per delegation key, its held calls as stored (hold number
+        # -> release instant, attribution digest, attribution line, call line); the keys changed
+        # since the last flush, and those of them whose rule states changed (else the encoded
+        # states are taken from the stored record as they are).
+        self._seq_held: dict[tuple[str, ...], dict[int, tuple[int, str, bytes, bytes]]] = {}
+        self._seq_dirty: set[tuple[str, ...]] = set()
+        self._seq_states: set[tuple[str, ...]] = set()
+        self._seq_rule_ids: Final = [r.id for r in self._sequence.sequence_rules]
         self.calls = calls
         self.config = config or LiveConfig()
         self._slack_us = self.config.sequence_slack // _MICRO
@@ -923,6 +950,8 @@ class Stage2:
     # -- state
 
     def rebuild(self) -> None:
+        """Rebuild the in-memory indexes from the stores (after recovery or a rebalance): the owned
+        calls' deadlines and expiry, the sequence rules' state and the calls held for them."""
         self._owned.clear()
         self._deadlines.clear()
         self._expiry.clear()
@@ -934,6 +963,146 @@ class Stage2:
                 _heappush(self._expiry, (head[5], skey))
             else:
                 self._index(skey, head[2], head[7], head[8], head[9])
+        self._rebuild_sequence()
+
+    def _seq_states_changed(self, key: tuple[str, ...]) -> None:
+        self._seq_dirty.add(key)
+        self._seq_states.add(key)
+
+    def flush(self) -> None:
+        """Write the sequence record of every delegation whose rule state or held calls changed since
+        the last flush (one store write per changed record; a delegation with nothing left is deleted)."""
+        dirty = self._seq_dirty
+        if not dirty:
+            return
+        states = self._seq_states
+        self._seq_dirty, self._seq_states = set(), set()
+        store = self.sequence
+        for key in dirty:
+            route = _key_route(key)
+            value = self._encode_sequence(key, route, key in states)
+            if value is None:
+                if route in store:
+                    del store[route]
+            elif store.get(route) != value:
+                store[route] = value
+
+    def _encode_sequence(self, key: tuple[str, ...], route: str, states_changed: bool) -> bytes | None:
+        slots = self._sequence.slots(key)
+        held = self._seq_held.get(key)
+        if slots is None and not held:
+            return None
+        rules = self._sequence.sequence_rules if slots is not None else ()
+        rule_ids = self._seq_rule_ids if slots is not None else []
+        head = [_SEQ, SEQUENCE_FORMAT, self.partition, list(key), rule_ids, len(held) if held else 0]
+        lines = [_orjson_dumps(head)]
+        if slots is not None:
+            stored = None if states_changed else self.sequence.get(route)
+            kept = None if stored is None else stored.split(b"\n", len(rules) + 1)
+            if kept is not None and len(kept) > len(rules) and kept[0].startswith(self._seq_head_prefix(key)):
+                lines.extend(kept[1 : len(rules) + 1])  # only the held calls changed: the states as stored
+            else:
+                lines.extend([r.codec.encode(slots[r.id]) for r in rules])  # type: ignore[union-attr]
+        if held:
+            for release, digest, attribution_line, call_line in held.values():
+                lines.append(_orjson_dumps([_HELD, HELD_FORMAT, release, digest]))
+                lines.append(attribution_line)
+                lines.append(call_line)
+        return b"\n".join(lines)
+
+    def _seq_head_prefix(self, key: tuple[str, ...]) -> bytes:
+        """How a record of ``key`` with every rule's state starts (its held-call count follows)."""
+        return _orjson_dumps([_SEQ, SEQUENCE_FORMAT, self.partition, list(key), self._seq_rule_ids])[:-1] + b","
+
+    def _rebuild_sequence(self) -> None:
+        self._sequence.clear()
+        self._held.clear()
+        self._held_order.clear()
+        self._held_out.clear()
+        self._seq_held.clear()
+        self._seq_dirty.clear()
+        self._seq_states.clear()
+        rules = {r.id: r for r in self._sequence.sequence_rules}
+        config = self._sequence.config
+        counts = self.counters.counts
+        restored: list[tuple[int, int, str, str, str, bytes, bytes]] = []
+        rewrite: set[tuple[str, ...]] = set()  # records read only in part: written again in full
+        for route, raw in list(self.sequence.items()):
+            lines = raw.split(b"\n")
+            try:
+                head = orjson.loads(lines[0])
+            except ValueError:
+                head = None
+            if type(head) is not list or len(head) != 6 or head[0] != _SEQ:
+                counts["sequence_records_malformed"] = counts.get("sequence_records_malformed", 0) + 1
+                continue
+            if head[1] != SEQUENCE_FORMAT:
+                counts["sequence_records_unknown_version"] = counts.get("sequence_records_unknown_version", 0) + 1
+                continue
+            _tag, _v, partition, key_parts, rule_ids, n_held = head
+            if partition != self.partition:
+                continue
+            if len(lines) != 1 + len(rule_ids) + 3 * n_held:
+                counts["sequence_records_malformed"] = counts.get("sequence_records_malformed", 0) + 1
+                continue
+            key = tuple(key_parts)
+            if rule_ids and rule_ids != self._seq_rule_ids:
+                rewrite.add(key)
+            if rule_ids:
+                slots: dict[str, Any] = {}
+                for rule_id, data in zip(rule_ids, lines[1 : 1 + len(rule_ids)], strict=True):
+                    rule = rules.get(rule_id)
+                    if rule is None or rule.codec is None:
+                        counts["sequence_state_unknown_rule"] = counts.get("sequence_state_unknown_rule", 0) + 1
+                        continue
+                    try:
+                        slots[rule_id] = rule.codec.decode(data, config)
+                    except StateDecodeError as exc:
+                        name = f"sequence_state_{exc.reason}"
+                        counts[name] = counts.get(name, 0) + 1
+                        rewrite.add(key)
+                self._sequence.restore(key, slots)
+            at = 1 + len(rule_ids)
+            for _ in range(n_held):
+                held_head, attribution_line, call_line = lines[at : at + 3]
+                at += 3
+                try:
+                    h = orjson.loads(held_head)
+                except ValueError:
+                    h = None
+                if type(h) is not list or len(h) < 2 or h[0] != _HELD:
+                    counts["sequence_held_malformed"] = counts.get("sequence_held_malformed", 0) + 1
+                    rewrite.add(key)
+                    continue
+                if h[1] != HELD_FORMAT or len(h) != 4:
+                    counts["sequence_held_unknown_version"] = counts.get("sequence_held_unknown_version", 0) + 1
+                    rewrite.add(key)
+                    continue
+                try:
+                    call = orjson.loads(call_line)
+                    restored.append((h[2], call[8], call[2], route, h[3], attribution_line, call_line))
+                except (ValueError, TypeError, IndexError, KeyError):
+                    counts["sequence_held_malformed"] = counts.get("sequence_held_malformed", 0) + 1
+                    rewrite.add(key)
+        # Held calls go back in the order they were held (release instant), and decided again from
+        # their stored attribution and call lines with this route's grants (what the decision at the
+        # deadline used: only a fact after the deadline, an amendment, can make it differ).
+        restored.sort(key=lambda h: h[:3])
+        for release, _t, _cid, route, digest, attribution_line, call_line in restored:
+            try:
+                call = orjson.loads(call_line)
+                t = _at(call[8])
+                decision, used = self._decision(route, self._attribution(digest, attribution_line), call, t)
+                self._hold(
+                    _tool_call(call, t), decision, _GrantsAt(used, t), release, digest, attribution_line, call_line
+                )
+            except (ValueError, TypeError, IndexError, KeyError):
+                counts["sequence_held_malformed"] = counts.get("sequence_held_malformed", 0) + 1
+        counts["sequence_held_restored"] = counts.get("sequence_held_restored", 0) + len(self._held)
+        self._seq_dirty.clear()  # what was just read is what is stored, except:
+        self._seq_states.clear()
+        for key in rewrite:  # records read in part: written again from what could be read
+            self._seq_states_changed(key)
 
     def _index(self, skey: str, route: str, fin: bool, deadline: int, keep_until: int) -> None:
         # One deadline entry per owned call that is not final: it stays not final until that
@@ -987,6 +1156,8 @@ class Stage2:
         """Finalize calls whose deadline has passed and forget closed ones (run on every event)."""
         out = _output()
         self._advance(now, _now_us(now), out)
+        if self._seq_dirty and not self._deferred:
+            self.flush()
         return out
 
     def _advance(self, now: datetime, now_us: int, out: Output) -> None:
@@ -994,11 +1165,29 @@ class Stage2:
         if self._held:
             self._release(now, now_us, out)
 
-    def _hold(self, call: ToolCall, decision: Decision, grants: Mapping[str, GrantState], deadline: int) -> None:
+    def _hold(
+        self,
+        call: ToolCall,
+        decision: Decision,
+        grants: Mapping[str, GrantState],
+        release: int,
+        digest: str,
+        attribution_line: bytes,
+        call_line: bytes,
+    ) -> None:
         self._holds += 1
-        release = deadline + self._slack_us
-        _heappush(self._held, (_now_us(call.event_time), call.call_id, self._holds, release, call, decision, grants))
-        self._held_order.append((release, self._holds))
+        number = self._holds
+        if decision.principal is not None and decision.agent_id is not None:  # delegation_key(call, decision)
+            key: tuple[str, ...] = (call.tenant, decision.principal, decision.agent_id)
+        else:
+            key = (call.tenant, f"session:{call.session_id}")
+        _heappush(self._held, (_now_us(call.event_time), call.call_id, number, release, call, decision, grants, key))
+        self._held_order.append((release, number))
+        stored = self._seq_held.get(key)
+        if stored is None:
+            stored = self._seq_held[key] = {}
+        stored[number] = (release, digest, attribution_line, call_line)
+        self._seq_dirty.add(key)
 
     def _release(self, now: datetime, now_us: int, out: Output) -> None:
         """Run the sequence rules over held calls, in (event time, call id) order.
@@ -1019,9 +1208,16 @@ class Stage2:
             if top[3] > now_us and order[0][0] > overdue:
                 break
             _heappop(held)
-            number, (call, decision, grants) = top[2], top[4:]
+            number, (call, decision, grants, key) = top[2], top[4:]
             gone.add(number)
             found = self._sequence.evaluate_with(call, decision, grants)
+            stored = self._seq_held.get(key)
+            if stored is not None:
+                stored.pop(number, None)
+                if not stored:
+                    del self._seq_held[key]
+            self._seq_dirty.add(key)
+            self._seq_states.add(key)
             if found:
                 counts["findings"] = counts.get("findings", 0) + len(found)
                 out.findings.extend([f.to_record(now) for f in found])
@@ -1067,6 +1263,12 @@ class Stage2:
 
     def on_message(self, route: str, payload: bytes, now: datetime) -> Output:
         """A message of the internal topic, keyed by ``route``."""
+        out = self._on_message(route, payload, now)
+        if self._seq_dirty and not self._deferred:
+            self.flush()
+        return out
+
+    def _on_message(self, route: str, payload: bytes, now: datetime) -> Output:
         out = _output()
         now_us = _now_us(now)
         if (
@@ -1112,6 +1314,8 @@ class Stage2:
         out = _output()
         now_us = _now_us(now)
         self._advance(now, now_us, out)
+        if self._seq_dirty and not self._deferred:
+            self.flush()
         route = _route(fact.tenant, "", fact.principal, fact.agent_id)
         stored = self.grants.get(route)
         if stored is None:
@@ -1285,11 +1489,36 @@ class Stage2:
             # rules have already counted this call).
             rule_call, grants = _tool_call(call, t), _GrantsAt(used, t)
             if not was_final:
-                self._hold(rule_call, decision, grants, rec.d)
+                release = rec.d + self._slack_us
+                self._hold(rule_call, decision, grants, release, rec.digest, rec.attribution_line, rec.call_line)
             found = self._per_call.evaluate_with(rule_call, decision, grants)
             counts["findings"] = counts.get("findings", 0) + len(found)
             if found:
                 out.findings.extend([f.to_record(now) for f in found])
+
+
+_Held: TypeAlias = tuple[int, str, int, int, ToolCall, Decision, Mapping[str, GrantState], tuple[str, ...]]
+
+_SEQ: Final = "q"
+SEQUENCE_FORMAT: Final = 1
+"""Version of a stage-2 sequence record (store ``sequence``, key: the delegation's route), lines:
+the head ``["q", 1, partition, delegation key (list), [rule id, ...], held calls]``, then one line
+per rule id: that rule's state as its :class:`~detections.rulebase.StateCodec` encodes it (version
+tag first), then three lines per held call (:data:`HELD_FORMAT`). A record of another version is
+ignored (counted: ``sequence_records_unknown_version``); a rule state of an unknown version starts
+afresh (``sequence_state_unknown_version``); nothing of it ever crashes a processor."""
+_HELD: Final = "h"
+HELD_FORMAT: Final = 1
+"""Version of a held call in a sequence record: ``["h", 1, release instant, attribution digest]``,
+then the attribution line and the call line as stage 2 stores them for its owned calls. On recovery
+the call is decided again from these lines and the route's grants, and held until its release."""
+
+
+def _key_route(key: tuple[str, ...]) -> str:
+    """The route of a :func:`~detections.rulebase.delegation_key` (its sequence record's key)."""
+    if len(key) == 3:
+        return _route(key[0], "", key[1], key[2])
+    return session_route(key[0], key[1][len("session:") :])
 
 
 def _no_history() -> GrantHistory:  # never called: a route with no stored grants has no history

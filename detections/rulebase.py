@@ -11,6 +11,9 @@ A rule is one module ``detections/rules/<id>.py`` that defines ``RULE``, a :clas
   clock (time is ``call.event_time``) and does no I/O; a sequence rule keeps what it needs in
   ``ctx.state``, its own bounded per-delegation state object, which it mutates in place;
 * ``new_state`` -- makes that state for a new delegation (sized from the configuration);
+* ``codec`` -- for a sequence rule, a :class:`StateCodec`: how its state encodes to bytes and
+  decodes back, with a version tag first (the live job keeps the state in a changelog, so it
+  survives a crash or a rebalance; never pickle);
 * ``cases`` -- positive and negative :class:`Case` values: canonical events judged as
   ``scopewatch replay`` judges them, and the call ids on which the rule must fire (none for a
   negative case).
@@ -27,9 +30,10 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Annotated, Final, Generic, Literal, TypeAlias, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Generic, Literal, TypeAlias, TypeVar
 
+import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from detections.engine import Decision, GrantState, Verdict
@@ -47,13 +51,19 @@ __all__ = [
     "RuleContext",
     "RuleKind",
     "RuleMeta",
+    "StateCodec",
+    "StateDecodeError",
     "delegation_key",
+    "from_micros",
     "glob_matcher",
     "headline",
     "matches",
+    "micros",
     "negative",
     "per_call_rule",
     "positive",
+    "stored_int",
+    "stored_text",
 ]
 
 RuleKind: TypeAlias = Literal["per_call", "sequence"]
@@ -155,18 +165,22 @@ V = TypeVar("V")
 
 
 class Lru(OrderedDict[K, V]):
-    """A dict of at most ``cap`` keys: a key set becomes the newest, and the oldest is evicted."""
+    """A dict of at most ``cap`` keys: a key set becomes the newest, and the oldest is evicted
+    (``on_evict`` is told each evicted key)."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, on_evict: Callable[[K], object] | None = None) -> None:
         super().__init__()
         self.cap: Final = cap
+        self.on_evict: Final = on_evict
 
     def __setitem__(self, key: K, value: V) -> None:
         _setitem(self, key, value)
         self.move_to_end(key)
         if len(self) > self.cap:
             while len(self) > self.cap:
-                self.popitem(last=False)
+                evicted = self.popitem(last=False)[0]
+                if self.on_evict is not None:
+                    self.on_evict(evicted)
 
 
 _setitem: Final = OrderedDict.__setitem__
@@ -351,6 +365,85 @@ class RuleContext(Generic[S]):
         ]
 
 
+# ------------------------------------------------------------------------ state codecs
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO: Final = timedelta(microseconds=1)
+
+
+def micros(dt: datetime) -> int:
+    """Microseconds since the epoch: how state codecs store instants (exact)."""
+    return (dt - _EPOCH) // _MICRO
+
+
+def from_micros(value: int) -> datetime:
+    """The UTC instant ``value`` microseconds after the epoch (inverse of :func:`micros`)."""
+    if type(value) is not int:
+        raise TypeError(f"an instant is an integer number of microseconds, not {type(value).__name__}")
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def stored_text(value: object) -> str:
+    """``value`` if it is a string (what a state codec reads back), else TypeError."""
+    if type(value) is not str:
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def stored_int(value: object) -> int:
+    """``value`` if it is an integer (not a bool), else TypeError."""
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+class StateDecodeError(ValueError):
+    """Stored sequence state that does not decode: ``reason`` is ``unknown_version`` (a format this
+    code does not know, e.g. written by a newer release) or ``malformed``."""
+
+    def __init__(self, reason: Literal["unknown_version", "malformed"], detail: str) -> None:
+        self.reason: Final = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class StateCodec(Generic[S]):
+    """How a sequence rule's state becomes bytes and back, without pickle.
+
+    The bytes are one JSON array ``[version, *dump(state)]``: the version tag first, then what
+    ``dump`` makes of the state (JSON values only: strings, integers, lists, null; instants as
+    :func:`micros`). ``load`` is the inverse of ``dump`` for ``version``; ``older`` maps earlier
+    versions to their own loaders, so a rule that changes its state shape bumps ``version`` and
+    keeps reading what was stored before. Any other version raises :class:`StateDecodeError`
+    (``unknown_version``): the caller starts that state afresh and counts it, it never crashes.
+    The encoding never contains a raw newline (JSON), so stores can frame states by lines.
+    """
+
+    version: int
+    dump: Callable[[S], list[Any]]
+    load: Callable[[list[Any], DetectionConfig], S]
+    older: Mapping[int, Callable[[list[Any], DetectionConfig], S]] = field(default_factory=dict)
+
+    def encode(self, state: S) -> bytes:
+        return orjson.dumps([self.version, *self.dump(state)])
+
+    def decode(self, data: bytes, config: DetectionConfig) -> S:
+        try:
+            value = orjson.loads(data)
+        except ValueError as exc:
+            raise StateDecodeError("malformed", f"not JSON ({exc})") from None
+        if type(value) is not list or not value or type(value[0]) is not int:
+            raise StateDecodeError("malformed", "not a JSON array with an integer version first")
+        version = value[0]
+        load = self.load if version == self.version else self.older.get(version)
+        if load is None:
+            raise StateDecodeError("unknown_version", f"state version {version} (this code reads {self.version})")
+        try:
+            return load(value[1:], config)
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
+            raise StateDecodeError("malformed", f"version {version}: {type(exc).__name__}: {exc}") from None
+
+
 # ------------------------------------------------------------------------------- rules
 
 Evaluate: TypeAlias = Callable[[ToolCall, Decision, RuleContext[S]], list[Finding]]
@@ -367,6 +460,8 @@ class Rule(Generic[S]):
     verdicts: frozenset[Verdict] | None = None
     """The verdicts on which ``evaluate`` can fire or change its state (None: any). The detector does
     not call it for the others, so a rule that returns early on most verdicts costs nothing there."""
+    codec: StateCodec[S] | None = None
+    """How the state of a sequence rule is stored (required for them, None for per-call rules)."""
 
     @property
     def id(self) -> str:

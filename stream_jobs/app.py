@@ -72,7 +72,7 @@ from scopewatch.stack.proc import atomic_write
 from stream_jobs.assignor import CoPartitionedAssignor, by_topic, check, describe
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.metrics import remove_stale_worker_stats
-from stream_jobs.state import ChangelogReader, ChangelogStore
+from stream_jobs.state import ChangelogReader, ChangelogStore, deferred_stage2
 
 log = logging.getLogger("scopewatch.stream")
 
@@ -404,7 +404,7 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 
 STAGE1_TABLES = ("s1-sessions", "s1-calls")
-STAGE2_TABLES = ("s2-grants", "s2-calls")
+STAGE2_TABLES = ("s2-grants", "s2-calls", "s2-seq")
 
 
 def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
@@ -481,7 +481,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         )
 
     stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
-    stage2 = runner("authorize", STAGE2_TABLES, Stage2, handle_stage2)
+    stage2 = runner("authorize", STAGE2_TABLES, deferred_stage2, handle_stage2)
     app.scopewatch_stages = (stage1, stage2)  # type: ignore[attr-defined]
     batch, within = settings.worker_batch_size, settings.worker_batch_seconds
 

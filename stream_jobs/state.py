@@ -14,6 +14,10 @@ idea, kept explicitly:
 * :class:`ChangelogReader` loads a partition's stores from the changelog topics (beginning to the
   end offset) when the partition is first used after an assignment.
 
+Stage 2's sequence store (``s2-seq``: the sequence rules' per-delegation state and the calls held
+for them) is written once per batch rather than per event: :func:`deferred_stage2` makes the
+store call the processor's ``flush`` just before it drains.
+
 The agent sends the changelog writes of a batch together with the batch's outputs and waits for
 all of them before the batch is acked, so an offset is committed only after the state and outputs
 it produced are on the broker (at-least-once; the processors ignore redelivered events).
@@ -23,22 +27,29 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from detections.live import LiveConfig, LiveCounters, Stage2
 
 log = logging.getLogger("scopewatch.stream.state")
 
 
 class ChangelogStore(MutableMapping[str, bytes]):
-    """A dict that remembers which keys changed since the last :meth:`drain`."""
+    """A dict that remembers which keys changed since the last :meth:`drain`.
 
-    __slots__ = ("data", "dirty")
+    ``before_drain``, if set, is called at the start of every :meth:`drain`: a processor that
+    writes this store once per batch (:func:`deferred_stage2`) writes it then.
+    """
+
+    __slots__ = ("before_drain", "data", "dirty")
 
     def __init__(self, data: dict[str, bytes] | None = None) -> None:
         self.data: dict[str, bytes] = data if data is not None else {}
         self.dirty: set[str] = set()
+        self.before_drain: Callable[[], None] | None = None
 
     def __getitem__(self, key: str) -> bytes:
         return self.data[key]
@@ -68,12 +79,30 @@ class ChangelogStore(MutableMapping[str, bytes]):
 
     def drain(self) -> list[tuple[str, bytes | None]]:
         """The changed keys with their current value (``None``: deleted), forgetting them."""
+        if self.before_drain is not None:
+            self.before_drain()
         if not self.dirty:
             return []
         data = self.data
         out = [(key, data.get(key)) for key in self.dirty]
         self.dirty = set()
         return out
+
+
+def deferred_stage2(
+    partition: int,
+    grants: MutableMapping[str, bytes],
+    calls: MutableMapping[str, bytes],
+    sequence: ChangelogStore,
+    config: LiveConfig | None = None,
+    counters: LiveCounters | None = None,
+) -> Stage2:
+    """A :class:`~detections.live.Stage2` over these stores whose sequence records are written once
+    per batch: ``sequence`` calls its ``flush`` just before each drain (one encoding and at most one
+    changelog message per changed delegation and batch, however many of its calls the batch had)."""
+    stage = Stage2(partition, grants, calls, config, counters, sequence=sequence, deferred=True)
+    sequence.before_drain = stage.flush
+    return stage
 
 
 @dataclass

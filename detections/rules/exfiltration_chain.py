@@ -9,7 +9,8 @@ did, and a denied read may still have returned data when the gateway only observ
 
 State: the delegation's most recent sensitive reads, at most ``max_entries`` (a deque; the oldest
 read is evicted first). Reads older than the window are never counted, so eviction only drops
-reads that would have been evidence beside newer ones.
+reads that would have been evidence beside newer ones. Stored (:data:`CODEC`, version 1) as
+``[1, [at_us, call_id, tool], ...]``, oldest read first.
 """
 
 from __future__ import annotations
@@ -17,11 +18,24 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from detections.casekit import bound, call, delegation, grant
 from detections.engine import Decision, tool_name
 from detections.findings import Finding
-from detections.rulebase import DetectionConfig, Rule, RuleContext, RuleMeta, matches, negative, positive
+from detections.rulebase import (
+    DetectionConfig,
+    Rule,
+    RuleContext,
+    RuleMeta,
+    StateCodec,
+    from_micros,
+    matches,
+    micros,
+    negative,
+    positive,
+    stored_text,
+)
 from schemas import ToolCall
 
 META = RuleMeta(
@@ -55,6 +69,19 @@ class RecentReads:
 
 def new_state(config: DetectionConfig) -> RecentReads:
     return RecentReads(deque(maxlen=config.max_entries))
+
+
+def _dump(state: RecentReads) -> list[Any]:
+    return [[micros(r.at), r.call_id, r.tool] for r in state.reads]
+
+
+def _load(items: list[Any], config: DetectionConfig) -> RecentReads:
+    state = new_state(config)
+    state.reads.extend(Read(from_micros(at), stored_text(call_id), stored_text(tool)) for at, call_id, tool in items)
+    return state
+
+
+CODEC = StateCodec(1, _dump, _load)
 
 
 def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[RecentReads]) -> list[Finding]:
@@ -106,4 +133,5 @@ RULE = Rule(
         ),
     ),
     new_state,
+    codec=CODEC,
 )

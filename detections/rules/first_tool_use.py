@@ -8,18 +8,32 @@ delegation (tenant, principal, agent_id): sequence state is kept per delegation.
 
 State: the learning start and the tools seen (server/tool -> last call time), at most
 ``max_entries`` tools, least recently used evicted first. A tool evicted and then used again is
-reported again (once).
+reported again (once). Stored (:data:`CODEC`, version 1) as ``[1, since_us, [[tool, last_us],
+...]]``, least recently used tool first (so the eviction order survives).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from detections.casekit import call, delegation
 from detections.engine import Decision, tool_name
 from detections.findings import Finding
-from detections.rulebase import DetectionConfig, Lru, Rule, RuleContext, RuleMeta, negative, positive
+from detections.rulebase import (
+    DetectionConfig,
+    Lru,
+    Rule,
+    RuleContext,
+    RuleMeta,
+    StateCodec,
+    from_micros,
+    micros,
+    negative,
+    positive,
+    stored_text,
+)
 from schemas import ToolCall
 
 META = RuleMeta(
@@ -46,6 +60,23 @@ class ToolsSeen:
 
 def new_state(config: DetectionConfig) -> ToolsSeen:
     return ToolsSeen(Lru(config.max_entries))
+
+
+def _dump(state: ToolsSeen) -> list[Any]:
+    since = None if state.since is None else micros(state.since)
+    return [since, [[name, micros(at)] for name, at in state.tools.items()]]
+
+
+def _load(items: list[Any], config: DetectionConfig) -> ToolsSeen:
+    since, tools = items
+    state = new_state(config)
+    state.since = None if since is None else from_micros(since)
+    for name, at in tools:
+        state.tools[stored_text(name)] = from_micros(at)
+    return state
+
+
+CODEC = StateCodec(1, _dump, _load)
 
 
 def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[ToolsSeen]) -> list[Finding]:
@@ -88,4 +119,5 @@ RULE = Rule(
         negative("known tool after the learning hour", *delegation(), call("09:00:00", "c1"), call("11:00:00", "c2")),
     ),
     new_state,
+    codec=CODEC,
 )

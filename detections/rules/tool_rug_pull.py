@@ -13,19 +13,33 @@ call time, first call id); at most :data:`MAX_EPOCHS` epochs per tool and ``max_
 (least recently used evicted). When a tool has too many epochs the *second* oldest is dropped:
 the first digest ever seen stays, as it is the baseline of long-lived grants; a grant issued while
 a dropped epoch was current gets the next kept epoch as its baseline. The evidence names the first
-call of the baseline's run, which may precede the grant.
+call of the baseline's run, which may precede the grant. Stored (:data:`CODEC`, version 1) as
+``[1, [tool, [[digest, first_us, last_us, first_call_id], ...]], ...]``, least recently used tool
+first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from detections.casekit import bound, call, delegation, grant
 from detections.engine import Decision, tool_name
 from detections.findings import Finding
-from detections.rulebase import DetectionConfig, Lru, Rule, RuleContext, RuleMeta, negative, positive
+from detections.rulebase import (
+    DetectionConfig,
+    Lru,
+    Rule,
+    RuleContext,
+    RuleMeta,
+    StateCodec,
+    from_micros,
+    micros,
+    negative,
+    positive,
+    stored_text,
+)
 from schemas import ToolCall
 
 MAX_EPOCHS: Final = 8
@@ -63,6 +77,26 @@ class Digests:
 
 def new_state(config: DetectionConfig) -> Digests:
     return Digests(Lru(config.max_entries))
+
+
+def _dump(state: Digests) -> list[Any]:
+    return [
+        [name, [[e.digest, micros(e.first_seen), micros(e.last_seen), e.first_call_id] for e in epochs]]
+        for name, epochs in state.tools.items()
+    ]
+
+
+def _load(items: list[Any], config: DetectionConfig) -> Digests:
+    state = new_state(config)
+    for name, epochs in items:
+        state.tools[stored_text(name)] = [
+            Epoch(stored_text(digest), from_micros(first), from_micros(last), stored_text(call_id))
+            for digest, first, last, call_id in epochs
+        ]
+    return state
+
+
+CODEC = StateCodec(1, _dump, _load)
 
 
 def _record(epochs: list[Epoch], digest: str, call: ToolCall) -> None:
@@ -154,4 +188,5 @@ RULE = Rule(
         ),
     ),
     new_state,
+    codec=CODEC,
 )

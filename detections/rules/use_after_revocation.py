@@ -9,17 +9,33 @@ Without grant states in the context the delay is unknown and the rule stays sile
 
 State: per revocation (its event id), the first use after it and the number of uses; at most
 ``max_entries`` revocations, least recently used evicted (an evicted one restarts its count).
+Stored (:data:`CODEC`, version 1) as ``[1, [revocation_event_id, first_us, first_call_id, count],
+...]``, least recently used first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from detections.casekit import call, delegation, revoke
 from detections.engine import Decision
 from detections.findings import Finding
-from detections.rulebase import DetectionConfig, Lru, Rule, RuleContext, RuleMeta, negative, positive
+from detections.rulebase import (
+    DetectionConfig,
+    Lru,
+    Rule,
+    RuleContext,
+    RuleMeta,
+    StateCodec,
+    from_micros,
+    micros,
+    negative,
+    positive,
+    stored_int,
+    stored_text,
+)
 from schemas import ToolCall, format_timestamp
 
 META = RuleMeta(
@@ -53,6 +69,20 @@ class RevokedUses:
 
 def new_state(config: DetectionConfig) -> RevokedUses:
     return RevokedUses(Lru(config.max_entries))
+
+
+def _dump(state: RevokedUses) -> list[Any]:
+    return [[rid, micros(u.first), u.first_call_id, u.count] for rid, u in state.by_revocation.items()]
+
+
+def _load(items: list[Any], config: DetectionConfig) -> RevokedUses:
+    state = new_state(config)
+    for rid, first, call_id, count in items:
+        state.by_revocation[stored_text(rid)] = Uses(from_micros(first), stored_text(call_id), stored_int(count))
+    return state
+
+
+CODEC = StateCodec(1, _dump, _load)
 
 
 def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[RevokedUses]) -> list[Finding]:
@@ -111,4 +141,5 @@ RULE = Rule(
     ),
     new_state,
     frozenset({"revoked_grant"}),  # evaluate returns at once on other verdicts
+    codec=CODEC,
 )

@@ -6,7 +6,8 @@ violations inside ``[t - burst_window, t]`` (both ends inclusive). It then start
 so a sustained storm raises one finding per ``burst_threshold`` violations, all under one dedup key.
 
 State: the last ``burst_threshold`` violations (a deque of that length); nothing older can
-complete a burst, so the state is bounded by the threshold itself.
+complete a burst, so the state is bounded by the threshold itself. Stored (:data:`CODEC`,
+version 1) as ``[1, [at_us, call_id, verdict], ...]``, oldest first.
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from detections.casekit import call, delegation
 from detections.engine import VERDICTS, Decision
 from detections.findings import Finding
-from detections.rulebase import DetectionConfig, Rule, RuleContext, RuleMeta, negative, positive
+from detections.rulebase import (
+    DetectionConfig,
+    Rule,
+    RuleContext,
+    RuleMeta,
+    StateCodec,
+    from_micros,
+    micros,
+    negative,
+    positive,
+    stored_text,
+)
 from schemas import ToolCall
 
 META = RuleMeta(
@@ -52,6 +65,19 @@ class RecentViolations:
 
 def new_state(config: DetectionConfig) -> RecentViolations:
     return RecentViolations(deque(maxlen=config.burst_threshold))
+
+
+def _dump(state: RecentViolations) -> list[Any]:
+    return [[micros(v.at), v.call_id, v.verdict] for v in state.recent]
+
+
+def _load(items: list[Any], config: DetectionConfig) -> RecentViolations:
+    state = new_state(config)
+    state.recent.extend(Violation(from_micros(at), stored_text(cid), stored_text(v)) for at, cid, v in items)
+    return state
+
+
+CODEC = StateCodec(1, _dump, _load)
 
 
 def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[RecentViolations]) -> list[Finding]:
@@ -116,4 +142,5 @@ RULE = Rule(
     ),
     new_state,
     frozenset(VERDICTS) - {"in_scope"},  # evaluate returns at once on in_scope calls
+    codec=CODEC,
 )

@@ -4,14 +4,24 @@ Stands in for the topology's wiring only (which partition an event goes to, the 
 one FIFO queue per partition); the processors are the real ``detections.live`` ones the Faust job
 runs. Used by the property tests (arrival order and interleavings drawn by hypothesis) and the
 state-size benchmark.
+
+Crashes: :meth:`LiveSim.commit` is the end of a batch whose offsets the worker committed (the stores
+as their changelogs hold them, the internal topic, the outputs sent); :meth:`LiveSim.crash` throws
+away everything since (processors, in-memory state, unsent outputs, store writes) and starts new
+processors over copies of the committed stores; the caller then delivers again the input events
+after the commit (at-least-once). With ``deferred=True`` stage 2 writes its sequence state only
+when its store drains (as the worker does, once per batch: ``stream_jobs.state.deferred_stage2``).
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import zlib
 from collections import deque
+from collections.abc import MutableMapping
 from datetime import datetime
+from typing import Any
 
 from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, tick_message
 from schemas import (
@@ -25,24 +35,44 @@ from schemas import (
     ToolCall,
     delegation_key,
 )
+from stream_jobs.state import ChangelogStore, deferred_stage2
 
 
 class LiveSim:
-    def __init__(self, partitions: int = 4, config: LiveConfig | None = None) -> None:
+    def __init__(self, partitions: int = 4, config: LiveConfig | None = None, *, deferred: bool = False) -> None:
         self.n = partitions
         self.config = config or LiveConfig()
+        self.deferred = deferred
         self.counters = LiveCounters()
         self.s1_sessions: dict[str, bytes] = {}
         self.s1_calls: dict[str, bytes] = {}
         self.s2_grants: dict[str, bytes] = {}
         self.s2_calls: dict[str, bytes] = {}
-        self.stage1 = [
-            Stage1(p, self.s1_sessions, self.s1_calls, self.config, self.counters) for p in range(partitions)
-        ]
-        self.stage2 = [Stage2(p, self.s2_grants, self.s2_calls, self.config, self.counters) for p in range(partitions)]
+        self.s2_seq: dict[str, bytes] = {}
+        """Stage 2's sequence records (with ``deferred``: as of the last :meth:`commit`)."""
+        self.stage1: list[Stage1] = []
+        self.stage2: list[Stage2] = []
+        self._seq_stores: list[ChangelogStore] = []
+        self._new_processors()
         self.queues: list[deque[tuple[str, bytes]]] = [deque() for _ in range(partitions)]
         self.evidence: list[Evidence] = []
         self.findings: list[Finding] = []
+        self._committed: dict[str, Any] | None = None
+
+    def _new_processors(self) -> None:
+        self.stage1 = [Stage1(p, self.s1_sessions, self.s1_calls, self.config, self.counters) for p in range(self.n)]
+        if self.deferred:
+            self._seq_stores = [ChangelogStore(dict(self.s2_seq)) for _ in range(self.n)]
+            self.stage2 = [
+                deferred_stage2(p, self.s2_grants, self.s2_calls, self._seq_stores[p], self.config, self.counters)
+                for p in range(self.n)
+            ]
+        else:
+            seq: MutableMapping[str, bytes] = self.s2_seq
+            self.stage2 = [
+                Stage2(p, self.s2_grants, self.s2_calls, self.config, self.counters, sequence=seq)
+                for p in range(self.n)
+            ]
 
     def partition(self, key: str) -> int:
         return zlib.crc32(key.encode("utf-8")) % self.n
@@ -98,8 +128,42 @@ class LiveSim:
 
     def rebuild(self) -> None:
         """As after a crash: new processors over the same stores (what changelog recovery gives)."""
-        self.stage1 = [Stage1(p, self.s1_sessions, self.s1_calls, self.config, self.counters) for p in range(self.n)]
-        self.stage2 = [Stage2(p, self.s2_grants, self.s2_calls, self.config, self.counters) for p in range(self.n)]
+        self._flush()
+        self._new_processors()
+        for s1 in self.stage1:
+            s1.rebuild()
+        for s2 in self.stage2:
+            s2.rebuild()
+
+    def _flush(self) -> None:
+        """Deferred stage 2: drain the sequence stores into :attr:`s2_seq` (their changelog)."""
+        for store in self._seq_stores:
+            for key, value in store.drain():
+                if value is None:
+                    self.s2_seq.pop(key, None)
+                else:
+                    self.s2_seq[key] = value
+
+    def commit(self) -> None:
+        """The end of a batch: stores written to their changelogs, outputs sent, offsets committed."""
+        self._flush()
+        self._committed = {
+            "stores": copy.deepcopy((self.s1_sessions, self.s1_calls, self.s2_grants, self.s2_calls, self.s2_seq)),
+            "queues": [deque(q) for q in self.queues],
+            "evidence": len(self.evidence),
+            "findings": len(self.findings),
+        }
+
+    def crash(self) -> None:
+        """SIGKILL after the last :meth:`commit`: new processors over copies of the committed stores;
+        what was done since is lost (the caller delivers those input events again)."""
+        assert self._committed is not None, "commit() first"
+        saved = self._committed
+        self.s1_sessions, self.s1_calls, self.s2_grants, self.s2_calls, self.s2_seq = copy.deepcopy(saved["stores"])
+        self.queues = [deque(q) for q in saved["queues"]]
+        del self.evidence[saved["evidence"] :]
+        del self.findings[saved["findings"] :]
+        self._new_processors()
         for s1 in self.stage1:
             s1.rebuild()
         for s2 in self.stage2:

@@ -22,11 +22,14 @@ from pathlib import Path
 import pytest
 from integration.conftest import make_settings
 
+from schemas import delegation_key
+from schemas.topics import partition_for
 from scopewatch.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker
 from scopewatch.stack.stack import Stack
 from support.pipeline import cli, current_verdicts, replay_lines, replay_output, wait_findings
-from support.scenario import jsonl, story
+from support.scenario import bound, grant, jsonl, story
+from support.scenario import tool_call as call
 from support.wrap import child_env
 
 pytestmark = pytest.mark.integration
@@ -180,6 +183,73 @@ def test_a_worker_killed_mid_story_loses_nothing(quick_failover: Settings, tmp_p
     # and the survivor goes on deciding new calls on every partition
     _, expected = publish_story(pipeline, tmp_path, f"survivor{os.getpid()}")
     assert_live_equals_replay(pipeline, expected)
+
+
+def _route_partitions(tag: str, partitions: int) -> list[tuple[str, str]]:
+    """(principal, agent) of one delegation per stage-2 partition (where its route's key hashes to)."""
+    found: dict[int, tuple[str, str]] = {}
+    i = 0
+    while len(found) < partitions:
+        principal, agent = f"{tag}-user{i}", f"{tag}-agent{i}"
+        found.setdefault(
+            partition_for(delegation_key("acme", principal, agent).encode(), partitions), (principal, agent)
+        )
+        i += 1
+    return [found[p] for p in range(partitions)]
+
+
+def test_a_worker_killed_between_a_read_and_a_send_still_raises_the_chain(
+    quick_failover: Settings, tmp_path: Path
+) -> None:
+    """A sensitive read, SIGKILL of a worker, then an external send of the same delegation.
+
+    One delegation per stage-2 partition, so the killed worker held one of the reads in its
+    sequence-rule state (or among the calls held for the rules). The survivor reads that state back
+    from the ``s2-seq`` changelog and raises ``exfiltration_chain`` on every send; the findings in
+    ClickHouse equal replay's.
+    """
+    pipeline = quick_failover
+    tag = f"seq{os.getpid()}"
+    delegations = _route_partitions(tag, pipeline.partitions)
+    facts, reads, sends = [], [], []
+    for n, (principal, agent) in enumerate(delegations):
+        session = f"{tag}-s{n}"
+        facts += [
+            bound("09:00:00", session, principal, agent),
+            grant("09:00:00", f"{tag}-g{n}", principal, agent, ["vault/*", "web/*"]),
+        ]
+        reads.append(call("10:00:00", f"{tag}-read{n}", session, "vault", "get_secret"))
+        sends.append(call("10:05:00", f"{tag}-send{n}", session, "web", "fetch"))
+    extra = _start_worker(pipeline, tmp_path / "worker2.log")
+    try:
+        _wait_for_stats(pipeline, extra.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the second worker owns stage-2 partitions
+            stats = json.loads(next(pipeline.run_dir.glob(f"worker-*-{extra.pid}.json")).read_text())
+            if stats["counters"].get("authorize_partition_loads"):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the second worker never got partitions")
+        first = tmp_path / "reads.jsonl"
+        first.write_text(jsonl([*facts, *reads]))
+        assert cli(pipeline, "publish", str(first)).returncode == 0
+        read_ids = [r["call_id"] for r in reads]
+        assert {v[0] for v in current_verdicts(pipeline, read_ids).values()} == {"in_scope"}  # final
+        time.sleep(1.0)  # past the sequence slack: the reads are in the rules' state, and it is written
+    finally:
+        os.killpg(extra.pid, signal.SIGKILL)
+        extra.wait(timeout=10)
+    second = tmp_path / "sends.jsonl"
+    second.write_text(jsonl(sends))
+    assert cli(pipeline, "publish", str(second)).returncode == 0
+    everything = tmp_path / "all.jsonl"
+    everything.write_text(jsonl([*facts, *reads, *sends]))
+    wanted = {str(d["call_id"]): list(d["findings"]) for d in replay_output(pipeline, everything) if d["findings"]}  # type: ignore[call-overload]
+    assert all("exfiltration_chain" in wanted[s["call_id"]] for s in sends)
+    call_ids = sorted(r["call_id"] for r in (*reads, *sends))
+    live = wait_findings(pipeline, call_ids, sum(map(len, wanted.values())))
+    assert live == wanted
 
 
 def test_verify_confirms_the_live_evidence(pipeline: Settings, tmp_path: Path) -> None:

@@ -131,6 +131,14 @@ BROKEN = {
         {"r": rule_source("r").replace('kind="per_call"', 'kind="sequence"')},
         "r: kind 'sequence' does not fit its state",
     ),
+    "sequence rule without a state codec": (
+        {
+            "r": "from dataclasses import replace\n"
+            "from detections.rules import exfiltration_chain as x\n"
+            'RULE = replace(x.RULE, meta=x.RULE.meta.model_copy(update={"id": "r"}), codec=None)\n'
+        },
+        "r: sequence rule without a state codec",
+    ),
     "no RULE": ({"r": "X = 1\n"}, "r: defines no RULE"),
     "syntax error": ({"r": "def (:\n"}, "r: cannot import (SyntaxError"),
 }

@@ -15,7 +15,7 @@ def test_create_app_declares_both_stages_and_their_changelogs(tmp_path: Path) ->
     assert set(app.agents) >= {"attribute", "authorize"}
     assert not app.tables  # state is ours (stream_jobs.state), not Faust tables
     assert app.scopewatch_changelogs == {  # type: ignore[attr-defined]
-        name: f"u-decisions-{name}-changelog" for name in ("s1-sessions", "s1-calls", "s2-grants", "s2-calls")
+        name: f"u-decisions-{name}-changelog" for name in ("s1-sessions", "s1-calls", "s2-grants", "s2-calls", "s2-seq")
     }
     # two apps never share state
     assert create_app(settings) is not app
@@ -34,3 +34,16 @@ def test_changelog_store_drains_the_last_value_of_each_changed_key() -> None:
     assert dict(store.items()) == {"kept": b"0", "a": b"2"}
     assert store.get("a") == b"2" and store.get("nope") is None and "kept" in store and len(store) == 2
     assert store.pop("a") == b"2" and store.drain() == [("a", None)]  # MutableMapping mixins go through us
+
+
+def test_changelog_store_lets_a_deferred_writer_write_just_before_it_drains() -> None:
+    store = ChangelogStore()
+    calls: list[int] = []
+
+    def flush() -> None:
+        calls.append(len(calls))
+        store["seq"] = b"state %d" % len(calls)
+
+    store.before_drain = flush
+    assert store.drain() == [("seq", b"state 1")]
+    assert calls == [0]
