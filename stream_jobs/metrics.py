@@ -229,13 +229,24 @@ def worker_stats_stale(path: Path, host: str | None = None) -> bool:
         pid = int(path.stem[len(prefix) :])
     except ValueError:
         return False
+    return _process_gone(pid)
+
+
+def _process_gone(pid: int) -> bool:
+    """No such process, or a zombie nobody reaped (a killed daemon whose parent is gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return True
-    except PermissionError:
+    except OSError:  # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
         return False
-    return False
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def remove_stale_worker_stats(run_dir: Path) -> int:
