@@ -11,6 +11,8 @@ on the tree ClickHouse's own parser builds (``EXPLAIN AST``), never on the SQL t
 * a ``SELECT`` (with ``UNION``/``INTERSECT``/``EXCEPT``, subqueries, CTEs) or ``DESCRIBE TABLE``/
   ``SHOW TABLES``, without ``INTO OUTFILE`` (chDB writes that file even with ``readonly=1``),
   ``FORMAT`` or ``SETTINGS`` anywhere;
+* tables of the ``system`` database only from :data:`ALLOWED_SYSTEM_TABLES` (``system.processes``
+  would show the sink's inserts with their data), none of ``information_schema``;
 * table functions only from :data:`ALLOWED_TABLE_FUNCTIONS` (an allow-list: ``file``, ``url``,
   ``s3``, ``remote``, ``mysql``, ``executable``, chDB's ``Python`` ... are refused);
 * no scalar function of :data:`DENIED_FUNCTIONS` or :data:`DENIED_PREFIXES` (``file()`` reads any
@@ -106,6 +108,14 @@ def denied_function(name: str) -> str | None:
 
 ALLOWED_STATEMENTS: Final = ("SelectWithUnionQuery", "DescribeQuery", "ShowTables")
 
+ALLOWED_SYSTEM_TABLES: Final = frozenset({"databases", "tables", "columns", "parts", "one"})
+"""The ``system`` tables an analyst reads: what exists, its columns, its size (``scopewatch status``
+reads ``system.tables``), and ``system.one``. The others are refused: ``system.processes`` shows the
+sink's running inserts with their data, ``system.query_log`` past queries, ``system.settings`` and
+friends the engine's configuration. ``information_schema`` (views over ``system``) is refused whole."""
+
+SYSTEM_DATABASES: Final = frozenset({"system", "information_schema"})
+
 
 class QueryRefused(ValueError):
     """The query does something the SQL endpoint does not allow; the message says what."""
@@ -187,9 +197,30 @@ NO_SETTINGS: Final = (
 )
 
 
+def _check_table(identifier: str) -> None:
+    """Refuse ``system.<name>`` (unless allowed) and ``information_schema.<name>``.
+
+    ``identifier`` is a ``TableIdentifier`` (``db.table``) or an ``Identifier`` (``db.table`` after
+    ``IN``, or ``db.table.column``) as ``EXPLAIN AST`` prints it; a column of a table aliased
+    ``system`` is refused as well (rename the alias).
+    """
+    parts = identifier.split(".")
+    if len(parts) < 2 or parts[0].lower() not in SYSTEM_DATABASES:
+        return
+    if parts[0] == "system" and parts[1] in ALLOWED_SYSTEM_TABLES:
+        return
+    allowed = ", ".join(f"system.{name}" for name in sorted(ALLOWED_SYSTEM_TABLES))
+    raise QueryRefused(
+        f"table {parts[0]}.{parts[1]} is not allowed: queries read the stored tables and only these "
+        f"system tables: {allowed}"
+    )
+
+
 def _check_node(node: AstNode, parent: AstNode | None, table_functions: frozenset[str]) -> None:
     if node.kind in ("Set", "SetQuery"):
         raise QueryRefused(NO_SETTINGS)
+    if node.kind in ("TableIdentifier", "Identifier"):
+        _check_table(node.name.split(" ", 1)[0])
     if node.kind == "Function":
         name = node.function
         lower = name.lower()

@@ -223,3 +223,57 @@ def test_functions_that_reach_out_reveal_or_block_are_refused_anywhere(function:
 )
 def test_reviewed_harmless_functions_pass(function: str) -> None:
     check(_calling(function))
+
+
+def _from(table: str) -> str:
+    return f"""
+SelectWithUnionQuery (children 1)
+ ExpressionList (children 1)
+  SelectQuery (children 2)
+   ExpressionList (children 1)
+    Asterisk
+   TablesInSelectQuery (children 1)
+    TablesInSelectQueryElement (children 1)
+     TableExpression (children 1)
+      TableIdentifier {table} (alias p)
+"""
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "system.processes",
+        "system.query_log",
+        "system.settings",
+        "information_schema.tables",
+        "INFORMATION_SCHEMA.COLUMNS",
+    ],
+)
+def test_system_tables_outside_the_allow_list_are_refused(table: str) -> None:
+    assert f"table {table} is not allowed" in refused(_from(table))
+
+
+def test_a_system_table_after_in_is_refused_too() -> None:
+    message = refused(
+        """
+SelectWithUnionQuery (children 1)
+ ExpressionList (children 1)
+  SelectQuery (children 2)
+   ExpressionList (children 1)
+    Literal UInt64_1
+   Function in (children 1)
+    ExpressionList (children 2)
+     Literal UInt64_1
+     Identifier system.processes
+"""
+    )
+    assert "table system.processes is not allowed" in message
+
+
+@pytest.mark.parametrize("table", ["system.tables", "system.columns", "system.parts", "system.databases", "system.one"])
+def test_the_system_tables_an_analyst_needs_pass(table: str) -> None:
+    check(_from(table))
+    check(_from("scopewatch.tool_calls"))
+    assert "system.processes" in refused(
+        "DescribeQuery (children 1)\n TableExpression (children 1)\n  TableIdentifier system.processes"
+    )
