@@ -65,7 +65,8 @@ configured (``--agent-claim``), the agent; otherwise it is invalid (``missing_su
 Tokens are never logged, put in events or passed to the observer thread (only their keyed
 hash is); the aiohttp access log is off. A token over 16 KiB is invalid (``too_large``, 401
 under ``require_auth``); a header line over 32 KiB never reaches the handler: it is answered
-``431`` and logged without any of its bytes (aiohttp's own 400 would quote and log its start).
+``431`` and logged without any of its bytes (aiohttp's own 400 would quote and log its start;
+:mod:`collectors.http_guard`).
 """
 
 from __future__ import annotations
@@ -90,9 +91,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
+from collectors.http_guard import GuardedRunner
 from collectors.jwt_verify import REASONS, JwtVerifier, TokenCheck, bearer_token, unverified_check
 from collectors.observer import (  # the observer's own reading of JSON-RPC ids and batches
     McpSessionObserver,
@@ -729,57 +729,6 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-MAX_HEADER_BYTES: Final = 32 * 1024
-"""The longest request line or header field the proxy reads; longer ones are answered 431."""
-
-
-class _GuardedRequestHandler(RequestHandler):
-    """aiohttp's connection handler, except for requests its HTTP parser refuses.
-
-    aiohttp answers those 400 with a text that quotes the first 100 bytes of the offending line and
-    logs the same at ERROR -- for an oversized ``Authorization`` header, the start of the token.
-    Here a line over the limit (or too many headers) is answered 431 and anything else malformed
-    400, each with a fixed JSON body, and logged as one line naming the peer and the kind of
-    failure, never the request's bytes.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
-        too_large = isinstance(exc, LineTooLong) or "Too many headers" in str(exc.message)
-        kind = "a request line or header over the size limit" if too_large else f"malformed HTTP ({type(exc).__name__})"
-        log.warning("refused a request from %s: %s", request.remote or "?", kind)
-        if request.writer.output_size > 0:
-            raise ConnectionError("a response was already sent; cannot answer the parse error")
-        if too_large:
-            body = {"error": "request_header_fields_too_large", "error_description": "A header is too large"}
-            response = web.json_response(body, status=431)
-        else:
-            response = web.json_response({"error": "bad_request", "error_description": "Malformed HTTP"}, status=400)
-        response.force_close()
-        return response
-
-
-class _GuardedServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _GuardedRunner(web.AppRunner):
-    """An :class:`aiohttp.web.AppRunner` whose connections use :class:`_GuardedRequestHandler`."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _GuardedServer  # same object, only the handler factory differs
-        return server
-
-
 class HttpProxy:
     """The reverse proxy: an aiohttp server in front of one upstream MCP endpoint."""
 
@@ -837,13 +786,12 @@ class HttpProxy:
         app = web.Application(client_max_size=config.max_body_bytes)
         app.router.add_route("*", config.endpoint_path, self._handle)
         app.router.add_route("GET", "/.well-known/{tail:.*}", self._well_known)
-        self._runner = _GuardedRunner(
+        self._runner = GuardedRunner(
             app,
+            log=log,
             access_log=None,
             handler_cancellation=True,
             shutdown_timeout=config.shutdown_timeout,
-            max_field_size=MAX_HEADER_BYTES,
-            max_line_size=MAX_HEADER_BYTES,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout)

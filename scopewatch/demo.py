@@ -340,7 +340,11 @@ def pager_running(settings: Settings) -> bool:
 
 
 def wait_for_pages(settings: Settings, session_ids: list[str], timeout: float) -> list[list[Any]]:
-    """Findings of the demo's calls and the page attempts for them, once every pageable one was delivered."""
+    """Findings of the demo's calls and the page attempts for them, once every pageable one was delivered.
+
+    No ``SETTINGS`` (the SQL endpoint refuses them): a finding without a page attempt gets the
+    LEFT JOIN's defaults, an empty outcome and route and 0 attempts.
+    """
     ids = ",".join(f"'{s}'" for s in session_ids)
     db = settings.clickhouse_database
     query = f"""
@@ -351,8 +355,7 @@ def wait_for_pages(settings: Settings, session_ids: list[str], timeout: float) -
         FROM (SELECT * FROM {db}.findings FINAL WHERE session_id IN ({ids})) AS f
         LEFT JOIN {db}.pages AS p ON p.dedup_key = f.dedup_key
         GROUP BY f.rule_id, f.severity, f.dedup_key
-        ORDER BY f.rule_id, f.dedup_key
-        SETTINGS join_use_nulls = 1"""
+        ORDER BY f.rule_id, f.dedup_key"""
     deadline = time.monotonic() + timeout
     rows: list[list[Any]] = []
     while time.monotonic() < deadline:

@@ -146,11 +146,11 @@ def intake(
 async def _serve(config: Any, bootstrap: str, host: str, port: int, publish_timeout: float) -> None:
     from aiohttp import web
 
-    from collectors.intake import KafkaSink, make_app
+    from collectors.intake import KafkaSink, make_app, make_runner
 
     sink = KafkaSink(bootstrap, timeout=publish_timeout)
     app = make_app(config, sink)
-    runner = web.AppRunner(app)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

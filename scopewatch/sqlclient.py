@@ -1,4 +1,10 @@
-"""Run SQL against the configured ClickHouse, routed through the chDB owner while the stack runs."""
+"""Run SQL against the configured ClickHouse, routed through the chDB owner while the stack runs.
+
+On an embedded store the rules are the same whoever owns the folder: through the running sink's
+endpoint, or, with no sink running, on the folder opened here, each query goes through one
+:class:`stream_jobs.query_server.AnalystSession` (ClickHouse's parser checks it, ``readonly=1``,
+the caps of :func:`query_caps`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 
 from scopewatch.settings import Settings
 from scopewatch.stack import proc
+from stream_jobs.sql_guard import QueryCaps
 
 
 class SqlError(RuntimeError):
@@ -33,12 +40,23 @@ def _endpoint(settings: Settings) -> tuple[int, str] | None:
     return port, token
 
 
+def query_caps(settings: Settings) -> QueryCaps:
+    """The limits of every analyst query on the embedded store (the sink's endpoint and the direct path)."""
+    return QueryCaps(
+        max_rows=settings.query_max_rows,
+        max_result_bytes=settings.query_max_result_bytes,
+        max_memory_bytes=settings.query_max_memory_bytes,
+        max_seconds=settings.query_timeout_seconds,
+    )
+
+
 def run_sql(settings: Settings, sql: str, timeout: float = 120.0) -> dict[str, Any]:
     """``{"columns", "types", "rows"}`` for ``sql``; raises :class:`SqlError` with ClickHouse's message."""
     if settings.embedded:
         endpoint = _endpoint(settings)
         if endpoint is not None:
             return _via_endpoint(endpoint, sql, timeout)
+        return _on_folder(settings, sql)
     from stream_jobs.clickhouse import ClickHouseError, connect, run_query
 
     try:
@@ -57,6 +75,42 @@ def run_sql(settings: Settings, sql: str, timeout: float = 120.0) -> dict[str, A
         raise SqlError(str(exc)) from exc
     except Exception as exc:
         raise SqlError(str(exc).strip()) from exc
+
+
+def _on_folder(settings: Settings, sql: str) -> dict[str, Any]:
+    """``sql`` on the embedded folder opened here (no sink owns it), with the endpoint's checks and caps.
+
+    The folder is opened through :func:`stream_jobs.clickhouse.connect` (it refuses a folder another
+    process holds); the query itself runs on an :class:`AnalystSession` of the same engine, exactly
+    as the sink's endpoint runs it, and fails with the endpoint's messages.
+    """
+    from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect
+    from stream_jobs.query_server import AnalystSession, ResultTooLarge
+    from stream_jobs.sql_guard import QueryRefused
+
+    try:
+        owner = connect(settings.dsn, database=None, readonly=True)
+    except ClickHouseError as exc:
+        raise SqlError(str(exc)) from exc
+    try:
+        path = chdb_path(owner)
+        if path is None:
+            raise SqlError(f"{settings.dsn}: an in-memory store holds no data to query; use chdb:///path")
+        session = AnalystSession(path, query_caps(settings))
+        try:
+            return session.run(sql)
+        finally:
+            session.close()
+    except QueryRefused as exc:
+        raise SqlError(f"refused: {exc}") from exc
+    except ResultTooLarge as exc:
+        raise SqlError(str(exc)) from exc
+    except SqlError:
+        raise
+    except Exception as exc:  # ClickHouse's own message, as the endpoint reports it
+        raise SqlError(str(exc).strip()) from exc
+    finally:
+        owner.close()
 
 
 def _via_endpoint(endpoint: tuple[int, str], sql: str, timeout: float) -> dict[str, Any]:

@@ -12,13 +12,13 @@ from typing import Any
 
 from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
 from scopewatch.settings import Settings
+from scopewatch.sqlclient import query_caps
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
 from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect, migrate
 from stream_jobs.query_server import AnalystSession, QueryServer, write_token
 from stream_jobs.rows import table_topics
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
-from stream_jobs.sql_guard import QueryCaps
 
 log = logging.getLogger("scopewatch.sink")
 
@@ -58,16 +58,6 @@ async def _connect_owner(settings: Settings, patience: float = 15.0) -> Any:
                 raise
             log.warning("%s; retrying", exc)
             await asyncio.sleep(0.5)
-
-
-def query_caps(settings: Settings) -> QueryCaps:
-    """The limits of every query through the sink's SQL endpoint."""
-    return QueryCaps(
-        max_rows=settings.query_max_rows,
-        max_result_bytes=settings.query_max_result_bytes,
-        max_memory_bytes=settings.query_max_memory_bytes,
-        max_seconds=settings.query_timeout_seconds,
-    )
 
 
 def sink_config(settings: Settings) -> SinkConfig:

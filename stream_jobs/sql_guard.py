@@ -11,9 +11,12 @@ on the tree ClickHouse's own parser builds (``EXPLAIN AST``), never on the SQL t
 * a ``SELECT`` (with ``UNION``/``INTERSECT``/``EXCEPT``, subqueries, CTEs) or ``DESCRIBE TABLE``/
   ``SHOW TABLES``, without ``INTO OUTFILE`` (chDB writes that file even with ``readonly=1``),
   ``FORMAT`` or ``SETTINGS`` anywhere;
+* tables of the ``system`` database only from :data:`ALLOWED_SYSTEM_TABLES` (``system.processes``
+  would show the sink's inserts with their data), none of ``information_schema``;
 * table functions only from :data:`ALLOWED_TABLE_FUNCTIONS` (an allow-list: ``file``, ``url``,
   ``s3``, ``remote``, ``mysql``, ``executable``, chDB's ``Python`` ... are refused);
-* no scalar function of :data:`DENIED_FUNCTIONS` (``file()`` reads any file the process can).
+* no scalar function of :data:`DENIED_FUNCTIONS` or :data:`DENIED_PREFIXES` (``file()`` reads any
+  file the process can, ``dictGet`` reads a dictionary's source, ``aiGenerate`` calls out, ``sleep``...).
 
 This module is pure (the parse tree comes in as the lines ``EXPLAIN AST`` prints); running the
 parser is the query server's job (:mod:`stream_jobs.query_server`).
@@ -42,12 +45,76 @@ ALLOWED_TABLE_FUNCTIONS: Final = frozenset(
 """Table functions that only compute (lower case): everything else is refused. (``format`` is also
 a common scalar function; as a table function it parses data written inline in the query.)"""
 
-DENIED_FUNCTIONS: Final = frozenset({"file", "catboostevaluate", "naivebayesclassifier", "getserversetting"})
-"""Scalar functions that reach outside the query's own data (lower case): ``file(path)`` reads a file,
-``catboostEvaluate`` and ``naiveBayesClassifier`` load models from paths, ``getServerSetting`` reveals
-the engine's configuration (paths, hosts)."""
+_DENIED: Final[dict[str, str]] = {
+    # files, models and geobases read from paths
+    "file": "it reads files",
+    "catboostevaluate": "it loads a model from a path",
+    "showcertificate": "it reads the engine's TLS certificate",
+    # the network, and tables named in strings (past the table checks)
+    "hascolumnintable": "it can connect to another server and looks into tables by name",
+    "joinget": "it reads a table named in a string",
+    "joingetornull": "it reads a table named in a string",
+    "currentrequesturl": "it reveals the request URL (a server may carry credentials in it)",
+    "getclienthttpheader": "it reveals the request's HTTP headers",
+    # the engine's configuration
+    "getserversetting": "it reveals the engine's configuration (paths, hosts)",
+    "getmergetreesetting": "it reveals the engine's configuration",
+    "getmacro": "it reveals the engine's configuration",
+    # writes and state changes
+    "logtrace": "it writes to the engine's log",
+    "generateserialid": "it writes counters to Keeper",
+}
+
+_DENIED_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
+    ("filesystem", "it inspects the engine's disks"),
+    ("naivebayesclassifier", "it loads models from paths"),
+    ("region", "it reads the geobase files of the engine's configuration"),
+    ("dict", "a dictionary's source can be a file, a URL, another database or a process"),
+    ("ai", "it calls an AI provider over the network"),
+    ("addressto", "it reads the engine binary's debug information"),
+    ("demangle", "it is an introspection function"),
+    ("sleep", "it only blocks"),
+    ("__", "it is internal to the engine"),
+)
+
+DENIED_FUNCTIONS: Final = frozenset(_DENIED)
+"""Scalar functions refused by exact name (lower case), besides the families of :data:`DENIED_PREFIXES`."""
+
+DENIED_PREFIXES: Final = tuple(prefix for prefix, _why in _DENIED_PREFIXES)
+"""Families of scalar functions refused by the start of their name (lower case).
+
+Reviewed against ClickHouse 26.9's ``system.functions`` (chDB 4.4): everything that reads files,
+reaches the network, runs processes, writes, reveals the engine's configuration or only blocks.
+Allowed after review: ``throwIf``/``aggThrow`` (an error with the caller's own text), ``getSetting``
+(the session's settings: the caps the analyst is told anyway, no credentials), ``currentUser``,
+``currentProfiles`` and other names of the session's own user, ``hostName``, ``version``,
+``uptime``, ``getOSKernelVersion`` (facts a local user of the host sees anyway: the endpoint is
+loopback only), and the URL functions (``domain``, ``decodeURLComponent``...), which parse strings.
+``tests/integration/stream_jobs/test_sql_guard_functions.py`` fails when the installed engine
+lists a function in a risky family that is neither refused here nor reviewed.
+"""
+
+
+def denied_function(name: str) -> str | None:
+    """Why the scalar function ``name`` is refused, or None when it is allowed."""
+    lower = name.lower()
+    if lower in _DENIED:
+        return _DENIED[lower]
+    for prefix, why in _DENIED_PREFIXES:
+        if lower.startswith(prefix):
+            return why
+    return None
+
 
 ALLOWED_STATEMENTS: Final = ("SelectWithUnionQuery", "DescribeQuery", "ShowTables")
+
+ALLOWED_SYSTEM_TABLES: Final = frozenset({"databases", "tables", "columns", "parts", "one"})
+"""The ``system`` tables an analyst reads: what exists, its columns, its size (``scopewatch status``
+reads ``system.tables``), and ``system.one``. The others are refused: ``system.processes`` shows the
+sink's running inserts with their data, ``system.query_log`` past queries, ``system.settings`` and
+friends the engine's configuration. ``information_schema`` (views over ``system``) is refused whole."""
+
+SYSTEM_DATABASES: Final = frozenset({"system", "information_schema"})
 
 
 class QueryRefused(ValueError):
@@ -130,17 +197,39 @@ NO_SETTINGS: Final = (
 )
 
 
+def _check_table(identifier: str) -> None:
+    """Refuse ``system.<name>`` (unless allowed) and ``information_schema.<name>``.
+
+    ``identifier`` is a ``TableIdentifier`` (``db.table``) or an ``Identifier`` (``db.table`` after
+    ``IN``, or ``db.table.column``) as ``EXPLAIN AST`` prints it; a column of a table aliased
+    ``system`` is refused as well (rename the alias).
+    """
+    parts = identifier.split(".")
+    if len(parts) < 2 or parts[0].lower() not in SYSTEM_DATABASES:
+        return
+    if parts[0] == "system" and parts[1] in ALLOWED_SYSTEM_TABLES:
+        return
+    allowed = ", ".join(f"system.{name}" for name in sorted(ALLOWED_SYSTEM_TABLES))
+    raise QueryRefused(
+        f"table {parts[0]}.{parts[1]} is not allowed: queries read the stored tables and only these "
+        f"system tables: {allowed}"
+    )
+
+
 def _check_node(node: AstNode, parent: AstNode | None, table_functions: frozenset[str]) -> None:
     if node.kind in ("Set", "SetQuery"):
         raise QueryRefused(NO_SETTINGS)
+    if node.kind in ("TableIdentifier", "Identifier"):
+        _check_table(node.name.split(" ", 1)[0])
     if node.kind == "Function":
         name = node.function
         lower = name.lower()
         in_from = parent is not None and parent.kind in ("TableExpression", "InsertQuery")
         table_function = in_from or lower in table_functions
-        if lower in DENIED_FUNCTIONS and not in_from:
-            raise QueryRefused(f"function {name}() is not allowed: it reaches outside the stored tables")
-        if (table_function and lower not in ALLOWED_TABLE_FUNCTIONS) or lower in DENIED_FUNCTIONS:
+        denied = denied_function(name)
+        if denied is not None and not in_from:
+            raise QueryRefused(f"function {name}() is not allowed: {denied}")
+        if (table_function and lower not in ALLOWED_TABLE_FUNCTIONS) or denied is not None:
             allowed = ", ".join(sorted(ALLOWED_TABLE_FUNCTIONS))
             raise QueryRefused(
                 f"table function {name}() is not allowed: queries read the stored tables only "

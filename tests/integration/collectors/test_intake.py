@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -288,3 +290,66 @@ def test_intake_and_emit_commands(settings: Settings, tmp_path: Path) -> None:
         timeout=120,
     )
     assert down.returncode == 1 and "not published" in down.stderr
+
+
+def _raw(port: int, head: bytes) -> tuple[int, bytes]:
+    """Send one request head as given (no client library would send these) and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_the_intake_answers_bad_headers_without_quoting_or_logging_them(settings: Settings) -> None:
+    env = child_env(settings)
+    env["SCOPEWATCH_INTAKE_SECRETS"] = SECRET
+    port = proc.free_port()
+    cli = [sys.executable, "-m", "scopewatch.intake_cli", "intake", "--listen", f"127.0.0.1:{port}"]
+    server = subprocess.Popen([*cli, "--log-level", "debug"], env=env, stderr=subprocess.PIPE, text=True)
+    # random, so any 16 characters of it found in an answer or the log came from the request
+    huge, odd, bad_value = secrets.token_hex(24_000), secrets.token_hex(16), secrets.token_hex(16)
+    start = b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+    early: list[str] = []
+    try:
+        assert server.stderr is not None
+        while not early or "listening on" not in early[-1]:
+            early.append(server.stderr.readline())
+            assert early[-1], early  # the intake stopped before listening
+        status, body = _raw(port, start + f"webhook-signature: v1,{huge}\r\n\r\n{{}}".encode())
+        assert status == 431, body
+        assert json.loads(body) == {
+            "error": "request_header_fields_too_large",
+            "error_description": "A header is too large",
+        }
+        malformed = (
+            f"webhook-id {odd}\r\n".encode(),  # no colon
+            f"webhook-id: msg_{bad_value}\x01\r\n".encode(),  # a control character in the value
+        )
+        for header in malformed:
+            status, body = _raw(port, start + header + b"\r\n{}")
+            assert status == 400, (header, body)
+            assert json.loads(body) == {"error": "bad_request", "error_description": "Malformed HTTP"}, body
+        # deliveries keep working right after
+        event = _story(str(uuid.uuid4()), "g")[0]
+        payload = json.dumps(event).encode()
+
+        async def deliver() -> int:
+            async with ClientSession() as http:
+                url = f"http://127.0.0.1:{port}/v1/events"
+                async with http.post(url, data=payload, headers=_signed(payload, "hdr-msg")) as response:
+                    return response.status
+
+        assert asyncio.run(deliver()) == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _out, rest = server.communicate(timeout=60)
+    err = "".join(early) + rest
+    assert server.returncode == 0, err
+    assert err.count("refused a request from 127.0.0.1") == 3, err
+    assert "over the size limit" in err and "malformed HTTP" in err
+    for text in (huge[:4096], odd, bad_value):
+        for i in range(0, len(text) - 16, 16):
+            assert text[i : i + 16] not in err

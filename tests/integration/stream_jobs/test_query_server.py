@@ -61,3 +61,51 @@ async def test_a_runaway_query_is_stopped_and_never_holds_up_the_owners_inserts(
         await server.stop()
         session.close()
         writer.close()
+
+
+async def test_only_the_system_tables_an_analyst_needs_are_readable(tmp_path: Path) -> None:
+    writer = connect(f"chdb://{tmp_path / 'chdb'}")
+    writer.command("CREATE DATABASE IF NOT EXISTS scopewatch")
+    writer.command("CREATE TABLE scopewatch.t (n UInt64) ENGINE = MergeTree ORDER BY n")
+    writer.command("INSERT INTO scopewatch.t VALUES (1), (2)")
+    path = chdb_path(writer)
+    assert path is not None
+    session = AnalystSession(path, QueryCaps())
+    port = proc.free_port()
+    server = QueryServer(session, "tok", port)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def query(sql: str) -> tuple[int, dict[str, object]]:
+                url = f"http://127.0.0.1:{port}/query"
+                async with http.post(url, json={"sql": sql}, headers={"Authorization": "Bearer tok"}) as response:
+                    return response.status, await response.json()
+
+            for sql in (
+                "SELECT query FROM system.processes",
+                "SELECT * FROM system.query_log",
+                "SELECT name, value FROM system.settings",
+                "SELECT 1 WHERE 'x' IN system.processes",
+                "SELECT * FROM view(SELECT query FROM `system`.`processes`)",
+                "SELECT (SELECT count() FROM system.query_log)",
+                "DESCRIBE TABLE system.processes",
+                "SELECT * FROM information_schema.tables",
+                "SELECT * FROM scopewatch.t AS a JOIN system.processes AS p ON 1 = 1",
+            ):
+                status, body = await query(sql)
+                assert status == 403 and "is not allowed" in str(body["error"]), (sql, body)
+                assert "system tables: system.columns" in str(body["error"]), (sql, body)
+            status, body = await query(
+                "SELECT t.name, t.total_rows, sum(p.rows) AS rows, count(c.name) > 0 AS has_columns "
+                "FROM system.tables AS t LEFT JOIN system.parts AS p ON p.database = t.database AND p.table = t.name "
+                "LEFT JOIN system.columns AS c ON c.database = t.database AND c.table = t.name "
+                "WHERE t.database = 'scopewatch' GROUP BY t.name, t.total_rows"
+            )
+            assert status == 200 and body["rows"] == [["t", 2, 2, 1]], body
+            status, body = await query("SELECT name FROM system.databases WHERE name = 'scopewatch'")
+            assert status == 200 and body["rows"] == [["scopewatch"]], body
+    finally:
+        await server.stop()
+        session.close()
+        writer.close()

@@ -173,3 +173,107 @@ def test_caps_fix_readonly_and_every_limit() -> None:
     assert settings["max_result_bytes"] == 1 << 20
     assert settings["max_memory_usage"] == 1 << 28
     assert settings["max_execution_time"] == 5
+
+
+def _calling(function: str) -> str:
+    return f"""
+SelectWithUnionQuery (children 1)
+ ExpressionList (children 1)
+  SelectQuery (children 1)
+   ExpressionList (children 1)
+    Function arrayMap (children 1)
+     ExpressionList (children 2)
+      Function lambda (children 1)
+       ExpressionList (children 2)
+        Function tuple (children 1)
+         ExpressionList (children 1)
+          Identifier x
+        Function {function} (children 1)
+         ExpressionList (children 1)
+          Literal 'x'
+      Literal Array_[UInt64_1]
+"""
+
+
+@pytest.mark.parametrize(
+    ("function", "why"),
+    [
+        ("dictGetString", "dictionary's source"),
+        ("aiGenerate", "AI provider"),
+        ("AIClassify", "AI provider"),
+        ("sleepEachRow", "only blocks"),
+        ("logTrace", "writes to the engine's log"),
+        ("hasColumnInTable", "another server"),
+        ("joinGet", "table named in a string"),
+        ("getMacro", "configuration"),
+        ("filesystemAvailable", "disks"),
+        ("regionToName", "geobase"),
+        ("__getScalar", "internal"),
+        ("naiveBayesClassifierWithProb", "models"),
+        ("showCertificate", "certificate"),
+    ],
+)
+def test_functions_that_reach_out_reveal_or_block_are_refused_anywhere(function: str, why: str) -> None:
+    message = refused(_calling(function))
+    assert message.startswith(f"function {function}() is not allowed") and why in message, message
+
+
+@pytest.mark.parametrize(
+    "function", ["getSetting", "throwIf", "decodeURLComponent", "hostName", "currentUser", "naiveBayesNgrams"]
+)
+def test_reviewed_harmless_functions_pass(function: str) -> None:
+    check(_calling(function))
+
+
+def _from(table: str) -> str:
+    return f"""
+SelectWithUnionQuery (children 1)
+ ExpressionList (children 1)
+  SelectQuery (children 2)
+   ExpressionList (children 1)
+    Asterisk
+   TablesInSelectQuery (children 1)
+    TablesInSelectQueryElement (children 1)
+     TableExpression (children 1)
+      TableIdentifier {table} (alias p)
+"""
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "system.processes",
+        "system.query_log",
+        "system.settings",
+        "information_schema.tables",
+        "INFORMATION_SCHEMA.COLUMNS",
+    ],
+)
+def test_system_tables_outside_the_allow_list_are_refused(table: str) -> None:
+    assert f"table {table} is not allowed" in refused(_from(table))
+
+
+def test_a_system_table_after_in_is_refused_too() -> None:
+    message = refused(
+        """
+SelectWithUnionQuery (children 1)
+ ExpressionList (children 1)
+  SelectQuery (children 2)
+   ExpressionList (children 1)
+    Literal UInt64_1
+   Function in (children 1)
+    ExpressionList (children 2)
+     Literal UInt64_1
+     Identifier system.processes
+"""
+    )
+    assert "table system.processes is not allowed" in message
+
+
+@pytest.mark.parametrize("table", ["system.tables", "system.columns", "system.parts", "system.databases", "system.one"])
+def test_the_system_tables_an_analyst_needs_pass(table: str) -> None:
+    check(_from(table))
+    check(_from("scopewatch.tool_calls"))
+    assert "system.processes" in refused(
+        "DescribeQuery (children 1)\n TableExpression (children 1)\n  TableIdentifier system.processes"
+    )
