@@ -368,7 +368,9 @@ class Publisher:
 def describe(exc: BaseException) -> str:
     text = str(exc)
     name = type(exc).__name__
-    return f"{name}: {text}" if text and text != name else name
+    if not text or text.startswith(name):  # aiokafka's errors name themselves
+        return text or name
+    return f"{name}: {text}"
 
 
 async def publish_events(
