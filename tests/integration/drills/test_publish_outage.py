@@ -57,7 +57,7 @@ def own_broker(tmp_path: Path, cache_dir: Path) -> Iterator[KafkaBroker]:
 
 
 def settings_for(broker: KafkaBroker, tmp_path: Path, cache_dir: Path) -> Settings:
-    return Settings(  # type: ignore[call-arg]
+    return Settings(
         home=tmp_path / "home",
         cache_dir=cache_dir,
         bootstrap=broker.config.bootstrap,
@@ -134,14 +134,18 @@ async def read_back(settings: Settings, want: int) -> dict[str, list[str]]:
 
 
 def feed(child: subprocess.Popen[bytes], data: bytes) -> threading.Thread:
-    """Write to the child's stdin in the background (it stops reading while Kafka is gone)."""
+    """Write to the child's stdin in the background (it stops reading while Kafka is gone).
+
+    The thread owns stdin from then on (``communicate`` would flush it, blocking on a full pipe).
+    """
+    stdin, child.stdin = child.stdin, None
+    assert stdin is not None
 
     def run() -> None:
-        assert child.stdin is not None
         try:
-            child.stdin.write(data)
-            child.stdin.close()
-        except (BrokenPipeError, OSError):
+            stdin.write(data)
+            stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
             pass
 
     thread = threading.Thread(target=run, daemon=True)
@@ -168,10 +172,22 @@ def publish_part_then_kill(
     child.stdin.write(b"".join(lines[:FIRST_PART]))
     child.stdin.flush()
     assert asyncio.run(wait_on_kafka(settings, FIRST_PART // 2, 30)) >= FIRST_PART // 2
-    assert child.poll() is None, "publish ended before the broker was killed"
+    if child.poll() is not None:
+        raise AssertionError(f"publish ended before the broker was killed: {finish(child, 1)[-3000:]}")
     sigkill(broker)
     feed(child, b"".join(lines[FIRST_PART:]))
     return child
+
+
+def finish(child: subprocess.Popen[bytes], timeout: float) -> str:
+    """The child's stderr once it exits; killed (and the test failed) if it has not within ``timeout``."""
+    try:
+        _, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, err = child.communicate()
+        raise AssertionError(f"publish still running after {timeout:.0f}s: {err.decode()[-3000:]}") from None
+    return err.decode()
 
 
 def check_no_loss_and_order(got: dict[str, list[str]], events: list[dict[str, object]], resume_line: int) -> int:
@@ -203,8 +219,7 @@ def test_publish_stops_with_a_resumable_position_and_the_resume_loses_nothing(
 
     started = time.monotonic()
     child = publish_part_then_kill(own_broker, settings, env, path.read_bytes())
-    _, err = child.communicate(timeout=60)
-    stderr = err.decode()
+    stderr = finish(child, 60)
     took = time.monotonic() - started
     print(stderr)  # shown when the test fails, or with -s
     assert child.returncode == 75, stderr[-3000:]
@@ -256,8 +271,7 @@ def test_publish_rides_out_a_short_outage_without_loss(
     child = publish_part_then_kill(own_broker, settings, env, path.read_bytes())
     time.sleep(3)
     restart(own_broker)
-    _, err = child.communicate(timeout=80)
-    stderr = err.decode()
+    stderr = finish(child, 80)
     print(stderr)
     assert child.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -274,9 +288,7 @@ def test_publish_rides_out_a_short_outage_without_loss(
 
 
 def test_publish_with_the_broker_down_at_start_says_so_in_one_line(tmp_path: Path, cache_dir: Path) -> None:
-    settings = Settings(  # type: ignore[call-arg]
-        home=tmp_path / "home", cache_dir=cache_dir, bootstrap=f"127.0.0.1:{proc.free_port()}"
-    )
+    settings = Settings(home=tmp_path / "home", cache_dir=cache_dir, bootstrap=f"127.0.0.1:{proc.free_port()}")
     path = tmp_path / "events.jsonl"
     path.write_text(jsonl([tool_call("10:00:00", "c1", "s1", "fs", "read")]))
     env = dict(child_env(settings), SCOPEWATCH_KAFKA_WAIT_SECONDS="3")
