@@ -299,25 +299,78 @@ def replay(
 @app.command()
 def publish(
     events: Annotated[str, typer.Argument(help="canonical JSONL events, or - for stdin")],
+    from_line: Annotated[
+        int, typer.Option("--from-line", min=1, help="skip the lines before this one (resume an interrupted publish)")
+    ] = 1,
 ) -> None:
-    """Publish canonical JSONL events to their Kafka topics with their keys, in file order."""
+    """Publish canonical JSONL events to their Kafka topics with their keys, in file order.
+
+    Rides out a Kafka outage up to SCOPEWATCH_KAFKA_WAIT_SECONDS; after a longer one it exits 75 and
+    prints the command that resumes at the first line Kafka did not acknowledge. Bad lines: exit 2.
+    """
     import asyncio
 
     from scopewatch.jsonl import open_source, read_events
-    from scopewatch.publish import publish_events
+    from scopewatch.publish import EXIT_INTERRUPTED, PublishInterrupted, publish_events, resume_command
+    from scopewatch.runtime import limit_repeats
 
     settings = _settings()
+    _publish_logging()
+    limit_repeats()
     try:
         stream = open_source(events)
     except OSError as exc:
         _fail(f"cannot read {events}: {exc.strerror or exc}")
-    with stream:
-        sent, bad = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, read_events(stream)))
+    try:
+        with stream:
+            sent, bad = asyncio.run(
+                publish_events(
+                    settings.kafka_bootstrap,
+                    settings.topics,
+                    read_events(stream, from_line),
+                    wait_seconds=settings.kafka_wait_seconds,
+                    start_line=from_line,
+                )
+            )
+    except PublishInterrupted as stop:
+        for item in stop.bad:
+            sys.stderr.write(f"scopewatch publish: {item}\n")
+        tracker = stop.tracker
+        if tracker.acknowledged == 0 and tracker.resume_line == from_line:
+            sys.stderr.write(f"scopewatch publish: {stop.reason}; nothing was published\n")
+        else:
+            sys.stderr.write(f"scopewatch publish: stopped: {stop.reason}; {tracker.position()}\n")
+            same = " (with the same input on stdin)" if events == "-" else ""
+            sys.stderr.write(f"scopewatch publish: resume{same} with: {resume_command(events, tracker.resume_line)}\n")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     for item in bad:
         sys.stderr.write(f"scopewatch publish: {item}\n")
-    err.print("published " + (", ".join(f"{n} to {t}" for t, n in sorted(sent.items())) or "nothing"), highlight=False)
+    summary = ", ".join(f"{n} to {t}" for t, n in sorted(sent.items())) or "nothing"
+    sys.stderr.write(f"published {summary}\n")
     if bad:
         raise typer.Exit(2)
+
+
+def _publish_logging() -> None:
+    """stderr lines prefixed ``scopewatch publish:``; a library's record is one line, never a traceback."""
+
+    class OneLine(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = record.getMessage()
+            if record.name.startswith("scopewatch"):
+                return text if text.startswith("scopewatch publish:") else f"scopewatch publish: {text}"
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                text = f"{text} ({type(exc).__name__}: {exc})"
+            return f"scopewatch publish: {record.name}: {text}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("scopewatch").setLevel(logging.INFO)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # connection errors; our own lines say what happens
 
 
 @app.command()

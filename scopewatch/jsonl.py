@@ -29,10 +29,14 @@ def open_source(path: str) -> TextIO:
     return Path(path).open(encoding="utf-8")
 
 
-def read_events(stream: TextIO) -> Iterator[tuple[int, Event | BadLine]]:
-    """``(line number, event or error)`` for every non-blank line, in input order."""
+def read_events(stream: TextIO, from_line: int = 1) -> Iterator[tuple[int, Event | BadLine]]:
+    """``(line number, event or error)`` for every non-blank line, in input order.
+
+    Lines before ``from_line`` are skipped unread (not parsed, not reported); numbering stays that
+    of the whole input, so a position reported by one run means the same line in the next.
+    """
     for line_no, line in enumerate(stream, start=1):
-        if not line.strip():
+        if line_no < from_line or not line.strip():
             continue
         if len(line) > MAX_LINE_BYTES:
             yield line_no, BadLine(line_no, f"line longer than {MAX_LINE_BYTES} bytes")

@@ -69,3 +69,23 @@ def test_publish_routes_keys_and_keeps_order(pipeline: Settings, tmp_path: Path)
     grants = [(key, ev.event_type) for topic, key, ev in got if topic == t.grants]  # type: ignore[attr-defined]
     dkey = delegation_key("acme", "carol@acme.example", "agent/x").encode()
     assert grants == [(dkey, "grant_issued"), (dkey, "grant_revoked")]
+
+
+def test_an_event_too_large_for_kafka_is_a_bad_line_not_a_crash(pipeline: Settings, tmp_path: Path) -> None:
+    big = tool_call("10:00:00", "pub-big", "pub-session-big", "fs", "write_file")
+    big["arguments"] = {"content": "x" * 1_500_000}  # under the 4 MiB line limit, over Kafka's 1 MB message limit
+    after = tool_call("10:00:01", "pub-after-big", "pub-session-big", "fs", "read_file")
+    path = tmp_path / "big.jsonl"
+    path.write_text(jsonl([big, after]))
+    result = subprocess.run(
+        [sys.executable, "-m", "scopewatch", "publish", str(path)],
+        env=child_env(pipeline),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "line 1: too large for Kafka" in result.stderr
+    assert f"published 1 to {pipeline.topics.tool_calls}" in result.stderr
