@@ -134,8 +134,10 @@ def main() -> None:
     print(f"argument size of the mix: p50 {p50} B, p95 {p95} B, p99 {p99} B")
     for label, items in rows:
         print(f"{label:<52} {per_call_us(red.redact_arguments, items, args.repeat):9.1f} µs per call")
-    print(f"{'error text of 1 KiB (redact_text)':<52} "
-          f"{per_call_us(red.redact_text, [error_text] * 500, args.repeat):9.1f} µs per call")
+    print(
+        f"{'error text of 1 KiB (redact_text)':<52} "
+        f"{per_call_us(red.redact_text, [error_text] * 500, args.repeat):9.1f} µs per call"
+    )
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _RUNS = str.maketrans({chr(c): ("a" if chr(c) in _TOKEN_CHARS else "b") for c in range(128)})
 _ASCII_LOWER = str.maketrans({chr(c): chr(c + 32) for c in range(65, 91)})
 _JSON_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|[\"\\/bfnrt])")
-_JSON_CHARS = {"\"": "\"", "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_JSON_CHARS = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 
 DEFAULT_SECRET_NAMES: tuple[str, ...] = (
@@ -143,6 +143,7 @@ class _Detector:
     back: int = 0  # > 0: searched from `back` characters before the keyword ...
     span: int = 0  # ... to `span` characters after it; 0: matched at the keyword
     boundary: bool = False  # the match must not follow a letter or digit
+    min_entropy: float = 0.0  # bits per character the secret must reach
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,10 @@ class _Engine:
                 detector = self._detectors[d]
                 if detector.back:
                     lo = max(last, start - detector.back)
-                    m = detector.pattern.search(text, lo, min(len(text), start + detector.span))
+                    hi = min(len(text), start + detector.span)
+                    m = detector.pattern.search(text, lo, hi)
+                    if m is not None and m.end() == hi < len(text):  # cut by the window: match it whole
+                        m = detector.pattern.match(text, m.start())
                     if m is None or m.start() > start:
                         continue
                 else:
@@ -458,9 +462,7 @@ class _Engine:
         parts.append(text[at:])
         return "".join(parts)
 
-    def _decoded_view(
-        self, text: str, escape: re.Pattern[str], decode: Any, counts: Counter[str]
-    ) -> str:
+    def _decoded_view(self, text: str, escape: re.Pattern[str], decode: Any, counts: Counter[str]) -> str:
         """Find secrets in ``text`` with its escapes decoded; replace their encoded form."""
         segments: list[tuple[int, int, int]] = []  # (decoded start, raw start, raw length of one escape or 0)
         out: list[str] = []
@@ -527,7 +529,6 @@ class _Engine:
         return "".join(parts)
 
 
-
 def _b64_text(run: str) -> str | None:
     """The text a base64 (or base64url) run encodes, if it is mostly printable UTF-8; else None."""
     altchars = b"-_" if ("-" in run or "_" in run) else None
@@ -574,13 +575,21 @@ def _finding(detector: _Detector, m: re.Match[str]) -> Finding | None:
     start, end = m.span(group)
     if start == end:
         return None
-    return Finding(start, end, detector.name, m.group(group))
+    secret = m.group(group)
+    if detector.min_entropy and _entropy(secret) < detector.min_entropy:
+        return None
+    return Finding(start, end, detector.name, secret)
+
+
+def _entropy(text: str) -> float:
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in Counter(text).values())
 
 
 def _from_entry(entry: CatalogEntry) -> _Detector:
     pattern = re.compile(entry.pattern)
     groups = tuple(g for g in pattern.groupindex if g.startswith("secret"))
-    return _Detector(entry.name, pattern, groups, entry.back, entry.span, entry.boundary)
+    return _Detector(entry.name, pattern, groups, entry.back, entry.span, entry.boundary, entry.min_entropy)
 
 
 def _compile(name: str, expression: str) -> _Detector:
