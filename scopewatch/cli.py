@@ -340,6 +340,7 @@ def _mount_subcommands() -> None:
     from scopewatch.intake_cli import emit_app, intake_app
     from scopewatch.pager_cli import pager_app
     from scopewatch.proxy_cli import proxy_app
+    from scopewatch.redact_cli import redact_test
     from scopewatch.rules_cli import rules_app
 
     app.add_typer(rules_app, name="rules", help="the detection rule catalog: list the rules, run their cases")
@@ -349,6 +350,7 @@ def _mount_subcommands() -> None:
     app.add_typer(intake_app, name="intake", help="signed identity/consent webhooks onto Kafka")
     app.add_typer(emit_app, name="emit", help="publish one identity or consent event from options")
     app.add_typer(pager_app, name="pager", help="page on-call from findings: PagerDuty, Slack, signed webhooks")
+    app.command("redact-test")(redact_test)
 
 
 _mount_subcommands()
