@@ -50,7 +50,7 @@ def redact_test(
     ),
 ) -> None:
     """Show what the collectors would store for FILE, and the detectors that fired."""
-    from collectors.redact import Redactor
+    from collectors.redact import Redacted, Redactor
     from collectors.stdio import KEY_ENV, WrapError, key_file, redactor_from_env
 
     if fmt not in ("text", "json"):
@@ -73,6 +73,7 @@ def redact_test(
             kind = "arguments" if isinstance(value, dict) else "json"
         except ValueError:
             value = None
+    result: Redacted[Any]
     if kind == "arguments":
         result = redactor.redact_arguments(value)
     elif kind == "json":
