@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import hashlib
 import hmac
 import json
@@ -285,17 +286,11 @@ class _Engine:
 
     def __init__(self, config: Redactor) -> None:
         self._key = config.key.get_secret_value()
-        self._detectors = tuple(_from_entry(e) for e in CATALOG)
-        self._bare = tuple(_from_entry(e) for e in BARE_DETECTORS)
+        catalog = _compiled_catalog()
+        self._detectors, self._bare = catalog.detectors, catalog.bare
+        self._keyword_detectors = catalog.keyword_detectors
+        self._keywords_str, self._keywords_bytes = catalog.keywords_str, catalog.keywords_bytes
         self._custom = tuple(_compile(n, p) for n, p in sorted(config.patterns.items()))
-        by_keyword: dict[str, list[int]] = {}
-        for index, entry in enumerate(CATALOG):
-            for keyword in entry.keywords:
-                by_keyword.setdefault(keyword, []).append(index)
-        keywords = sorted(by_keyword)
-        self._keyword_detectors = tuple(tuple(by_keyword[k]) for k in keywords)
-        self._keywords_str = ahocorasick_rs.AhoCorasick(keywords)
-        self._keywords_bytes = ahocorasick_rs.BytesAhoCorasick([k.encode("ascii") for k in keywords])
         names = sorted({" ".join(name_words(n)) for n in (*DEFAULT_SECRET_NAMES, *config.argument_names)})
         self._secret_name = re.compile(" (?:" + "|".join(re.escape(n) for n in names) + ") ")
         self._name_cache: dict[str, bool] = {}
@@ -584,6 +579,32 @@ def _finding(detector: _Detector, m: re.Match[str]) -> Finding | None:
 def _entropy(text: str) -> float:
     n = len(text)
     return -sum(c / n * math.log2(c / n) for c in Counter(text).values())
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    detectors: tuple[_Detector, ...]
+    bare: tuple[_Detector, ...]
+    keyword_detectors: tuple[tuple[int, ...], ...]  # per keyword (sorted), the detectors it starts
+    keywords_str: Any  # ahocorasick_rs.AhoCorasick over the sorted keywords
+    keywords_bytes: Any  # the same over bytes (ASCII texts)
+
+
+@functools.cache
+def _compiled_catalog() -> _Catalog:
+    """The catalog compiled once per process (it does not depend on a redactor's configuration)."""
+    by_keyword: dict[str, list[int]] = {}
+    for index, entry in enumerate(CATALOG):
+        for keyword in entry.keywords:
+            by_keyword.setdefault(keyword, []).append(index)
+    keywords = sorted(by_keyword)
+    return _Catalog(
+        tuple(_from_entry(e) for e in CATALOG),
+        tuple(_from_entry(e) for e in BARE_DETECTORS),
+        tuple(tuple(by_keyword[k]) for k in keywords),
+        ahocorasick_rs.AhoCorasick(keywords),
+        ahocorasick_rs.BytesAhoCorasick([k.encode("ascii") for k in keywords]),
+    )
 
 
 def _from_entry(entry: CatalogEntry) -> _Detector:
