@@ -99,7 +99,7 @@ _CLEAN_CACHE_CHARS = 256  # texts up to this long in which nothing was found are
 _MIN_BASE64 = 24  # characters: 18 bytes, shorter than any secret format worth decoding
 _BARE_RUN = (40, 80)  # token runs of this length are candidates for the bare detectors
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
-_RUNS = str.maketrans({chr(c): ("a" if chr(c) in _TOKEN_CHARS else "b") for c in range(128)})
+_RUNS = bytes(ord("a") if chr(c) in _TOKEN_CHARS else ord("b") for c in range(256))
 _ASCII_LOWER = str.maketrans({chr(c): chr(c + 32) for c in range(65, 91)})
 _JSON_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|[\"\\/bfnrt])")
 _JSON_CHARS = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -300,8 +300,8 @@ class _Engine:
         return "<redaction engine>"
 
     def fingerprint(self, secret: str, detector: str) -> str:
-        mac = hmac.new(self._key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256)
-        return f"[redacted:{detector}:hmac-sha256:{mac.hexdigest()[:16]}]"
+        mac = hmac.digest(self._key, secret.encode("utf-8", "surrogatepass"), "sha256")  # one-shot, in C
+        return f"[redacted:{detector}:hmac-sha256:{mac[:8].hex()}]"
 
     def is_secret_name(self, name: str) -> bool:
         known = self._name_cache.get(name)
@@ -370,19 +370,21 @@ class _Engine:
         return text
 
     def _pass(self, text: str, counts: Counter[str], level: int) -> str:
-        runs = _runs(text) if len(text) >= _MIN_BASE64 else ""
-        text = self._replace(text, self.find(text, runs), counts)
+        runs = _runs(text) if len(text) >= _MIN_BASE64 else b""
+        found = self.find(text, runs)
+        if found:
+            text = self._replace(text, found, counts)
         if len(text) > MAX_DECODE_CHARS:
             return text
         if "\\" in text:
             text = self._decoded_view(text, _JSON_ESCAPE, _json_char, counts)
         if "%" in text:
             text = self._decoded_view(text, _PERCENT, _percent_char, counts)
-        if level < MAX_BASE64_DEPTH and "a" * _MIN_BASE64 in runs:
-            text = self._base64_view(text, counts, level)
+        if level < MAX_BASE64_DEPTH and b"a" * _MIN_BASE64 in runs:
+            text = self._base64_view(text, _runs(text), counts, level)  # the runs of the text as it is now
         return text
 
-    def find(self, text: str, runs: str | None = None) -> list[Finding]:
+    def find(self, text: str, runs: bytes | None = None) -> list[Finding]:
         """The secrets in ``text`` (not overlapping each other or a placeholder), in order."""
         taken: list[tuple[int, int]] = []
         if _PLACEHOLDER_START in text:
@@ -422,15 +424,15 @@ class _Engine:
         if self._bare and len(text) >= _BARE_RUN[0]:
             runs = runs or _runs(text)
             shortest, longest = _BARE_RUN
-            i = runs.find("a" * shortest)
+            i = runs.find(b"a" * shortest)
             while i != -1:
-                j = runs.find("b", i + shortest)
+                j = runs.find(b"b", i + shortest)
                 j = len(runs) if j == -1 else j
                 if j - i <= longest:
                     for detector in self._bare:
                         for m in detector.pattern.finditer(text, i, min(len(text), j + 1)):
                             self._take(detector, m, found, taken)
-                i = runs.find("a" * shortest, j)
+                i = runs.find(b"a" * shortest, j)
         for detector in self._custom:
             for m in detector.pattern.finditer(text):
                 self._take(detector, m, found, taken)
@@ -491,16 +493,15 @@ class _Engine:
         mapped = [Finding(raw(f.start, False), raw(f.end - 1, True), f.detector, f.secret) for f in found]
         return self._replace(text, mapped, counts)
 
-    def _base64_view(self, text: str, counts: Counter[str], level: int) -> str:
+    def _base64_view(self, text: str, runs: bytes, counts: Counter[str], level: int) -> str:
         """Replace each base64 run that decodes to text holding a secret by the fingerprints of its secrets."""
-        runs = _runs(text)
         found: list[Finding] = []
-        want = "a" * _MIN_BASE64
+        want = b"a" * _MIN_BASE64
         i = runs.find(want)
         for _ in range(_MAX_BASE64_RUNS):
             if i == -1:
                 break
-            j = runs.find("b", i + _MIN_BASE64)
+            j = runs.find(b"b", i + _MIN_BASE64)
             j = len(runs) if j == -1 else j
             end = j
             while end < len(text) and end - j < 2 and text[end] == "=":
@@ -546,11 +547,10 @@ def _printable(data: bytes) -> bool:
     return good >= 0.95 * len(data)
 
 
-def _runs(text: str) -> str:
-    """``text`` over two letters: ``a`` for a token character (base64 / base64url), ``b`` for any other."""
-    if not text.isascii():
-        text = text.encode("ascii", "replace").decode("ascii")
-    return text.translate(_RUNS)
+def _runs(text: str) -> bytes:
+    """``text`` over two letters, one byte per character: ``a`` for a token character (base64 / base64url),
+    ``b`` for any other."""
+    return text.encode("ascii", "replace").translate(_RUNS)
 
 
 def _json_char(escape: str) -> str:
