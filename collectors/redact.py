@@ -396,6 +396,8 @@ class _Engine:
             hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
         if hits:
             kd = self._keyword_detectors
+            if taken:  # keywords inside placeholders ("[redacted:aws_secret_key:...") start nothing
+                hits = [h for h in hits if not any(a <= h[1] < b for a, b in taken)]
             candidates = sorted({(start, d) for k, start, _ in hits for d in kd[k]})
             last = 0
             for start, d in candidates:
