@@ -102,7 +102,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         r"(?i:authorization)\\?[\"']?[ \t]{0,8}[:=][ \t]{0,8}\\?[\"']?"
         r"(?![Bb][Ee][Aa][Rr][Ee][Rr][ \t]|[Bb][Aa][Ss][Ii][Cc][ \t]|SSWS[ \t])"
         r"(?:(?i:token|bot|apikey|digest|negotiate)[ \t]{1,8})?"
-        r"(?P<secret>[A-Za-z0-9._~+/=:-]{8,8192})",
+        r"(?P<secret>(?=[A-Za-z0-9._~+/=:-]{0,64}[0-9])[A-Za-z0-9._~+/=:-]{8,8192}|[A-Za-z0-9._~+/=:-]{16,8192})",
         "HTTP Authorization header value (RFC 9110 11.6.2), any scheme",
         boundary=False,
     ),
@@ -407,8 +407,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
     _e(
         "password_assignment",
         "password passwd passphrase pwd",
-        r"(?i:password|passwd|passphrase|pwd)" + _ASSIGN + _VALUE.format(n=1),
-        'a value assigned to a password name (`DB_PASSWORD=`, `"password": `, `Pwd=`)',
+        r"(?:(?i:password|passwd|passphrase)|(?i:pwd)(?!" + _ASSIGN + r"\\?[\"']?[/~]))" + _ASSIGN + _VALUE.format(n=1),
+        'a value assigned to a password name (`DB_PASSWORD=`, `"password": `, `Pwd=`; not `PWD=/a/path`)',
         boundary=False,
     ),
     _e(
