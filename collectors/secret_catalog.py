@@ -54,6 +54,10 @@ _VALUE = (
     r"|(?P<secret>[^\s\"'\\&,;<>()\[\]{{}}]{{{n},4096}}))"
 )
 _B64 = "A-Za-z0-9+/"
+_NOT_CODE = (  # `password=None`, `token = self._token`, `secret = os.environ[...]`: code, not a value
+    r"(?!(?:None|null|nil|undefined|true|false|True|False)(?![A-Za-z0-9_.])"
+    r"|(?:self|this|cls)\.|os\.environ|os\.getenv|process\.env|getpass\()"
+)
 
 
 def _e(name: str, keywords: str, pattern: str, source: str, **kw: object) -> CatalogEntry:
@@ -407,7 +411,12 @@ CATALOG: tuple[CatalogEntry, ...] = (
     _e(
         "password_assignment",
         "password passwd passphrase pwd",
-        r"(?:(?i:password|passwd|passphrase)|(?i:pwd)(?!" + _ASSIGN + r"\\?[\"']?[/~]))" + _ASSIGN + _VALUE.format(n=1),
+        r"(?:(?i:password|passwd|passphrase)|(?i:pwd)(?!"
+        + _ASSIGN
+        + r"\\?[\"']?[/~]))"
+        + _ASSIGN
+        + _NOT_CODE
+        + _VALUE.format(n=1),
         'a value assigned to a password name (`DB_PASSWORD=`, `"password": `, `Pwd=`; not `PWD=/a/path`)',
         boundary=False,
     ),
@@ -417,7 +426,10 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "private_key private-key privatekey secret token credential session_key signing_key "
         "encryption_key master_key",
         r"(?i:api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key(?:[_-]?id)?|secret|token"
-        r"|credentials?|session[_-]key|signing[_-]key|encryption[_-]key|master[_-]key)" + _ASSIGN + _VALUE.format(n=8),
+        r"|credentials?|session[_-]key|signing[_-]key|encryption[_-]key|master[_-]key)"
+        + _ASSIGN
+        + _NOT_CODE
+        + _VALUE.format(n=8),
         "a value assigned to a credential name (`api_key=`, `client_secret: `, `X-Api-Key: `)",
         boundary=False,
     ),

@@ -213,6 +213,11 @@ def test_builtin_detectors(text: str, detector: str) -> None:
         "AKIAshort and xAKIAQ3EXAMPLEFAKE7XYZ",
         "the password is required",
         "read /data/a.txt",
+        "def connect(user, password=None, token=None):",
+        "self._password = self._sasl_plain_password",
+        'api_key = os.environ["API_KEY"]',
+        "PWD=/home/alice/projects OLDPWD=/home/alice",
+        "Authorization: Required for admin endpoints",
     ],
 )
 def test_ordinary_text_is_left_alone(text: str) -> None:
