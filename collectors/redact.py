@@ -386,9 +386,10 @@ class _Engine:
 
     def find(self, text: str, runs: bytes | None = None) -> list[Finding]:
         """The secrets in ``text`` (not overlapping each other or a placeholder), in order."""
-        taken: list[tuple[int, int]] = []
+        taken = _Spans()
         if _PLACEHOLDER_START in text:
-            taken = [m.span() for m in PLACEHOLDER.finditer(text)]
+            for placeholder in PLACEHOLDER.finditer(text):
+                taken.add(*placeholder.span())
         found: list[Finding] = []
         if text.isascii():
             hits = self._keywords_bytes.find_matches_as_indexes(text.lower().encode("ascii"), overlapping=True)
@@ -397,7 +398,7 @@ class _Engine:
         if hits:
             kd = self._keyword_detectors
             if taken:  # keywords inside placeholders ("[redacted:aws_secret_key:...") start nothing
-                hits = [h for h in hits if not any(a <= h[1] < b for a, b in taken)]
+                hits = [h for h in hits if not taken.overlaps(h[1], h[1] + 1)]
             candidates = sorted({(start, d) for k, start, _ in hits for d in kd[k]})
             last = 0
             for start, d in candidates:
@@ -419,9 +420,9 @@ class _Engine:
                 if detector.boundary and m.start() > 0 and text[m.start() - 1].isalnum():
                     continue
                 finding = _finding(detector, m)
-                if finding is not None and not _overlaps(taken, finding.start, finding.end):
+                if finding is not None and not taken.overlaps(finding.start, finding.end):
                     found.append(finding)
-                    taken.append((finding.start, finding.end))
+                    taken.add(finding.start, finding.end)
                     last = m.end()
         if self._bare and len(text) >= _BARE_RUN[0]:
             runs = runs or _runs(text)
@@ -442,11 +443,11 @@ class _Engine:
         return found
 
     @staticmethod
-    def _take(detector: _Detector, m: re.Match[str], found: list[Finding], taken: list[tuple[int, int]]) -> None:
+    def _take(detector: _Detector, m: re.Match[str], found: list[Finding], taken: _Spans) -> None:
         finding = _finding(detector, m)
-        if finding is not None and not _overlaps(taken, finding.start, finding.end):
+        if finding is not None and not taken.overlaps(finding.start, finding.end):
             found.append(finding)
-            taken.append((finding.start, finding.end))
+            taken.add(finding.start, finding.end)
 
     def _replace(self, text: str, found: list[Finding], counts: Counter[str]) -> str:
         if not found:
@@ -563,8 +564,26 @@ def _percent_char(escape: str) -> str:
     return chr(int(escape[1:], 16))
 
 
-def _overlaps(taken: list[tuple[int, int]], start: int, end: int) -> bool:
-    return any(start < b and a < end for a, b in taken)
+class _Spans:
+    """Disjoint ``[start, end)`` spans, sorted: overlap tests and inserts in O(log n) (plus a memmove)."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.starts)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_left(self.starts, end) - 1  # the last span starting before `end`
+        return i >= 0 and self.ends[i] > start
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
 
 
 def _finding(detector: _Detector, m: re.Match[str]) -> Finding | None:

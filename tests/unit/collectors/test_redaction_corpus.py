@@ -159,6 +159,10 @@ ADVERSARIAL = {
     "runs": ("A1b2C3d4" * 5 + " ") * 1598,
     "mailchimp": "-us1" * 16384,
     "azure": "+ASt" * 16384,
+    "quoted_passwords": 'password="' * 6553,  # was quadratic in the number of findings: 1 s
+    "passwords": "password=x " * 5957,
+    "entra": "0Q~" * 21845,
+    "twilio": "SK" * 32768,
     "mixed": ("sk-ant- ghp_ AKIA eyJ sig= :/ Bearer " * 1800)[:65536],
 }
 
@@ -170,5 +174,5 @@ def test_adversarial_64_kib_inputs_finish_fast(red: Redactor, name: str) -> None
     start = time.process_time()
     once = red.redact_text(text).value
     elapsed = time.process_time() - start
-    assert elapsed < 1.0, f"{name}: {elapsed:.2f} s"
+    assert elapsed < 0.5, f"{name}: {elapsed:.2f} s"  # about 50 ms at most here; 10x headroom
     assert red.redact_text(once).value == once
