@@ -623,8 +623,10 @@ def _compiled_catalog() -> _Catalog:
         tuple(_from_entry(e) for e in CATALOG),
         tuple(_from_entry(e) for e in BARE_DETECTORS),
         tuple(tuple(by_keyword[k]) for k in keywords),
-        ahocorasick_rs.AhoCorasick(keywords),
-        ahocorasick_rs.BytesAhoCorasick([k.encode("ascii") for k in keywords]),
+        ahocorasick_rs.AhoCorasick(keywords, implementation=ahocorasick_rs.Implementation.DFA),
+        ahocorasick_rs.BytesAhoCorasick(  # a DFA: about 3x faster than the default NFA here
+            [k.encode("ascii") for k in keywords], implementation=ahocorasick_rs.Implementation.DFA
+        ),
     )
 
 
