@@ -352,7 +352,7 @@ class _Engine:
 
     # -- text ------------------------------------------------------------------------------
     def text(self, text: str, counts: Counter[str], level: int = 0) -> str:
-        short = len(text) <= _CLEAN_CACHE_CHARS
+        short = level == 0 and len(text) <= _CLEAN_CACHE_CHARS  # (inner levels look into less)
         if short and text in self._clean:
             return text
         original = text
@@ -397,18 +397,16 @@ class _Engine:
             hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
         if hits:
             kd = self._keyword_detectors
-            if taken:  # keywords inside placeholders ("[redacted:aws_secret_key:...") start nothing
-                hits = [h for h in hits if not taken.overlaps(h[1], h[1] + 1)]
-            candidates = sorted({(start, d) for k, start, _ in hits for d in kd[k]})
-            last = 0
-            for start, d in candidates:
-                if start < last:
+            # at one place the first detector of the catalog that matches wins; a keyword inside a
+            # secret found already, or inside a placeholder ("[redacted:aws_secret_key:..."), starts
+            # nothing, but one in the rest of a match does (a token as the user name of a URL)
+            for start, d in sorted({(start, d) for k, start, _ in hits for d in kd[k]}):
+                if taken.overlaps(start, start + 1):
                     continue
                 detector = self._detectors[d]
                 if detector.back:
-                    lo = max(last, start - detector.back)
                     hi = min(len(text), start + detector.span)
-                    m = detector.pattern.search(text, lo, hi)
+                    m = detector.pattern.search(text, max(0, start - detector.back), hi)
                     if m is not None and m.end() == hi < len(text):  # cut by the window: match it whole
                         m = detector.pattern.match(text, m.start())
                     if m is None or m.start() > start:
@@ -419,11 +417,7 @@ class _Engine:
                         continue
                 if detector.boundary and m.start() > 0 and text[m.start() - 1].isalnum():
                     continue
-                finding = _finding(detector, m)
-                if finding is not None and not taken.overlaps(finding.start, finding.end):
-                    found.append(finding)
-                    taken.add(finding.start, finding.end)
-                    last = m.end()
+                self._take(detector, m, found, taken)
         if self._bare and len(text) >= _BARE_RUN[0]:
             runs = runs or _runs(text)
             shortest, longest = _BARE_RUN

@@ -107,6 +107,7 @@ SAMPLES: tuple[Sample, ...] = (
     _s("dsn_redis_no_user", "rd-" + r(ALNUM, 12), "redis://:{}@cache:6379/0"),
     _s("dsn_amqp_one_slash", "mq-" + r(ALNUM, 12), "amqp:/guest:{}@rabbit:5672/vhost"),
     _s("url_basic_auth", "u-" + r(ALNUM, 12), "https://deploy:{}@git.example.com/acme/web.git"),
+    _s("url_token_as_user", "ghp_" + r(ALNUM, 36), "https://{}:x-oauth-basic@github.com/acme/web.git"),
     _s("jdbc_password_param", "jd-" + r(ALNUM, 12), "jdbc:mysql://db:3306/app?user=app&password={}"),
     _s("ado_net_connection_string", "Ad0-" + r(ALNUM, 12), "Server=tcp:sql,1433;User ID=app;Pwd={};Encrypt=True"),
     _s("libpq_keyword_dsn", "kv-" + r(ALNUM, 12), "host=db port=5432 user=app password={} dbname=orders"),

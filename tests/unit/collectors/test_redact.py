@@ -400,3 +400,23 @@ def test_bare_aws_secret_key_is_found_but_hashes_paths_and_names_are_not() -> No
         "data/Reports2026/QuarterlyTotals/EUWest1",  # 40 characters, mixed case, a digit: low entropy
     ):
         assert r.redact_text(f"see {benign} here").value == f"see {benign} here", benign
+
+
+def test_a_token_used_as_the_user_name_of_a_url_is_found_too() -> None:
+    out = redactor().redact_text(f"git clone https://{GHP}:x-oauth-basic@github.com/acme/web.git")
+    assert GHP not in out.value and out.counts == {"github_token": 1, "url_credentials": 1}
+
+
+def test_texts_seen_clean_deep_inside_base64_are_not_taken_as_clean_at_the_top() -> None:
+    """Two base64 levels down nothing looks into base64 any more: what it saw there proves nothing."""
+    r = redactor()
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    inner = "note " + b64(f"DB_PASSWORD={PASSWORD}")
+    r.redact_text(b64(b64(inner)))  # `inner` is looked at on the third level, without base64 views
+    out = r.redact_text(inner)
+    assert out.counts == {"password_assignment": 1} and out.value == "note " + r.fingerprint(
+        PASSWORD, "password_assignment"
+    )
