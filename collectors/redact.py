@@ -95,6 +95,7 @@ MAX_DECODE_CHARS = 256 * 1024
 MAX_BASE64_DEPTH = 2
 """base64 inside base64 is looked into this many levels deep."""
 _MAX_BASE64_RUNS = 32
+_SHORTEST_MATCH = 5  # no built-in detector matches fewer characters (`pwd=x`)
 _CLEAN_CACHE_CHARS = 256  # texts up to this long in which nothing was found are remembered
 _MIN_BASE64 = 24  # characters: 18 bytes, shorter than any secret format worth decoding
 _BARE_RUN = (40, 80)  # token runs of this length are candidates for the bare detectors
@@ -358,6 +359,8 @@ class _Engine:
         original = text
         if not text.isascii() and _SURROGATE.search(text):
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if len(text) < _SHORTEST_MATCH and not self._custom:
+            return text
         for _ in range(_MAX_TEXT_PASSES):
             changed = self._pass(text, counts, level)
             if changed == text:
