@@ -13,12 +13,14 @@ nobody without the key can confirm a guess. The key is a secret itself: it is he
 
 What counts as a secret:
 
-* built-in text detectors (:data:`BUILTIN_PATTERNS`): PEM private key blocks (also
-  unterminated ones), JWTs, AWS access key ids, AWS secret keys after an ``aws..secret``
-  name, GitHub / Slack tokens, common API key formats (``sk-``, ``AIza``, ``sk_live_``,
-  ``glpat-``, ...), passwords in URLs (``scheme://user:PASSWORD@host``), ``Bearer`` / ``Basic``
-  credentials, and values assigned to credential-like names in text (``api_key=...``,
-  ``"password": "..."``, ``DB_PASSWORD=...``);
+* the detector catalog (:mod:`collectors.secret_catalog`, about 80 formats: key material,
+  JWTs, cloud, source-hosting, registry, CI, AI, payment and messaging provider tokens, URL and
+  DSN passwords -- also ``scheme:/user:pw@host`` --, HTTP credentials, and values assigned to
+  credential-like names in text). One Aho-Corasick pass finds the catalog's keywords; only the
+  detectors of keywords present run, at the keyword (see :class:`_Engine`);
+* canonical views of every text: a secret is also found JSON-escaped (``\\"``, ``\\u0041``),
+  %-encoded (``%3D``) or inside a base64 run (up to :data:`MAX_BASE64_DEPTH` levels); the encoded
+  form is what gets replaced, by the fingerprint of the decoded secret (so it joins);
 * configured extra patterns (``patterns``: detector name -> regular expression; if the
   expression has a group whose name starts with ``secret``, only that group is replaced);
 * arguments whose *name* is credential-like (:data:`DEFAULT_SECRET_NAMES` plus
@@ -40,6 +42,10 @@ nothing changes, so ``redact(redact(x)) == redact(x)``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
+import functools
 import hashlib
 import hmac
 import json
@@ -51,8 +57,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import ahocorasick_rs
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretBytes, field_validator
 
+from collectors.secret_catalog import BARE_DETECTORS, CATALOG, CatalogEntry
 from schemas import canonical_json
 
 __all__ = [
@@ -75,63 +83,28 @@ _MAX_TEXT_PASSES = 8
 
 PLACEHOLDER = re.compile(r"\[redacted:[a-z0-9_]{1,64}:hmac-sha256:[0-9a-f]{16}\]")
 _DETECTOR_NAME = re.compile(r"[a-z0-9_]{1,64}")
+_PLACEHOLDER_START = "[redacted:"
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 
-_B = r"(?<![A-Za-z0-9])"  # a token starts here
-_E = r"(?![A-Za-z0-9])"  # and ends here
-_ASSIGN = r"\\?[\"']?\s*[:=]\s*"  # `=`, `: `, `": "` or `\": \"` after a name
-_VALUE_MIN = (
-    r"(?:\\?\"(?P<secret_dq>[^\"\\\r\n]{{{n},}})|'(?P<secret_sq>[^'\r\n]{{{n},}})'"
-    r"|(?P<secret>[^\s\"'\\&,;<>()\[\]{{}}]{{{n},}}))"
-)
+BUILTIN_PATTERNS: dict[str, str] = {e.name: e.pattern for e in (*CATALOG, *BARE_DETECTORS)}
+"""Built-in detectors of :mod:`collectors.secret_catalog` (detector name -> regular expression)."""
 
-BUILTIN_PATTERNS: dict[str, str] = {
-    "private_key": (
-        r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
-        r"(?:-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----|\Z)"
-    ),
-    "jwt": _B + r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}(?:\.[A-Za-z0-9_-]*){0,3}",
-    "aws_access_key": _B + r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA|ASCA)[A-Z0-9]{16}" + _E,
-    "aws_secret_key": (
-        r"(?i:aws)[A-Za-z0-9_. -]{0,20}?(?i:secret|sk)[A-Za-z0-9_. -]{0,20}?" + _ASSIGN + r"\\?[\"']?"
-        r"(?P<secret>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
-    ),
-    "github_token": _B + r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})",
-    "slack_token": _B + r"xox[abposr]-[A-Za-z0-9-]{10,}",
-    "api_key": (
-        _B + r"(?:sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}"
-        r"|glpat-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,})"
-    ),
-    "url_credentials": r"://[^/\s:@]{0,256}:(?P<secret>[^/\s@]{1,256})@",
-    "bearer_token": (
-        r"(?i:\b(?:bearer|basic))\s+"
-        r"(?P<secret>[A-Za-z0-9._~+/-]{20,}=*|(?=[A-Za-z0-9._~+/-]*[0-9])[A-Za-z0-9._~+/-]{8,}=*)"
-    ),
-    # a value assigned to a name that ends in a credential word: `DB_PASSWORD=...`, `"api_key": "..."`
-    "password_assignment": r"(?i:password|passwd|passphrase)" + _ASSIGN + _VALUE_MIN.format(n=1),
-    "credential_assignment": (
-        r"(?i:api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|secret|token|credentials?)"
-        + _ASSIGN
-        + _VALUE_MIN.format(n=8)
-    ),
-}
-"""Built-in text detectors, applied in this order (detector name -> regular expression)."""
-
-_HINTS: dict[str, tuple[str, ...]] = {
-    "private_key": ("private key",),
-    "jwt": ("eyj",),
-    "aws_access_key": ("akia", "asia", "abia", "acca", "agpa", "aida", "aipa", "anpa", "anva", "aroa", "apka", "asca"),
-    "aws_secret_key": ("aws",),
-    "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
-    "slack_token": ("xox",),
-    "api_key": ("sk-", "aiza", "_live_", "_test_", "glpat-", "npm_", "hf_"),
-    "url_credentials": ("://",),
-    "bearer_token": ("bearer", "basic"),
-    "password_assignment": ("pass",),
-    "credential_assignment": ("key", "secret", "token", "credential"),
-}
-"""Casefolded substrings, one of which every match of a built-in detector contains (a fast pre-check)."""
+MAX_DECODE_CHARS = 256 * 1024
+"""Texts longer than this are matched as they are only (no decoded views, no base64 look-inside)."""
+MAX_BASE64_DEPTH = 2
+"""base64 inside base64 is looked into this many levels deep."""
+_MAX_BASE64_RUNS = 32
+_SHORTEST_MATCH = 5  # no built-in detector matches fewer characters (`pwd=x`)
+_CLEAN_CACHE_CHARS = 256  # texts up to this long in which nothing was found are remembered
+_MIN_BASE64 = 24  # characters: 18 bytes, shorter than any secret format worth decoding
+_BARE_RUN = (40, 80)  # token runs of this length are candidates for the bare detectors
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+_RUNS = bytes(ord("a") if chr(c) in _TOKEN_CHARS else ord("b") for c in range(256))
+_ASCII_LOWER = str.maketrans({chr(c): chr(c + 32) for c in range(65, 91)})
+_JSON_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|[\"\\/bfnrt])")
+_JSON_CHARS = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 
 DEFAULT_SECRET_NAMES: tuple[str, ...] = (
     "password",
@@ -169,7 +142,20 @@ class _Detector:
     name: str
     pattern: re.Pattern[str]
     groups: tuple[str, ...]  # the named groups holding the secret; empty: the whole match
-    hints: tuple[str, ...]  # casefolded substrings one of which every match contains; empty: no pre-check
+    back: int = 0  # > 0: searched from `back` characters before the keyword ...
+    span: int = 0  # ... to `span` characters after it; 0: matched at the keyword
+    boundary: bool = False  # the match must not follow a letter or digit
+    min_entropy: float = 0.0  # bits per character the secret must reach
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A secret found in a text: where it is (``start``, ``end``), which detector found it, the secret."""
+
+    start: int
+    end: int
+    detector: str
+    secret: str
 
 
 def name_words(name: str) -> tuple[str, ...]:
@@ -286,28 +272,37 @@ class Redactor(BaseModel):
 
 
 class _Engine:
-    """The compiled form of a :class:`Redactor` (plain attributes: the hot path avoids pydantic)."""
+    """The compiled form of a :class:`Redactor` (plain attributes: the hot path avoids pydantic).
+
+    Matching a text: one Aho-Corasick pass over its ASCII-lower-cased form finds every keyword
+    of the catalog; each detector of a keyword found is tried *at* that place (bounded work);
+    the bare detectors run only over runs of 40-80 token characters (found by a translation
+    to a two-letter alphabet and ``str.find``); configured patterns run over the whole text.
+    Then the same over the canonical views of the text: JSON escapes and %-escapes decoded
+    (a secret found there replaces its encoded form), and base64 runs decoded (a run that holds
+    a secret is replaced by the fingerprints of what it held).
+    """
 
     _CACHE_LIMIT = 4096
 
     def __init__(self, config: Redactor) -> None:
         self._key = config.key.get_secret_value()
-        detectors = [_compile(n, p, _HINTS.get(n, ())) for n, p in BUILTIN_PATTERNS.items()]
-        detectors += [_compile(n, p, ()) for n, p in sorted(config.patterns.items())]
-        self._detectors = tuple(detectors)
-        self._always = tuple(d for d in detectors if not d.hints)
-        hints = sorted({h for d in detectors for h in d.hints}, key=lambda h: (-len(h), h))
-        self._any_hint = re.compile("|".join(re.escape(h) for h in hints))
+        catalog = _compiled_catalog()
+        self._detectors, self._bare = catalog.detectors, catalog.bare
+        self._keyword_detectors = catalog.keyword_detectors
+        self._keywords_str, self._keywords_bytes = catalog.keywords_str, catalog.keywords_bytes
+        self._custom = tuple(_compile(n, p) for n, p in sorted(config.patterns.items()))
         names = sorted({" ".join(name_words(n)) for n in (*DEFAULT_SECRET_NAMES, *config.argument_names)})
         self._secret_name = re.compile(" (?:" + "|".join(re.escape(n) for n in names) + ") ")
         self._name_cache: dict[str, bool] = {}
+        self._clean: set[str] = set()  # short texts in which nothing was found
 
     def __repr__(self) -> str:
         return "<redaction engine>"
 
     def fingerprint(self, secret: str, detector: str) -> str:
-        mac = hmac.new(self._key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256)
-        return f"[redacted:{detector}:hmac-sha256:{mac.hexdigest()[:16]}]"
+        mac = hmac.digest(self._key, secret.encode("utf-8", "surrogatepass"), "sha256")  # one-shot, in C
+        return f"[redacted:{detector}:hmac-sha256:{mac[:8].hex()}]"
 
     def is_secret_name(self, name: str) -> bool:
         known = self._name_cache.get(name)
@@ -356,55 +351,292 @@ class _Engine:
         counts[SECRET_ARGUMENT] += 1
         return self.fingerprint(secret, SECRET_ARGUMENT)
 
-    def text(self, text: str, counts: Counter[str]) -> str:
-        if _SURROGATE.search(text):
+    # -- text ------------------------------------------------------------------------------
+    def text(self, text: str, counts: Counter[str], level: int = 0) -> str:
+        short = level == 0 and len(text) <= _CLEAN_CACHE_CHARS  # (inner levels look into less)
+        if short and text in self._clean:
+            return text
+        original = text
+        if not text.isascii() and _SURROGATE.search(text):
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if len(text) < _SHORTEST_MATCH and not self._custom:
+            return text
         for _ in range(_MAX_TEXT_PASSES):
-            folded = text.casefold()
-            detectors = self._detectors if self._any_hint.search(folded) else self._always
-            changed = text
-            for detector in detectors:
-                if detector.hints and not any(hint in folded for hint in detector.hints):
-                    continue
-                changed = self._apply(detector, changed, counts)
+            changed = self._pass(text, counts, level)
             if changed == text:
                 break
             text = changed
+        if short and text is original:  # nothing found: remember (bounded), keys and paths repeat
+            if len(self._clean) >= self._CACHE_LIMIT:
+                self._clean.clear()
+            self._clean.add(text)
         return text
 
-    def _apply(self, detector: _Detector, text: str, counts: Counter[str]) -> str:
-        """Run one detector over the parts of ``text`` that are not placeholders already."""
-        if "[redacted:" not in text:
-            return self._sub(detector, text, counts)
+    def _pass(self, text: str, counts: Counter[str], level: int) -> str:
+        runs = _runs(text) if len(text) >= _MIN_BASE64 else b""
+        found = self.find(text, runs)
+        if found:
+            text = self._replace(text, found, counts)
+        if len(text) > MAX_DECODE_CHARS:
+            return text
+        if "\\" in text:
+            text = self._decoded_view(text, _JSON_ESCAPE, _json_char, counts)
+        if "%" in text:
+            text = self._decoded_view(text, _PERCENT, _percent_char, counts)
+        if level < MAX_BASE64_DEPTH and b"a" * _MIN_BASE64 in runs:
+            text = self._base64_view(text, _runs(text), counts, level)  # the runs of the text as it is now
+        return text
+
+    def find(self, text: str, runs: bytes | None = None) -> list[Finding]:
+        """The secrets in ``text`` (not overlapping each other or a placeholder), in order."""
+        taken = _Spans()
+        if _PLACEHOLDER_START in text:
+            for placeholder in PLACEHOLDER.finditer(text):
+                taken.add(*placeholder.span())
+        found: list[Finding] = []
+        if text.isascii():
+            hits = self._keywords_bytes.find_matches_as_indexes(text.lower().encode("ascii"), overlapping=True)
+        else:
+            hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
+        if hits:
+            kd = self._keyword_detectors
+            # at one place the first detector of the catalog that matches wins; a keyword inside a
+            # secret found already, or inside a placeholder ("[redacted:aws_secret_key:..."), starts
+            # nothing, but one in the rest of a match does (a token as the user name of a URL)
+            for start, d in sorted({(start, d) for k, start, _ in hits for d in kd[k]}):
+                if taken.overlaps(start, start + 1):
+                    continue
+                detector = self._detectors[d]
+                if detector.back:
+                    hi = min(len(text), start + detector.span)
+                    m = detector.pattern.search(text, max(0, start - detector.back), hi)
+                    if m is not None and m.end() == hi < len(text):  # cut by the window: match it whole
+                        m = detector.pattern.match(text, m.start())
+                    if m is None or m.start() > start:
+                        continue
+                else:
+                    m = detector.pattern.match(text, start)
+                    if m is None:
+                        continue
+                if detector.boundary and m.start() > 0 and text[m.start() - 1].isalnum():
+                    continue
+                self._take(detector, m, found, taken)
+        if self._bare and len(text) >= _BARE_RUN[0]:
+            runs = runs or _runs(text)
+            shortest, longest = _BARE_RUN
+            i = runs.find(b"a" * shortest)
+            while i != -1:
+                j = runs.find(b"b", i + shortest)
+                j = len(runs) if j == -1 else j
+                if j - i <= longest:
+                    for detector in self._bare:
+                        for m in detector.pattern.finditer(text, i, min(len(text), j + 1)):
+                            self._take(detector, m, found, taken)
+                i = runs.find(b"a" * shortest, j)
+        for detector in self._custom:
+            for m in detector.pattern.finditer(text):
+                self._take(detector, m, found, taken)
+        found.sort(key=lambda f: f.start)
+        return found
+
+    @staticmethod
+    def _take(detector: _Detector, m: re.Match[str], found: list[Finding], taken: _Spans) -> None:
+        finding = _finding(detector, m)
+        if finding is not None and not taken.overlaps(finding.start, finding.end):
+            found.append(finding)
+            taken.add(finding.start, finding.end)
+
+    def _replace(self, text: str, found: list[Finding], counts: Counter[str]) -> str:
+        if not found:
+            return text
         parts: list[str] = []
-        start = 0
-        for placeholder in PLACEHOLDER.finditer(text):
-            parts.append(self._sub(detector, text[start : placeholder.start()], counts))
-            parts.append(placeholder.group(0))
-            start = placeholder.end()
-        parts.append(self._sub(detector, text[start:], counts))
+        at = 0
+        for f in found:
+            parts.append(text[at : f.start])
+            parts.append(self.fingerprint(f.secret, f.detector))
+            counts[f.detector] += 1
+            at = f.end
+        parts.append(text[at:])
         return "".join(parts)
 
-    def _sub(self, detector: _Detector, text: str, counts: Counter[str]) -> str:
-        if not text:
+    def _decoded_view(self, text: str, escape: re.Pattern[str], decode: Any, counts: Counter[str]) -> str:
+        """Find secrets in ``text`` with its escapes decoded; replace their encoded form."""
+        segments: list[tuple[int, int, int]] = []  # (decoded start, raw start, raw length of one escape or 0)
+        out: list[str] = []
+        at = decoded = 0
+        for m in escape.finditer(text):
+            if m.start() > at:
+                segments.append((decoded, at, 0))
+                out.append(text[at : m.start()])
+                decoded += m.start() - at
+            segments.append((decoded, m.start(), m.end() - m.start()))
+            out.append(decode(m.group(0)))
+            decoded += 1
+            at = m.end()
+        if not segments:
             return text
+        if at < len(text):
+            segments.append((decoded, at, 0))
+            out.append(text[at:])
+        view = "".join(out)
+        found = self.find(view)
+        if not found:
+            return text
+        starts = [s[0] for s in segments]
 
-        def replace(match: re.Match[str]) -> str:
-            group = next((g for g in detector.groups if match.start(g) >= 0), None) or 0
-            start, end = match.span(group)
-            if start == end:
-                return match.group(0)
-            counts[detector.name] += 1
-            whole_start, whole_end = match.span()
-            return text[whole_start:start] + self.fingerprint(match.group(group), detector.name) + text[end:whole_end]
+        def raw(index: int, end: bool) -> int:
+            dec, raw_start, escape_len = segments[bisect.bisect_right(starts, index) - 1]
+            if escape_len:
+                return raw_start + (escape_len if end else 0)
+            return raw_start + index - dec + (1 if end else 0)
 
-        return detector.pattern.sub(replace, text)
+        mapped = [Finding(raw(f.start, False), raw(f.end - 1, True), f.detector, f.secret) for f in found]
+        return self._replace(text, mapped, counts)
+
+    def _base64_view(self, text: str, runs: bytes, counts: Counter[str], level: int) -> str:
+        """Replace each base64 run that decodes to text holding a secret by the fingerprints of its secrets."""
+        found: list[Finding] = []
+        want = b"a" * _MIN_BASE64
+        i = runs.find(want)
+        for _ in range(_MAX_BASE64_RUNS):
+            if i == -1:
+                break
+            j = runs.find(b"b", i + _MIN_BASE64)
+            j = len(runs) if j == -1 else j
+            end = j
+            while end < len(text) and end - j < 2 and text[end] == "=":
+                end += 1
+            decoded = _b64_text(text[i:end])
+            if decoded is not None:
+                inner: Counter[str] = Counter()
+                redacted = self.text(decoded, inner, level + 1)
+                if inner:
+                    counts.update(inner)
+                    found.append(Finding(i, end, "", " ".join(PLACEHOLDER.findall(redacted))))
+            i = runs.find(want, j)
+        if not found:
+            return text
+        parts: list[str] = []
+        at = 0
+        for f in found:
+            parts += [text[at : f.start], f.secret]
+            at = f.end
+        parts.append(text[at:])
+        return "".join(parts)
 
 
-def _compile(name: str, expression: str, hints: tuple[str, ...]) -> _Detector:
+def _b64_text(run: str) -> str | None:
+    """The text a base64 (or base64url) run encodes, if it is mostly printable UTF-8; else None."""
+    altchars = b"-_" if ("-" in run or "_" in run) else None
+    body = run.rstrip("=")
+    try:
+        probe = base64.b64decode(body[:32], altchars=altchars) if len(body) >= 32 else None
+        if probe is not None and not _printable(probe):
+            return None
+        data = base64.b64decode(body + "=" * (-len(body) % 4), altchars=altchars)
+        decoded = data.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if _printable(data) else None
+
+
+def _printable(data: bytes) -> bool:
+    if not data:
+        return False
+    good = sum(1 for b in data if 32 <= b < 127 or b in (9, 10, 13) or b >= 128)
+    return good >= 0.95 * len(data)
+
+
+def _runs(text: str) -> bytes:
+    """``text`` over two letters, one byte per character: ``a`` for a token character (base64 / base64url),
+    ``b`` for any other."""
+    return text.encode("ascii", "replace").translate(_RUNS)
+
+
+def _json_char(escape: str) -> str:
+    return chr(int(escape[2:], 16)) if escape[1] == "u" else _JSON_CHARS[escape[1]]
+
+
+def _percent_char(escape: str) -> str:
+    return chr(int(escape[1:], 16))
+
+
+class _Spans:
+    """Disjoint ``[start, end)`` spans, sorted: overlap tests and inserts in O(log n) (plus a memmove)."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.starts)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_left(self.starts, end) - 1  # the last span starting before `end`
+        return i >= 0 and self.ends[i] > start
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+
+
+def _finding(detector: _Detector, m: re.Match[str]) -> Finding | None:
+    group = next((g for g in detector.groups if m.start(g) >= 0), None) or 0
+    start, end = m.span(group)
+    if start == end:
+        return None
+    secret = m.group(group)
+    if detector.min_entropy and _entropy(secret) < detector.min_entropy:
+        return None
+    return Finding(start, end, detector.name, secret)
+
+
+def _entropy(text: str) -> float:
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in Counter(text).values())
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    detectors: tuple[_Detector, ...]
+    bare: tuple[_Detector, ...]
+    keyword_detectors: tuple[tuple[int, ...], ...]  # per keyword (sorted), the detectors it starts
+    keywords_str: Any  # ahocorasick_rs.AhoCorasick over the sorted keywords
+    keywords_bytes: Any  # the same over bytes (ASCII texts)
+
+
+@functools.cache
+def _compiled_catalog() -> _Catalog:
+    """The catalog compiled once per process (it does not depend on a redactor's configuration)."""
+    by_keyword: dict[str, list[int]] = {}
+    for index, entry in enumerate(CATALOG):
+        for keyword in entry.keywords:
+            by_keyword.setdefault(keyword, []).append(index)
+    keywords = sorted(by_keyword)
+    return _Catalog(
+        tuple(_from_entry(e) for e in CATALOG),
+        tuple(_from_entry(e) for e in BARE_DETECTORS),
+        tuple(tuple(by_keyword[k]) for k in keywords),
+        ahocorasick_rs.AhoCorasick(keywords, implementation=ahocorasick_rs.Implementation.DFA),
+        ahocorasick_rs.BytesAhoCorasick(  # a DFA: about 3x faster than the default NFA here
+            [k.encode("ascii") for k in keywords], implementation=ahocorasick_rs.Implementation.DFA
+        ),
+    )
+
+
+def _from_entry(entry: CatalogEntry) -> _Detector:
+    pattern = re.compile(entry.pattern)
+    groups = tuple(g for g in pattern.groupindex if g.startswith("secret"))
+    return _Detector(entry.name, pattern, groups, entry.back, entry.span, entry.boundary, entry.min_entropy)
+
+
+def _compile(name: str, expression: str) -> _Detector:
     pattern = re.compile(expression)
     groups = tuple(g for g in pattern.groupindex if g.startswith("secret"))
-    return _Detector(name, pattern, groups, hints)
+    return _Detector(name, pattern, groups)
 
 
 def _json_size(value: Any) -> int:

@@ -113,15 +113,18 @@ def sink() -> None:
 def fetch() -> None:
     """Download what the stack needs into the cache: Kafka broker jars (Maven Central) and npm MCP servers."""
     from scopewatch.stack.kafka import StackError, ensure_kafka_jars
-    from scopewatch.stack.npm import server_everything_command
+    from scopewatch.stack.npm import server_everything_command, server_filesystem_command
 
     s = _settings()
     try:
         libs = ensure_kafka_jars(s.cache_dir)
         server = server_everything_command(s.cache_dir)
+        filesystem = server_filesystem_command(s.cache_dir)
     except StackError as exc:
         _fail(str(exc))
-    err.print(f"Kafka jars: {libs}\nserver-everything: {server[1]}", highlight=False)
+    err.print(
+        f"Kafka jars: {libs}\nserver-everything: {server[1]}\nserver-filesystem: {filesystem[1]}", highlight=False
+    )
 
 
 @app.command()
@@ -393,6 +396,7 @@ def _mount_subcommands() -> None:
     from scopewatch.intake_cli import emit_app, intake_app
     from scopewatch.pager_cli import pager_app
     from scopewatch.proxy_cli import proxy_app
+    from scopewatch.redact_cli import redact_test
     from scopewatch.rules_cli import rules_app
 
     app.add_typer(rules_app, name="rules", help="the detection rule catalog: list the rules, run their cases")
@@ -402,6 +406,7 @@ def _mount_subcommands() -> None:
     app.add_typer(intake_app, name="intake", help="signed identity/consent webhooks onto Kafka")
     app.add_typer(emit_app, name="emit", help="publish one identity or consent event from options")
     app.add_typer(pager_app, name="pager", help="page on-call from findings: PagerDuty, Slack, signed webhooks")
+    app.command("redact-test")(redact_test)
 
 
 _mount_subcommands()

@@ -10,6 +10,7 @@ from scopewatch.stack.kafka import StackError, ToolMissing
 
 # Pinned so that the demo and the tests talk to the same server everywhere.
 SERVER_EVERYTHING = ("@modelcontextprotocol/server-everything", "2026.8.31")
+SERVER_FILESYSTEM = ("@modelcontextprotocol/server-filesystem", "2026.8.31")
 
 
 def ensure_npm_package(cache_dir: Path, package: str, version: str) -> Path:
@@ -43,3 +44,12 @@ def server_everything_command(cache_dir: Path) -> list[str]:
     if node is None:
         raise ToolMissing("node", "Node.js 18+ (apt-get install nodejs)")
     return [node, str(folder / "dist" / "index.js"), "stdio"]
+
+
+def server_filesystem_command(cache_dir: Path, *roots: Path) -> list[str]:
+    """The command line that runs @modelcontextprotocol/server-filesystem over stdio on ``roots``."""
+    folder = ensure_npm_package(cache_dir, *SERVER_FILESYSTEM)
+    node = shutil.which("node")
+    if node is None:
+        raise ToolMissing("node", "Node.js 18+ (apt-get install nodejs)")
+    return [node, str(folder / "dist" / "index.js"), *(str(r) for r in roots)]

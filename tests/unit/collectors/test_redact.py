@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import math
@@ -186,9 +187,9 @@ def test_bad_configuration_is_refused(config: dict[str, Any], fragment: str) -> 
         (GHP, "github_token"),
         ("github_pat_11ABCDEFG0123456789_abcdefghijklmnop", "github_token"),
         (SLACK, "slack_token"),
-        (OPENAI, "api_key"),
-        ("AIzaSyA-canary0123456789abcdefghijklmnop", "api_key"),
-        ("sk_live_C4n4ryStripeKey0123", "api_key"),
+        (OPENAI, "openai_api_key"),
+        ("AIzaSyA-canary0123456789abcdefghijklmnop", "gcp_api_key"),
+        ("sk_live_C4n4ryStripeKey0123", "stripe_key"),
         ("redis://:s3cr3t-canary@cache:6379", "url_credentials"),
         ('{"db_password": "two words"}', "password_assignment"),
         ("--passphrase='my phrase'", "password_assignment"),
@@ -212,6 +213,11 @@ def test_builtin_detectors(text: str, detector: str) -> None:
         "AKIAshort and xAKIAQ3EXAMPLEFAKE7XYZ",
         "the password is required",
         "read /data/a.txt",
+        "def connect(user, password=None, token=None):",
+        "self._password = self._sasl_plain_password",
+        'api_key = os.environ["API_KEY"]',
+        "PWD=/home/alice/projects OLDPWD=/home/alice",
+        "Authorization: Required for admin endpoints",
     ],
 )
 def test_ordinary_text_is_left_alone(text: str) -> None:
@@ -338,3 +344,79 @@ def test_text_redaction_is_idempotent_around_canaries(before: str, canary: str, 
     r = redactor()
     once = r.redact_text(f"{before}\n{canary}\n{after}").value
     assert r.redact_text(once).value == once
+
+
+# -- canonical views --------------------------------------------------------------------------------------
+def test_json_escaped_secret_is_replaced_in_place_and_the_escapes_around_it_stay() -> None:
+    r = redactor()
+    text = '{\\"dsn\\": \\"mysql:\\/\\/root:s3cr3t-canary@db\\/shop\\", \\"n\\": 1}'
+    out = r.redact_text(text).value
+    assert (
+        out
+        == '{\\"dsn\\": \\"mysql:\\/\\/root:'
+        + r.fingerprint("s3cr3t-canary", "url_credentials")
+        + '@db\\/shop\\", \\"n\\": 1}'
+    )
+
+
+def test_percent_encoded_secret_gets_the_fingerprint_of_the_decoded_secret() -> None:
+    r = redactor()
+    out = r.redact_text("next=%2Fcb%3Fdsn%3Dpostgres%3A%2F%2Fapp%3Apw%252Bx%40db%2Fapp&x=1").value
+    # %25 2B is a literal "%2B" in the decoded password: the secret is "pw%2Bx"
+    assert (
+        out
+        == "next=%2Fcb%3Fdsn%3Dpostgres%3A%2F%2Fapp%3A" + r.fingerprint("pw%2Bx", "url_credentials") + "%40db%2Fapp&x=1"
+    )
+
+
+def test_base64_run_holding_a_secret_becomes_its_fingerprints_and_plain_base64_stays() -> None:
+    r = redactor()
+    wrapped = base64.b64encode(f"the deploy key is {GHP}\n".encode()).decode()
+    out = r.redact_text(f"config: {wrapped} end")
+    assert out.value == f"config: {r.fingerprint(GHP, 'github_token')} end" and out.counts == {"github_token": 1}
+    plain = base64.b64encode(b"just an ordinary sentence, nothing to hide here").decode()
+    assert r.redact_text(plain).value == plain
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "could not connect: postgres:/app:pw-canary-1@db:5432/app",
+        "amqp:/guest:pw-canary-1@rabbit/vhost",
+        "redis:///:pw-canary-1@cache",
+    ],
+)
+def test_one_to_three_slash_urls_lose_their_password(text: str) -> None:
+    out = redactor().redact_text(text)
+    assert "pw-canary-1" not in out.value and out.counts == {"url_credentials": 1}
+
+
+def test_bare_aws_secret_key_is_found_but_hashes_paths_and_names_are_not() -> None:
+    r = redactor()
+    assert r.redact_text(f"key {AWS_SECRET} end").counts == {"aws_secret_key": 1}
+    for benign in (
+        "0123456789abcdef0123456789abcdef01234567",  # SHA-1 / git
+        "0123456789ABCDEF0123456789ABCDEF01234567",
+        "data/Reports2026/QuarterlyTotals/EUWest1",  # 40 characters, mixed case, a digit: low entropy
+    ):
+        assert r.redact_text(f"see {benign} here").value == f"see {benign} here", benign
+
+
+def test_a_token_used_as_the_user_name_of_a_url_is_found_too() -> None:
+    out = redactor().redact_text(f"git clone https://{GHP}:x-oauth-basic@github.com/acme/web.git")
+    assert GHP not in out.value and out.counts == {"github_token": 1, "url_credentials": 1}
+
+
+def test_texts_seen_clean_deep_inside_base64_are_not_taken_as_clean_at_the_top() -> None:
+    """Two base64 levels down nothing looks into base64 any more: what it saw there proves nothing."""
+    r = redactor()
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    inner = "note " + b64(f"DB_PASSWORD={PASSWORD}")
+    r.redact_text(b64(b64(inner)))  # `inner` is looked at on the third level, without base64 views
+    out = r.redact_text(inner)
+    assert out.counts == {"password_assignment": 1} and out.value == "note " + r.fingerprint(
+        PASSWORD, "password_assignment"
+    )
