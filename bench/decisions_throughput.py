@@ -547,10 +547,33 @@ def measure_engine(
         measured = spawn(
             worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", settings_env(settings)
         )
+        spy = None
+        if args.py_spy:
+            out = f"{args.py_spy}.{engine}.txt"
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(measured.pid),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "-o",
+                    out,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         samples: list[bk.CpuSample] = []
         stats, complete = bk.wait_counters(
             settings, measured, {"stage2_calls": n}, timeout=args.timeout, stall=args.stall, samples=samples
         )
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         time.sleep(1.0)
         stats = bk.worker_stats(settings, measured.pid) or stats
         proc.stop_process(measured, timeout=60)
@@ -858,6 +881,11 @@ def main() -> None:
         default=["aiokafka", "faust"],
         choices=["aiokafka", "faust"],
         help="worker engines to measure, one after the other in this run (default both)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="PREFIX",
+        help="sample the measured worker with py-spy (raw stacks to PREFIX.<engine>.txt); costs the worker little",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, broker data)")

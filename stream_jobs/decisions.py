@@ -302,12 +302,19 @@ class Sender:
         self.partitions = settings.partitions
         self.counters = counters
         self._out: list[Message] = []
+        self._routes: dict[bytes, int] = {}  # route -> partition (a delegation's route recurs with each call)
 
     def emit(self, out: Output) -> None:
         add, counters = self._out.append, self.counters
+        routes = self._routes
         for fwd in out.forwards:
             key = fwd.route.encode("utf-8")
-            add((self.topics.calls_by_route, key, fwd.payload, partition_for(key, self.partitions)))
+            part = routes.get(key)
+            if part is None:
+                if len(routes) > 100_000:
+                    routes.clear()
+                part = routes[key] = partition_for(key, self.partitions)
+            add((self.topics.calls_by_route, key, fwd.payload, part))
         for evidence in out.evidence:
             add((self.topics.evidence, evidence.call_id.encode("utf-8"), encode(evidence), None))
             counters[f"evidence_{evidence.verdict}"] += 1
