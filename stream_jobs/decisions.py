@@ -381,12 +381,13 @@ def build_stages(
     counters: Counter[str],
     live_counters: LiveCounters,
     ready: asyncio.Event,
+    reader: Any = None,
 ) -> tuple[StageRunner, StageRunner, dict[str, str]]:
     """Both stages over their changelog stores, each with its own :class:`Sender` over ``producer``;
     and the changelog topic of every store."""
     topics = settings.topics
     config: LiveConfig = settings.live_config
-    reader = ChangelogReader(settings.kafka_bootstrap)
+    reader = reader or ChangelogReader(settings.kafka_bootstrap)
     changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
     tool_calls, sessions, calls_by_route = topics.tool_calls, topics.sessions, topics.calls_by_route
 

@@ -283,6 +283,9 @@ class MemoryBroker:
         self.committed: dict[str, dict[TP, int]] = {}
         self.fail_sends = 0
         """The next this many ``send_all`` calls raise (a broker that went away)."""
+        self.fail_at: set[int] = set()
+        """These ``send_all`` calls (numbered from 0 over every producer) raise."""
+        self.sends = 0
 
     def append(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> int:
         if partition is None:
@@ -357,6 +360,9 @@ class MemoryProducer:
         self.sent = 0
 
     async def send_all(self, out: Sequence[Message]) -> dict[TP, int]:
+        self.broker.sends += 1
+        if self.broker.sends - 1 in self.broker.fail_at:
+            raise ConnectionError("broker unreachable")
         if self.broker.fail_sends:
             self.broker.fail_sends -= 1
             raise ConnectionError("broker unreachable")

@@ -158,7 +158,7 @@ class _CommitTolerant:
 
 
 def build_worker(
-    settings: Settings, consumer: Consumer | None = None, producer: Producer | None = None
+    settings: Settings, consumer: Consumer | None = None, producer: Producer | None = None, reader: Any = None
 ) -> tuple[Runner, DecisionJob, StatsFile, asyncio.Event]:
     """The aiokafka engine's runner (or the same job over other adapters: unit tests); the event is
     set once the changelog topics exist (the caller sets it)."""
@@ -166,7 +166,7 @@ def build_worker(
     live_counters = LiveCounters()
     ready = asyncio.Event()
     batch_producer = BatchProducer(settings.kafka_bootstrap, counters)
-    stage1, stage2, changelogs = build_stages(settings, batch_producer, counters, live_counters, ready)
+    stage1, stage2, changelogs = build_stages(settings, batch_producer, counters, live_counters, ready, reader)
     slot = settings.worker_slot
     assignor = CoPartitionedAssignor(stage_groups(settings), slot=slot or "")
     assignment = new_assignment()
