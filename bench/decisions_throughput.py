@@ -60,7 +60,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ import benchkit as bk
 
 TARGET_CALLS_PER_S = 20_000
 TARGET_RATIO = 0.5
+TARGET_PER_CPU = 6_000  # issue 16: calls per worker CPU-second, both stages, sink running
 TENANT = "acme"
 
 
@@ -441,9 +442,6 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="scopewatch-bench-"))
     run_id = uuid.uuid4().hex[:8]
     broker: KafkaBroker | None = None
-    stack: Stack | None = None
-    measured: proc.PidRecord | None = None
-    facts_worker: proc.PidRecord | None = None
     try:
         bk.announce()
         bk.say(f"temp folder {tmp}; building the workload ({args.calls:,} calls)")
@@ -453,15 +451,42 @@ def run(args: argparse.Namespace) -> int:
             f"workload: {len(wl.facts):,} facts, {len(wl.calls):,} calls "
             f"({wl.avg_call_bytes:.0f} B Avro on average) in {time.perf_counter() - t0:.1f}s; mix {dict(wl.call_mix)}"
         )
-
         broker = bk.local_broker(tmp, Settings().cache_dir)
-        bootstrap = broker.config.bootstrap
-        settings = bk.pipeline_settings(tmp, bootstrap, run_id, args.partitions, args.grace)
+        bk.say(f"Kafka broker ready on {broker.config.bootstrap} (pid record {broker.pid_path})")
+        results: dict[str, dict[str, Any]] = {}
+        pt: PassthroughRun | None = None
+        for engine in args.engines:
+            # each engine gets a pipeline of its own (topics, groups, changelogs, sink), one after the other
+            results[engine], pt = measure_engine(args, tmp, broker, f"{run_id}{engine[:2]}", engine, wl, pt)
+        compare(args, results)
+        return 0
+    finally:
+        if broker is not None:
+            broker.stop()
+        bk.remove_temp(tmp, args.keep)
+
+
+def measure_engine(
+    args: argparse.Namespace,
+    tmp: Path,
+    broker: KafkaBroker,
+    run_id: str,
+    engine: str,
+    wl: Workload,
+    pt_done: PassthroughRun | None,
+) -> tuple[dict[str, Any], PassthroughRun]:
+    """One engine's pipeline: facts, the pre-produced calls, (the passthroughs once), the measured worker."""
+    bootstrap = broker.config.bootstrap
+    stack: Stack | None = None
+    measured: proc.PidRecord | None = None
+    facts_worker: proc.PidRecord | None = None
+    try:
+        settings = bk.pipeline_settings(tmp, bootstrap, run_id, args.partitions, args.grace, worker_engine=engine)
         topics = settings.topics
         passthrough_topics = [f"{settings.topic_prefix}bench.passthrough.{i}" for i in range(args.passthrough_runs)]
         faust_topic = f"{settings.topic_prefix}bench.faust-passthrough"
-        bk.say(f"Kafka broker ready on {bootstrap} (pid record {broker.pid_path})")
         asyncio.run(create_topics(bootstrap, [*topics.all(), *passthrough_topics, faust_topic], settings.partitions))
+        bk.say(f"[bold]engine {engine}[/]: topics {settings.topic_prefix}*")
 
         # -- facts, through a worker (and the sink)
         if args.sink:
@@ -477,13 +502,13 @@ def run(args: argparse.Namespace) -> int:
         n_grants = len(wl.facts) - n_sessions
         bk.wait_counters(settings, facts_worker, {"stage1_facts": n_sessions, "stage2_facts": n_grants}, timeout=300)
         proc.stop_process(facts_worker, timeout=60)
+        facts_worker = None
         bk.say("facts processed; worker stopped")
 
         # -- pre-produce every call
         count, seconds = asyncio.run(produce(bootstrap, topics.tool_calls, wl.calls))
         bk.say(f"produced {count:,} calls to {topics.tool_calls} in {seconds:.1f}s ({rate(count, seconds):,.0f}/s)")
         n = len(wl.calls)
-        del wl
         if args.sink:
             deadline = time.monotonic() + 600
             while (lag := asyncio.run(group_lag(bootstrap, settings.sink_group, topics.tool_calls))) > 0:
@@ -492,15 +517,28 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(1)
             bk.say("sink has ingested the calls into chDB (lag 0); measuring")
 
-        # -- passthrough (several runs: each is short, so it is more exposed to other load than the pipeline)
-        pt_runs = [
-            passthrough_run(bootstrap, topics.tool_calls, dest, f"bench{run_id}-pt{i}", n, args.timeout)
-            for i, dest in enumerate(passthrough_topics)
-        ]
-        pt = sorted(pt_runs, key=lambda r: r.rate)[len(pt_runs) // 2]  # the median run
-        fpt = passthrough_run(
-            bootstrap, topics.tool_calls, faust_topic, f"bench{run_id}-fpt", n, args.timeout, "faust-passthrough"
-        )
+        # -- passthrough, once per bench run (several runs: each is short, so more exposed to other load)
+        if pt_done is None:
+            pt_runs = [
+                passthrough_run(bootstrap, topics.tool_calls, dest, f"bench{run_id}-pt{i}", n, args.timeout)
+                for i, dest in enumerate(passthrough_topics)
+            ]
+            pt = sorted(pt_runs, key=lambda r: r.rate)[len(pt_runs) // 2]  # the median run
+            pt.all[:] = [r.rate for r in pt_runs]
+            pt.fpt.append(
+                passthrough_run(
+                    bootstrap,
+                    topics.tool_calls,
+                    faust_topic,
+                    f"bench{run_id}-fpt",
+                    n,
+                    args.timeout,
+                    "faust-passthrough",
+                )
+            )
+        else:
+            pt = pt_done
+        fpt = pt.fpt[0]
 
         # -- pipeline
         route_start = asyncio.run(end_offsets(bootstrap, topics.calls_by_route))
@@ -509,10 +547,33 @@ def run(args: argparse.Namespace) -> int:
         measured = spawn(
             worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", settings_env(settings)
         )
+        spy = None
+        if args.py_spy:
+            out = f"{args.py_spy}.{engine}.txt"
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(measured.pid),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "-o",
+                    out,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         samples: list[bk.CpuSample] = []
         stats, complete = bk.wait_counters(
             settings, measured, {"stage2_calls": n}, timeout=args.timeout, stall=args.stall, samples=samples
         )
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         time.sleep(1.0)
         stats = bk.worker_stats(settings, measured.pid) or stats
         proc.stop_process(measured, timeout=60)
@@ -547,30 +608,23 @@ def run(args: argparse.Namespace) -> int:
             bk.say(f"[red]{n - done:,} calls have no evidence: {describe(skipped)}[/]")
         start_ms, first_ev_ms, nth_ms = min(forwards), firsts[0], firsts[-1]
         pipe_window = (nth_ms - start_ms) / 1000
-        pipe_rate = rate(done, pipe_window)
-        pipe_rate_ev = rate(done, (nth_ms - first_ev_ms) / 1000)
-        pipe_e2e = rate(done, nth_ms / 1000 - spawned)
         pipe_cpu = Window.of(samples, start_ms / 1000, nth_ms / 1000)
         counters = stats.get("counters", {})
-
-        chdb_rows = None
-        if args.sink:
-            chdb_rows = evidence_rows(settings, done)
-
-        report(
-            args,
+        chdb_rows = evidence_rows(settings, done) if args.sink else None
+        result = dict(
+            engine=engine,
             n=n,
             done=done,
             skipped=skipped,
             pt_rate=pt.rate,
             pt_window=pt.window,
             pt_e2e=pt.e2e,
-            pt_all=[r.rate for r in pt_runs],
+            pt_all=pt.all,
             fpt=fpt,
-            pipe_rate=pipe_rate,
+            pipe_rate=rate(done, pipe_window),
             pipe_window=pipe_window,
-            pipe_rate_ev=pipe_rate_ev,
-            pipe_e2e=pipe_e2e,
+            pipe_rate_ev=rate(done, (nth_ms - first_ev_ms) / 1000),
+            pipe_e2e=rate(done, nth_ms / 1000 - spawned),
             startup=(start_ms / 1000 - spawned),
             first_kinds=first_kinds,
             pipe_cpu=pipe_cpu,
@@ -580,17 +634,57 @@ def run(args: argparse.Namespace) -> int:
             evidence_records=len(evidence),
             counters=counters,
             chdb_rows=chdb_rows,
+            messages_per_call=counters.get("messages_sent", 0) / max(1, done),
         )
-        return 0
+        report(args, **result)
+        return result, pt
     finally:
         for record in (measured, facts_worker):
             if record is not None:
                 proc.stop_process(record, timeout=60)
         if stack is not None:
             stack.down()
-        if broker is not None:
-            broker.stop()
-        bk.remove_temp(tmp, args.keep)
+
+
+def compare(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    """Both engines side by side, per CPU-second (the shared machine's noise cancels)."""
+    table = bk.new_table(
+        f"Decision worker engines, {args.calls:,} calls, {args.partitions} partitions, sink "
+        + ("running" if args.sink else "not running"),
+        (
+            "engine",
+            "calls per worker CPU-s",
+            "calls/s (wall)",
+            "Kafka msgs sent per call",
+            "ratio to aiokafka passthrough per CPU-s",
+            "target",
+        ),
+    )
+    for engine, r in results.items():
+        per_cpu = r["done"] / max(1e-9, r["pipe_cpu"].cpu)
+        pt_per_cpu = r["n"] / max(1e-9, r["pt_cpu"].cpu)
+        table.add_row(
+            engine,
+            f"{per_cpu:,.0f}",
+            f"{r['pipe_rate']:,.0f}",
+            f"{r['messages_per_call']:.2f}",
+            f"{per_cpu / pt_per_cpu:.1%}",
+            f">= {TARGET_PER_CPU:,} {bk.mark(per_cpu >= TARGET_PER_CPU)}",
+        )
+    r = next(iter(results.values()))
+    table.add_row(
+        "aiokafka passthrough (msgs)",
+        f"{r['n'] / max(1e-9, r['pt_cpu'].cpu):,.0f}",
+        f"{r['pt_rate']:,.0f}",
+        "1",
+        "",
+        "",
+    )
+    fpt = r["fpt"]
+    table.add_row(
+        "Faust passthrough (msgs)", f"{r['n'] / max(1e-9, fpt.cpu.cpu):,.0f}", f"{fpt.rate:,.0f}", "1", "", ""
+    )
+    bk.console.print(table)
 
 
 async def skipped_calls(bootstrap: str, topic: str, decided: set[str]) -> list[tuple[int, int]]:
@@ -621,6 +715,8 @@ class PassthroughRun:
     window: float
     e2e: float  # msgs/s from process spawn
     cpu: Window
+    all: list[float] = field(default_factory=list)  # every run's rate (the median run carries them)
+    fpt: list[PassthroughRun] = field(default_factory=list)  # the Faust passthrough of the same bench run
 
 
 def passthrough_run(
@@ -666,7 +762,7 @@ def evidence_rows(settings: Settings, n: int) -> int | None:
 
 def report(args: argparse.Namespace, **r: Any) -> None:
     n, done = r["n"], r["done"]
-    title = f"Decision throughput, {n:,} calls, {args.partitions} partitions, one worker process"
+    title = f"Decision throughput ({r['engine']} engine), {n:,} calls, {args.partitions} partitions, one worker process"
     if done < n:
         title += f" ({done:,} decided, {n - done:,} skipped by the worker)"
     table = bk.new_table(title, ("measure", "value", "window", "target", "result"))
@@ -778,6 +874,18 @@ def main() -> None:
         "--profile-worker",
         metavar="FILE",
         help="run the measured worker under cProfile, stats to FILE (slows it down; for where the time goes)",
+    )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["aiokafka", "faust"],
+        choices=["aiokafka", "faust"],
+        help="worker engines to measure, one after the other in this run (default both)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="PREFIX",
+        help="sample the measured worker with py-spy (raw stacks to PREFIX.<engine>.txt); costs the worker little",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, broker data)")

@@ -95,8 +95,8 @@ def status(
 # -- services (started by `up`) ------------------------------------------------------------
 @app.command(hidden=True)
 def worker() -> None:
-    """Run one decision worker (faust-streaming) in the foreground."""
-    from stream_jobs.app import run_worker
+    """Run one decision worker in the foreground (engine: SCOPEWATCH_WORKER_ENGINE)."""
+    from stream_jobs.worker import run_worker
 
     run_worker(_settings())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     tick_seconds: float = Field(default=0.25, gt=0, description="how often idle partitions finalize calls")
     worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")
     worker_batch_seconds: float = Field(default=0.02, gt=0, le=5, description="longest wait to fill a batch")
+    worker_engine: Literal["aiokafka", "faust"] = Field(
+        default="aiokafka",
+        description="how the decision worker runs: aiokafka (the runner over getmany batches) or faust (two agents)",
+    )
     worker_session_timeout_seconds: float = Field(
         default=30.0, ge=6, le=300, description="a silent worker leaves the group (its partitions move) after this"
     )

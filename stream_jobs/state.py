@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -187,3 +188,30 @@ class ChangelogReader:
         finally:
             await consumer.stop()
         return {tp.topic: ends[tp] for tp in tps}
+
+
+class MemoryChangelogReader:
+    """:class:`ChangelogReader` over in-memory topic logs (``stream_jobs.runner.MemoryBroker``)."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+
+    async def load(self, topics: list[str], partition: int) -> tuple[dict[str, dict[str, bytes]], LoadStats]:
+        out: dict[str, dict[str, bytes]] = {}
+        stats = LoadStats()
+        for topic in topics:
+            store = out[topic] = {}
+            for m in self.broker.logs.get((topic, partition), []):
+                key = (m.key or b"").decode("utf-8")
+                if m.value is None:
+                    store.pop(key, None)
+                    stats.tombstones += 1
+                else:
+                    store[key] = m.value
+                stats.records += 1
+        stats.per_topic = {topic: len(d) for topic, d in out.items()}
+        stats.ends = await self.end_offsets(topics, partition)
+        return out, stats
+
+    async def end_offsets(self, topics: list[str], partition: int) -> dict[str, int]:
+        return {topic: len(self.broker.logs.get((topic, partition), [])) for topic in topics}

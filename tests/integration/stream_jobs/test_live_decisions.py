@@ -53,7 +53,22 @@ def assert_live_equals_replay(
     assert len({v for v, _ in expected.values()}) == 10, "the story covers all ten verdicts"
 
 
-def test_final_verdicts_in_clickhouse_equal_replay(pipeline: Settings, tmp_path: Path) -> None:
+@pytest.fixture(params=["aiokafka", "faust"])
+def engine_pipeline(
+    request: pytest.FixtureRequest, pipeline: Settings, tmp_path: Path, kafka_broker: KafkaBroker, cache_dir: Path
+) -> Iterator[Settings]:
+    """The session pipeline (default engine: aiokafka), or a stack of its own on the Faust engine."""
+    if request.param == pipeline.worker_engine:
+        yield pipeline
+        return
+    with _own_stack(tmp_path / request.param, kafka_broker, cache_dir, worker_engine=request.param) as settings:
+        yield settings
+
+
+def test_final_verdicts_in_clickhouse_equal_replay(engine_pipeline: Settings, tmp_path: Path) -> None:
+    pipeline = engine_pipeline
+    stats = [json.loads(p.read_text()) for p in pipeline.run_dir.glob("worker-*.json")]
+    assert stats and {s["engine"] for s in stats} == {pipeline.worker_engine}
     path, expected = publish_story(pipeline, tmp_path, f"one{os.getpid()}")
     assert_live_equals_replay(pipeline, expected)
     # the findings the final verdicts raised landed too: the same rules per call as replay lists

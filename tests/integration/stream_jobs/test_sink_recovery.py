@@ -197,6 +197,9 @@ def test_killed_at_every_point_of_the_flush_cycle_nothing_is_lost_or_doubled(
             stop(crashed)
     text = log.read_text()
     assert text.count("found an unfinished batch") >= 3, text[-3000:]
+    # every restart says where it resumes, and the redo names its offset ranges
+    assert text.count("sink starting: group") >= 4 and "resuming at the committed offsets" in text, text[-3000:]
+    assert "re-reading " in text and "@" in text.split("re-reading ", 1)[1].split("\n", 1)[0], text[-3000:]
     sink = start_sink(settings, log)
     try:
         wait_final(settings, sink)
@@ -204,6 +207,7 @@ def test_killed_at_every_point_of_the_flush_cycle_nothing_is_lost_or_doubled(
     finally:
         stop(sink)
     assert counts(settings) == EXPECTED
+    assert "sink stopped: " in log.read_text()
 
 
 def test_clickhouse_unavailable_for_a_while_nothing_lost_and_it_resumes_by_itself(

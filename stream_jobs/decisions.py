@@ -1,0 +1,487 @@
+"""The decision job's parts that do not depend on the engine running it.
+
+Both engines (``SCOPEWATCH_WORKER_ENGINE``) run the same stages over the same per-partition state:
+
+* ``aiokafka`` (default, :mod:`stream_jobs.worker`): the job is a :class:`DecisionJob` run by
+  :class:`stream_jobs.runner.Runner` over an aiokafka consumer (``getmany`` batches, the
+  co-partitioning assignor, static membership) and :class:`BatchProducer`; one cycle takes a batch
+  of both stages' inputs, runs both, sends everything in per-partition record batches, awaits the
+  acks and commits. Stage 2's ticks run in process (no tick messages).
+* ``faust`` (:mod:`stream_jobs.app`): two Faust agents, each calling :meth:`StageRunner.run` on its
+  ``take_events`` batches; ticks go through the internal topic.
+
+:class:`StageRunner` runs one stage's processors (``detections.live``) over records: decode,
+decide, write state, emit into its :class:`Sender`. Per-partition state is loaded from the stage's
+changelog topics on first use after an assignment (``stream_jobs.state``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, tick_message
+from schemas import (
+    CodecError,
+    GrantIssued,
+    GrantRevoked,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    decode,
+    encode,
+)
+from schemas.topics import partition_for
+from scopewatch.settings import Settings
+from stream_jobs.assignor import CoPartitionedAssignor, check, describe
+from stream_jobs.dead_letters import dead_letter_for
+from stream_jobs.state import ChangelogReader, ChangelogStore, deferred_stage2
+
+log = logging.getLogger("scopewatch.stream")
+
+EXIT_NOT_COPARTITIONED = 78  # EX_CONFIG: the worker refused an assignment that is not co-partitioned
+
+
+class _Partition:
+    """One partition of one stage: its stores, its processor, the last offset seen per input topic,
+    and the end offset of each changelog partition as far as this worker knows it."""
+
+    __slots__ = ("ends", "offsets", "proc", "stores")
+
+    def __init__(self, proc: Any, stores: dict[str, ChangelogStore], ends: dict[str, int]) -> None:
+        self.proc = proc
+        self.stores = stores
+        self.offsets: dict[str, int] = {}
+        self.ends = ends
+
+
+class StageRunner:
+    """Runs one stage's processors over batches of records: decode, decide, write state, emit.
+
+    Each partition's state is loaded from its changelog partitions on first use after an
+    assignment and dropped when the partition is revoked (another worker may change it).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tables: dict[str, str],
+        make: Callable[[int, dict[str, ChangelogStore]], Any],
+        handle: Callable[[Any, Any, datetime], Output],
+        sender: Sender,
+        reader: ChangelogReader,
+        ready: asyncio.Event,
+        counters: Counter[str],
+    ) -> None:
+        self.name = name
+        self.tables = tables  # store name -> changelog topic
+        self.make = make
+        self.handle = handle
+        self.sender = sender
+        self.reader = reader
+        self.ready = ready
+        self.counters = counters
+        self.partitions: dict[int, _Partition] = {}
+        self.revoked: dict[int, _Partition] = {}
+        self._touched: dict[int, _Partition] = {}
+        self.halted = asyncio.Event()
+        """Set when this worker's assignment is not co-partitioned: it judges nothing from then on."""
+
+    async def partition(self, p: int) -> _Partition:
+        part = self.partitions.get(p)
+        if part is None:
+            await self.ready.wait()
+            topics = list(self.tables.values())
+            kept = self.revoked.pop(p, None)
+            if kept is not None and await self.reader.end_offsets(topics, p) == kept.ends:
+                # Back after a rebalance and nobody wrote its changelogs meanwhile: what we hold
+                # is exactly what a load would give (eager rebalances revoke everything each time).
+                self.partitions[p] = kept
+                self.counters[f"{self.name}_partition_reuses"] += 1
+                return kept
+            loaded, stats = await self.reader.load(topics, p)
+            stores = {name: ChangelogStore(loaded[topic]) for name, topic in self.tables.items()}
+            part = _Partition(self.make(p, stores), stores, stats.ends)
+            part.proc.rebuild()
+            self.partitions[p] = part
+            self.counters[f"{self.name}_partition_loads"] += 1
+            self.counters[f"{self.name}_state_records_read"] += stats.records
+            log.info(
+                "%s: partition %d state loaded in %.2fs (%s records, keys %s)",
+                self.name,
+                p,
+                stats.seconds,
+                stats.records,
+                stats.per_topic,
+            )
+        return part
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Stop using these partitions; keep their state in case they come back unchanged."""
+        for p in partitions:
+            part = self.partitions.pop(p, None)
+            if part is not None:
+                part.offsets.clear()  # another worker may process events before it comes back
+                self.revoked[p] = part
+
+    def open_calls(self) -> int:
+        return sum(part.proc.open_calls() for part in self.partitions.values())
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget these partitions' state for good (their last batch was not committed): the next
+        use reads them back from the changelogs."""
+        for p in partitions:
+            self.partitions.pop(p, None)
+            self.revoked.pop(p, None)
+            self._touched.pop(p, None)
+
+    async def process(self, records: Iterable[Any], now: datetime) -> None:
+        """Run the processors over these records (anything with topic, partition, offset, key and
+        value, in offset order per partition); outputs and the changelog writes of every partition
+        touched go into :attr:`sender`. Call :meth:`settle` with the flush's end offsets after."""
+        self.counters[f"{self.name}_batches"] += 1
+        touched = self._touched
+        counters, handle, sender, name = self.counters, self.handle, self.sender, self.name
+        events = 0
+        for m in records:
+            part = touched.get(m.partition)
+            if part is None:
+                part = touched[m.partition] = await self.partition(m.partition)
+            last = part.offsets.get(m.topic)
+            if last is not None and m.offset > last + 1:
+                # Kafka offsets of these (non-compacted, non-transactional) topics are contiguous:
+                # a jump means events we were never given (the faust-streaming#596 symptom).
+                counters["offset_gaps"] += 1
+                counters["offsets_skipped"] += m.offset - last - 1
+                log.warning("%s: %s[%d] jumped from offset %d to %d", name, m.topic, m.partition, last, m.offset)
+            if last is None or m.offset > last:
+                part.offsets[m.topic] = m.offset
+            try:
+                out = handle(part.proc, m, now)
+            except Exception as exc:  # noqa: BLE001 - every bad event is dead-lettered, never fatal
+                sender.dead_letter(m, name, exc, now)
+                continue
+            events += 1
+            sender.emit(out)
+        counters[f"{name}_events"] += events
+        self._drain()
+
+    async def tick(self, partitions: Iterable[int], now: datetime) -> None:
+        """Advance these partitions' clock without a message (stage 2: deadlines pass)."""
+        for p in partitions:
+            part = self._touched.get(p)
+            if part is None:
+                part = self._touched[p] = await self.partition(p)
+            self.sender.emit(part.proc.on_message("", tick_message(), now))
+        self._drain()
+
+    def _drain(self) -> None:
+        for p, part in self._touched.items():
+            for name, store in part.stores.items():
+                for key, value in store.drain():
+                    self.sender.changelog(self.tables[name], key, value, p)
+
+    def settle(self, ends: Mapping[tuple[str, int], int]) -> None:
+        """The touched partitions' changelog writes are on the broker: remember their end offsets."""
+        for p, part in self._touched.items():
+            for topic in self.tables.values():
+                end = ends.get((topic, p))
+                if end is not None:
+                    part.ends[topic] = end
+        self._touched = {}
+
+    async def run(self, records: Sequence[Any]) -> None:
+        """One batch of the Faust engine: process, send and await this stage's messages."""
+        if self.halted.is_set():
+            # never judge on half the facts, never ack: the worker is stopping (see on_assigned)
+            await asyncio.Event().wait()
+        await self.process(records, datetime.now(UTC))
+        self.settle(await self.sender.flush())
+
+
+Message = tuple[str, bytes | None, bytes | None, int | None]  # topic, key, value, partition (None: by key)
+
+
+class BatchProducer:
+    """The worker's own idempotent aiokafka producer (acks=all), shared by every :class:`Sender`.
+
+    It is used instead of Faust's per-message ``send``: a batch of a few hundred events produces a
+    few thousand messages, and building one record batch per topic-partition costs a fraction of
+    as many sends. Nothing relies on Faust's flush-before-commit for these messages.
+    """
+
+    def __init__(self, bootstrap: str, counters: Counter[str]) -> None:
+        self.bootstrap = bootstrap
+        self.counters = counters
+        self._producer: AIOKafkaProducer | None = None
+        self._partition_counts: dict[str, int] = {}
+
+    async def _get(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=2,
+                max_batch_size=1024 * 1024,
+                max_request_size=4 * 1024 * 1024,
+            )
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = self._partition_counts[topic] = len(await producer.partitions_for(topic))
+        return count
+
+    async def send_all(self, out: Sequence[Message]) -> dict[tuple[str, int], int]:
+        """Send these messages and wait until the broker has acknowledged every one; returns the
+        end offset (last offset + 1) each topic-partition written to has after these writes.
+
+        Keyed messages without a partition go where Kafka's default partitioner (murmur2) puts
+        them, as with any other producer of these topics. A failed send raises.
+        """
+        if not out:
+            return {}
+        producer = await self._get()
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        for topic, key, value, part in out:
+            if part is None:
+                part = partition_for(key or b"", await self._partition_count(producer, topic))
+            groups.setdefault((topic, part), []).append((key, value))
+        pending, counts = [], []
+        for (topic, part), messages in groups.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in messages:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic, partition=part))
+                    counts.append(count)
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"a message for {topic} is larger than a whole record batch")
+                count += 1
+            pending.append(await producer.send_batch(batch, topic, partition=part))
+            counts.append(count)
+        ends: dict[tuple[str, int], int] = {}
+        for meta, count in zip(await asyncio.gather(*pending), counts, strict=True):
+            tp = (meta.topic, meta.partition)
+            ends[tp] = max(ends.get(tp, 0), meta.offset + count)  # a batch's metadata names its first offset
+        self.counters["messages_sent"] += len(out)
+        return ends
+
+
+class Sender:
+    """Collects the messages of ONE producer of work (a stage, or the tick timer) and sends them
+    through the shared :class:`BatchProducer`.
+
+    Each stage has its own Sender: the two agents and the timer interleave at every ``await``, and
+    with one shared buffer a stage's flush could take (and the other stage then ack events before)
+    messages the other stage had collected but not yet seen acknowledged. :meth:`flush` returns
+    only once the broker has acknowledged exactly this Sender's messages, and the agent acks its
+    events after that.
+    """
+
+    def __init__(self, producer: BatchProducer, settings: Settings, counters: Counter[str]) -> None:
+        self.producer = producer
+        self.topics = settings.topics
+        self.partitions = settings.partitions
+        self.counters = counters
+        self._out: list[Message] = []
+        self._routes: dict[bytes, int] = {}  # route -> partition (a delegation's route recurs with each call)
+
+    def emit(self, out: Output) -> None:
+        add, counters = self._out.append, self.counters
+        routes = self._routes
+        for fwd in out.forwards:
+            key = fwd.route.encode("utf-8")
+            part = routes.get(key)
+            if part is None:
+                if len(routes) > 100_000:
+                    routes.clear()
+                part = routes[key] = partition_for(key, self.partitions)
+            add((self.topics.calls_by_route, key, fwd.payload, part))
+        for evidence in out.evidence:
+            add((self.topics.evidence, evidence.call_id.encode("utf-8"), encode(evidence), None))
+            counters[f"evidence_{evidence.verdict}"] += 1
+        for finding in out.findings:
+            # keyed by dedup key: one pager partition sees every finding of a dedup key
+            add((self.topics.findings, finding.dedup_key.encode("utf-8"), encode(finding), None))
+            counters["findings"] += 1
+
+    def changelog(self, topic: str, key: str, value: bytes | None, partition: int) -> None:
+        self._out.append((topic, key.encode("utf-8"), value, partition))
+        self.counters["changelog_writes"] += 1
+
+    def dead_letter(self, m: Any, stage: str, exc: Exception, now: datetime) -> None:
+        self.counters["dead_letters"] += 1
+        self.counters[f"dead_letters_{stage}"] += 1
+        record = dead_letter_for(
+            m.topic, m.partition, m.offset, m.key, m.value, stage, f"{type(exc).__name__}: {exc}", now
+        )
+        self._out.append((self.topics.dead_letter, m.key, encode(record), None))
+        log.warning("dead-lettered %s[%s]@%s: %s", m.topic, m.partition, m.offset, record.reason)
+
+    def take(self) -> list[Message]:
+        """Everything collected so far, handed over (the runner sends it)."""
+        out, self._out = self._out, []
+        return out
+
+    def pending(self) -> int:
+        """Messages collected and not yet handed to :meth:`flush`."""
+        return len(self._out)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> None:
+        self._out.append((topic, key, value, partition))
+        await self.flush()
+
+    async def flush(self) -> dict[tuple[str, int], int]:
+        """Send everything this Sender collected and wait until the broker has acknowledged all of
+        it; returns the end offset each topic-partition written to has after these writes.
+
+        A failed send raises: the batch is then not acked, the agent crashes and the worker stops,
+        and its events are redelivered (at-least-once) instead of being committed past.
+        """
+        out, self._out = self._out, []
+        return await self.producer.send_all(out)
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    """The compacted topic holding one state table (the name Faust gave its table changelogs)."""
+    return f"{settings.worker_group}-{table}-changelog"
+
+
+STAGE1_TABLES = ("s1-sessions", "s1-calls")
+STAGE2_TABLES = ("s2-grants", "s2-calls", "s2-seq")
+
+
+def stage_groups(settings: Settings) -> list[tuple[str, str]]:
+    """The co-partition groups: the two input topics of each stage."""
+    topics = settings.topics
+    return [(topics.tool_calls, topics.sessions), (topics.calls_by_route, topics.grants)]
+
+
+def build_stages(
+    settings: Settings,
+    producer: BatchProducer,
+    counters: Counter[str],
+    live_counters: LiveCounters,
+    ready: asyncio.Event,
+    reader: Any = None,
+) -> tuple[StageRunner, StageRunner, dict[str, str]]:
+    """Both stages over their changelog stores, each with its own :class:`Sender` over ``producer``;
+    and the changelog topic of every store."""
+    topics = settings.topics
+    config: LiveConfig = settings.live_config
+    reader = reader or ChangelogReader(settings.kafka_bootstrap)
+    changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
+    tool_calls, sessions, calls_by_route = topics.tool_calls, topics.sessions, topics.calls_by_route
+
+    def handle_stage1(proc: Stage1, m: Any, now: datetime) -> Output:
+        obj = decode(m.value)
+        topic = m.topic
+        if topic == tool_calls and isinstance(obj, ToolCall):
+            return proc.on_call(obj, now)
+        if topic == sessions and isinstance(obj, (SessionBound, SessionEnded)):
+            return proc.on_fact(obj, now)
+        raise CodecError(f"unexpected {type(obj).__name__} on {topic}")
+
+    def handle_stage2(proc: Stage2, m: Any, now: datetime) -> Output:
+        if m.topic == calls_by_route:
+            return proc.on_message((m.key or b"").decode("utf-8"), m.value, now)
+        obj = decode(m.value)
+        if not isinstance(obj, (GrantIssued, GrantRevoked)):
+            raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
+        return proc.on_fact(obj, now)
+
+    def runner(
+        name: str, tables: tuple[str, ...], make: Callable[..., Any], handle: Callable[..., Output]
+    ) -> StageRunner:
+        stores = {table: changelogs[table] for table in tables}
+        return StageRunner(
+            name,
+            stores,
+            lambda p, s: make(p, *(s[t] for t in tables), config, live_counters),
+            handle,
+            Sender(producer, settings, counters),  # one buffer per stage: a flush waits for its own only
+            reader,
+            ready,
+            counters,
+        )
+
+    stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
+    stage2 = runner("authorize", STAGE2_TABLES, deferred_stage2, handle_stage2)
+    return stage1, stage2, changelogs
+
+
+def new_assignment() -> dict[str, Any]:
+    """What the stats file says about the assignment (``scopewatch up`` waits for ``generation``)."""
+    return {"generation": 0, "held": {}, "ok": None, "problems": []}
+
+
+def check_assignment(
+    assignment: dict[str, Any], tps: Iterable[tuple[str, int]], assignor: CoPartitionedAssignor, settings: Settings
+) -> bool:
+    """Check this worker's new assignment, record it in ``assignment`` and log it; False: refuse it
+    (the caller stops the worker, which judges nothing and exits 78)."""
+    tps = list(tps)
+    verdict = check(tps, assignor.last_counts, stage_groups(settings))
+    held: dict[str, list[int]] = {}
+    for topic, p in tps:
+        held.setdefault(topic, []).append(p)
+    assignment.update(
+        generation=assignment["generation"] + 1,
+        held={topic: sorted(parts) for topic, parts in sorted(held.items())},
+        ok=verdict.ok,
+        problems=verdict.problems,
+    )
+    for line in verdict.waiting:
+        log.warning("assignment: %s", line)
+    if not verdict.ok:
+        log.critical(
+            "stopping: this worker's partition assignment is not co-partitioned (%s); it judges nothing"
+            " rather than decide on half the facts",
+            "; ".join(verdict.problems),
+        )
+        return False
+    log.info("partitions assigned: %s", describe(assignment["held"]) or "none (more workers than partitions)")
+    return True
+
+
+def worker_stats(
+    settings: Settings,
+    assignment: dict[str, Any],
+    counters: Counter[str],
+    live_counters: LiveCounters,
+    stages: Sequence[StageRunner],
+    engine: str,
+) -> dict[str, Any]:
+    stage1, stage2 = stages
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "slot": settings.worker_slot,
+        "engine": engine,
+        "assignment": assignment,
+        "counters": dict(counters) | live_counters.counts,
+        "open_calls_stage1": stage1.open_calls(),
+        "open_calls_stage2": stage2.open_calls(),
+    }
+
+
+def stats_path(settings: Settings) -> Any:
+    return settings.run_dir / f"worker-{socket.gethostname()}-{os.getpid()}.json"

@@ -1,0 +1,247 @@
+"""The decision worker: ``SCOPEWATCH_WORKER_ENGINE`` picks how it runs (``aiokafka`` by default).
+
+``aiokafka``: :class:`DecisionJob` on :class:`stream_jobs.runner.Runner` over
+:class:`stream_jobs.kafka_adapter.KafkaConsumer` (one consumer subscribed to both stages' inputs,
+the co-partitioning assignor, static membership by ``SCOPEWATCH_WORKER_SLOT``) and the worker's
+:class:`~stream_jobs.decisions.BatchProducer`. One cycle takes a ``getmany`` batch, runs stage 1
+on its session-keyed records and stage 2 on its route-keyed ones (facts first within each), sends
+the forwards, evidence, findings and changelog writes as per-partition record batches, awaits
+every acknowledgement and then commits the batch's offsets. Stage 2's clock advances in process on
+the runner's timer (no tick messages through Kafka). Every assignment is checked; a worker whose
+assignment is not co-partitioned judges nothing and exits 78.
+
+``faust``: the faust-streaming app of :mod:`stream_jobs.app` (two agents, ``take_events``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from aiokafka.errors import KafkaError
+
+from detections.live import LiveCounters
+from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
+from scopewatch.settings import Settings
+from scopewatch.stack.kafka import create_topics
+from stream_jobs.assignor import CoPartitionedAssignor, by_topic, describe
+from stream_jobs.decisions import (
+    EXIT_NOT_COPARTITIONED,
+    BatchProducer,
+    StageRunner,
+    build_stages,
+    check_assignment,
+    new_assignment,
+    stage_groups,
+    stats_path,
+    worker_stats,
+)
+from stream_jobs.kafka_adapter import KafkaConsumer
+from stream_jobs.metrics import remove_stale_worker_stats
+from stream_jobs.runner import TP, Consumer, Message, Producer, Record, Runner, RunnerConfig, StatsFile
+
+log = logging.getLogger("scopewatch.stream")
+
+
+class DecisionJob:
+    """Both stages as one :class:`stream_jobs.runner.Job`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stages: tuple[StageRunner, StageRunner],
+        assignor: CoPartitionedAssignor,
+        assignment: dict[str, Any],
+    ) -> None:
+        topics = settings.topics
+        self.settings = settings
+        self.stage1, self.stage2 = stages
+        self.assignor = assignor
+        self.assignment = assignment
+        self.halted = False
+        self._facts1, self._calls1 = topics.sessions, topics.tool_calls
+        self._facts2, self._calls2 = topics.grants, topics.calls_by_route
+        self._stage1_topics = {topics.sessions, topics.tool_calls}
+
+    async def assigned(self, tps: set[TP]) -> None:
+        if not check_assignment(self.assignment, tps, self.assignor, self.settings):
+            self.halted = True
+            for stage in (self.stage1, self.stage2):
+                stage.halted.set()
+
+    async def revoked(self, tps: set[TP]) -> None:
+        if tps:
+            log.info("partitions revoked: %s", describe(by_topic(_Tp(t, p) for t, p in tps)))
+        # the runner has finished (and committed) the batch in flight: forget the state, the next
+        # owner (maybe us again) reads it back from the changelogs
+        self.stage1.revoke({p for t, p in tps if t in self._stage1_topics})
+        self.stage2.revoke({p for t, p in tps if t not in self._stage1_topics})
+
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Message]:
+        facts1: list[Record] = []
+        calls1: list[Record] = []
+        facts2: list[Record] = []
+        calls2: list[Record] = []
+        lists = {self._facts1: facts1, self._calls1: calls1, self._facts2: facts2, self._calls2: calls2}
+        for (topic, _), records in batch.items():
+            lists[topic].extend(records)
+        if facts1 or calls1:
+            await self.stage1.process(facts1 + calls1, now)
+        if facts2 or calls2:
+            await self.stage2.process(facts2 + calls2, now)
+        return self.stage1.sender.take() + self.stage2.sender.take()
+
+    async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
+        await self.stage2.tick(sorted(p for t, p in assignment if t == self._calls2), now)
+        return self.stage1.sender.take() + self.stage2.sender.take()
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        self.stage1.settle(ends)
+        self.stage2.settle(ends)
+
+    def reset(self, tps: set[TP]) -> None:
+        self.stage1.drop({p for t, p in tps if t in self._stage1_topics})
+        self.stage2.drop({p for t, p in tps if t not in self._stage1_topics})
+        self.stage1.sender.take()
+        self.stage2.sender.take()
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class _Tp:
+    __slots__ = ("partition", "topic")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic, self.partition = topic, partition
+
+
+class _CommitTolerant:
+    """A failed commit is not fatal: the outputs are on the broker, and the next commit (or the next
+    owner, reading from the last commit) covers the records again (at-least-once)."""
+
+    def __init__(self, consumer: KafkaConsumer, counters: Counter[str]) -> None:
+        self.inner = consumer
+        self.counters = counters
+
+    async def start(self, listener: Any) -> None:
+        await self.inner.start(listener)
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TP, Sequence[Record]]:
+        return await self.inner.getmany(timeout_ms, max_records)
+
+    async def commit(self, offsets: Mapping[TP, int]) -> None:
+        try:
+            await self.inner.commit(offsets)
+        except KafkaError as exc:
+            self.counters["commit_failures"] += 1
+            log.warning(
+                "offset commit failed (%s: %s); the records are read again if nobody commits past them",
+                type(exc).__name__,
+                exc,
+            )
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.inner.seek(tp, offset)
+
+    def assignment(self) -> set[TP]:
+        return self.inner.assignment()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+
+def build_worker(
+    settings: Settings, consumer: Consumer | None = None, producer: Producer | None = None, reader: Any = None
+) -> tuple[Runner, DecisionJob, StatsFile, asyncio.Event]:
+    """The aiokafka engine's runner (or the same job over other adapters: unit tests); the event is
+    set once the changelog topics exist (the caller sets it)."""
+    counters: Counter[str] = Counter()
+    live_counters = LiveCounters()
+    ready = asyncio.Event()
+    batch_producer = BatchProducer(settings.kafka_bootstrap, counters)
+    stage1, stage2, changelogs = build_stages(settings, batch_producer, counters, live_counters, ready, reader)
+    slot = settings.worker_slot
+    assignor = CoPartitionedAssignor(stage_groups(settings), slot=slot or "")
+    assignment = new_assignment()
+    job = DecisionJob(settings, (stage1, stage2), assignor, assignment)
+    if consumer is None:
+        topics = settings.topics
+        kafka = KafkaConsumer(
+            settings.kafka_bootstrap,
+            settings.worker_group,
+            [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants],
+            assignor=assignor,
+            instance_id=slot,
+            session_timeout=settings.worker_session_timeout_seconds,
+        )
+        consumer = _CommitTolerant(kafka, counters)
+    stats = StatsFile(
+        stats_path(settings),
+        lambda: worker_stats(settings, assignment, counters, live_counters, (stage1, stage2), "aiokafka"),
+    )
+    config = RunnerConfig(
+        max_records=settings.worker_batch_size,
+        batch_ms=max(1, int(settings.worker_batch_seconds * 1000)),
+        timer_seconds=settings.tick_seconds,
+        stats_seconds=max(settings.tick_seconds, 1.0),
+    )
+    runner = Runner(consumer, producer or batch_producer, job, config, stats)
+    runner.changelogs = changelogs  # type: ignore[attr-defined]
+    runner.counters_ = counters  # type: ignore[attr-defined]
+    return runner, job, stats, ready
+
+
+async def _serve(settings: Settings) -> bool:
+    runner, job, stats, ready = build_worker(settings)
+    changelogs = runner.changelogs  # type: ignore[attr-defined]
+    stop_on_signals(runner.stop, settings.stop_seconds, "decision worker")
+    try:
+        await create_topics(
+            settings.kafka_bootstrap,
+            list(changelogs.values()),
+            settings.partitions,
+            configs={"cleanup.policy": "compact"},
+        )
+        ready.set()
+        await runner.run()
+    finally:
+        stats.remove()
+    return job.halted
+
+
+def run_aiokafka_worker(settings: Settings) -> None:
+    service_logging(logging.WARNING)  # the libraries at WARNING, and rate-limited during an outage
+    logging.getLogger("scopewatch").setLevel(logging.INFO)  # our lifecycle lines (start, assignment, stop)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    kafka_or_exit(settings.kafka_bootstrap, "decision worker", settings.kafka_wait_seconds)
+    removed = remove_stale_worker_stats(settings.run_dir)
+    log.info(
+        "decision worker starting (aiokafka engine): pid %d, group %s, slot %s, %d partitions per topic%s",
+        os.getpid(),
+        settings.worker_group,
+        settings.worker_slot or "none (dynamic membership)",
+        settings.partitions,
+        f"; removed {removed} stats files of stopped workers" if removed else "",
+    )
+    halted = asyncio.run(_serve(settings))
+    if halted:
+        log.critical("decision worker stopped: its assignment was not co-partitioned (exit 78)")
+        sys.exit(EXIT_NOT_COPARTITIONED)
+    log.info("decision worker stopped (exit 0)")
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one decision worker until it is stopped (SIGTERM/SIGINT), on the configured engine."""
+    if settings.worker_engine == "faust":
+        from stream_jobs.app import run_faust_worker
+
+        run_faust_worker(settings)
+    else:
+        run_aiokafka_worker(settings)
