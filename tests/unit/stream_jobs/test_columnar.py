@@ -106,7 +106,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "rule_version": st.integers(1, 2**31 - 1),
     "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
     **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),
-    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids"], STRINGS),
+    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids", "fact_ids", "fact_hashes"], STRINGS),
     **dict.fromkeys(
         [
             "event_time",
