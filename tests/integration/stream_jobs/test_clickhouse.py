@@ -962,6 +962,7 @@ def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int
     from collectors.chain import ChainStamper
     from detections.live import build_evidence
     from schemas import ToolCall, parse_event
+    from schemas.topics import topic_for
     from scopewatch.replay import replay
     from support.scenario import story
 
@@ -980,7 +981,7 @@ def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int
             seqs[e.collector.seq] = e.event_id
             if e.collector.seq == skip_seq:
                 continue  # lost on the way
-        table, row = to_row(e, Provenance("t", 0, i, T))
+        table, row = to_row(e, Provenance(topic_for(e), 0, i, T))
         rows.setdefault(table, []).append(row)
     for table, batch in rows.items():
         writer.insert(table, batch, token=f"{db}-{table}")
