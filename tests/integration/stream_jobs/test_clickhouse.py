@@ -1033,8 +1033,11 @@ def test_forensic_queries_run_read_only(chdb: Client, forensics_db: Seeded) -> N
 # ------------------------------------------------------------------ scopewatch verify
 
 
-def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int, str]:
-    """The story, stamped by two collectors, landed with final evidence from replay; call seq -> event_id."""
+def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None, hashes: bool = True) -> dict[int, str]:
+    """The story, stamped by two collectors, landed with final evidence from replay; call seq -> event_id.
+
+    The evidence references its facts with their record hashes, as the live worker knows them (``hashes=False``:
+    without, as a worker whose state predates them writes)."""
     from collectors.chain import ChainStamper
     from detections.live import build_evidence
     from schemas import ToolCall, parse_event
@@ -1061,11 +1064,15 @@ def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int
         rows.setdefault(table, []).append(row)
     for table, batch in rows.items():
         writer.insert(table, batch, token=f"{db}-{table}")
+    landed = {str(r["event_id"]): str(r["_record_hash"]) for batch in rows.values() for r in batch}
     result = replay(enumerate(events))
-    evidence = [
-        to_row(build_evidence(c, d, 1, True, False, T, 1, "deadline", "final"), Provenance("e", 0, i, T))[1]
-        for i, (c, d) in enumerate(result.decisions)
-    ]
+    evidence = []
+    for i, (c, d) in enumerate(result.decisions):
+        ev = build_evidence(c, d, 1, True, False, T, 1, "deadline", "final")
+        assert ev.facts == {} and ev.fact_hashes == [""] * len(ev.fact_ids)  # replay knows no hashes
+        if hashes:
+            ev = ev.model_copy(update={"fact_hashes": [landed[f] for f in ev.fact_ids]})
+        evidence.append(to_row(ev, Provenance("e", 0, i, T))[1])
     writer.insert("evidence", evidence, token=f"{db}-evidence")
     return seqs
 
@@ -1086,6 +1093,74 @@ def test_verify_passes_on_clean_data(chdb: Client) -> None:
     assert report.ok, report.problems
     assert {c.collector_id: c.events for c in report.collectors} == {"intake:test": 10, "stdio:test": 13}
     assert (report.calls_checked, report.verdicts_match, report.unstamped) == (13, 13, 0)
+    referenced = chdb.query("SELECT sum(length(fact_ids)) FROM vf_clean.evidence").result_rows[0][0]
+    assert report.facts_checked == referenced > 13 and report.fact_hashes_unknown == 0
+
+
+def test_verify_counts_fact_references_without_hashes_and_checks_they_exist(chdb: Client) -> None:
+    _seed_verify(chdb, "vf_nohash", hashes=False)
+    report = _verify(chdb, "vf_nohash")
+    assert report.ok, report.problems
+    assert report.facts_checked == report.fact_hashes_unknown > 13
+    bound = _fact_id(chdb, "vf_nohash", "identity_events", "event_type = 'session_bound'")
+    chdb.command(f"ALTER TABLE vf_nohash.identity_events DELETE WHERE event_id = '{bound}' SETTINGS mutations_sync = 2")
+    missing = [(p.kind, p.call_id, p.event_id) for p in _verify(chdb, "vf_nohash").fact_problems]
+    assert missing == [("fact_missing", c, bound) for c in _calls_on(chdb, "vf_nohash", bound)]
+
+
+def _fact_id(chdb: Client, db: str, table: str, where: str) -> str:
+    return str(
+        chdb.query(f"SELECT event_id FROM {db}.{table} WHERE {where} ORDER BY event_id LIMIT 1").result_rows[0][0]
+    )
+
+
+def _calls_on(chdb: Client, db: str, fact_id: str) -> list[str]:
+    """The calls whose evidence references the fact, in verify's order."""
+    rows = chdb.query(f"SELECT call_id FROM {db}.evidence WHERE has(fact_ids, '{fact_id}') ORDER BY call_id")
+    calls = [str(r[0]) for r in rows.result_rows]
+    assert calls
+    return calls
+
+
+def test_verify_names_each_call_whose_evidence_rests_on_an_edited_fact(chdb: Client) -> None:
+    _seed_verify(chdb, "vf_fact")
+    write = _fact_id(chdb, "vf_fact", "consent_events", "event_type = 'grant_issued' AND grant_id = 'vf-write'")
+    chdb.command(
+        "ALTER TABLE vf_fact.consent_events UPDATE tools = ['*']"
+        f" WHERE event_id = '{write}' SETTINGS mutations_sync = 2"
+    )
+    report = _verify(chdb, "vf_fact")
+    calls = _calls_on(chdb, "vf_fact", write)
+    assert [(p.kind, p.call_id, p.event_id, p.table) for p in report.fact_problems] == [
+        ("fact_mismatch", c, write, "consent_events") for c in calls
+    ]
+    assert "no longer hashes" in report.fact_problems[0].detail
+    assert f"call {calls[0]}" in report.fact_problems[0].where() and write in report.fact_problems[0].where()
+    assert report.to_json()["problems"][-1]["kind"] == "fact_mismatch"
+
+
+def test_verify_names_a_fact_whose_stored_hash_was_forged_too(chdb: Client) -> None:
+    from schemas import record_hash
+    from stream_jobs.verify import event_from_row
+
+    _seed_verify(chdb, "vf_fact_forge")
+    bound = _fact_id(chdb, "vf_fact_forge", "identity_events", "event_type = 'session_bound'")
+    chdb.command(
+        "ALTER TABLE vf_fact_forge.identity_events UPDATE principal = 'mallory@acme.example'"
+        f" WHERE event_id = '{bound}' SETTINGS mutations_sync = 2"
+    )
+    result = chdb.query(f"SELECT * FROM vf_fact_forge.identity_events WHERE event_id = '{bound}'")
+    row = {k: _plain(v) for k, v in zip(result.column_names, result.result_rows[0], strict=True)}
+    forged = record_hash(event_from_row("identity_events", row))
+    chdb.command(
+        f"ALTER TABLE vf_fact_forge.identity_events UPDATE _record_hash = '{forged}'"
+        f" WHERE event_id = '{bound}' SETTINGS mutations_sync = 2"
+    )
+    problems = _verify(chdb, "vf_fact_forge").fact_problems
+    assert [(p.kind, p.call_id, p.event_id) for p in problems] == [
+        ("fact_mismatch", c, bound) for c in _calls_on(chdb, "vf_fact_forge", bound)
+    ]
+    assert "stored _record_hash differs" in problems[0].detail
 
 
 def test_verify_names_a_deleted_row(chdb: Client) -> None:
