@@ -12,6 +12,11 @@ Everything else (``auth``, ``scopes``, ``granted_by``, ``purpose``, ``parent_gra
 collector stamps, unknown fields) stays in the raw events in ClickHouse. The tenant, session id,
 principal and agent id of a history are given by its key and are not repeated per fact.
 
+Format 2 adds each fact's record hash (:func:`schemas.record_hash`, the raw table's
+``_record_hash``), so evidence can reference the fact by event id and hash: after each fact a flag
+byte (0: not known, 1: ``sha256:`` and 32 raw bytes, 2: other text). Format 1 (no hashes) still
+decodes; its facts have no known hash.
+
 Layout: a version byte, then per fact a kind byte, the event id (16 bytes when it is a
 canonical UUID, else a length-prefixed string), times as signed 64-bit microseconds since the
 epoch, strings as varint length + UTF-8. Decoding rebuilds the same history: the same facts in
@@ -30,7 +35,10 @@ from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded
 
 __all__ = ["CompactError", "decode_grants", "decode_sessions", "encode_grants", "encode_sessions"]
 
-_FORMAT: Final = 1
+_FORMAT: Final = 2
+_FORMATS: Final = (1, 2)
+_SHA256: Final = "sha256:"
+_NO_HASH, _SHA_HASH, _TEXT_HASH = 0, 1, 2
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO: Final = timedelta(microseconds=1)
 _NONE_TIME: Final = -(2**63)
@@ -90,11 +98,28 @@ class _Writer:
             self.buf.append(_TEXT_FLAG)
             self.text(value)
 
+    def record_hash(self, value: str | None) -> None:
+        if value is None:
+            self.buf.append(_NO_HASH)
+            return
+        if value.startswith(_SHA256) and len(value) == len(_SHA256) + 64:
+            try:
+                raw = bytes.fromhex(value[len(_SHA256) :])
+            except ValueError:
+                raw = b""
+            if len(raw) == 32 and raw.hex() == value[len(_SHA256) :]:
+                self.buf.append(_SHA_HASH)
+                self.buf += raw
+                return
+        self.buf.append(_TEXT_HASH)
+        self.text(value)
+
 
 class _Reader:
     def __init__(self, data: bytes) -> None:
-        if not data or data[0] != _FORMAT:
+        if not data or data[0] not in _FORMATS:
             raise CompactError(f"unknown state format {data[:1]!r}")
+        self.hashes = data[0] >= 2
         self.data = data
         self.pos = 1
 
@@ -142,6 +167,18 @@ class _Reader:
             raise CompactError("missing time in state")
         return value
 
+    def record_hash(self) -> str | None:
+        if not self.hashes:
+            return None
+        flag = self.byte()
+        if flag == _NO_HASH:
+            return None
+        if flag == _SHA_HASH:
+            return _SHA256 + self._take(32).hex()
+        if flag == _TEXT_HASH:
+            return self.text()
+        raise CompactError(f"bad record hash flag {flag}")
+
     def event_id(self) -> str:
         flag = self.byte()
         if flag == _UUID_FLAG:
@@ -162,6 +199,7 @@ def encode_sessions(history: SessionHistory) -> bytes:
             w.text(fact.agent_id)
             w.time(fact.valid_from)
             w.time(fact.valid_until)
+        w.record_hash(history.hashes.get(fact.event_id))
     return bytes(w.buf)
 
 
@@ -189,7 +227,7 @@ def decode_sessions(data: bytes, tenant: str, session_id: str) -> SessionHistory
             )
         else:
             raise CompactError(f"bad session fact kind {kind}")
-        history.add(fact)
+        history.add(fact, r.record_hash())
     return history
 
 
@@ -208,6 +246,7 @@ def encode_grants(history: GrantHistory) -> bytes:
         else:
             w.text(fact.revoked_by)
             w.text(fact.reason)
+        w.record_hash(history.hashes.get(fact.event_id))
     return bytes(w.buf)
 
 
@@ -244,5 +283,5 @@ def decode_grants(data: bytes, tenant: str, principal: str, agent_id: str) -> Gr
             )
         else:
             raise CompactError(f"bad grant fact kind {kind}")
-        history.add(fact)
+        history.add(fact, r.record_hash())
     return history

@@ -203,13 +203,23 @@ class SessionState:
     agent_id: str | None = None
     valid_from: datetime | None = None
     valid_until: datetime | None = None
+    event_hash: str | None = None
+    binding_hash: str | None = None
+    """Record hashes (:func:`schemas.record_hash`) of the deciding and binding facts, when the history
+    knows them (the live pipeline records them as facts arrive; replay does not need them)."""
 
     @classmethod
     def unbound(cls, at: datetime) -> SessionState:
         return cls(at=at, status="unbound")
 
     @classmethod
-    def from_facts(cls, at: datetime, deciding: SessionFact | None, binding: SessionBound | None) -> SessionState:
+    def from_facts(
+        cls,
+        at: datetime,
+        deciding: SessionFact | None,
+        binding: SessionBound | None,
+        hashes: Mapping[str, str] | None = None,
+    ) -> SessionState:
         if deciding is None:
             return cls.unbound(at)
         if isinstance(deciding, SessionBound):
@@ -230,16 +240,23 @@ class SessionState:
             agent_id=None if binding is None else binding.agent_id,
             valid_from=None if binding is None else binding.valid_from,
             valid_until=None if binding is None else binding.valid_until,
+            event_hash=None if not hashes else hashes.get(deciding.event_id),
+            binding_hash=None if not hashes or binding is None else hashes.get(binding.event_id),
         )
 
     def to_facts(self) -> dict[str, object]:
-        """JSON-ready summary for :attr:`Decision.facts`."""
-        return {
+        """JSON-ready summary for :attr:`Decision.facts` (the record hashes only when known)."""
+        facts: dict[str, object] = {
             "status": self.status,
             "valid": self.valid,
             "event_id": self.event_id,
             "binding_event_id": self.binding_event_id,
         }
+        if self.event_hash is not None:
+            facts["event_hash"] = self.event_hash
+        if self.binding_hash is not None:
+            facts["binding_hash"] = self.binding_hash
+        return facts
 
 
 class SessionHistory:
@@ -251,6 +268,8 @@ class SessionHistory:
         self._keys: list[_SessionKey] = []
         self._events: list[SessionFact] = []
         self._ids: set[str] = set()
+        self.hashes: dict[str, str] = {}
+        """Record hash (:func:`schemas.record_hash`) per stored fact's event_id, where the caller gave one."""
         self.memo: dict[Any, Any] = {}
         """Free for callers to memoize results derived from this history (keyed by :meth:`state_key`);
         cleared whenever the history changes (:meth:`add`, :meth:`compact`)."""
@@ -262,8 +281,9 @@ class SessionHistory:
         """The stored facts in decision order (e.g. to persist and rebuild the history)."""
         return iter(list(self._events))
 
-    def add(self, event: SessionFact) -> bool:
-        """Store a fact; False if its event_id is already stored (the first copy is kept)."""
+    def add(self, event: SessionFact, record_hash: str | None = None) -> bool:
+        """Store a fact (with its record hash, if known); False if its event_id is already stored
+        (the first copy is kept)."""
         if not isinstance(event, (SessionBound, SessionEnded)):
             raise TypeError(f"not a session fact: {type(event).__name__}")
         if (event.tenant, event.session_id) != (self.tenant, self.session_id):
@@ -279,6 +299,8 @@ class SessionHistory:
         self._keys.insert(i, key)
         self._events.insert(i, event)
         self._ids.add(event.event_id)
+        if record_hash is not None:
+            self.hashes[event.event_id] = record_hash
         self.memo.clear()
         return True
 
@@ -319,7 +341,7 @@ class SessionHistory:
                 found = self._events[j]
                 assert isinstance(found, SessionBound)
                 binding = found
-        return SessionState.from_facts(t, deciding, binding)
+        return SessionState.from_facts(t, deciding, binding, self.hashes)
 
     def compact(self, horizon: datetime) -> int:
         """Drop facts that cannot influence ``state_at(t)`` for any t >= horizon; returns how many.
@@ -338,6 +360,7 @@ class SessionHistory:
         dropped = [i for i in range(n) if i not in keep]
         for i in dropped:
             self._ids.discard(self._events[i].event_id)
+            self.hashes.pop(self._events[i].event_id, None)
         kept_prefix = sorted(keep)
         self._keys = [self._keys[i] for i in kept_prefix] + self._keys[n:]
         self._events = [self._events[i] for i in kept_prefix] + self._events[n:]
@@ -429,6 +452,7 @@ class GrantView:
         "event_id",
         "expires_at",
         "grant_id",
+        "hashes",
         "issued",
         "not_before",
         "resources_match",
@@ -438,8 +462,10 @@ class GrantView:
         "version",
     )
 
-    def __init__(self, version: GrantIssued) -> None:
+    def __init__(self, version: GrantIssued, hashes: Mapping[str, str] | None = None) -> None:
         self.version: Final = version
+        self.hashes: Final = hashes
+        """The history's record hashes by event_id (this version's and its revocations'), if it keeps them."""
         self.grant_id: Final = version.grant_id
         self.event_id: Final = version.event_id
         self.issued: Final = version.event_time
@@ -508,6 +534,8 @@ class GrantHistory:
         self._versions: dict[str, list[GrantIssued]] = {}
         self._revocations: dict[str, list[GrantRevoked]] = {}
         self._ids: set[str] = set()
+        self.hashes: dict[str, str] = {}
+        """Record hash (:func:`schemas.record_hash`) per stored fact's event_id, where the caller gave one."""
         # Derived, rebuilt lazily after a change: the instants where something about the grants
         # changes (see GrantSlot) and the slots between them.
         self._times: list[datetime] | None = None
@@ -527,8 +555,9 @@ class GrantHistory:
         facts.extend(r for rs in self._revocations.values() for r in rs)
         return iter(sorted(facts, key=_fact_order))
 
-    def add(self, event: GrantFact) -> bool:
-        """Store a fact; False if its event_id is already stored (the first copy is kept)."""
+    def add(self, event: GrantFact, record_hash: str | None = None) -> bool:
+        """Store a fact (with its record hash, if known); False if its event_id is already stored
+        (the first copy is kept)."""
         if not isinstance(event, (GrantIssued, GrantRevoked)):
             raise TypeError(f"not a consent fact: {type(event).__name__}")
         if (event.tenant, event.principal, event.agent_id) != (self.tenant, self.principal, self.agent_id):
@@ -544,6 +573,8 @@ class GrantHistory:
         else:
             bisect.insort(self._revocations.setdefault(event.grant_id, []), event, key=_fact_order)
         self._ids.add(event.event_id)
+        if record_hash is not None:
+            self.hashes[event.event_id] = record_hash
         self._changed()
         return True
 
@@ -579,7 +610,7 @@ class GrantHistory:
                 version = versions[n - 1]
                 view = self._views.get(version.event_id)
                 if view is None or view.version is not version:
-                    view = self._views[version.event_id] = GrantView(version)
+                    view = self._views[version.event_id] = GrantView(version, self.hashes)
                 revocation = self._revocation(version, t)
                 grants.append((view, revocation, view.status_at(t, revocation)))
             slot = self._slots[index] = GrantSlot(grants)
@@ -610,6 +641,7 @@ class GrantHistory:
                 floor = versions[n - 1].event_time
                 for old in versions[: n - 1]:
                     self._ids.discard(old.event_id)
+                    self.hashes.pop(old.event_id, None)
                 dropped += n - 1
                 self._versions[grant_id] = versions[n - 1 :]
             revocations = self._revocations.get(grant_id, [])
@@ -624,6 +656,7 @@ class GrantHistory:
                 for r in revocations:
                     if not useful(r):
                         self._ids.discard(r.event_id)
+                        self.hashes.pop(r.event_id, None)
                 dropped += len(revocations) - len(kept)
                 if kept:
                     self._revocations[grant_id] = kept
@@ -841,6 +874,24 @@ def _grant_reason(
     return text if status == "active" else f"{text}; also {view.describe(status, revocation)}"
 
 
+def _grant_facts(
+    v: GrantView, st: GrantStatus, r: GrantRevoked | None, ok: bool, miss: Sequence[str]
+) -> dict[str, object]:
+    facts: dict[str, object] = {
+        "grant_id": v.grant_id,
+        "version_event_id": v.event_id,
+        "revocation_event_id": None if r is None else r.event_id,
+        "status": st,
+        "tools_match": ok,
+        "covers": ok and not miss,
+    }
+    if v.hashes:  # the record hashes, when the history keeps them (live)
+        facts["version_hash"] = v.hashes.get(v.event_id)
+        if r is not None:
+            facts["revocation_hash"] = v.hashes.get(r.event_id)
+    return facts
+
+
 def authorize(call: ToolCall, attribution: Attribution, grants: Sequence[GrantState]) -> Decision:
     """Stage 2: verdicts 4-10 from the delegation's grants at the call's event_time.
 
@@ -930,17 +981,7 @@ def authorize_matched(
         agent_id,
         {
             **base_facts,
-            "grants": [
-                {
-                    "grant_id": v.grant_id,
-                    "version_event_id": v.event_id,
-                    "revocation_event_id": None if r is None else r.event_id,
-                    "status": st,
-                    "tools_match": ok,
-                    "covers": ok and not miss,
-                }
-                for v, st, r, ok, miss in rows
-            ],
+            "grants": [_grant_facts(v, st, r, ok, miss) for v, st, r, ok, miss in rows],
         },
     )
 

@@ -107,7 +107,7 @@ from detections.engine import (
 )
 from detections.findings import trusted_model, uuid5_text
 from detections.rulebase import StateDecodeError, glob_matcher
-from schemas import Evidence, ToolCall, parse_delegation_key
+from schemas import Evidence, ToolCall, parse_delegation_key, record_hash
 from schemas import Finding as FindingRecord
 
 __all__ = [
@@ -355,11 +355,8 @@ def _evidence(
     kind: str,
     ckey: str | None,
 ) -> Evidence:
-    facts = dict(decision.facts)
-    facts["attribution_version"] = attribution_version
-    facts["trigger"] = reason
-    facts["kind"] = kind
-    values = {
+    fact_ids, fact_hashes = fact_refs(decision.facts)
+    values: dict[str, object] = {
         "evidence_id": evidence_id_for(tenant, session_id, call_id, version, ckey),
         "call_id": call_id,
         "tenant": tenant,
@@ -376,9 +373,45 @@ def _evidence(
         "final": final,
         "late": late,
         "decided_at": decided_at,
-        "facts": facts,
+        "facts": {},
+        "fact_ids": fact_ids,
+        "fact_hashes": fact_hashes,
+        "kind": kind,
+        "trigger": reason,
     }
     return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
+
+
+def fact_refs(facts: Mapping[str, object]) -> tuple[list[str], list[str]]:
+    """The facts a decision rests on, as references: (event ids, record hashes), in decision order.
+
+    The session's deciding fact, then the binding it closed (an ended session), then per grant
+    considered its version and the revocation that applied. A hash the history does not know (a
+    fact stored in live state before hashes were kept) is ``""``. The raw tables hold the facts
+    themselves by event_id, with the same hash in ``_record_hash``.
+    """
+    ids: list[str] = []
+    hashes: list[str] = []
+    session = facts.get("session")
+    if isinstance(session, dict):
+        deciding = session.get("event_id")
+        if isinstance(deciding, str):
+            ids.append(deciding)
+            hashes.append(str(session.get("event_hash") or ""))
+            binding = session.get("binding_event_id")
+            if isinstance(binding, str) and binding != deciding:
+                ids.append(binding)
+                hashes.append(str(session.get("binding_hash") or ""))
+    grants = facts.get("grants")
+    if isinstance(grants, list):
+        for g in grants:
+            ids.append(g["version_event_id"])
+            hashes.append(str(g.get("version_hash") or ""))
+            revocation = g.get("revocation_event_id")
+            if revocation is not None:
+                ids.append(revocation)
+                hashes.append(str(g.get("revocation_hash") or ""))
+    return ids, hashes
 
 
 def build_evidence(
@@ -666,7 +699,7 @@ class Stage1:
         out = _output()
         skey = session_key(fact.tenant, fact.session_id)
         history = self._history(skey, fact.tenant, fact.session_id)
-        if not history.add(fact):
+        if not history.add(fact, record_hash(fact)):
             self.counters.add("stage1_duplicate_facts")
             return out
         history.compact(now - self.config.retention)
@@ -1322,7 +1355,7 @@ class Stage2:
             history = GrantHistory(fact.tenant, fact.principal, fact.agent_id)
         else:
             history = self._grant_history(route, stored)
-        if not history.add(fact):
+        if not history.add(fact, record_hash(fact)):
             self.counters.add("stage2_duplicate_facts")
             return out
         history.compact(now - self.config.retention)

@@ -122,6 +122,10 @@ def _registry() -> _Registry:
     for name, model in MODELS.items():
         schema = json.loads((AVRO_DIR / f"{name}.avsc").read_text(encoding="utf-8"))
         _add(reg, schema, model, current=True)
+    # Earlier versions (schemas/avro/history/<stem>.v<n>.avsc): records written with them still decode.
+    for path in sorted((AVRO_DIR / "history").glob("*.avsc")):
+        stem = path.name.split(".", 1)[0]
+        _add(reg, json.loads(path.read_text(encoding="utf-8")), MODELS[stem], current=False)
     return reg
 
 

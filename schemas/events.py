@@ -281,6 +281,15 @@ class Evidence(SchemaModel):
     late: bool
     decided_at: Timestamp
     facts: JsonObject = Field(default_factory=dict)
+    """The facts the verdict used, copied as JSON: only in records written before fact references."""
+    fact_ids: list[str] = Field(default_factory=list)
+    """Event ids of the identity and consent facts the verdict rests on (their rows in the raw tables)."""
+    fact_hashes: list[str] = Field(default_factory=list)
+    """Record hash of each fact in ``fact_ids`` (``schemas.record_hash``; "" when not known)."""
+    kind: str = ""
+    """provisional, final or amendment ("" in older records)."""
+    trigger: str = ""
+    """What caused this version: call, update, fact or deadline ("" in older records)."""
 
 
 class Finding(SchemaModel):

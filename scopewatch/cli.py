@@ -253,9 +253,10 @@ def verify(
         console.print(table)
         console.print(
             f"events without a collector stamp: {report.unstamped}; calls re-judged: {report.calls_checked}, "
-            f"verdicts matching: {report.verdicts_match}, still provisional: {report.pending}"
+            f"verdicts matching: {report.verdicts_match}, still provisional: {report.pending}; "
+            f"fact references checked: {report.facts_checked} ({report.fact_hashes_unknown} without a hash)"
         )
-        for p in [*report.row_problems, *report.verdict_problems][:50]:
+        for p in [*report.row_problems, *report.verdict_problems, *report.fact_problems][:50]:
             console.print(f"[red]{p.kind}[/]: {p.where()}: {p.detail}", highlight=False)
         console.print(
             "[bold green]verified: no problems[/]" if report.ok else f"[bold red]{len(report.problems)} problems[/]"

@@ -115,6 +115,12 @@ ABSENT: Final[dict[str, dict[str, str]]] = {
         "revoked_by": "None",
         "reason": "None",
     },
+    "evidence": {  # records of evidence schema v1 (facts copied, no references)
+        "fact_ids": "[]",
+        "fact_hashes": "[]",
+        "kind": "''",
+        "trigger": "''",
+    },
 }
 """Columns a table has but a record type does not (``to_row``'s values for them), as Python source."""
 

@@ -190,6 +190,10 @@ def _to_row(record: Any, prov: Provenance) -> tuple[str, dict[str, Any]]:
             "late": record.late,
             "decided_at": record.decided_at,
             "facts": canonical_json(record.facts),
+            "fact_ids": list(record.fact_ids),
+            "fact_hashes": list(record.fact_hashes),
+            "kind": record.kind,
+            "trigger": record.trigger,
             **common,
         }
     if isinstance(record, Finding):
@@ -291,7 +295,8 @@ COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "evidence": (
         "evidence_id", "call_id", "tenant", "session_id", "principal", "agent_id", "server", "tool", "call_time",
-        "verdict", "matched_grant_id", "reasons", "version", "final", "late", "decided_at", "facts", *_PROVENANCE,
+        "verdict", "matched_grant_id", "reasons", "version", "final", "late", "decided_at", "facts",
+        "fact_ids", "fact_hashes", "kind", "trigger", *_PROVENANCE,
     ),
     "findings": (
         "finding_id", "dedup_key", "rule_id", "rule_version", "severity", "title", "summary", "tenant", "principal",

@@ -27,6 +27,14 @@ Two checks over the stored rows:
    compares it with the call's current final verdict in ``evidence_current``. A different verdict
    or grant is a **mismatch**; a call with no verdict at all is **undecided**; a call whose latest
    verdict is still provisional (inside its grace period) is only counted as pending.
+3. **Fact references.** Every evidence version names the identity and consent facts its verdict
+   rests on (``fact_ids``) with the record hash each had when the verdict was made
+   (``fact_hashes``). Each referenced fact must still be in the raw tables (else **fact_missing**),
+   and its hash must equal both the row's ``_record_hash`` and the hash of the row's content (else
+   **fact_mismatch**: the fact the verdict used is not the one stored). A hash the worker did not
+   know (``""``: facts kept in live state from before hashes were recorded) is counted, not checked.
+   Evidence written before fact references (facts copied as JSON, no ``fact_ids``) has nothing to
+   check here.
 
 Rows are read in pages through any ``fetch(sql) -> {"columns", "rows"}`` (the sink's read-only
 endpoint or a direct client), so the same code runs from the CLI and in tests.
@@ -68,7 +76,8 @@ PAGE = 10_000
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # gap, edited, chain_break, conflict, unreadable, wrong_topic, mismatch, undecided
+    kind: str  # gap, edited, chain_break, conflict, unreadable, wrong_topic, mismatch, undecided,
+    # fact_missing, fact_mismatch
     detail: str
     collector_id: str | None = None
     epoch: int | None = None
@@ -83,6 +92,8 @@ class Problem:
             parts.append(f"collector {self.collector_id} epoch {self.epoch} seq {self.seq}")
         if self.table is not None:
             parts.append(f"{self.table} event {self.event_id}")
+        elif self.event_id is not None:
+            parts.append(f"fact {self.event_id}")
         if self.call_id is not None:
             parts.append(f"call {self.call_id}")
         return ", ".join(parts)
@@ -112,13 +123,19 @@ class VerifyReport:
     calls_checked: int = 0
     verdicts_match: int = 0
     pending: int = 0
+    facts_checked: int = 0
+    """Fact references (evidence version, fact) checked against the raw tables."""
+    fact_hashes_unknown: int = 0
+    """Of those, references without a record hash (from live state kept before hashes were): only their
+    existence was checked."""
     verdict_problems: list[Problem] = field(default_factory=list)
     row_problems: list[Problem] = field(default_factory=list)
+    fact_problems: list[Problem] = field(default_factory=list)
 
     @property
     def problems(self) -> list[Problem]:
         chain = [p for c in self.collectors for p in c.problems]
-        return [*self.row_problems, *chain, *self.verdict_problems]
+        return [*self.row_problems, *chain, *self.verdict_problems, *self.fact_problems]
 
     @property
     def ok(self) -> bool:
@@ -144,6 +161,8 @@ class VerifyReport:
             "calls_checked": self.calls_checked,
             "verdicts_match": self.verdicts_match,
             "pending": self.pending,
+            "facts_checked": self.facts_checked,
+            "fact_hashes_unknown": self.fact_hashes_unknown,
             "problems": [_problem_json(p) for p in self.problems],
         }
 
@@ -420,6 +439,7 @@ def verify(
     filtered = f" WHERE {' AND '.join(where)}" if where else ""
 
     stamped: list[Stamped] = []
+    facts: dict[tuple[str, str], _StoredFact] = {}
     engine = DecisionEngine()
     calls: list[ToolCall] = []
     for table in RAW_TABLES:
@@ -430,6 +450,11 @@ def verify(
             " ORDER BY collector_id, collector_epoch, collector_seq, event_id"
         )
         for row in _pages(fetch, sql):
+            fact: _StoredFact | None = None
+            if table in ("identity_events", "consent_events"):
+                fact = facts[(str(row.get("tenant")), str(row.get("event_id")))] = _StoredFact(
+                    table, str(row.get("_record_hash") or "")
+                )
             try:
                 event = event_from_row(table, row)
             except (EventError, ValueError, KeyError, TypeError) as exc:
@@ -439,6 +464,8 @@ def verify(
                     )
                 )
                 continue
+            if fact is not None:
+                fact.event = event
             in_window = since is None or event.event_time >= since
             landed = row.get("_topic")
             if landed is not None and landed != expected[table]:
@@ -493,4 +520,68 @@ def verify(
             )
         else:
             report.verdicts_match += 1
+    _check_fact_refs(fetch, database, call_scope, facts, report)
     return report
+
+
+@dataclass
+class _StoredFact:
+    """An identity or consent row, for checking the evidence that references it."""
+
+    table: str
+    stored_hash: str
+    event: BaseEvent | None = None
+    """The event the row rebuilds (None: unreadable)."""
+    _content_hash: str | None = None
+
+    def content_hash(self) -> str | None:
+        if self._content_hash is None and self.event is not None:
+            self._content_hash = record_hash(self.event)
+        return self._content_hash
+
+
+def _check_fact_refs(
+    fetch: Fetch, database: str, scope: str, facts: dict[tuple[str, str], _StoredFact], report: VerifyReport
+) -> None:
+    """Each fact every evidence version references exists and is the fact the verdict was made on."""
+    seen: set[tuple[str, str, str, str]] = set()  # (tenant, call, fact, kind): one problem per call and fact
+    refs = "notEmpty(fact_ids)"
+    where = f"{scope} AND {refs}" if scope else f" WHERE {refs}"
+    sql = (
+        f"SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {database}.evidence FINAL{where}"
+        " ORDER BY tenant, call_id, version, evidence_id"
+    )
+    for row in _pages(fetch, sql):
+        tenant, call_id, version = str(row["tenant"]), str(row["call_id"]), row["version"]
+        hashes = list(row["fact_hashes"])
+        for i, fact_id in enumerate(row["fact_ids"]):
+            report.facts_checked += 1
+            want = hashes[i] if i < len(hashes) else ""
+            stored = facts.get((tenant, fact_id))
+            problem: Problem | None = None
+            if stored is None:
+                problem = Problem(
+                    "fact_missing",
+                    f"evidence version {version} rests on fact {fact_id}, which is in neither identity_events "
+                    "nor consent_events (deleted, or never landed)",
+                    event_id=fact_id,
+                    call_id=call_id,
+                )
+            elif not want:
+                report.fact_hashes_unknown += 1
+            elif want != stored.stored_hash or want != stored.content_hash():
+                what = (
+                    "its stored _record_hash differs"
+                    if want != stored.stored_hash
+                    else "its content no longer hashes to it (edited after ingestion)"
+                )
+                problem = Problem(
+                    "fact_mismatch",
+                    f"evidence version {version} rests on fact {fact_id} with record hash {want}; {what}",
+                    table=stored.table,
+                    event_id=fact_id,
+                    call_id=call_id,
+                )
+            if problem is not None and (tenant, call_id, fact_id, problem.kind) not in seen:
+                seen.add((tenant, call_id, fact_id, problem.kind))
+                report.fact_problems.append(problem)

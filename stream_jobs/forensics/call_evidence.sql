@@ -1,6 +1,8 @@
 -- question: What is the whole record of some calls: the raw tool_call, every verdict version, and the tool_result?
 -- note: The query a finding's call ids point to. Per call, in time order: its tool_call event, each evidence
---   version (at its decided_at; provisional, final and late amendments alike) and its tool_result.
+--   version (at its decided_at; provisional, final and late amendments alike) and its tool_result. An evidence
+--   version references the facts it rests on (fact_ids, fact_hashes); referenced_facts shows them as the raw
+--   tables hold them. Evidence written before fact references has the facts copied in facts instead.
 -- param tenant String: the tenant
 -- param call_ids Array(String): the calls (give --param call_ids=... once per call)
 -- column call_id: the call
@@ -20,7 +22,13 @@
 -- column final: whether that version was final
 -- column late: whether it was a late amendment
 -- column reasons: why, in words
--- column facts: the facts the verdict used, as JSON
+-- column facts: the facts the verdict used, copied as JSON (evidence written before fact references; later: {})
+-- column fact_ids: event ids of the identity and consent facts the verdict rests on (evidence)
+-- column fact_hashes: the record hash of each of those facts when the verdict was made ("": not known)
+-- column referenced_facts: those facts read from identity_events / consent_events, as a JSON array in fact_ids
+--   order: per fact its event_id, record_hash (from the evidence), found (the raw row exists), hash_matches
+--   (the raw row's _record_hash equals record_hash; null when the hash is not known) and fact (the raw row's
+--   fields, null when not found); NULL when the version references no facts
 -- column result_status: ok, error or timeout (tool_result)
 -- column result_duration_ms: the call's duration (tool_result)
 -- column result_error: the error text (tool_result)
@@ -46,6 +54,9 @@ FROM
         CAST(NULL AS Nullable(Bool)) AS late,
         CAST([] AS Array(String)) AS reasons,
         CAST(NULL AS Nullable(String)) AS facts,
+        CAST([] AS Array(String)) AS fact_ids,
+        CAST([] AS Array(String)) AS fact_hashes,
+        CAST(NULL AS Nullable(String)) AS referenced_facts,
         CAST(NULL AS Nullable(String)) AS result_status,
         CAST(NULL AS Nullable(Float64)) AS result_duration_ms,
         CAST(NULL AS Nullable(String)) AS result_error
@@ -56,7 +67,7 @@ FROM
         call_id,
         decided_at AS at,
         'evidence' AS kind,
-        evidence_id AS id,
+        ev.evidence_id AS id,
         session_id,
         CAST(server AS Nullable(String)) AS server,
         CAST(tool AS Nullable(String)) AS tool,
@@ -71,11 +82,113 @@ FROM
         CAST(late AS Nullable(Bool)) AS late,
         reasons,
         CAST(facts AS Nullable(String)) AS facts,
+        fact_ids,
+        fact_hashes,
+        CAST(r.referenced_facts AS Nullable(String)) AS referenced_facts,
         CAST(NULL AS Nullable(String)) AS result_status,
         CAST(NULL AS Nullable(Float64)) AS result_duration_ms,
         CAST(NULL AS Nullable(String)) AS result_error
-    FROM {db}.evidence FINAL
-    WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
+    FROM
+    (
+        SELECT * FROM {db}.evidence FINAL WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
+    ) AS ev
+    LEFT JOIN
+    (
+        -- each version's referenced facts, looked up by event_id in the raw tables, in fact_ids order
+        SELECT
+            x.evidence_id AS evidence_id,
+            concat(
+                '[',
+                arrayStringConcat(
+                    arrayMap(
+                        p -> p.2,
+                        arraySort(
+                            p -> p.1,
+                            groupArray(
+                                (
+                                    x.pos,
+                                    concat(
+                                        substring(
+                                            toJSONString(
+                                                CAST(
+                                                    (
+                                                        x.fact_id,
+                                                        x.fact_hash,
+                                                        f.event_id IS NOT NULL,
+                                                        if(
+                                                            x.fact_hash = '' OR f.event_id IS NULL,
+                                                            NULL,
+                                                            f.stored_hash = x.fact_hash
+                                                        )
+                                                    ),
+                                                    'Tuple(event_id String, record_hash String, found Bool,
+                                                    hash_matches Nullable(Bool))'
+                                                )
+                                            ) AS head,
+                                            1,
+                                            length(head) - 1
+                                        ),
+                                        ',"fact":',
+                                        ifNull(f.fact, 'null'),
+                                        '}'
+                                    )
+                                )
+                            )
+                        )
+                    ),
+                    ','
+                ),
+                ']'
+            ) AS referenced_facts
+        FROM
+        (
+            SELECT
+                evidence_id,
+                tenant,
+                arrayJoin(arrayEnumerate(fact_ids)) AS pos,
+                fact_ids[pos] AS fact_id,
+                fact_hashes[pos] AS fact_hash
+            FROM {db}.evidence FINAL
+            WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
+        ) AS x
+        LEFT JOIN
+        (
+            SELECT
+                tenant,
+                event_id,
+                _record_hash AS stored_hash,
+                toJSONString(
+                    CAST(
+                        (event_id, event_type, event_time, session_id, principal, agent_id, valid_from, valid_until),
+                        'Tuple(event_id String, event_type String, event_time DateTime64(3, \'UTC\'), session_id String,
+                        principal Nullable(String), agent_id Nullable(String), valid_from Nullable(DateTime64(3, \'UTC\')),
+                        valid_until Nullable(DateTime64(3, \'UTC\')))'
+                    )
+                ) AS fact
+            FROM {db}.identity_events FINAL
+            WHERE tenant = {tenant:String}
+            UNION ALL
+            SELECT
+                tenant,
+                event_id,
+                _record_hash AS stored_hash,
+                toJSONString(
+                    CAST(
+                        (
+                            event_id, event_type, event_time, grant_id, principal, agent_id, tools, resources, not_before,
+                            expires_at, revoked_by, reason
+                        ),
+                        'Tuple(event_id String, event_type String, event_time DateTime64(3, \'UTC\'), grant_id String,
+                        principal String, agent_id String, tools Array(String), resources Array(String),
+                        not_before Nullable(DateTime64(3, \'UTC\')), expires_at Nullable(DateTime64(3, \'UTC\')),
+                        revoked_by Nullable(String), reason Nullable(String))'
+                    )
+                ) AS fact
+            FROM {db}.consent_events FINAL
+            WHERE tenant = {tenant:String}
+        ) AS f ON f.tenant = x.tenant AND f.event_id = x.fact_id
+        GROUP BY x.evidence_id
+    ) AS r ON r.evidence_id = ev.evidence_id
     UNION ALL
     SELECT
         call_id,
@@ -96,6 +209,9 @@ FROM
         CAST(NULL AS Nullable(Bool)) AS late,
         CAST([] AS Array(String)) AS reasons,
         CAST(NULL AS Nullable(String)) AS facts,
+        CAST([] AS Array(String)) AS fact_ids,
+        CAST([] AS Array(String)) AS fact_hashes,
+        CAST(NULL AS Nullable(String)) AS referenced_facts,
         CAST(status AS Nullable(String)) AS result_status,
         CAST(duration_ms AS Nullable(Float64)) AS result_duration_ms,
         error AS result_error
@@ -103,3 +219,4 @@ FROM
     WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
 )
 ORDER BY call_id, at, multiIf(kind = 'tool_call', 0, kind = 'evidence', 1, 2), version, id
+SETTINGS join_use_nulls = 1

@@ -425,6 +425,8 @@ ALICE, BOB, CAROL = "alice-fx@acme.example", "bob-fx@acme.example", "carol@inite
 class Seeded:
     ids: dict[tuple[str, str], str] = field(default_factory=dict)
     """(event_type, call_id / session_id / grant_id) -> event_id"""
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """event_id -> (event_type, call_id / session_id / grant_id)"""
     evidence: dict[str, Evidence] = field(default_factory=dict)
 
 
@@ -450,33 +452,60 @@ def _forensic_events() -> list[dict[str, object]]:
     return events
 
 
-@pytest.fixture(scope="module")
-def forensics_db(chdb: Client) -> Seeded:
-    """Raw events as the sink writes them, and one final evidence version per call from the replay engine."""
-    migrate(chdb, "forensics")
-    writer = ClickHouseWriter(chdb, "forensics")
+def _seed_forensics(chdb: Client, db: str, copied: bool) -> Seeded:
+    """Raw events as the sink writes them, and one final evidence version per call from the replay engine.
+
+    ``copied=False``: evidence as the worker writes it now, referencing its facts (fact_ids, and fact_hashes
+    equal to the raw rows' _record_hash, as the live worker knows them). ``copied=True``: evidence as written
+    before fact references (the facts copied as JSON, no fact_ids), as a database migrated from then holds it.
+    """
+    migrate(chdb, db)
+    writer = ClickHouseWriter(chdb, db)
     items = list(read_events(io.StringIO(jsonl(_forensic_events()))))
     seeded = Seeded()
     tables: dict[str, list[dict[str, object]]] = {}
+    hashes: dict[str, str] = {}
     for i, (_, event) in enumerate(items):
         table, row = to_row(event, Provenance("events", 0, i, T))
         tables.setdefault(table, []).append(row)
         key = next(row[k] for k in ("call_id", "session_id", "grant_id") if k in row)
         seeded.ids[(event.event_type, key)] = row["event_id"]
+        seeded.keys[str(row["event_id"])] = (event.event_type, str(key))
+        hashes[str(row["event_id"])] = str(row["_record_hash"])
     for i, (call, decision) in enumerate(replay(items).decisions):
         decided = call.event_time + _datetime.timedelta(seconds=1)
         evidence = build_evidence(call, decision, 1, True, False, decided, 1, "replay", "final")
+        if copied:
+            facts = {**decision.facts, "attribution_version": 1, "trigger": "replay", "kind": "final"}
+            evidence = evidence.model_copy(
+                update={"facts": facts, "fact_ids": [], "fact_hashes": [], "kind": "", "trigger": ""}
+            )
+        else:
+            assert evidence.facts == {} and len(evidence.fact_hashes) == len(evidence.fact_ids)
+            evidence = evidence.model_copy(update={"fact_hashes": [hashes[f] for f in evidence.fact_ids]})
         seeded.evidence[call.call_id] = evidence
         tables.setdefault("evidence", []).append(to_row(evidence, Provenance("audit.evidence", 0, i, T))[1])
     for table, rows in tables.items():
-        writer.insert(table, rows, token=f"forensics-{table}")
+        writer.insert(table, rows, token=f"{db}-{table}")
     return seeded
 
 
-def forensic(client: Client, name: str, **params: object) -> list[dict[str, object]]:
+@pytest.fixture(scope="module")
+def forensics_db(chdb: Client) -> Seeded:
+    """Database "forensics": evidence that references its facts."""
+    return _seed_forensics(chdb, "forensics", copied=False)
+
+
+@pytest.fixture(scope="module")
+def forensics_v1_db(chdb: Client) -> Seeded:
+    """Database "forensics_v1": the same events, evidence with the facts copied (written before references)."""
+    return _seed_forensics(chdb, "forensics_v1", copied=True)
+
+
+def forensic(client: Client, name: str, db: str = "forensics", **params: object) -> list[dict[str, object]]:
     """Rows of a shipped query as dicts; its columns are exactly those its header documents."""
     query = load_queries()[name]
-    result = run_query(client, bind(query, params, "forensics"))
+    result = run_query(client, bind(query, params, db))
     assert result["columns"] == ([c.name for c in query.columns] if result["rows"] else [])
     return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
 
@@ -592,6 +621,24 @@ def test_forensic_calls_after_grant_end_says_how_long_after(chdb: Client, forens
     ]
     assert forensic(chdb, "calls_after_grant_end", tenant="acme", principal=BOB) == []
     assert forensic(chdb, "calls_after_grant_end", tenant="globex") == []
+
+
+def test_forensic_grant_queries_read_evidence_written_before_fact_references(
+    chdb: Client, forensics_db: Seeded, forensics_v1_db: Seeded
+) -> None:
+    """Rows with the facts copied (no fact_ids) give the same answers as rows that reference them."""
+    assert all(not e.fact_ids and e.facts.get("grants") is not None for e in forensics_v1_db.evidence.values())
+    assert any(e.fact_ids for e in forensics_db.evidence.values())
+    asked: list[tuple[str, dict[str, object]]] = [
+        ("agent_activity", {"tenant": "acme", "principal": ALICE}),
+        ("agent_activity", {"tenant": "acme", "principal": ALICE, "since": ts("10:00:20")}),
+        ("calls_after_grant_end", {"tenant": "acme"}),
+        ("calls_after_grant_end", {"tenant": "acme", "principal": ALICE, "until": ts("10:00:26")}),
+    ]
+    for name, params in asked:
+        now = forensic(chdb, name, **params)
+        assert now and any(r["grant_id"] for r in now)
+        assert forensic(chdb, name, db="forensics_v1", **params) == now, (name, params)
 
 
 def _timeline_row(**values: object) -> dict[str, object]:
@@ -740,7 +787,7 @@ def test_forensic_unused_grants(chdb: Client, forensics_db: Seeded) -> None:
 def test_forensic_call_evidence_has_raw_events_and_every_verdict_version(chdb: Client, forensics_db: Seeded) -> None:
     ids, evidence = forensics_db.ids, forensics_db.evidence
     columns = [c.name for c in load_queries()["call_evidence"].columns]
-    empty = {**dict.fromkeys(columns), "resources": [], "reasons": []}
+    empty = {**dict.fromkeys(columns), "resources": [], "reasons": [], "fact_ids": [], "fact_hashes": []}
 
     def raw_call(name: str, at: str, resources: list[str], attested: str | None) -> dict[str, object]:
         call_id = f"fx-{name}"
@@ -775,8 +822,20 @@ def test_forensic_call_evidence_has_raw_events_and_every_verdict_version(chdb: C
             "final": True,
             "late": False,
             "reasons": list(e.reasons),
-            "facts": canonical_json(e.facts),
+            "facts": "{}",
+            "fact_ids": list(e.fact_ids),
+            "fact_hashes": list(e.fact_hashes),
+            "referenced_facts": referenced_text[e.call_id],
         }
+
+    def referenced(call: str) -> list[dict[str, object]]:
+        """What referenced_facts says of a version's facts: found, with the hash it was decided on."""
+        e = evidence[f"fx-{call}"]
+        assert e.fact_ids and all(h.startswith("sha256:") for h in e.fact_hashes)
+        return [
+            {"event_id": i, "record_hash": h, "found": True, "hash_matches": True, "key": forensics_db.keys[i]}
+            for i, h in zip(e.fact_ids, e.fact_hashes, strict=True)
+        ]
 
     result = {
         **empty,
@@ -789,6 +848,23 @@ def test_forensic_call_evidence_has_raw_events_and_every_verdict_version(chdb: C
         "result_duration_ms": 12.5,
     }
     rows = forensic(chdb, "call_evidence", tenant="acme", call_ids=["fx-c-mismatch", "fx-c-in"])
+    # the referenced facts, joined from the raw tables: the session binding, then the grant version
+    rows_referenced: dict[str, object] = {}
+    referenced_text: dict[str, object] = {}
+    for row in rows:
+        if row["kind"] == "evidence" and row["referenced_facts"] is not None:
+            referenced_text[str(row["call_id"])] = row["referenced_facts"]
+            got = json.loads(str(row["referenced_facts"]))
+            for f in got:
+                fact = f.pop("fact")
+                assert fact["event_id"] == f["event_id"]
+                f["key"] = (fact["event_type"], fact.get("grant_id", fact.get("session_id")))
+            rows_referenced[str(row["call_id"])] = got
+    assert rows_referenced["fx-c-in"] == referenced("c-in")
+    assert rows_referenced["fx-c-mismatch"] == referenced("c-mismatch")
+    in_keys = [f["key"] for f in referenced("c-in")]
+    assert in_keys[0] == ("session_bound", "fx-s1") and ("grant_issued", "fx-read") in in_keys
+    assert [f["key"] for f in referenced("c-mismatch")] == [("session_bound", "fx-s1")]
     assert rows == [
         raw_call("c-in", "10:00:10", ["file:/data/a.txt"], None),
         result,
@@ -957,8 +1033,11 @@ def test_forensic_queries_run_read_only(chdb: Client, forensics_db: Seeded) -> N
 # ------------------------------------------------------------------ scopewatch verify
 
 
-def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int, str]:
-    """The story, stamped by two collectors, landed with final evidence from replay; call seq -> event_id."""
+def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None, hashes: bool = True) -> dict[int, str]:
+    """The story, stamped by two collectors, landed with final evidence from replay; call seq -> event_id.
+
+    The evidence references its facts with their record hashes, as the live worker knows them (``hashes=False``:
+    without, as a worker whose state predates them writes)."""
     from collectors.chain import ChainStamper
     from detections.live import build_evidence
     from schemas import ToolCall, parse_event
@@ -985,11 +1064,15 @@ def _seed_verify(chdb: Client, db: str, skip_seq: int | None = None) -> dict[int
         rows.setdefault(table, []).append(row)
     for table, batch in rows.items():
         writer.insert(table, batch, token=f"{db}-{table}")
+    landed = {str(r["event_id"]): str(r["_record_hash"]) for batch in rows.values() for r in batch}
     result = replay(enumerate(events))
-    evidence = [
-        to_row(build_evidence(c, d, 1, True, False, T, 1, "deadline", "final"), Provenance("e", 0, i, T))[1]
-        for i, (c, d) in enumerate(result.decisions)
-    ]
+    evidence = []
+    for i, (c, d) in enumerate(result.decisions):
+        ev = build_evidence(c, d, 1, True, False, T, 1, "deadline", "final")
+        assert ev.facts == {} and ev.fact_hashes == [""] * len(ev.fact_ids)  # replay knows no hashes
+        if hashes:
+            ev = ev.model_copy(update={"fact_hashes": [landed[f] for f in ev.fact_ids]})
+        evidence.append(to_row(ev, Provenance("e", 0, i, T))[1])
     writer.insert("evidence", evidence, token=f"{db}-evidence")
     return seqs
 
@@ -1010,6 +1093,74 @@ def test_verify_passes_on_clean_data(chdb: Client) -> None:
     assert report.ok, report.problems
     assert {c.collector_id: c.events for c in report.collectors} == {"intake:test": 10, "stdio:test": 13}
     assert (report.calls_checked, report.verdicts_match, report.unstamped) == (13, 13, 0)
+    referenced = chdb.query("SELECT sum(length(fact_ids)) FROM vf_clean.evidence").result_rows[0][0]
+    assert report.facts_checked == referenced > 13 and report.fact_hashes_unknown == 0
+
+
+def test_verify_counts_fact_references_without_hashes_and_checks_they_exist(chdb: Client) -> None:
+    _seed_verify(chdb, "vf_nohash", hashes=False)
+    report = _verify(chdb, "vf_nohash")
+    assert report.ok, report.problems
+    assert report.facts_checked == report.fact_hashes_unknown > 13
+    bound = _fact_id(chdb, "vf_nohash", "identity_events", "event_type = 'session_bound'")
+    chdb.command(f"ALTER TABLE vf_nohash.identity_events DELETE WHERE event_id = '{bound}' SETTINGS mutations_sync = 2")
+    missing = [(p.kind, p.call_id, p.event_id) for p in _verify(chdb, "vf_nohash").fact_problems]
+    assert missing == [("fact_missing", c, bound) for c in _calls_on(chdb, "vf_nohash", bound)]
+
+
+def _fact_id(chdb: Client, db: str, table: str, where: str) -> str:
+    return str(
+        chdb.query(f"SELECT event_id FROM {db}.{table} WHERE {where} ORDER BY event_id LIMIT 1").result_rows[0][0]
+    )
+
+
+def _calls_on(chdb: Client, db: str, fact_id: str) -> list[str]:
+    """The calls whose evidence references the fact, in verify's order."""
+    rows = chdb.query(f"SELECT call_id FROM {db}.evidence WHERE has(fact_ids, '{fact_id}') ORDER BY call_id")
+    calls = [str(r[0]) for r in rows.result_rows]
+    assert calls
+    return calls
+
+
+def test_verify_names_each_call_whose_evidence_rests_on_an_edited_fact(chdb: Client) -> None:
+    _seed_verify(chdb, "vf_fact")
+    write = _fact_id(chdb, "vf_fact", "consent_events", "event_type = 'grant_issued' AND grant_id = 'vf-write'")
+    chdb.command(
+        "ALTER TABLE vf_fact.consent_events UPDATE tools = ['*']"
+        f" WHERE event_id = '{write}' SETTINGS mutations_sync = 2"
+    )
+    report = _verify(chdb, "vf_fact")
+    calls = _calls_on(chdb, "vf_fact", write)
+    assert [(p.kind, p.call_id, p.event_id, p.table) for p in report.fact_problems] == [
+        ("fact_mismatch", c, write, "consent_events") for c in calls
+    ]
+    assert "no longer hashes" in report.fact_problems[0].detail
+    assert f"call {calls[0]}" in report.fact_problems[0].where() and write in report.fact_problems[0].where()
+    assert report.to_json()["problems"][-1]["kind"] == "fact_mismatch"
+
+
+def test_verify_names_a_fact_whose_stored_hash_was_forged_too(chdb: Client) -> None:
+    from schemas import record_hash
+    from stream_jobs.verify import event_from_row
+
+    _seed_verify(chdb, "vf_fact_forge")
+    bound = _fact_id(chdb, "vf_fact_forge", "identity_events", "event_type = 'session_bound'")
+    chdb.command(
+        "ALTER TABLE vf_fact_forge.identity_events UPDATE principal = 'mallory@acme.example'"
+        f" WHERE event_id = '{bound}' SETTINGS mutations_sync = 2"
+    )
+    result = chdb.query(f"SELECT * FROM vf_fact_forge.identity_events WHERE event_id = '{bound}'")
+    row = {k: _plain(v) for k, v in zip(result.column_names, result.result_rows[0], strict=True)}
+    forged = record_hash(event_from_row("identity_events", row))
+    chdb.command(
+        f"ALTER TABLE vf_fact_forge.identity_events UPDATE _record_hash = '{forged}'"
+        f" WHERE event_id = '{bound}' SETTINGS mutations_sync = 2"
+    )
+    problems = _verify(chdb, "vf_fact_forge").fact_problems
+    assert [(p.kind, p.call_id, p.event_id) for p in problems] == [
+        ("fact_mismatch", c, bound) for c in _calls_on(chdb, "vf_fact_forge", bound)
+    ]
+    assert "stored _record_hash differs" in problems[0].detail
 
 
 def test_verify_names_a_deleted_row(chdb: Client) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from detections.catalog import Detector
 from detections.live import LiveConfig, Stage2, evidence_id_for, tick_message
-from schemas import Finding, ToolCall, parse_event
+from schemas import Finding, ToolCall, parse_event, record_hash
 from support.live_sim import LiveSim
 from support.scenario import bound, ended, grant, revoke
 from support.scenario import tool_call as call
@@ -31,7 +31,8 @@ def history(sim: LiveSim, call_id: str) -> list[tuple[int, str, bool, bool]]:
 
 def test_in_scope_call_is_provisional_then_final_at_the_deadline() -> None:
     sim = LiveSim()
-    run(sim, bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"]))
+    facts = [bound("10:00:00", "s1", "alice", "a1"), grant("10:00:00", "g1", "alice", "a1", ["fs/*"])]
+    run(sim, *facts)
     run(sim, call("10:00:05", "c1", "s1", "fs", "read_file"))
     assert history(sim, "c1") == [(1, "in_scope", False, False)]
     sim.tick(NOW + GRACE - timedelta(milliseconds=1))
@@ -41,7 +42,10 @@ def test_in_scope_call_is_provisional_then_final_at_the_deadline() -> None:
     e = sim.evidence[-1]
     assert e.matched_grant_id == "g1" and e.principal == "alice" and e.agent_id == "a1"
     assert e.evidence_id == evidence_id_for("acme", "s1", "c1", 2)
-    assert e.facts["attribution_version"] == 1 and e.facts["kind"] == "final"
+    assert e.kind == "final" and e.trigger == "deadline" and e.facts == {}
+    # the facts by reference: the binding, then the grant version, each with its record hash
+    assert e.fact_ids == [f["event_id"] for f in facts]
+    assert e.fact_hashes == [record_hash(parse_event(f)) for f in facts]
 
 
 def test_binding_and_grant_arriving_after_the_call_correct_it_within_grace() -> None:
@@ -66,7 +70,8 @@ def test_revocation_after_grace_is_a_late_amendment_of_the_final_verdict() -> No
     sim.tick(NOW + GRACE)
     run(sim, revoke("10:00:04", "g1", "alice", "a1"), at=NOW + timedelta(seconds=40))
     assert history(sim, "c1")[-1] == (3, "revoked_grant", True, True)
-    assert sim.evidence[-1].facts["kind"] == "amendment"
+    assert sim.evidence[-1].kind == "amendment" and sim.evidence[-1].trigger == "fact"
+    assert len(sim.evidence[-1].fact_ids) == 3, "binding, grant version and its revocation"
 
 
 def test_facts_after_the_amendment_window_change_nothing() -> None:

@@ -23,7 +23,16 @@ from detections.catalog import Detector, default_catalog
 from detections.engine import VERDICTS, Decision, DecisionEngine, Fact, GrantHistory, _ts, authorize, decision_of
 from detections.findings import FINDING_NAMESPACE, Finding, FindingEvidence, new_finding, trusted_model, uuid5_text
 from detections.rulebase import RuleContext, glob_matcher, matches
-from schemas import Evidence, GrantIssued, GrantRevoked, SessionBound, SessionEnded, ToolCall, format_timestamp
+from schemas import (
+    Evidence,
+    GrantIssued,
+    GrantRevoked,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    format_timestamp,
+    record_hash,
+)
 from schemas import Finding as FindingRecord
 from support.live_sim import LiveSim
 from support.strategies import BASE, calls, fact_sets
@@ -107,7 +116,6 @@ def test_trusted_evidence_is_what_model_construct_builds() -> None:
     call = tool_call(resources=["file:/a"])
     now = datetime.now(UTC)
     fast = live.build_evidence(call, decision, 2, True, False, now, 3, "deadline", "final", "acme/s1/c1")
-    facts = dict(decision.facts, attribution_version=3, trigger="deadline", kind="final")
     slow = Evidence.model_construct(
         evidence_id=str(uuid.uuid5(live.EVIDENCE_NAMESPACE, "acme/s1/c1#2")),
         call_id="c1",
@@ -125,7 +133,11 @@ def test_trusted_evidence_is_what_model_construct_builds() -> None:
         final=True,
         late=False,
         decided_at=now,
-        facts=facts,
+        facts={},
+        fact_ids=[],
+        fact_hashes=[],
+        kind="final",
+        trigger="deadline",
     )
     assert _state(fast) == _state(slow)
     assert fast == slow
@@ -262,6 +274,7 @@ def test_live_final_evidence_carries_replays_reasons_and_facts(
     engine = DecisionEngine()
     for f in facts:
         engine.add_fact(f)
+    hashes = {f.event_id: record_hash(f) for f in facts}
     latest = sim.latest()
     for c in unique.values():
         decision = engine.decide(c)
@@ -274,9 +287,10 @@ def test_live_final_evidence_carries_replays_reasons_and_facts(
             decision.agent_id,
         )
         assert tuple(e.reasons) == decision.reasons
-        assert {
-            k: v for k, v in e.facts.items() if k not in ("attribution_version", "trigger", "kind")
-        } == decision.facts
+        # the facts by reference: replay's facts (ids), each with the record hash of the event itself
+        ids, _ = live.fact_refs(decision.facts)
+        assert e.fact_ids == ids
+        assert e.fact_hashes == [hashes[i] for i in ids]
 
 
 @settings(max_examples=200, deadline=None)

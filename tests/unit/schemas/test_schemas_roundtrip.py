@@ -49,7 +49,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "rule_version": st.integers(1, 2**31 - 1),
     "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
     **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),
-    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids"], STRINGS),
+    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids", "fact_ids", "fact_hashes"], STRINGS),
     **dict.fromkeys(["event_time", "valid_from", "valid_until", "not_before", "expires_at"], TIMESTAMP),
     **dict.fromkeys(["call_time", "decided_at", "failed_at", "first_call_time", "last_call_time"], TIMESTAMP),
     "detected_at": TIMESTAMP,

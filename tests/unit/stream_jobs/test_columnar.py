@@ -106,7 +106,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "rule_version": st.integers(1, 2**31 - 1),
     "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
     **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),
-    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids"], STRINGS),
+    **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids", "fact_ids", "fact_hashes"], STRINGS),
     **dict.fromkeys(
         [
             "event_time",
@@ -432,3 +432,83 @@ def test_arrow_table_types_follow_the_clickhouse_columns() -> None:
     assert table.column("t").cast(pa.int64()).to_pylist() == [1795255200123]
     assert table.to_pylist()[0]["a"] == ["r1", "ü"]
     assert arrow_table(["m"], ["Map(String, String)"], [[{}]]) is None  # not supported here: Native insert
+
+
+# ------------------------------------------------------------------ the facts' record hash: worker == sink
+
+FACT_MODELS = [
+    m for m in MODELS.values() if m.__name__ in ("SessionBound", "SessionEnded", "GrantIssued", "GrantRevoked")
+]
+
+
+def _sink_hashes(message: bytes) -> tuple[str, str | None]:
+    """``_record_hash`` as the sink's full path stores it, and as its fast reader does (None: declined)."""
+    full = full_path(message)
+    assert full is not None
+    fast = fast_path(message)
+    column = COLUMNS[full[0]].index("_record_hash")
+    return full[1][column], None if fast is None else fast[1][column]
+
+
+def _worker_hash(message: bytes) -> str:
+    """The record hash the decision worker keeps for a fact: decoded as the worker decodes it, through the
+    stage that owns it, read back from the stage's stored (compact) state."""
+    from detections.compact import decode_grants, decode_sessions
+    from detections.live import Stage1, Stage2
+    from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded, decode, parse_delegation_key
+
+    fact = decode(message)
+    assert isinstance(fact, (SessionBound, SessionEnded, GrantIssued, GrantRevoked))
+    if isinstance(fact, (SessionBound, SessionEnded)):
+        s1 = Stage1(0, {}, {})
+        s1.on_fact(fact, fact.event_time)
+        (state,) = s1.sessions.values()
+        hashes = decode_sessions(state, fact.tenant, fact.session_id).hashes
+    else:
+        s2 = Stage2(0, {}, {})
+        s2.on_fact(fact, fact.event_time)
+        ((route, state),) = s2.grants.items()
+        hashes = decode_grants(state, *parse_delegation_key(route)).hashes
+    return hashes[fact.event_id]
+
+
+def _hand_facts() -> list[SchemaModel]:
+    from collectors.chain import ChainStamper
+    from schemas import parse_event
+    from support.scenario import bound, ended, grant, revoke
+
+    stamper = ChainStamper("intake:test", epoch=3)
+    facts = [
+        parse_event(bound("10:00:00.123", "s-é", "alice@acme.example", "agent-日本")),
+        parse_event({**bound("10:00:00", "s2", "bob", "a2"), "valid_until": "2026-11-21T11:00:00.5Z", "note": "x"}),
+        parse_event(ended("10:00:10", "s2")),
+        parse_event(grant("10:00:00", "g1", "alice", "a1", ["fs/read_*", "😀/*"], ["file:/data/*"])),
+        parse_event({**grant("10:00:00", "g2", "alice", "a1", ["*"]), "expires_at": None, "policies": ["p1"]}),
+        parse_event(revoke("10:00:05", "g1", "alice", "a1")),
+    ]
+    return [*facts, *(stamper.stamp(f) for f in facts)]
+
+
+@pytest.mark.parametrize("fact", _hand_facts(), ids=lambda f: f"{f.event_type}")
+def test_worker_and_both_sink_paths_compute_the_same_record_hash_for_a_fact(fact: SchemaModel) -> None:
+    message = encode(fact)
+    full, fast = _sink_hashes(message)
+    assert (fast is not None) == producer_normal(fact)  # unknown fields: the full path, by design
+    assert _worker_hash(message) == full and full.startswith("sha256:")
+    assert fast is None or fast == full
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(FACT_MODELS).flatmap(
+        lambda model: st.one_of(record_dicts(model, False), record_dicts(model, True)).map(model.model_validate)
+    )
+)
+def test_generated_facts_hash_the_same_in_the_worker_and_the_sink(record: SchemaModel) -> None:
+    message = encode(record)
+    full, fast = _sink_hashes(message)
+    from schemas import decode, record_hash
+
+    assert record_hash(decode(message)) == full  # what Stage1/Stage2.on_fact store (live.py: record_hash(fact))
+    assert fast is None or fast == full
+    assert (fast is not None) == producer_normal(record)
