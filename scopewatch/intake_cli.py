@@ -226,7 +226,7 @@ def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -
     settings = _settings()
     topic = topic_for(event, settings.topics)
     try:
-        asyncio.run(asyncio.wait_for(_publish(settings, event), timeout=60))
+        asyncio.run(_publish(settings, event))
     except Exception as exc:  # noqa: BLE001 - any failure to publish is reported the same way
         _fail("emit", f"not published to {topic} ({settings.kafka_bootstrap}): {type(exc).__name__}: {exc}", 1)
     sys.stderr.write(f"scopewatch emit: published {event.event_type} {event.event_id} to {topic}\n")
@@ -235,7 +235,10 @@ def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -
 async def _publish(settings: Any, event: Any) -> None:
     from scopewatch.publish import publish_events
 
-    await publish_events(settings.kafka_bootstrap, settings.topics, [(1, event)])
+    # waits for Kafka as `publish` and the services do (SCOPEWATCH_KAFKA_WAIT_SECONDS), then gives up
+    await publish_events(
+        settings.kafka_bootstrap, settings.topics, [(1, event)], wait_seconds=settings.kafka_wait_seconds
+    )
 
 
 @emit_app.command("bind")

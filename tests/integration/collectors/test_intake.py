@@ -284,7 +284,7 @@ def test_intake_and_emit_commands(settings: Settings, tmp_path: Path) -> None:
     assert dry.returncode == 0 and json.loads(dry.stdout)["event_type"] == "session_ended"
     down = subprocess.run(
         [*cli, "emit", "end", "--session-id", "x"],
-        env={**env, "SCOPEWATCH_BOOTSTRAP": f"127.0.0.1:{proc.free_port()}"},
+        env={**env, "SCOPEWATCH_BOOTSTRAP": f"127.0.0.1:{proc.free_port()}", "SCOPEWATCH_KAFKA_WAIT_SECONDS": "2"},
         capture_output=True,
         text=True,
         timeout=120,
