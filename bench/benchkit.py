@@ -321,7 +321,8 @@ def start_pipeline(
         started = {name: record for name, record in records.items() if record is not None}
         if len(started) < len(services):
             raise RuntimeError(f"Stack.up did not start all of {', '.join(services)}")
-        sent, _ = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, list(enumerate(facts))))
+        numbered = list(enumerate(facts, start=1))
+        sent, _ = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, numbered))
         n_sessions = sum(isinstance(f, SessionBound) for f in facts)
         wanted = {"stage1_facts": n_sessions, "stage2_facts": len(facts) - n_sessions}
         wait_counters(settings, started["worker"], wanted, timeout=300)

@@ -496,7 +496,7 @@ def measure_engine(
             assert facts_worker is not None
         else:
             facts_worker = spawn(worker_argv(), settings.log_dir / "worker-facts.log", settings_env(settings))
-        sent, _ = asyncio.run(publish_events(bootstrap, topics, list(enumerate(wl.facts))))
+        sent, _ = asyncio.run(publish_events(bootstrap, topics, list(enumerate(wl.facts, start=1))))
         bk.say(f"published facts {dict(sent)}; waiting for the worker to process them")
         n_sessions = sum(isinstance(f, SessionBound) for f in wl.facts)
         n_grants = len(wl.facts) - n_sessions

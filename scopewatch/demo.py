@@ -184,7 +184,7 @@ async def _drive(
     outcomes: list[tuple[str, bool]] = []
 
     async def publish(events: list[Event]) -> None:
-        _, bad = await publish_events(settings.kafka_bootstrap, settings.topics, enumerate(events))
+        _, bad = await publish_events(settings.kafka_bootstrap, settings.topics, enumerate(events, start=1))
         assert not bad
 
     async with Client(params, read_timeout_seconds=60) as client:

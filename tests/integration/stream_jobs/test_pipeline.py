@@ -96,9 +96,9 @@ def test_bad_messages_are_dead_lettered_and_the_rest_flows(pipeline: Settings) -
 
 def test_sql_endpoint_is_read_only_and_authenticated(pipeline: Settings) -> None:
     db = pipeline.clickhouse_database
-    with pytest.raises(SqlError, match=r"(?i)readonly"):
+    with pytest.raises(SqlError, match=r"(?i)read-?only"):
         run_sql(pipeline, f"DROP TABLE {db}.tool_calls")
-    with pytest.raises(SqlError, match=r"(?i)readonly"):
+    with pytest.raises(SqlError, match=r"(?i)read-?only"):
         run_sql(pipeline, f"INSERT INTO {db}.dead_letters (dead_letter_id) VALUES ('x')")
     with pytest.raises(SqlError, match=r"(?i)syntax"):
         run_sql(pipeline, "SELEC 1")
