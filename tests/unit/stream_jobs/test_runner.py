@@ -136,3 +136,129 @@ def test_a_halted_job_processes_nothing() -> None:
     assert runner.stopping
     assert broker.read("out") == []
     assert not broker.committed.get("g")
+
+
+class Batches:
+    """Outputs each cycle's batch as one item: (partition, first offset, last offset) per partition."""
+
+    def __init__(self) -> None:
+        self.halted = False
+        self.resets = 0
+
+    async def assigned(self, tps: set[TP]) -> None:
+        return None
+
+    async def revoked(self, tps: set[TP]) -> None:
+        return None
+
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Any]:
+        return [tuple(sorted((p, rs[0].offset, rs[-1].offset) for (_, p), rs in batch.items()))]
+
+    async def timer(self, assignment: set[TP], now: datetime) -> list[Any]:
+        return []
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        return None
+
+    def reset(self, tps: set[TP]) -> None:
+        self.resets += 1
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class Store:
+    """An output that is not Kafka (a database): it refuses the first ``failures`` flushes."""
+
+    def __init__(self, consumer: MemoryConsumer, failures: int = 0) -> None:
+        self.consumer = consumer
+        self.failures = failures
+        self.attempts: list[Any] = []
+        self.written: list[Any] = []
+        self.paused_while_refusing: list[set[TP]] = []
+        self.commits: list[dict[TP, int]] = []
+
+    async def flush(self, out: Sequence[Any]) -> dict[TP, int]:
+        self.attempts.append(list(out))
+        if self.failures:
+            self.failures -= 1
+            self.paused_while_refusing.append(set(self.consumer.paused))
+            raise ConnectionError("store unavailable")
+        self.written += out
+        return {}
+
+    async def committed(self, offsets: Mapping[TP, int]) -> None:
+        self.commits.append(dict(offsets))
+
+    async def stop(self) -> None:
+        return None
+
+
+def test_a_flush_retried_in_place_repeats_the_same_outputs_while_the_runner_holds_back() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(6):
+        broker.append("in", None, str(i).encode(), i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = Store(consumer, failures=2)
+    config = RunnerConfig(batch_ms=1, retry_in_place=True, min_backoff=0.01, max_backoff=0.02)
+    job = Batches()
+    runner = Runner(consumer, store, job, config)
+
+    async def late_records() -> None:  # arrive while the store refuses: held back, taken after
+        while not store.paused_while_refusing:
+            await asyncio.sleep(0.001)
+        broker.append("in", None, b"late", 0)
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        extra = asyncio.create_task(late_records())
+        for _ in range(500):
+            await asyncio.sleep(0.005)
+            if broker.committed.get("g", {}).get(("in", 0)) == 4:
+                break
+        runner.stop()
+        await asyncio.gather(task, extra)
+
+    asyncio.run(main())
+    first = [((0, 0, 2), (1, 0, 2))]
+    assert store.attempts[:3] == [first, first, first]  # the same outputs each time, nothing new mixed in
+    assert store.paused_while_refusing[1] == {("in", 0), ("in", 1)}  # held back from the first retry on
+    assert store.written[0] == first[0] and store.written[1] == ((0, 3, 3),)
+    assert store.commits == [{("in", 0): 3, ("in", 1): 3}, {("in", 0): 4}]
+    assert runner.counters.retries == 2 and runner.counters.failed_flushes == 0 and job.resets == 0
+    assert not runner.paused and not consumer.paused
+
+
+def test_fill_takes_fetches_until_max_records() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(10):
+        broker.append("in", None, b"x", i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = Store(consumer)
+    runner = Runner(consumer, store, Batches(), RunnerConfig(max_records=7, batch_ms=1, fill_seconds=0.3))
+
+    async def small_fetches(timeout_ms: int, max_records: int) -> Any:
+        return await MemoryConsumer.getmany(consumer, timeout_ms, min(max_records, 2))
+
+    consumer.getmany = small_fetches  # type: ignore[method-assign]
+    run_until(runner, lambda: len(store.written) == 2)
+    # fetches of at most 2 records (partition 0 first) up to 7, then the 3 left after 0.3 s
+    assert store.written[:2] == [((0, 0, 4), (1, 0, 1)), ((1, 2, 4),)]
+
+
+def test_an_exact_redo_and_a_refused_commit_take_exactly_the_same_ranges_again() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(10):
+        broker.append("in", None, b"x", i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = Store(consumer)
+    config = RunnerConfig(max_records=3, batch_ms=1, redo_uncommitted=True)
+    runner = Runner(consumer, store, Batches(), config)
+    runner.redo({("in", 1): (1, 2)})  # what a crashed flush's intent names
+    broker.fail_commits = 2  # the redo's commit, then the next batch's
+
+    run_until(runner, lambda: broker.committed.get("g") == {("in", 0): 5, ("in", 1): 5})
+    assert store.written[0] == ((1, 1, 2),)  # only those offsets, though more were there
+    # its commit is refused too (a redo is not redone); the next batch's commit is refused: redone exactly
+    assert store.written[1] == store.written[2] == ((0, 0, 2),)
+    assert runner.counters.commit_failures == 2 and runner.counters.redos == 1
