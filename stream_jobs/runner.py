@@ -138,6 +138,33 @@ class Job(Protocol[M]):
 
     def stats(self) -> dict[str, Any]: ...
 
+    # -- with defaults (a job subclassing Job inherits them): what a job that holds records back
+    #    beyond one cycle (the pager: a finding is held until its deliveries are on the ledger) needs
+
+    def room(self) -> int | None:
+        """How many records the job can take now: None, ``max_records``; 0 or less, none (the runner
+        holds back -- every partition paused, polling on -- and the timer goes on)."""
+        return None
+
+    def to_commit(self, taken: dict[TP, int]) -> dict[TP, int]:
+        """The offsets to commit once the cycle's outputs are flushed. ``taken``: the batch's last offset
+        + 1 per partition (the default). A job holding records back commits less, and on a timer cycle
+        may commit what earlier cycles held (the runner keeps only assigned partitions)."""
+        return taken
+
+    def committed(self, offsets: Mapping[TP, int]) -> None:
+        """These offsets are committed."""
+        return None
+
+    async def revoking(self, tps: set[TP]) -> list[M]:
+        """A revocation is coming: outputs to flush first; then the runner commits what
+        :meth:`to_commit` gives for ``tps``, then calls :meth:`revoked`."""
+        return []
+
+    async def drain(self) -> list[M]:
+        """The runner is stopping: last outputs to flush; then it commits what :meth:`to_commit` gives."""
+        return []
+
 
 class StatsFile:
     """A JSON file of the job's stats, rewritten atomically (best effort, never fatal)."""
@@ -218,9 +245,10 @@ class Runner(Generic[M]):
         self._stop = asyncio.Event()
         self._backoff = 0.0
         self._redo: dict[TP, tuple[int, int]] | None = None
-        self._lost: set[TP] = set()  # partitions revoked since the batch being taken was started
+        self._lost: set[TP] = set()  # partitions revoked since the last fetch of the batch being taken
         self.paused = False
         """True while the runner holds back (a flush being retried in place)."""
+        self._full = False  # the job had no room: every partition paused
 
     # -- the consumer's rebalance hooks (the batch in flight finishes, and commits, first)
 
@@ -235,7 +263,33 @@ class Runner(Generic[M]):
     async def revoked(self, tps: set[TP]) -> None:
         self._lost |= tps  # records of these in a batch being taken are someone else's now
         async with self._lock:
+            if tps:
+                await self._settle(await self.job.revoking(tps), tps)
             await self.job.revoked(tps)
+
+    async def _settle(self, out: list[M], only: set[TP] | None) -> None:
+        """Flush these last outputs (once) and commit the job's offsets (of ``only``): a revocation, a stop."""
+        if out:
+            try:
+                ends = await self.output.flush(out)
+            except Exception as exc:  # noqa: BLE001 - nothing more is committed; the records are read again
+                log.warning("flush failed (%s: %s): nothing more committed", type(exc).__name__, exc)
+                self.job.reset(only or set())
+                return
+            self.job.flushed(ends)
+        held = self.consumer.assignment()
+        offsets = {tp: o for tp, o in self.job.to_commit({}).items() if tp in held and (only is None or tp in only)}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # noqa: BLE001 - a revocation or a stop goes on; the records are read again
+            self.counters.commit_failures += 1
+            log.warning("offset commit failed (%s); the records are read again", exc)
+            return
+        self.counters.commits += 1
+        self.job.committed(offsets)
+        await self.output.committed(offsets)
 
     # -- the loop
 
@@ -257,7 +311,14 @@ class Runner(Generic[M]):
                 if self._redo is not None:
                     await self._take_again(self._redo)
                     continue
-                batch = await self.take()
+                room = self.job.room()
+                if room is not None and room <= 0:
+                    batch = await self._held_back()
+                else:
+                    if self._full:
+                        self._full = False
+                        self.consumer.resume(self.consumer.assignment())
+                    batch = await self.take(room)
                 if self._stop.is_set() or self.job.halted:
                     break  # a halted job judges nothing more; these records are read again later
                 mono = time.monotonic()
@@ -271,24 +332,42 @@ class Runner(Generic[M]):
                     next_stats = mono + cfg.stats_seconds
                 if self._backoff:
                     await asyncio.wait([asyncio.ensure_future(self._stop.wait())], timeout=self._backoff)
+            if not self.job.halted:
+                async with self._lock:
+                    await self._settle(await self.job.drain(), None)
         finally:
             await self.close()
 
-    async def take(self) -> Mapping[TP, Sequence[Record]]:
-        """One fetch, or with ``fill_seconds`` fetches until ``max_records`` or that long after the first record."""
+    async def _held_back(self) -> Mapping[TP, Sequence[Record]]:
+        """The job has no room: fetch nothing new, but poll (the group keeps us); nothing is taken."""
+        self._full = True
+        self.consumer.pause(self.consumer.assignment())  # again each time: partitions assigned since
+        self._seek_back(await self.consumer.getmany(self.config.batch_ms, self.config.max_records))
+        return {}
+
+    async def take(self, room: int | None = None) -> Mapping[TP, Sequence[Record]]:
+        """One fetch, or with ``fill_seconds`` fetches until ``max_records`` (or the job's ``room``) or
+        that long after the first record."""
         cfg = self.config
+        limit = cfg.max_records if room is None else max(1, min(room, cfg.max_records))
+        batch = await self.consumer.getmany(cfg.batch_ms, limit)
+        # partitions revoked from here on: records of them taken so far are stale (a partition given
+        # back is read again from its committed offset), so they are dropped, never those fetched after
         self._lost = set()
-        batch = await self.consumer.getmany(cfg.batch_ms, cfg.max_records)
         if cfg.fill_seconds <= 0 or not batch:
             return batch
         merged = {tp: list(records) for tp, records in batch.items()}
         count = sum(map(len, merged.values()))
         deadline = time.monotonic() + cfg.fill_seconds
-        while count < cfg.max_records and not self._stop.is_set():
+        while count < limit and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = await self.consumer.getmany(max(1, int(left * 1000)), cfg.max_records - count)
+            more = await self.consumer.getmany(max(1, int(left * 1000)), limit - count)
+            if self._lost:
+                for tp in self._lost:
+                    count -= len(merged.pop(tp, ()))
+                self._lost = set()
             for tp, records in more.items():
                 merged.setdefault(tp, []).extend(records)
                 count += len(records)
@@ -311,7 +390,8 @@ class Runner(Generic[M]):
                 self._flush_failed(batch, exc)
                 return False
             self.job.flushed(ends)
-            offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+            taken = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+            offsets = {tp: o for tp, o in self.job.to_commit(taken).items() if tp in held}
             if offsets:
                 try:
                     await self.consumer.commit(offsets)
@@ -319,6 +399,7 @@ class Runner(Generic[M]):
                     self._commit_failed(batch, exc, redo)
                     return False
                 self.counters.commits += 1
+                self.job.committed(offsets)
                 await self.output.committed(offsets)
             self.counters.batches += 1
             self.counters.records += sum(map(len, batch.values()))

@@ -75,7 +75,7 @@ from stream_jobs.columnar import FastReader, arrow_table, fast_readers
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.rows import COLUMNS, Provenance, check_row, millis, row_values, to_row
-from stream_jobs.runner import TP, Consumer, Record, Runner, RunnerConfig
+from stream_jobs.runner import TP, Consumer, Job, Record, Runner, RunnerConfig
 
 log = logging.getLogger("scopewatch.sink")
 
@@ -396,7 +396,7 @@ class _Tp:
         self.topic, self.partition = topic, partition
 
 
-class ClickHouseSink:
+class ClickHouseSink(Job["Batch"]):
     """The sink as a :class:`~stream_jobs.runner.Job` on the one :class:`~stream_jobs.runner.Runner`.
 
     One cycle: take up to ``batch_rows`` records or ``batch_seconds`` after the first one (all the

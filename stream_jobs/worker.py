@@ -44,12 +44,23 @@ from stream_jobs.decisions import (
 )
 from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.metrics import remove_stale_worker_stats
-from stream_jobs.runner import TP, CommitFailed, Consumer, Message, Producer, Record, Runner, RunnerConfig, StatsFile
+from stream_jobs.runner import (
+    TP,
+    CommitFailed,
+    Consumer,
+    Job,
+    Message,
+    Producer,
+    Record,
+    Runner,
+    RunnerConfig,
+    StatsFile,
+)
 
 log = logging.getLogger("scopewatch.stream")
 
 
-class DecisionJob:
+class DecisionJob(Job[Message]):
     """Both stages as one :class:`stream_jobs.runner.Job`."""
 
     def __init__(

@@ -10,6 +10,7 @@ from typing import Any
 
 from stream_jobs.runner import (
     TP,
+    Job,
     MemoryBroker,
     MemoryConsumer,
     MemoryProducer,
@@ -20,7 +21,7 @@ from stream_jobs.runner import (
 )
 
 
-class Counting:
+class Counting(Job[Message]):
     """Counts values per key; its state is a changelog topic written with every batch."""
 
     def __init__(self, broker: MemoryBroker) -> None:
@@ -138,7 +139,7 @@ def test_a_halted_job_processes_nothing() -> None:
     assert not broker.committed.get("g")
 
 
-class Batches:
+class Batches(Job[Any]):
     """Outputs each cycle's batch as one item: (partition, first offset, last offset) per partition."""
 
     def __init__(self) -> None:
@@ -262,3 +263,105 @@ def test_an_exact_redo_and_a_refused_commit_take_exactly_the_same_ranges_again()
     # its commit is refused too (a redo is not redone); the next batch's commit is refused: redone exactly
     assert store.written[1] == store.written[2] == ((0, 0, 2),)
     assert runner.counters.commit_failures == 2 and runner.counters.redos == 1
+
+
+class Holding(Job[Message]):
+    """Holds every record until a timer tick releases it as an output (the pager's shape): commits
+    only up to the oldest record still held, settles on revocation and on stop."""
+
+    def __init__(self, room: int = 100) -> None:
+        self.halted = False
+        self.held: dict[TP, list[int]] = {}
+        self.next: dict[TP, int] = {}
+        self.in_flight: list[tuple[TP, int]] = []
+        self.capacity = room
+        self.events: list[str] = []
+
+    def room(self) -> int:
+        return self.capacity - sum(map(len, self.held.values()))
+
+    async def assigned(self, tps: set[TP]) -> None:
+        return None
+
+    async def revoked(self, tps: set[TP]) -> None:
+        self.events.append(f"revoked {sorted(tps)}")
+        for tp in tps:
+            self.held.pop(tp, None)
+            self.next.pop(tp, None)
+
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Message]:
+        for tp, records in batch.items():
+            self.held.setdefault(tp, []).extend(r.offset for r in records)
+            self.next[tp] = records[-1].offset + 1
+        return []
+
+    def _release(self, tps: set[TP] | None, every: bool) -> list[Message]:
+        for tp, offsets in self.held.items():
+            if offsets and (tps is None or tp in tps):
+                self.in_flight += [(tp, o) for o in (offsets if every else offsets[:1])]
+        return [("out", None, f"{tp[1]}:{o}".encode(), 0) for tp, o in self.in_flight]
+
+    async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
+        return self._release(None, every=False)
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        for tp, offset in self.in_flight:
+            self.held[tp].remove(offset)
+        self.in_flight = []
+
+    def reset(self, tps: set[TP]) -> None:
+        self.in_flight = []
+
+    def to_commit(self, taken: dict[TP, int]) -> dict[TP, int]:
+        return {tp: (min(self.held[tp]) if self.held.get(tp) else nxt) for tp, nxt in self.next.items()}
+
+    def committed(self, offsets: Mapping[TP, int]) -> None:
+        self.events.append(f"committed {sorted(offsets.items())}")
+
+    async def revoking(self, tps: set[TP]) -> list[Message]:
+        self.events.append(f"revoking {sorted(tps)}")
+        return self._release(tps, every=True)
+
+    async def drain(self) -> list[Message]:
+        self.events.append("drain")
+        return self._release(None, every=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def test_a_job_holding_records_commits_only_what_its_outputs_cover_and_settles_on_revoke_and_stop() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(8):
+        broker.append("in", None, b"x", i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    job = Holding(room=3)
+    runner = Runner(consumer, MemoryProducer(broker), job, RunnerConfig(batch_ms=1, timer_seconds=0.01))
+    real_commit = consumer.commit
+
+    async def commit(offsets: Mapping[TP, int]) -> None:
+        out = {v.decode() for v in (r.value or b"" for r in broker.read("out"))}
+        for (_, p), end in offsets.items():  # every committed record has its output on the broker
+            assert all(f"{p}:{o}" in out for o in range(end)), (offsets, out)
+        await real_commit(offsets)
+
+    consumer.commit = commit  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        while len(broker.read("out")) < 3:  # room for 3: the rest waits, paused
+            await asyncio.sleep(0.005)
+        await consumer.rebalance({("in", 0)})  # partition 1 goes: its held records are settled first
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+        runner.stop()
+        await task
+
+    asyncio.run(main())
+    assert job.events.index("revoking [('in', 0), ('in', 1)]") < job.events.index("revoked [('in', 0), ('in', 1)]")
+    settled = job.events[job.events.index("revoking [('in', 0), ('in', 1)]") + 1]
+    assert settled.startswith("committed") and "('in', 1)" in settled  # committed before it went
+    assert job.events[-1] == "drain" and not any(job.held.values())
+    # partition 0 whole; partition 1 up to where it was taken when it went; every output once
+    assert broker.committed["g"] == {("in", 0): 4, ("in", 1): 3}
+    assert sorted(r.value for r in broker.read("out")) == [b"0:0", b"0:1", b"0:2", b"0:3", b"1:0", b"1:1", b"1:2"]
