@@ -200,6 +200,8 @@ class RunnerConfig:
     stats_seconds: float = 1.0
     min_backoff: float = 0.25
     max_backoff: float = 5.0
+    finish_on_stop: bool = False
+    """A batch taken when the stop came is still processed, flushed and committed (the sink's last rows)."""
     retry_in_place: bool = False
     """A failed flush is retried with the same outputs while the runner holds back (module docstring)."""
     redo_uncommitted: bool = False
@@ -319,8 +321,12 @@ class Runner(Generic[M]):
                         self._full = False
                         self.consumer.resume(self.consumer.assignment())
                     batch = await self.take(room)
-                if self._stop.is_set() or self.job.halted:
+                if self.job.halted:
                     break  # a halted job judges nothing more; these records are read again later
+                if self._stop.is_set():
+                    if batch and cfg.finish_on_stop:
+                        await self.cycle(batch)
+                    break  # otherwise these records are read again after a restart
                 mono = time.monotonic()
                 timer_due = mono >= next_timer
                 if batch or timer_due:

@@ -474,6 +474,7 @@ class ClickHouseSink(Job["Batch"]):
                 max_backoff=cfg.retry_max_seconds,
                 retry_in_place=True,
                 redo_uncommitted=True,
+                finish_on_stop=True,  # the rows taken when the stop came still land
                 redo_timeout=cfg.recovery_timeout,
             ),
         )

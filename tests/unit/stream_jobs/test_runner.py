@@ -365,3 +365,26 @@ def test_a_job_holding_records_commits_only_what_its_outputs_cover_and_settles_o
     # partition 0 whole; partition 1 up to where it was taken when it went; every output once
     assert broker.committed["g"] == {("in", 0): 4, ("in", 1): 3}
     assert sorted(r.value for r in broker.read("out")) == [b"0:0", b"0:1", b"0:2", b"0:3", b"1:0", b"1:1", b"1:2"]
+
+
+def test_finish_on_stop_lands_the_batch_being_taken() -> None:
+    for finish in (True, False):
+        broker = MemoryBroker(partitions=1)
+        for _ in range(3):
+            broker.append("in", None, b"x", 0)
+        consumer = MemoryConsumer(broker, "g", ["in"])
+        store = Store(consumer)
+        config = RunnerConfig(max_records=100, batch_ms=1, fill_seconds=0.3, finish_on_stop=finish)
+        runner = Runner(consumer, store, Batches(), config)
+
+        async def main(runner: Runner[Any]) -> None:
+            task = asyncio.create_task(runner.run())
+            await asyncio.sleep(0.1)  # the batch is being filled
+            runner.stop()
+            await task
+
+        asyncio.run(main(runner))
+        if finish:
+            assert store.written == [((0, 0, 2),)] and broker.committed["g"] == {("in", 0): 3}
+        else:  # read again after a restart
+            assert store.written == [] and not broker.committed.get("g")
