@@ -284,6 +284,13 @@ class BatchProducer:
         self.counters["messages_sent"] += len(out)
         return ends
 
+    async def flush(self, out: Sequence[Message]) -> dict[tuple[str, int], int]:
+        """The runner's :class:`~stream_jobs.runner.Output` step: :meth:`send_all`."""
+        return await self.send_all(out)
+
+    async def committed(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        return None
+
 
 class Sender:
     """Collects the messages of ONE producer of work (a stage, or the tick timer) and sends them

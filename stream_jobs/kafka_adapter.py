@@ -9,12 +9,13 @@ whole session timeout), and fetches that wait in the broker for ``fetch_min_byte
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from stream_jobs.runner import TP, Listener, Record
+from stream_jobs.runner import TP, CommitFailed, Listener, Record
 
 FETCH_MIN_BYTES = 64 * 1024
 FETCH_WAIT_MS = 40
@@ -43,6 +44,7 @@ class KafkaConsumer:
         session_timeout: float = 30.0,
         fetch_min_bytes: int = FETCH_MIN_BYTES,
         fetch_max_wait_ms: int = FETCH_WAIT_MS,
+        max_partition_fetch_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.topics = list(topics)
         session_ms = int(session_timeout * 1000)
@@ -56,7 +58,7 @@ class KafkaConsumer:
             "heartbeat_interval_ms": min(3000, session_ms // 3),
             "fetch_min_bytes": fetch_min_bytes,
             "fetch_max_wait_ms": fetch_max_wait_ms,
-            "max_partition_fetch_bytes": 4 * 1024 * 1024,
+            "max_partition_fetch_bytes": max_partition_fetch_bytes,
         }
         if assignor is not None:
             options["partition_assignment_strategy"] = (assignor,)
@@ -75,8 +77,12 @@ class KafkaConsumer:
             out = self._tps[tp] = TopicPartition(*tp)
         return out
 
+    def new(self) -> AIOKafkaConsumer:
+        """The aiokafka consumer these options make (not started; call inside the running loop)."""
+        return AIOKafkaConsumer(**self._options)
+
     async def start(self, listener: Listener) -> None:
-        self._consumer = AIOKafkaConsumer(**self._options)
+        self._consumer = self.new()
         await self._consumer.start()
         self._consumer.subscribe(self.topics, listener=_Hooks(listener))
 
@@ -85,10 +91,35 @@ class KafkaConsumer:
         return {(tp.topic, tp.partition): records for tp, records in batches.items()}
 
     async def commit(self, offsets: Mapping[TP, int]) -> None:
-        await self.consumer.commit({self._tp(tp): offset for tp, offset in offsets.items()})
+        try:
+            await self.consumer.commit({self._tp(tp): offset for tp, offset in offsets.items()})
+        except (CommitFailedError, IllegalStateError) as exc:  # the group moved the partitions meanwhile
+            raise CommitFailed(f"{type(exc).__name__}: {exc}") from exc
 
     def seek(self, tp: TP, offset: int) -> None:
         self.consumer.seek(self._tp(tp), offset)
+
+    def pause(self, tps: Iterable[TP]) -> None:
+        self.consumer.pause(*map(self._tp, tps))
+
+    def resume(self, tps: Iterable[TP]) -> None:
+        self.consumer.resume(*map(self._tp, tps))
+
+    async def committed(self, tp: TP) -> int | None:
+        """The group's committed offset of ``tp`` (None: none yet)."""
+        offset: int | None = await self.consumer.committed(self._tp(tp))
+        return offset
+
+    async def lag(self) -> dict[str, int]:
+        """Per topic, the high watermark minus the committed offset, over the assigned partitions."""
+        lag: dict[str, int] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            committed = await self.consumer.committed(tp)
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - (committed or 0))
+        return lag
 
     def assignment(self) -> set[TP]:
         if self._consumer is None:

@@ -2,13 +2,18 @@
 
 The I/O around :mod:`stream_jobs.pager_core` (grouping, windows, rate limits, retry decisions):
 
-* consumes ``audit.findings`` (Avro, consumer group from the config, manual commits);
+* runs on the one stream runner (:mod:`stream_jobs.runner`): :class:`PagerService` is the job,
+  the worker's :class:`~stream_jobs.decisions.BatchProducer` its output; it consumes
+  ``audit.findings`` (Avro, consumer group from the config, manual commits);
 * delivers each page with one asyncio task per route (aiohttp), retrying on 429/5xx/no response
   with backoff (Retry-After honoured) until ``max_age_seconds``;
 * records every attempt -- and every batch of held-back findings -- as a ``PageAttempt`` on
   ``audit.pages`` (acks=all; the sink lands it in the ``pages`` table) *before* the finding's
-  offset may be committed: a partition is committed only up to its oldest finding not yet fully
-  recorded, so a receiver that is down, or a pager that dies, loses no page;
+  offset may be committed: the rows are the runner cycle's outputs (a delivery task queues its
+  attempt's row; the next cycle, at most ``TICK_SECONDS`` later, flushes it and awaits the acks,
+  retrying in place while Kafka is unavailable), and a partition is committed only up to its
+  oldest finding not yet fully recorded (``to_commit``), so a receiver that is down, or a pager
+  that dies, loses no page;
 * whenever it is given findings partitions (at start, and after a rebalance of a group of several
   pagers), re-reads the last ``max(window, max_age)`` of ``audit.pages`` for those partitions
   before it reads their findings, to rebuild their windows (a restart or a takeover neither
@@ -17,7 +22,7 @@ The I/O around :mod:`stream_jobs.pager_core` (grouping, windows, rate limits, re
   deliveries stopped, its held-back counts recorded and its offsets committed, and its windows
   dropped (the ledger rows and findings are keyed by dedup key, so a window lives in one partition);
 * pauses consumption while ``max_pending_pages`` deliveries or ``max_held_findings`` uncommitted
-  findings are in flight (bounded state), and keeps polling so the group keeps it;
+  findings are in flight (bounded state: the job's ``room``), and keeps polling so the group keeps it;
 * writes counters to ``<home>/run/pager-stats.json`` every 2 s.
 
 Secrets: the route's URL and secret only ever go into the HTTP request. Logs and ledger rows name
@@ -34,25 +39,27 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import CodecError, Finding, PageAttempt, decode, encode
 from schemas.topics import partition_for
 from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
 from scopewatch.settings import Settings
 from scopewatch.stack.proc import atomic_write
+from stream_jobs.decisions import BatchProducer
+from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.pager_config import PagerConfig, Redactor, Route, load_config, resolve_routes
 from stream_jobs.pager_core import AttemptResult, Hold, OffsetTracker, Page, PageBook, RouteState
 from stream_jobs.pager_render import ForensicParams, HttpRequest
+from stream_jobs.runner import TP, Job, Message, Record, Runner, RunnerConfig
 
 __all__ = [
     "CONFIG_NAMES",
@@ -71,6 +78,8 @@ log = logging.getLogger("scopewatch.pager")
 
 CONFIG_NAMES = ("pager.toml", "pager.json")
 MAX_RESPONSE_BYTES = 2048
+TICK_SECONDS = 0.2
+"""The runner's timer: queued ledger rows are flushed, held-back counts and expiry checked, this often."""
 
 
 def find_config(settings: Settings, explicit: Path | None = None) -> Path | None:
@@ -105,17 +114,6 @@ class PagerTopics:
     pages: str
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: PagerService) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.service.partitions_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.service.partitions_assigned(set(assigned))
-
-
 class HttpSender:
     """One HTTP attempt: a response (status, Retry-After, a redacted excerpt of an error body) or an error."""
 
@@ -148,7 +146,13 @@ class HttpSender:
         return AttemptResult(status, latency, retry_after, error)
 
 
-class PagerService:
+Recording = tuple[PageAttempt, Sequence[Hold]]
+"""A ledger row and the holds it accounts for (released once the row is on the ledger)."""
+
+
+class PagerService(Job[Message]):
+    """The pager as a :class:`~stream_jobs.runner.Job` (module docstring)."""
+
     def __init__(
         self,
         config: PagerConfig,
@@ -181,15 +185,21 @@ class PagerService:
         self._tasks: dict[asyncio.Task[None], str] = {}  # delivery task -> its page's dedup key
         self._owned: set[int] = set()  # findings partitions whose windows this pager holds
         self._findings_partitions = 0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._kafka: KafkaConsumer | None = None
+        self._runner: Runner[Message] | None = None
         self._sender: HttpSender | None = None
         self._paused = False
+        self._queue: list[Recording] = []  # rows to record in the next cycle
+        self._in_flight: list[Recording] = []  # rows of the cycle being flushed
+        self._last_flush = self._last_expire = clock()
+        self.halted = False
         self.ready = asyncio.Event()
         """Set once the ledger is re-read and the consumer has joined (tests, readiness)."""
 
     def stop(self) -> None:
         self._stop.set()
+        if self._runner is not None:
+            self._runner.stop()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -205,79 +215,89 @@ class PagerService:
     # ------------------------------------------------------------------------------- run
 
     async def run(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+        self._kafka = KafkaConsumer(self.bootstrap, self.group, [self.topics.findings], session_timeout=10.0)
+        output = BatchProducer(self.bootstrap, Counter())
+        config = RunnerConfig(
+            max_records=500,
+            batch_ms=200,
+            timer_seconds=TICK_SECONDS,
+            min_backoff=0.5,
+            max_backoff=8.0,
+            retry_in_place=True,  # a ledger row is written, or retried, never dropped
         )
-        await self._producer.start()
-        try:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                group_id=self.group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_poll_records=500,
-            )
-            self._consumer.subscribe([self.topics.findings], listener=_Rebalance(self))
-            await self._consumer.start()
+        self._runner = runner = Runner(self._kafka, output, self, config)
+        if self._stop.is_set():
+            runner.stop()
+        async with aiohttp.ClientSession() as http:
+            self._sender = HttpSender(http, self.redact)
+            reporter = asyncio.create_task(self._report())
             try:
-                async with aiohttp.ClientSession() as http:
-                    self._sender = HttpSender(http, self.redact)
-                    reporter = asyncio.create_task(self._report())
-                    try:
-                        await self._loop()
-                        await self._drain()
-                    finally:
-                        reporter.cancel()
-                        self._write_stats()
+                await runner.run()
             finally:
-                await self._consumer.stop()
-        finally:
-            await self._producer.stop()
+                reporter.cancel()
+                self._write_stats()
 
-    async def _loop(self) -> None:
-        assert self._consumer is not None
+    # ------------------------------------------------------------------- the runner's job
+
+    def room(self) -> int:
+        """Findings it may take now; 0 while ``max_pending_pages`` or ``max_held_findings`` is reached."""
         cfg = self.config
-        last_flush = last_expire = self.clock()
-        while not self._stop.is_set():
-            self._pause_if_full()
-            room = min(cfg.max_pending_pages - self.book.pending, cfg.max_held_findings - self.tracker.held)
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=max(1, min(500, room)))
-            if not self.ready.is_set() and self._owned:
-                self.ready.set()
-                log.info("consuming %s as group %s", self.topics.findings, self.group)
-            for tp, messages in batch.items():
-                if messages and tp.partition not in self._owned:  # windows still being rebuilt: read again
-                    self._consumer.seek(tp, messages[0].offset)
-                    continue
-                for msg in messages:
-                    await self._absorb(tp, msg)
-            now = self.clock()
-            if now - last_flush >= cfg.suppressed_flush_seconds:
-                last_flush = now
-                await self._flush_suppressed()
-            if now - last_expire >= 5.0:
-                last_expire = now
-                self.book.expire(now)
-            await self.commit()
-
-    def _pause_if_full(self) -> None:
-        assert self._consumer is not None
-        full = self.book.pending >= self.config.max_pending_pages or self.tracker.held >= self.config.max_held_findings
-        assignment = self._consumer.assignment()
-        if full:
-            if not self._paused:
-                log.warning(
-                    "pausing consumption: %d pages pending, %d findings held", self.book.pending, self.tracker.held
-                )
-                self.counters["pauses"] += 1
-            self._consumer.pause(*assignment)  # again each time: partitions assigned since
-        elif self._paused:
-            self._consumer.resume(*assignment)
+        room = min(cfg.max_pending_pages - self.book.pending, cfg.max_held_findings - self.tracker.held)
+        full = room <= 0
+        if full and not self._paused:
+            log.warning("pausing consumption: %d pages pending, %d findings held", self.book.pending, self.tracker.held)
+            self.counters["pauses"] += 1
+        elif self._paused and not full:
             log.info("resuming consumption")
         self._paused = full
+        return max(0, min(500, room))
 
-    async def _drain(self) -> None:
-        """Stop: finish attempts in flight (bounded), record held-back counts, commit what is recorded."""
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Message]:
+        for tp, messages in batch.items():
+            if tp[1] not in self._owned and self._kafka is not None:
+                # fetched before the assignment hook rebuilt the partition's windows: read them again
+                self._kafka.seek(tp, messages[0].offset)
+                continue
+            for msg in messages:
+                await self._absorb(tp, msg)
+        return self._outputs()
+
+    async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
+        at = self.clock()
+        if at - self._last_flush >= self.config.suppressed_flush_seconds:
+            self._last_flush = at
+            self._take_suppressed()
+        if at - self._last_expire >= 5.0:
+            self._last_expire = at
+            self.book.expire(at)
+        return self._outputs()
+
+    def _outputs(self) -> list[Message]:
+        """The queued ledger rows as this cycle's messages (their holds are released once flushed)."""
+        self._in_flight, self._queue = self._in_flight + self._queue, []
+        return [(self.topics.pages, row.dedup_key.encode(), encode(row), None) for row, _ in self._in_flight]
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        recorded, self._in_flight = self._in_flight, []
+        for row, holds in recorded:
+            self.counters[f"recorded.{row.outcome}"] += 1
+            self._release(self.book.release(holds))
+
+    def reset(self, tps: set[TP]) -> None:
+        # rows that did not reach the ledger: their findings stay held (uncommitted), read again later
+        if self._in_flight:
+            self.counters["unrecorded"] += len(self._in_flight)
+        self._in_flight = []
+
+    def to_commit(self, taken: dict[TP, int]) -> dict[TP, int]:
+        offsets: dict[TP, int] = self.tracker.committable()  # type: ignore[assignment]  # keyed by TP here
+        return offsets
+
+    def committed(self, offsets: Mapping[TP, int]) -> None:
+        self.tracker.committed(dict(offsets))
+
+    async def drain(self) -> list[Message]:
+        """Stop: finish attempts in flight (bounded), then record their rows and the held-back counts."""
         if self._tasks:
             log.info("stopping: waiting up to %.0fs for %d deliveries", self.drain_seconds, len(self._tasks))
             _done, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_seconds)
@@ -285,12 +305,12 @@ class PagerService:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        await self._flush_suppressed()
-        await self.commit()
+        self._take_suppressed()
+        return self._outputs()
 
     # ------------------------------------------------------------------------- findings
 
-    async def _absorb(self, tp: TopicPartition, msg: Any) -> None:
+    async def _absorb(self, tp: TP, msg: Record) -> None:
         self.counters["findings"] += 1
         self.tracker.seen(tp, msg.offset)
         hold = Hold(tp, msg.offset)
@@ -298,7 +318,7 @@ class PagerService:
             record = decode(msg.value or b"")
         except CodecError as exc:
             self.counters["undecodable"] += 1
-            log.warning("%s[%d]@%d: not a record (%s); skipped", tp.topic, tp.partition, msg.offset, exc)
+            log.warning("%s[%d]@%d: not a record (%s); skipped", tp[0], tp[1], msg.offset, exc)
             self.tracker.done(tp, msg.offset)
             return
         if not isinstance(record, Finding):
@@ -324,8 +344,7 @@ class PagerService:
         for rs in offer.rate_limited:
             step = self.book.rate_limited_row(page, rs, now)
             log.warning("page %s to %s: rate limited, not sent", page.page_key, rs.route.name)
-            await self._record(step.row)
-            self._release(self.book.release(step.holds))
+            self._queue.append((step.row, step.holds))
         for rs in offer.start:
             task = asyncio.create_task(self._deliver(page, rs))
             self._tasks[task] = page.dedup_key
@@ -338,7 +357,7 @@ class PagerService:
         for hold in holds:
             self.tracker.done(hold.partition, hold.offset)
 
-    async def _flush_suppressed(self) -> None:
+    def _take_suppressed(self) -> None:
         for item in self.book.take_suppressed(self.clock()):
             log.debug(
                 "page %s to %s: %d findings held back",
@@ -346,8 +365,7 @@ class PagerService:
                 item.state.route.name,
                 item.row.findings_grouped,
             )
-            await self._record(item.row)
-            self._release(self.book.release(item.holds))
+            self._queue.append((item.row, item.holds))
 
     # ------------------------------------------------------------------------ deliveries
 
@@ -358,8 +376,7 @@ class PagerService:
                 assert self._sender is not None
                 result = await self._sender.send(request, rs.route.config.timeout_seconds)
                 step = self.book.end_attempt(page, rs, result, self.clock(), self.rand())
-                await self._record(step.row)
-                self._release(self.book.release(step.holds))
+                self._queue.append((step.row, step.holds))  # recorded by the next cycle, before any commit
                 row = step.row
                 level = logging.INFO if row.outcome == "delivered" else logging.WARNING
                 log.log(
@@ -389,37 +406,21 @@ class PagerService:
             self.counters["delivery_errors"] += 1
             log.exception("page %s to %s: delivery task failed; it stays uncommitted", page.page_key, rs.route.name)
 
-    async def _record(self, row: PageAttempt) -> None:
-        """Put one row on the ledger (acks=all), retrying while Kafka is unavailable."""
-        assert self._producer is not None
-        delay = 0.5
-        while True:
-            try:
-                await self._producer.send_and_wait(self.topics.pages, encode(row), key=row.dedup_key.encode())
-                self.counters[f"recorded.{row.outcome}"] += 1
-                return
-            except KafkaError as exc:
-                self.counters["ledger_retries"] += 1
-                log.warning("cannot record a page attempt on %s (%s); retrying in %.1fs", self.topics.pages, exc, delay)
-                if self._stop.is_set() and delay >= 8:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 8.0)
-
     # ------------------------------------------------------------------------- rebalances
 
     def _partition(self, dedup_key: str) -> int:
         """The findings partition of a dedup key (findings and ledger rows are keyed by it)."""
         return partition_for(dedup_key.encode("utf-8"), self._findings_partitions)
 
-    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before a rebalance: stop the deliveries of these partitions and commit what is recorded.
+    async def revoking(self, tps: set[TP]) -> list[Message]:
+        """Before a rebalance: stop the deliveries of these partitions; their rows and the held-back
+        counts are recorded and what is recorded committed (the runner) before they go.
 
         Whoever owns a partition next -- another pager of the group, or this one again -- rebuilds
         its windows from the ledger and reads its uncommitted findings again, which resume the pages
         still being delivered. Stopping here keeps two pagers from delivering one page at once.
         """
-        parts = {tp.partition for tp in revoked if tp.topic == self.topics.findings}
+        parts = {p for t, p in tps if t == self.topics.findings}
         if self._findings_partitions:
             moving = [task for task, key in self._tasks.items() if self._partition(key) in parts]
             for task in moving:
@@ -427,45 +428,31 @@ class PagerService:
             if moving:
                 await asyncio.gather(*moving, return_exceptions=True)
                 log.info("stopped %d deliveries of partitions %s (rebalance)", len(moving), sorted(parts))
-        await self._flush_suppressed()
-        await self.commit(only=revoked)
-        self.tracker.forget(revoked)
+        self._take_suppressed()
+        return self._outputs()
 
-    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def revoked(self, tps: set[TP]) -> None:
+        self.tracker.forget(tps)
+
+    async def assigned(self, tps: set[TP]) -> None:
         """After a rebalance: drop the windows of partitions that went elsewhere, rebuild those of
-        partitions that are new here from the ledger, before any of their findings is read."""
-        assert self._consumer is not None
-        parts = {tp.partition for tp in assigned if tp.topic == self.topics.findings}
-        known = self._consumer.partitions_for_topic(self.topics.findings) or set()
+        partitions that are new here from the ledger. (The runner processes none of their findings
+        before this returns.)"""
+        assert self._kafka is not None
+        parts = {p for t, p in tps if t == self.topics.findings}
+        known = self._kafka.consumer.partitions_for_topic(self.topics.findings) or set()
         self._findings_partitions = max(len(known), max(parts, default=-1) + 1, 1)
         gone, new = self._owned - parts, parts - self._owned
-        self._owned -= gone  # findings of `new` are not absorbed until their windows are back
+        self._owned -= gone
         if gone:
             dropped = self.book.forget(lambda key: self._partition(key) in gone)
             log.info("partitions %s moved to another pager: %d windows handed over", sorted(gone), dropped)
         if new:
             await self._restore(new)
         self._owned = parts
-
-    # --------------------------------------------------------------------------- offsets
-
-    async def commit(self, only: set[TopicPartition] | None = None) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
-        assigned = consumer.assignment()
-        offsets: dict[Any, int] = {
-            tp: pos for tp, pos in self.tracker.committable().items() if tp in assigned and (only is None or tp in only)
-        }
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as exc:
-            self.counters["commit_failures"] += 1
-            log.warning("offset commit failed (%s); the findings will be read again", exc)
-            return
-        self.tracker.committed(offsets)
+        if parts and not self.ready.is_set():
+            self.ready.set()
+            log.info("consuming %s as group %s", self.topics.findings, self.group)
 
     # ---------------------------------------------------------------------------- ledger
 

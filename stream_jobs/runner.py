@@ -5,14 +5,31 @@ Every cycle of :meth:`Runner.run`:
 1. **take** a batch: up to ``max_records`` records, per partition, from the consumer;
 2. **process** it: the job turns records into output messages and state changes (changelog
    writes), all returned as :data:`Message` tuples, and may also emit on a timer;
-3. **produce** them through the :class:`Producer`, which sends per-partition record batches,
-   **flushes and awaits the broker's acknowledgement of every one**;
-4. **commit** the batch's input offsets (last offset + 1 per partition).
+3. **flush** them through the job's :class:`Output` and await it: a :class:`Producer` sends
+   per-partition record batches and **awaits the broker's acknowledgement of every one**; the
+   ClickHouse sink's output inserts each table with its deduplication token
+   (:mod:`stream_jobs.sink`);
+4. **commit** the batch's input offsets (last offset + 1 per partition), then tell the output
+   (``committed``).
 
-A failed flush aborts the commit: the runner then drops the batch's partitions' state (the job's
-``reset``), seeks every partition of the batch back to the first offset it did not commit, waits
-(backoff doubling to ``max_backoff``) and goes on; what the job had done in memory is rebuilt from
-its changelogs, so the batch is processed again exactly as after a crash (at-least-once).
+What a failed flush does is the job's choice (``RunnerConfig.retry_in_place``):
+
+* **redo** (default, the decision worker): the commit is aborted, the runner drops the batch's
+  partitions' state (the job's ``reset``), seeks every partition of the batch back to the first
+  offset it did not commit, waits (backoff doubling to ``max_backoff``) and goes on; what the job
+  had done in memory is rebuilt from its changelogs, so the batch is processed again exactly as
+  after a crash (at-least-once);
+* **retry in place** (the sink): the same outputs are flushed again, with backoff, until they land
+  -- a retry must repeat exactly what was tried (the same insert deduplication tokens) -- while the
+  runner holds back (:meth:`Runner.hold`: every assigned partition paused, polling on so the group
+  keeps it, anything fetched seeked back). On a stop it gives up like a redo.
+
+Taking a batch is one fetch, or (``fill_seconds``) fetches until ``max_records`` records or
+``fill_seconds`` after the first record. A batch can also be taken **exactly** again
+(:meth:`Runner.redo`: these offset ranges, no more, no fewer, other partitions paused meanwhile):
+the sink does so at start for a flush a crash interrupted (its intent file), and the runner does so
+after a commit that failed because the group took the partitions away
+(``RunnerConfig.redo_uncommitted``; :class:`CommitFailed`).
 
 The runner also owns the rest of what a job's process does the same way: the partition
 assigned/revoked hooks (a revocation waits for the batch in flight, which commits first), the
@@ -34,7 +51,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger("scopewatch.runner")
 
@@ -42,6 +59,13 @@ TP = tuple[str, int]
 """A topic partition as (topic, partition)."""
 Message = tuple[str, bytes | None, bytes | None, int | None]
 """topic, key, value, partition (None: Kafka's default partitioner on the key)."""
+M = TypeVar("M")
+"""What a job's cycle outputs: :data:`Message` for Kafka, a batch of rows for the ClickHouse sink."""
+M_contra = TypeVar("M_contra", contravariant=True)
+
+
+class CommitFailed(Exception):
+    """An offset commit the group refused (the partitions went to another member meanwhile)."""
 
 
 class Record(Protocol):
@@ -69,34 +93,77 @@ class Consumer(Protocol):
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TP, Sequence[Record]]: ...
     async def commit(self, offsets: Mapping[TP, int]) -> None: ...
     def seek(self, tp: TP, offset: int) -> None: ...
+    def pause(self, tps: Iterable[TP]) -> None: ...
+    def resume(self, tps: Iterable[TP]) -> None: ...
     def assignment(self) -> set[TP]: ...
     async def stop(self) -> None: ...
 
 
-class Producer(Protocol):
-    async def send_all(self, out: Sequence[Message]) -> dict[TP, int]:
-        """Send and await the acknowledgement of every message; the end offset per partition written."""
+class Output(Protocol[M_contra]):
+    """Where a cycle's outputs go; the runner commits the batch's offsets only after :meth:`flush` returned."""
+
+    async def flush(self, out: Sequence[M_contra]) -> dict[TP, int]:
+        """Write every output durably (raise if not all of it); the end offset per partition written, if any."""
+        ...
+
+    async def committed(self, offsets: Mapping[TP, int]) -> None:
+        """The batch whose outputs were flushed last is committed at these offsets."""
         ...
 
     async def stop(self) -> None: ...
 
 
-class Job(Protocol):
-    """A stream job's part: pure processing between the runner's take and produce."""
+class Producer(Output[Message], Protocol):
+    """The Kafka output: its ``flush`` is :meth:`send_all`."""
+
+    async def send_all(self, out: Sequence[Message]) -> dict[TP, int]:
+        """Send and await the acknowledgement of every message; the end offset per partition written."""
+        ...
+
+
+class Job(Protocol[M]):
+    """A stream job's part: pure processing between the runner's take and flush."""
 
     halted: bool
     """Set by the job (e.g. from ``assigned``) when it must process nothing more: the runner stops."""
 
     async def assigned(self, tps: set[TP]) -> None: ...
     async def revoked(self, tps: set[TP]) -> None: ...
-    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Message]: ...
-    async def timer(self, assignment: set[TP], now: datetime) -> list[Message]: ...
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[M]: ...
+    async def timer(self, assignment: set[TP], now: datetime) -> list[M]: ...
     def flushed(self, ends: dict[TP, int]) -> None: ...
     def reset(self, tps: set[TP]) -> None:
         """Forget the state of these partitions (their batch was not committed)."""
         ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    # -- with defaults (a job subclassing Job inherits them): what a job that holds records back
+    #    beyond one cycle (the pager: a finding is held until its deliveries are on the ledger) needs
+
+    def room(self) -> int | None:
+        """How many records the job can take now: None, ``max_records``; 0 or less, none (the runner
+        holds back -- every partition paused, polling on -- and the timer goes on)."""
+        return None
+
+    def to_commit(self, taken: dict[TP, int]) -> dict[TP, int]:
+        """The offsets to commit once the cycle's outputs are flushed. ``taken``: the batch's last offset
+        + 1 per partition (the default). A job holding records back commits less, and on a timer cycle
+        may commit what earlier cycles held (the runner keeps only assigned partitions)."""
+        return taken
+
+    def committed(self, offsets: Mapping[TP, int]) -> None:
+        """These offsets are committed."""
+        return None
+
+    async def revoking(self, tps: set[TP]) -> list[M]:
+        """A revocation is coming: outputs to flush first; then the runner commits what
+        :meth:`to_commit` gives for ``tps``, then calls :meth:`revoked`."""
+        return []
+
+    async def drain(self) -> list[M]:
+        """The runner is stopping: last outputs to flush; then it commits what :meth:`to_commit` gives."""
+        return []
 
 
 class StatsFile:
@@ -126,9 +193,21 @@ class StatsFile:
 class RunnerConfig:
     max_records: int = 1000
     batch_ms: int = 20
+    """How long one fetch waits for records."""
+    fill_seconds: float = 0.0
+    """Above 0: after the first record, fetch on until ``max_records`` or this long (the sink's batches)."""
     timer_seconds: float = 0.5
     stats_seconds: float = 1.0
+    min_backoff: float = 0.25
     max_backoff: float = 5.0
+    finish_on_stop: bool = False
+    """A batch taken when the stop came is still processed, flushed and committed (the sink's last rows)."""
+    retry_in_place: bool = False
+    """A failed flush is retried with the same outputs while the runner holds back (module docstring)."""
+    redo_uncommitted: bool = False
+    """After a :class:`CommitFailed`, take the same offset ranges again exactly (:meth:`Runner.redo`)."""
+    redo_timeout: float = 60.0
+    """How long a redo waits for its partitions to be assigned here (then gives up) and to read them."""
 
 
 @dataclass
@@ -138,23 +217,27 @@ class RunnerCounters:
     messages: int = 0
     commits: int = 0
     failed_flushes: int = 0
+    retries: int = 0
+    commit_failures: int = 0
+    redos: int = 0
+    redos_abandoned: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class Runner:
-    """Runs one :class:`Job` over one :class:`Consumer` and one :class:`Producer` (module docstring)."""
+class Runner(Generic[M]):
+    """Runs one :class:`Job` over one :class:`Consumer` and one :class:`Output` (module docstring)."""
 
     def __init__(
         self,
         consumer: Consumer,
-        producer: Producer,
-        job: Job,
+        producer: Output[M],
+        job: Job[M],
         config: RunnerConfig | None = None,
         stats: StatsFile | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.consumer = consumer
-        self.producer = producer
+        self.producer = self.output = producer
         self.job = job
         self.config = config or RunnerConfig()
         self.stats = stats
@@ -163,6 +246,11 @@ class Runner:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._backoff = 0.0
+        self._redo: dict[TP, tuple[int, int]] | None = None
+        self._lost: set[TP] = set()  # partitions revoked since the last fetch of the batch being taken
+        self.paused = False
+        """True while the runner holds back (a flush being retried in place)."""
+        self._full = False  # the job had no room: every partition paused
 
     # -- the consumer's rebalance hooks (the batch in flight finishes, and commits, first)
 
@@ -175,8 +263,35 @@ class Runner:
             self.stats.write()
 
     async def revoked(self, tps: set[TP]) -> None:
+        self._lost |= tps  # records of these in a batch being taken are someone else's now
         async with self._lock:
+            if tps:
+                await self._settle(await self.job.revoking(tps), tps)
             await self.job.revoked(tps)
+
+    async def _settle(self, out: list[M], only: set[TP] | None) -> None:
+        """Flush these last outputs (once) and commit the job's offsets (of ``only``): a revocation, a stop."""
+        if out:
+            try:
+                ends = await self.output.flush(out)
+            except Exception as exc:  # noqa: BLE001 - nothing more is committed; the records are read again
+                log.warning("flush failed (%s: %s): nothing more committed", type(exc).__name__, exc)
+                self.job.reset(only or set())
+                return
+            self.job.flushed(ends)
+        held = self.consumer.assignment()
+        offsets = {tp: o for tp, o in self.job.to_commit({}).items() if tp in held and (only is None or tp in only)}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # noqa: BLE001 - a revocation or a stop goes on; the records are read again
+            self.counters.commit_failures += 1
+            log.warning("offset commit failed (%s); the records are read again", exc)
+            return
+        self.counters.commits += 1
+        self.job.committed(offsets)
+        await self.output.committed(offsets)
 
     # -- the loop
 
@@ -195,9 +310,23 @@ class Runner:
         next_stats = time.monotonic()
         try:
             while not self._stop.is_set():
-                batch = await self.consumer.getmany(cfg.batch_ms, cfg.max_records)
-                if self._stop.is_set() or self.job.halted:
+                if self._redo is not None:
+                    await self._take_again(self._redo)
+                    continue
+                room = self.job.room()
+                if room is not None and room <= 0:
+                    batch = await self._held_back()
+                else:
+                    if self._full:
+                        self._full = False
+                        self.consumer.resume(self.consumer.assignment())
+                    batch = await self.take(room)
+                if self.job.halted:
                     break  # a halted job judges nothing more; these records are read again later
+                if self._stop.is_set():
+                    if batch and cfg.finish_on_stop:
+                        await self.cycle(batch)
+                    break  # otherwise these records are read again after a restart
                 mono = time.monotonic()
                 timer_due = mono >= next_timer
                 if batch or timer_due:
@@ -209,38 +338,177 @@ class Runner:
                     next_stats = mono + cfg.stats_seconds
                 if self._backoff:
                     await asyncio.wait([asyncio.ensure_future(self._stop.wait())], timeout=self._backoff)
+            if not self.job.halted:
+                async with self._lock:
+                    await self._settle(await self.job.drain(), None)
         finally:
             await self.close()
 
-    async def cycle(self, batch: Mapping[TP, Sequence[Record]], timer: bool = False) -> bool:
+    async def _held_back(self) -> Mapping[TP, Sequence[Record]]:
+        """The job has no room: fetch nothing new, but poll (the group keeps us); nothing is taken."""
+        self._full = True
+        self.consumer.pause(self.consumer.assignment())  # again each time: partitions assigned since
+        self._seek_back(await self.consumer.getmany(self.config.batch_ms, self.config.max_records))
+        return {}
+
+    async def take(self, room: int | None = None) -> Mapping[TP, Sequence[Record]]:
+        """One fetch, or with ``fill_seconds`` fetches until ``max_records`` (or the job's ``room``) or
+        that long after the first record."""
+        cfg = self.config
+        limit = cfg.max_records if room is None else max(1, min(room, cfg.max_records))
+        batch = await self.consumer.getmany(cfg.batch_ms, limit)
+        # partitions revoked from here on: records of them taken so far are stale (a partition given
+        # back is read again from its committed offset), so they are dropped, never those fetched after
+        self._lost = set()
+        if cfg.fill_seconds <= 0 or not batch:
+            return batch
+        merged = {tp: list(records) for tp, records in batch.items()}
+        count = sum(map(len, merged.values()))
+        deadline = time.monotonic() + cfg.fill_seconds
+        while count < limit and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = await self.consumer.getmany(max(1, int(left * 1000)), limit - count)
+            if self._lost:
+                for tp in self._lost:
+                    count -= len(merged.pop(tp, ()))
+                self._lost = set()
+            for tp, records in more.items():
+                merged.setdefault(tp, []).extend(records)
+                count += len(records)
+        return merged
+
+    async def cycle(self, batch: Mapping[TP, Sequence[Record]], timer: bool = False, redo: bool = False) -> bool:
         """One cycle over one batch; False when its flush failed (nothing committed, seeked back)."""
         async with self._lock:
             # records of partitions revoked while this batch was fetched are not ours to process
             held = self.consumer.assignment()
-            batch = {tp: records for tp, records in batch.items() if records and tp in held}
+            lost = self._lost
+            batch = {tp: records for tp, records in batch.items() if records and tp in held and tp not in lost}
             now = self.clock()
             out = await self.job.process(batch, now) if batch else []
             if timer:
                 out += await self.job.timer(held, now)
             try:
-                ends = await self.producer.send_all(out)
+                ends = await self._flush(out)
             except Exception as exc:  # noqa: BLE001 - any failed flush: nothing is committed
                 self._flush_failed(batch, exc)
                 return False
             self.job.flushed(ends)
-            offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+            taken = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+            offsets = {tp: o for tp, o in self.job.to_commit(taken).items() if tp in held}
             if offsets:
-                await self.consumer.commit(offsets)
+                try:
+                    await self.consumer.commit(offsets)
+                except CommitFailed as exc:
+                    self._commit_failed(batch, exc, redo)
+                    return False
                 self.counters.commits += 1
+                self.job.committed(offsets)
+                await self.output.committed(offsets)
             self.counters.batches += 1
             self.counters.records += sum(map(len, batch.values()))
             self.counters.messages += len(out)
             self._backoff = 0.0
             return True
 
+    async def _flush(self, out: list[M]) -> dict[TP, int]:
+        if not self.config.retry_in_place:
+            return await self.output.flush(out)
+        delay = self.config.min_backoff
+        while True:
+            try:
+                ends = await self.output.flush(out)
+                break
+            except Exception as exc:
+                self.counters.retries += 1
+                if self._stop.is_set() and delay >= self.config.max_backoff:
+                    raise  # stopping: give up (the job's durable intent, if any, redoes it at the next start)
+                log.warning("flush failed (%s: %s); retrying the same outputs in %.1fs", type(exc).__name__, exc, delay)
+                await self.hold(delay)
+                delay = min(delay * 2, self.config.max_backoff)
+        if self.paused:
+            self.consumer.resume(self.consumer.assignment())
+            self.paused = False
+            log.info("flush succeeded again: fetching resumed")
+        return ends
+
+    async def hold(self, seconds: float) -> None:
+        """Backpressure for ``seconds``: fetch nothing new, but keep polling so the group keeps us."""
+        consumer = self.consumer
+        consumer.pause(consumer.assignment())
+        self.paused = True
+        waited = 0.0
+        while waited < seconds:
+            records = await consumer.getmany(int(min(seconds - waited, 0.5) * 1000), self.config.max_records)
+            self._seek_back(records)  # partitions assigned meanwhile are not paused yet: read them again later
+            consumer.pause(consumer.assignment())
+            waited += 0.5
+
+    def _seek_back(self, records: Mapping[TP, Sequence[Record]]) -> None:
+        for tp, messages in records.items():
+            if messages:
+                self.consumer.seek(tp, messages[0].offset)
+
+    def _commit_failed(self, batch: Mapping[TP, Sequence[Record]], exc: Exception, redo: bool) -> None:
+        self.counters.commit_failures += 1
+        if self.config.redo_uncommitted and not redo:
+            log.warning("offset commit failed (%s): redoing the batch from the committed offsets", exc)
+            self.redo({tp: (records[0].offset, records[-1].offset) for tp, records in batch.items()})
+        else:
+            log.warning("offset commit failed (%s); the records are read again if nobody commits past them", exc)
+
+    def redo(self, ranges: Mapping[TP, tuple[int, int]]) -> None:
+        """Before anything else, take exactly these offset ranges (first, last) again as one batch."""
+        self._redo = dict(ranges)
+
+    async def _take_again(self, wanted: dict[TP, tuple[int, int]]) -> None:
+        """The batch of exactly ``wanted``, read again and run through a cycle (other partitions paused meanwhile)."""
+        self._redo = None
+        consumer = self.consumer
+        deadline = time.monotonic() + self.config.redo_timeout
+        while not set(wanted) <= consumer.assignment():
+            if self._stop.is_set():
+                return
+            if time.monotonic() > deadline:
+                log.error("partitions of the batch to redo are not assigned here; giving it up")
+                self.counters.redos_abandoned += 1
+                return
+            self._seek_back(await consumer.getmany(200, self.config.max_records))
+        log.info("re-reading %s", ", ".join(f"{t}[{p}]@{a}-{b}" for (t, p), (a, b) in sorted(wanted.items())))
+        others = consumer.assignment() - set(wanted)
+        consumer.pause(others)
+        self._lost = set()
+        batch: dict[TP, list[Record]] = {}
+        try:
+            for tp, (first, _last) in wanted.items():
+                consumer.seek(tp, first)
+            remaining = set(wanted)
+            while remaining:
+                if self._stop.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"could not read the batch to redo again: missing {sorted(remaining)}")
+                for tp, records in (await consumer.getmany(500, self.config.max_records)).items():
+                    if tp not in remaining:
+                        self._seek_back({tp: records})
+                        continue
+                    last = wanted[tp][1]
+                    batch.setdefault(tp, []).extend(r for r in records if r.offset <= last)
+                    if records and records[-1].offset >= last:
+                        remaining.discard(tp)
+            for tp, (_first, last) in wanted.items():
+                consumer.seek(tp, last + 1)
+        finally:
+            consumer.resume(others)
+        log.info("re-read %d records; processing them again", sum(map(len, batch.values())))
+        if await self.cycle(batch, redo=True):
+            self.counters.redos += 1
+
     def _flush_failed(self, batch: Mapping[TP, Sequence[Record]], exc: Exception) -> None:
         self.counters.failed_flushes += 1
-        self._backoff = min(self.config.max_backoff, max(0.25, self._backoff * 2))
+        self._backoff = min(self.config.max_backoff, max(self.config.min_backoff, self._backoff * 2))
         tps = set(batch)
         # the job's state of every held partition may hold effects of unsent writes (a timer
         # touches partitions without input): forget all of it, reload from the changelogs
@@ -286,6 +554,8 @@ class MemoryBroker:
         self.fail_at: set[int] = set()
         """These ``send_all`` calls (numbered from 0 over every producer) raise."""
         self.sends = 0
+        self.fail_commits = 0
+        """The next this many commits raise :class:`CommitFailed` (the group moved the partitions)."""
 
     def append(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> int:
         if partition is None:
@@ -311,6 +581,7 @@ class MemoryConsumer:
         self.group = group
         self.topics = list(topics)
         self.positions: dict[TP, int] = {}
+        self.paused: set[TP] = set()
         self.listener: Listener | None = None
         self.stopped = False
 
@@ -324,12 +595,15 @@ class MemoryConsumer:
         await self.listener.revoked(old)
         committed = self.broker.committed.setdefault(self.group, {})
         self.positions = {tp: committed.get(tp, 0) for tp in tps}
+        self.paused &= set(tps)
         await self.listener.assigned(set(tps))
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TP, list[MemoryRecord]]:
         out: dict[TP, list[MemoryRecord]] = {}
         left = max_records
         for tp, position in sorted(self.positions.items()):
+            if tp in self.paused:
+                continue
             records = self.broker.logs.get(tp, [])[position : position + left]
             if records:
                 out[tp] = records
@@ -342,10 +616,19 @@ class MemoryConsumer:
         return out
 
     async def commit(self, offsets: Mapping[TP, int]) -> None:
+        if self.broker.fail_commits:
+            self.broker.fail_commits -= 1
+            raise CommitFailed("the group was rebalanced")
         self.broker.committed.setdefault(self.group, {}).update(offsets)
 
     def seek(self, tp: TP, offset: int) -> None:
         self.positions[tp] = offset
+
+    def pause(self, tps: Iterable[TP]) -> None:
+        self.paused |= set(tps) & set(self.positions)
+
+    def resume(self, tps: Iterable[TP]) -> None:
+        self.paused -= set(tps)
 
     def assignment(self) -> set[TP]:
         return set(self.positions)
@@ -372,6 +655,12 @@ class MemoryProducer:
             ends[(topic, p)] = self.broker.end((topic, p))
         self.sent += len(out)
         return ends
+
+    async def flush(self, out: Sequence[Message]) -> dict[TP, int]:
+        return await self.send_all(out)
+
+    async def committed(self, offsets: Mapping[TP, int]) -> None:
+        return None
 
     async def stop(self) -> None:
         return None

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -44,12 +44,23 @@ from stream_jobs.decisions import (
 )
 from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.metrics import remove_stale_worker_stats
-from stream_jobs.runner import TP, Consumer, Message, Producer, Record, Runner, RunnerConfig, StatsFile
+from stream_jobs.runner import (
+    TP,
+    CommitFailed,
+    Consumer,
+    Job,
+    Message,
+    Producer,
+    Record,
+    Runner,
+    RunnerConfig,
+    StatsFile,
+)
 
 log = logging.getLogger("scopewatch.stream")
 
 
-class DecisionJob:
+class DecisionJob(Job[Message]):
     """Both stages as one :class:`stream_jobs.runner.Job`."""
 
     def __init__(
@@ -139,7 +150,7 @@ class _CommitTolerant:
     async def commit(self, offsets: Mapping[TP, int]) -> None:
         try:
             await self.inner.commit(offsets)
-        except KafkaError as exc:
+        except (KafkaError, CommitFailed) as exc:
             self.counters["commit_failures"] += 1
             log.warning(
                 "offset commit failed (%s: %s); the records are read again if nobody commits past them",
@@ -150,6 +161,12 @@ class _CommitTolerant:
     def seek(self, tp: TP, offset: int) -> None:
         self.inner.seek(tp, offset)
 
+    def pause(self, tps: Iterable[TP]) -> None:
+        self.inner.pause(tps)
+
+    def resume(self, tps: Iterable[TP]) -> None:
+        self.inner.resume(tps)
+
     def assignment(self) -> set[TP]:
         return self.inner.assignment()
 
@@ -159,7 +176,7 @@ class _CommitTolerant:
 
 def build_worker(
     settings: Settings, consumer: Consumer | None = None, producer: Producer | None = None, reader: Any = None
-) -> tuple[Runner, DecisionJob, StatsFile, asyncio.Event]:
+) -> tuple[Runner[Message], DecisionJob, StatsFile, asyncio.Event]:
     """The aiokafka engine's runner (or the same job over other adapters: unit tests); the event is
     set once the changelog topics exist (the caller sets it)."""
     counters: Counter[str] = Counter()

@@ -10,6 +10,7 @@ from typing import Any
 
 from stream_jobs.runner import (
     TP,
+    Job,
     MemoryBroker,
     MemoryConsumer,
     MemoryProducer,
@@ -20,7 +21,7 @@ from stream_jobs.runner import (
 )
 
 
-class Counting:
+class Counting(Job[Message]):
     """Counts values per key; its state is a changelog topic written with every batch."""
 
     def __init__(self, broker: MemoryBroker) -> None:
@@ -136,3 +137,254 @@ def test_a_halted_job_processes_nothing() -> None:
     assert runner.stopping
     assert broker.read("out") == []
     assert not broker.committed.get("g")
+
+
+class Batches(Job[Any]):
+    """Outputs each cycle's batch as one item: (partition, first offset, last offset) per partition."""
+
+    def __init__(self) -> None:
+        self.halted = False
+        self.resets = 0
+
+    async def assigned(self, tps: set[TP]) -> None:
+        return None
+
+    async def revoked(self, tps: set[TP]) -> None:
+        return None
+
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Any]:
+        return [tuple(sorted((p, rs[0].offset, rs[-1].offset) for (_, p), rs in batch.items()))]
+
+    async def timer(self, assignment: set[TP], now: datetime) -> list[Any]:
+        return []
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        return None
+
+    def reset(self, tps: set[TP]) -> None:
+        self.resets += 1
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class Store:
+    """An output that is not Kafka (a database): it refuses the first ``failures`` flushes."""
+
+    def __init__(self, consumer: MemoryConsumer, failures: int = 0) -> None:
+        self.consumer = consumer
+        self.failures = failures
+        self.attempts: list[Any] = []
+        self.written: list[Any] = []
+        self.paused_while_refusing: list[set[TP]] = []
+        self.commits: list[dict[TP, int]] = []
+
+    async def flush(self, out: Sequence[Any]) -> dict[TP, int]:
+        self.attempts.append(list(out))
+        if self.failures:
+            self.failures -= 1
+            self.paused_while_refusing.append(set(self.consumer.paused))
+            raise ConnectionError("store unavailable")
+        self.written += out
+        return {}
+
+    async def committed(self, offsets: Mapping[TP, int]) -> None:
+        self.commits.append(dict(offsets))
+
+    async def stop(self) -> None:
+        return None
+
+
+def test_a_flush_retried_in_place_repeats_the_same_outputs_while_the_runner_holds_back() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(6):
+        broker.append("in", None, str(i).encode(), i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = Store(consumer, failures=2)
+    config = RunnerConfig(batch_ms=1, retry_in_place=True, min_backoff=0.01, max_backoff=0.02)
+    job = Batches()
+    runner = Runner(consumer, store, job, config)
+
+    async def late_records() -> None:  # arrive while the store refuses: held back, taken after
+        while not store.paused_while_refusing:
+            await asyncio.sleep(0.001)
+        broker.append("in", None, b"late", 0)
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        extra = asyncio.create_task(late_records())
+        for _ in range(500):
+            await asyncio.sleep(0.005)
+            if broker.committed.get("g", {}).get(("in", 0)) == 4:
+                break
+        runner.stop()
+        await asyncio.gather(task, extra)
+
+    asyncio.run(main())
+    first = [((0, 0, 2), (1, 0, 2))]
+    assert store.attempts[:3] == [first, first, first]  # the same outputs each time, nothing new mixed in
+    assert store.paused_while_refusing[1] == {("in", 0), ("in", 1)}  # held back from the first retry on
+    assert store.written[0] == first[0] and store.written[1] == ((0, 3, 3),)
+    assert store.commits == [{("in", 0): 3, ("in", 1): 3}, {("in", 0): 4}]
+    assert runner.counters.retries == 2 and runner.counters.failed_flushes == 0 and job.resets == 0
+    assert not runner.paused and not consumer.paused
+
+
+def test_fill_takes_fetches_until_max_records() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(10):
+        broker.append("in", None, b"x", i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = Store(consumer)
+    runner = Runner(consumer, store, Batches(), RunnerConfig(max_records=7, batch_ms=1, fill_seconds=0.3))
+
+    async def small_fetches(timeout_ms: int, max_records: int) -> Any:
+        return await MemoryConsumer.getmany(consumer, timeout_ms, min(max_records, 2))
+
+    consumer.getmany = small_fetches  # type: ignore[method-assign]
+    run_until(runner, lambda: len(store.written) == 2)
+    # fetches of at most 2 records (partition 0 first) up to 7, then the 3 left after 0.3 s
+    assert store.written[:2] == [((0, 0, 4), (1, 0, 1)), ((1, 2, 4),)]
+
+
+def test_an_exact_redo_and_a_refused_commit_take_exactly_the_same_ranges_again() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(10):
+        broker.append("in", None, b"x", i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = Store(consumer)
+    config = RunnerConfig(max_records=3, batch_ms=1, redo_uncommitted=True)
+    runner = Runner(consumer, store, Batches(), config)
+    runner.redo({("in", 1): (1, 2)})  # what a crashed flush's intent names
+    broker.fail_commits = 2  # the redo's commit, then the next batch's
+
+    run_until(runner, lambda: broker.committed.get("g") == {("in", 0): 5, ("in", 1): 5})
+    assert store.written[0] == ((1, 1, 2),)  # only those offsets, though more were there
+    # its commit is refused too (a redo is not redone); the next batch's commit is refused: redone exactly
+    assert store.written[1] == store.written[2] == ((0, 0, 2),)
+    assert runner.counters.commit_failures == 2 and runner.counters.redos == 1
+
+
+class Holding(Job[Message]):
+    """Holds every record until a timer tick releases it as an output (the pager's shape): commits
+    only up to the oldest record still held, settles on revocation and on stop."""
+
+    def __init__(self, room: int = 100) -> None:
+        self.halted = False
+        self.held: dict[TP, list[int]] = {}
+        self.next: dict[TP, int] = {}
+        self.in_flight: list[tuple[TP, int]] = []
+        self.capacity = room
+        self.events: list[str] = []
+
+    def room(self) -> int:
+        return self.capacity - sum(map(len, self.held.values()))
+
+    async def assigned(self, tps: set[TP]) -> None:
+        return None
+
+    async def revoked(self, tps: set[TP]) -> None:
+        self.events.append(f"revoked {sorted(tps)}")
+        for tp in tps:
+            self.held.pop(tp, None)
+            self.next.pop(tp, None)
+
+    async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Message]:
+        for tp, records in batch.items():
+            self.held.setdefault(tp, []).extend(r.offset for r in records)
+            self.next[tp] = records[-1].offset + 1
+        return []
+
+    def _release(self, tps: set[TP] | None, every: bool) -> list[Message]:
+        for tp, offsets in self.held.items():
+            if offsets and (tps is None or tp in tps):
+                self.in_flight += [(tp, o) for o in (offsets if every else offsets[:1])]
+        return [("out", None, f"{tp[1]}:{o}".encode(), 0) for tp, o in self.in_flight]
+
+    async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
+        return self._release(None, every=False)
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        for tp, offset in self.in_flight:
+            self.held[tp].remove(offset)
+        self.in_flight = []
+
+    def reset(self, tps: set[TP]) -> None:
+        self.in_flight = []
+
+    def to_commit(self, taken: dict[TP, int]) -> dict[TP, int]:
+        return {tp: (min(self.held[tp]) if self.held.get(tp) else nxt) for tp, nxt in self.next.items()}
+
+    def committed(self, offsets: Mapping[TP, int]) -> None:
+        self.events.append(f"committed {sorted(offsets.items())}")
+
+    async def revoking(self, tps: set[TP]) -> list[Message]:
+        self.events.append(f"revoking {sorted(tps)}")
+        return self._release(tps, every=True)
+
+    async def drain(self) -> list[Message]:
+        self.events.append("drain")
+        return self._release(None, every=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def test_a_job_holding_records_commits_only_what_its_outputs_cover_and_settles_on_revoke_and_stop() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(8):
+        broker.append("in", None, b"x", i % 2)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    job = Holding(room=3)
+    runner = Runner(consumer, MemoryProducer(broker), job, RunnerConfig(batch_ms=1, timer_seconds=0.01))
+    real_commit = consumer.commit
+
+    async def commit(offsets: Mapping[TP, int]) -> None:
+        out = {v.decode() for v in (r.value or b"" for r in broker.read("out"))}
+        for (_, p), end in offsets.items():  # every committed record has its output on the broker
+            assert all(f"{p}:{o}" in out for o in range(end)), (offsets, out)
+        await real_commit(offsets)
+
+    consumer.commit = commit  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        while len(broker.read("out")) < 3:  # room for 3: the rest waits, paused
+            await asyncio.sleep(0.005)
+        await consumer.rebalance({("in", 0)})  # partition 1 goes: its held records are settled first
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+        runner.stop()
+        await task
+
+    asyncio.run(main())
+    assert job.events.index("revoking [('in', 0), ('in', 1)]") < job.events.index("revoked [('in', 0), ('in', 1)]")
+    settled = job.events[job.events.index("revoking [('in', 0), ('in', 1)]") + 1]
+    assert settled.startswith("committed") and "('in', 1)" in settled  # committed before it went
+    assert job.events[-1] == "drain" and not any(job.held.values())
+    # partition 0 whole; partition 1 up to where it was taken when it went; every output once
+    assert broker.committed["g"] == {("in", 0): 4, ("in", 1): 3}
+    assert sorted(r.value for r in broker.read("out")) == [b"0:0", b"0:1", b"0:2", b"0:3", b"1:0", b"1:1", b"1:2"]
+
+
+def test_finish_on_stop_lands_the_batch_being_taken() -> None:
+    for finish in (True, False):
+        broker = MemoryBroker(partitions=1)
+        for _ in range(3):
+            broker.append("in", None, b"x", 0)
+        consumer = MemoryConsumer(broker, "g", ["in"])
+        store = Store(consumer)
+        config = RunnerConfig(max_records=100, batch_ms=1, fill_seconds=0.3, finish_on_stop=finish)
+        runner = Runner(consumer, store, Batches(), config)
+
+        async def main(runner: Runner[Any]) -> None:
+            task = asyncio.create_task(runner.run())
+            await asyncio.sleep(0.1)  # the batch is being filled
+            runner.stop()
+            await task
+
+        asyncio.run(main(runner))
+        if finish:
+            assert store.written == [((0, 0, 2),)] and broker.committed["g"] == {("in", 0): 3}
+        else:  # read again after a restart
+            assert store.written == [] and not broker.committed.get("g")

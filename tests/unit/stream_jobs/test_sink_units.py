@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
 
 from scopewatch.settings import Settings
 from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
@@ -27,7 +26,7 @@ def test_batch_token_is_stable_and_offsets_commit_past_the_last() -> None:
         for partition, offset in order:
             batch.add("tool_calls", {"x": offset}, "topic", partition, offset)
     assert a.token("tool_calls") == b.token("tool_calls") == "tool_calls|topic:0:5-6,topic:1:9-9"
-    assert a.offsets() == {TopicPartition("topic", 0): 7, TopicPartition("topic", 1): 10}
+    assert a.offsets() == {("topic", 0): 7, ("topic", 1): 10}
     assert a.size == 3
 
 
@@ -64,7 +63,7 @@ def test_the_sink_consumer_fetches_wait_in_the_broker(tmp_path: Path, monkeypatc
     assert config.fetch_wait_ms == 25 and config.fetch_min_bytes >= 64 * 1024
 
     async def build() -> Any:  # aiokafka consumers are made inside a running loop
-        return ClickHouseSink(config, writer=None).new_consumer()  # type: ignore[arg-type]
+        return ClickHouseSink(config, writer=None).new_consumer().new()  # type: ignore[arg-type]
 
     consumer = asyncio.run(build())
     assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (config.fetch_min_bytes, 25)
