@@ -145,6 +145,11 @@ class SpoolConfig:
     on_full: OnFull = "block"
     block_timeout: float | None = None
     loss_topic: str = DEAD_LETTER
+    stall_seconds: float = 1.0
+    """Kafka counts as unreachable once an event waits this long for its acknowledgement (or a
+    connection attempt takes this long): from then on everything unacknowledged is spooled. This is
+    the bound on how long an event stays only in memory while the broker is down -- what a
+    ``kill -9`` at that moment could lose."""
 
     def __post_init__(self) -> None:
         if self.fsync not in ("always", "interval", "never"):
@@ -157,6 +162,8 @@ class SpoolConfig:
             raise SpoolConfigError("the spool's segment_bytes must be at least 4 KiB")
         if self.fsync_interval <= 0:
             raise SpoolConfigError("fsync_interval must be positive")
+        if not 0 < self.stall_seconds <= 60:
+            raise SpoolConfigError("stall_seconds must be positive and at most 60")
         if self.block_timeout is not None and self.block_timeout < 0:
             raise SpoolConfigError("block_timeout must not be negative")
 
@@ -188,6 +195,7 @@ class SpoolConfig:
             ("segment_bytes", "SCOPEWATCH_SPOOL_SEGMENT_BYTES", int),
             ("fsync_interval", "SCOPEWATCH_SPOOL_FSYNC_INTERVAL", float),
             ("block_timeout", "SCOPEWATCH_SPOOL_BLOCK_TIMEOUT", float),
+            ("stall_seconds", "SCOPEWATCH_SPOOL_STALL_SECONDS", float),
         ):
             value = number(name, kind)
             if value is not None:
