@@ -174,37 +174,10 @@ class SpoolConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SpoolConfig:
-        """The spool settings of this host (``SCOPEWATCH_SPOOL_*``; see the module docstring)."""
+        """The spool settings of this host (``SCOPEWATCH_SPOOL_*``, read by :mod:`collectors.config`)."""
+        from collectors.config import spool_from_env
 
-        def number(name: str, kind: type[int] | type[float]) -> int | float | None:
-            raw = environ.get(name)
-            if raw is None or raw.strip() == "":
-                return None
-            try:
-                return kind(raw.strip())
-            except ValueError:
-                raise SpoolConfigError(f"{name} must be a number, not {raw[:40]!r}") from None
-
-        where = environ.get("SCOPEWATCH_SPOOL_DIR")
-        values: dict[str, object] = {
-            "dir": Path(where).expanduser().resolve() if where else state_home(environ) / "spool",
-            "loss_topic": environ.get("SCOPEWATCH_TOPIC_PREFIX", "") + DEAD_LETTER,
-        }
-        for key, name, kind in (
-            ("max_bytes", "SCOPEWATCH_SPOOL_MAX_BYTES", int),
-            ("segment_bytes", "SCOPEWATCH_SPOOL_SEGMENT_BYTES", int),
-            ("fsync_interval", "SCOPEWATCH_SPOOL_FSYNC_INTERVAL", float),
-            ("block_timeout", "SCOPEWATCH_SPOOL_BLOCK_TIMEOUT", float),
-            ("stall_seconds", "SCOPEWATCH_SPOOL_STALL_SECONDS", float),
-        ):
-            value = number(name, kind)
-            if value is not None:
-                values[key] = value
-        if environ.get("SCOPEWATCH_SPOOL_FSYNC"):
-            values["fsync"] = environ["SCOPEWATCH_SPOOL_FSYNC"].strip().lower()
-        if environ.get("SCOPEWATCH_SPOOL_ON_FULL"):
-            values["on_full"] = environ["SCOPEWATCH_SPOOL_ON_FULL"].strip().lower()
-        return cls(**values)  # type: ignore[arg-type]
+        return spool_from_env(environ)
 
 
 # ----------------------------------------------------------------------------- record format

@@ -292,5 +292,5 @@ def test_config_from_the_environment(tmp_path: Path) -> None:
         SpoolConfig.from_env({"SCOPEWATCH_SPOOL_STALL_SECONDS": "0"})
     with pytest.raises(SpoolConfigError, match="fsync policy"):
         SpoolConfig.from_env({"SCOPEWATCH_SPOOL_FSYNC": "sometimes"})
-    with pytest.raises(SpoolConfigError, match="SCOPEWATCH_SPOOL_MAX_BYTES must be a number"):
+    with pytest.raises(SpoolConfigError, match="SCOPEWATCH_SPOOL_MAX_BYTES: Input should be a valid integer"):
         SpoolConfig.from_env({"SCOPEWATCH_SPOOL_MAX_BYTES": "lots"})
