@@ -200,6 +200,10 @@ Principal = Annotated[str, typer.Option(help="the human or service the agent act
 AgentId = Annotated[str, typer.Option(help="the agent's client or workload id")]
 
 
+EMIT_WAIT_SECONDS = 30.0
+"""``emit``: how long Kafka is awaited before the event is reported as not published."""
+
+
 def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -> None:
     """Build, print and (unless ``dry_run``) publish one event; fields of ``times`` are parsed first."""
     from collectors.intake import blank_identity_fields, token_id_problem
@@ -236,7 +240,9 @@ def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -
 async def _publish(settings: Any, event: Any) -> None:
     from scopewatch.publish import publish_events
 
-    await publish_events(settings.kafka_bootstrap, settings.topics, [(1, event)])
+    # Kafka is awaited for less than _emit's overall 60 s: the wait runs in a thread that asyncio.run
+    # would otherwise have to join after the timeout (publish_events' default wait is 300 s)
+    await publish_events(settings.kafka_bootstrap, settings.topics, [(1, event)], wait_seconds=EMIT_WAIT_SECONDS)
 
 
 @emit_app.command("bind")
