@@ -93,12 +93,11 @@ import aiohttp
 from aiohttp import web
 
 from collectors.http_guard import GuardedRunner
+from collectors.jsonrpc import each_message, rpc_key
 from collectors.jwt_verify import REASONS, JwtVerifier, TokenCheck, bearer_token, unverified_check
 from collectors.observer import (  # the observer's own reading of JSON-RPC ids and batches
     McpSessionObserver,
     SessionIdentity,
-    _each,
-    _rpc_key,
     utc_from_ns,
 )
 from collectors.redact import Redactor
@@ -120,7 +119,7 @@ __all__ = [
 
 log = logging.getLogger("scopewatch.proxy")
 
-Emit = Callable[[Event], None]
+Emit = Callable[[Event], object]
 
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 """The largest JSON body or SSE event the observer parses (larger ones are relayed, not observed)."""
@@ -378,8 +377,8 @@ class HttpSessionTracker:
             return
         observer = session.observer
         self._prepare(session, message, start.check)
-        for msg in _each(message):
-            key = _rpc_key(msg.get("id"))
+        for msg in each_message(message):
+            key = rpc_key(msg.get("id"))
             if key is not None and "method" in msg:
                 ex.requests[key] = msg["id"]
             self.stats.messages += 1
@@ -503,7 +502,7 @@ class HttpSessionTracker:
         observer = session.observer
         redactor = observer.active_redactor
         claimed = {k: v for k, v in observer.claimed.items() if k != "auth"}
-        for msg in _each(message):
+        for msg in each_message(message):
             params = msg.get("params")
             meta = params.get("_meta") if isinstance(params, dict) else None
             info = meta.get(CLIENT_INFO_META) if isinstance(meta, dict) else None
@@ -525,9 +524,9 @@ class HttpSessionTracker:
             return
         assert ex.session is not None
         observer = ex.session.observer
-        for msg in _each(message):
+        for msg in each_message(message):
             self.stats.messages += 1
-            key = _rpc_key(msg.get("id"))
+            key = rpc_key(msg.get("id"))
             if key is not None and "method" not in msg:
                 ex.answered.add(key)
             self._learn_server(msg)
@@ -578,7 +577,7 @@ class HttpSessionTracker:
         def one(msg: Any) -> Any:
             if not isinstance(msg, dict):
                 return msg
-            key = _rpc_key(msg.get("id"))
+            key = rpc_key(msg.get("id"))
             if key is None:
                 return msg
             return {**msg, "id": f"{scope}{key[0]}:{key[1]!r}"}

@@ -81,8 +81,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from collectors.chain import ChainStamper
+from collectors.emit import Emitter
 from collectors.http_guard import GuardedRunner
-from schemas import Event, EventError, Topics, encode, key_for, parse_event, to_canonical_dict, topic_for
+from schemas import Event, EventError, Topics, parse_event, to_canonical_dict
 
 __all__ = [
     "ACCEPTED_TYPES",
@@ -592,8 +593,9 @@ class Intake:
             if repeated:
                 raise DuplicateEvents(repeated)
             seq, prev_hash = self.stamper.seq, self.stamper.prev_hash
-            stamped = [self.stamper.stamp(e) for e in events]  # senders' stamps were moved aside
-            records = [(topic_for(e, topics), key_for(e).encode("utf-8"), encode(e)) for e in stamped]
+            made = Emitter(topics, self.stamper).records(events)  # senders' stamps were moved aside
+            stamped = [e for e, _record in made]
+            records = [record for _e, record in made]
             try:
                 await self.sink(records)
             except PublishError:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from collectors.jsonrpc import each_message, rpc_key
 from collectors.redact import Redactor, canonical_digest
 from collectors.resources import ResourceExtractor
 from schemas import (
@@ -87,17 +88,6 @@ def random_uuid() -> str:
     h = _POOL.take16().hex()
     variant = "89ab"[int(h[16], 16) & 3]
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
-
-
-def _rpc_key(msg_id: Any) -> tuple[str, Any] | None:
-    """JSON-RPC ids are strings or numbers; 1 and "1" are different requests."""
-    if isinstance(msg_id, bool) or msg_id is None:
-        return None
-    if isinstance(msg_id, (int, float)):
-        return ("n", msg_id)
-    if isinstance(msg_id, str):
-        return ("s", msg_id)
-    return None
 
 
 def _error_text(result: dict[str, Any]) -> str:
@@ -197,9 +187,9 @@ class McpSessionObserver:
     # -- messages ---------------------------------------------------------------------
     def from_client(self, message: Any, now: datetime, now_mono: float) -> list[Event]:
         events: list[Event] = []
-        for msg in _each(message):
+        for msg in each_message(message):
             method = msg.get("method")
-            key = _rpc_key(msg.get("id"))
+            key = rpc_key(msg.get("id"))
             if method == "tools/call" and key is not None:
                 events.append(self._call(msg, key, now, now_mono))
             elif method == "tools/list" and key is not None:
@@ -217,10 +207,10 @@ class McpSessionObserver:
 
     def from_server(self, message: Any, now: datetime, now_mono: float) -> list[Event]:
         events: list[Event] = []
-        for msg in _each(message):
+        for msg in each_message(message):
             if "method" in msg:  # a server request or notification, not a response
                 continue
-            key = _rpc_key(msg.get("id"))
+            key = rpc_key(msg.get("id"))
             if key is None:
                 continue
             pending = self._calls.pop(key, None)
@@ -310,16 +300,6 @@ class McpSessionObserver:
         for tool in result.get("tools") or []:
             if isinstance(tool, dict) and isinstance(tool.get("name"), str):
                 self.tool_digests[tool["name"]] = canonical_digest(tool)
-
-
-def _each(message: Any) -> Iterable[dict[str, Any]]:
-    """A JSON-RPC message, or each message of a batch."""
-    if isinstance(message, dict):
-        yield message
-    elif isinstance(message, list):
-        for item in message:
-            if isinstance(item, dict):
-                yield item
 
 
 def utc_from_ns(ns: int) -> datetime:

@@ -80,13 +80,13 @@ HURRIED_CLOSE = 1.0
 
 GAP_REASON = "relayed but not handed to the observer process (its pipe was full, or it was being replaced)"
 
-Emit = Callable[[Event], None]
+Emit = Callable[[Event], object]
 
 
 class EventSink(Protocol):
     """Where the observer process puts events (opened in that process)."""
 
-    def emit(self, event: Event) -> None: ...
+    def emit(self, event: Event) -> object: ...
 
     def lost(self, direction: int, messages: int, reason: str) -> None:
         """``messages`` of ``direction`` were relayed but not recorded, because of ``reason``."""
@@ -118,13 +118,9 @@ class SinkSpec(Protocol):
 
 def kafka_emitter(publisher: Any, topics: Any, stamper: ChainStamper) -> Emit:
     """An :data:`Emit` that stamps, encodes and queues events for Kafka (never waiting for the broker)."""
-    from schemas import encode, key_for, topic_for
+    from collectors.emit import Emitter
 
-    def emit(event: Event) -> None:
-        stamped = stamper.stamp(event)
-        publisher.publish(topic_for(stamped, topics), key_for(stamped).encode("utf-8"), encode(stamped))
-
-    return emit
+    return Emitter(topics, stamper, publisher).emit
 
 
 @dataclass

@@ -31,6 +31,12 @@ produce loss records too, and so do losses a collector reports with :meth:`~Back
 as one record per topic at most once a second, and not while the spool is full: a burst of
 refusals cannot use up the reserve; the final counts are always written at close.
 
+Time in memory: once the broker is unreachable, an event accepted by ``publish`` is in the spool
+at most ``stall_seconds`` (``SCOPEWATCH_SPOOL_STALL_SECONDS``, default 1 s) plus one turn of the
+publisher loop after it was published: that long it may wait in memory or in the producer for an
+acknowledgement that does not come, and that much is what a ``kill -9`` then can lose. (While the
+producer is replaced after a non-retriable error, its close can hold the loop up to 5 s more.)
+
 Delivery guarantee: every event accepted by ``publish`` is delivered at least once; across a
 broker outage while the collector runs, exactly once (the idempotent producer's retries).
 A duplicate is possible only when the producer must be replaced (a non-retriable producer
@@ -208,7 +214,7 @@ class BackgroundPublisher:
     stats: PublisherStats = field(default_factory=PublisherStats)
     spool: SpoolConfig | None = None  # None: SpoolConfig.from_env(os.environ)
     max_queued_bytes: int = 64 << 20
-    stall_seconds: float = 1.0
+    stall_seconds: float | None = None  # None: the spool config's (SCOPEWATCH_SPOOL_STALL_SECONDS, 1 s)
     window: int = 2000
     window_bytes: int = 16 << 20
     request_timeout_ms: int = 60_000
@@ -220,6 +226,7 @@ class BackgroundPublisher:
             self.config = self.spool if self.spool is not None else SpoolConfig.from_env(os.environ)
         except SpoolConfigError as exc:
             raise PublisherError(f"spool settings: {exc}") from None
+        self._stall = self.config.stall_seconds if self.stall_seconds is None else self.stall_seconds
         self._spool = SpoolDir(self.config)
         self._window_bytes = min(self.window_bytes, self.config.max_bytes // 4)
         self._incoming: deque[_Item] = deque()
@@ -374,7 +381,7 @@ class BackgroundPublisher:
                 break
             if self.stats.sent != last:
                 moved_at, last = now, self.stats.sent
-            elif self._durable.is_set() and now - moved_at > max(0.5, self.stall_seconds):
+            elif self._durable.is_set() and now - moved_at > max(0.5, self._stall):
                 break  # nothing moves and nothing is at risk: the next start delivers the spool
         with self._cond:
             self._accepting = False
@@ -492,14 +499,14 @@ class BackgroundPublisher:
         self._flush_loss()
 
     def _degrade_reason(self, now: float) -> str | None:
-        if self._inflight and now - self._inflight[0].sent_at > self.stall_seconds:
-            return f"no acknowledgement from Kafka for {self.stall_seconds:g}s"
+        if self._inflight and now - self._inflight[0].sent_at > self._stall:
+            return f"no acknowledgement from Kafka for {self._stall:g}s"
         if self._send_stalled:
             return "the producer accepts no more records"
         if self._producer is None and self._connect_failed:
             return "cannot connect to Kafka"
-        if self._connecting is not None and now - self._connect_started > self.stall_seconds:
-            return f"no connection to Kafka within {self.stall_seconds:g}s"
+        if self._connecting is not None and now - self._connect_started > self._stall:
+            return f"no connection to Kafka within {self._stall:g}s"
         with self._cond:
             high = len(self._incoming) > self.max_queued // 2 or self._incoming_bytes > self.max_queued_bytes // 2
         if high:

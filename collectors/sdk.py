@@ -50,12 +50,14 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
 from collectors.chain import ChainStamper
+from collectors.config import CollectorConfig
+from collectors.emit import Emitter
 from collectors.observer import McpSessionObserver, SessionIdentity, utc_from_ns
-from collectors.publisher import BackgroundPublisher, PublisherStats
+from collectors.publisher import BackgroundPublisher, PublisherError, PublisherStats
 from collectors.redact import Redactor
 from collectors.resources import ResourceExtractor
-from collectors.stdio import extractor_from_env, redactor_from_env
-from schemas import Event, Topics, encode, key_for, topic_for
+from collectors.spool import SpoolConfigError
+from schemas import Event, Topics
 
 __all__ = ["Record", "ScopewatchMiddleware", "SdkCollector", "attested_from_token", "recorder"]
 
@@ -247,12 +249,7 @@ def _now() -> tuple[Any, float]:
 
 def recorder(publisher: BackgroundPublisher, topics: Topics, stamper: ChainStamper) -> Record:
     """Stamp, encode and queue each event; False when the publisher refused it (a counted loss)."""
-
-    def record(event: Event) -> bool:
-        stamped = stamper.stamp(event)
-        return publisher.publish(topic_for(stamped, topics), key_for(stamped).encode("utf-8"), encode(stamped))
-
-    return record
+    return Emitter(topics, stamper, publisher).emit
 
 
 @dataclass
@@ -278,16 +275,19 @@ class SdkCollector:
     ) -> SdkCollector:
         """Build it from the ``SCOPEWATCH_*`` environment (the settings' variables), overridden by arguments.
 
-        Raises :class:`~collectors.stdio.WrapError` for a bad redaction setting and
+        Raises :class:`~collectors.config.ConfigError` for a bad setting and
         :class:`~collectors.publisher.PublisherError` for an unusable spool (fail closed at start).
         """
-        env = os.environ if environ is None else environ
-        port = env.get("SCOPEWATCH_KAFKA_PORT", "19092")
-        bootstrap = bootstrap or env.get("SCOPEWATCH_BOOTSTRAP") or f"127.0.0.1:{port}"
-        topics = topics or Topics.with_prefix(env.get("SCOPEWATCH_TOPIC_PREFIX", ""))
-        redactor = redactor_from_env(env)
-        extractor = extractor_from_env(env) or ResourceExtractor()
-        publisher = BackgroundPublisher(bootstrap, client_id="scopewatch-sdk").start()
+        config = CollectorConfig.from_env(environ)
+        bootstrap = bootstrap or config.kafka_bootstrap
+        topics = topics or config.topics
+        redactor = config.redactor()
+        extractor = config.extractor() or ResourceExtractor()
+        try:
+            spool = config.spool()
+        except SpoolConfigError as exc:
+            raise PublisherError(f"spool settings: {exc}") from None
+        publisher = BackgroundPublisher(bootstrap, client_id="scopewatch-sdk", spool=spool).start()
         cid = collector_id or f"sdk:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         stamper = ChainStamper(cid, epoch=time.time_ns() // 1_000_000)
         middleware = ScopewatchMiddleware(

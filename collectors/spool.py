@@ -145,6 +145,11 @@ class SpoolConfig:
     on_full: OnFull = "block"
     block_timeout: float | None = None
     loss_topic: str = DEAD_LETTER
+    stall_seconds: float = 1.0
+    """Kafka counts as unreachable once an event waits this long for its acknowledgement (or a
+    connection attempt takes this long): from then on everything unacknowledged is spooled. This is
+    the bound on how long an event stays only in memory while the broker is down -- what a
+    ``kill -9`` at that moment could lose."""
 
     def __post_init__(self) -> None:
         if self.fsync not in ("always", "interval", "never"):
@@ -157,6 +162,8 @@ class SpoolConfig:
             raise SpoolConfigError("the spool's segment_bytes must be at least 4 KiB")
         if self.fsync_interval <= 0:
             raise SpoolConfigError("fsync_interval must be positive")
+        if not 0 < self.stall_seconds <= 60:
+            raise SpoolConfigError("stall_seconds must be positive and at most 60")
         if self.block_timeout is not None and self.block_timeout < 0:
             raise SpoolConfigError("block_timeout must not be negative")
 
@@ -167,36 +174,10 @@ class SpoolConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SpoolConfig:
-        """The spool settings of this host (``SCOPEWATCH_SPOOL_*``; see the module docstring)."""
+        """The spool settings of this host (``SCOPEWATCH_SPOOL_*``, read by :mod:`collectors.config`)."""
+        from collectors.config import spool_from_env
 
-        def number(name: str, kind: type[int] | type[float]) -> int | float | None:
-            raw = environ.get(name)
-            if raw is None or raw.strip() == "":
-                return None
-            try:
-                return kind(raw.strip())
-            except ValueError:
-                raise SpoolConfigError(f"{name} must be a number, not {raw[:40]!r}") from None
-
-        where = environ.get("SCOPEWATCH_SPOOL_DIR")
-        values: dict[str, object] = {
-            "dir": Path(where).expanduser().resolve() if where else state_home(environ) / "spool",
-            "loss_topic": environ.get("SCOPEWATCH_TOPIC_PREFIX", "") + DEAD_LETTER,
-        }
-        for key, name, kind in (
-            ("max_bytes", "SCOPEWATCH_SPOOL_MAX_BYTES", int),
-            ("segment_bytes", "SCOPEWATCH_SPOOL_SEGMENT_BYTES", int),
-            ("fsync_interval", "SCOPEWATCH_SPOOL_FSYNC_INTERVAL", float),
-            ("block_timeout", "SCOPEWATCH_SPOOL_BLOCK_TIMEOUT", float),
-        ):
-            value = number(name, kind)
-            if value is not None:
-                values[key] = value
-        if environ.get("SCOPEWATCH_SPOOL_FSYNC"):
-            values["fsync"] = environ["SCOPEWATCH_SPOOL_FSYNC"].strip().lower()
-        if environ.get("SCOPEWATCH_SPOOL_ON_FULL"):
-            values["on_full"] = environ["SCOPEWATCH_SPOOL_ON_FULL"].strip().lower()
-        return cls(**values)  # type: ignore[arg-type]
+        return spool_from_env(environ)
 
 
 # ----------------------------------------------------------------------------- record format

@@ -33,34 +33,16 @@ not known. Killing both at once (``kill -9`` of the process group) loses what th
 not spooled, as killing a collector always did; events already spooled survive either way.
 
 Redaction happens in the observer, before an event is handed to the publisher, so no
-argument, error text or resource leaves the host unredacted. Its configuration comes from
-the environment (``collectors`` may not depend on ``scopewatch.settings``; these variables
-share its ``SCOPEWATCH_`` prefix, which the settings ignore):
-
-``SCOPEWATCH_REDACTION_KEY``
-    the HMAC key of the fingerprints (at least 16 bytes; e.g. ``openssl rand -hex 32``). Set
-    the same key on every host whose fingerprints analysts want to join.
-``SCOPEWATCH_REDACTION_KEY`` unset
-    a random per-host key, created on first use in ``$SCOPEWATCH_HOME/redaction.key`` --
-    or ``~/.scopewatch/redaction.key`` without ``SCOPEWATCH_HOME``: the settings' default home
-    (``./.scopewatch``) depends on the working directory, which MCP clients choose, and the
-    key must not change between sessions. The file is created atomically with mode 0600 (a
-    racing wrapper uses the winner's key); a key file that group or others may access is
-    refused, as is a short one.
-``SCOPEWATCH_REDACT_PATTERNS``
-    extra detectors, a JSON object ``{"name": "regex", ...}``.
-``SCOPEWATCH_REDACT_ARGUMENTS``
-    extra credential-like argument names, comma-separated.
-``SCOPEWATCH_MAX_ARGUMENT_BYTES``
-    the size cap of stored arguments (default 64 KiB).
-``SCOPEWATCH_RESOURCE_RULES``
-    a JSON file with resource rules: a list of ``{"tools": [...], "templates": [...]}``, or
-    an object ``{"rules": [...], "defaults": true, "max_resources": 256}``.
+argument, error text or resource leaves the host unredacted. Its configuration -- the HMAC key
+(``SCOPEWATCH_REDACTION_KEY``, else a per-host key file created on first use), extra detectors
+and argument names, the argument size cap, resource rules -- and the Kafka and spool settings
+are those of every collector: :mod:`collectors.config`. The per-host key lives under
+``$SCOPEWATCH_HOME``, else ``~/.scopewatch`` (not the settings' default ``./.scopewatch``: MCP
+clients choose the working directory, and the key must not change between sessions).
 
 Events Kafka cannot take right now are spooled to disk (already redacted) and delivered in order
-when it is back -- by the next wrapper started with the same spool directory if this one dies:
-``SCOPEWATCH_SPOOL_DIR`` (default: ``spool`` under the key file's folder) and the size limit, fsync
-policy and full-spool behaviour of :mod:`collectors.spool`.
+when it is back -- by the next wrapper started with the same spool directory if this one dies
+(:mod:`collectors.spool`).
 
 A bad setting stops the wrapper before it starts the server (fail closed). Neither the key
 nor any unredacted value is ever written to stderr.
@@ -71,23 +53,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pydantic import SecretBytes, ValidationError
-
+from collectors.config import KEY_FILE, CollectorConfig, ConfigError
 from collectors.observer import McpSessionObserver
 from collectors.observer_process import (
     MAX_LINE_BYTES,
@@ -101,8 +78,6 @@ from collectors.observer_process import (
     wait_exit,
     wait_ready,
 )
-from collectors.redact import MIN_KEY_BYTES, Redactor
-from collectors.resources import ResourceExtractor
 from collectors.tap import C2S, S2C, DropCounters, Tap, set_pipe_size
 
 __all__ = [
@@ -118,12 +93,7 @@ __all__ = [
     "WrapStats",
     "configure_observer",
     "exit_like",
-    "extractor_from_env",
-    "host_key",
     "kafka_emitter",
-    "key_file",
-    "redaction_key",
-    "redactor_from_env",
 ]
 
 CHUNK = 1 << 16
@@ -403,114 +373,19 @@ def _reap(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status)
 
 
-class WrapError(RuntimeError):
-    pass
+class WrapError(ConfigError):
+    """The wrapper cannot start or run as configured."""
 
 
-# -- redaction and resource configuration ----------------------------------------------------
-KEY_ENV = "SCOPEWATCH_REDACTION_KEY"
-KEY_FILE = "redaction.key"
-
-
+# -- redaction and resource configuration (collectors.config) ----------------------------------
 def configure_observer(observer: McpSessionObserver, environ: Mapping[str, str]) -> None:
     """Give ``observer`` the host's redactor (unless it has one) and any configured resource rules."""
+    config = CollectorConfig.from_env(environ)
     if observer.redactor is None:
-        observer.redactor = redactor_from_env(environ)
-    extractor = extractor_from_env(environ)
+        observer.redactor = config.redactor()
+    extractor = config.extractor()
     if extractor is not None:
         observer.extractor = extractor
-
-
-def redactor_from_env(environ: Mapping[str, str]) -> Redactor:
-    """The redaction policy of this host (see the module docstring)."""
-    try:
-        patterns = json.loads(environ.get("SCOPEWATCH_REDACT_PATTERNS") or "{}")
-    except ValueError as exc:
-        raise WrapError(f"SCOPEWATCH_REDACT_PATTERNS is not JSON: {exc.args[0]}") from None
-    names = tuple(n.strip() for n in (environ.get("SCOPEWATCH_REDACT_ARGUMENTS") or "").split(",") if n.strip())
-    config: dict[str, Any] = {"patterns": patterns, "argument_names": names}
-    if environ.get("SCOPEWATCH_MAX_ARGUMENT_BYTES"):
-        config["max_argument_bytes"] = environ["SCOPEWATCH_MAX_ARGUMENT_BYTES"]
-    try:
-        return Redactor.model_validate({**config, "key": SecretBytes(redaction_key(environ))})
-    except ValidationError as exc:
-        raise WrapError(f"redaction settings: {_errors(exc)}") from None
-
-
-def extractor_from_env(environ: Mapping[str, str]) -> ResourceExtractor | None:
-    """The resource rules of ``SCOPEWATCH_RESOURCE_RULES``, or ``None`` (use the defaults)."""
-    where = environ.get("SCOPEWATCH_RESOURCE_RULES")
-    if not where:
-        return None
-    try:
-        config = json.loads(Path(where).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise WrapError(f"cannot read resource rules {where}: {exc}") from None
-    try:
-        return ResourceExtractor.model_validate({"rules": config} if isinstance(config, list) else config)
-    except ValidationError as exc:
-        raise WrapError(f"resource rules {where}: {_errors(exc)}") from None
-
-
-def redaction_key(environ: Mapping[str, str]) -> bytes:
-    """``SCOPEWATCH_REDACTION_KEY``, else the host key file (created on first use)."""
-    given = environ.get(KEY_ENV)
-    if given:
-        key = given.encode("utf-8")
-        if len(key) < MIN_KEY_BYTES:
-            raise WrapError(f"{KEY_ENV} must have at least {MIN_KEY_BYTES} bytes")
-        return key
-    return host_key(key_file(environ))
-
-
-def key_file(environ: Mapping[str, str]) -> Path:
-    """Where the per-host key lives: under ``SCOPEWATCH_HOME``, else under ``~/.scopewatch``."""
-    home = environ.get("SCOPEWATCH_HOME")
-    base = Path(home).expanduser().resolve() if home else Path.home() / ".scopewatch"
-    return base / KEY_FILE
-
-
-def host_key(path: Path) -> bytes:
-    """The key stored at ``path``; a new random one if there is none yet (mode 0600)."""
-    if not path.exists():
-        try:
-            _create_key_file(path)
-        except OSError as exc:
-            raise WrapError(f"cannot create the redaction key {path}: {exc.strerror or exc}") from None
-    try:
-        mode = path.stat().st_mode
-        key = path.read_bytes().strip()
-    except OSError as exc:
-        raise WrapError(f"cannot read the redaction key {path}: {exc.strerror or exc}") from None
-    if mode & 0o077:
-        raise WrapError(f"the redaction key {path} is accessible to group or others: chmod 600 it")
-    if len(key) < MIN_KEY_BYTES:
-        raise WrapError(f"the redaction key in {path} is shorter than {MIN_KEY_BYTES} bytes")
-    return key
-
-
-def _create_key_file(path: Path) -> None:
-    """Write a fresh key to a private temporary file, then link it into place unless one exists."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".redaction-key-")  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(secrets.token_hex(32) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        with contextlib.suppress(FileExistsError):  # another wrapper won the race: use its key
-            os.link(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def _errors(exc: ValidationError) -> str:
-    """Validation errors without the input values (which may be secrets)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
-        for err in exc.errors(include_input=False)
-    )
 
 
 def _write_all(fd: int, data: bytes) -> None:

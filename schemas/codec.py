@@ -184,11 +184,11 @@ def fingerprint_of(event_type: str) -> bytes:
 # ----------------------------------------------------------------------- encode/decode
 
 
-def _to_record(model: SchemaModel) -> dict[str, Any]:
+def _to_record(model: SchemaModel, json_texts: dict[str, str] | None = None) -> dict[str, Any]:
     rec = dict(model.__dict__)  # declared fields only; unknown ones live in model_extra
     for name in JSON_FIELDS.intersection(rec):
         if rec[name] is not None:
-            rec[name] = canonical_json(rec[name])
+            rec[name] = json_texts[name] if json_texts and name in json_texts else canonical_json(rec[name])
     if isinstance(rec.get("collector"), Collector):
         rec["collector"] = _to_record(rec["collector"])
     extra = model.model_extra
@@ -225,8 +225,12 @@ def _loads(text: str, field: str) -> Any:
         raise CodecError(f"body decodes but fails validation: field '{field}' is not valid JSON") from None
 
 
-def encode(model: SchemaModel) -> bytes:
-    """Avro single-object encoding of an event, Evidence or DeadLetter."""
+def encode(model: SchemaModel, json_texts: dict[str, str] | None = None) -> bytes:
+    """Avro single-object encoding of an event, Evidence or DeadLetter.
+
+    ``json_texts``: the canonical JSON of some of its object-valued fields (``arguments`` ...), when
+    the caller has it already (the collectors' emit path serialises them once, for the chain hash too).
+    """
     entry = _registry().current.get(type(model))
     if entry is None:
         raise CodecError(f"no Avro schema for {type(model).__name__}")
@@ -234,7 +238,7 @@ def encode(model: SchemaModel) -> bytes:
     buf.write(MAGIC)
     buf.write(entry.fingerprint)
     try:
-        schemaless_writer(buf, entry.schema, _to_record(model))
+        schemaless_writer(buf, entry.schema, _to_record(model, json_texts))
     except (ValueError, TypeError, OverflowError) as exc:
         raise CodecError(f"cannot encode {type(model).__name__}: {exc}") from None
     return buf.getvalue()

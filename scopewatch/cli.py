@@ -158,16 +158,17 @@ def wrap(
     import socket
 
     from collectors.chain import ChainStamper
+    from collectors.config import CollectorConfig, ConfigError
     from collectors.observer import McpSessionObserver, SessionIdentity
     from collectors.publisher import PublisherError
-    from collectors.stdio import KafkaSink, StdioWrapper, WrapError, exit_like
+    from collectors.spool import SpoolConfigError
+    from collectors.stdio import KafkaSink, StdioWrapper, exit_like
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout carries the MCP session
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # delivery problems are summed up at exit
     for option, value in (("--principal", principal), ("--agent-id", agent_id), ("--session-id", session_id)):
         if value is not None and not value.strip():
             _fail(f"{option} must not be empty or whitespace", code=2)
-    settings = _settings()
     sid = session_id or str(uuid.uuid4())
     if principal is None or agent_id is None:
         err.print("scopewatch wrap: no --principal/--agent-id: the session is recorded as unbound", highlight=False)
@@ -182,12 +183,18 @@ def wrap(
     stamper = ChainStamper(cid, epoch=time.time_ns() // 1_000_000)
     observer = McpSessionObserver(identity, transport="stdio", server_label=server)
     try:
-        # the publisher runs in the wrapper's observer process (see collectors.stdio)
-        sink = KafkaSink(settings.kafka_bootstrap, settings.topics, stamper, flush_timeout=flush_timeout)
-        code = StdioWrapper(list(command), observer, sink).run()
-    except PublisherError as exc:
+        collector = CollectorConfig.from_env()
+    except ConfigError as exc:
         _fail(str(exc), code=2)
-    except WrapError as exc:
+    try:
+        # the publisher runs in the wrapper's observer process (see collectors.stdio)
+        sink = KafkaSink(
+            collector.kafka_bootstrap, collector.topics, stamper, flush_timeout=flush_timeout, spool=collector.spool()
+        )
+        code = StdioWrapper(list(command), observer, sink).run()
+    except (PublisherError, SpoolConfigError) as exc:
+        _fail(f"spool settings: {exc}" if isinstance(exc, SpoolConfigError) else str(exc), code=2)
+    except ConfigError as exc:
         _fail(str(exc), code=127)
     exit_like(code)
 

@@ -113,22 +113,23 @@ def intake(
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:
     """Run the intake until SIGINT/SIGTERM."""
+    from collectors.config import CollectorConfig, ConfigError, parse_listen
     from collectors.intake import IntakeConfig
-    from scopewatch.proxy_cli import parse_listen
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # failures are answered 503 and logged once
     try:
         host, port = parse_listen(listen)
         keys = load_secrets(dict(os.environ), list(secret_file or []))
-    except ValueError as exc:
+        collector = CollectorConfig.from_env()
+    except (ValueError, ConfigError) as exc:
         _fail("intake", str(exc))
     if not keys:
         _fail("intake", f"no webhook secret: set {SECRETS_ENV} or pass --secret-file")
     settings = _settings()
     config = IntakeConfig(
         keys=keys,
-        topics=settings.topics,
+        topics=collector.topics,
         path=path if path.startswith("/") else "/" + path,
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
@@ -140,7 +141,7 @@ def intake(
     )
     if collector_id:
         config.collector_id = collector_id
-    asyncio.run(_serve(config, settings.kafka_bootstrap, host, port, publish_timeout))
+    asyncio.run(_serve(config, collector.kafka_bootstrap, host, port, publish_timeout))
 
 
 async def _serve(config: Any, bootstrap: str, host: str, port: int, publish_timeout: float) -> None:

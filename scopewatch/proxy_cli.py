@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import signal
 import socket
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from collectors.config import parse_listen
 
 proxy_app = typer.Typer(
     add_completion=False,
@@ -39,19 +40,6 @@ proxy_app = typer.Typer(
 def _fail(message: str, code: int = 2) -> None:
     sys.stderr.write(f"scopewatch proxy: error: {message}\n")
     raise typer.Exit(code)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> ``(host, port)``."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--listen wants HOST:PORT, got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} out of range")
-    return host, number
 
 
 def _is_loopback(host: str) -> bool:
@@ -103,11 +91,12 @@ def proxy(
 ) -> None:
     """Run the HTTP collector in front of one MCP server until SIGINT/SIGTERM."""
     from collectors.chain import ChainStamper
+    from collectors.config import CollectorConfig, ConfigError
+    from collectors.emit import Emitter
     from collectors.http_proxy import HttpProxy, ProxyConfig, serve
     from collectors.jwt_verify import JwtConfigError, JwtVerifier
     from collectors.publisher import BackgroundPublisher, PublisherError
-    from collectors.stdio import WrapError, extractor_from_env, kafka_emitter, redactor_from_env
-    from scopewatch.settings import load_settings
+    from collectors.spool import SpoolConfigError
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -143,8 +132,9 @@ def proxy(
         sys.stderr.write("scopewatch proxy: no keys: bearer tokens are recorded as unverified, never attested\n")
 
     try:
-        redactor = redactor_from_env(dict(os.environ))
-        extractor = extractor_from_env(dict(os.environ))
+        collector = CollectorConfig.from_env()
+        redactor = collector.redactor()
+        extractor = collector.extractor()
         config = ProxyConfig(
             upstream=upstream,
             host=host,
@@ -157,16 +147,17 @@ def proxy(
             session_idle_seconds=session_idle,
             max_sessions=max_sessions,
         )
-    except (WrapError, ValueError) as exc:
+    except (ConfigError, ValueError) as exc:
         _fail(str(exc))
 
-    settings = load_settings()
     try:
-        publisher = BackgroundPublisher(settings.kafka_bootstrap, client_id="scopewatch-proxy").start()
-    except PublisherError as exc:
-        _fail(str(exc))
+        publisher = BackgroundPublisher(
+            collector.kafka_bootstrap, client_id="scopewatch-proxy", spool=collector.spool()
+        ).start()
+    except (PublisherError, SpoolConfigError) as exc:
+        _fail(f"spool settings: {exc}" if isinstance(exc, SpoolConfigError) else str(exc))
     cid = collector_id or f"http:{socket.gethostname()}:{host}:{port}"
-    emit = kafka_emitter(publisher, settings.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000))
+    emit = Emitter(collector.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000), publisher).emit
     proxy = HttpProxy(config, emit=emit, redactor=redactor, verifier=verifier, extractor=extractor)
 
     def ready(running: HttpProxy) -> None:

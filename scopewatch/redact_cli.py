@@ -50,8 +50,8 @@ def redact_test(
     ),
 ) -> None:
     """Show what the collectors would store for FILE, and the detectors that fired."""
+    from collectors.config import KEY_ENV, CollectorConfig, ConfigError, key_file
     from collectors.redact import Redacted, Redactor
-    from collectors.stdio import KEY_ENV, WrapError, key_file, redactor_from_env
 
     if fmt not in ("text", "json"):
         _fail("--format must be text or json")
@@ -61,8 +61,8 @@ def redact_test(
     if throwaway:
         environ[KEY_ENV] = secrets.token_hex(32)  # no host key: create none, fingerprints of this run only
     try:
-        redactor: Redactor = redactor_from_env(environ)
-    except WrapError as exc:
+        redactor: Redactor = CollectorConfig.from_env(environ).redactor()
+    except ConfigError as exc:
         _fail(str(exc))
 
     value: Any = None

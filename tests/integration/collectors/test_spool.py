@@ -32,6 +32,13 @@ from support.wrap import child_env, wrap_argv
 pytestmark = pytest.mark.integration
 
 CALLS = 2000
+STALL_SECONDS = 1.0
+"""SCOPEWATCH_SPOOL_STALL_SECONDS of these tests: no acknowledgement for this long = Kafka is down."""
+SPOOL_BOUND = STALL_SECONDS + 1.0
+"""With the broker down, an event is in the spool at most this long after the wrapper relayed it:
+the stall time, plus a second for the observer's batching and the publisher's loop on a shared CPU.
+Until then it is only in the observer process's memory (read from the copy pipe, queued in the
+publisher or handed to the Kafka producer, waiting for an acknowledgement)."""
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +72,7 @@ def _env(settings: Settings, spool: Path) -> dict[str, str]:
     env = child_env(settings)
     env["SCOPEWATCH_SPOOL_DIR"] = str(spool)
     env["SCOPEWATCH_SPOOL_FSYNC"] = "interval"
+    env["SCOPEWATCH_SPOOL_STALL_SECONDS"] = str(STALL_SECONDS)
     return env
 
 
@@ -142,6 +150,7 @@ def test_broker_down_mid_session_all_calls_land_exactly_once_in_order(
     session_id = str(uuid.uuid4())
     argv = [sys.executable, *wrap_argv(server_everything, session_id=session_id)[1:]]
     seen_spooled: list[int] = []
+    waited: list[float] = []
     tasks: dict[str, asyncio.Task[Any]] = {}
 
     async def each(i: int, _client: Any) -> None:
@@ -150,8 +159,16 @@ def test_broker_down_mid_session_all_calls_land_exactly_once_in_order(
         elif i == 900:
             await tasks["stop"]
             assert broker.running_record() is None
-        elif i == 1500:  # calls 900..1500 went through with the broker certainly down
+        elif i == 1500:
+            # calls 900..1500 went through with the broker certainly down: within SPOOL_BOUND of the last
+            # one, their calls and results are in the spool (and so would survive a kill -9)
+            relayed = time.monotonic()
+            want = 2 * (1500 - 900)
+            await asyncio.to_thread(
+                _wait_for, lambda: inspect_spool(spool).pending >= want, 3 * SPOOL_BOUND, "the spool to fill"
+            )
             seen_spooled.append(inspect_spool(spool).pending)
+            waited.append(time.monotonic() - relayed)
             tasks["start"] = asyncio.create_task(asyncio.to_thread(broker.ensure_running, 180))
         elif i == CALLS - 1:
             await tasks["start"]
@@ -160,6 +177,7 @@ def test_broker_down_mid_session_all_calls_land_exactly_once_in_order(
 
     asyncio.run(_drive(argv, _env(settings, spool), CALLS, each))
     assert seen_spooled and seen_spooled[0] >= 2 * (1500 - 900)  # calls and results were spooled meanwhile
+    assert waited[0] <= SPOOL_BOUND, f"events reached the spool {waited[0]:.2f}s after they were relayed"
 
     events = asyncio.run(_consume(settings, {session_id}, want=2 * CALLS + 2))
     _assert_exactly_once_in_order(events, session_id, CALLS)

@@ -277,16 +277,20 @@ def test_config_from_the_environment(tmp_path: Path) -> None:
             "SCOPEWATCH_SPOOL_ON_FULL": "fail",
             "SCOPEWATCH_SPOOL_MAX_BYTES": "1048576",
             "SCOPEWATCH_SPOOL_BLOCK_TIMEOUT": "2.5",
+            "SCOPEWATCH_SPOOL_STALL_SECONDS": "0.5",
         }
     )
-    assert (config.dir, config.fsync, config.on_full, config.max_bytes, config.block_timeout) == (
+    assert (config.dir, config.fsync, config.on_full, config.max_bytes, config.block_timeout, config.stall_seconds) == (
         tmp_path / "s",
         "always",
         "fail",
         1 << 20,
         2.5,
+        0.5,
     )
+    with pytest.raises(SpoolConfigError, match="stall_seconds"):
+        SpoolConfig.from_env({"SCOPEWATCH_SPOOL_STALL_SECONDS": "0"})
     with pytest.raises(SpoolConfigError, match="fsync policy"):
         SpoolConfig.from_env({"SCOPEWATCH_SPOOL_FSYNC": "sometimes"})
-    with pytest.raises(SpoolConfigError, match="SCOPEWATCH_SPOOL_MAX_BYTES must be a number"):
+    with pytest.raises(SpoolConfigError, match="SCOPEWATCH_SPOOL_MAX_BYTES: Input should be a valid integer"):
         SpoolConfig.from_env({"SCOPEWATCH_SPOOL_MAX_BYTES": "lots"})

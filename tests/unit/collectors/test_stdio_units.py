@@ -13,18 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from collectors.chain import ChainStamper, record_hash
+from collectors.config import KEY_FILE, CollectorConfig, host_key, key_file
+from collectors.config import ConfigError as WrapError
 from collectors.observer import McpSessionObserver, SessionIdentity
 from collectors.redact import Redactor
-from collectors.stdio import (
-    KEY_FILE,
-    LineAssembler,
-    WrapError,
-    configure_observer,
-    host_key,
-    key_file,
-    redaction_key,
-)
+from collectors.stdio import LineAssembler, configure_observer
 from schemas import SessionEnded, to_canonical_json
+
+
+def redaction_key(environ: dict[str, str]) -> bytes:
+    return CollectorConfig.from_env(environ).key()
 
 
 @given(st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b), max_size=8), st.data())

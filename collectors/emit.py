@@ -1,0 +1,77 @@
+"""The collectors' one emit path: chain-stamp -> encode -> publish.
+
+Every collector (``wrap``'s observer process, ``proxy``, the SDK middleware, ``intake``) turns
+an event into a Kafka record here: :meth:`Emitter.record` stamps it with the collector chain
+(:class:`~collectors.chain.ChainStamper`), hashes it and Avro-encodes it, and :meth:`Emitter.emit`
+/ :meth:`Emitter.emit_many` hand the records to a publisher.
+
+Each event is serialised once: the canonical JSON of its object-valued fields (``arguments``,
+``attested``, ``claimed``, ``auth`` ...) -- most of its bytes -- is written once and used both
+in the chain hash (the canonical JSON of the whole event, :func:`schemas.record_hash`) and in
+the Avro record (where those fields travel as canonical JSON text). The hash is the same as
+:func:`schemas.record_hash` of the stamped event; ``scopewatch verify`` recomputes it that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar, cast
+
+from collectors.chain import ChainStamper
+from schemas import Collector, Event, Topics, canonical_json, encode, key_for, topic_for
+from schemas.codec import JSON_FIELDS
+
+__all__ = ["Emitter", "Publisher", "Record", "stamp_and_encode"]
+
+E = TypeVar("E", bound=Event)
+Record = tuple[str, bytes, bytes]
+"""``(topic, key, value)``: what a publisher takes."""
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, key: bytes | None, value: bytes) -> bool: ...
+
+
+def stamp_and_encode(stamper: ChainStamper, event: E) -> tuple[E, bytes]:
+    """``event`` with the next chain stamp, and its Avro encoding (serialised once, see the module)."""
+    collector = Collector(
+        id=stamper.collector_id, epoch=stamper.epoch, seq=stamper.seq + 1, prev_hash=stamper.prev_hash
+    )
+    stamped = cast(E, event.model_copy(update={"collector": collector}))
+    fields = stamped.__dict__
+    texts = {
+        name: canonical_json(fields[name]) for name in JSON_FIELDS.intersection(fields) if fields[name] is not None
+    }
+    plain = stamped.model_dump(mode="json", exclude=set(texts))
+    parts = {key: canonical_json(value) for key, value in plain.items()}
+    parts.update(texts)
+    text = "{" + ",".join(f"{canonical_json(key)}:{parts[key]}" for key in sorted(parts)) + "}"
+    value = encode(stamped, texts)
+    stamper.seq += 1  # only once the event is encoded: a failure leaves no gap in the chain
+    stamper.prev_hash = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return stamped, value
+
+
+@dataclass
+class Emitter:
+    """Stamps, encodes and (with a publisher) publishes the events of one collector chain."""
+
+    topics: Topics
+    stamper: ChainStamper
+    publisher: Publisher | None = None
+
+    def record(self, event: Event) -> tuple[Event, Record]:
+        """The stamped event and its Kafka record."""
+        stamped, value = stamp_and_encode(self.stamper, event)
+        return stamped, (topic_for(stamped, self.topics), key_for(stamped).encode("utf-8"), value)
+
+    def records(self, events: Iterable[Event]) -> list[tuple[Event, Record]]:
+        return [self.record(event) for event in events]
+
+    def emit(self, event: Event) -> bool:
+        """Stamp, encode and queue one event; False when the publisher refused it (a counted loss)."""
+        assert self.publisher is not None, "an Emitter without a publisher only makes records"
+        _stamped, (topic, key, value) = self.record(event)
+        return self.publisher.publish(topic, key, value)

@@ -1,0 +1,84 @@
+"""The one emit path: stamp -> encode -> publish, each event serialised once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collectors.chain import ChainStamper
+from collectors.emit import Emitter
+from schemas import Topics, decode, parse_event, record_hash
+from schemas.codec import CodecError
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**62), 2**62)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def call(i: int, arguments: dict[str, Any], **extra: Any) -> Any:
+    return parse_event(
+        {
+            "event_type": "tool_call",
+            "event_id": f"00000000-0000-4000-8000-{i:012d}",
+            "event_time": "2026-12-05T10:00:00.123Z",
+            "tenant": "acme",
+            "call_id": str(i),
+            "session_id": "s-1",
+            "server": "fs",
+            "tool": "read_file",
+            "arguments": arguments,
+            "resources": ["file:/data/ä.txt"],
+            "transport": "stdio",
+            "attested": {"sub": "alice", "exp": 1.5},
+            "claimed": {"user": "ålice"},
+            **extra,
+        }
+    )
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes]] = []
+
+    def publish(self, topic: str, key: bytes | None, value: bytes) -> bool:
+        self.records.append((topic, key, value))
+        return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=10), JSON, max_size=5), st.dictionaries(st.sampled_from(["x_a", "zz", "aa"]), JSON)
+)
+def test_the_chain_hash_is_record_hash_and_the_record_decodes_to_the_stamped_event(
+    arguments: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    emitter = Emitter(Topics.with_prefix("p."), ChainStamper("c-1", epoch=7))
+    first, (topic, key, value) = emitter.record(call(1, arguments, **extra))
+    assert (topic, key) == ("p.mcp.tool-calls", b"s-1")
+    assert emitter.stamper.prev_hash == record_hash(first)  # what scopewatch verify recomputes
+    assert decode(value) == first
+    second, _ = emitter.record(call(2, {}))
+    assert second.collector is not None and second.collector.prev_hash == record_hash(first)
+    assert second.collector.seq == 2 and second.collector.epoch == 7
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_emit_publishes_in_order_and_a_failed_encoding_leaves_no_gap() -> None:
+    sink = Sink()
+    emitter = Emitter(Topics(), ChainStamper("c-1", epoch=1), sink)
+    assert emitter.emit(call(1, {"a": 1}))
+    bad = call(2, {}).model_copy(update={"collector": None, "call_id": 12})  # not a string: Avro refuses it
+    with pytest.raises(CodecError):
+        emitter.emit(bad)
+    assert emitter.emit(call(3, {"b": 2}))
+    seqs = [decode(v).collector.seq for _t, _k, v in sink.records]  # type: ignore[union-attr]
+    assert seqs == [1, 2]
