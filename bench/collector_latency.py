@@ -385,12 +385,19 @@ def cpu_per_call(a: dict[str, bk.CpuSample], b: dict[str, bk.CpuSample], calls: 
 
 
 def interleave(
-    names: list[str], call: Callable[[str, int], int], calls: int, warmup: int, seed: int
+    names: list[str], call: Callable[[str, int], int], calls: int, warmup: int, seed: int, pace: float = 0.0
 ) -> dict[str, list[int]]:
+    """``pace`` > 0: round ``i`` starts ``i * pace`` seconds after the first (one call per session per
+    ``pace``, as an agent makes them) instead of right after the previous round."""
     rng = random.Random(seed)
     samples: dict[str, list[int]] = {n: [] for n in names}
     order = list(names)
+    start = time.monotonic()
     for i in range(warmup + calls):
+        if pace > 0:
+            delay = start + i * pace - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
         rng.shuffle(order)
         for name in order:
             ns = call(name, i)
@@ -428,7 +435,9 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         observers = {n: pid for n, pid in ((n, observer_pid(p)) for n, p in relays.items()) if pid is not None}
         before, before_obs = bk.sample_cpu(relays), bk.sample_cpu(observers)
         try:
-            samples = interleave(list(sessions), lambda n, i: sessions[n].call_echo(i), args.calls, args.warmup, 1)
+            samples = interleave(
+                list(sessions), lambda n, i: sessions[n].call_echo(i), args.calls, args.warmup, 1, args.pace_ms / 1000
+            )
         finally:
             gc.enable()
         per_call = args.calls + args.warmup
@@ -636,7 +645,8 @@ def run(args: argparse.Namespace) -> int:
         load_before = bk.load_text()
         raw: dict[str, list[int]] = {}
         if not args.skip_raw:
-            bk.say(f"raw pass: 5 stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each")
+            paced = f", one round every {args.pace_ms:g} ms" if args.pace_ms > 0 else ", back to back"
+            bk.say(f"raw pass: stdio sessions, {args.warmup} + {args.calls} interleaved echo calls each{paced}")
             t0 = time.perf_counter()
             raw = raw_pass(env, server, args)
             bk.say(f"raw pass done in {time.perf_counter() - t0:.1f}s")
@@ -702,7 +712,10 @@ def run(args: argparse.Namespace) -> int:
             what = "relay process (node not included)" if "wrap" in name or "relay" in name else "node server"
             extra.add_row(f"raw pass, {name}: CPU per call of the {what}", f"{cpu:,.0f} us")
         for name, cpu in OBSERVER_CPU.items():
-            extra.add_row(f"raw pass, {name}: CPU per call of its observer process (all threads)", f"{cpu:,.0f} us")
+            pacing = f", calls paced at one per {args.pace_ms:g} ms" if args.pace_ms > 0 else ", calls back to back"
+            extra.add_row(
+                f"raw pass, {name}: CPU per call of its observer process (all threads{pacing})", f"{cpu:,.0f} us"
+            )
         extra.add_row(
             "wrap's observer work per echo call, CPU in this process (request / response side)",
             f"{obs_req:,.0f} us / {obs_resp:,.0f} us",
@@ -716,6 +729,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="measured echo calls per session (default 2,000)")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured calls per session first")
+    parser.add_argument(
+        "--pace-ms",
+        type=float,
+        default=0.0,
+        help="raw pass: start one round of calls (one per session) every this many ms, as agents pace"
+        " their calls (default 0: back to back); the observer CPU per call is reported either way",
+    )
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")
     parser.add_argument(

@@ -15,7 +15,7 @@ the Avro record (where those fields travel as canonical JSON text). The hash is 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
 
@@ -23,7 +23,7 @@ from collectors.chain import ChainStamper
 from schemas import Collector, Event, Topics, canonical_json, encode, key_for, topic_for
 from schemas.codec import JSON_FIELDS
 
-__all__ = ["Emitter", "Publisher", "Record", "stamp_and_encode"]
+__all__ = ["BatchPublisher", "Emitter", "Publisher", "Record", "stamp_and_encode"]
 
 E = TypeVar("E", bound=Event)
 Record = tuple[str, bytes, bytes]
@@ -32,6 +32,10 @@ Record = tuple[str, bytes, bytes]
 
 class Publisher(Protocol):
     def publish(self, topic: str, key: bytes | None, value: bytes) -> bool: ...
+
+
+class BatchPublisher(Publisher, Protocol):
+    def publish_many(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> int: ...
 
 
 def stamp_and_encode(stamper: ChainStamper, event: E) -> tuple[E, bytes]:
@@ -75,3 +79,24 @@ class Emitter:
         assert self.publisher is not None, "an Emitter without a publisher only makes records"
         _stamped, (topic, key, value) = self.record(event)
         return self.publisher.publish(topic, key, value)
+
+    def emit_many(self, events: Iterable[Event], on_error: Callable[[Event, Exception], object]) -> int:
+        """Stamp and encode ``events`` in order and hand all their records to the publisher at once
+        (one lock and at most one wake-up of its thread, with a publisher that has ``publish_many``).
+
+        An event that cannot be encoded is passed to ``on_error`` and skipped (it takes no chain
+        number: no gap); the others still go. Returns how many records the publisher accepted.
+        """
+        assert self.publisher is not None, "an Emitter without a publisher only makes records"
+        records: list[tuple[str, bytes | None, bytes]] = []
+        for event in events:
+            try:
+                records.append(self.record(event)[1])
+            except Exception as exc:  # noqa: BLE001 - one bad event must not cost the others
+                on_error(event, exc)
+        if not records:
+            return 0
+        many = getattr(self.publisher, "publish_many", None)
+        if many is not None:
+            return int(many(records))
+        return sum(self.publisher.publish(topic, key, value) for topic, key, value in records)

@@ -40,7 +40,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -87,6 +87,10 @@ class EventSink(Protocol):
     """Where the observer process puts events (opened in that process)."""
 
     def emit(self, event: Event) -> object: ...
+
+    def emit_many(self, events: list[Event], on_error: Callable[[Event, Exception], object]) -> object:
+        """Emit ``events`` in order, in one hand-over; an event that cannot be emitted goes to
+        ``on_error`` and the others still go."""
 
     def lost(self, direction: int, messages: int, reason: str) -> None:
         """``messages`` of ``direction`` were relayed but not recorded, because of ``reason``."""
@@ -175,7 +179,10 @@ class KafkaSink:
             max_queued=self.max_queued,
             max_queued_bytes=self.max_queued_bytes,
         ).start()
-        return _KafkaEventSink(publisher, self.topics, kafka_emitter(publisher, self.topics, self.stamper))
+        from collectors.emit import Emitter
+
+        emitter = Emitter(self.topics, self.stamper, publisher)
+        return _KafkaEventSink(publisher, self.topics, emitter.emit, emitter.emit_many)
 
 
 @dataclass
@@ -183,6 +190,7 @@ class _KafkaEventSink:
     publisher: BackgroundPublisher
     topics: Topics
     emit: Emit
+    emit_many: Callable[[list[Event], Callable[[Event, Exception], object]], object]
 
     def lost(self, direction: int, messages: int, reason: str) -> None:
         topic = self.topics.tool_calls if direction == C2S else self.topics.tool_results
@@ -271,11 +279,45 @@ class SessionRecorder:
         self.reported = {C2S: [0, 0], S2C: [0, 0]}  # newlines and bytes reported in gap frames
         self.ended = False
         self._handlers = {C2S: self.observer.from_client, S2C: self.observer.from_server}
+        self._batch: list[Event] = []
 
     def start(self, wall_ns: int) -> None:
         self._emit_all(self.observer.start(utc_from_ns(wall_ns)))
+        self.flush()
 
     def handle(self, frame: Frame) -> None:
+        self.handle_all((frame,))
+
+    def handle_all(self, frames: Iterable[Frame]) -> None:
+        """Record ``frames`` (e.g. all of one pipe read) and hand their events to the sink in one
+        batch: one hand-over to the publisher per read, not one per event."""
+        try:
+            for frame in frames:
+                self._handle(frame)
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the events recorded so far to the sink."""
+        if not self._batch:
+            return
+        events, self._batch = self._batch, []
+        failed = 0
+
+        def emit_failed(_event: Event, exc: Exception) -> None:
+            nonlocal failed
+            failed += 1
+            self.stats.observer_errors += 1
+            _warn(f"observer error ({type(exc).__name__}): {self._describe(exc)}")
+
+        try:
+            self.sink.emit_many(events, emit_failed)
+        except Exception as exc:  # noqa: BLE001 - the recording goes on
+            emit_failed(events[0], exc)
+            failed = len(events)
+        self.stats.events += len(events) - failed
+
+    def _handle(self, frame: Frame) -> None:
         try:
             if frame.kind in (C2S, S2C):
                 self._data(frame)
@@ -355,9 +397,7 @@ class SessionRecorder:
             return "(message withheld)"
 
     def _emit_all(self, events: list[Event]) -> None:
-        for event in events:
-            self.sink.emit(event)
-            self.stats.events += 1
+        self._batch.extend(events)
 
 
 def observer_main(
@@ -428,8 +468,7 @@ def observer_main(
                 data = b""
             if not data:
                 break  # the wrapper closed the pipe, or died
-            for frame in reader.feed(data):
-                recorder.handle(frame)
+            recorder.handle_all(reader.feed(data))  # one hand-over to the publisher per read
             if len(data) < READ_BYTES:
                 wait = BATCH_SECONDS
                 woken.wait(wait)

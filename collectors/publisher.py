@@ -59,6 +59,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -284,35 +285,57 @@ class BackgroundPublisher:
 
     def publish(self, topic: str, key: bytes | None, value: bytes) -> bool:
         """Queue one record. False: refused (memory and spool full, or closed) -- a counted loss."""
-        item = _Item(topic, key, value)
-        size = item.size
         with self._cond:
-            if not self._accepting:
-                return self._refuse(topic, "publisher closed")
-            if self._is_full(size):
-                if not self._started:
-                    return self._refuse(topic, "publisher not started")
-                self.stats.blocked += 1
-                fail = self.config.on_full == "fail"
-                timeout = FAIL_GRACE if fail else self.config.block_timeout
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while self._is_full(size):
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if not self._accepting:
-                        return self._refuse(topic, "publisher closed")
-                    if self._no_wait:
-                        return self._refuse(topic, "spool full, collector stopping")
-                    if (fail and self.stats.spool_full) or (remaining is not None and remaining <= 0):
-                        return self._refuse(topic, "spool full" if self.stats.spool_full else "memory full")
-                    self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
-            self._incoming.append(item)
-            self._incoming_bytes += size
-            self.stats.queued += 1
+            accepted = self._put(_Item(topic, key, value))
             wake = self._sleeping
             self._sleeping = False
-            self._idle.clear()
         if wake:
             self._poke()
+        return accepted
+
+    def publish_many(self, records: Iterable[tuple[str, bytes | None, bytes]]) -> int:
+        """Queue records in order, as :meth:`publish` would one by one, with one lock and at most
+        one wake-up of the publisher thread for all of them (a collector hands over what it parsed
+        from one read). Returns how many were accepted; each refused one is a counted loss."""
+        accepted = 0
+        with self._cond:
+            for topic, key, value in records:
+                accepted += self._put(_Item(topic, key, value))
+            wake = self._sleeping
+            self._sleeping = False
+        if wake:
+            self._poke()
+        return accepted
+
+    def _put(self, item: _Item) -> bool:
+        """Append ``item`` to memory, waiting for room as the spool config says (the caller holds the lock)."""
+        size = item.size
+        topic = item.topic
+        if not self._accepting:
+            return self._refuse(topic, "publisher closed")
+        if self._is_full(size):
+            if not self._started:
+                return self._refuse(topic, "publisher not started")
+            self.stats.blocked += 1
+            fail = self.config.on_full == "fail"
+            timeout = FAIL_GRACE if fail else self.config.block_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if self._sleeping:  # the thread must run to make room (records queued before this one)
+                self._sleeping = False
+                self._poke()
+            while self._is_full(size):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if not self._accepting:
+                    return self._refuse(topic, "publisher closed")
+                if self._no_wait:
+                    return self._refuse(topic, "spool full, collector stopping")
+                if (fail and self.stats.spool_full) or (remaining is not None and remaining <= 0):
+                    return self._refuse(topic, "spool full" if self.stats.spool_full else "memory full")
+                self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+        self._incoming.append(item)
+        self._incoming_bytes += size
+        self.stats.queued += 1
+        self._idle.clear()
         return True
 
     def record_loss(self, topic: str, reason: str, count: int = 1) -> None:

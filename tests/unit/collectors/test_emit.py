@@ -48,6 +48,12 @@ def call(i: int, arguments: dict[str, Any], **extra: Any) -> Any:
 class Sink:
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes | None, bytes]] = []
+        self.batches = 0
+
+    def publish_many(self, records: list[tuple[str, bytes | None, bytes]]) -> int:
+        self.batches += 1
+        self.records.extend(records)
+        return len(records)
 
     def publish(self, topic: str, key: bytes | None, value: bytes) -> bool:
         self.records.append((topic, key, value))
@@ -82,3 +88,19 @@ def test_emit_publishes_in_order_and_a_failed_encoding_leaves_no_gap() -> None:
     assert emitter.emit(call(3, {"b": 2}))
     seqs = [decode(v).collector.seq for _t, _k, v in sink.records]  # type: ignore[union-attr]
     assert seqs == [1, 2]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_emit_many_hands_over_once_and_a_bad_event_costs_only_itself() -> None:
+    sink = Sink()
+    emitter = Emitter(Topics(), ChainStamper("c-1", epoch=1), sink)
+    bad = call(2, {}).model_copy(update={"collector": None, "call_id": 12})  # not a string: Avro refuses it
+    failed: list[tuple[Any, Exception]] = []
+    accepted = emitter.emit_many([call(1, {"a": 1}), bad, call(3, {"b": 2})], lambda e, x: failed.append((e, x)))
+    assert accepted == 2 and sink.batches == 1
+    assert [e for e, _x in failed] == [bad] and isinstance(failed[0][1], CodecError)
+    decoded = [decode(v) for _t, _k, v in sink.records]
+    assert [d.collector.seq for d in decoded] == [1, 2]  # type: ignore[union-attr]
+    assert [d.call_id for d in decoded] == ["1", "3"]  # type: ignore[union-attr]
+    assert decoded[1].collector.prev_hash == record_hash(decoded[0])  # type: ignore[union-attr]
+    assert emitter.emit_many([], lambda e, x: None) == 0 and sink.batches == 1

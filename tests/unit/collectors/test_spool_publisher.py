@@ -144,3 +144,48 @@ def test_nothing_published_leaves_no_files(tmp_path: Path) -> None:
     stats = publisher.close(timeout=0.5)
     assert stats.spooled_at_close == 0
     assert list(config.dir.iterdir()) == []
+
+
+def test_publish_many_queues_in_order_with_one_wake_up(tmp_path: Path) -> None:
+    config = SpoolConfig(tmp_path / "spool")
+    publisher = BackgroundPublisher(NOWHERE, spool=config).start()
+    _wait(lambda: publisher.stats.degraded == 1)  # cannot connect: spooling
+    _wait(lambda: publisher._sleeping)
+    pokes: list[None] = []
+    poke = publisher._poke
+
+    def counted() -> None:
+        pokes.append(None)
+        poke()
+
+    publisher._poke = counted  # type: ignore[method-assign]
+    assert publisher.publish_many([("calls", b"s", f"{i}".encode()) for i in range(50)]) == 50
+    assert len(pokes) == 1  # one hand-over, one wake-up (not one per record)
+    assert publisher.publish("calls", b"s", b"50")
+    _wait(lambda: publisher.stats.spooled == 51)
+    stats = publisher.close(timeout=0.5)
+    assert (stats.queued, stats.lost_at_close, stats.lost_queue_full) == (51, 0, 0)
+    assert [r[3] for r in _pending(config.dir)] == [f"{i}".encode() for i in range(51)]
+
+
+def test_publish_many_larger_than_memory_waits_for_the_spool_and_keeps_the_order(tmp_path: Path) -> None:
+    config = SpoolConfig(tmp_path / "spool", on_full="block")
+    publisher = BackgroundPublisher(NOWHERE, spool=config, max_queued=5).start()
+    started = time.monotonic()
+    assert publisher.publish_many([("calls", b"s", f"{i}".encode()) for i in range(200)]) == 200
+    assert time.monotonic() - started < 10
+    _wait(lambda: publisher.stats.spooled == 200)
+    stats = publisher.close(timeout=0.5)
+    assert stats.blocked >= 1 and stats.lost_queue_full == 0
+    assert [r[3] for r in _pending(config.dir)] == [f"{i}".encode() for i in range(200)]
+
+
+def test_publish_many_on_a_full_spool_fails_closed_per_record(tmp_path: Path) -> None:
+    config = SpoolConfig(tmp_path / "spool", max_bytes=64 * 1024, on_full="fail")
+    publisher = BackgroundPublisher(NOWHERE, spool=config, max_queued=20).start()
+    accepted = publisher.publish_many([("calls", b"s", b"x" * 1000) for _ in range(200)])
+    assert 0 < accepted < 200 and publisher.stats.spool_full
+    stats = publisher.close(timeout=0.5)
+    assert stats.lost_queue_full == 200 - accepted  # every refused record is a counted loss
+    events = [r for r in _pending(config.dir) if r[0] == KIND_EVENT]
+    assert len(events) + stats.lost_at_close == accepted

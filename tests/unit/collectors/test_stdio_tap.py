@@ -224,9 +224,14 @@ class ListSink:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.losses: list[tuple[int, int, str]] = []
+        self.batches: list[int] = []
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+
+    def emit_many(self, events: list[Event], on_error: object) -> None:
+        self.batches.append(len(events))
+        self.events.extend(events)
 
     def lost(self, direction: int, messages: int, reason: str) -> None:
         self.losses.append((direction, messages, reason))
@@ -275,6 +280,19 @@ def test_frames_become_events_with_the_relay_s_timestamps() -> None:
     assert c.event_time == datetime.fromtimestamp((T0 + 2_000_000) / 1e9, tz=UTC)  # the line's last chunk
     assert r.call_id == c.call_id and r.duration_ms == 250.0
     assert rec.stats.client_bytes == len(whole) and rec.stats.events == 4
+
+
+def test_all_frames_of_one_read_are_handed_over_in_one_batch() -> None:
+    rec, sink = recorder()
+    rec.start(T0)
+    frames = [Frame(C2S, T0, 0, call(1, "a") + call(2, "b")), Frame(S2C, T0, 1, answer(1) + answer(2))]
+    rec.handle_all(frames)
+    rec.handle_all([Frame(C2S, T0, 2, call(3, "c"))])
+    rec.handle_all([Frame(C2S, T0, 3, b'{"partial')])  # nothing parsed: nothing handed over
+    assert sink.batches == [1, 4, 1]
+    kinds = [type(e).__name__ for e in sink.events[1:]]
+    assert kinds == ["ToolCall", "ToolCall", "ToolResult", "ToolResult", "ToolCall"]
+    assert rec.stats.events == 6
 
 
 def test_a_gap_frame_becomes_a_loss_and_the_lines_after_it_still_count() -> None:
