@@ -15,9 +15,10 @@ the Avro record (where those fields travel as canonical JSON text). The hash is 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from collectors.chain import ChainStamper
 from schemas import Collector, Event, Topics, canonical_json, encode, key_for, topic_for
@@ -26,6 +27,8 @@ from schemas.codec import JSON_FIELDS
 __all__ = ["BatchPublisher", "Emitter", "Publisher", "Record", "stamp_and_encode"]
 
 E = TypeVar("E", bound=Event)
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+"""The encoder of :func:`schemas.canonical_json`, built once."""
 Record = tuple[str, bytes, bytes]
 """``(topic, key, value)``: what a publisher takes."""
 
@@ -49,13 +52,34 @@ def stamp_and_encode(stamper: ChainStamper, event: E) -> tuple[E, bytes]:
         name: canonical_json(fields[name]) for name in JSON_FIELDS.intersection(fields) if fields[name] is not None
     }
     plain = stamped.model_dump(mode="json", exclude=set(texts))
-    parts = {key: canonical_json(value) for key, value in plain.items()}
-    parts.update(texts)
-    text = "{" + ",".join(f"{canonical_json(key)}:{parts[key]}" for key in sorted(parts)) + "}"
+    text = _canonical_object(plain, texts)
     value = encode(stamped, texts)
     stamper.seq += 1  # only once the event is encoded: a failure leaves no gap in the chain
     stamper.prev_hash = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
     return stamped, value
+
+
+def _canonical_object(plain: dict[str, Any], texts: dict[str, str]) -> str:
+    """``canonical_json({**plain, **parsed texts})`` without parsing or re-serialising ``texts``.
+
+    One encoder call per stretch of ``plain``'s keys between two of ``texts``' keys (in the sorted
+    key order), not one per key and value: a handful of calls per event instead of dozens.
+    """
+    if not texts:
+        return _ENCODE(plain)
+    pieces: list[str] = []
+    run: dict[str, Any] = {}
+    for key in sorted(plain.keys() | texts.keys()):
+        if key in texts:
+            if run:
+                pieces.append(_ENCODE(run)[1:-1])
+                run = {}
+            pieces.append(f"{_ENCODE(key)}:{texts[key]}")
+        else:
+            run[key] = plain[key]
+    if run:
+        pieces.append(_ENCODE(run)[1:-1])
+    return "{" + ",".join(pieces) + "}"
 
 
 @dataclass

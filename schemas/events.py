@@ -443,12 +443,10 @@ def record_hash(event: BaseEvent) -> str:
     return "sha256:" + hashlib.sha256(to_canonical_json(event).encode("utf-8")).hexdigest()
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
-    """Canonical JSON text of a plain JSON value."""
-    return json.dumps(
-        value,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
+    """Canonical JSON text of a plain JSON value (``json.dumps`` with sorted keys, no spaces, no
+    ASCII escaping, no NaN; the encoder is built once, not per call)."""
+    return _CANONICAL.encode(value)
