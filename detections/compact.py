@@ -220,6 +220,7 @@ def decode_sessions(data: bytes, tenant: str, session_id: str) -> SessionHistory
                 valid_until=r.time(),
                 tenant=tenant,
                 session_id=session_id,
+                auth={},  # given, not defaulted: a default_factory costs pydantic a signature check per call
             )
         elif kind == _ENDED:
             fact = SessionEnded.model_construct(
@@ -269,6 +270,7 @@ def decode_grants(data: bytes, tenant: str, principal: str, agent_id: str) -> Gr
                 tenant=tenant,
                 principal=principal,
                 agent_id=agent_id,
+                scopes=[],  # not kept in state; given, not defaulted (pydantic: 175 -> 14 us per construct)
             )
         elif kind == _REVOKED:
             fact = GrantRevoked.model_construct(
