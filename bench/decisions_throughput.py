@@ -371,6 +371,54 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> proc
     return proc.PidRecord.for_pid(child.pid, Path(argv[-1]).name, argv)
 
 
+def summed_stats(settings: Settings, records: list[proc.PidRecord]) -> dict[str, Any] | None:
+    """The workers' counters added up (``--workers`` > 1), or None while one has no stats file yet."""
+    total: Counter[str] = Counter()
+    each = []
+    for record in records:
+        stats = bk.worker_stats(settings, record.pid)
+        if stats is None:
+            return None
+        counters = stats.get("counters", {})
+        total.update({k: v for k, v in counters.items() if isinstance(v, int)})
+        each.append(int(counters.get("stage2_calls", 0)))
+    return {"counters": dict(total), "stage2_calls_each": each}
+
+
+def wait_workers(
+    settings: Settings,
+    records: list[proc.PidRecord],
+    n: int,
+    timeout: float,
+    stall: float,
+    samples: list[bk.CpuSample],
+) -> tuple[dict[str, Any], bool]:
+    """As ``bk.wait_counters`` for several workers of one group: their ``stage2_calls`` added up reach ``n``.
+
+    ``samples`` get the workers' CPU seconds added up (one sample of every worker per poll).
+    """
+    deadline = time.monotonic() + timeout
+    stats: dict[str, Any] | None = None
+    last = -1
+    moved = time.monotonic()
+    while time.monotonic() < deadline:
+        for record in records:
+            if not proc.is_running(record):
+                raise RuntimeError(f"worker pid {record.pid} exited; see its log under {settings.log_dir}")
+        parts = [bk.cpu_times(record.pid) for record in records]
+        samples.append(bk.CpuSample(parts[0].at, parts[0].busy, parts[0].total, sum(p.proc for p in parts)))
+        stats = summed_stats(settings, records)
+        done = int((stats or {}).get("counters", {}).get("stage2_calls", 0))
+        if stats is not None and done >= n:
+            return stats, True
+        if done != last:
+            last, moved = done, time.monotonic()
+        elif stats is not None and done and time.monotonic() - moved > stall:
+            return stats, False
+        time.sleep(0.25)
+    raise TimeoutError(f"workers did not decide {n} calls in {timeout:.0f}s; last stats: {stats}")
+
+
 def worker_argv(profile: str | None = None) -> list[str]:
     if profile:
         return [sys.executable, "-m", "cProfile", "-o", str(Path(profile).resolve()), "-m", "scopewatch", "worker"]
@@ -479,6 +527,7 @@ def measure_engine(
     bootstrap = broker.config.bootstrap
     stack: Stack | None = None
     measured: proc.PidRecord | None = None
+    others: list[proc.PidRecord] = []  # --workers > 1: the measured worker's peers in its group
     facts_worker: proc.PidRecord | None = None
     try:
         settings = bk.pipeline_settings(tmp, bootstrap, run_id, args.partitions, args.grace, worker_engine=engine)
@@ -547,6 +596,10 @@ def measure_engine(
         measured = spawn(
             worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", settings_env(settings)
         )
+        others = [
+            spawn(worker_argv(), settings.log_dir / f"worker-measured-{i}.log", settings_env(settings))
+            for i in range(1, args.workers)
+        ]
         spy = None
         if args.py_spy:
             out = f"{args.py_spy}.{engine}.txt"
@@ -568,14 +621,24 @@ def measure_engine(
                 stderr=subprocess.DEVNULL,
             )
         samples: list[bk.CpuSample] = []
-        stats, complete = bk.wait_counters(
-            settings, measured, {"stage2_calls": n}, timeout=args.timeout, stall=args.stall, samples=samples
-        )
+        if others:
+            stats, complete = wait_workers(settings, [measured, *others], n, args.timeout, args.stall, samples)
+        else:
+            stats, complete = bk.wait_counters(
+                settings, measured, {"stage2_calls": n}, timeout=args.timeout, stall=args.stall, samples=samples
+            )
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
         time.sleep(1.0)
-        stats = bk.worker_stats(settings, measured.pid) or stats
+        if others:
+            stats = summed_stats(settings, [measured, *others]) or stats
+            bk.say(f"calls decided by each worker (stage 2): {stats.get('stage2_calls_each')}")
+            for record in others:
+                proc.stop_process(record, timeout=60)
+            others = []
+        else:
+            stats = bk.worker_stats(settings, measured.pid) or stats
         proc.stop_process(measured, timeout=60)
         measured = None
         decided = int(stats["counters"].get("stage2_calls", 0))
@@ -639,7 +702,7 @@ def measure_engine(
         report(args, **result)
         return result, pt
     finally:
-        for record in (measured, facts_worker):
+        for record in (measured, facts_worker, *others):
             if record is not None:
                 proc.stop_process(record, timeout=60)
         if stack is not None:
@@ -649,7 +712,7 @@ def measure_engine(
 def compare(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     """Both engines side by side, per CPU-second (the shared machine's noise cancels)."""
     table = bk.new_table(
-        f"Decision worker engines, {args.calls:,} calls, {args.partitions} partitions, sink "
+        f"Decision worker engines, {args.calls:,} calls, {args.partitions} partitions, {args.workers} worker(s), sink "
         + ("running" if args.sink else "not running"),
         (
             "engine",
@@ -762,7 +825,10 @@ def evidence_rows(settings: Settings, n: int) -> int | None:
 
 def report(args: argparse.Namespace, **r: Any) -> None:
     n, done = r["n"], r["done"]
-    title = f"Decision throughput ({r['engine']} engine), {n:,} calls, {args.partitions} partitions, one worker process"
+    title = (
+        f"Decision throughput ({r['engine']} engine), {n:,} calls, {args.partitions} partitions, "
+        f"{args.workers} worker process(es)"
+    )
     if done < n:
         title += f" ({done:,} decided, {n - done:,} skipped by the worker)"
     table = bk.new_table(title, ("measure", "value", "window", "target", "result"))
@@ -826,7 +892,7 @@ def report(args: argparse.Namespace, **r: Any) -> None:
         f"{tc.cpu / tc.seconds:.0%} / {tc.busy:.0%}",
     )
     per_cpu_pipe, per_cpu_pt = done / max(1e-9, pc.cpu), n / max(1e-9, tc.cpu)
-    extra.add_row("pipeline calls per worker CPU-second", f"{per_cpu_pipe:,.0f}")
+    extra.add_row("pipeline calls per worker CPU-second (workers added up)", f"{per_cpu_pipe:,.0f}")
     extra.add_row("passthrough msgs per passthrough CPU-second", f"{per_cpu_pt:,.0f}")
     extra.add_row("ratio per CPU-second (pipeline / passthrough)", f"{per_cpu_pipe / per_cpu_pt:.1%}")
     per_cpu_fpt = n / max(1e-9, fpt.cpu.cpu)
@@ -864,6 +930,12 @@ def main() -> None:
     parser.add_argument("--delegations", type=int, default=500, help="delegations, two grants each")
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic (default 4, as `up`)")
     parser.add_argument("--grace", type=float, default=15.0, help="grace seconds of the worker (default 15)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="measured worker processes in one group (default 1); CPU-seconds are the workers' added up",
+    )
     parser.add_argument("--passthrough-runs", type=int, default=3, help="passthrough repetitions; the median counts")
     parser.add_argument("--no-sink", dest="sink", action="store_false", help="do not run the ClickHouse sink")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each measured phase")

@@ -60,6 +60,8 @@ from scopewatch.stack.kafka import KafkaBroker
 
 CODE = (
     "stream_jobs/app.py",
+    "stream_jobs/runner.py",
+    "stream_jobs/worker.py",
     "stream_jobs/sink.py",
     "stream_jobs/rows.py",
     "detections/live.py",
