@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import signal as signal_module
-import sys
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -67,11 +66,14 @@ from stream_jobs.decisions import (
     build_stages,
     changelog_topic,
     check_assignment,
+    exit_worker,
+    log_start,
     new_assignment,
     stage_groups,
     stats_path,
     worker_stats,
 )
+from stream_jobs.kafka_adapter import FETCH_MIN_BYTES, FETCH_WAIT_MS, leave_on_stop
 from stream_jobs.metrics import remove_stale_worker_stats
 
 __all__ = [
@@ -91,10 +93,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("scopewatch.stream")
-
-
-FETCH_MIN_BYTES = 64 * 1024
-FETCH_WAIT_MS = 40
 
 
 class _FetchTunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -120,13 +118,7 @@ class _FetchTunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
     async def on_thread_stop(self) -> None:
-        # A static member (group instance id set) does not leave the group on stop in aiokafka, so
-        # its partitions would wait a whole session timeout for the next owner. Leave anyway on an
-        # orderly stop; a restart after a crash still reclaims the slot at once by its instance id.
-        consumer = getattr(self, "_consumer", None)
-        coordinator = getattr(consumer, "_coordinator", None)
-        if coordinator is not None:
-            coordinator._group_instance_id = None
+        leave_on_stop(getattr(self, "_consumer", None))  # a static member too: hand partitions over at once
         await super().on_thread_stop()
 
 
@@ -293,14 +285,7 @@ def run_faust_worker(settings: Settings, loglevel: str = "WARNING") -> None:
             for handler in logger.handlers:
                 handler.setLevel(min(handler.level or logging.INFO, logging.INFO))
             log.setLevel(logging.INFO)
-            log.info(
-                "decision worker starting: pid %d, group %s, slot %s, %d partitions per topic%s",
-                os.getpid(),
-                settings.worker_group,
-                settings.worker_slot or "none (dynamic membership)",
-                settings.partitions,
-                f"; removed {removed} stats files of stopped workers" if removed else "",
-            )
+            log_start(settings, "faust", removed)
 
     settings.home.mkdir(parents=True, exist_ok=True)  # Faust's workdir: a missing one made it exit 1, silently
     kafka_or_exit(settings.kafka_bootstrap, "decision worker", settings.kafka_wait_seconds, own_handler=True)
@@ -315,8 +300,4 @@ def run_faust_worker(settings: Settings, loglevel: str = "WARNING") -> None:
         code = exc.code
     finally:
         app.scopewatch_stats_file.unlink(missing_ok=True)  # type: ignore[attr-defined]
-    if any(stage.halted.is_set() for stage in stages):
-        log.critical("decision worker stopped: its assignment was not co-partitioned (exit 78)")
-        sys.exit(EXIT_NOT_COPARTITIONED)
-    log.info("decision worker stopped (exit %s)", code)
-    sys.exit(code)
+    exit_worker(any(stage.halted.is_set() for stage in stages), code)

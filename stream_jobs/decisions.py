@@ -21,10 +21,11 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaProducer
 
@@ -492,3 +493,25 @@ def worker_stats(
 
 def stats_path(settings: Settings) -> Any:
     return settings.run_dir / f"worker-{socket.gethostname()}-{os.getpid()}.json"
+
+
+def log_start(settings: Settings, engine: str, removed_stats: int) -> None:
+    """The decision worker's start line (both engines)."""
+    log.info(
+        "decision worker starting (%s engine): pid %d, group %s, slot %s, %d partitions per topic%s",
+        engine,
+        os.getpid(),
+        settings.worker_group,
+        settings.worker_slot or "none (dynamic membership)",
+        settings.partitions,
+        f"; removed {removed_stats} stats files of stopped workers" if removed_stats else "",
+    )
+
+
+def exit_worker(halted: bool, code: int | str | None = 0) -> NoReturn:
+    """The decision worker's stop line and exit code: 78 when it refused its assignment (both engines)."""
+    if halted:
+        log.critical("decision worker stopped: its assignment was not co-partitioned (exit 78)")
+        sys.exit(EXIT_NOT_COPARTITIONED)
+    log.info("decision worker stopped (exit %s)", code)
+    sys.exit(code)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -32,11 +30,12 @@ from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
 from stream_jobs.assignor import CoPartitionedAssignor, by_topic, describe
 from stream_jobs.decisions import (
-    EXIT_NOT_COPARTITIONED,
     BatchProducer,
     StageRunner,
     build_stages,
     check_assignment,
+    exit_worker,
+    log_start,
     new_assignment,
     stage_groups,
     stats_path,
@@ -238,20 +237,8 @@ def run_aiokafka_worker(settings: Settings) -> None:
     logging.getLogger("scopewatch").setLevel(logging.INFO)  # our lifecycle lines (start, assignment, stop)
     settings.home.mkdir(parents=True, exist_ok=True)
     kafka_or_exit(settings.kafka_bootstrap, "decision worker", settings.kafka_wait_seconds)
-    removed = remove_stale_worker_stats(settings.run_dir)
-    log.info(
-        "decision worker starting (aiokafka engine): pid %d, group %s, slot %s, %d partitions per topic%s",
-        os.getpid(),
-        settings.worker_group,
-        settings.worker_slot or "none (dynamic membership)",
-        settings.partitions,
-        f"; removed {removed} stats files of stopped workers" if removed else "",
-    )
-    halted = asyncio.run(_serve(settings))
-    if halted:
-        log.critical("decision worker stopped: its assignment was not co-partitioned (exit 78)")
-        sys.exit(EXIT_NOT_COPARTITIONED)
-    log.info("decision worker stopped (exit 0)")
+    log_start(settings, "aiokafka", remove_stale_worker_stats(settings.run_dir))
+    exit_worker(asyncio.run(_serve(settings)))
 
 
 def run_worker(settings: Settings) -> None:
