@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scopewatch.stack.stack import worker_assignment
 from support.pipeline import cli_env
 from support.scenario import bound, grant, jsonl, story, tool_call
 
@@ -156,9 +157,4 @@ class Drill:
         return int(record["pid"])
 
     def assignment(self, pid: int) -> dict[str, Any] | None:
-        for path in (Path(self.env["SCOPEWATCH_HOME"]) / "run").glob(f"worker-*-{pid}.json"):
-            try:
-                return dict(json.loads(path.read_text())["assignment"])
-            except (OSError, ValueError, KeyError):
-                return None
-        return None
+        return worker_assignment(Path(self.env["SCOPEWATCH_HOME"]) / "run", pid)
