@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Sink
     sink_batch_rows: int = Field(default=10_000, ge=1)
     sink_batch_seconds: float = Field(default=0.5, gt=0)
+    sink_bulk_avro: bool = True
+    """Evidence records go to the embedded engine as Avro containers it decodes (stream_jobs.bulk);
+    false: every message is read in Python (the columnar fast reader), as before."""
     sink_fetch_wait_ms: int = Field(
         default=100, ge=0, le=5000, description="a sink fetch waits in the broker this long for 256 KiB"
     )

@@ -55,13 +55,14 @@ import gc
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from clickhouse_connect.driver.client import Client
 from schemas import decode
 from scopewatch.stack.proc import atomic_write
 from stream_jobs.assignor import by_topic, describe
+from stream_jobs.bulk import _BLOCK_HEADS, PROV_LEN, AvroBulk, BulkBlock, block_head_for, bulk_specs
 from stream_jobs.clickhouse import chdb_path
 from stream_jobs.columnar import FastReader, arrow_table, fast_readers
 from stream_jobs.dead_letters import dead_letter_for
@@ -83,12 +85,17 @@ log = logging.getLogger("scopewatch.sink")
 @dataclass
 class Batch:
     rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
-    """Per table, the row tuples (columns of ``rows.COLUMNS``) in arrival order."""
+    """Per insert unit (a table name, or ``<table>@<bulk unit>`` for a refused bulk block's rows), the row
+    tuples (columns of ``rows.COLUMNS``) in arrival order."""
+    blocks: dict[bytes, BulkBlock] = field(default_factory=dict)
+    """Per message header (schema), the messages taking the bulk path (:mod:`stream_jobs.bulk`)."""
     ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # tp -> [first, last]
     size: int = 0
     started: float = 0.0
+    ingested_ms: int = 0
+    now: datetime | None = None
     pending: list[str] | None = None
-    """The tables not yet written (None: no attempt yet); a retry writes only these."""
+    """The insert units not yet written (None: no attempt yet); a retry writes only these."""
 
     def add(self, table: str, row: Any, topic: str, partition: int, offset: int) -> None:
         if self.size == 0:
@@ -102,10 +109,17 @@ class Batch:
         span[0] = min(span[0], offset)
         span[1] = max(span[1], offset)
 
-    def token(self, table: str) -> str:
-        """Deduplication token: the same batch retried gives the same token."""
+    def token(self, unit: str) -> str:
+        """Deduplication token of an insert unit: the same batch retried gives the same token."""
         spans = ",".join(f"{t}:{p}:{a}-{b}" for (t, p), (a, b) in sorted(self.ranges.items()))
-        return f"{table}|{spans}"
+        return f"{unit}|{spans}"
+
+    def bulk_units(self) -> dict[str, BulkBlock]:
+        """The bulk blocks by insert unit name (``<table>#<fingerprint hex>``)."""
+        return {bulk_unit(block.spec): block for block in self.blocks.values() if len(block)}
+
+    def units(self) -> list[str]:
+        return [*self.rows, *self.bulk_units()]
 
     def offsets(self) -> dict[tuple[str, int], int]:
         return {(t, p): last + 1 for (t, p), (_first, last) in self.ranges.items()}
@@ -114,8 +128,17 @@ class Batch:
         """What must be redone exactly if the process dies before the commit."""
         return {
             "ranges": [[t, p, a, b] for (t, p), (a, b) in sorted(self.ranges.items())],
-            "tokens": {table: self.token(table) for table in sorted(self.rows)},
+            "tokens": {unit: self.token(unit) for unit in sorted(self.units())},
         }
+
+
+def bulk_unit(spec: AvroBulk) -> str:
+    return f"{spec.table}#{spec.header[2:].hex()}"
+
+
+def unit_table(unit: str) -> str:
+    """The table an insert unit writes to."""
+    return unit.split("@", 1)[0].split("#", 1)[0]
 
 
 INSERT_SETTINGS: dict[str, Any] = {"async_insert": 0, "optimize_on_insert": 0}
@@ -141,6 +164,14 @@ def _literal(value: Any) -> str:
         return str(value)
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
+
+class BulkRefused(RuntimeError):
+    """The engine refused a bulk (Avro) block's data: its messages take the per-message path."""
+
+
+_SHM = "/dev/shm"  # noqa: S108 - only as mkstemp's folder (O_EXCL, mode 0600)
+_TMP_DIR = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
+"""Where a bulk block's container file is written for the engine to read (memory-backed when possible)."""
 
 SLOW_INSERT_SECONDS = 1.0
 """An insert that took longer (waiting for the writer's lock included) is logged and counted."""
@@ -242,6 +273,56 @@ class ClickHouseWriter:
         finally:
             conn.close()
 
+    @property
+    def bulk_capable(self) -> bool:
+        """Whether :meth:`insert_avro` can be used (the embedded engine reads the container from a file)."""
+        return self._chdb_path is not None
+
+    def insert_avro(self, block: BulkBlock, ingested_ms: int, token: str) -> None:
+        """Insert a :class:`~stream_jobs.bulk.BulkBlock`: ClickHouse decodes the Avro container itself.
+
+        Raises :class:`BulkRefused` when the engine refused the block's data (a row failed a check
+        or did not read): the caller takes the per-message path for it. Anything else (the engine
+        unreachable, the drill's fault file) raises as for any insert.
+        """
+        if self.fault_file is not None and self.fault_file.exists():
+            raise ConnectionError(f"ClickHouse unavailable (drill: {self.fault_file} exists)")
+        if self._chdb_path is None:
+            raise BulkRefused("the bulk path needs the embedded engine")
+        import chdb
+
+        rows = max(1, len(block))
+        settings = {
+            **INSERT_SETTINGS,
+            **ARROW_SETTINGS,
+            "insert_deduplication_token": token,
+            "max_block_size": rows,
+            "min_insert_block_size_rows": rows,
+            "input_format_avro_allow_missing_fields": 0,
+        }
+        clause = ", ".join(f"{k} = {_literal(v)}" for k, v in settings.items())
+        fd, path = tempfile.mkstemp(prefix="scopewatch-sink-", suffix=".avro", dir=_TMP_DIR)
+        started = time.monotonic()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(block.payload())
+            sql = block.spec.sql(f"{self.database}.{block.spec.table}", path, block, ingested_ms, clause)
+            with self.lock:
+                conn = chdb.connect(self._chdb_path)  # type: ignore[no-untyped-call]
+                try:
+                    conn.query(sql)
+                except Exception as exc:
+                    raise BulkRefused(str(exc)[:500]) from exc
+                finally:
+                    conn.close()
+        finally:
+            os.unlink(path)
+            took = time.monotonic() - started
+            self.insert_seconds_max = max(self.insert_seconds_max, took)
+            if took > SLOW_INSERT_SECONDS:
+                self.slow_inserts += 1
+                log.warning("an insert into %s took %.1f s (lock wait included)", block.spec.table, took)
+
     def _column_types(self, table: str) -> dict[str, str]:
         """The table's column types, described once (clickhouse-connect would describe it on every insert)."""
         types = self._types.get(table)
@@ -304,6 +385,10 @@ class SinkConfig:
     (py-spy). The wait adds at most ``fetch_wait_ms`` to a row's time to ClickHouse."""
     lag_interval: float = 2.0
     """Seconds between consumer-lag refreshes (one offset lookup per assigned partition)."""
+    bulk_avro: bool = False
+    """Hand the :data:`stream_jobs.bulk.BULK_TABLES` records to the embedded engine as Avro containers
+    (decoded in C++) instead of reading each message in Python. The service turns it on
+    (``SCOPEWATCH_SINK_BULK_AVRO``, default true); needs the embedded engine (chDB)."""
     table_topics: dict[str, str] | None = None
     """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
     type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
@@ -329,6 +414,8 @@ class ClickHouseOutput:
         self.writer = writer
         self.counters = counters
         self._flushes = 0
+        self.rows_of: Callable[[Sequence[Any], datetime], dict[str, list[tuple[Any, ...]]]] | None = None
+        """The sink's per-message path (a refused bulk block's messages to rows per table)."""
 
     async def flush(self, out: Sequence[Batch]) -> dict[tuple[str, int], int]:
         for batch in out:
@@ -340,15 +427,44 @@ class ClickHouseOutput:
             self._flushes += 1
             self._write_intent(batch)
             self._crash_point("before_insert")
-            batch.pending = list(batch.rows)
-        for table in list(batch.pending):
-            rows = batch.rows[table]
-            await asyncio.to_thread(self.insert, table, rows, batch.token(table))
-            self.counters[f"rows.{table}"] += len(rows)
-            self.counters["rows"] += len(rows)
-            batch.pending.remove(table)
+            batch.pending = batch.units()
+        bulk = batch.bulk_units()
+        while batch.pending:
+            unit = batch.pending[0]
+            if unit in bulk:
+                block = bulk[unit]
+                try:
+                    await asyncio.to_thread(self.writer.insert_avro, block, batch.ingested_ms, batch.token(unit))
+                except BulkRefused as exc:
+                    self._fall_back(batch, unit, block, exc)
+                    continue
+                table, count = block.spec.table, len(block)
+                self.counters["bulk_rows"] += count
+            else:
+                rows = batch.rows[unit]
+                table, count = unit_table(unit), len(rows)
+                await asyncio.to_thread(self.insert, table, rows, batch.token(unit))
+            self.counters[f"rows.{table}"] += count
+            self.counters["rows"] += count
+            batch.pending.pop(0)
             self._crash_point("after_first_table")  # some tables written, maybe not all
         self._crash_point("after_insert")
+
+    def _fall_back(self, batch: Batch, unit: str, block: BulkBlock, exc: Exception) -> None:
+        """A refused bulk block: its messages by the per-message path, as units of their own in its place."""
+        self.counters["bulk_fallbacks"] += 1
+        log.warning("bulk block %s (%d rows) refused, taking the per-message path: %s", unit, len(block), exc)
+        if self.rows_of is None:
+            raise exc
+        rows = self.rows_of(block.messages, batch.now or datetime.now(UTC))
+        units = []
+        for table, table_rows in rows.items():
+            key = f"{table}@{unit}"
+            batch.rows[key] = table_rows
+            units.append(key)
+        batch.blocks = {h: b for h, b in batch.blocks.items() if b is not block}
+        assert batch.pending is not None
+        batch.pending[0:1] = units
 
     async def committed(self, offsets: Mapping[tuple[str, int], int]) -> None:
         self._crash_point("after_commit")
@@ -420,6 +536,9 @@ class ClickHouseSink(Job["Batch"]):
         self._consumer: KafkaConsumer | None = None
         self._stopping = False
         self._readers: dict[bytes, FastReader] = fast_readers()
+        capable = writer is not None and getattr(writer, "bulk_capable", False)
+        self._bulks: dict[bytes, AvroBulk] = bulk_specs() if config.bulk_avro and capable else {}
+        self.output.rows_of = self.rows_of
 
     def stop(self) -> None:
         self._stopping = True
@@ -543,16 +662,42 @@ class ClickHouseSink(Job["Batch"]):
         topic, partition = first.topic, first.partition
         if batch.size == 0:
             batch.started = time.monotonic()
+            batch.ingested_ms = millis(now)
+            batch.now = now
         batch.track(topic, partition, first.offset)
         batch.track(topic, partition, messages[-1].offset)
         batch.size += len(messages)
         ingested = millis(now)
         readers = self._readers
+        bulks = self._bulks
+        blocks = batch.blocks
+        prefixes: dict[bytes, bytes] = {}
+        heads = _BLOCK_HEADS
         rows = batch.rows
         expected = self.config.table_topics
         for msg in messages:
             value = msg.value
-            reader = readers.get(value[:10]) if value is not None else None
+            if value is None:
+                table, row = self._full_row(msg, now)
+                rows[table].append(row)
+                continue
+            head = value[:10]
+            bulk = bulks.get(head)
+            if bulk is not None and (expected is None or expected.get(bulk.table) == topic):
+                block = blocks.get(head)
+                if block is None:
+                    block = blocks[head] = BulkBlock(bulk)
+                prefix = prefixes.get(head)
+                if prefix is None:
+                    prefix = prefixes[head] = block.prefix(topic, partition)
+                n = len(value) + PROV_LEN
+                block_head = heads.get(n)
+                if block_head is None:
+                    block_head = block_head_for(n)
+                block.parts += (block_head, value, prefix, msg.offset.to_bytes(8, "little"), block.sync)
+                block.messages.append(msg)
+                continue
+            reader = readers.get(head)
             if reader is not None and (expected is None or expected.get(reader.table) == topic):
                 try:
                     rows[reader.table].append(reader.read(value, topic, partition, msg.offset, ingested))
@@ -561,6 +706,25 @@ class ClickHouseSink(Job["Batch"]):
                     pass
             table, row = self._full_row(msg, now)
             rows[table].append(row)
+
+    def rows_of(self, messages: Sequence[Any], now: datetime) -> dict[str, list[tuple[Any, ...]]]:
+        """The per-message path for ``messages`` (any topics): row tuples per table, dead letters included."""
+        out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        ingested = millis(now)
+        expected = self.config.table_topics
+        with _gc_paused():
+            for msg in messages:
+                value = msg.value
+                reader = self._readers.get(value[:10]) if value is not None else None
+                if reader is not None and (expected is None or expected.get(reader.table) == msg.topic):
+                    try:
+                        out[reader.table].append(reader.read(value, msg.topic, msg.partition, msg.offset, ingested))
+                        continue
+                    except Exception:  # noqa: BLE001, S110 - the full path decides
+                        pass
+                table, row = self._full_row(msg, now)
+                out[table].append(row)
+        return dict(out)
 
     def _full_row(self, msg: Any, now: datetime) -> tuple[str, tuple[Any, ...]]:
         """The row of one message by the full path: decode, validate the model, map, check; or its dead letter."""

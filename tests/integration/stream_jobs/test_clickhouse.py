@@ -1546,3 +1546,112 @@ def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
     good_letters = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == "dead_letters")
     assert int(chdb.command("SELECT count() FROM dl.dead_letters")) == len(bad) + good_letters
     assert not (tmp_path / "intent.json").exists()
+
+
+# ------------------------------------------------------------------ the bulk (Avro container) path
+
+
+def _raw_evidence(record: dict[str, Any]) -> bytes:
+    from fastavro import schemaless_writer
+
+    from schemas import Evidence
+    from schemas.codec import MAGIC, _registry
+
+    entry = _registry().current[Evidence]
+    buf = io.BytesIO()
+    buf.write(MAGIC + entry.fingerprint)
+    schemaless_writer(buf, entry.schema, {"extra_json": None, **record})
+    return buf.getvalue()
+
+
+def _flush_both_ways(chdb: Client, database: str, values: list[bytes], topic: str = "t") -> tuple[Any, Any]:
+    """The same messages through a sink with the bulk path (into ``<database>_bulk``) and without it."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from stream_jobs.sink import Batch, ClickHouseSink, SinkConfig
+
+    now = datetime(2026, 12, 5, 10, 0, 1, 234567, tzinfo=UTC)
+    sinks = []
+    for bulk, db in ((True, f"{database}_bulk"), (False, f"{database}_rows")):
+        migrate(chdb, db)
+        sink = ClickHouseSink(
+            SinkConfig(bootstrap="", topics=[], group="g", bulk_avro=bulk), ClickHouseWriter(chdb, db)
+        )
+        batch = Batch()
+        sink._absorb_many(batch, _messages(values, topic), now)
+        assert bool(batch.blocks) == bulk
+        asyncio.run(sink.output.flush([batch]))
+        sinks.append(sink)
+    return sinks[0], sinks[1]
+
+
+def test_bulk_path_stores_the_same_bytes_as_the_per_message_path(chdb: Client) -> None:
+    """Evidence read by chDB's Avro reader (one container per batch) is stored as the Python reader stores it."""
+    from schemas import Evidence, encode
+    from stream_jobs.rows import COLUMNS
+
+    base = next(r for r in _columnar_records() if isinstance(r, Evidence))
+    records = [
+        base,
+        base.model_copy(update={"evidence_id": "ё-😀", "principal": None, "agent_id": None, "matched_grant_id": None}),
+        base.model_copy(
+            update={"evidence_id": "e-empty", "reasons": [], "fact_ids": [], "fact_hashes": [], "kind": ""}
+        ),
+        base.model_copy(update={"evidence_id": "e-max", "version": 2**32 - 1, "final": True, "late": True}),
+        base.model_copy(update={"evidence_id": "e-long", "reasons": ["r" * 20_000, "日本語\u2028"], "tool": "x" * 300}),
+        base.model_copy(update={"evidence_id": "e-refs", "fact_ids": ["a", "b"], "fact_hashes": ["sha256:1", ""]}),
+    ]
+    values = [encode(r) for r in records]
+    bulk, rows = _flush_both_ways(chdb, "bulkeq", values)
+    assert bulk.counters["bulk_rows"] == len(values) and bulk.counters["bulk_fallbacks"] == 0
+    assert rows.counters["bulk_rows"] == 0
+    for table in COLUMNS:
+        assert _table_bytes(chdb, "bulkeq_bulk", table) == _table_bytes(chdb, "bulkeq_rows", table), table
+    assert int(chdb.command("SELECT count() FROM bulkeq_bulk.evidence")) == len(values)
+    # a retried flush of the same offsets (same token) adds nothing
+    _flush_both_ways(chdb, "bulkeq", values)
+    assert int(chdb.command("SELECT count() FROM bulkeq_bulk.evidence")) == len(values)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "unknown verdict",
+        "version beyond UInt32",
+        "version 0",
+        "facts not empty",
+        "facts not canonical",
+        "trailing bytes",
+        "truncated body",
+        "invalid UTF-8",
+        "unknown field",
+    ],
+)
+def test_a_bad_record_in_a_bulk_block_takes_the_per_message_path(chdb: Client, bad: str) -> None:
+    """One bad record refuses the whole block; its messages go the per-message way: same rows, same dead letters."""
+    from schemas import Evidence, encode
+    from stream_jobs.rows import COLUMNS
+
+    base = next(r for r in _columnar_records() if isinstance(r, Evidence))
+    good = [encode(base.model_copy(update={"evidence_id": f"ok-{i}"})) for i in range(3)]
+    rec = {**base.model_dump(), "facts": "{}", "evidence_id": "bad"}
+    value = {
+        "unknown verdict": lambda: _raw_evidence({**rec, "verdict": "maybe"}),
+        "version beyond UInt32": lambda: _raw_evidence({**rec, "version": 2**32}),
+        "version 0": lambda: _raw_evidence({**rec, "version": 0}),
+        "facts not empty": lambda: _raw_evidence({**rec, "facts": '{"a":1}'}),
+        "facts not canonical": lambda: _raw_evidence({**rec, "facts": "{ }"}),
+        "trailing bytes": lambda: good[0] + b"\x00" * 30,
+        "truncated body": lambda: good[0][:-5],
+        "invalid UTF-8": lambda: good[0].replace(b"ok-0", b"ok-\xff"),
+        "unknown field": lambda: _raw_evidence({**rec, "extra_json": '{"x":1}'}),
+    }[bad]()
+    values = [good[0], value, *good[1:]]
+    db = "bulkbad_" + bad.replace(" ", "_").replace("-", "_")
+    bulk, rows = _flush_both_ways(chdb, db, values)
+    assert bulk.counters["bulk_fallbacks"] == 1 and bulk.counters["bulk_rows"] == 0
+    assert bulk.counters["dead_letters"] == rows.counters["dead_letters"]
+    for table in COLUMNS:
+        assert _table_bytes(chdb, f"{db}_bulk", table) == _table_bytes(chdb, f"{db}_rows", table), table
+    assert int(chdb.command(f"SELECT count() FROM {db}_bulk.evidence")) >= 3
