@@ -2,7 +2,7 @@
 
 Target: p99 <= grace + 1 s at 1,000 calls/s with 1 % of the calls violating. Findings for a call
 are raised when its verdict becomes final, i.e. once the grace for late identity and consent facts
-(production: 15 s) has run out after the call reached stage 1 (``detections/live.py``, "Timing"),
+(production: 15 s) has run out after the call reached stage 1 (``detections/live``, "Timing"),
 so the target is the grace plus one second. One run against the real stack on this machine:
 
 * a local Kafka broker (KRaft, 127.0.0.1, free ports, temp folder);
@@ -91,7 +91,7 @@ from scopewatch.stack.kafka import KafkaBroker, StackError
 
 CODE = (
     "stream_jobs/app.py",
-    "detections/live.py",
+    "detections/live",
     "detections/rulebase.py",
     "detections/rules/out_of_scope_tool.py",
     "stream_jobs/pager.py",

@@ -64,7 +64,7 @@ CODE = (
     "stream_jobs/worker.py",
     "stream_jobs/sink.py",
     "stream_jobs/rows.py",
-    "detections/live.py",
+    "detections/live",
     "schemas/codec.py",
 )  # printed as sha256 prefixes: there is no commit to name
 
