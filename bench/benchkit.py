@@ -42,11 +42,11 @@ from rich.table import Table
 
 from schemas import Event, SessionBound, ToolCall, encode
 from scopewatch.publish import publish_events
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from scopewatch.stack.stack import Stack
+from stream_jobs.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -84,10 +84,10 @@ from decisions_throughput import build_workload
 
 from schemas import CodecError, Finding, SessionBound, ToolCall, decode
 from schemas.events import parse_timestamp
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, StackError
+from stream_jobs.runtime.settings import Settings
 
 CODE = (
     "stream_jobs/app.py",

@@ -54,9 +54,9 @@ import benchkit as bk
 from decisions_throughput import build_workload
 
 from schemas import ToolCall, decode
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError
 from scopewatch.stack.kafka import KafkaBroker
+from stream_jobs.runtime.settings import Settings
 
 CODE = (
     "stream_jobs/app.py",
