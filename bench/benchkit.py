@@ -42,18 +42,18 @@ from rich.table import Table
 
 from schemas import Event, SessionBound, ToolCall, encode
 from scopewatch.publish import publish_events
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
 from scopewatch.stack.stack import Stack
+from stream_jobs.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The sources of the decision path, whose speed or size ``decisions_throughput.py``,
 #: ``profile_decisions.py`` and ``state_size.py`` measure (the default of :func:`code_fingerprint`).
 DECISION_CODE = (
-    "detections/live.py",
+    "detections/live",
     "detections/compact.py",
     "detections/engine.py",
     "schemas/codec.py",
@@ -91,11 +91,19 @@ def machine() -> str:
 
 
 def code_fingerprint(paths: tuple[str, ...] = DECISION_CODE) -> str:
-    """``file sha256[:10]`` of each measured source (there is no commit to name while it changes)."""
+    """``file sha256[:10]`` of each measured source (there is no commit to name while it changes); a
+    package folder counts as the names and contents of its ``.py`` files."""
     parts = []
     for rel in paths:
+        path = ROOT / rel
         try:
-            digest = hashlib.sha256((ROOT / rel).read_bytes()).hexdigest()[:10]
+            if path.is_dir():
+                h = hashlib.sha256()
+                for file in sorted(path.rglob("*.py")):
+                    h.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+                digest = h.hexdigest()[:10]
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
         except OSError:
             digest = "missing"
         parts.append(f"{rel} {digest}")

@@ -64,11 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchkit as bk
 
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import create_topics
 from scopewatch.stack.npm import server_everything_command
 from scopewatch.stack.stack import settings_env
+from stream_jobs.runtime.settings import Settings
 
 CODE = (
     "collectors/stdio.py",

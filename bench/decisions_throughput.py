@@ -70,10 +70,10 @@ from rich.table import Table
 
 from schemas import Event, Evidence, GrantIssued, SessionBound, ToolCall, decode, encode, key_for
 from scopewatch.publish import publish_events
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
 from scopewatch.stack.stack import Stack, settings_env
+from stream_jobs.runtime.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchkit as bk

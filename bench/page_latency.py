@@ -2,7 +2,7 @@
 
 Target: p99 <= grace + 1 s at 1,000 calls/s with 1 % of the calls violating. Findings for a call
 are raised when its verdict becomes final, i.e. once the grace for late identity and consent facts
-(production: 15 s) has run out after the call reached stage 1 (``detections/live.py``, "Timing"),
+(production: 15 s) has run out after the call reached stage 1 (``detections/live``, "Timing"),
 so the target is the grace plus one second. One run against the real stack on this machine:
 
 * a local Kafka broker (KRaft, 127.0.0.1, free ports, temp folder);
@@ -84,14 +84,14 @@ from decisions_throughput import build_workload
 
 from schemas import CodecError, Finding, SessionBound, ToolCall, decode
 from schemas.events import parse_timestamp
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, StackError
+from stream_jobs.runtime.settings import Settings
 
 CODE = (
     "stream_jobs/app.py",
-    "detections/live.py",
+    "detections/live",
     "detections/rulebase.py",
     "detections/rules/out_of_scope_tool.py",
     "stream_jobs/pager.py",

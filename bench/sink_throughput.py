@@ -59,8 +59,8 @@ import benchkit as bk
 from decisions_throughput import build_workload, produce
 
 from schemas import Evidence, decode, encode
-from scopewatch.settings import Settings
 from scopewatch.stack.kafka import create_topics
+from stream_jobs.runtime.settings import Settings
 
 CODE = (
     "stream_jobs/sink.py",

@@ -54,9 +54,9 @@ import benchkit as bk
 from decisions_throughput import build_workload
 
 from schemas import ToolCall, decode
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError
 from scopewatch.stack.kafka import KafkaBroker
+from stream_jobs.runtime.settings import Settings
 
 CODE = (
     "stream_jobs/app.py",
@@ -64,7 +64,7 @@ CODE = (
     "stream_jobs/worker.py",
     "stream_jobs/sink.py",
     "stream_jobs/rows.py",
-    "detections/live.py",
+    "detections/live",
     "schemas/codec.py",
 )  # printed as sha256 prefixes: there is no commit to name
 

@@ -24,7 +24,7 @@ err = Console(stderr=True)
 
 
 def _settings(**overrides: Any) -> Any:
-    from scopewatch.settings import load_settings
+    from stream_jobs.runtime.settings import load_settings
 
     return load_settings(**overrides)
 
@@ -323,7 +323,7 @@ def publish(
 
     from scopewatch.jsonl import open_source, read_events
     from scopewatch.publish import EXIT_INTERRUPTED, PublishInterrupted, publish_events, resume_command
-    from scopewatch.runtime import limit_repeats
+    from stream_jobs.runtime.lifecycle import limit_repeats
 
     settings = _settings()
     _publish_logging()

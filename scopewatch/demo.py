@@ -28,11 +28,11 @@ from rich.table import Table
 
 from schemas import Event, GrantIssued, GrantRevoked
 from scopewatch.publish import publish_events
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError, run_sql
 from scopewatch.stack import proc
 from scopewatch.stack.npm import server_everything_command
 from scopewatch.stack.stack import settings_env
+from stream_jobs.runtime.settings import Settings
 
 DEMO_TENANT = "acme"
 DEMO_AGENT = "support-copilot"

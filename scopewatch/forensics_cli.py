@@ -90,8 +90,8 @@ def _command(query: ForensicQuery) -> Callable[..., None]:
         fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table | json")] = "table",
         print_sql: Annotated[bool, typer.Option("--print-sql", help="print the bound SQL; do not run it")] = False,
     ) -> None:
-        from scopewatch.settings import load_settings
         from scopewatch.sqlclient import SqlError, run_sql
+        from stream_jobs.runtime.settings import load_settings
 
         if fmt not in ("table", "json"):
             _fail(f"unknown format {fmt!r}: use table or json", 2)

@@ -48,7 +48,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _settings() -> Any:
-    from scopewatch.settings import load_settings
+    from stream_jobs.runtime.settings import load_settings
 
     return load_settings()
 

@@ -9,7 +9,7 @@ Kafka outages (issue 14)
 * **Outage.** One idempotent producer sends everything, so a broker that comes back within seconds
   costs nothing.  When a send fails or no acknowledgement arrives for ``stall_seconds``, the producer
   is discarded (without its flush, which would wait for the broker forever), Kafka is awaited like
-  the services await it at start (:func:`scopewatch.runtime.wait_for_kafka`, the wait budget counting
+  the services await it at start (:func:`stream_jobs.runtime.lifecycle.wait_for_kafka`, the wait budget counting
   from the outage) and a new producer resends every unacknowledged event in line order.  A new
   producer is also the cure for aiokafka#1017 (a producer stuck on ``OutOfOrderSequenceNumber``
   after an outage).  When the budget runs out, :class:`PublishInterrupted` carries the position.
@@ -44,7 +44,7 @@ from aiokafka.errors import (
 
 from schemas import Event, Topics, encode, key_for, topic_for
 from scopewatch.jsonl import BadLine
-from scopewatch.runtime import KafkaUnreachable, wait_for_kafka
+from stream_jobs.runtime.lifecycle import KafkaUnreachable, wait_for_kafka
 
 log = logging.getLogger("scopewatch.publish")
 

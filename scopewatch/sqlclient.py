@@ -3,7 +3,7 @@
 On an embedded store the rules are the same whoever owns the folder: through the running sink's
 endpoint, or, with no sink running, on the folder opened here, each query goes through one
 :class:`stream_jobs.query_server.AnalystSession` (ClickHouse's parser checks it, ``readonly=1``,
-the caps of :func:`query_caps`).
+the caps of :func:`stream_jobs.query_server.query_caps`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
-from stream_jobs.sql_guard import QueryCaps
+from stream_jobs.runtime.settings import Settings
 
 
 class SqlError(RuntimeError):
@@ -38,16 +37,6 @@ def _endpoint(settings: Settings) -> tuple[int, str] | None:
     if not proc.pid_alive(pid, None if ticks is None else int(ticks)):
         return None
     return port, token
-
-
-def query_caps(settings: Settings) -> QueryCaps:
-    """The limits of every analyst query on the embedded store (the sink's endpoint and the direct path)."""
-    return QueryCaps(
-        max_rows=settings.query_max_rows,
-        max_result_bytes=settings.query_max_result_bytes,
-        max_memory_bytes=settings.query_max_memory_bytes,
-        max_seconds=settings.query_timeout_seconds,
-    )
 
 
 def run_sql(settings: Settings, sql: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -85,7 +74,7 @@ def _on_folder(settings: Settings, sql: str) -> dict[str, Any]:
     as the sink's endpoint runs it, and fails with the endpoint's messages.
     """
     from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect
-    from stream_jobs.query_server import AnalystSession, ResultTooLarge
+    from stream_jobs.query_server import AnalystSession, ResultTooLarge, query_caps
     from stream_jobs.sql_guard import QueryRefused
 
     try:

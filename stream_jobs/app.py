@@ -50,10 +50,6 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from detections.live import LiveCounters, tick_message
-from scopewatch.runtime import StopTimer, kafka_or_exit, limit_repeats
-from scopewatch.settings import Settings
-from scopewatch.stack.kafka import create_topics
-from scopewatch.stack.proc import atomic_write
 from stream_jobs.assignor import CoPartitionedAssignor, by_topic, describe
 from stream_jobs.decisions import (
     EXIT_NOT_COPARTITIONED,
@@ -75,6 +71,10 @@ from stream_jobs.decisions import (
 )
 from stream_jobs.kafka_adapter import FETCH_MIN_BYTES, FETCH_WAIT_MS, leave_on_stop
 from stream_jobs.metrics import remove_stale_worker_stats
+from stream_jobs.runtime.files import atomic_write
+from stream_jobs.runtime.kafka_admin import create_topics
+from stream_jobs.runtime.lifecycle import StopTimer, kafka_or_exit, limit_repeats
+from stream_jobs.runtime.settings import Settings
 
 __all__ = [
     "EXIT_NOT_COPARTITIONED",
@@ -256,7 +256,7 @@ def run_faust_worker(settings: Settings, loglevel: str = "WARNING") -> None:
     """Run one decision worker on the Faust engine until it is stopped (SIGTERM/SIGINT).
 
     The stop is bounded by ``settings.stop_seconds`` and Faust's Kafka logging is rate-limited
-    (:mod:`scopewatch.runtime`).
+    (:mod:`stream_jobs.runtime.lifecycle`).
     """
     from faust.worker import Worker
 

@@ -41,9 +41,9 @@ from schemas import (
     encode,
 )
 from schemas.topics import partition_for
-from scopewatch.settings import Settings
 from stream_jobs.assignor import CoPartitionedAssignor, check, describe
 from stream_jobs.dead_letters import dead_letter_for
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import ChangelogReader, ChangelogStore, deferred_stage2
 
 log = logging.getLogger("scopewatch.stream")

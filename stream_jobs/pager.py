@@ -51,15 +51,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import CodecError, Finding, PageAttempt, decode, encode
 from schemas.topics import partition_for
-from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
-from scopewatch.settings import Settings
-from scopewatch.stack.proc import atomic_write
 from stream_jobs.decisions import BatchProducer
 from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.pager_config import PagerConfig, Redactor, Route, load_config, resolve_routes
 from stream_jobs.pager_core import AttemptResult, Hold, OffsetTracker, Page, PageBook, RouteState
 from stream_jobs.pager_render import ForensicParams, HttpRequest
 from stream_jobs.runner import TP, Job, Message, Record, Runner, RunnerConfig
+from stream_jobs.runtime.files import atomic_write
+from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
+from stream_jobs.runtime.settings import Settings
 
 __all__ = [
     "CONFIG_NAMES",

@@ -31,12 +31,23 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from stream_jobs.clickhouse import jsonable, result_json
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.sql_guard import NO_SETTINGS as _NO_SETTINGS
 from stream_jobs.sql_guard import QueryCaps, QueryRefused, check_ast, parse_explain_ast
 
 log = logging.getLogger("scopewatch.sink")
 
 MAX_SQL_BYTES = 256 * 1024
+
+
+def query_caps(settings: Settings) -> QueryCaps:
+    """The limits of every analyst query on the embedded store (the sink's endpoint and the direct path)."""
+    return QueryCaps(
+        max_rows=settings.query_max_rows,
+        max_result_bytes=settings.query_max_result_bytes,
+        max_memory_bytes=settings.query_max_memory_bytes,
+        max_seconds=settings.query_timeout_seconds,
+    )
 
 
 def _param(text: str) -> str:

@@ -33,7 +33,7 @@ after a commit that failed because the group took the partitions away
 
 The runner also owns the rest of what a job's process does the same way: the partition
 assigned/revoked hooks (a revocation waits for the batch in flight, which commits first), the
-periodic stats file, a bounded stop (``scopewatch.runtime.StopTimer`` on SIGTERM/SIGINT), and the
+periodic stats file, a bounded stop (``stream_jobs.runtime.lifecycle.StopTimer`` on SIGTERM/SIGINT), and the
 Kafka-outage behaviour (``kafka_or_exit`` before start, ``limit_repeats`` on the library logs:
 see :func:`serve`).
 
@@ -176,7 +176,7 @@ class StatsFile:
     def write(self) -> None:
         if self.path is None:
             return
-        from scopewatch.stack.proc import atomic_write
+        from stream_jobs.runtime.files import atomic_write
 
         data = self.collect() | {"updated_at": datetime.now(UTC).isoformat()}
         try:

@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
-from scopewatch.settings import Settings
-from scopewatch.sqlclient import query_caps
-from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
 from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect, migrate
-from stream_jobs.query_server import AnalystSession, QueryServer, write_token
+from stream_jobs.query_server import AnalystSession, QueryServer, query_caps, write_token
 from stream_jobs.rows import table_topics
+from stream_jobs.runtime.files import atomic_write, process_start_time
+from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
 
 log = logging.getLogger("scopewatch.sink")

@@ -69,7 +69,6 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from schemas import decode
-from scopewatch.stack.proc import atomic_write
 from stream_jobs.assignor import by_topic, describe
 from stream_jobs.bulk import _BLOCK_HEADS, PROV_LEN, AvroBulk, BulkBlock, block_head_for, bulk_specs
 from stream_jobs.clickhouse import chdb_path
@@ -78,6 +77,7 @@ from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.rows import COLUMNS, Provenance, check_row, millis, row_values, to_row
 from stream_jobs.runner import TP, Consumer, Job, Record, Runner, RunnerConfig
+from stream_jobs.runtime.files import atomic_write
 
 log = logging.getLogger("scopewatch.sink")
 

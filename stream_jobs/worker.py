@@ -25,9 +25,6 @@ from typing import Any
 from aiokafka.errors import KafkaError
 
 from detections.live import LiveCounters
-from scopewatch.runtime import kafka_or_exit, service_logging, stop_on_signals
-from scopewatch.settings import Settings
-from scopewatch.stack.kafka import create_topics
 from stream_jobs.assignor import CoPartitionedAssignor, by_topic, describe
 from stream_jobs.decisions import (
     BatchProducer,
@@ -55,6 +52,9 @@ from stream_jobs.runner import (
     RunnerConfig,
     StatsFile,
 )
+from stream_jobs.runtime.kafka_admin import create_topics
+from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
+from stream_jobs.runtime.settings import Settings
 
 log = logging.getLogger("scopewatch.stream")
 

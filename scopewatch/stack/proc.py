@@ -25,6 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from stream_jobs.runtime.files import atomic_write, process_start_time
+from stream_jobs.runtime.files import read_stat as _read_stat
+
 __all__ = [
     "PidRecord",
     "free_port",
@@ -86,35 +89,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-def _read_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` starting at field 3 (state), or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain spaces or ')'.
-    end = raw.rfind(")")
-    if end < 0:
-        return None
-    return raw[end + 1 :].split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22).
-
-    Returns None when the process does not exist.
-    """
-    fields = _read_stat(pid)
-    if fields is None or len(fields) < 20:
-        return None
-    try:
-        return int(fields[19])  # field 22 overall; fields[0] is field 3
-    except ValueError:
-        return None
 
 
 def _process_state(pid: int) -> str | None:
@@ -187,27 +161,6 @@ class PidRecord:
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"invalid pid record: {exc}") from exc
-
-
-def atomic_write(path: Path, text: str, *, durable: bool = False) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half (parents created).
-
-    ``durable`` also fsyncs the file and its folder, so the new content survives a power loss.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_pid_record(path: Path, record: PidRecord) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import (
     BrokerFailed,
@@ -29,6 +28,7 @@ from scopewatch.stack.kafka import (
     ensure_kafka_jars,
     list_topics,
 )
+from stream_jobs.runtime.settings import Settings
 
 SERVICES = ("sink", "worker", "pager")
 OPTIONAL_SERVICES = ("pager",)

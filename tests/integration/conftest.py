@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, start_broker
 from scopewatch.stack.npm import server_everything_command
 from scopewatch.stack.stack import Stack
+from stream_jobs.runtime.settings import Settings
 
 
 @pytest.fixture(scope="session")

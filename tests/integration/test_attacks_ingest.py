@@ -37,10 +37,10 @@ from integration.conftest import make_settings
 from collectors.chain import ChainStamper
 from collectors.intake import IntakeConfig, KafkaSink, make_app, new_secret, parse_secret, sign
 from schemas import SessionBound, ToolCall, ToolResult, decode, parse_event, record_hash
-from scopewatch.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker, create_topics
 from stream_jobs.clickhouse import connect, migrate, run_query
 from stream_jobs.rows import Provenance, to_row
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.sink import ClickHouseWriter
 from stream_jobs.verify import verify
 from support.kafka import reader

@@ -21,8 +21,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import encode
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError, run_sql
+from stream_jobs.runtime.settings import Settings
 from support.pipeline import wait_rows
 from support.samples import SAMPLES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer
 
-from scopewatch.settings import Settings
+from stream_jobs.runtime.settings import Settings
 
 
 def reader(settings: Settings, *topics: str) -> AIOKafkaConsumer:

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
 from scopewatch.stack import proc
+from stream_jobs.runtime.settings import Settings
 from support.wrap import child_env
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from scopewatch.settings import Settings
 from scopewatch.stack.stack import settings_env
+from stream_jobs.runtime.settings import Settings
 
 
 def wrap_argv(

@@ -40,10 +40,10 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import Implementation
 
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode, key_for, to_canonical_json
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
 from scopewatch.stack.stack import settings_env
+from stream_jobs.runtime.settings import Settings
 from support.kafka import reader
 
 pytestmark = pytest.mark.integration

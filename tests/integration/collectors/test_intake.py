@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from collectors.chain import record_hash
 from collectors.intake import IntakeConfig, KafkaSink, make_app, new_secret, parse_secret, sign
 from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded, decode, delegation_key, to_canonical_dict
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from stream_jobs.runtime.settings import Settings
 from support.kafka import reader
 from support.wrap import child_env
 

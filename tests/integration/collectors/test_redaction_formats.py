@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from schemas import ToolCall, ToolResult, decode, to_canonical_json
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
 from scopewatch.stack.kafka import KafkaBroker
 from scopewatch.stack.npm import server_filesystem_command
+from stream_jobs.runtime.settings import Settings
 from support.kafka import reader
 from support.mcp_raw import INITIALIZED, call, initialize, run_script
 from support.secret_corpus import SAMPLES, Sample, leaks

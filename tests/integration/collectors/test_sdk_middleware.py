@@ -14,8 +14,8 @@ import pytest
 
 from collectors.sdk import SdkCollector
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode
-from scopewatch.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from stream_jobs.runtime.settings import Settings
 from support.kafka import reader
 from support.wrap import child_env
 

@@ -21,9 +21,9 @@ import pytest
 
 from collectors.spool import inspect_spool
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from stream_jobs.runtime.settings import Settings
 from support.canaries import CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, leaked
 from support.kafka import reader
 from support.procs import gone, observer_processes

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from schemas import ToolCall, ToolResult, decode, to_canonical_json
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import run_sql
+from stream_jobs.runtime.settings import Settings
 from support.canaries import BEARER, CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, GHP, leaked, seeded_arguments
 from support.kafka import reader
 from support.mcp_raw import INITIALIZED, call, initialize, run_script

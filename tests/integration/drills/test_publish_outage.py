@@ -32,9 +32,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import decode
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from stream_jobs.runtime.settings import Settings
 from support.scenario import jsonl, tool_call
 from support.wrap import child_env
 

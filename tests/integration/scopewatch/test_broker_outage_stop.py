@@ -1,7 +1,7 @@
 """The services during a Kafka outage: their logs stay readable, a stop ends them, nothing is lost.
 
 The broker of a real stack is SIGKILLed while the sink and the decision worker run. Before
-``scopewatch.runtime``, aiokafka logged a few hundred lines a second in each service, and each
+``stream_jobs.runtime.lifecycle``, aiokafka logged a few hundred lines a second in each service, and each
 ignored SIGTERM until ``scopewatch down`` SIGKILLed it 20 s later.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from schemas import decode, delegation_key
-from scopewatch.settings import Settings
+from stream_jobs.runtime.settings import Settings
 from support.kafka import reader
 from support.scenario import bound, grant, jsonl, revoke, tool_call
 from support.wrap import child_env

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scopewatch.settings import Settings
 from scopewatch.stack.stack import settings_env
+from stream_jobs.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -1437,8 +1437,8 @@ def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
 
     from schemas import Evidence, PageAttempt, ToolCall, ToolResult, encode, register_schema, topic_for
     from schemas.codec import AVRO_DIR, MAGIC, _registry
-    from scopewatch.settings import Settings
     from scopewatch.stack.kafka import create_topics
+    from stream_jobs.runtime.settings import Settings
     from stream_jobs.service import sink_topics
     from stream_jobs.sink import ClickHouseSink, SinkConfig
 

@@ -24,9 +24,9 @@ from integration.conftest import make_settings
 
 from schemas import delegation_key
 from schemas.topics import partition_for
-from scopewatch.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker
 from scopewatch.stack.stack import Stack
+from stream_jobs.runtime.settings import Settings
 from support.pipeline import cli, current_verdicts, replay_lines, replay_output, wait_findings
 from support.scenario import bound, grant, jsonl, story
 from support.scenario import tool_call as call

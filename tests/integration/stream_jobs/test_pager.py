@@ -36,9 +36,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import Finding, PageAttempt, Topics, decode, encode
 from schemas.topics import partition_for
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from stream_jobs.runtime.settings import Settings
 from support.pipeline import wait_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]

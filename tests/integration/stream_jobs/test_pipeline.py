@@ -14,8 +14,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import ToolCall, encode, key_for
-from scopewatch.settings import Settings
 from scopewatch.sqlclient import SqlError, run_sql
+from stream_jobs.runtime.settings import Settings
 from support.pipeline import wait_rows
 
 pytestmark = pytest.mark.integration

@@ -24,9 +24,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import Evidence, ToolCall, ToolResult, encode, key_for, topic_for
-from scopewatch.settings import Settings
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from stream_jobs.runtime.settings import Settings
 from support.pipeline import cli
 from support.wrap import child_env
 

@@ -23,7 +23,7 @@ from dashboards.build import Bundle, write_files
 from schemas.topics import Topics
 from scopewatch.cli import app
 from scopewatch.dashboards_cli import dashboards_app
-from scopewatch.settings import Settings
+from stream_jobs.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "compose"

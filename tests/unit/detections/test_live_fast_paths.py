@@ -22,6 +22,7 @@ import detections.live as live
 from detections.catalog import Detector, default_catalog
 from detections.engine import VERDICTS, Decision, DecisionEngine, Fact, GrantHistory, _ts, authorize, decision_of
 from detections.findings import FINDING_NAMESPACE, Finding, FindingEvidence, new_finding, trusted_model, uuid5_text
+from detections.live import common, evidence, wire
 from detections.rulebase import RuleContext, glob_matcher, matches
 from schemas import (
     Evidence,
@@ -72,9 +73,9 @@ def test_one_regex_per_pattern_list_is_fnmatchcase(patterns: list[str], name: st
 @settings(max_examples=300, deadline=None)
 @given(part=st.text(max_size=12))
 def test_keys_are_quoted_as_urllib_quotes_them(part: str) -> None:
-    assert live._quote(part) == quote(part, safe="")
+    assert wire.quote_part(part) == quote(part, safe="")
     assert live.session_key(part, "s-1") == f"{quote(part, safe='')}/s-1"
-    assert live._route(part, "s", "p/1", part) == "/".join(quote(x, safe="") for x in (part, "p/1", part))
+    assert wire.route_of(part, "s", "p/1", part) == "/".join(quote(x, safe="") for x in (part, "p/1", part))
 
 
 @settings(max_examples=200, deadline=None)
@@ -98,7 +99,7 @@ def test_instants_format_as_format_timestamp(micros: int, offset: int | None) ->
     if offset is not None:
         dt = dt.astimezone(timezone(timedelta(minutes=offset)))
     assert _ts(dt) == format_timestamp(dt)
-    assert live._at(micros) == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    assert common.at(micros) == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
 
 
 def _state(model: Any) -> tuple[Any, ...]:
@@ -145,7 +146,7 @@ def test_trusted_evidence_is_what_model_construct_builds() -> None:
 
 def test_the_rules_call_is_the_stripped_call_of_earlier_snapshots() -> None:
     line = [str(uuid.uuid4()), "acme", "c1", "s1", "fs", "read_file", ["file:/a"], "sdk", 0, {"sub": "x"}, "sha256:1"]
-    t = live._at(1_700_000_000_123_000)
+    t = common.at(1_700_000_000_123_000)
     fields = {
         "event_id": line[0],
         "tenant": "acme",
@@ -160,7 +161,7 @@ def test_the_rules_call_is_the_stripped_call_of_earlier_snapshots() -> None:
         "tool_digest": "sha256:1",
     }
     old = ToolCall.model_construct(arguments={}, claimed={}, **fields)
-    assert _state(live._tool_call(line, t)) == _state(old)
+    assert _state(evidence.tool_call(wire.CallLine(line), t)) == _state(old)
 
 
 def test_decisions_built_fast_equal_the_dataclass() -> None:

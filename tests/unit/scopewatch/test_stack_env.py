@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scopewatch.settings import Settings
 from scopewatch.stack.stack import settings_env
+from stream_jobs.runtime.settings import Settings
 
 
 def test_children_get_every_setting_but_a_default_pager_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

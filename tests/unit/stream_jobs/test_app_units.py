@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scopewatch.settings import Settings
 from stream_jobs.app import create_app
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import ChangelogStore
 
 

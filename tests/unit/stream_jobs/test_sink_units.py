@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from scopewatch.settings import Settings
 from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
 from stream_jobs.rows import COLUMNS, Provenance, to_row
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.service import sink_config
 from stream_jobs.sink import Batch, ClickHouseSink
 from support.samples import SAMPLES

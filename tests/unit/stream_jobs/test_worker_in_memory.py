@@ -11,8 +11,8 @@ import pytest
 from schemas import Evidence, decode, encode, key_for, parse_event
 from schemas.topics import topic_for
 from scopewatch.replay import replay
-from scopewatch.settings import Settings
 from stream_jobs.runner import MemoryBroker, MemoryConsumer, MemoryProducer
+from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import MemoryChangelogReader
 from stream_jobs.worker import build_worker
 from support.scenario import story

@@ -1,4 +1,4 @@
-"""Log-repeat limiting and the bounded stop of long-running services (scopewatch.runtime)."""
+"""Log-repeat limiting and the bounded stop of long-running services (stream_jobs.runtime.lifecycle)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import threading
 
 import pytest
 
-from scopewatch.runtime import EXIT_UNFINISHED_STOP, KafkaUnreachable, RepeatFilter, StopTimer, wait_for_kafka
+from stream_jobs.runtime.lifecycle import (
+    EXIT_UNFINISHED_STOP,
+    KafkaUnreachable,
+    RepeatFilter,
+    StopTimer,
+    wait_for_kafka,
+)
 
 
 class Clock:

@@ -1,0 +1,562 @@
+"""Stage 2: authorization, evidence versions and finality for one partition of the route-keyed topics
+(the internal topic, which stage 1 forwards calls to, and the grants topic)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from datetime import datetime
+from typing import Any, Final, Literal, TypeAlias, cast
+
+from detections.catalog import Detector
+from detections.compact import decode_grants, encode_grants
+from detections.engine import (
+    Decision,
+    GrantFact,
+    GrantHistory,
+    GrantMatch,
+    GrantState,
+    GrantView,
+    authorize_matched,
+    decision_of,
+)
+from detections.live.common import (
+    MICRO,
+    HistoryCache,
+    LiveConfig,
+    LiveCounters,
+    Output,
+    new_forward,
+    new_object,
+    new_output,
+    set_attribute,
+)
+from detections.live.common import at as _at
+from detections.live.common import due as _due
+from detections.live.common import heappop as _heappop
+from detections.live.common import heappush as _heappush
+from detections.live.common import now_us as _now_us
+from detections.live.common import us as _us
+from detections.live.evidence import make_evidence, tool_call
+from detections.live.sequence import SequenceKeeper
+from detections.live.wire import (
+    AttributionLine,
+    Body,
+    CallLine,
+    Message,
+    Moved,
+    Owned,
+    handoff_message,
+    parse_head,
+    parse_message,
+    parse_record,
+    route_of,
+)
+from detections.rulebase import glob_matcher
+from schemas import ToolCall, parse_delegation_key, record_hash
+
+__all__ = ["Reason", "Stage2"]
+
+Reason = Literal["call", "update", "handoff", "fact", "deadline"]
+
+_MEMO_SIZE: Final = 8192
+"""Parsed attribution lines kept per stage-2 processor (one per session state, shared by its calls)."""
+_SLOT_MEMO_SIZE: Final = 1024
+_EVIDENCE_COUNTER: Final = {k: f"evidence_{k}" for k in ("amendment", "final", "provisional")}
+
+_GrantPart: TypeAlias = tuple[Any, str | None, tuple[str, ...], tuple[dict[str, object], ...]]
+"""A :data:`~detections.live.wire.Body` without the attribution's reasons: what one grants slot
+gives one tool name."""
+
+
+def matchers(view: GrantView) -> tuple[Callable[[str], object], Callable[[str], object] | None]:
+    """The compiled tests of a grant version's tool and resource patterns (kept on the view)."""
+    tools = view.tools_match
+    if tools is None:
+        version = view.version
+        tools = view.tools_match = glob_matcher(tuple(version.tools))
+        view.resources_match = glob_matcher(tuple(version.resources)) if version.resources else None
+    return tools, view.resources_match
+
+
+def remake(t: datetime, body: Body, a: AttributionLine) -> Decision:
+    verdict, matched, reasons, grant_facts = body
+    return decision_of(t, verdict, matched, reasons, a.principal, a.agent_id, a.facts, grant_facts)
+
+
+class GrantsAt(Mapping[str, GrantState]):
+    """The grant states a decision used, by grant id; each is built when a rule first asks for it."""
+
+    __slots__ = ("_at", "_states", "_views")
+
+    def __init__(self, views: Sequence[tuple[GrantView, Any]], at: datetime) -> None:
+        self._views = views
+        self._at = at
+        self._states: dict[str, GrantState] = {}
+
+    def __getitem__(self, grant_id: str) -> GrantState:
+        state = self._states.get(grant_id)
+        if state is None:
+            for view, revocation in self._views:
+                if view.grant_id == grant_id:
+                    # GrantState(at=..., version=..., revocation=...), as the frozen dataclass builds it
+                    state = new_object(GrantState)
+                    set_attribute(
+                        state, "__dict__", {"at": self._at, "version": view.version, "revocation": revocation}
+                    )
+                    self._states[grant_id] = state
+                    break
+            else:
+                raise KeyError(grant_id)
+        return state
+
+    def get(self, grant_id: str, default: Any = None) -> Any:
+        try:
+            return self[grant_id]
+        except KeyError:
+            return default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([view.grant_id for view, _ in self._views])
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+class Stage2:
+    """Authorization, evidence versions and finality for one partition of the route-keyed topics.
+
+    ``grants``: delegation key -> compact grant history. ``calls``: ``route|call key`` -> either an
+    owned call (attribution and its version, last emitted summary and version, finality, deadline,
+    keep-until, the call) or a forwarding record (the route that owns it now). ``sequence``: route
+    -> the sequence rules' state of that delegation and the final calls held for them (see
+    :data:`~detections.live.wire.SEQUENCE_FORMAT`), so that a crash or a rebalance loses no sequence finding.
+
+    Sequence records are written by :meth:`flush`: after each event, or, with ``deferred``, only
+    when the caller calls it (the job: once per batch, just before the stores are drained, so a
+    delegation with many calls in a batch costs one encoding and one changelog message).
+    """
+
+    def __init__(
+        self,
+        partition: int,
+        grants: MutableMapping[str, bytes],
+        calls: MutableMapping[str, bytes],
+        config: LiveConfig | None = None,
+        counters: LiveCounters | None = None,
+        detector: Detector | None = None,
+        *,
+        sequence: MutableMapping[str, bytes] | None = None,
+        deferred: bool = False,
+    ) -> None:
+        self.partition = partition
+        self.grants = grants
+        self.detector = detector if detector is not None else Detector()  # (an empty Detector is falsy: len 0)
+        rules, rule_config = self.detector.rules, self.detector.config
+        self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config)
+        self.sequence: MutableMapping[str, bytes] = {} if sequence is None else sequence
+        self._deferred = deferred
+        self.calls = calls
+        self.config = config or LiveConfig()
+        self._slack_us = self.config.sequence_slack // MICRO
+        self.counters = counters or LiveCounters()
+        self._seq: Final = SequenceKeeper(
+            partition,
+            [r for r in rules if r.meta.kind != "per_call"],
+            rule_config,
+            self.sequence,
+            self.counters,
+            self._slack_us,
+            self._redecide,
+        )
+        self._cache: HistoryCache[GrantHistory] = HistoryCache(self.config.cache_size)
+        self._owned: dict[str, set[str]] = {}  # route -> store keys of calls owned there
+        self._deadlines: list[tuple[int, str]] = []  # (deadline, store key) of owned calls not final
+        self._expiry: list[tuple[int, str]] = []  # (keep_until, store key)
+        self._attributions: dict[str, AttributionLine] = {}  # attribution digest -> parsed line
+
+    # -- state
+
+    def rebuild(self) -> None:
+        """Rebuild the in-memory indexes from the stores (after recovery or a rebalance): the owned
+        calls' deadlines and expiry, the sequence rules' state and the calls held for them."""
+        self._owned.clear()
+        self._deadlines.clear()
+        self._expiry.clear()
+        for skey, raw in list(self.calls.items()):
+            head = parse_head(raw)
+            if head is None or head.partition != self.partition:
+                continue
+            if isinstance(head, Moved):
+                _heappush(self._expiry, (head.keep_until, skey))
+            else:
+                self._index(skey, head.route, head.final, head.deadline, head.keep_until)
+        self._seq.rebuild()
+
+    def flush(self) -> None:
+        """Write the sequence record of every delegation whose rule state or held calls changed since
+        the last flush (one store write per changed record; a delegation with nothing left is deleted)."""
+        self._seq.flush()
+
+    def _index(self, skey: str, route: str, fin: bool, deadline: int, keep_until: int) -> None:
+        # One deadline entry per owned call that is not final: it stays not final until that
+        # deadline, which finalizes it (amendments keep it final), so no other push is needed.
+        _heappush(self._expiry, (keep_until, skey))
+        members = self._owned.get(route)
+        if members is None:
+            members = self._owned[route] = set()
+        members.add(skey)
+        if not fin:
+            _heappush(self._deadlines, (deadline, skey))
+
+    def _unindex_owned(self, skey: str, route: str) -> None:
+        members = self._owned.get(route)
+        if members is not None:
+            members.discard(skey)
+            if not members:
+                del self._owned[route]
+
+    def _record(self, skey: str) -> Owned | Moved | None:
+        raw = self.calls.get(skey)
+        return None if raw is None else parse_record(raw)
+
+    def _attribution(self, digest: str, line: bytes) -> AttributionLine:
+        """The parsed attribution line (memoized by its digest, checked against the line itself)."""
+        found = self._attributions.get(digest)
+        if found is None or found.line != line:
+            if len(self._attributions) >= _MEMO_SIZE:
+                self._attributions.clear()
+            found = self._attributions[digest] = AttributionLine(line)
+        return found
+
+    def _grant_history(self, route: str, stored: bytes) -> GrantHistory:
+        hit = self._cache.hit(route, stored)
+        if hit is not None:
+            return hit
+
+        def decode(raw: bytes) -> GrantHistory:
+            return decode_grants(raw, *parse_delegation_key(route))
+
+        return self._cache.get(route, stored, decode, _no_history)
+
+    def open_calls(self) -> int:
+        return sum(map(len, self._owned.values()))
+
+    def held_calls(self) -> int:
+        """Final calls the sequence rules have not seen yet (at most ``sequence_slack`` old)."""
+        return len(self._seq.held)
+
+    def advance(self, now: datetime) -> Output:
+        """Finalize calls whose deadline has passed and forget closed ones (run on every event)."""
+        out = new_output()
+        self._advance(now, _now_us(now), out)
+        if self._seq.dirty and not self._deferred:
+            self.flush()
+        return out
+
+    def _advance(self, now: datetime, now_us: int, out: Output) -> None:
+        self._advance_calls(now, now_us, out)
+        if self._seq.held:
+            self._seq.release(now, now_us, out)
+
+    def _advance_calls(self, now: datetime, now_us: int, out: Output) -> None:
+        deadlines = self._deadlines
+        if deadlines and deadlines[0][0] <= now_us:
+            keys = set()
+            while deadlines and deadlines[0][0] <= now_us:
+                keys.add(_heappop(deadlines)[1])
+            due: list[tuple[int, str, str, Owned]] = []
+            for skey in keys:
+                rec = self._record(skey)
+                if not isinstance(rec, Owned) or rec.final or rec.deadline > now_us:
+                    continue
+                call = rec.call
+                due.append((call.t, call.call_id, skey, rec))
+            # Calls that become final together are decided in event-time order: a deterministic order of
+            # their evidence (the sequence rules get them in that order anyway, from the held calls).
+            due.sort(key=lambda d: d[:3])
+            for _t, _cid, skey, rec in due:
+                self._decide(skey, rec, now, now_us, "deadline", False, out)
+        if self._expiry and self._expiry[0][0] <= now_us:
+            closed = 0
+            for skey in _due(self._expiry, now_us):
+                raw = self.calls.get(skey)
+                head = None if raw is None else parse_head(raw)
+                if head is None or head.keep_until > now_us:
+                    continue
+                del self.calls[skey]
+                if isinstance(head, Owned):
+                    self._unindex_owned(skey, head.route)
+                closed += 1
+            if closed:
+                self.counters.add("stage2_calls_closed", closed)
+
+    # -- events
+
+    def on_message(self, route: str, payload: bytes, now: datetime) -> Output:
+        """A message of the internal topic, keyed by ``route``."""
+        out = self._on_message(route, payload, now)
+        if self._seq.dirty and not self._deferred:
+            self.flush()
+        return out
+
+    def _on_message(self, route: str, payload: bytes, now: datetime) -> Output:
+        out = new_output()
+        now_us = _now_us(now)
+        if (
+            (self._deadlines and self._deadlines[0][0] <= now_us)
+            or (self._expiry and self._expiry[0][0] <= now_us)
+            or self._seq.held
+        ):
+            self._advance(now, now_us, out)
+        msg = parse_message(payload)
+        kind = msg.kind
+        if kind == "tick":
+            return out
+        skey = f"{route}|{msg.ckey}"  # "|" is percent-encoded inside both parts
+        rec = self._record(skey)
+        if kind == "handoff":
+            self._on_handoff(route, skey, rec, msg, now, now_us, out)
+            return out
+        if rec is None:
+            if kind == "update":
+                self.counters.add("stage2_update_for_unknown_call")
+                return out
+            d, k = msg.deadline, msg.keep_until  # a "call" message
+            rec = Owned(
+                self.partition,
+                route,
+                msg.ckey,
+                msg.attr_version,
+                0,
+                None,
+                False,
+                d,
+                k,
+                msg.digest,
+                msg.attribution_line,
+                msg.call_line,
+            )
+            self._index(skey, route, False, d, k)
+            counts = self.counters.counts
+            counts["stage2_calls"] = counts.get("stage2_calls", 0) + 1
+            self._decide(skey, rec, now, now_us, "call", False, out)
+            return out
+        if isinstance(rec, Moved):
+            if msg.attr_version > rec.attr_version:
+                self.counters.add("stage2_forwarded")
+                out.forwards.append(new_forward(rec.moved, payload))
+            return out
+        if msg.attr_version <= rec.attr_version:
+            self.counters.add("stage2_duplicates")
+            return out
+        rec.attribution_line, rec.attr_version, rec.digest = msg.attribution_line, msg.attr_version, msg.digest
+        self._reattributed(route, skey, rec, now, now_us, bool(msg.late), out)
+        return out
+
+    def on_fact(self, fact: GrantFact, now: datetime) -> Output:
+        out = new_output()
+        now_us = _now_us(now)
+        self._advance(now, now_us, out)
+        if self._seq.dirty and not self._deferred:
+            self.flush()
+        route = route_of(fact.tenant, "", fact.principal, fact.agent_id)
+        stored = self.grants.get(route)
+        if stored is None:
+            history = GrantHistory(fact.tenant, fact.principal, fact.agent_id)
+        else:
+            history = self._grant_history(route, stored)
+        if not history.add(fact, record_hash(fact)):
+            self.counters.add("stage2_duplicate_facts")
+            return out
+        history.compact(now - self.config.retention)
+        encoded = encode_grants(history)
+        if encoded != stored:  # a fact compacted away at once changes nothing: no store write
+            stored = self.grants[route] = encoded
+        assert stored is not None
+        self._cache.put(route, stored, history)
+        self.counters.add("stage2_facts")
+        fact_us = _us(fact.event_time)
+        for skey in sorted(self._owned.get(route, ())):
+            rec = self._record(skey)
+            if not isinstance(rec, Owned):
+                continue
+            if rec.call.t < fact_us or rec.keep_until <= now_us:
+                continue
+            self._decide(skey, rec, now, now_us, "fact", now_us > rec.deadline, out)
+        return out
+
+    # -- internals
+
+    def _on_handoff(
+        self,
+        route: str,
+        skey: str,
+        rec: Owned | Moved | None,
+        msg: Message,
+        now: datetime,
+        now_us: int,
+        out: Output,
+    ) -> None:
+        if rec is not None and msg.attr_version <= rec.attr_version:
+            self.counters.add("stage2_duplicates")
+            return
+        if isinstance(rec, Owned):
+            self._unindex_owned(skey, rec.route)
+        new = Owned(
+            self.partition,
+            route,
+            msg.ckey,
+            msg.attr_version,
+            msg.version,
+            msg.last,
+            msg.final,
+            msg.deadline,
+            msg.keep_until,
+            msg.digest,
+            msg.attribution_line,
+            msg.call_line,
+        )
+        self.counters.add("stage2_handoffs_in")
+        self._index(skey, route, msg.final, msg.deadline, msg.keep_until)
+        self._reattributed(route, skey, new, now, now_us, bool(msg.late), out)
+
+    def _reattributed(
+        self, route: str, skey: str, rec: Owned, now: datetime, now_us: int, late: bool, out: Output
+    ) -> None:
+        call, attribution = rec.call, self._attribution(rec.digest, rec.attribution_line)
+        target = route_of(call.tenant, call.session_id, attribution.principal, attribution.agent_id)
+        if target == route:
+            self._decide(skey, rec, now, now_us, "update", late, out)
+            return
+        # The call now belongs to another route: hand it over, keep a forwarding record.
+        self._unindex_owned(skey, route)
+        self.calls[skey] = Moved(self.partition, route, rec.ckey, rec.attr_version, rec.keep_until, target).encode()
+        self.counters.add("stage2_handoffs_out")
+        out.forwards.append(new_forward(target, handoff_message(rec, late)))
+
+    def _decision(
+        self, route: str, a: AttributionLine, call: CallLine, t: datetime
+    ) -> tuple[Decision, Sequence[tuple[GrantView, Any]]]:
+        """:func:`~detections.engine.authorize` of the call at ``route`` (whose grants count: the
+        call's owner's), and the grants it used. Decisions that differ only in the call's instant
+        (same attribution, grants slot and tool name, every resource covered) are made once."""
+        if a.body is not None:
+            return remake(t, a.body, a), ()
+        name = f"{call.server}/{call.tool}"
+        stored = None if a.principal is None or a.agent_id is None else self.grants.get(route)
+        if stored is None:  # no grant history
+            return authorize_matched(t, call.tenant, name, None, a.principal, a.agent_id, a.reasons, a.facts, ()), ()
+        slot = self._grant_history(route, stored).slot_at(t)
+        grants, memo = slot.grants, slot.memo
+        tools: tuple[bool, ...] | None = memo.get(name)
+        if tools is None:
+            if len(memo) >= _SLOT_MEMO_SIZE:  # two entries per tool name
+                memo.clear()
+            tools = memo[name] = tuple(matchers(view)[0](name) is not None for view, _r, _s in grants)
+        missing: list[list[str]] | None = None
+        resources = call.resources
+        if resources:
+            single = resources[0] if len(resources) == 1 else None
+            for i, (view, _r, _s) in enumerate(grants):
+                within = view.resources_match  # compiled with tools_match (the tools memo above)
+                if tools[i] and within is not None:
+                    if single is not None:
+                        if within(single) is not None:
+                            continue
+                        outside = [single]
+                    else:
+                        outside = [r for r in resources if within(r) is None]
+                        if not outside:
+                            continue
+                    if missing is None:
+                        missing = [[] for _ in grants]
+                    missing[i] = outside
+        if missing is None and grants:
+            part: _GrantPart | None = memo.get((name,))
+            if part is not None:
+                return remake(t, (part[0], part[1], a.reasons + part[2], part[3]), a), slot.pairs
+        rows: list[GrantMatch] = [
+            (view, revocation, t, tools[i], () if missing is None else missing[i])
+            for i, (view, revocation, _status) in enumerate(grants)
+        ]
+        decision = authorize_matched(t, call.tenant, name, None, a.principal, a.agent_id, a.reasons, a.facts, rows)
+        if missing is None and grants:
+            # What depends on the grants and the tool only: verdict, grant, the reasons after the
+            # attribution's, the per-grant facts (a verdict with grants never names t).
+            grant_facts = tuple(cast(list[dict[str, object]], decision.facts["grants"]))
+            memo[(name,)] = (
+                decision.verdict,
+                decision.matched_grant_id,
+                decision.reasons[len(a.reasons) :],
+                grant_facts,
+            )
+        return decision, slot.pairs
+
+    def _decide(
+        self, skey: str, rec: Owned, now: datetime, now_us: int, reason: Reason, late: bool, out: Output
+    ) -> None:
+        call = rec.call
+        t = _at(call.t)
+        decision, used = self._decision(rec.route, self._attribution(rec.digest, rec.attribution_line), call, t)
+        summary = (decision.verdict, decision.matched_grant_id, decision.principal, decision.agent_id)
+        final = now_us >= rec.deadline
+        if rec.version > 0 and summary == rec.last and (rec.final or not final):
+            if reason == "update":
+                self.calls[skey] = rec.encode()  # a new attribution version, same verdict: keep the record
+            return
+        was_final = rec.final
+        rec.version += 1
+        rec.last = summary
+        rec.final = final
+        self.calls[skey] = rec.encode()
+        if was_final and not final:  # only if the clock went back: final again at the deadline
+            _heappush(self._deadlines, (rec.deadline, skey))
+        kind = "amendment" if was_final else ("final" if final else "provisional")
+        counts = self.counters.counts
+        name = _EVIDENCE_COUNTER[kind]
+        counts[name] = counts.get(name, 0) + 1
+        if late:
+            counts["evidence_late"] = counts.get("evidence_late", 0) + 1
+        out.evidence.append(
+            make_evidence(
+                call.tenant,
+                call.session_id,
+                call.call_id,
+                call.server,
+                call.tool,
+                t,
+                decision,
+                rec.version,
+                final,
+                late,
+                now,
+                rec.attr_version,
+                reason,
+                kind,
+                rec.ckey,
+            )
+        )
+        if final:
+            # Final verdicts go through the rules once: the per-call rules now, the sequence rules
+            # after the hold (SequenceKeeper.release); an amendment re-runs the per-call rules only (sequence
+            # rules have already counted this call).
+            rule_call, grants = tool_call(call, t), GrantsAt(used, t)
+            if not was_final:
+                release = rec.deadline + self._slack_us
+                self._seq.hold(rule_call, decision, grants, release, rec.digest, rec.attribution_line, rec.call_line)
+            found = self._per_call.evaluate_with(rule_call, decision, grants)
+            counts["findings"] = counts.get("findings", 0) + len(found)
+            if found:
+                out.findings.extend([f.to_record(now) for f in found])
+
+    def _redecide(
+        self, route: str, digest: str, attribution_line: bytes, call: CallLine
+    ) -> tuple[ToolCall, Decision, Mapping[str, GrantState]]:
+        """A held call decided again from its stored lines (restoring the sequence records)."""
+        t = _at(call.t)
+        decision, used = self._decision(route, self._attribution(digest, attribution_line), call, t)
+        return tool_call(call, t), decision, GrantsAt(used, t)
+
+
+def _no_history() -> GrantHistory:  # never called: a route with no stored grants has no history
+    raise AssertionError("no stored grant history")
