@@ -61,7 +61,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import heapq
 import hmac
 import json
@@ -84,6 +83,7 @@ from collectors.chain import ChainStamper
 from collectors.emit import Emitter
 from collectors.http_guard import GuardedRunner
 from schemas import Event, EventError, Topics, parse_event, to_canonical_dict
+from schemas.webhooks import mac, new_secret, parse_secret, sign
 
 __all__ = [
     "ACCEPTED_TYPES",
@@ -110,8 +110,6 @@ __all__ = [
 log = logging.getLogger("scopewatch.intake")
 
 ACCEPTED_TYPES = frozenset({"session_bound", "session_ended", "grant_issued", "grant_revoked"})
-SECRET_PREFIX = "whsec_"  # noqa: S105 - the format prefix, not a secret
-MIN_SECRET_BYTES = 16
 MAX_ID_CHARS = 256
 DEFAULT_PATH = "/v1/events"
 MAX_TOKEN_ID_CHARS = 128
@@ -168,34 +166,6 @@ def token_id_problem(value: str) -> str | None:
 # ----------------------------------------------------------------------------- signatures
 
 
-def parse_secret(text: str) -> bytes:
-    """The HMAC key of a ``whsec_<base64>`` secret; ValueError (naming no secret) otherwise."""
-    text = text.strip()
-    if not text.startswith(SECRET_PREFIX):
-        raise ValueError(f"a webhook secret has the form {SECRET_PREFIX}<base64>")
-    try:
-        key = base64.b64decode(text[len(SECRET_PREFIX) :], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"the part after {SECRET_PREFIX} is not base64") from None
-    if len(key) < MIN_SECRET_BYTES:
-        raise ValueError(f"a webhook secret must hold at least {MIN_SECRET_BYTES} bytes")
-    return key
-
-
-def new_secret() -> str:
-    """A fresh random secret (32 bytes), to give to the sender and the intake."""
-    return SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode("ascii")
-
-
-def _mac(key: bytes, msg_id: str, timestamp: str, body: bytes) -> bytes:
-    return hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-
-
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` value of a delivery (what a sender computes)."""
-    return "v1," + base64.b64encode(_mac(key, msg_id, str(timestamp), body)).decode("ascii")
-
-
 class Unauthorized(Exception):
     """A delivery failed authentication; ``reason`` is a stable code for the response."""
 
@@ -219,7 +189,7 @@ def verify_signature(
         raise Unauthorized("bad_timestamp", "webhook-timestamp must be integer Unix seconds")
     if abs(now - int(stamp)) > tolerance:
         raise Unauthorized("stale_timestamp", f"webhook-timestamp is more than {tolerance:g}s from the intake's clock")
-    expected = [_mac(key, msg_id, stamp, body) for key in keys]
+    expected = [mac(key, msg_id, stamp, body) for key in keys]
     for part in signature.split():
         version, _, value = part.partition(",")
         if version != "v1":

@@ -104,9 +104,13 @@ def worker() -> None:
 @app.command(hidden=True)
 def sink() -> None:
     """Run the ClickHouse sink (and, for embedded chDB, the read-only SQL endpoint) in the foreground."""
+    import os
+
+    from scopewatch.spools import reader, spool_dirs
     from stream_jobs.service import run_sink_service
 
-    run_sink_service(_settings())
+    settings = _settings()
+    run_sink_service(settings, reader(spool_dirs(os.environ, settings.home)))
 
 
 @app.command()

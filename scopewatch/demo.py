@@ -285,7 +285,7 @@ class OnCall:
     async def _main(self) -> None:
         from aiohttp import web
 
-        from collectors.intake import parse_secret, sign
+        from schemas.webhooks import parse_secret, sign
         from stream_jobs.pager import PagerService, PagerTopics
         from stream_jobs.pager_config import PagerConfig, RouteConfig, resolve_routes
 

@@ -66,7 +66,7 @@ def _settings() -> Any:
 # -- intake ------------------------------------------------------------------------------------
 def load_secrets(environ: dict[str, str], files: list[Path]) -> list[bytes]:
     """HMAC keys from ``SCOPEWATCH_INTAKE_SECRETS`` and secret files; ValueError names no secret."""
-    from collectors.intake import parse_secret
+    from schemas.webhooks import parse_secret
 
     texts = [(SECRETS_ENV, t) for t in re.split(r"[\s,]+", environ.get(SECRETS_ENV, "")) if t]
     for path in files:

@@ -5,8 +5,8 @@ the one process that owns an embedded chDB): its own counters, the counters the 
 pager write to the run folder (``worker-*.json``, ``pager-stats.json``) and the depth of the
 collectors' spool directories on this host.
 
-:func:`metric_rows` is pure (stats in, rows out); :func:`read_stats_files` and :func:`inspect_spools`
-read the files. One row per value: ``component`` (sink, worker, pager, spool), ``instance``,
+:func:`metric_rows` is pure (stats in, rows out); :func:`read_stats_files` reads the files, and the
+CLI hands in the spools' figures. One row per value: ``component`` (sink, worker, pager, spool), ``instance``,
 ``metric``, ``label`` and ``value``. A counter named ``a.b`` (``rows.tool_calls``,
 ``recorded.delivered``) becomes metric ``a`` with label ``b``; the sink's lag becomes
 ``consumer_lag`` with the topic as label. Counters are cumulative since their process started.
@@ -25,24 +25,22 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
-
-from collectors.spool import SpoolReport, inspect_spool, state_home
 
 __all__ = [
     "INTERVAL_SECONDS",
     "STALE_SECONDS",
     "TABLE",
     "MetricsReporter",
+    "SpoolFigures",
     "StatsFiles",
-    "inspect_spools",
     "instance_name",
     "metric_rows",
     "read_stats_files",
     "snapshot_token",
-    "spool_dirs",
 ]
 
 log = logging.getLogger("scopewatch.metrics")
@@ -109,16 +107,31 @@ def _fresh(stats: Mapping[str, Any], now: datetime, stale_seconds: float) -> boo
     return when is None or (now - when).total_seconds() <= stale_seconds
 
 
-def _spool_rows(at: datetime, report: SpoolReport) -> list[Row]:
-    pending_bytes = sum(max(0, s.good_end - s.acked_offset) for s in report.segments if s.pending > 0)
+@dataclass(frozen=True)
+class SpoolFigures:
+    """What one collector spool directory holds, as the metrics table records it.
+
+    The CLI reads the spools (``scopewatch.spools``, on ``collectors.spool``) and hands these in:
+    the services do not import the collectors.
+    """
+
+    dir: str
+    pending_events: int
+    pending_bytes: int
+    segments: int
+    problems: int
+    live_writers: int
+
+
+def _spool_rows(at: datetime, spool: SpoolFigures) -> list[Row]:
     values = {
-        "pending_events": report.pending,
-        "pending_bytes": pending_bytes,
-        "segments": len(report.segments),
-        "problems": len(report.problems),
-        "live_writers": sum(report.locks.values()),
+        "pending_events": spool.pending_events,
+        "pending_bytes": spool.pending_bytes,
+        "segments": spool.segments,
+        "problems": spool.problems,
+        "live_writers": spool.live_writers,
     }
-    return _counter_rows(at, "spool", str(report.dir), values)
+    return _counter_rows(at, "spool", spool.dir, values)
 
 
 def metric_rows(
@@ -128,14 +141,14 @@ def metric_rows(
     sink: Mapping[str, Any],
     workers: Mapping[str, Mapping[str, Any]] | None = None,
     pager: Mapping[str, Any] | None = None,
-    spools: Sequence[SpoolReport] = (),
+    spools: Sequence[SpoolFigures] = (),
     stale_seconds: float = STALE_SECONDS,
 ) -> list[Row]:
     """One snapshot as ``pipeline_metrics`` rows, all stamped ``now`` (UTC, milliseconds).
 
     ``sink``: ``ClickHouseSink.stats()`` (plus the service's own counters); ``workers``: worker stats
     file name (its stem, host and pid) -> its content; ``pager``: the pager's stats file, if any;
-    ``spools``: :func:`collectors.spool.inspect_spool` reports. Stale stats files are skipped.
+    ``spools``: the collectors' spools on this host. Stale stats files are skipped.
     """
     at = now.astimezone(UTC).replace(microsecond=now.microsecond // 1000 * 1000)
     rows: list[Row] = []
@@ -165,8 +178,8 @@ def metric_rows(
     if pager is not None and _fresh(pager, now, stale_seconds):
         pid = pager.get("pid")
         rows += _counter_rows(at, "pager", f"pager-{pid}" if pid is not None else "pager", pager)
-    for report in spools:
-        rows += _spool_rows(at, report)
+    for spool in spools:
+        rows += _spool_rows(at, spool)
     return rows
 
 
@@ -259,31 +272,6 @@ def remove_stale_worker_stats(run_dir: Path) -> int:
     return removed
 
 
-def spool_dirs(environ: Mapping[str, str], home: Path | None = None) -> list[Path]:
-    """The collectors' spool directories on this host.
-
-    The one collectors use (``SCOPEWATCH_SPOOL_DIR``, else ``state_home()/spool``, as
-    :meth:`collectors.spool.SpoolConfig.from_env`) always, and ``<home>/spool`` when it exists and
-    is another directory (the settings' home, when ``SCOPEWATCH_HOME`` is not set).
-    """
-    where = environ.get("SCOPEWATCH_SPOOL_DIR")
-    dirs: list[Path] = []
-    try:
-        dirs.append(Path(where).expanduser().resolve() if where else state_home(environ) / "spool")
-    except RuntimeError as exc:  # no home directory to expand
-        log.warning("no collector spool directory (%s)", exc)
-    if home is not None:
-        other = (home / "spool").expanduser().resolve()
-        if other not in dirs and other.is_dir():
-            dirs.append(other)
-    return dirs
-
-
-def inspect_spools(dirs: Iterable[Path]) -> list[SpoolReport]:
-    """:func:`collectors.spool.inspect_spool` of each directory (read-only; a missing one is empty)."""
-    return [inspect_spool(d) for d in dirs]
-
-
 def instance_name(hostname: str | None = None, pid: int | None = None) -> str:
     import socket
 
@@ -308,7 +296,7 @@ class MetricsReporter:
         self,
         writer: Inserter,
         run_dir: Path,
-        spools: Sequence[Path],
+        spools: Callable[[], Sequence[SpoolFigures]],
         instance: str,
         *,
         interval: float = INTERVAL_SECONDS,
@@ -316,7 +304,7 @@ class MetricsReporter:
     ) -> None:
         self.writer = writer
         self.run_dir = run_dir
-        self.spools = list(spools)
+        self.spools = spools
         self.instance = instance
         self.interval = interval
         self.clock = clock
@@ -336,7 +324,7 @@ class MetricsReporter:
             sink={**sink_stats, **self.counters(), "metrics_unreadable_files": len(files.unreadable)},
             workers=files.workers,
             pager=files.pager,
-            spools=inspect_spools(self.spools),
+            spools=self.spools(),
         )
 
     def write(self, sink_stats: Mapping[str, Any], now: datetime | None = None) -> int:

@@ -206,7 +206,7 @@ class Route:
 
 def webhook_key(secret: str) -> bytes:
     """The HMAC key of a Standard Webhooks ``whsec_<base64>`` secret (the intake's rules: at least 16 bytes)."""
-    from collectors.intake import parse_secret
+    from schemas.webhooks import parse_secret
 
     try:
         return parse_secret(secret)

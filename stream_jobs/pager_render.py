@@ -260,7 +260,7 @@ def webhook_id(page_key: str, route_name: str) -> str:
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """``webhook-signature`` value: ``v1,`` + base64 HMAC-SHA256 over ``{msg_id}.{timestamp}.{body}``."""
-    from collectors.intake import sign as sign_with_key
+    from schemas.webhooks import sign as sign_with_key
 
     return sign_with_key(webhook_key(secret), msg_id, timestamp, body)
 

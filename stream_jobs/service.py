@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from stream_jobs.runtime.files import atomic_write, process_start_time
 from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
+
+SpoolReader = Callable[[], Sequence[metrics.SpoolFigures]]
 
 log = logging.getLogger("scopewatch.sink")
 
@@ -76,7 +79,7 @@ def sink_config(settings: Settings) -> SinkConfig:
     )
 
 
-async def _sink_main(settings: Settings) -> None:
+async def _sink_main(settings: Settings, spools: SpoolReader) -> None:
     client = await _connect_owner(settings)
     applied = migrate(client, settings.clickhouse_database)
     if applied:
@@ -100,9 +103,7 @@ async def _sink_main(settings: Settings) -> None:
     sink = ClickHouseSink(sink_config(settings), writer)
     stop_on_signals(sink.stop, settings.stop_seconds, "sink")
 
-    recorder = metrics.MetricsReporter(
-        writer, settings.run_dir, metrics.spool_dirs(os.environ, settings.home), metrics.instance_name()
-    )
+    recorder = metrics.MetricsReporter(writer, settings.run_dir, spools, metrics.instance_name())
 
     async def report() -> None:
         stats = settings.run_dir / "sink-stats.json"
@@ -126,7 +127,9 @@ async def _sink_main(settings: Settings) -> None:
         )
 
 
-def run_sink_service(settings: Settings) -> None:
+def run_sink_service(settings: Settings, spools: SpoolReader = tuple) -> None:
+    """Run the sink; ``spools`` returns the figures of the collectors' spools on this host (the CLI
+    passes :func:`scopewatch.spools.reader`; the services do not read the collectors' files)."""
     service_logging(logging.INFO)
     kafka_or_exit(settings.kafka_bootstrap, "sink", settings.kafka_wait_seconds)
-    asyncio.run(_sink_main(settings))
+    asyncio.run(_sink_main(settings, spools))

@@ -4,8 +4,7 @@
                              <-  collectors, dashboards
     everything  <-  scopewatch (the CLI)
 
-A module may import its own package and what is to its left, nothing else of ours (but for the
-crossings listed in :data:`KNOWN_CROSSINGS`, which may only go away): ``schemas``
+A module may import its own package and what is to its left, nothing else of ours: ``schemas``
 nothing; ``detections`` only ``schemas``; ``stream_jobs.runtime`` (the services' settings,
 lifecycle, state files and topic admin) only ``schemas`` and ``detections``; the rest of
 ``stream_jobs`` those and ``stream_jobs.runtime``; ``collectors`` and ``dashboards`` only
@@ -37,19 +36,6 @@ ALLOWED: dict[str, tuple[str, ...] | None] = {
     "dashboards": ("schemas", "detections", "dashboards"),
     "scopewatch": None,  # the CLI: anything
 }
-
-
-KNOWN_CROSSINGS: dict[tuple[str, str], str] = {
-    # (importing module, imported name): why it is still there. Each is a debt: the test fails when
-    # one goes away, so that this list only shrinks. Fixing them needs changes inside collectors/
-    # (spool.py, intake.py), which other work owns at the time of writing.
-    ("stream_jobs.metrics", "collectors.spool.SpoolReport"): "the sink's metrics read the collectors' spools",
-    ("stream_jobs.metrics", "collectors.spool.inspect_spool"): "the sink's metrics read the collectors' spools",
-    ("stream_jobs.metrics", "collectors.spool.state_home"): "where the collectors' spool is by default",
-    ("stream_jobs.pager_config", "collectors.intake.parse_secret"): "Standard Webhooks secret, shared with intake",
-    ("stream_jobs.pager_render", "collectors.intake.sign"): "Standard Webhooks signature, shared with intake",
-}
-"""Imports against the order that exist today (to move to ``schemas``, or to be injected by the CLI)."""
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -101,7 +87,7 @@ def violations(path: Path) -> list[str]:
     for line, name in imported(tree, module, path.name == "__init__.py"):
         if name.split(".")[0] not in OURS:
             continue  # the standard library and third-party packages
-        if not any(_within(name, a) or _within(a, name) for a in allowed) and (module, name) not in KNOWN_CROSSINGS:
+        if not any(_within(name, a) or _within(a, name) for a in allowed):
             found.append(f"{path.relative_to(ROOT)}:{line}: {module} ({prefix}) imports {name}")
     return found
 
@@ -121,16 +107,6 @@ def test_the_package_list_is_the_one_the_contract_knows() -> None:
 def test_every_package_imports_only_what_is_below_it() -> None:
     found = [v for path in modules() for v in violations(path)]
     assert not found, "imports against the package order:\n" + "\n".join(found)
-
-
-def test_the_known_crossings_still_exist() -> None:
-    """An entry of :data:`KNOWN_CROSSINGS` that is gone must leave the list (it only shrinks)."""
-    seen = set()
-    for path in modules():
-        module = module_name(path)
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        seen |= {(module, name) for _line, name in imported(tree, module, path.name == "__init__.py")}
-    assert set(KNOWN_CROSSINGS) <= seen, set(KNOWN_CROSSINGS) - seen
 
 
 def test_every_package_has_modules_checked() -> None:

@@ -204,6 +204,7 @@ def _metric_rows(spool_dir: Path) -> list[dict[str, Any]]:
     """Pipeline metrics snapshots every 10 s from 10:00:00 (stream_jobs.metrics, as the sink writes them):
     lag on two topics, a sink that retried and paused, one worker, a pager, a spool with 3 events pending."""
     from collectors.spool import KIND_EVENT, Segment, encode_payload, inspect_spool
+    from scopewatch.spools import figures
     from stream_jobs.metrics import metric_rows
 
     seg = Segment.create(spool_dir / "tok-000001.seg")
@@ -227,7 +228,7 @@ def _metric_rows(spool_dir: Path) -> list[dict[str, Any]]:
             sink=sink,
             workers={"worker-dash-7": worker},
             pager=pager,
-            spools=[inspect_spool(spool_dir)],
+            spools=[figures(inspect_spool(spool_dir))],
         )
     return rows
 
@@ -372,17 +373,18 @@ def test_pipeline_metric_panels_show_the_snapshots(dash: Client) -> None:
 
 
 def test_a_retried_metrics_snapshot_lands_once(chdb: Client, tmp_path: Path) -> None:
+    from scopewatch.spools import reader
     from stream_jobs.metrics import TABLE, MetricsReporter
 
     migrate(chdb, "metrics")
     writer = ClickHouseWriter(chdb, "metrics")
-    reporter = MetricsReporter(writer, tmp_path, [tmp_path / "spool"], "h-1")
+    reporter = MetricsReporter(writer, tmp_path, reader([tmp_path / "spool"]), "h-1")
     written = reporter.write({"retries": 1}, T)
     assert reporter.write({"retries": 1}, T) == written  # same instance and time: same token
     count = chdb.query(f"SELECT count() FROM metrics.{TABLE}").result_rows[0][0]
     assert count == written
     (tmp_path / "fault").touch()
-    failing = MetricsReporter(ClickHouseWriter(chdb, "metrics", fault_file=tmp_path / "fault"), tmp_path, [], "h-2")
+    failing = MetricsReporter(ClickHouseWriter(chdb, "metrics", fault_file=tmp_path / "fault"), tmp_path, list, "h-2")
     import asyncio
 
     assert asyncio.run(failing.tick({})) is False and failing.failures == 1

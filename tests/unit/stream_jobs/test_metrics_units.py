@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from collectors.spool import KIND_EVENT, KIND_LOSS, Segment, encode_payload, inspect_spool
+from scopewatch.spools import figures, reader
 from stream_jobs.clickhouse import load_migrations
 from stream_jobs.metrics import (
     TABLE,
@@ -18,7 +19,6 @@ from stream_jobs.metrics import (
     metric_rows,
     read_stats_files,
     snapshot_token,
-    spool_dirs,
 )
 
 NOW = datetime(2026, 11, 21, 10, 0, 0, 123456, tzinfo=UTC)
@@ -86,7 +86,7 @@ def test_worker_pager_and_spool_rows_and_stale_files_are_skipped(tmp_path: Path)
         sink={},
         workers=workers,
         pager=pager,
-        spools=[report, inspect_spool(tmp_path / "x")],
+        spools=[figures(report), figures(inspect_spool(tmp_path / "x"))],
     )
     assert {r["instance"] for r in rows if r["component"] == "worker"} == {"worker-a-11"}
     assert _by(rows, "worker") == {
@@ -118,15 +118,6 @@ def test_stats_files_are_read_and_bad_ones_counted(tmp_path: Path) -> None:
     assert read_stats_files(tmp_path / "missing").workers == {}
 
 
-def test_spool_dirs_follow_the_collectors_settings(tmp_path: Path) -> None:
-    assert spool_dirs({"SCOPEWATCH_HOME": str(tmp_path)}) == [tmp_path.resolve() / "spool"]
-    assert spool_dirs({"SCOPEWATCH_SPOOL_DIR": str(tmp_path / "s")}) == [(tmp_path / "s").resolve()]
-    (tmp_path / "other" / "spool").mkdir(parents=True)
-    env = {"SCOPEWATCH_HOME": str(tmp_path)}
-    assert spool_dirs(env, tmp_path / "other") == [tmp_path.resolve() / "spool", (tmp_path / "other/spool").resolve()]
-    assert spool_dirs(env, tmp_path) == [tmp_path.resolve() / "spool"]  # the same one once
-
-
 def test_snapshot_token_is_unique_per_instance_and_time() -> None:
     assert snapshot_token("h-1", NOW) == f"metrics|h-1|{int(NOW.timestamp() * 1000)}"
     assert snapshot_token("h-1", NOW) != snapshot_token("h-1", NOW + timedelta(seconds=10))
@@ -147,7 +138,9 @@ class _Writer:
 def test_reporter_writes_when_due_and_survives_failures(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = [100.0]
     writer = _Writer()
-    reporter = MetricsReporter(writer, tmp_path, [tmp_path / "spool"], "h-1", interval=10.0, clock=lambda: clock[0])
+    reporter = MetricsReporter(
+        writer, tmp_path, reader([tmp_path / "spool"]), "h-1", interval=10.0, clock=lambda: clock[0]
+    )
     assert asyncio.run(reporter.tick(SINK)) is True
     assert asyncio.run(reporter.tick(SINK)) is False  # not due yet
     [(table, rows, token)] = writer.calls
@@ -167,7 +160,7 @@ def test_reporter_writes_when_due_and_survives_failures(tmp_path: Path, caplog: 
 
 def test_reporter_counts_a_gathering_failure(tmp_path: Path) -> None:
     writer = _Writer()
-    reporter = MetricsReporter(writer, tmp_path, [tmp_path], "h-1")
+    reporter = MetricsReporter(writer, tmp_path, reader([tmp_path]), "h-1")
     bad: dict[str, Any] = {"lag_by_topic": 5}  # not a mapping: gathering fails
     assert asyncio.run(reporter.tick(bad)) is False
     assert reporter.failures == 1 and writer.calls == []
