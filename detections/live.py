@@ -104,6 +104,7 @@ from detections.engine import (
     attribute_identity,
     authorize_matched,
     decision_of,
+    evidence_fields,
 )
 from detections.findings import trusted_model, uuid5_text
 from detections.rulebase import StateDecodeError, glob_matcher
@@ -378,6 +379,7 @@ def _evidence(
         "fact_hashes": fact_hashes,
         "kind": kind,
         "trigger": reason,
+        **evidence_fields(decision),
     }
     return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
 
