@@ -1074,6 +1074,7 @@ def authorize_matched(
             "event_id": None if shown is None else shown.event_id,
             "decision": None if shown is None else shown.decision,
             "approver": None if shown is None else shown.approver,
+            "decided_at": None if shown is None else _ts(shown.event_time),
             "candidates": status.candidates,
         }
     return _decision(

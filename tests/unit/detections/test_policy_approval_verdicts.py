@@ -440,7 +440,7 @@ def test_policies_are_annotated_with_policy_id_version_and_index() -> None:
     ("text", "lines"),
     [
         (
-            'permit(principal, action, resource);\n\n// c;\nforbid(principal, action, resource)\n'
+            "permit(principal, action, resource);\n\n// c;\nforbid(principal, action, resource)\n"
             ' when { "a;b" == "x" };',
             [1, 4],
         ),
