@@ -345,6 +345,19 @@ class PolicyCheck:
     outcome: PolicyOutcome | None = field(default=None)
 
 
+_POLICY_SETS: Final[dict[str, Any]] = {}
+
+
+def _policy_set(text: str) -> Any:
+    """A pre-parsed ``cedarpy.PolicySet`` of a joined text, kept (Cedar would parse the text per batch)."""
+    parsed = _POLICY_SETS.get(text)
+    if parsed is None:
+        if len(_POLICY_SETS) >= 256:
+            _POLICY_SETS.clear()
+        parsed = _POLICY_SETS[text] = cedarpy.PolicySet.from_str(text)
+    return parsed
+
+
 def _entities(principal: str, agent_id: str, server: str, tool: str) -> list[dict[str, Any]]:
     return [
         {"uid": {"type": "Agent", "id": agent_id}, "attrs": {}, "parents": [{"type": "User", "id": principal}]},
@@ -401,7 +414,7 @@ def evaluate(checks: Sequence[PolicyCheck]) -> None:
                 break  # the same Tool id from another (server, tool) split: ask one by one
         else:
             entities = [*_entities(principal, agent_id, "", "")[:2], *tools.values()]
-            results = cedarpy.is_authorized_batch([request for _, request, _ in items], text, entities)
+            results = cedarpy.is_authorized_batch([request for _, request, _ in items], _policy_set(text), entities)
             for (check, _request, parts), result in zip(items, results, strict=True):
                 check.outcome = _outcome(result, parts, ids)
             continue
