@@ -215,3 +215,43 @@ def test_approval_rule_agrees_with_a_literal_reading(scenario: tuple[list[BaseEv
                     expected = ("approval_missing", None)
         d = judged[c.call_id]
         assert (d.verdict, d.approval_id) == expected, c.call_id
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenario=scenarios(), data=st.data())
+def test_live_use_of_authorize_delegation_final_uses_then_open_calls_equals_replay(
+    scenario: tuple[list[BaseEvent], list[ToolCall]], data: st.DataObject
+) -> None:
+    """The way live stage 2 is meant to call the engine (authorize_delegation's docstring): the calls
+    already final pass on only their approval uses; the open calls, in any order, are judged again."""
+    from detections.approvals import ApprovalHistory
+    from detections.engine import GrantHistory, SessionHistory, attribute, authorize_delegation
+    from detections.policy import PolicyStore
+
+    facts, calls = scenario
+    expected = replay([*facts, *calls])
+    sessions, grants = SessionHistory("acme", "s1"), GrantHistory("acme", "alice", "a1")
+    approvals, policies = ApprovalHistory("acme", "alice", "a1"), PolicyStore()
+    for f in facts:
+        if isinstance(f, SessionBound):
+            sessions.add(f)
+        elif isinstance(f, GrantIssued):
+            grants.add(f)
+        elif isinstance(f, ApprovalDecided):
+            approvals.add(f)
+        elif isinstance(f, PolicyPublished):
+            policies.add(f)
+    ordered = sorted(calls, key=lambda c: (c.event_time, c.call_id, c.event_id))
+    k = data.draw(st.integers(0, len(ordered)))
+    final, open_calls = ordered[:k], data.draw(st.permutations(ordered[k:]))
+
+    def items(cs: list[ToolCall]) -> list[tuple[ToolCall, Any]]:
+        return [(c, attribute(c, sessions.state_at(c.event_time))) for c in cs]
+
+    final_decisions, used = authorize_delegation(items(final), grants, approvals, policies)
+    open_decisions, _ = authorize_delegation(items(list(open_calls)), grants, approvals, policies, used)
+    got = {
+        c.call_id: (d.verdict, d.matched_grant_id, d.approval_id)
+        for c, d in [*zip(final, final_decisions, strict=True), *zip(open_calls, open_decisions, strict=True)]
+    }
+    assert got == expected
