@@ -154,6 +154,59 @@ async def test_a_signed_batch_lands_on_its_topics_with_its_keys(
     assert all(b.collector.prev_hash == record_hash(a) for a, b in itertools.pairwise(chain))
 
 
+async def test_policies_and_approvals_land_on_their_topics(
+    intake: tuple[TestClient[Any, Any], KafkaSink], settings: Settings
+) -> None:
+    client, _sink = intake
+    who = {"principal": "alice@example.com", "agent_id": "support-copilot"}
+    sent = [
+        {
+            **_common("policy_published"),
+            "policy_id": "data",
+            "version": "c0ffee",
+            "cedar": 'permit(principal, action == Action::"call", resource);',
+            "labels": {"restricted": ["db:prod/*"]},
+            "published_by": "ci",
+        },
+        {
+            **_common("approval_decided"),
+            "approval_id": "ap-1",
+            **who,
+            "tool": "fs/write_file",
+            "decision": "approve",
+            "approver": "bob@example.com",
+        },
+    ]
+    body = json.dumps(sent).encode()
+    response = await client.post("/v1/events", data=body, headers=_signed(body, "msg_policy_approval"))
+    answer = await response.json()
+    assert response.status == 200, answer
+    topics = settings.topics
+    assert [e["topic"] for e in answer["events"]] == [topics.policies, topics.approvals]
+    consumer = reader(settings, topics.policies, topics.approvals)
+    await consumer.start()
+    found: dict[str, tuple[str, bytes]] = {}
+    try:
+        for _ in range(60):
+            for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
+                found.update({decode(m.value).event_id: (tp.topic, m.key) for m in messages})  # type: ignore[attr-defined]
+            if len(found) >= 2:
+                break
+    finally:
+        await consumer.stop()
+    assert found == {
+        sent[0]["event_id"]: (topics.policies, b"acme/data"),
+        sent[1]["event_id"]: (
+            topics.approvals,
+            delegation_key("acme", "alice@example.com", "support-copilot").encode(),
+        ),
+    }
+    blank = [{**sent[1], "event_id": str(uuid.uuid4()), "approver": " "}]
+    body = json.dumps(blank).encode()
+    response = await client.post("/v1/events", data=body, headers=_signed(body, "msg_blank_approver"))
+    assert response.status == 422
+
+
 async def test_a_duplicate_valid_delivery_lands_once(
     intake: tuple[TestClient[Any, Any], KafkaSink], settings: Settings
 ) -> None:
