@@ -2,7 +2,8 @@
 
 An identity provider or consent service POSTs canonical events (DESIGN.md, "Event contract") --
 one JSON object, or a JSON array of them -- to ``POST /v1/events``. Only the identity and consent
-types are accepted: ``session_bound``, ``session_ended``, ``grant_issued``, ``grant_revoked``.
+types are accepted: ``session_bound``, ``session_ended``, ``grant_issued``, ``grant_revoked``,
+``policy_published``, ``approval_decided``.
 
 Authentication follows Standard Webhooks (standardwebhooks.com): the request carries
 ``webhook-id``, ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``, a space-separated
@@ -109,7 +110,9 @@ __all__ = [
 
 log = logging.getLogger("scopewatch.intake")
 
-ACCEPTED_TYPES = frozenset({"session_bound", "session_ended", "grant_issued", "grant_revoked"})
+ACCEPTED_TYPES = frozenset(
+    {"session_bound", "session_ended", "grant_issued", "grant_revoked", "policy_published", "approval_decided"}
+)
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format prefix, not a secret
 MIN_SECRET_BYTES = 16
 MAX_ID_CHARS = 256
@@ -118,7 +121,7 @@ MAX_TOKEN_ID_CHARS = 128
 """The longest ``auth.token_id`` accepted (a jti, a UUID, a handle -- never a token)."""
 CLAIMED_COLLECTOR = "claimed_collector"
 """Extra field keeping the ``collector`` stamp a sender put on an event (untrusted)."""
-IDENTITY_FIELDS = ("principal", "agent_id", "session_id", "granted_by", "revoked_by")
+IDENTITY_FIELDS = ("principal", "agent_id", "session_id", "granted_by", "revoked_by", "approver", "published_by")
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -11,9 +11,19 @@ import uuid
 from datetime import UTC, date, datetime, time
 from typing import Any, Final
 
-from schemas import BaseEvent, GrantIssued, GrantRevoked, SessionBound, SessionEnded, ToolCall
+from schemas import (
+    ApprovalDecided,
+    BaseEvent,
+    GrantIssued,
+    GrantRevoked,
+    PolicyPublished,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    arguments_digest,
+)
 
-__all__ = ["DAY", "at", "bound", "call", "delegation", "ended", "grant", "revoke"]
+__all__ = ["DAY", "approval", "at", "bound", "call", "delegation", "ended", "grant", "policy", "revoke"]
 
 DAY: Final = date(2026, 11, 21)
 _NS: Final = uuid.UUID("0f0c1d6e-3c55-4b7e-8f0e-6a3d5b1c2e90")
@@ -56,9 +66,12 @@ def grant(
     expires: str | None = None,
     principal: str = "alice",
     agent: str = "agent-1",
+    policies: tuple[str, ...] = (),
+    approval_tools: tuple[str, ...] = (),
 ) -> GrantIssued:
+    conditions = (policies, approval_tools) if policies or approval_tools else ()  # older ids unchanged
     return GrantIssued(
-        event_id=_eid("grant", hms, grant_id, tools, resources, not_before, expires, principal, agent),
+        event_id=_eid("grant", hms, grant_id, tools, resources, not_before, expires, principal, agent, *conditions),
         event_time=at(hms),
         tenant="acme",
         grant_id=grant_id,
@@ -70,6 +83,8 @@ def grant(
         expires_at=None if expires is None else at(expires),
         granted_by=principal,
         purpose="rule case",
+        policies=list(policies),
+        approval_tools=list(approval_tools),
     )
 
 
@@ -83,6 +98,50 @@ def revoke(hms: str, grant_id: str = "g1", principal: str = "alice", agent: str 
         agent_id=agent,
         revoked_by="security@acme.example",
         reason="consent withdrawn",
+    )
+
+
+def policy(
+    hms: str, cedar: str, policy_id: str = "p1", version: str = "v1", labels: dict[str, list[str]] | None = None
+) -> PolicyPublished:
+    """A ``policy_published`` of tenant acme."""
+    return PolicyPublished(
+        event_id=_eid("policy", hms, policy_id, version, cedar),
+        event_time=at(hms),
+        tenant="acme",
+        policy_id=policy_id,
+        version=version,
+        cedar=cedar,
+        labels=labels or {},
+        published_by="ci",
+    )
+
+
+def approval(
+    hms: str,
+    approval_id: str,
+    tool: str = "fs/write_file",
+    decision: str = "approve",
+    arguments: dict[str, Any] | None = None,
+    expires: str | None = None,
+    principal: str = "alice",
+    agent: str = "agent-1",
+) -> ApprovalDecided:
+    """An ``approval_decided`` by bob (``arguments``: bind it to those arguments; None: any)."""
+    return ApprovalDecided.model_validate(
+        {
+            "event_id": _eid("approval", hms, approval_id, tool, decision, repr(arguments), expires, principal, agent),
+            "event_time": at(hms),
+            "tenant": "acme",
+            "approval_id": approval_id,
+            "principal": principal,
+            "agent_id": agent,
+            "tool": tool,
+            "arguments_digest": None if arguments is None else arguments_digest(arguments),
+            "decision": decision,
+            "approver": "bob@acme.example",
+            "expires_at": None if expires is None else at(expires),
+        }
     )
 
 

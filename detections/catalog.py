@@ -34,7 +34,16 @@ from typing import Any, Final
 from detections.engine import VERDICTS, Decision, DecisionEngine, GrantState
 from detections.findings import Finding
 from detections.rulebase import Case, DetectionConfig, Lru, NoState, Rule, RuleContext
-from schemas import BaseEvent, GrantIssued, GrantRevoked, SessionBound, SessionEnded, ToolCall
+from schemas import (
+    ApprovalDecided,
+    BaseEvent,
+    GrantIssued,
+    GrantRevoked,
+    PolicyPublished,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+)
 
 __all__ = [
     "RULES_PACKAGE",
@@ -306,7 +315,7 @@ class Judged:
         return sorted({f.rule_id for f in self.findings})
 
 
-_FACTS: Final = (SessionBound, SessionEnded, GrantIssued, GrantRevoked)
+_FACTS: Final = (SessionBound, SessionEnded, GrantIssued, GrantRevoked, ApprovalDecided, PolicyPublished)
 
 
 def judge(events: Iterable[BaseEvent], detector: Detector | None = None) -> list[Judged]:
@@ -325,10 +334,14 @@ def judge(events: Iterable[BaseEvent], detector: Detector | None = None) -> list
     if detector is None:
         detector = Detector()
     done: dict[str, Judged] = {}
+    unique: dict[str, ToolCall] = {}
     for call in sorted(calls, key=lambda c: (c.event_time, c.call_id, c.event_id)):
-        if call.event_id in done:
-            continue
-        decision = engine.decide(call)
+        unique.setdefault(call.event_id, call)
+    ordered = list(unique.values())
+    # All calls decided together: each delegation's Cedar requests batched, approvals used in order.
+    decided = dict(zip((c.event_id for c in ordered), engine.decide_all(ordered), strict=True))
+    for call in ordered:
+        decision = decided[call.event_id]
         grants: list[GrantState] = []
         if decision.principal is not None and decision.agent_id is not None:
             grants = engine.grants_at(call.tenant, decision.principal, decision.agent_id, call.event_time)

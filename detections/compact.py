@@ -5,7 +5,8 @@ matter, possibly millions of each, so the stored form keeps only what a decision
 
 * ``session_bound``: event_id, event_time, principal, agent_id, valid_from, valid_until;
 * ``session_ended``: event_id, event_time;
-* ``grant_issued``: event_id, event_time, grant_id, tools, resources, not_before, expires_at;
+* ``grant_issued``: event_id, event_time, grant_id, tools, resources, not_before, expires_at, and
+  when it has policies or approval tools: those and its purpose (Cedar's context reads it);
 * ``grant_revoked``: event_id, event_time, grant_id, revoked_by, reason.
 
 Everything else (``auth``, ``scopes``, ``granted_by``, ``purpose``, ``parent_grant_id``,
@@ -45,6 +46,10 @@ _NONE_TIME: Final = -(2**63)
 _I64: Final = struct.Struct(">q")
 
 _BOUND, _ENDED, _ISSUED, _REVOKED = 0, 1, 2, 3
+_ISSUED_WITH_CONDITIONS = 4
+"""A ``grant_issued`` with policies, approval tools or a purpose (the Cedar context reads the purpose):
+the ``_ISSUED`` fields, then policies, approval_tools and purpose. Grants without them keep ``_ISSUED``,
+so the stored form of older histories is unchanged."""
 _UUID_FLAG, _TEXT_FLAG = 0, 1
 
 
@@ -235,7 +240,11 @@ def decode_sessions(data: bytes, tenant: str, session_id: str) -> SessionHistory
 def encode_grants(history: GrantHistory) -> bytes:
     w = _Writer()
     for fact in history:
-        w.byte(_ISSUED if isinstance(fact, GrantIssued) else _REVOKED)
+        conditions = isinstance(fact, GrantIssued) and bool(fact.policies or fact.approval_tools)
+        if isinstance(fact, GrantIssued):
+            w.byte(_ISSUED_WITH_CONDITIONS if conditions else _ISSUED)
+        else:
+            w.byte(_REVOKED)
         w.event_id(fact.event_id)
         w.time(fact.event_time)
         w.text(fact.grant_id)
@@ -244,6 +253,10 @@ def encode_grants(history: GrantHistory) -> bytes:
             w.texts(list(fact.resources))
             w.time(fact.not_before)
             w.time(fact.expires_at)
+            if conditions:
+                w.texts(list(fact.policies))
+                w.texts(list(fact.approval_tools))
+                w.text(fact.purpose)
         else:
             w.text(fact.revoked_by)
             w.text(fact.reason)
@@ -258,20 +271,44 @@ def decode_grants(data: bytes, tenant: str, principal: str, agent_id: str) -> Gr
         kind = r.byte()
         event_id, event_time, grant_id = r.event_id(), r.required_time(), r.text()
         fact: GrantIssued | GrantRevoked
-        if kind == _ISSUED:
-            fact = GrantIssued.model_construct(
-                event_id=event_id,
-                event_time=event_time,
-                grant_id=grant_id,
-                tools=r.texts(),
-                resources=r.texts(),
-                not_before=r.required_time(),
-                expires_at=r.time(),
-                tenant=tenant,
-                principal=principal,
-                agent_id=agent_id,
-                scopes=[],  # not kept in state; given, not defaulted (pydantic: 175 -> 14 us per construct)
-            )
+        if kind in (_ISSUED, _ISSUED_WITH_CONDITIONS):
+            tools, resources, not_before, expires_at = r.texts(), r.texts(), r.required_time(), r.time()
+            policies: list[str] = []
+            approval_tools: list[str] = []
+            if kind == _ISSUED_WITH_CONDITIONS:
+                policies, approval_tools = r.texts(), r.texts()
+                fact = GrantIssued.model_construct(
+                    event_id=event_id,
+                    event_time=event_time,
+                    grant_id=grant_id,
+                    tools=tools,
+                    resources=resources,
+                    not_before=not_before,
+                    expires_at=expires_at,
+                    tenant=tenant,
+                    principal=principal,
+                    agent_id=agent_id,
+                    scopes=[],
+                    policies=policies,
+                    approval_tools=approval_tools,
+                    purpose=r.text(),
+                )
+            else:
+                fact = GrantIssued.model_construct(
+                    event_id=event_id,
+                    event_time=event_time,
+                    grant_id=grant_id,
+                    tools=tools,
+                    resources=resources,
+                    not_before=not_before,
+                    expires_at=expires_at,
+                    tenant=tenant,
+                    principal=principal,
+                    agent_id=agent_id,
+                    scopes=[],  # not kept in state; given, not defaulted (pydantic: 175 -> 14 us per construct)
+                    policies=policies,
+                    approval_tools=approval_tools,
+                )
         elif kind == _REVOKED:
             fact = GrantRevoked.model_construct(
                 event_id=event_id,

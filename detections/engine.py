@@ -84,13 +84,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias, get_args
 
+from detections.approvals import ApprovalHistory, ApprovalStatus
+from detections.policy import PolicyCheck, PolicyOutcome, PolicyStore, evaluate
 from schemas import (
+    ApprovalDecided,
     BaseEvent,
     GrantIssued,
     GrantRevoked,
+    PolicyPublished,
     SessionBound,
     SessionEnded,
     ToolCall,
+    arguments_digest,
     format_timestamp,
 )
 
@@ -113,9 +118,12 @@ __all__ = [
     "attribute",
     "attribute_identity",
     "authorize",
+    "authorize_delegation",
     "authorize_matched",
     "covers",
     "decision_of",
+    "evidence_fields",
+    "policy_checks",
     "tool_name",
     "tools_match",
     "uncovered_resources",
@@ -126,7 +134,10 @@ Verdict: TypeAlias = Literal[
     "identity_mismatch",
     "session_expired",
     "in_scope",
+    "approval_denied",
+    "approval_missing",
     "no_grant",
+    "out_of_policy",
     "revoked_grant",
     "expired_grant",
     "not_yet_valid",
@@ -135,7 +146,7 @@ Verdict: TypeAlias = Literal[
 ]
 
 VERDICTS: Final[tuple[Verdict, ...]] = get_args(Verdict)
-"""The ten verdicts, in DESIGN order (first match wins)."""
+"""The thirteen verdicts, in DESIGN order (first match wins)."""
 
 TERMINAL_VERDICTS: Final[tuple[Verdict, ...]] = VERDICTS[:3]
 """Verdicts decided by stage 1 (attribution) alone."""
@@ -780,7 +791,12 @@ class Decision:
     ``facts`` is JSON-ready: ``as_of`` (t), ``session_id``, ``session`` (status, validity, the
     deciding and binding event ids), ``attested`` (claims compared, if any) and ``grants`` (per
     grant considered: version and revocation event ids, status, whether tools match and whether it
-    covers the call; empty for verdicts 1-3).
+    covers the call, and ``policy`` -- Cedar's outcome -- for an active covering grant with policies;
+    empty for verdicts 1-3), and ``approval`` when an approval authorised or denied the call.
+
+    ``approval_id``/``approver``: the approval that authorised (in_scope) or denied
+    (approval_denied) the call. ``policy``: Cedar's outcome for the matched grant, when it has
+    policies (None otherwise).
     """
 
     verdict: Verdict
@@ -789,6 +805,22 @@ class Decision:
     principal: str | None
     agent_id: str | None
     facts: dict[str, object] = field(default_factory=dict, hash=False)
+    approval_id: str | None = None
+    approver: str | None = None
+    policy: PolicyOutcome | None = None
+
+
+def evidence_fields(decision: Decision) -> dict[str, object]:
+    """The approval and Cedar fields of an :class:`~schemas.Evidence` record for ``decision``."""
+    policy = decision.policy
+    return {
+        "approval_id": decision.approval_id,
+        "approver": decision.approver,
+        "policy_versions": [] if policy is None else list(policy.versions),
+        "policy_decision": None if policy is None else policy.decision,
+        "policy_reasons": [] if policy is None else list(policy.determining),
+        "policy_errors": [] if policy is None else list(policy.errors),
+    }
 
 
 GrantMatch: TypeAlias = tuple[GrantView, GrantRevoked | None, datetime, bool, Sequence[str]]
@@ -808,6 +840,8 @@ def _decision(
     principal: str | None,
     agent_id: str | None,
     facts: dict[str, object],
+    approval: ApprovalDecided | None = None,
+    policy: PolicyOutcome | None = None,
 ) -> Decision:
     """``Decision(...)`` without the frozen dataclass's per-field ``object.__setattr__`` calls."""
     decision = _new_object(Decision)
@@ -821,6 +855,9 @@ def _decision(
             "principal": principal,
             "agent_id": agent_id,
             "facts": facts,
+            "approval_id": None if approval is None else approval.approval_id,
+            "approver": None if approval is None else approval.approver,
+            "policy": policy,
         },
     )
     return decision
@@ -928,12 +965,22 @@ def authorize_matched(
     reasons: tuple[str, ...],
     attribution_facts: Mapping[str, object],
     grants: Sequence[GrantMatch],
+    *,
+    permits: Mapping[str, PolicyOutcome] | None = None,
+    approval_of: Callable[[], ApprovalStatus] | None = None,
 ) -> Decision:
     """:func:`authorize` from the parts of the call and attribution it reads, pattern matching done.
 
     ``name`` is :func:`tool_name` of the call; ``terminal``, ``principal``, ``agent_id``, ``reasons``
     and ``attribution_facts`` are the attribution's; ``grants`` are ordered by grant_id. Matching is
     left to the caller so that it can keep compiled matchers per grant version.
+
+    ``permits``: Cedar's outcome by grant_id for the active covering grants that have policies
+    (:func:`policy_checks` and :func:`detections.policy.evaluate` make them); a grant with policies
+    and no outcome here permits nothing (fail closed). ``approval_of``: called (at most once) when the
+    call needs an approval under every active covering permitting grant, for the call's
+    :class:`~detections.approvals.ApprovalStatus` given the approvals earlier calls used; None: no
+    approval exists. Without grants that have policies or approval tools neither is read.
     """
     base_facts: dict[str, object] = {"as_of": _ts(t), **attribution_facts}
     if terminal is not None:
@@ -950,9 +997,41 @@ def authorize_matched(
 
     verdict: Verdict
     matched: GrantView | None = None
-    if active := [row for row in covering if row[1] == "active"]:
+    approval: ApprovalDecided | None = None
+    status: ApprovalStatus | None = None
+    active = [row for row in covering if row[1] == "active"]
+    if active and not any(row[0].version.policies or row[0].version.approval_tools for row in active):
         verdict, matched = "in_scope", _pick(active)
         headline = f"in_scope: grant {matched.grant_id} is active and covers {name!r}"
+    elif active:
+        permitting = [row for row in active if _permits(row[0], permits)]
+        if not permitting:
+            verdict, matched = "out_of_policy", _pick(active)
+            headline = f"out_of_policy: grant {matched.grant_id} covers {name!r} but its policies do not permit it"
+        elif free := [row for row in permitting if not _needs_approval(row[0], name)]:
+            verdict, matched = "in_scope", _pick(free)
+            headline = f"in_scope: grant {matched.grant_id} is active, covers and permits {name!r}"
+        else:
+            matched = _pick(permitting)
+            status = approval_of() if approval_of is not None else ApprovalStatus()
+            if status.denied is not None:
+                verdict, approval = "approval_denied", status.denied
+                headline = (
+                    f"approval_denied: grant {matched.grant_id} needs an approval for {name!r} and "
+                    f"{approval.approver} denied it (approval {approval.approval_id})"
+                )
+            elif status.available is not None:
+                verdict, approval = "in_scope", status.available
+                headline = (
+                    f"in_scope: grant {matched.grant_id} covers and permits {name!r}, approved by "
+                    f"{approval.approver} (approval {approval.approval_id}, now used)"
+                )
+            else:
+                verdict = "approval_missing"
+                headline = (
+                    f"approval_missing: grant {matched.grant_id} needs an approval for {name!r} and no unused "
+                    f"approval authorises it ({status.candidates} candidate(s) at {_ts(t)})"
+                )
     elif not rows:
         verdict = "no_grant"
         headline = f"no_grant: delegation {tenant}/{principal}/{agent_id} has no grant issued at or before {_ts(t)}"
@@ -973,35 +1052,197 @@ def authorize_matched(
         verdict = "out_of_scope_resource"
         headline = f"out_of_scope_resource: a grant's tools match {name!r}, but not every resource is covered"
 
+    grant_reasons = [_grant_reason(v, st, r, ok, miss, name) for v, st, r, ok, miss in rows]
+    grant_facts = [_grant_facts(v, st, r, ok, miss) for v, st, r, ok, miss in rows]
+    policy: PolicyOutcome | None = None
+    if active:
+        # Cedar's outcomes (and the fail-closed ones) of the active covering grants with policies.
+        for i, (v, st, _r, ok, miss) in enumerate(rows):
+            if not (v.version.policies and st == "active" and ok and not miss):
+                continue
+            outcome = _outcome_of(v, permits)
+            grant_facts[i]["policy"] = outcome.to_facts()
+            grant_reasons[i] += f"; {_policy_reason(outcome)}"
+            if matched is not None and v.grant_id == matched.grant_id:
+                policy = outcome
+    facts: dict[str, object] = {**base_facts, "grants": grant_facts}
+    if status is not None:
+        shown = approval or status.denied or status.available
+        facts["approval"] = {
+            "needed": True,
+            "approval_id": None if shown is None else shown.approval_id,
+            "event_id": None if shown is None else shown.event_id,
+            "decision": None if shown is None else shown.decision,
+            "approver": None if shown is None else shown.approver,
+            "decided_at": None if shown is None else _ts(shown.event_time),
+            "candidates": status.candidates,
+        }
     return _decision(
         verdict,
         None if matched is None else matched.grant_id,
-        (*reasons, headline, *[_grant_reason(v, st, r, ok, miss, name) for v, st, r, ok, miss in rows]),
+        (*reasons, headline, *grant_reasons),
         principal,
         agent_id,
-        {
-            **base_facts,
-            "grants": [_grant_facts(v, st, r, ok, miss) for v, st, r, ok, miss in rows],
-        },
+        facts,
+        approval,
+        policy,
     )
+
+
+def _outcome_of(view: GrantView, permits: Mapping[str, PolicyOutcome] | None) -> PolicyOutcome:
+    outcome = None if permits is None else permits.get(view.grant_id)
+    if outcome is None:
+        return PolicyOutcome(False, (), None, (), ("policies were not evaluated for this call (fail closed)",))
+    return outcome
+
+
+def _permits(view: GrantView, permits: Mapping[str, PolicyOutcome] | None) -> bool:
+    """Whether the grant's policies permit the call (a grant without policies permits every call it covers)."""
+    if not view.version.policies:
+        return True
+    outcome = None if permits is None else permits.get(view.grant_id)
+    return outcome is not None and outcome.permitted
+
+
+def _needs_approval(view: GrantView, name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in view.version.approval_tools)
+
+
+def _policy_reason(outcome: PolicyOutcome) -> str:
+    used = ", ".join(outcome.versions) or "none"
+    if outcome.decision is None:
+        text = f"policies [{used}] permit nothing here (fail closed)"
+    else:
+        text = f"policies [{used}]: Cedar says {outcome.decision}"
+        if outcome.determining:
+            text += f" (determined by {', '.join(outcome.determining)})"
+    if outcome.errors:
+        text += f"; errors: {'; '.join(outcome.errors)}"
+    return text
+
+
+# ------------------------------------------------------------------------- delegations
+
+
+def policy_checks(
+    call: ToolCall,
+    principal: str,
+    agent_id: str,
+    grants: Sequence[tuple[GrantView, GrantRevoked | None]],
+    store: PolicyStore | None,
+) -> list[PolicyCheck]:
+    """The Cedar requests a call needs: one per active grant that covers it and has policies.
+
+    ``grants`` is :meth:`GrantHistory.views_at` at the call's event_time. Evaluate them (batched,
+    with other calls' checks) with :func:`detections.policy.evaluate`, then pass
+    ``{c.grant_id: c.outcome for c in checks}`` as ``permits`` to :func:`authorize_matched`.
+    """
+    t = call.event_time
+    checks: list[PolicyCheck] = []
+    for view, revocation in grants:
+        version = view.version
+        if not version.policies or view.issued > t or view.status_at(t, revocation) != "active":
+            continue
+        if tools_match(version, call) and not uncovered_resources(version, call):
+            checks.append(
+                PolicyCheck(call, principal, agent_id, view.grant_id, version.purpose, version.policies, store)
+            )
+    return checks
+
+
+def authorize_delegation(
+    items: Sequence[tuple[ToolCall, Attribution]],
+    grants: GrantHistory | None,
+    approvals: ApprovalHistory | None = None,
+    policies: PolicyStore | None = None,
+    used: Mapping[str, str] | None = None,
+) -> tuple[list[Decision], dict[str, str]]:
+    """Stage 2 for several calls of one delegation at once: verdicts 4-13, policies and approvals.
+
+    ``items``: calls with their attributions (a terminal attribution is returned unchanged).
+    ``grants``/``approvals``: the delegation's histories; ``policies``: every tenant's policies.
+    ``used``: approval_id -> call_id of approvals used by calls *before* these (already final).
+
+    Cedar requests of all the calls are evaluated first, in batches; then the calls are judged in
+    (event_time, call_id, event_id) order, each taking the earliest-issued unused approval it needs
+    (DESIGN's single-use rule). Returns the decisions in input order and the uses after them
+    (``used`` plus the approvals these calls used, approval_id -> call_id).
+
+    **Live use (stage 2).** Keep per delegation the grant and approval histories, the global
+    :class:`~detections.policy.PolicyStore`, the uses of calls already final, and the open calls
+    (within grace) in order. When a call or a fact of the delegation arrives, call this with *every
+    open call of the delegation* (sorted or not) and the uses of the final calls before them: a late
+    approval, or an earlier-event-time call that arrives after a later one and takes its approval,
+    then changes the later call's verdict as replay would. When a call becomes final, move its use
+    (if ``decision.approval_id`` and the verdict is ``in_scope``) into the final uses. A call whose
+    facts arrive after grace keeps its final verdict (an amendment is recorded). With no policies and
+    no approval tools on the grants, the decisions equal :func:`authorize`'s.
+    """
+    ledger: dict[str, str] = dict(used or {})
+    order = sorted(range(len(items)), key=lambda i: (items[i][0].event_time, items[i][0].call_id, items[i][0].event_id))
+    views: dict[int, list[tuple[GrantView, GrantRevoked | None]]] = {}
+    checks: dict[int, list[PolicyCheck]] = {}
+    for i, (call, a) in enumerate(items):
+        if a.verdict is not None or a.principal is None or a.agent_id is None:
+            continue
+        views[i] = [] if grants is None else grants.views_at(call.event_time)
+        checks[i] = policy_checks(call, a.principal, a.agent_id, views[i], policies)
+    evaluate([c for cs in checks.values() for c in cs])
+    decisions: list[Decision | None] = [None] * len(items)
+    for i in order:
+        call, a = items[i]
+        if i not in views:
+            decisions[i] = authorize(call, a, [])
+            continue
+        t, name = call.event_time, tool_name(call)
+        matched: list[GrantMatch] = []
+        for view, revocation in views[i]:
+            ok = tools_match(view.version, call)
+            matched.append((view, revocation, t, ok, uncovered_resources(view.version, call) if ok else ()))
+        permits = {c.grant_id: c.outcome for c in checks[i] if c.outcome is not None}
+
+        def approval_of(call: ToolCall = call, name: str = name) -> ApprovalStatus:
+            if approvals is None or not len(approvals):
+                return ApprovalStatus()
+            return approvals.status(name, arguments_digest(call.arguments), call.event_time, ledger)
+
+        decision = authorize_matched(
+            t,
+            call.tenant,
+            name,
+            None,
+            a.principal,
+            a.agent_id,
+            a.reasons,
+            a.facts,
+            matched,
+            permits=permits,
+            approval_of=approval_of,
+        )
+        if decision.verdict == "in_scope" and decision.approval_id is not None:
+            ledger[decision.approval_id] = call.call_id
+        decisions[i] = decision
+    return [d for d in decisions if d is not None], ledger
 
 
 # ------------------------------------------------------------------------------ engine
 
 
 class DecisionEngine:
-    """Session and consent histories for every key, and the full decision over them.
+    """Session, consent, approval and policy histories for every key, and the full decision over them.
 
-    Tenants never mix: sessions are keyed by (tenant, session_id) and delegations by
-    (tenant, principal, agent_id).
+    Tenants never mix: sessions are keyed by (tenant, session_id), delegations (grants, approvals) by
+    (tenant, principal, agent_id) and policies by (tenant, policy_id).
     """
 
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], SessionHistory] = {}
         self._grants: dict[tuple[str, str, str], GrantHistory] = {}
+        self._approvals: dict[tuple[str, str, str], ApprovalHistory] = {}
+        self.policies: Final = PolicyStore()
 
     def add_fact(self, event: BaseEvent) -> bool:
-        """Store a session or consent fact; False for a duplicate event_id.
+        """Store a session, consent, approval or policy fact; False for a duplicate event_id.
 
         Raises TypeError for anything else (``tool_call``/``tool_result`` are not facts).
         """
@@ -1017,6 +1258,14 @@ class DecisionEngine:
             if grants is None:
                 grants = self._grants[gkey] = GrantHistory(*gkey)
             return grants.add(event)
+        if isinstance(event, ApprovalDecided):
+            akey = (event.tenant, event.principal, event.agent_id)
+            approvals = self._approvals.get(akey)
+            if approvals is None:
+                approvals = self._approvals[akey] = ApprovalHistory(*akey)
+            return approvals.add(event)
+        if isinstance(event, PolicyPublished):
+            return self.policies.add(event)
         raise TypeError(f"not a session or consent fact: {type(event).__name__}")
 
     def session_state(self, tenant: str, session_id: str, t: datetime) -> SessionState:
@@ -1028,11 +1277,35 @@ class DecisionEngine:
         return [] if history is None else history.grants_at(t)
 
     def decide(self, call: ToolCall) -> Decision:
-        t = call.event_time
-        attribution = attribute(call, self.session_state(call.tenant, call.session_id, t))
-        if attribution.terminal or attribution.principal is None or attribution.agent_id is None:
-            return authorize(call, attribution, [])
-        return authorize(call, attribution, self.grants_at(call.tenant, attribution.principal, attribution.agent_id, t))
+        """The decision of one call judged alone (no other call has used an approval; see :meth:`decide_all`)."""
+        return self.decide_all([call])[0]
+
+    def decide_all(self, calls: Sequence[ToolCall]) -> list[Decision]:
+        """Replay semantics for a set of calls: each delegation's calls judged together (Cedar batched,
+        approvals used in (event_time, call_id) order). Decisions in input order."""
+        by_delegation: dict[tuple[str, str, str] | None, list[int]] = {}
+        attributions: list[Attribution] = []
+        for i, call in enumerate(calls):
+            a = attribute(call, self.session_state(call.tenant, call.session_id, call.event_time))
+            attributions.append(a)
+            key = (
+                None
+                if a.terminal or a.principal is None or a.agent_id is None
+                else (call.tenant, a.principal, a.agent_id)
+            )
+            by_delegation.setdefault(key, []).append(i)
+        out: list[Decision | None] = [None] * len(calls)
+        for key, indexes in by_delegation.items():
+            items = [(calls[i], attributions[i]) for i in indexes]
+            if key is None:
+                decisions = [authorize(c, a, []) for c, a in items]
+            else:
+                decisions, _used = authorize_delegation(
+                    items, self._grants.get(key), self._approvals.get(key), self.policies
+                )
+            for i, d in zip(indexes, decisions, strict=True):
+                out[i] = d
+        return [d for d in out if d is not None]
 
     def compact(self, horizon: datetime) -> int:
         """Forget facts that cannot change a verdict for calls at or after ``horizon``."""

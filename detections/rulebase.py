@@ -154,6 +154,8 @@ class DetectionConfig(BaseModel):
     burst_window: _Window = timedelta(seconds=60)
     first_use_learning: _Window = timedelta(hours=1)
     revocation_tolerance: Annotated[timedelta, AfterValidator(_not_negative)] = timedelta(seconds=5)
+    approval_max_age: Annotated[timedelta, AfterValidator(_not_negative)] = timedelta(hours=1)
+    """``approval_latency`` fires on an approval used more than this long after it was given."""
     max_entries: int = Field(default=64, ge=1)
     """Cap on the items one sequence rule remembers for one delegation (oldest evicted first)."""
     max_delegations: int = Field(default=10_000, ge=1)

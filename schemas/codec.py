@@ -63,7 +63,7 @@ MODELS: Final[dict[str, type[SchemaModel]]] = {
     "dead_letter": DeadLetter,
 }
 #: fields that travel as canonical JSON strings
-JSON_FIELDS: Final = frozenset({"arguments", "attested", "claimed", "auth", "facts", "details"})
+JSON_FIELDS: Final = frozenset({"arguments", "attested", "claimed", "auth", "facts", "details", "labels"})
 
 
 class CodecError(ValueError):

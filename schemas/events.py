@@ -28,6 +28,7 @@ from pydantic import (
 
 __all__ = [
     "EVENT_TYPES",
+    "ApprovalDecided",
     "BaseEvent",
     "Collector",
     "DeadLetter",
@@ -37,6 +38,7 @@ __all__ = [
     "GrantIssued",
     "GrantRevoked",
     "PageAttempt",
+    "PolicyPublished",
     "SchemaModel",
     "SessionBound",
     "SessionEnded",
@@ -189,7 +191,7 @@ class Collector(SchemaModel):
 
 
 class BaseEvent(SchemaModel):
-    """Fields common to all six event types."""
+    """Fields common to every event type."""
 
     event_type: str
     event_id: UuidStr
@@ -250,6 +252,10 @@ class GrantIssued(BaseEvent):
     granted_by: str
     purpose: str = ""
     parent_grant_id: str | None = None
+    policies: list[str] = Field(default_factory=list)
+    """policy_id of each Cedar policy that must permit a call under this grant (empty: no policy condition)."""
+    approval_tools: list[str] = Field(default_factory=list)
+    """Glob patterns over ``server/tool``: calls to a matching tool under this grant need a human approval."""
 
 
 class GrantRevoked(BaseEvent):
@@ -258,6 +264,40 @@ class GrantRevoked(BaseEvent):
     principal: str
     agent_id: str
     revoked_by: str
+    reason: str = ""
+
+
+def _labels(value: dict[str, list[str]]) -> dict[str, list[str]]:
+    _check_json(value)
+    return value
+
+
+class PolicyPublished(BaseEvent):
+    """A version of a Cedar policy set (topic consent.policies, key tenant/policy_id)."""
+
+    event_type: Literal["policy_published"] = "policy_published"
+    policy_id: str
+    version: str
+    cedar: str
+    labels: Annotated[dict[str, list[str]], AfterValidator(_labels)] = Field(default_factory=dict)
+    """label -> glob patterns over resources, e.g. ``{"restricted": ["db:prod/*"]}``."""
+    published_by: str
+
+
+class ApprovalDecided(BaseEvent):
+    """A human approval decision for calls of one tool (topic consent.approvals, key tenant/principal/agent_id)."""
+
+    event_type: Literal["approval_decided"] = "approval_decided"
+    approval_id: str
+    principal: str
+    agent_id: str
+    tool: str
+    """Exact ``server/tool``."""
+    arguments_digest: str | None = None
+    """SHA-256 hex of the RFC 8785 canonical JSON of the call's arguments; None = any arguments."""
+    decision: Literal["approve", "deny"]
+    approver: str
+    expires_at: Timestamp | None = None
     reason: str = ""
 
 
@@ -290,6 +330,18 @@ class Evidence(SchemaModel):
     """provisional, final or amendment ("" in older records)."""
     trigger: str = ""
     """What caused this version: call, update, fact or deadline ("" in older records)."""
+    approval_id: str | None = None
+    """The approval that authorised (in_scope) or denied (approval_denied) the call."""
+    approver: str | None = None
+    """Who decided that approval."""
+    policy_versions: list[str] = Field(default_factory=list)
+    """Each Cedar policy used for the matched grant, as ``policy_id@version``."""
+    policy_decision: str | None = None
+    """Cedar's decision for the matched grant (Allow/Deny); None when no policy was evaluated."""
+    policy_reasons: list[str] = Field(default_factory=list)
+    """The ``@id`` of each policy that determined Cedar's decision."""
+    policy_errors: list[str] = Field(default_factory=list)
+    """Cedar's errors, and policy lookup or parse errors."""
 
 
 class Finding(SchemaModel):
@@ -357,7 +409,14 @@ class DeadLetter(SchemaModel):
 
 
 Event = Annotated[
-    ToolCall | ToolResult | SessionBound | SessionEnded | GrantIssued | GrantRevoked,
+    ToolCall
+    | ToolResult
+    | SessionBound
+    | SessionEnded
+    | GrantIssued
+    | GrantRevoked
+    | PolicyPublished
+    | ApprovalDecided,
     Field(discriminator="event_type"),
 ]
 
@@ -368,6 +427,8 @@ EVENT_MODELS: Final[dict[str, type[BaseEvent]]] = {
     "session_ended": SessionEnded,
     "grant_issued": GrantIssued,
     "grant_revoked": GrantRevoked,
+    "policy_published": PolicyPublished,
+    "approval_decided": ApprovalDecided,
 }
 EVENT_TYPES: Final[tuple[str, ...]] = tuple(EVENT_MODELS)
 
@@ -450,3 +511,84 @@ def canonical_json(value: Any) -> str:
     """Canonical JSON text of a plain JSON value (``json.dumps`` with sorted keys, no spaces, no
     ASCII escaping, no NaN; the encoder is built once, not per call)."""
     return _CANONICAL.encode(value)
+
+
+def arguments_digest(arguments: dict[str, Any]) -> str:
+    """SHA-256 hex of the RFC 8785 canonical JSON of a call's ``arguments`` (what ``approval_decided``
+    binds to with ``arguments_digest``)."""
+    return hashlib.sha256(jcs(arguments).encode("utf-8")).hexdigest()
+
+
+def jcs(value: Any) -> str:
+    """RFC 8785 (JSON Canonicalization Scheme) text of a plain JSON value.
+
+    Keys sorted by their UTF-16 code units, no whitespace, strings escaped as ECMAScript's
+    ``JSON.stringify`` does, numbers in ECMAScript's shortest form (``1.0`` -> ``1``, ``1e21``,
+    ``1e-7``). Integers beyond 2**53 are written as the double they round to, as RFC 8785 requires.
+    """
+    parts: list[str] = []
+    _jcs(value, parts)
+    return "".join(parts)
+
+
+def _jcs(value: Any, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, str):
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, int):
+        out.append(str(value) if abs(value) <= 2**53 else _es_number(float(value)))
+    elif isinstance(value, float):
+        out.append(_es_number(value))
+    elif isinstance(value, list):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _jcs(item, out)
+        out.append("]")
+    elif isinstance(value, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(value, key=lambda k: k.encode("utf-16-be"))):
+            if i:
+                out.append(",")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(":")
+            _jcs(value[key], out)
+        out.append("}")
+    else:
+        raise ValueError(f"not a JSON value: {type(value).__name__}")
+
+
+def _es_number(x: float) -> str:
+    """ECMAScript Number::toString of a finite double (RFC 8785, section 3.2.2.3)."""
+    if not math.isfinite(x):
+        raise ValueError("non-finite number")
+    if x == 0:
+        return "0"
+    sign = "-" if x < 0 else ""
+    mantissa, _, exp_text = repr(abs(x)).partition("e")
+    int_part, _, frac_part = mantissa.partition(".")
+    digits = (int_part + frac_part).lstrip("0")
+    # value = 0.<digits> x 10**n
+    n = (
+        len(int_part) + int(exp_text or 0)
+        if int_part != "0"
+        else int(exp_text or 0) - (len(frac_part) - len(frac_part.lstrip("0")))
+    )
+    digits = digits.rstrip("0") or "0"
+    k = len(digits)
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * (-n) + digits
+    else:
+        e = n - 1
+        text = digits[0] + ("." + digits[1:] if k > 1 else "") + "e" + ("+" if e >= 0 else "-") + str(abs(e))
+    return sign + text

@@ -9,6 +9,7 @@ from typing import Final
 from urllib.parse import quote, unquote
 
 from schemas.events import (
+    ApprovalDecided,
     BaseEvent,
     DeadLetter,
     Evidence,
@@ -16,6 +17,7 @@ from schemas.events import (
     GrantIssued,
     GrantRevoked,
     PageAttempt,
+    PolicyPublished,
     SchemaModel,
     SessionBound,
     SessionEnded,
@@ -24,12 +26,14 @@ from schemas.events import (
 )
 
 __all__ = [
+    "APPROVALS",
     "CALLS_BY_ROUTE",
     "DEAD_LETTER",
     "EVIDENCE",
     "FINDINGS",
     "GRANTS",
     "PAGES",
+    "POLICIES",
     "SESSIONS",
     "TOOL_CALLS",
     "TOOL_RESULTS",
@@ -38,6 +42,7 @@ __all__ = [
     "key_for",
     "parse_delegation_key",
     "partition_for",
+    "policy_key",
     "topic_for",
 ]
 
@@ -45,6 +50,10 @@ TOOL_CALLS: Final = "mcp.tool-calls"
 TOOL_RESULTS: Final = "mcp.tool-results"
 SESSIONS: Final = "identity.sessions"
 GRANTS: Final = "consent.grants"
+POLICIES: Final = "consent.policies"
+"""Cedar policy versions, keyed tenant/policy_id; small, read whole by every worker."""
+APPROVALS: Final = "consent.approvals"
+"""Human approval decisions, keyed (and co-partitioned) like consent.grants: tenant/principal/agent_id."""
 EVIDENCE: Final = "audit.evidence"
 FINDINGS: Final = "audit.findings"
 PAGES: Final = "audit.pages"
@@ -67,6 +76,8 @@ class Topics:
     pages: str = PAGES
     dead_letter: str = DEAD_LETTER
     calls_by_route: str = CALLS_BY_ROUTE
+    policies: str = POLICIES
+    approvals: str = APPROVALS
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -90,6 +101,10 @@ def topic_for(event: SchemaModel, topics: Topics = _DEFAULT) -> str:
             return topics.sessions
         case GrantIssued() | GrantRevoked():
             return topics.grants
+        case PolicyPublished():
+            return topics.policies
+        case ApprovalDecided():
+            return topics.approvals
         case Evidence():
             return topics.evidence
         case Finding():
@@ -102,18 +117,26 @@ def topic_for(event: SchemaModel, topics: Topics = _DEFAULT) -> str:
 
 
 def key_for(event: BaseEvent) -> str:
-    """Message key: session_id for calls, results and sessions; delegation key for grants."""
+    """Message key: session_id for calls, results and sessions; delegation key for grants and
+    approvals; tenant/policy_id for policies."""
     match event:
         case ToolCall() | ToolResult() | SessionBound() | SessionEnded():
             return event.session_id
-        case GrantIssued() | GrantRevoked():
+        case GrantIssued() | GrantRevoked() | ApprovalDecided():
             return delegation_key(event.tenant, event.principal, event.agent_id)
+        case PolicyPublished():
+            return policy_key(event.tenant, event.policy_id)
     raise TypeError(f"no key for {type(event).__name__}")
 
 
 def delegation_key(tenant: str, principal: str, agent_id: str) -> str:
     """``tenant/principal/agent_id``, each part percent-encoded (quote(part, safe=""))."""
     return "/".join(quote(part, safe="") for part in (tenant, principal, agent_id))
+
+
+def policy_key(tenant: str, policy_id: str) -> str:
+    """``tenant/policy_id``, each part percent-encoded (the key of consent.policies)."""
+    return "/".join(quote(part, safe="") for part in (tenant, policy_id))
 
 
 def parse_delegation_key(key: str) -> tuple[str, str, str]:

@@ -46,12 +46,13 @@ def replay(items: Iterable[tuple[int, Event | BadLine]], detector: Detector | No
 
 
 def replay_line(call: ToolCall, decision: Decision, findings: list[str]) -> str:
-    """The line DESIGN.md specifies: call_id, verdict, matched_grant_id, sorted rule ids that fired."""
+    """The line DESIGN.md specifies: call_id, verdict, matched_grant_id, approval_id, sorted rule ids that fired."""
     return json.dumps(
         {
             "call_id": call.call_id,
             "verdict": decision.verdict,
             "matched_grant_id": decision.matched_grant_id,
+            "approval_id": decision.approval_id if decision.verdict in ("in_scope", "approval_denied") else None,
             "findings": sorted(findings),
         }
     )

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Final
 
-from detections.engine import Decision
+from detections.engine import Decision, evidence_fields
 from detections.findings import trusted_model, uuid5_text
 from detections.live.wire import CallLine, call_key
 from schemas import Evidence, ToolCall
@@ -68,6 +68,7 @@ def make_evidence(
         "fact_hashes": fact_hashes,
         "kind": kind,
         "trigger": reason,
+        **evidence_fields(decision),
     }
     return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
 

@@ -154,10 +154,11 @@ def test_cli_provision_reports_what_it_did_and_never_prints_secrets(grafana: Any
     env = {"GRAFANA_TOKEN": grafana.token, "GRAFANA_CLICKHOUSE_PASSWORD": PASSWORD}
     first = CliRunner().invoke(dashboards_app, ["provision", "--url", grafana.url], env=env)
     assert first.exit_code == 0, first.output
+    # 15 objects: datasource, folder, dashboards and one alert rule per high/critical detection rule
     assert "dashboard scopewatch-soc-overview (scopewatch · SOC overview): created" in first.stdout
-    assert f"{grafana.url}: wrote 12 of 12 objects" in first.stderr
+    assert f"{grafana.url}: wrote 15 of 15 objects" in first.stderr
     second = CliRunner().invoke(dashboards_app, ["provision", "--url", grafana.url], env=env)
-    assert second.exit_code == 0 and "wrote 0 of 12 objects" in second.stderr
+    assert second.exit_code == 0 and "wrote 0 of 15 objects" in second.stderr
     for result in (first, second):
         assert grafana.token not in result.output and PASSWORD not in result.output
     bad = CliRunner().invoke(dashboards_app, ["provision", "--url", grafana.url], env={**env, "GRAFANA_TOKEN": "x"})

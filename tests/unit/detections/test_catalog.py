@@ -24,7 +24,14 @@ from detections.findings import FORENSIC_QUERIES, ForensicQuery
 from detections.rulebase import RuleMeta
 from detections.rules import revoked_grant
 
-SEQUENCE_RULES = {"exfiltration_chain", "violation_burst", "first_tool_use", "tool_rug_pull", "use_after_revocation"}
+SEQUENCE_RULES = {
+    "exfiltration_chain",
+    "violation_burst",
+    "first_tool_use",
+    "tool_rug_pull",
+    "use_after_revocation",
+    "approval_latency",
+}
 
 
 def test_catalog_has_a_per_call_rule_per_violating_verdict_and_the_sequence_rules() -> None:

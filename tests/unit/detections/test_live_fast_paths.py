@@ -139,6 +139,12 @@ def test_trusted_evidence_is_what_model_construct_builds() -> None:
         fact_hashes=[],
         kind="final",
         trigger="deadline",
+        approval_id=None,
+        approver=None,
+        policy_versions=[],
+        policy_decision=None,
+        policy_reasons=[],
+        policy_errors=[],
     )
     assert _state(fast) == _state(slow)
     assert fast == slow

@@ -24,7 +24,14 @@ from detections.casekit import bound, call, grant, revoke
 from detections.catalog import Detector, default_catalog, judge
 from detections.live import LiveConfig, Stage2
 from detections.rulebase import DetectionConfig, Lru, StateDecodeError
-from detections.rules import exfiltration_chain, first_tool_use, tool_rug_pull, use_after_revocation, violation_burst
+from detections.rules import (
+    approval_latency,
+    exfiltration_chain,
+    first_tool_use,
+    tool_rug_pull,
+    use_after_revocation,
+    violation_burst,
+)
 from schemas import BaseEvent, ToolCall
 from support.live_sim import LiveSim
 
@@ -92,7 +99,16 @@ def burst_states(config: DetectionConfig) -> st.SearchStrategy[Any]:
     return st.lists(violation, max_size=10).map(make)
 
 
+def latency_states(config: DetectionConfig) -> st.SearchStrategy[Any]:
+    stats = st.builds(approval_latency.ToolLatency, st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**62))
+    return st.builds(
+        lambda items: approval_latency.Latencies(_lru(config.max_entries, items)),
+        st.lists(st.tuples(texts, stats), max_size=10),
+    )
+
+
 STATES: dict[str, Callable[[DetectionConfig], st.SearchStrategy[Any]]] = {
+    "approval_latency": latency_states,
     "exfiltration_chain": exfiltration_states,
     "first_tool_use": first_use_states,
     "tool_rug_pull": rug_pull_states,

@@ -113,6 +113,8 @@ def test_required_fields_match_the_contract() -> None:
         "session_ended": common | {"session_id"},
         "grant_issued": common | {"grant_id", "principal", "agent_id", "tools", "not_before", "granted_by"},
         "grant_revoked": common | {"grant_id", "principal", "agent_id", "revoked_by"},
+        "policy_published": common | {"policy_id", "version", "cedar", "published_by"},
+        "approval_decided": common | {"approval_id", "principal", "agent_id", "tool", "decision", "approver"},
     }
 
 

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import (
+    EVENT_TYPES,
     Collector,
+    PolicyPublished,
     SchemaModel,
     decode,
     encode,
@@ -50,6 +52,9 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
     **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),
     **dict.fromkeys(["resources", "tools", "scopes", "reasons", "call_ids", "fact_ids", "fact_hashes"], STRINGS),
+    **dict.fromkeys(["policies", "approval_tools", "policy_versions", "policy_reasons", "policy_errors"], STRINGS),
+    "labels": st.dictionaries(st.text(), STRINGS, max_size=3),
+    "decision": st.sampled_from(["approve", "deny"]),
     **dict.fromkeys(["event_time", "valid_from", "valid_until", "not_before", "expires_at"], TIMESTAMP),
     **dict.fromkeys(["call_time", "decided_at", "failed_at", "first_call_time", "last_call_time"], TIMESTAMP),
     "detected_at": TIMESTAMP,
@@ -71,6 +76,8 @@ def record_dicts(model: type[SchemaModel]) -> st.SearchStrategy[dict[str, Any]]:
         if name == "event_type":
             continue
         base = collectors if name == "collector" else FIELDS.get(name, st.text())
+        if name == "version" and model is PolicyPublished:  # text there, an int in Evidence
+            base = st.text()
         if field.is_required():
             required[name] = base
         else:
@@ -85,7 +92,7 @@ def record_dicts(model: type[SchemaModel]) -> st.SearchStrategy[dict[str, Any]]:
 
 collectors = st.deferred(lambda: record_dicts(Collector))
 records = st.sampled_from(list(MODELS.values())).flatmap(lambda model: record_dicts(model).map(model.model_validate))
-events = st.sampled_from(list(MODELS)[:6]).flatmap(
+events = st.sampled_from(list(EVENT_TYPES)).flatmap(
     lambda kind: record_dicts(MODELS[kind]).map(lambda d: parse_event({**d, "event_type": kind}))
 )
 

@@ -11,12 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import (
+    APPROVALS,
     CALLS_BY_ROUTE,
     DEAD_LETTER,
     EVIDENCE,
     FINDINGS,
     GRANTS,
     PAGES,
+    POLICIES,
     SESSIONS,
     TOOL_CALLS,
     TOOL_RESULTS,
@@ -47,6 +49,8 @@ def test_topic_names() -> None:
         "audit.pages",
         "audit.dead-letter",
         "scopewatch.calls-by-route",
+        "consent.policies",
+        "consent.approvals",
     ]
     assert t.all() == [
         TOOL_CALLS,
@@ -58,6 +62,8 @@ def test_topic_names() -> None:
         PAGES,
         DEAD_LETTER,
         CALLS_BY_ROUTE,
+        POLICIES,
+        APPROVALS,
     ]
 
 
@@ -79,6 +85,8 @@ def test_with_prefix() -> None:
         ("session_ended", "sessions", "s-1"),
         ("grant_issued", "grants", "acme/alice/agent-7"),
         ("grant_revoked", "grants", "acme/alice/agent-7"),
+        ("policy_published", "policies", "acme/pol%2Fprod"),
+        ("approval_decided", "approvals", "acme/alice/agent-7"),
     ],
 )
 def test_topic_and_key_per_event(kind: str, field: str, key: str, make: Make) -> None:

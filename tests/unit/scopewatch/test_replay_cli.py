@@ -62,7 +62,8 @@ def test_replay_prints_one_line_per_call_in_input_order(tmp_path: Path) -> None:
     code, lines, err = run(tmp_path, jsonl(scenario()))
     assert code == 0, err
     assert [(x["call_id"], x["verdict"], x["matched_grant_id"]) for x in lines] == EXPECTED
-    assert all(list(x) == ["call_id", "verdict", "matched_grant_id", "findings"] for x in lines)
+    assert all(list(x) == ["call_id", "verdict", "matched_grant_id", "approval_id", "findings"] for x in lines)
+    assert all(x["approval_id"] is None for x in lines)
     assert {x["call_id"]: x["findings"] for x in lines} == EXPECTED_FINDINGS
 
 
