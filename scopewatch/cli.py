@@ -403,6 +403,7 @@ def _mount_subcommands() -> None:
     from scopewatch.forensics_cli import forensics_app
     from scopewatch.intake_cli import emit_app, intake_app
     from scopewatch.pager_cli import pager_app
+    from scopewatch.policy_cli import policy_app
     from scopewatch.proxy_cli import proxy_app
     from scopewatch.redact_cli import redact_test
     from scopewatch.rules_cli import rules_app
@@ -414,6 +415,7 @@ def _mount_subcommands() -> None:
     app.add_typer(intake_app, name="intake", help="signed identity/consent webhooks onto Kafka")
     app.add_typer(emit_app, name="emit", help="publish one identity or consent event from options")
     app.add_typer(pager_app, name="pager", help="page on-call from findings: PagerDuty, Slack, signed webhooks")
+    app.add_typer(policy_app, name="policy", help="Cedar policies as code: check a folder, publish it")
     app.command("redact-test")(redact_test)
 
 

@@ -6,6 +6,9 @@
         --tool 'fs/read_*' --resource 'file:/data/*' --expires-at +8h
     scopewatch emit revoke --grant-id G --principal alice@example.com --agent-id support-copilot --reason left
     scopewatch emit end --session-id S
+    scopewatch emit approve --principal alice@example.com --agent-id support-copilot --tool fs/write_file \\
+        --approver bob@example.com --arguments '{"path": "/data/a.txt"}' --expires-at +15m
+    scopewatch emit deny --principal alice@example.com --agent-id support-copilot --tool fs/write_file --approver bob
 
 ``intake`` serves :mod:`collectors.intake` (Standard Webhooks signatures, replay protection,
 per-event validation, acknowledged only once Kafka acknowledged). Its secrets come from
@@ -200,27 +203,27 @@ Principal = Annotated[str, typer.Option(help="the human or service the agent act
 AgentId = Annotated[str, typer.Option(help="the agent's client or workload id")]
 
 
-def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -> None:
+def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool, command: str = "emit") -> None:
     """Build, print and (unless ``dry_run``) publish one event; fields of ``times`` are parsed first."""
     from collectors.intake import blank_identity_fields, token_id_problem
     from schemas import EventError, parse_event, to_canonical_json, topic_for
 
     blank = blank_identity_fields(fields)
     if blank:
-        _fail("emit", f"--{blank[0].replace('_', '-')} must not be empty or whitespace")
+        _fail(command, f"--{blank[0].replace('_', '-')} must not be empty or whitespace")
     auth = fields.get("auth")
     token_id = auth.get("token_id") if isinstance(auth, dict) else None
     if token_id is not None:
         problem = token_id_problem(token_id)
         if problem is not None:
-            _fail("emit", f"--auth-token-id {problem}")
+            _fail(command, f"--auth-token-id {problem}")
     now = datetime.now(UTC)
     try:
         for name, text in times.items():
             fields[name] = None if text is None else parse_when(text, now)
         event = parse_event({**fields, "event_id": fields.get("event_id") or str(uuid.uuid4())})
     except (ValueError, EventError) as exc:
-        _fail("emit", str(exc))
+        _fail(command, str(exc))
     print(to_canonical_json(event), flush=True)
     if dry_run:
         return
@@ -229,8 +232,8 @@ def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool) -
     try:
         asyncio.run(_publish(settings, event))
     except Exception as exc:  # noqa: BLE001 - any failure to publish is reported the same way
-        _fail("emit", f"not published to {topic} ({settings.kafka_bootstrap}): {type(exc).__name__}: {exc}", 1)
-    sys.stderr.write(f"scopewatch emit: published {event.event_type} {event.event_id} to {topic}\n")
+        _fail(command, f"not published to {topic} ({settings.kafka_bootstrap}): {type(exc).__name__}: {exc}", 1)
+    sys.stderr.write(f"scopewatch {command}: published {event.event_type} {event.event_id} to {topic}\n")
 
 
 async def _publish(settings: Any, event: Any) -> None:
@@ -302,6 +305,12 @@ def emit_grant(
     granted_by: Annotated[str | None, typer.Option(help="default: the principal")] = None,
     purpose: Annotated[str, typer.Option(help="why the consent was given")] = "",
     parent_grant_id: Annotated[str | None, typer.Option(help="the grant this one narrows")] = None,
+    policy: Annotated[
+        list[str] | None, typer.Option(help="policy_id whose Cedar policies must permit each call; repeatable")
+    ] = None,
+    approval_tool: Annotated[
+        list[str] | None, typer.Option(help="glob over server/tool whose calls need a human approval; repeatable")
+    ] = None,
     event_time: EventTime = "now",
     event_id: EventId = None,
     dry_run: DryRun = False,
@@ -320,6 +329,8 @@ def emit_grant(
         "granted_by": granted_by or principal,
         "purpose": purpose,
         "parent_grant_id": parent_grant_id,
+        "policies": list(policy or []),
+        "approval_tools": list(approval_tool or []),
     }
     times = {"event_time": event_time, "not_before": not_before or event_time, "expires_at": expires_at}
     _emit(fields, times, dry_run)
@@ -349,6 +360,138 @@ def emit_revoke(
         "reason": reason,
     }
     _emit(fields, {"event_time": event_time}, dry_run)
+
+
+ApprovalTool = Annotated[str, typer.Option("--tool", help="the exact server/tool decided on, e.g. fs/write_file")]
+Arguments = Annotated[
+    str | None,
+    typer.Option(help="bind the decision to these call arguments (a JSON object; its RFC 8785 SHA-256 is kept)"),
+]
+ArgumentsDigest = Annotated[
+    str | None, typer.Option(help="bind the decision to this arguments digest (64 hex digits) instead")
+]
+Approver = Annotated[str, typer.Option(help="who decided")]
+
+
+def _approval(
+    decision: str,
+    approval_id: str | None,
+    principal: str,
+    agent_id: str,
+    tool: str,
+    arguments: str | None,
+    arguments_digest: str | None,
+    approver: str,
+    tenant: str,
+    expires_at: str | None,
+    reason: str,
+    event_time: str,
+    event_id: str | None,
+    dry_run: bool,
+) -> None:
+    import json
+
+    from schemas import arguments_digest as digest_of
+
+    if arguments is not None and arguments_digest is not None:
+        _fail("emit", "give --arguments or --arguments-digest, not both")
+    if "/" not in tool:
+        _fail("emit", f"--tool must be server/tool, got {tool!r}")
+    digest = arguments_digest
+    if arguments is not None:
+        try:
+            value = json.loads(arguments)
+        except ValueError as exc:
+            _fail("emit", f"--arguments is not JSON: {exc}")
+        if not isinstance(value, dict):
+            _fail("emit", "--arguments must be a JSON object (the call's arguments)")
+        digest = digest_of(value)
+    elif digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+        _fail("emit", "--arguments-digest must be 64 lowercase hex digits (SHA-256)")
+    fields = {
+        "event_type": "approval_decided",
+        "event_id": event_id,
+        "tenant": tenant,
+        "approval_id": approval_id or str(uuid.uuid4()),
+        "principal": principal,
+        "agent_id": agent_id,
+        "tool": tool,
+        "arguments_digest": digest,
+        "decision": decision,
+        "approver": approver,
+        "reason": reason,
+    }
+    _emit(fields, {"event_time": event_time, "expires_at": expires_at}, dry_run)
+
+
+@emit_app.command("approve")
+def emit_approve(
+    principal: Principal,
+    agent_id: AgentId,
+    tool: ApprovalTool,
+    approver: Approver,
+    arguments: Arguments = None,
+    arguments_digest: ArgumentsDigest = None,
+    approval_id: Annotated[str | None, typer.Option(help="default: a new UUID")] = None,
+    tenant: Tenant = "default",
+    expires_at: Annotated[str | None, typer.Option(help="default: no expiry; e.g. +15m")] = None,
+    reason: Annotated[str, typer.Option(help="why")] = "",
+    event_time: EventTime = "now",
+    event_id: EventId = None,
+    dry_run: DryRun = False,
+) -> None:
+    """approval_decided (approve): one call of TOOL by AGENT_ID for PRINCIPAL may run (each approval authorises one)."""
+    _approval(
+        "approve",
+        approval_id,
+        principal,
+        agent_id,
+        tool,
+        arguments,
+        arguments_digest,
+        approver,
+        tenant,
+        expires_at,
+        reason,
+        event_time,
+        event_id,
+        dry_run,
+    )
+
+
+@emit_app.command("deny")
+def emit_deny(
+    principal: Principal,
+    agent_id: AgentId,
+    tool: ApprovalTool,
+    approver: Approver,
+    arguments: Arguments = None,
+    arguments_digest: ArgumentsDigest = None,
+    approval_id: Annotated[str | None, typer.Option(help="default: a new UUID")] = None,
+    tenant: Tenant = "default",
+    expires_at: Annotated[str | None, typer.Option(help="default: no expiry")] = None,
+    reason: Annotated[str, typer.Option(help="why")] = "",
+    event_time: EventTime = "now",
+    event_id: EventId = None,
+    dry_run: DryRun = False,
+) -> None:
+    """approval_decided (deny): calls of TOOL by AGENT_ID for PRINCIPAL are denied (until a later approval)."""
+    _approval(
+        "deny",
+        approval_id,
+        principal,
+        agent_id,
+        tool,
+        arguments,
+        arguments_digest,
+        approver,
+        tenant,
+        expires_at,
+        reason,
+        event_time,
+        event_id,
+        dry_run,
+    )
 
 
 def _standalone() -> typer.Typer:
