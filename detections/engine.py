@@ -284,6 +284,9 @@ class SessionHistory:
         self.memo: dict[Any, Any] = {}
         """Free for callers to memoize results derived from this history (keyed by :meth:`state_key`);
         cleared whenever the history changes (:meth:`add`, :meth:`compact`)."""
+        self.horizon: datetime | None = None
+        """The latest horizon at which :meth:`compact` actually dropped facts (None: never): a call
+        before it is judged on incomplete history (DESIGN "Retention")."""
 
     def __len__(self) -> int:
         return len(self._events)
@@ -377,6 +380,7 @@ class SessionHistory:
         self._events = [self._events[i] for i in kept_prefix] + self._events[n:]
         if dropped:
             self.memo.clear()
+            self.horizon = horizon if self.horizon is None else max(self.horizon, horizon)
         return len(dropped)
 
 
@@ -547,6 +551,8 @@ class GrantHistory:
         self._ids: set[str] = set()
         self.hashes: dict[str, str] = {}
         """Record hash (:func:`schemas.record_hash`) per stored fact's event_id, where the caller gave one."""
+        self.horizon: datetime | None = None
+        """The latest horizon at which :meth:`compact` actually dropped facts (None: never)."""
         # Derived, rebuilt lazily after a change: the instants where something about the grants
         # changes (see GrantSlot) and the slots between them.
         self._times: list[datetime] | None = None
@@ -676,6 +682,7 @@ class GrantHistory:
         if dropped:
             self._changed()
             self._views.clear()
+            self.horizon = horizon if self.horizon is None else max(self.horizon, horizon)
         return dropped
 
 
