@@ -420,7 +420,7 @@ class Stage2:
 
     def on_approval(self, fact: ApprovalDecided, now: datetime) -> Output:
         """An ``approval_decided`` of a delegation this partition holds (co-partitioned with grants):
-        stored, then the delegation's calls of that tool judged again, in (event_time, call_id) order."""
+        stored, then the delegation's held calls judged again together, in (event_time, call_id) order."""
         out = new_output()
         now_us = _now_us(now)
         self._advance(now, now_us, out)
@@ -436,7 +436,8 @@ class Stage2:
         self.counters.add("stage2_approvals")
         stored = self.grants.get(route)
         if stored is not None and self._conditions(route, stored, None) is not None:
-            self._rejudge(route, fact.tool, _us(fact.event_time), now, now_us, out)
+            # every tool: versions of one approval_id may name different tools
+            self._rejudge(route, None, _us(fact.event_time), now, now_us, out)
         return out
 
     def on_policy(self, fact: PolicyPublished, now: datetime, *, stored: bool = False) -> Output:
@@ -684,7 +685,10 @@ class Stage2:
                 if k == skey:
                     self._emit(k, r, decision, views, now, now_us, reason, late, out)
                 else:
-                    self._emit(k, r, decision, views, now, now_us, "fact", now_us > r.deadline, out)
+                    # Another call's arrival changed it: late if that came after its deadline; another
+                    # call's deadline only finalizes a due call early (nothing changed since).
+                    late_too = reason != "deadline" and now_us > r.deadline
+                    self._emit(k, r, decision, views, now, now_us, "fact", late_too, out)
             return
         call = rec.call
         t = _at(call.t)
