@@ -1312,6 +1312,20 @@ class DecisionEngine:
                 )
             for i, d in zip(indexes, decisions, strict=True):
                 out[i] = d
+        for call, found in zip(calls, out, strict=True):
+            # DESIGN "Retention": a call before the horizon of a compacted history it was judged on.
+            assert found is not None
+            d = found
+            incomplete = []
+            session = self._sessions.get((call.tenant, call.session_id))
+            if session is not None and session.horizon is not None and call.event_time < session.horizon:
+                incomplete.append("session")
+            if d.verdict not in TERMINAL_VERDICTS and d.principal is not None and d.agent_id is not None:
+                grants = self._grants.get((call.tenant, d.principal, d.agent_id))
+                if grants is not None and grants.horizon is not None and call.event_time < grants.horizon:
+                    incomplete.append("grants")
+            if incomplete:
+                d.facts.update({"history_complete": False, "history_incomplete": incomplete})
         return [d for d in out if d is not None]
 
     def compact(self, horizon: datetime) -> int:
