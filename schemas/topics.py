@@ -32,6 +32,7 @@ __all__ = [
     "EVIDENCE",
     "FINDINGS",
     "GRANTS",
+    "KEEP_FOREVER",
     "PAGES",
     "POLICIES",
     "SESSIONS",
@@ -59,6 +60,8 @@ FINDINGS: Final = "audit.findings"
 PAGES: Final = "audit.pages"
 """Page delivery ledger: one PageAttempt per attempt (``scopewatch pager``), keyed by dedup key."""
 DEAD_LETTER: Final = "audit.dead-letter"
+KEEP_FOREVER: Final = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+"""Configs of a topic whose whole history is state: no time or size retention, no compaction."""
 CALLS_BY_ROUTE: Final = "scopewatch.calls-by-route"
 """Internal: stage 1 -> stage 2 of the decision job, keyed by route (delegation or session)."""
 
@@ -85,6 +88,15 @@ class Topics:
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    def configs(self) -> dict[str, dict[str, str]]:
+        """Topic configs the pipeline relies on, by topic name (others take the broker's defaults).
+
+        ``consent.policies`` is kept forever and never compacted: every worker rebuilds "the policy
+        version as of t" from the whole topic at each start, so a version deleted by time retention
+        (or compacted away by its key) would make grants fail closed after a restart.
+        """
+        return {self.policies: dict(KEEP_FOREVER)}
 
 
 _DEFAULT: Final = Topics()

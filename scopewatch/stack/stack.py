@@ -100,7 +100,9 @@ class Stack:
             self._up_kafka(timeout)
         else:
             self.report(f"using external Kafka at {s.bootstrap}")
-        created = asyncio.run(create_topics(s.kafka_bootstrap, s.topics.all(), s.partitions))
+        created = asyncio.run(
+            create_topics(s.kafka_bootstrap, s.topics.all(), s.partitions, per_topic=s.topics.configs())
+        )
         self.report(f"topics: {len(s.topics.all())} ready ({len(created)} created)")
         self._up_service(
             "sink",

@@ -142,6 +142,42 @@ def test_create_topics_is_idempotent(broker: KafkaBroker) -> None:
     assert set(names) | {extra} <= topics
 
 
+async def _configs(bootstrap: str, names: list[str]) -> dict[str, dict[str, tuple[str | None, bool]]]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stream_jobs.runtime.kafka_admin import topic_configs
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await topic_configs(admin, names)
+    finally:
+        await admin.close()
+
+
+def test_the_policy_topic_is_kept_forever_when_created_and_when_it_already_existed(broker: KafkaBroker) -> None:
+    """consent.policies is state: a time-retained policy version would make grants fail closed after a restart."""
+    from schemas import Topics
+
+    bs = broker.config.bootstrap
+    fresh = Topics.with_prefix(f"t{uuid.uuid4().hex[:6]}.")
+    asyncio.run(create_topics(bs, fresh.all(), 1, per_topic=fresh.configs()))
+    got = asyncio.run(_configs(bs, [fresh.policies, fresh.grants]))
+    assert got[fresh.policies]["retention.ms"] == ("-1", True)
+    assert got[fresh.policies]["retention.bytes"] == ("-1", True)
+    assert got[fresh.policies]["cleanup.policy"][0] == "delete"
+    assert got[fresh.grants]["retention.ms"][1] is False  # other topics keep the broker's default
+
+    # an existing deployment whose policy topic was created with the broker's 7-day retention
+    old = Topics.with_prefix(f"t{uuid.uuid4().hex[:6]}.")
+    asyncio.run(create_topics(bs, [old.policies], 1, configs={"max.message.bytes": "2000000"}))
+    assert asyncio.run(_configs(bs, [old.policies]))[old.policies]["retention.ms"][1] is False
+    assert asyncio.run(create_topics(bs, old.all(), 1, per_topic=old.configs())) != []
+    got = asyncio.run(_configs(bs, [old.policies]))[old.policies]
+    assert got["retention.ms"] == ("-1", True)
+    assert got["max.message.bytes"] == ("2000000", True)  # the operator's own setting is kept
+
+
 def test_produce_and_consume_one_message(broker: KafkaBroker) -> None:
     bs = broker.config.bootstrap
     topic = f"sw-pc-{uuid.uuid4().hex[:8]}"
