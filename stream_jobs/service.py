@@ -15,17 +15,17 @@ from scopewatch.settings import Settings
 from scopewatch.sqlclient import query_caps
 from scopewatch.stack.proc import atomic_write, process_start_time
 from stream_jobs import metrics
-from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect, migrate
+from stream_jobs.clickhouse import ClickHouseError, chdb_path, check_tables, connect, migrate
 from stream_jobs.query_server import AnalystSession, QueryServer, write_token
-from stream_jobs.rows import table_topics
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
+from stream_jobs.tables import SPECS, table_topics
 
 log = logging.getLogger("scopewatch.sink")
 
 
 def sink_topics(settings: Settings) -> list[str]:
-    t = settings.topics
-    return [t.tool_calls, t.tool_results, t.sessions, t.grants, t.evidence, t.findings, t.pages, t.dead_letter]
+    """Every table's topic (:data:`stream_jobs.tables.SPECS`), in the order of the specs."""
+    return list(dict.fromkeys(table_topics(settings.topics, SPECS).values()))
 
 
 def query_endpoint_file(settings: Settings) -> Path:
@@ -82,6 +82,7 @@ async def _sink_main(settings: Settings) -> None:
     applied = migrate(client, settings.clickhouse_database)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
+    check_tables(client, settings.clickhouse_database)
     fault = os.environ.get("SCOPEWATCH_SINK_FAULT_FILE")
     writer = ClickHouseWriter(client, settings.clickhouse_database, fault_file=Path(fault) if fault else None)
     server: QueryServer | None = None
