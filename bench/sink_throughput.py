@@ -409,7 +409,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         batch_rows=args.batch_rows or settings.sink_batch_rows,
         batch_seconds=args.batch_seconds or settings.sink_batch_seconds,
         intent_file=settings.run_dir / "sink-intent.json",
-        bulk_avro=args.path == "bulk",
+        bulk_avro=args.path.startswith("bulk"),
+        lean_records=not args.path.endswith("-crec"),
     )
     n = args.messages
     floor = asyncio.run(consume_only(settings, n, config.batch_rows, f"{args.group}-floor"))
@@ -615,7 +616,11 @@ def report(
         )
     for path, run in (sink or {}).items():
         floor = run["consume_only"]
-        name = {"bulk": "bulk Avro path (chDB decodes)", "rows": "per-message path (Python reader)"}[path]
+        name = {
+            "bulk": "bulk Avro path (chDB decodes)",
+            "rows": "per-message path (Python reader)",
+            "bulk-crec": "bulk Avro path, aiokafka ConsumerRecords (before lean records)",
+        }[path]
         extra.add_row(
             f"(b) [{path}] a bare aiokafka consumer over the same messages (no processing), same CPU",
             f"{per_row(floor['rows'], floor['wall'])}, process CPU {floor['cpu'] / floor['wall']:.0%}",
@@ -746,9 +751,10 @@ def main() -> None:
         "--paths",
         type=lambda v: [p for p in v.split(",") if p],
         default=["bulk", "rows"],
-        help="sink paths for (b), in this order: bulk (Avro containers decoded by chDB), rows (Python reader)",
+        help="sink paths for (b), in this order: bulk (Avro containers decoded by chDB), rows (Python reader), "
+        "bulk-crec (bulk with aiokafka's ConsumerRecords instead of lean records: the path before them)",
     )
-    parser.add_argument("--path", choices=["bulk", "rows"], default="bulk", help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=["bulk", "rows", "bulk-crec"], default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)
     # child-only
     parser.add_argument("--child", choices=["writer", "sink"], help=argparse.SUPPRESS)

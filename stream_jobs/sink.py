@@ -389,6 +389,9 @@ class SinkConfig:
     """Hand the :data:`stream_jobs.bulk.BULK_TABLES` records to the embedded engine as Avro containers
     (decoded in C++) instead of reading each message in Python. The service turns it on
     (``SCOPEWATCH_SINK_BULK_AVRO``, default true); needs the embedded engine (chDB)."""
+    lean_records: bool = True
+    """Take messages from aiokafka as lean (topic, partition, offset, key, value) tuples instead of
+    ``ConsumerRecord`` s (:func:`stream_jobs.kafka_adapter.make_lean`): the sink reads nothing else."""
     table_topics: dict[str, str] | None = None
     """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
     type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
@@ -576,6 +579,7 @@ class ClickHouseSink(Job["Batch"]):
             fetch_min_bytes=self.config.fetch_min_bytes,
             fetch_max_wait_ms=self.config.fetch_wait_ms,
             max_partition_fetch_bytes=self.config.fetch_partition_bytes,
+            lean_records=self.config.lean_records,
         )
 
     def new_runner(self, consumer: Consumer) -> Runner[Batch]:
