@@ -42,7 +42,6 @@ endpoint or a direct client), so the same code runs from the CLI and in tests.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,16 +59,14 @@ from schemas import (
     SessionEnded,
     ToolCall,
     format_timestamp,
-    parse_event,
     record_hash,
 )
 from schemas.topics import Topics
 from stream_jobs.forensics import render_literal
-from stream_jobs.rows import table_topics
+from stream_jobs.tables import BY_TABLE, RAW_TABLES, table_topics
 
 Fetch = Callable[[str], dict[str, Any]]
 
-RAW_TABLES = ("tool_calls", "tool_results", "identity_events", "consent_events")
 PAGE = 10_000
 """Rows per fetch: well inside the SQL endpoint's answer cap (SCOPEWATCH_QUERY_MAX_RESULT_BYTES)."""
 
@@ -174,82 +171,13 @@ def _problem_json(p: Problem) -> dict[str, Any]:
 # ------------------------------------------------------------------------- rows -> events
 
 
-def _json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
 def event_from_row(table: str, row: dict[str, Any]) -> BaseEvent:
-    """The canonical event a raw row was made from (inverse of ``stream_jobs.rows.to_row``)."""
-    d: dict[str, Any] = {
-        "event_id": row["event_id"],
-        "event_time": row["event_time"],
-        "tenant": row["tenant"],
-    }
-    if row.get("collector_id"):
-        d["collector"] = {
-            "id": row["collector_id"],
-            "epoch": int(row["collector_epoch"]),
-            "seq": int(row["collector_seq"]),
-            "prev_hash": row["collector_prev_hash"],
-        }
-    if table == "tool_calls":
-        d.update(
-            event_type="tool_call",
-            call_id=row["call_id"],
-            session_id=row["session_id"],
-            server=row["server"],
-            tool=row["tool"],
-            arguments=_json(row["arguments"]),
-            resources=list(row["resources"]),
-            transport=row["transport"],
-            attested=_json(row["attested"]),
-            claimed=_json(row["claimed"]),
-            tool_digest=row["tool_digest"],
-        )
-    elif table == "tool_results":
-        d.update(
-            event_type="tool_result",
-            call_id=row["call_id"],
-            session_id=row["session_id"],
-            status=row["status"],
-            duration_ms=float(row["duration_ms"]),
-            error=row["error"],
-            result_digest=row["result_digest"],
-        )
-    elif table == "identity_events":
-        d.update(event_type=row["event_type"], session_id=row["session_id"])
-        if row["event_type"] == "session_bound":
-            d.update(
-                principal=row["principal"],
-                agent_id=row["agent_id"],
-                valid_from=row["valid_from"],
-                valid_until=row["valid_until"],
-                auth=_json(row["auth"]),
-            )
-    elif table == "consent_events":
-        d.update(
-            event_type=row["event_type"],
-            grant_id=row["grant_id"],
-            principal=row["principal"],
-            agent_id=row["agent_id"],
-        )
-        if row["event_type"] == "grant_issued":
-            d.update(
-                tools=list(row["tools"]),
-                resources=list(row["resources"]),
-                scopes=list(row["scopes"]),
-                not_before=row["not_before"],
-                expires_at=row["expires_at"],
-                granted_by=row["granted_by"],
-                purpose=row["purpose"],
-                parent_grant_id=row["parent_grant_id"],
-            )
-        else:
-            d.update(revoked_by=row["revoked_by"], reason=row["reason"])
-    else:
+    """The canonical event a raw row was made from (inverse of ``stream_jobs.rows.to_row``; from the table's
+    spec, :meth:`stream_jobs.tables.TableSpec.event_from_row`)."""
+    spec = BY_TABLE.get(table)
+    if spec is None or not spec.raw_event:
         raise ValueError(f"not a raw event table: {table}")
-    extra = _json(row.get("extra")) or {}
-    return parse_event({**extra, **d})
+    return spec.event_from_row(row)
 
 
 # ------------------------------------------------------------------------------- chains
