@@ -27,6 +27,7 @@ import json
 import pkgutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from types import ModuleType
 from typing import Any, Final
@@ -318,7 +319,9 @@ class Judged:
 _FACTS: Final = (SessionBound, SessionEnded, GrantIssued, GrantRevoked, ApprovalDecided, PolicyPublished)
 
 
-def judge(events: Iterable[BaseEvent], detector: Detector | None = None) -> list[Judged]:
+def judge(
+    events: Iterable[BaseEvent], detector: Detector | None = None, *, compact_before: datetime | None = None
+) -> list[Judged]:
     """Replay semantics: one :class:`Judged` per ``tool_call`` in input order (see module doc).
 
     Facts are all loaded first (any order); ``tool_result`` and other events are ignored. A call
@@ -331,6 +334,8 @@ def judge(events: Iterable[BaseEvent], detector: Detector | None = None) -> list
             calls.append(event)
         elif isinstance(event, _FACTS):
             engine.add_fact(event)
+    if compact_before is not None:
+        engine.compact(compact_before)
     if detector is None:
         detector = Detector()
     done: dict[str, Judged] = {}
@@ -373,5 +378,5 @@ class CaseResult:
 
 def run_case(rule: Rule[Any], case: Case) -> CaseResult:
     """Judge the case's events with this rule alone and its config; which calls it fired on."""
-    judged = judge(case.events, Detector([rule], case.config))
+    judged = judge(case.events, Detector([rule], case.config), compact_before=case.compact_before)
     return CaseResult(rule.id, case, tuple(j.call.call_id for j in judged if j.findings))

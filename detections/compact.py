@@ -18,6 +18,17 @@ Format 2 adds each fact's record hash (:func:`schemas.record_hash`, the raw tabl
 byte (0: not known, 1: ``sha256:`` and 32 raw bytes, 2: other text). Format 1 (no hashes) still
 decodes; its facts have no known hash.
 
+Format 3 is format 2 preceded by the history's **compaction horizon** (8 bytes, after the version
+byte): the latest horizon at which compaction actually dropped facts (``history.horizon``). A call
+older than it is judged on incomplete history (DESIGN "Retention"), so the horizon must survive a
+restart. A history that was never compacted is still written in format 2 (the same bytes as
+before); formats 1 and 2 decode with no horizon.
+
+``approval_decided`` histories (:func:`encode_approvals`) have a format of their own, tagged
+``A``: the horizon, then per fact event_id, event_time, approval_id, tool, arguments_digest (or
+none), decision, approver, expires_at, then the uses of approvals by calls no longer held
+(approval_id -> call_id; see :mod:`detections.live.stage2`).
+
 Layout: a version byte, then per fact a kind byte, the event id (16 bytes when it is a
 canonical UUID, else a length-prefixed string), times as signed 64-bit microseconds since the
 epoch, strings as varint length + UTF-8. Decoding rebuilds the same history: the same facts in
@@ -31,13 +42,24 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from detections.approvals import ApprovalHistory
 from detections.engine import GrantHistory, SessionHistory
-from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded
+from schemas import ApprovalDecided, GrantIssued, GrantRevoked, SessionBound, SessionEnded
 
-__all__ = ["CompactError", "decode_grants", "decode_sessions", "encode_grants", "encode_sessions"]
+__all__ = [
+    "CompactError",
+    "decode_approvals",
+    "decode_grants",
+    "decode_sessions",
+    "encode_approvals",
+    "encode_grants",
+    "encode_sessions",
+]
 
 _FORMAT: Final = 2
-_FORMATS: Final = (1, 2)
+_FORMAT_HORIZON: Final = 3
+_FORMATS: Final = (1, 2, 3)
+_APPROVALS_FORMAT: Final = ord("A")
 _SHA256: Final = "sha256:"
 _NO_HASH, _SHA_HASH, _TEXT_HASH = 0, 1, 2
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -66,8 +88,12 @@ def from_micros(value: int) -> datetime:
 
 
 class _Writer:
-    def __init__(self) -> None:
-        self.buf = bytearray([_FORMAT])
+    def __init__(self, horizon: datetime | None = None) -> None:
+        if horizon is None:
+            self.buf = bytearray([_FORMAT])
+        else:
+            self.buf = bytearray([_FORMAT_HORIZON])
+            self.time(horizon)
 
     def byte(self, value: int) -> None:
         self.buf.append(value)
@@ -121,12 +147,16 @@ class _Writer:
 
 
 class _Reader:
-    def __init__(self, data: bytes) -> None:
-        if not data or data[0] not in _FORMATS:
+    def __init__(self, data: bytes, formats: tuple[int, ...] = _FORMATS) -> None:
+        if not data or data[0] not in formats:
             raise CompactError(f"unknown state format {data[:1]!r}")
         self.hashes = data[0] >= 2
         self.data = data
         self.pos = 1
+        self.horizon: datetime | None = None
+        """The compaction horizon stored with the history (format 3 and approvals), else None."""
+        if data[0] in (_FORMAT_HORIZON, _APPROVALS_FORMAT):
+            self.horizon = self.time()
 
     def more(self) -> bool:
         return self.pos < len(self.data)
@@ -194,7 +224,7 @@ class _Reader:
 
 
 def encode_sessions(history: SessionHistory) -> bytes:
-    w = _Writer()
+    w = _Writer(history.horizon)
     for fact in history:
         w.byte(_BOUND if isinstance(fact, SessionBound) else _ENDED)
         w.event_id(fact.event_id)
@@ -234,11 +264,12 @@ def decode_sessions(data: bytes, tenant: str, session_id: str) -> SessionHistory
         else:
             raise CompactError(f"bad session fact kind {kind}")
         history.add(fact, r.record_hash())
+    history.horizon = r.horizon
     return history
 
 
 def encode_grants(history: GrantHistory) -> bytes:
-    w = _Writer()
+    w = _Writer(history.horizon)
     for fact in history:
         conditions = isinstance(fact, GrantIssued) and bool(fact.policies or fact.approval_tools)
         if isinstance(fact, GrantIssued):
@@ -323,4 +354,68 @@ def decode_grants(data: bytes, tenant: str, principal: str, agent_id: str) -> Gr
         else:
             raise CompactError(f"bad grant fact kind {kind}")
         history.add(fact, r.record_hash())
+    history.horizon = r.horizon
     return history
+
+
+def encode_approvals(history: ApprovalHistory, horizon: datetime | None, used: dict[str, str]) -> bytes:
+    """An approval history with its compaction horizon and the uses of approvals by calls no longer
+    held (approval_id -> call_id). The approvals' ``reason`` is not kept (no decision reads it)."""
+    w = _Writer()
+    w.buf[0] = _APPROVALS_FORMAT
+    w.time(horizon)
+    facts = list(history)
+    w.varint(len(facts))
+    for fact in facts:
+        w.event_id(fact.event_id)
+        w.time(fact.event_time)
+        w.text(fact.approval_id)
+        w.text(fact.tool)
+        if fact.arguments_digest is None:
+            w.byte(0)
+        else:
+            w.byte(1)
+            w.text(fact.arguments_digest)
+        w.byte(1 if fact.decision == "approve" else 0)
+        w.text(fact.approver)
+        w.time(fact.expires_at)
+    w.varint(len(used))
+    for approval_id in sorted(used):
+        w.text(approval_id)
+        w.text(used[approval_id])
+    return bytes(w.buf)
+
+
+def decode_approvals(
+    data: bytes, tenant: str, principal: str, agent_id: str
+) -> tuple[ApprovalHistory, datetime | None, dict[str, str]]:
+    """What :func:`encode_approvals` wrote: (history, horizon, uses by calls no longer held)."""
+    r = _Reader(data, (_APPROVALS_FORMAT,))
+    history = ApprovalHistory(tenant, principal, agent_id)
+    for _ in range(r.varint()):
+        event_id, event_time, approval_id, tool = r.event_id(), r.required_time(), r.text(), r.text()
+        digest = r.text() if r.byte() else None
+        decision = "approve" if r.byte() else "deny"
+        history.add(
+            ApprovalDecided.model_construct(
+                event_id=event_id,
+                event_time=event_time,
+                tenant=tenant,
+                principal=principal,
+                agent_id=agent_id,
+                approval_id=approval_id,
+                tool=tool,
+                arguments_digest=digest,
+                decision=decision,
+                approver=r.text(),
+                expires_at=r.time(),
+                reason="",
+            )
+        )
+    used = {}
+    for _ in range(r.varint()):
+        approval_id = r.text()
+        used[approval_id] = r.text()
+    if r.more():
+        raise CompactError("trailing bytes in approval state")
+    return history, r.horizon, used

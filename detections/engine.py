@@ -284,6 +284,9 @@ class SessionHistory:
         self.memo: dict[Any, Any] = {}
         """Free for callers to memoize results derived from this history (keyed by :meth:`state_key`);
         cleared whenever the history changes (:meth:`add`, :meth:`compact`)."""
+        self.horizon: datetime | None = None
+        """The latest horizon at which :meth:`compact` actually dropped facts (None: never): a call
+        before it is judged on incomplete history (DESIGN "Retention")."""
 
     def __len__(self) -> int:
         return len(self._events)
@@ -377,6 +380,7 @@ class SessionHistory:
         self._events = [self._events[i] for i in kept_prefix] + self._events[n:]
         if dropped:
             self.memo.clear()
+            self.horizon = horizon if self.horizon is None else max(self.horizon, horizon)
         return len(dropped)
 
 
@@ -547,6 +551,8 @@ class GrantHistory:
         self._ids: set[str] = set()
         self.hashes: dict[str, str] = {}
         """Record hash (:func:`schemas.record_hash`) per stored fact's event_id, where the caller gave one."""
+        self.horizon: datetime | None = None
+        """The latest horizon at which :meth:`compact` actually dropped facts (None: never)."""
         # Derived, rebuilt lazily after a change: the instants where something about the grants
         # changes (see GrantSlot) and the slots between them.
         self._times: list[datetime] | None = None
@@ -676,6 +682,7 @@ class GrantHistory:
         if dropped:
             self._changed()
             self._views.clear()
+            self.horizon = horizon if self.horizon is None else max(self.horizon, horizon)
         return dropped
 
 
@@ -1305,6 +1312,20 @@ class DecisionEngine:
                 )
             for i, d in zip(indexes, decisions, strict=True):
                 out[i] = d
+        for call, found in zip(calls, out, strict=True):
+            # DESIGN "Retention": a call before the horizon of a compacted history it was judged on.
+            assert found is not None
+            d = found
+            incomplete = []
+            session = self._sessions.get((call.tenant, call.session_id))
+            if session is not None and session.horizon is not None and call.event_time < session.horizon:
+                incomplete.append("session")
+            if d.verdict not in TERMINAL_VERDICTS and d.principal is not None and d.agent_id is not None:
+                grants = self._grants.get((call.tenant, d.principal, d.agent_id))
+                if grants is not None and grants.horizon is not None and call.event_time < grants.horizon:
+                    incomplete.append("grants")
+            if incomplete:
+                d.facts.update({"history_complete": False, "history_incomplete": incomplete})
         return [d for d in out if d is not None]
 
     def compact(self, horizon: datetime) -> int:

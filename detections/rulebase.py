@@ -240,6 +240,9 @@ class Case:
     events: tuple[BaseEvent, ...]
     fires_on: tuple[str, ...] = ()
     config: DetectionConfig = field(default_factory=DetectionConfig)
+    compact_before: datetime | None = None
+    """Judge after compacting the histories at this horizon (as the live pipeline does past its
+    retention): for rules about incomplete history."""
 
     @property
     def positive(self) -> bool:
@@ -250,12 +253,20 @@ class Case:
         return tuple(e.call_id for e in self.events if isinstance(e, ToolCall))
 
 
-def positive(name: str, *events: BaseEvent, fires_on: Sequence[str], config: DetectionConfig | None = None) -> Case:
-    return Case(name, events, tuple(fires_on), config or DetectionConfig())
+def positive(
+    name: str,
+    *events: BaseEvent,
+    fires_on: Sequence[str],
+    config: DetectionConfig | None = None,
+    compact_before: datetime | None = None,
+) -> Case:
+    return Case(name, events, tuple(fires_on), config or DetectionConfig(), compact_before)
 
 
-def negative(name: str, *events: BaseEvent, config: DetectionConfig | None = None) -> Case:
-    return Case(name, events, (), config or DetectionConfig())
+def negative(
+    name: str, *events: BaseEvent, config: DetectionConfig | None = None, compact_before: datetime | None = None
+) -> Case:
+    return Case(name, events, (), config or DetectionConfig(), compact_before)
 
 
 # ----------------------------------------------------------------------------- context

@@ -342,6 +342,9 @@ class Evidence(SchemaModel):
     """The ``@id`` of each policy that determined Cedar's decision."""
     policy_errors: list[str] = Field(default_factory=list)
     """Cedar's errors, and policy lookup or parse errors."""
+    history_complete: bool = True
+    """False when the call is older than the compaction horizon of a history it was judged on
+    (DESIGN "Retention"): the verdict may differ from replay's; re-judge it with replay or verify."""
 
 
 class Finding(SchemaModel):

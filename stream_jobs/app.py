@@ -7,9 +7,10 @@ Two agents, each over a pair of co-partitioned topics, run the pure processors o
   Its state holds session histories and open calls; it forwards each call, with its attribution,
   to the internal topic ``scopewatch.calls-by-route`` keyed by the call's route (delegation key,
   or the session route when the session names nobody).
-* ``authorize`` (stage 2) reads ``scopewatch.calls-by-route`` and ``consent.grants`` (key: the
-  delegation key). Its state holds grant histories and the calls it owns; every verdict version
-  goes to ``audit.evidence``.
+* ``authorize`` (stage 2) reads ``scopewatch.calls-by-route``, ``consent.grants`` and
+  ``consent.approvals`` (key: the delegation key). Its state holds grant and approval histories and
+  the calls it owns; every verdict version goes to ``audit.evidence``. ``consent.policies`` is read
+  whole by a consumer of its own (``stream_jobs.decisions.PolicyFeed``), polled before each batch.
 
 Faust assigns topics with the same partition count and the same subscribers together, so
 partition p of both inputs of an agent lives on one worker. The internal topic is written with the
@@ -171,7 +172,7 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     stage1_in = raw_topic(topics.tool_calls, topics.sessions)
-    stage2_in = raw_topic(topics.calls_by_route, topics.grants)
+    stage2_in = raw_topic(topics.calls_by_route, topics.grants, topics.approvals)
 
     producer = BatchProducer(settings.kafka_bootstrap, counters)
     ticks = Sender(producer, settings, counters)
@@ -222,11 +223,14 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         # Faust has waited for in-flight batches (ours send and await everything before acking):
         # forget the state, the next owner (maybe us again) reads it back from the changelogs.
         stage1.revoke({tp.partition for tp in revoked if tp.topic in (topics.tool_calls, topics.sessions)})
-        stage2.revoke({tp.partition for tp in revoked if tp.topic in (topics.calls_by_route, topics.grants)})
+        stage2_topics = (topics.calls_by_route, topics.grants, topics.approvals)
+        stage2.revoke({tp.partition for tp in revoked if tp.topic in stage2_topics})
 
     @app.on_before_shutdown.connect
     async def close_producer(sender_app: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         await producer.stop()  # Faust has stopped its consumer: no batch is in flight any more
+        if stage2.policies is not None:
+            await stage2.policies.stop()
 
     @app.timer(interval=settings.tick_seconds)  # type: ignore[untyped-decorator]
     async def tick() -> None:

@@ -27,13 +27,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, tick_message
+from detections.policy import PolicyStore
 from schemas import (
+    ApprovalDecided,
     CodecError,
     GrantIssued,
     GrantRevoked,
+    PolicyPublished,
     SessionBound,
     SessionEnded,
     ToolCall,
@@ -62,6 +65,102 @@ class _Partition:
         self.stores = stores
         self.offsets: dict[str, int] = {}
         self.ends = ends
+
+
+class PolicyFeed:
+    """``consent.policies`` read whole by every worker (DESIGN: a small topic, like a global table).
+
+    Its own consumer without a group: every partition assigned, read from the beginning at each
+    start (nothing is committed, so a restart restores every policy), then polled before each batch
+    of stage 2 so policies are applied in topic order before the calls of that batch are decided.
+    New policies go into :attr:`store` (shared by the worker's stage-2 partitions); :meth:`poll`
+    returns them, the caller re-judges the calls they may change. A record that does not decode is
+    counted and logged (``policy_decode_errors``) and skipped; it never stops the worker.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, counters: Counter[str]) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.counters = counters
+        self.store = PolicyStore()
+        self.bad: list[tuple[Any, Exception]] = []
+        """Records that did not decode since the last :meth:`take_bad` (the caller dead-letters them)."""
+        self._consumer: AIOKafkaConsumer | None = None
+        self._assigned = False
+        self._next_look = 0.0
+
+    async def _start(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await consumer.start()
+            self._consumer = consumer
+        return self._consumer
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
+        if self._assigned:
+            return True
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_look:
+            return False
+        self._next_look = loop.time() + 5.0
+        await consumer.topics()  # fresh metadata: the topic may have been created since
+        partitions = consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            log.warning("policies: topic %s has no partitions yet; judging without policies", self.topic)
+            return False
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        self._assigned = True
+        return True
+
+    async def catch_up(self) -> list[PolicyPublished]:
+        """Read up to the end offsets as of now (at start: every policy published so far)."""
+        consumer = await self._start()
+        if not await self._assign(consumer):
+            return []
+        tps = list(consumer.assignment())
+        ends = await consumer.end_offsets(tps)
+        found: list[PolicyPublished] = []
+        while True:
+            behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+            if not behind:
+                return found
+            found += self._apply(await consumer.getmany(*behind, timeout_ms=200, max_records=10_000))
+
+    async def poll(self) -> list[PolicyPublished]:
+        """Policies published since the last poll (none waited for)."""
+        consumer = await self._start()
+        if not await self._assign(consumer):
+            return []
+        return self._apply(await consumer.getmany(timeout_ms=0, max_records=10_000))
+
+    def _apply(self, batch: Mapping[Any, Sequence[Any]]) -> list[PolicyPublished]:
+        found: list[PolicyPublished] = []
+        for _tp, records in sorted(batch.items(), key=lambda kv: kv[0].partition):
+            for m in records:
+                try:
+                    obj = decode(m.value)
+                    if not isinstance(obj, PolicyPublished):
+                        raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
+                except Exception as exc:  # noqa: BLE001 - a bad policy record never stops the worker
+                    self.counters["policy_decode_errors"] += 1
+                    self.bad.append((m, exc))
+                    continue
+                if self.store.add(obj):
+                    self.counters["policies_read"] += 1
+                    found.append(obj)
+        return found
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
 
 
 class StageRunner:
@@ -95,6 +194,33 @@ class StageRunner:
         self._touched: dict[int, _Partition] = {}
         self.halted = asyncio.Event()
         """Set when this worker's assignment is not co-partitioned: it judges nothing from then on."""
+        self.policies: PolicyFeed | None = None
+        """Stage 2: the policies feed, polled before each batch and tick (see :meth:`_policies`)."""
+        self._policies_loaded = False
+
+    async def _policies(self, now: datetime) -> None:
+        """Apply the policies published since the last batch (all of them the first time) and
+        re-judge, in every loaded partition, the calls they may change."""
+        feed = self.policies
+        if feed is None:
+            return
+        if not self._policies_loaded:
+            await self.ready.wait()
+            await feed.catch_up()  # before any partition is loaded or any call decided
+            self._policies_loaded = True
+            new: list[PolicyPublished] = []
+        else:
+            new = await feed.poll()
+        for m, exc in feed.bad:
+            self.sender.dead_letter(m, "policies", exc, now)
+        feed.bad.clear()
+        if not new:
+            return
+        for p, part in self.partitions.items():
+            self._touched.setdefault(p, part)
+            for fact in new:
+                self.sender.emit(part.proc.on_policy(fact, now, stored=True))
+        self._drain()
 
     async def partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)
@@ -149,6 +275,7 @@ class StageRunner:
         value, in offset order per partition); outputs and the changelog writes of every partition
         touched go into :attr:`sender`. Call :meth:`settle` with the flush's end offsets after."""
         self.counters[f"{self.name}_batches"] += 1
+        await self._policies(now)
         touched = self._touched
         counters, handle, sender, name = self.counters, self.handle, self.sender, self.name
         events = 0
@@ -177,6 +304,7 @@ class StageRunner:
 
     async def tick(self, partitions: Iterable[int], now: datetime) -> None:
         """Advance these partitions' clock without a message (stage 2: deadlines pass)."""
+        await self._policies(now)
         for p in partitions:
             part = self._touched.get(p)
             if part is None:
@@ -374,13 +502,15 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 
 STAGE1_TABLES = ("s1-sessions", "s1-calls")
-STAGE2_TABLES = ("s2-grants", "s2-calls", "s2-seq")
+STAGE2_TABLES = ("s2-grants", "s2-calls", "s2-seq", "s2-approvals")
 
 
-def stage_groups(settings: Settings) -> list[tuple[str, str]]:
-    """The co-partition groups: the two input topics of each stage."""
+def stage_groups(settings: Settings) -> list[tuple[str, ...]]:
+    """The co-partition groups: the input topics of each stage (stage 2: the internal topic, the
+    grants and the approvals, all keyed by delegation). ``consent.policies`` is in no group: every
+    worker reads all of it (:class:`PolicyFeed`)."""
     topics = settings.topics
-    return [(topics.tool_calls, topics.sessions), (topics.calls_by_route, topics.grants)]
+    return [(topics.tool_calls, topics.sessions), (topics.calls_by_route, topics.grants, topics.approvals)]
 
 
 def build_stages(
@@ -398,6 +528,8 @@ def build_stages(
     reader = reader or ChangelogReader(settings.kafka_bootstrap)
     changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
     tool_calls, sessions, calls_by_route = topics.tool_calls, topics.sessions, topics.calls_by_route
+    approvals = topics.approvals
+    feed = PolicyFeed(settings.kafka_bootstrap, topics.policies, counters)
 
     def handle_stage1(proc: Stage1, m: Any, now: datetime) -> Output:
         obj = decode(m.value)
@@ -412,7 +544,9 @@ def build_stages(
         if m.topic == calls_by_route:
             return proc.on_message((m.key or b"").decode("utf-8"), m.value, now)
         obj = decode(m.value)
-        if not isinstance(obj, (GrantIssued, GrantRevoked)):
+        if m.topic == approvals and isinstance(obj, ApprovalDecided):
+            return proc.on_approval(obj, now)
+        if m.topic == approvals or not isinstance(obj, (GrantIssued, GrantRevoked)):
             raise CodecError(f"unexpected {type(obj).__name__} on {m.topic}")
         return proc.on_fact(obj, now)
 
@@ -431,8 +565,20 @@ def build_stages(
             counters,
         )
 
+    def make_stage2(
+        p: int,
+        grants: ChangelogStore,
+        calls: ChangelogStore,
+        sequence: ChangelogStore,
+        approvals: ChangelogStore,
+        config: LiveConfig,
+        counters: LiveCounters,
+    ) -> Stage2:
+        return deferred_stage2(p, grants, calls, sequence, config, counters, approvals=approvals, policies=feed.store)
+
     stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
-    stage2 = runner("authorize", STAGE2_TABLES, deferred_stage2, handle_stage2)
+    stage2 = runner("authorize", STAGE2_TABLES, make_stage2, handle_stage2)
+    stage2.policies = feed
     return stage1, stage2, changelogs
 
 

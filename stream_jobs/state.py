@@ -34,6 +34,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from detections.live import LiveConfig, LiveCounters, Stage2
+from detections.policy import PolicyStore
 
 log = logging.getLogger("scopewatch.stream.state")
 
@@ -97,11 +98,24 @@ def deferred_stage2(
     sequence: ChangelogStore,
     config: LiveConfig | None = None,
     counters: LiveCounters | None = None,
+    *,
+    approvals: MutableMapping[str, bytes] | None = None,
+    policies: PolicyStore | None = None,
 ) -> Stage2:
     """A :class:`~detections.live.Stage2` over these stores whose sequence records are written once
     per batch: ``sequence`` calls its ``flush`` just before each drain (one encoding and at most one
     changelog message per changed delegation and batch, however many of its calls the batch had)."""
-    stage = Stage2(partition, grants, calls, config, counters, sequence=sequence, deferred=True)
+    stage = Stage2(
+        partition,
+        grants,
+        calls,
+        config,
+        counters,
+        sequence=sequence,
+        deferred=True,
+        approvals=approvals,
+        policies=policies,
+    )
     sequence.before_drain = stage.flush
     return stage
 

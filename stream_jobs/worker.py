@@ -76,7 +76,7 @@ class DecisionJob(Job[Message]):
         self.assignment = assignment
         self.halted = False
         self._facts1, self._calls1 = topics.sessions, topics.tool_calls
-        self._facts2, self._calls2 = topics.grants, topics.calls_by_route
+        self._facts2, self._calls2, self._approvals = topics.grants, topics.calls_by_route, topics.approvals
         self._stage1_topics = {topics.sessions, topics.tool_calls}
 
     async def assigned(self, tps: set[TP]) -> None:
@@ -98,7 +98,13 @@ class DecisionJob(Job[Message]):
         calls1: list[Record] = []
         facts2: list[Record] = []
         calls2: list[Record] = []
-        lists = {self._facts1: facts1, self._calls1: calls1, self._facts2: facts2, self._calls2: calls2}
+        lists = {
+            self._facts1: facts1,
+            self._calls1: calls1,
+            self._facts2: facts2,
+            self._approvals: facts2,  # approvals are stage-2 facts too: applied before the calls
+            self._calls2: calls2,
+        }
         for (topic, _), records in batch.items():
             lists[topic].extend(records)
         if facts1 or calls1:
@@ -187,12 +193,15 @@ def build_worker(
     assignor = CoPartitionedAssignor(stage_groups(settings), slot=slot or "")
     assignment = new_assignment()
     job = DecisionJob(settings, (stage1, stage2), assignor, assignment)
+    if consumer is not None:
+        # other adapters (the in-memory broker of unit tests): no policies feed from a real broker
+        stage2.policies = None
     if consumer is None:
         topics = settings.topics
         kafka = KafkaConsumer(
             settings.kafka_bootstrap,
             settings.worker_group,
-            [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants],
+            [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants, topics.approvals],
             assignor=assignor,
             instance_id=slot,
             session_timeout=settings.worker_session_timeout_seconds,
@@ -229,6 +238,8 @@ async def _serve(settings: Settings) -> bool:
         await runner.run()
     finally:
         stats.remove()
+        if job.stage2.policies is not None:
+            await job.stage2.policies.stop()
     return job.halted
 
 

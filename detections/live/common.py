@@ -26,6 +26,7 @@ __all__ = [
     "due",
     "heappop",
     "heappush",
+    "incomplete_facts",
     "new_forward",
     "new_object",
     "new_output",
@@ -189,3 +190,19 @@ def due(heap: list[tuple[int, str]], now_us: int) -> Iterator[str]:
     """Pop the keys of a min-heap of (instant, key) due at ``now_us`` (lazy deletion: callers re-check)."""
     while heap and heap[0][0] <= now_us:
         yield heappop(heap)[1]
+
+
+# -------------------------------------------------------------------------- retention
+
+
+def incomplete_facts(facts: dict[str, object], history: str, horizon: datetime) -> dict[str, object]:
+    """Decision facts saying the call was judged on a compacted ``history`` (session, grants or
+    approvals) whose horizon is after it (DESIGN "Retention"): merged into the decision's facts."""
+    names = facts.get("history_incomplete")
+    listed = list(names) if isinstance(names, list) else []
+    if history not in listed:
+        listed.append(history)
+    horizons = facts.get("history_horizons")
+    by_history = dict(horizons) if isinstance(horizons, dict) else {}
+    by_history[history] = horizon.isoformat().replace("+00:00", "Z")
+    return {"history_complete": False, "history_incomplete": sorted(listed), "history_horizons": by_history}

@@ -69,6 +69,7 @@ def make_evidence(
         "kind": kind,
         "trigger": reason,
         **evidence_fields(decision),
+        "history_complete": decision.facts.get("history_complete", True) is not False,
     }
     return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
 
@@ -137,7 +138,7 @@ def build_evidence(
 
 
 def tool_call(c: CallLine, t: datetime) -> ToolCall:
-    """The call as rules read it (what stage 2 has of it: no arguments, no claimed hints)."""
+    """The call as rules read it (what stage 2 has of it: no claimed hints)."""
     values = {
         "event_type": "tool_call",
         "event_id": c.event_id,
@@ -148,7 +149,7 @@ def tool_call(c: CallLine, t: datetime) -> ToolCall:
         "session_id": c.session_id,
         "server": c.server,
         "tool": c.tool,
-        "arguments": {},
+        "arguments": c.arguments,
         "resources": c.resources,
         "transport": c.transport,
         "attested": c.attested,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import MutableMapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -19,6 +20,7 @@ from detections.live.common import (
     at,
     due,
     heappush,
+    incomplete_facts,
     new_forward,
     new_output,
     now_us,
@@ -66,7 +68,16 @@ _MEMO_LIMIT: Final = 256
 
 def attributed(history: SessionHistory, t: datetime, attested: dict[str, Any] | None) -> Attributed:
     """:func:`~detections.engine.attribute` at ``t`` for a call with these attested claims, memoized
-    per session state: it depends on t only through :meth:`SessionHistory.state_key` (bound sessions)."""
+    per session state: it depends on t only through :meth:`SessionHistory.state_key` (bound sessions).
+
+    A call older than the history's compaction horizon is attributed on incomplete history (DESIGN
+    "Retention"): its attribution facts say so (``history_complete: false`` and the horizon), which
+    stage 2 carries into the evidence; such attributions are not memoized."""
+    horizon = history.horizon
+    if horizon is not None and t < horizon:
+        a = attribute_identity(history.session_id, attested, history.state_at(t))
+        facts = {**a.facts, **incomplete_facts(a.facts, "session", horizon)}
+        return Attributed(replace(a, facts=facts), history.tenant, history.session_id)
     n, valid, early = history.state_key(t)
     key = None
     if n:

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any, Final, Literal, TypeAlias, cast
 
+from detections.approvals import ApprovalHistory
 from detections.catalog import Detector
-from detections.compact import decode_grants, encode_grants
+from detections.compact import decode_approvals, decode_grants, encode_approvals, encode_grants
 from detections.engine import (
+    TERMINAL_VERDICTS,
+    Attribution,
     Decision,
     GrantFact,
     GrantHistory,
     GrantMatch,
     GrantState,
     GrantView,
+    authorize_delegation,
     authorize_matched,
     decision_of,
 )
@@ -25,6 +30,7 @@ from detections.live.common import (
     LiveConfig,
     LiveCounters,
     Output,
+    incomplete_facts,
     new_forward,
     new_object,
     new_output,
@@ -45,14 +51,17 @@ from detections.live.wire import (
     Message,
     Moved,
     Owned,
+    call_key,
     handoff_message,
     parse_head,
     parse_message,
     parse_record,
+    quote_part,
     route_of,
 )
+from detections.policy import PolicyStore
 from detections.rulebase import glob_matcher
-from schemas import ToolCall, parse_delegation_key, record_hash
+from schemas import ApprovalDecided, GrantIssued, PolicyPublished, ToolCall, parse_delegation_key, record_hash
 
 __all__ = ["Reason", "Stage2"]
 
@@ -147,9 +156,16 @@ class Stage2:
         *,
         sequence: MutableMapping[str, bytes] | None = None,
         deferred: bool = False,
+        approvals: MutableMapping[str, bytes] | None = None,
+        policies: PolicyStore | None = None,
     ) -> None:
         self.partition = partition
         self.grants = grants
+        self.approvals: MutableMapping[str, bytes] = {} if approvals is None else approvals
+        """Delegation route -> its approvals, compaction horizon and the uses of approvals by calls
+        this partition no longer holds (:func:`~detections.compact.encode_approvals`)."""
+        self.policies = PolicyStore() if policies is None else policies
+        """Every tenant's policies (``consent.policies`` read whole; shared by a worker's partitions)."""
         self.detector = detector if detector is not None else Detector()  # (an empty Detector is falsy: len 0)
         rules, rule_config = self.detector.rules, self.detector.config
         self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config)
@@ -173,6 +189,10 @@ class Stage2:
         self._deadlines: list[tuple[int, str]] = []  # (deadline, store key) of owned calls not final
         self._expiry: list[tuple[int, str]] = []  # (keep_until, store key)
         self._attributions: dict[str, AttributionLine] = {}  # attribution digest -> parsed line
+        self._conditioned: dict[str, tuple[bytes, frozenset[str], tuple[str, ...]]] = {}
+        """route -> (stored grants, policy ids, approval tool patterns) of its grant versions."""
+        self._groups_judged = 0  # calls judged together so far (their records may have changed)
+        self._approval_cache: dict[str, tuple[bytes, tuple[ApprovalHistory, datetime | None, dict[str, str]]]] = {}
 
     # -- state
 
@@ -274,7 +294,14 @@ class Stage2:
             # Calls that become final together are decided in event-time order: a deterministic order of
             # their evidence (the sequence rules get them in that order anyway, from the held calls).
             due.sort(key=lambda d: d[:3])
+            groups = self._groups_judged
             for _t, _cid, skey, rec in due:
+                if self._groups_judged != groups:
+                    # a call judged with others (approvals) may have finalized this one meanwhile
+                    fresh = self._record(skey)
+                    if not isinstance(fresh, Owned) or fresh.final:
+                        continue
+                    rec = fresh
                 self._decide(skey, rec, now, now_us, "deadline", False, out)
         if self._expiry and self._expiry[0][0] <= now_us:
             closed = 0
@@ -286,6 +313,9 @@ class Stage2:
                 del self.calls[skey]
                 if isinstance(head, Owned):
                     self._unindex_owned(skey, head.route)
+                    last = head.last
+                    if last is not None and len(last) > 4 and last[0] == "in_scope" and last[4]:
+                        self._record_use(head.route, last[4], head.ckey)
                 closed += 1
             if closed:
                 self.counters.add("stage2_calls_closed", closed)
@@ -376,6 +406,9 @@ class Stage2:
         self._cache.put(route, stored, history)
         self.counters.add("stage2_facts")
         fact_us = _us(fact.event_time)
+        if self._conditions(route, stored, history) is not None:
+            self._rejudge(route, None, fact_us, now, now_us, out)
+            return out
         for skey in sorted(self._owned.get(route, ())):
             rec = self._record(skey)
             if not isinstance(rec, Owned):
@@ -384,6 +417,149 @@ class Stage2:
                 continue
             self._decide(skey, rec, now, now_us, "fact", now_us > rec.deadline, out)
         return out
+
+    def on_approval(self, fact: ApprovalDecided, now: datetime) -> Output:
+        """An ``approval_decided`` of a delegation this partition holds (co-partitioned with grants):
+        stored, then the delegation's held calls judged again together, in (event_time, call_id) order."""
+        out = new_output()
+        now_us = _now_us(now)
+        self._advance(now, now_us, out)
+        if self._seq.dirty and not self._deferred:
+            self.flush()
+        route = route_of(fact.tenant, "", fact.principal, fact.agent_id)
+        history, horizon, used = self._approvals_of(route)
+        if not history.add(fact):
+            self.counters.add("stage2_duplicate_facts")
+            return out
+        history, horizon, used = _compact_approvals(history, horizon, used, now - self.config.retention)
+        self._store_approvals(route, history, horizon, used)
+        self.counters.add("stage2_approvals")
+        stored = self.grants.get(route)
+        if stored is not None and self._conditions(route, stored, None) is not None:
+            # every tool: versions of one approval_id may name different tools
+            self._rejudge(route, None, _us(fact.event_time), now, now_us, out)
+        return out
+
+    def on_policy(self, fact: PolicyPublished, now: datetime, *, stored: bool = False) -> Output:
+        """A ``policy_published`` (every partition sees all of them): added to the shared store
+        (unless the caller did, ``stored``), then the calls of delegations whose grants name the
+        policy judged again. Idempotent: calls whose verdict does not change emit nothing."""
+        out = new_output()
+        now_us = _now_us(now)
+        self._advance(now, now_us, out)
+        if self._seq.dirty and not self._deferred:
+            self.flush()
+        if not stored and not self.policies.add(fact):
+            self.counters.add("stage2_duplicate_facts")
+        prefix = quote_part(fact.tenant) + "/"
+        fact_us = _us(fact.event_time)
+        for route in sorted(self._owned):
+            if not route.startswith(prefix) or route.count("/") != 2:
+                continue
+            grants = self.grants.get(route)
+            conditions = None if grants is None else self._conditions(route, grants, None)
+            if conditions is not None and fact.policy_id in conditions[0]:
+                self._rejudge(route, None, fact_us, now, now_us, out)
+        return out
+
+    # -- policies and approvals
+
+    def _conditions(
+        self, route: str, stored: bytes, history: GrantHistory | None
+    ) -> tuple[frozenset[str], tuple[str, ...]] | None:
+        """The policy ids and approval tool patterns of the route's grant versions; None when no
+        version has any (the usual case: then no call there needs Cedar or an approval)."""
+        hit = self._conditioned.get(route)
+        if hit is None or hit[0] is not stored:
+            if history is None:
+                history = self._grant_history(route, stored)
+            policies: set[str] = set()
+            tools: set[str] = set()
+            for fact in history:
+                if isinstance(fact, GrantIssued):
+                    policies.update(fact.policies)
+                    tools.update(fact.approval_tools)
+            if len(self._conditioned) >= _MEMO_SIZE:
+                self._conditioned.clear()
+            hit = self._conditioned[route] = (stored, frozenset(policies), tuple(sorted(tools)))
+        if not hit[1] and not hit[2]:
+            return None
+        return hit[1], hit[2]
+
+    def _approvals_of(self, route: str) -> tuple[ApprovalHistory, datetime | None, dict[str, str]]:
+        stored = self.approvals.get(route)
+        if stored is None:
+            return ApprovalHistory(*parse_delegation_key(route)), None, {}
+        hit = self._approval_cache.get(route)
+        if hit is not None and hit[0] is stored:
+            return hit[1]
+        found = decode_approvals(stored, *parse_delegation_key(route))
+        if len(self._approval_cache) >= self.config.cache_size:
+            self._approval_cache.clear()
+        self._approval_cache[route] = (stored, found)
+        return found
+
+    def _store_approvals(
+        self, route: str, history: ApprovalHistory, horizon: datetime | None, used: dict[str, str]
+    ) -> None:
+        encoded = encode_approvals(history, horizon, used)
+        if encoded != self.approvals.get(route):
+            self.approvals[route] = encoded
+            self._approval_cache[route] = (encoded, (history, horizon, used))
+
+    def _record_use(self, route: str, approval_id: str, ckey: str) -> None:
+        """A call that used ``approval_id`` is no longer held: keep its use (the single-use rule)."""
+        history, horizon, used = self._approvals_of(route)
+        if used.get(approval_id) != ckey:
+            self._store_approvals(route, history, horizon, {**used, approval_id: ckey})
+
+    def _group(self, route: str, name: str | None, extra: tuple[str, Owned] | None) -> list[tuple[str, Owned]]:
+        """The owned calls of ``route`` (of tool ``name``, if given), ``extra`` in place of its stored record."""
+        members: list[tuple[str, Owned]] = []
+        for skey in sorted(self._owned.get(route, ())):
+            if extra is not None and skey == extra[0]:
+                continue
+            rec = self._record(skey)
+            if isinstance(rec, Owned) and (name is None or f"{rec.call.server}/{rec.call.tool}" == name):
+                members.append((skey, rec))
+        if extra is not None:
+            members.append(extra)
+        return members
+
+    def _judge_group(
+        self, route: str, members: Sequence[tuple[str, Owned]]
+    ) -> list[tuple[Decision, Sequence[tuple[GrantView, Any]]]]:
+        """:func:`~detections.engine.authorize_delegation` over calls of one delegation route, with
+        its grants, approvals, the shared policies and the uses of calls no longer held."""
+        stored = self.grants.get(route)
+        grants = None if stored is None else self._grant_history(route, stored)
+        approvals, approvals_horizon, used = self._approvals_of(route)
+        self._groups_judged += 1
+        items: list[tuple[ToolCall, Attribution]] = []
+        for _skey, rec in members:
+            a = self._attribution(rec.digest, rec.attribution_line)
+            attribution = Attribution(cast(Any, None), a.principal, a.agent_id, a.terminal, a.reasons, dict(a.facts))
+            items.append((tool_call(rec.call, _at(rec.call.t)), attribution))
+        decisions, _uses = authorize_delegation(items, grants, approvals, self.policies, used)
+        out: list[tuple[Decision, Sequence[tuple[GrantView, Any]]]] = []
+        for (call, _a), decision in zip(items, decisions, strict=True):
+            t = call.event_time
+            if grants is not None and decision.principal is not None and not _terminal(decision):
+                if grants.horizon is not None and t < grants.horizon:
+                    decision.facts.update(incomplete_facts(decision.facts, "grants", grants.horizon))
+                if approvals_horizon is not None and t < approvals_horizon:
+                    decision.facts.update(incomplete_facts(decision.facts, "approvals", approvals_horizon))
+            out.append((decision, [] if grants is None else grants.views_at(t)))
+        return out
+
+    def _rejudge(self, route: str, name: str | None, since_us: int, now: datetime, now_us: int, out: Output) -> None:
+        """A fact of a delegation with policies or approval tools arrived: judge its held calls again
+        (of tool ``name``, if given) together, each emitting evidence only if its verdict changed."""
+        members = self._group(route, name, None)
+        if not any(rec.call.t >= since_us for _skey, rec in members):
+            return
+        for (skey, rec), (decision, views) in zip(members, self._judge_group(route, members), strict=True):
+            self._emit(skey, rec, decision, views, now, now_us, "fact", now_us > rec.deadline, out)
 
     # -- internals
 
@@ -495,10 +671,51 @@ class Stage2:
     def _decide(
         self, skey: str, rec: Owned, now: datetime, now_us: int, reason: Reason, late: bool, out: Output
     ) -> None:
+        route = rec.route
+        stored = self.grants.get(route)
+        if stored is not None and (conditions := self._conditions(route, stored, None)) is not None:
+            call = rec.call
+            name = f"{call.server}/{call.tool}"
+            if any(fnmatchcase(name, p) for p in conditions[1]):
+                # Calls of this tool may compete for approvals: judge them together, in order.
+                members = self._group(route, name, (skey, rec))
+            else:
+                members = [(skey, rec)]
+            for (k, r), (decision, views) in zip(members, self._judge_group(route, members), strict=True):
+                if k == skey:
+                    self._emit(k, r, decision, views, now, now_us, reason, late, out)
+                else:
+                    # Another call's arrival changed it: late if that came after its deadline; another
+                    # call's deadline only finalizes a due call early (nothing changed since).
+                    late_too = reason != "deadline" and now_us > r.deadline
+                    self._emit(k, r, decision, views, now, now_us, "fact", late_too, out)
+            return
         call = rec.call
         t = _at(call.t)
-        decision, used = self._decision(rec.route, self._attribution(rec.digest, rec.attribution_line), call, t)
-        summary = (decision.verdict, decision.matched_grant_id, decision.principal, decision.agent_id)
+        decision, used = self._decision(route, self._attribution(rec.digest, rec.attribution_line), call, t)
+        if stored is not None:
+            horizon = self._grant_history(route, stored).horizon
+            if horizon is not None and t < horizon and not _terminal(decision):
+                decision.facts.update(incomplete_facts(decision.facts, "grants", horizon))
+        self._emit(skey, rec, decision, used, now, now_us, reason, late, out)
+
+    def _emit(
+        self,
+        skey: str,
+        rec: Owned,
+        decision: Decision,
+        used: Sequence[tuple[GrantView, Any]],
+        now: datetime,
+        now_us: int,
+        reason: Reason,
+        late: bool,
+        out: Output,
+    ) -> None:
+        """Evidence for ``decision`` of the owned call ``rec`` if it differs from the last emitted
+        (or the call becomes final), and the rules on a final verdict."""
+        call = rec.call
+        t = _at(call.t)
+        summary = _summary(decision)
         final = now_us >= rec.deadline
         if rec.version > 0 and summary == rec.last and (rec.final or not final):
             if reason == "update":
@@ -554,8 +771,59 @@ class Stage2:
     ) -> tuple[ToolCall, Decision, Mapping[str, GrantState]]:
         """A held call decided again from its stored lines (restoring the sequence records)."""
         t = _at(call.t)
+        stored = self.grants.get(route)
+        if stored is not None and self._conditions(route, stored, None) is not None:
+            # As when it was final: judged with the route's held calls of its tool (approvals in order).
+            skey = f"{route}|{call_key(call.tenant, call.session_id, call.call_id)}"
+            rec = self._record(skey)
+            if not isinstance(rec, Owned):
+                rec = Owned(self.partition, route, "", 0, 0, None, True, 0, 0, digest, attribution_line, b"")
+                rec._call = call
+            members = self._group(route, f"{call.server}/{call.tool}", (skey, rec))
+            decision, views = self._judge_group(route, members)[-1]
+            return tool_call(call, t), decision, GrantsAt(views, t)
         decision, used = self._decision(route, self._attribution(digest, attribution_line), call, t)
         return tool_call(call, t), decision, GrantsAt(used, t)
+
+
+def _terminal(decision: Decision) -> bool:
+    return decision.verdict in TERMINAL_VERDICTS
+
+
+def _summary(decision: Decision) -> tuple[Any, ...]:
+    """What evidence versions are compared by: (verdict, matched grant, principal, agent_id), then,
+    only when there is any, the approval used, the policies and Cedar's decision, and whether the
+    history was complete (so that a plain call's stored summary keeps its four items)."""
+    base = (decision.verdict, decision.matched_grant_id, decision.principal, decision.agent_id)
+    policy = decision.policy
+    incomplete = decision.facts.get("history_complete") is False
+    if decision.approval_id is None and policy is None and not incomplete:
+        return base
+    policy_text = None if policy is None else f"{','.join(policy.versions)}:{policy.decision}"
+    return (*base, decision.approval_id, policy_text, incomplete)
+
+
+def _compact_approvals(
+    history: ApprovalHistory, horizon: datetime | None, used: dict[str, str], before: datetime
+) -> tuple[ApprovalHistory, datetime | None, dict[str, str]]:
+    """Drop approvals no call at or after ``before`` can have as a candidate (every version of the
+    approval expired by then); the horizon moves when something was dropped."""
+    versions: dict[str, list[ApprovalDecided]] = {}
+    for fact in history:
+        versions.setdefault(fact.approval_id, []).append(fact)
+    gone = {
+        aid
+        for aid, facts in versions.items()
+        if all(f.expires_at is not None and f.expires_at <= before for f in facts)
+    }
+    if not gone:
+        return history, horizon, used
+    kept = ApprovalHistory(history.tenant, history.principal, history.agent_id)
+    for fact in history:
+        if fact.approval_id not in gone:
+            kept.add(fact)
+    used = {aid: ckey for aid, ckey in used.items() if aid not in gone}
+    return kept, before if horizon is None else max(horizon, before), used
 
 
 def _no_history() -> GrantHistory:  # never called: a route with no stored grants has no history

@@ -158,10 +158,13 @@ def parse_list(data: bytes, tag: str, size: int) -> list[Any] | None:
 
 class CallLine:
     """The call as it travels from stage 1 to stage 2 and is stored there: ``[event_id, tenant,
-    call_id, session_id, server, tool, resources, transport, event_time_us, attested, tool_digest]``
-    (the event time at millisecond precision, as the canonical timestamp form carries it)."""
+    call_id, session_id, server, tool, resources, transport, event_time_us, attested, tool_digest,
+    arguments]`` (the event time at millisecond precision, as the canonical timestamp form carries
+    it; ``arguments`` only when not empty: Cedar's context and an approval's arguments digest read
+    them. Lines of 11 items, from before arguments were carried, have empty arguments)."""
 
     __slots__ = (
+        "arguments",
         "attested",
         "call_id",
         "event_id",
@@ -186,8 +189,10 @@ class CallLine:
     """Event time, microseconds since the epoch (at millisecond precision)."""
     attested: dict[str, Any] | None
     tool_digest: str | None
+    arguments: dict[str, Any]
 
     def __init__(self, values: list[Any]) -> None:
+        self.arguments = values.pop() if len(values) == 12 else {}
         (
             self.event_id,
             self.tenant,
@@ -209,21 +214,22 @@ class CallLine:
 
 def encode_call_line(call: ToolCall, t_us: int) -> bytes:
     """The :class:`CallLine` of ``call`` whose event time is ``t_us``."""
-    return dumps(
-        [
-            call.event_id,
-            call.tenant,
-            call.call_id,
-            call.session_id,
-            call.server,
-            call.tool,
-            call.resources,
-            call.transport,
-            t_us - t_us % 1000,  # milliseconds, as the canonical timestamp form carries them
-            call.attested,
-            call.tool_digest,
-        ]
-    )
+    line: list[Any] = [
+        call.event_id,
+        call.tenant,
+        call.call_id,
+        call.session_id,
+        call.server,
+        call.tool,
+        call.resources,
+        call.transport,
+        t_us - t_us % 1000,  # milliseconds, as the canonical timestamp form carries them
+        call.attested,
+        call.tool_digest,
+    ]
+    if call.arguments:
+        line.append(call.arguments)
+    return dumps(line)
 
 
 # ------------------------------------------------------------ the attribution line

@@ -24,12 +24,15 @@ from datetime import datetime
 from typing import Any
 
 from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, tick_message
+from detections.policy import PolicyStore
 from schemas import (
+    ApprovalDecided,
     BaseEvent,
     Evidence,
     Finding,
     GrantIssued,
     GrantRevoked,
+    PolicyPublished,
     SessionBound,
     SessionEnded,
     ToolCall,
@@ -50,6 +53,10 @@ class LiveSim:
         self.s2_calls: dict[str, bytes] = {}
         self.s2_seq: dict[str, bytes] = {}
         """Stage 2's sequence records (with ``deferred``: as of the last :meth:`commit`)."""
+        self.s2_approvals: dict[str, bytes] = {}
+        self.policies = PolicyStore()
+        """The policies read so far (``consent.policies`` is read whole, from the beginning, at every
+        start: a crash does not lose them, so they are not part of the committed state)."""
         self.stage1: list[Stage1] = []
         self.stage2: list[Stage2] = []
         self._seq_stores: list[ChangelogStore] = []
@@ -64,13 +71,31 @@ class LiveSim:
         if self.deferred:
             self._seq_stores = [ChangelogStore(dict(self.s2_seq)) for _ in range(self.n)]
             self.stage2 = [
-                deferred_stage2(p, self.s2_grants, self.s2_calls, self._seq_stores[p], self.config, self.counters)
+                deferred_stage2(
+                    p,
+                    self.s2_grants,
+                    self.s2_calls,
+                    self._seq_stores[p],
+                    self.config,
+                    self.counters,
+                    approvals=self.s2_approvals,
+                    policies=self.policies,
+                )
                 for p in range(self.n)
             ]
         else:
             seq: MutableMapping[str, bytes] = self.s2_seq
             self.stage2 = [
-                Stage2(p, self.s2_grants, self.s2_calls, self.config, self.counters, sequence=seq)
+                Stage2(
+                    p,
+                    self.s2_grants,
+                    self.s2_calls,
+                    self.config,
+                    self.counters,
+                    sequence=seq,
+                    approvals=self.s2_approvals,
+                    policies=self.policies,
+                )
                 for p in range(self.n)
             ]
 
@@ -92,6 +117,13 @@ class LiveSim:
         elif isinstance(event, (GrantIssued, GrantRevoked)):
             key = delegation_key(event.tenant, event.principal, event.agent_id)
             self._collect(self.stage2[self.partition(key)].on_fact(event, now))
+        elif isinstance(event, ApprovalDecided):  # consent.approvals: co-partitioned with the grants
+            key = delegation_key(event.tenant, event.principal, event.agent_id)
+            self._collect(self.stage2[self.partition(key)].on_approval(event, now))
+        elif isinstance(event, PolicyPublished):  # consent.policies: every worker reads all of it
+            self.policies.add(event)
+            for s2 in self.stage2:
+                self._collect(s2.on_policy(event, now, stored=True))
 
     def step(self, now: datetime, rng: random.Random | None = None) -> bool:
         """Process the head of one non-empty internal partition (random one if ``rng``)."""
@@ -148,7 +180,9 @@ class LiveSim:
         """The end of a batch: stores written to their changelogs, outputs sent, offsets committed."""
         self._flush()
         self._committed = {
-            "stores": copy.deepcopy((self.s1_sessions, self.s1_calls, self.s2_grants, self.s2_calls, self.s2_seq)),
+            "stores": copy.deepcopy(
+                (self.s1_sessions, self.s1_calls, self.s2_grants, self.s2_calls, self.s2_seq, self.s2_approvals)
+            ),
             "queues": [deque(q) for q in self.queues],
             "evidence": len(self.evidence),
             "findings": len(self.findings),
@@ -159,7 +193,8 @@ class LiveSim:
         what was done since is lost (the caller delivers those input events again)."""
         assert self._committed is not None, "commit() first"
         saved = self._committed
-        self.s1_sessions, self.s1_calls, self.s2_grants, self.s2_calls, self.s2_seq = copy.deepcopy(saved["stores"])
+        stores = copy.deepcopy(saved["stores"])
+        self.s1_sessions, self.s1_calls, self.s2_grants, self.s2_calls, self.s2_seq, self.s2_approvals = stores
         self.queues = [deque(q) for q in saved["queues"]]
         del self.evidence[saved["evidence"] :]
         del self.findings[saved["findings"] :]

@@ -145,6 +145,7 @@ def test_trusted_evidence_is_what_model_construct_builds() -> None:
         policy_decision=None,
         policy_reasons=[],
         policy_errors=[],
+        history_complete=True,
     )
     assert _state(fast) == _state(slow)
     assert fast == slow

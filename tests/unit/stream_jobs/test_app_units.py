@@ -15,7 +15,8 @@ def test_create_app_declares_both_stages_and_their_changelogs(tmp_path: Path) ->
     assert set(app.agents) >= {"attribute", "authorize"}
     assert not app.tables  # state is ours (stream_jobs.state), not Faust tables
     assert app.scopewatch_changelogs == {  # type: ignore[attr-defined]
-        name: f"u-decisions-{name}-changelog" for name in ("s1-sessions", "s1-calls", "s2-grants", "s2-calls", "s2-seq")
+        name: f"u-decisions-{name}-changelog"
+        for name in ("s1-sessions", "s1-calls", "s2-grants", "s2-calls", "s2-seq", "s2-approvals")
     }
     # two apps never share state
     assert create_app(settings) is not app

@@ -46,7 +46,7 @@ def test_the_decision_job_on_the_memory_runner_equals_replay(tmp_path: Path, fai
     for event in events:
         broker.append(topic_for(event, settings.topics), key_for(event).encode(), encode(event))
     topics = settings.topics
-    inputs = [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants]
+    inputs = [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants, topics.approvals]
     consumer = MemoryConsumer(broker, settings.worker_group, inputs)
     runner, job, stats, ready = build_worker(settings, consumer, MemoryProducer(broker), MemoryChangelogReader(broker))
     stats.path = None
