@@ -48,6 +48,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "version": st.integers(1, 2**63 - 1),
     "final": st.booleans(),
     "late": st.booleans(),
+    "history_complete": st.booleans(),
     "rule_version": st.integers(1, 2**31 - 1),
     "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
     **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),

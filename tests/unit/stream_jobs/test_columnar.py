@@ -113,6 +113,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "verdict": st.sampled_from(VERDICTS) | TEXT,
     "final": st.booleans(),
     "late": st.booleans(),
+    "history_complete": st.booleans(),
     "rule_version": st.integers(1, 2**31 - 1),
     "severity": st.sampled_from(["info", "low", "medium", "high", "critical"]),
     **dict.fromkeys(["arguments", "attested", "claimed", "auth", "facts", "details"], OBJECT),
