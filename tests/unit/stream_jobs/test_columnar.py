@@ -144,7 +144,6 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "latency_ms": st.floats(min_value=0, allow_nan=False, allow_infinity=False),
     "labels": st.dictionaries(TEXT, STRINGS, max_size=3),
     "decision": st.sampled_from(["approve", "deny"]),
-    "history_complete": st.booleans(),
 }
 MODEL_FIELDS: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("PolicyPublished", "version"): TEXT,  # a commit id or content hash, not a verdict version
