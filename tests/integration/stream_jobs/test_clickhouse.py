@@ -165,7 +165,9 @@ def _dash_events() -> list[dict[str, object]]:
     for i, event in enumerate(stamped):  # sequence number 3 never arrives: a lost event
         event["collector"] = {"id": f"{tag}-wrap", "epoch": 1, "seq": i if i < 3 else i + 1, "prev_hash": None}
     assert ts("10:00:00").startswith("2026-11-21")
-    return events
+    from support.gated import gated_story
+
+    return [*events, *gated_story(tag)]  # policies and approvals (issue 18): alice's agent-7, unstamped
 
 
 def _finding_row(f: Any, offset: int) -> dict[str, object]:
@@ -367,6 +369,39 @@ def test_dashboard_panels_show_what_the_scenario_did(dash: Client) -> None:
     assert paged == ["delivered", "failed", "not paged"]
     collectors = _panel_rows(dash, "scopewatch-pipeline", "Collectors: sequence gaps")
     assert [(r["collector_id"], r["missing_seq"]) for r in collectors] == [(f"{tag}-wrap", 1)]
+
+
+def test_approval_and_policy_panels_show_what_the_scenario_did(dash: Client) -> None:
+    tag = DASH_TAG
+    approvals = _panel_rows(dash, "scopewatch-soc-overview", "Approvals by tool")
+    assert approvals == [
+        {
+            "tenant": "acme",
+            "tool": "db/drop_table",
+            "gated_calls": 1,
+            "approved": 0,
+            "missing": 0,
+            "denied_then_executed": 1,
+            "p50_time_to_use_s": None,
+            "max_time_to_use_s": None,
+        },
+        {
+            "tenant": "acme",
+            "tool": "db/write_row",
+            "gated_calls": 3,
+            "approved": 2,
+            "missing": 1,
+            "denied_then_executed": 0,
+            "p50_time_to_use_s": 75.0,  # 30 s (ap-1) and 120 s (ap-3)
+            "max_time_to_use_s": 120.0,
+        },
+    ]
+    denials = _panel_rows(dash, "scopewatch-soc-overview", "Policy denials by policy version")
+    assert [(r["policy_version"], r["denials"], r["agents"], r["with_errors"]) for r in denials] == [
+        (f"{tag}-labels@v1", 1, 1, 0),
+        (f"{tag}-labels@v2", 1, 1, 0),
+    ]
+    assert denials[1]["last_denied"] == ts("10:06:00")
 
 
 def test_pipeline_metric_panels_show_the_snapshots(dash: Client) -> None:
