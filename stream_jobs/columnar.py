@@ -137,6 +137,16 @@ def _json(raw: bytes) -> None:
         raise Reject("JSON field not a canonical JSON object")
 
 
+def _json_labels(raw: bytes) -> None:
+    """:func:`_json`, and the object maps each label to a list of strings (``PolicyPublished.labels``)."""
+    obj = orjson.loads(raw)
+    if type(obj) is not dict or orjson.dumps(obj, option=_SORT) != raw:
+        raise Reject("JSON field not a canonical JSON object")
+    for patterns in obj.values():
+        if type(patterns) is not list or any(type(p) is not str for p in patterns):
+            raise Reject("labels: not label -> list of strings")
+
+
 _SECONDS: dict[int, str] = {}
 
 
@@ -165,6 +175,7 @@ _RUNTIME: Final[dict[str, Any]] = {
     "Reject": Reject,
     "_length": _length,
     "_json": _json,
+    "_json_labels": _json_labels,
     "_jts": _jts,
     "_jstr": _jstr,
     "_jlist": _jlist,
@@ -189,6 +200,7 @@ class _Kind:
     values: frozenset[str] = frozenset()  # lit
     ge: int | float | None = None
     le: int | float | None = None
+    labels: bool = False  # json: an object of label -> list of strings (PolicyPublished.labels)
 
 
 def _kind(name: str, annotation: Any, metadata: list[Any]) -> _Kind:
@@ -237,6 +249,8 @@ def _kind(name: str, annotation: Any, metadata: list[Any]) -> _Kind:
         return _Kind("ts", optional)
     if base == dict[str, Any] and validators == [ev._json_object] and not serializers and name in JSON_FIELDS:
         return _Kind("json", optional)
+    if base == dict[str, list[str]] and validators == [ev._labels] and not serializers and name in JSON_FIELDS:
+        return _Kind("json", optional, labels=True)
     if base is ev.Collector and not meta and optional:
         return _Kind("collector", optional)
     raise Unsupported(f"{name}: {annotation} {meta}")
@@ -401,7 +415,7 @@ class _Code:
         elif kind.base == "ts":
             tests.append(f"not (_MIN_MS <= {var} <= _MAX_MS)")
         elif kind.base == "json":
-            test = f"_json({var}_raw)"
+            test = f"_json_labels({var}_raw)" if kind.labels else f"_json({var}_raw)"
             self.add(i, f"if {var} is not None:", f"    {test}") if kind.optional else self.add(i, test)
             return
         if not tests:

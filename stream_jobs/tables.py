@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 
 from detections.engine import VERDICTS
 from schemas import (
+    ApprovalDecided,
     BaseEvent,
     DeadLetter,
     Evidence,
@@ -36,6 +37,7 @@ from schemas import (
     GrantIssued,
     GrantRevoked,
     PageAttempt,
+    PolicyPublished,
     SchemaModel,
     SessionBound,
     SessionEnded,
@@ -99,6 +101,10 @@ class TableSpec:
     """The model-field columns in insert order (a bare string is a plain ``Col``)."""
     provenance: tuple[str, ...] = PROVENANCE
     """The Kafka provenance columns the table has (``pages`` keeps only ``_ingested_at``)."""
+    fact: bool = False
+    """Identity, consent, policy or approval facts: ``verify`` reads all of them whatever ``--since``
+    says (older facts decide newer calls), re-judges calls on them, and resolves evidence fact
+    references against them."""
     cols: tuple[Col, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -261,6 +267,7 @@ SPECS: Final[tuple[TableSpec, ...]] = (
             "event_id", "event_type", time("event_time"), "tenant", "session_id", "principal", "agent_id",
             time("valid_from"), time("valid_until"), json_("auth", absent="{}"),
         ),
+        fact=True,
     ),
     TableSpec(
         "consent_events",
@@ -269,8 +276,27 @@ SPECS: Final[tuple[TableSpec, ...]] = (
         (
             "event_id", "event_type", time("event_time"), "tenant", "grant_id", "principal", "agent_id",
             strs("tools"), strs("resources"), strs("scopes"), time("not_before"), time("expires_at"), "granted_by",
-            "purpose", "parent_grant_id", "revoked_by", "reason",
+            "purpose", "parent_grant_id", "revoked_by", "reason", strs("policies"), strs("approval_tools"),
         ),
+        fact=True,
+    ),
+    TableSpec(
+        "policy_events",
+        "policies",
+        (PolicyPublished,),
+        ("event_id", "event_type", time("event_time"), "tenant", "policy_id", "version", "cedar", json_("labels"),
+         "published_by"),
+        fact=True,
+    ),
+    TableSpec(
+        "approval_events",
+        "approvals",
+        (ApprovalDecided,),
+        (
+            "event_id", "event_type", time("event_time"), "tenant", "approval_id", "principal", "agent_id", "tool",
+            "arguments_digest", "decision", "approver", time("expires_at"), "reason",
+        ),
+        fact=True,
     ),
     TableSpec(
         "evidence",
@@ -281,6 +307,8 @@ SPECS: Final[tuple[TableSpec, ...]] = (
             time("call_time"), Col("verdict", allowed=VERDICT_NAMES), "matched_grant_id", strs("reasons"),
             Col("version", limit=UINT32_MAX), "final", "late", time("decided_at"), json_("facts"),
             strs("fact_ids"), strs("fact_hashes"), Col("kind", absent=""), Col("trigger", absent=""),
+            "approval_id", "approver", strs("policy_versions"), "policy_decision", strs("policy_reasons"),
+            strs("policy_errors"), "history_complete",
         ),
     ),
     TableSpec(
@@ -319,6 +347,7 @@ SPECS: Final[tuple[TableSpec, ...]] = (
 BY_TABLE: Final[dict[str, TableSpec]] = {s.table: s for s in SPECS}
 BY_MODEL: Final[dict[type[SchemaModel], TableSpec]] = {m: s for s in SPECS for m in s.models}
 RAW_TABLES: Final[tuple[str, ...]] = tuple(s.table for s in SPECS if s.raw_event)
+FACT_TABLES: Final[tuple[str, ...]] = tuple(s.table for s in SPECS if s.fact)
 
 
 def table_topics(topics: Topics, specs: Iterable[TableSpec] = SPECS) -> dict[str, str]:

@@ -61,7 +61,7 @@ def example(model: type[SchemaModel], *, fill_optional: bool, extra: bool = Fals
             "bool": True,
             "strs": [f"{name}-1", f"{name}-2"],
             "ts": "2026-11-21T10:00:01.234Z",
-            "json": {"k": [1, "v"]},
+            "json": {"k": ["v", "w"]} if kind.labels else {"k": [1, "v"]},
             "collector": {"id": "c1", "epoch": 2, "seq": 5, "prev_hash": "sha256:00"},
         }[kind.base]
     if "verdict" in values:
