@@ -8,7 +8,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from scopewatch.stack.kafka import KafkaBroker
-from stream_jobs.clickhouse import connect, load_migrations, migrate, run_query
+from stream_jobs.clickhouse import connect, load_migrations, migrate, result_json, run_query
 from stream_jobs.rows import Provenance, to_row
 from stream_jobs.sink import ClickHouseWriter
 from support.samples import SAMPLES, T
@@ -1938,3 +1938,19 @@ def test_forensic_policy_decisions_name_versions_decisions_and_determining_polic
     assert forensic(chdb, "policy_decisions", db="gated", tenant="acme", until=ts("10:01:59")) == rows[:1]
     # calls under grants without policies are not listed (the forensics story has none)
     assert forensic(chdb, "policy_decisions", db="gated", tenant="globex") == []
+
+
+def test_verify_since_compares_times_as_times(chdb: Client) -> None:
+    """--since is a DateTime64 literal: the sink's SQL endpoint parses time strings strictly
+    (date_time_input_format=basic), where '2026-11-21T10:04:00.000Z' as a string does not convert."""
+    from stream_jobs.verify import verify
+
+    _seed_gated(chdb, "vf_gated_since")
+
+    def strict(sql: str) -> dict[str, Any]:
+        return result_json(chdb.query(sql, settings={"date_time_input_format": "basic"}))
+
+    since = _datetime.datetime(2026, 11, 21, 10, 4, tzinfo=_datetime.UTC)
+    report = verify(strict, "vf_gated_since", since=since, tenant="acme")
+    assert report.ok, report.problems
+    assert (report.calls_checked, report.verdicts_match) == (4, 4)  # c-restricted, c-hr, c-open, c-late
