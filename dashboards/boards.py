@@ -466,9 +466,13 @@ _RAW_TABLES: Final = (
     ("tool_results", "event_time"),
     ("identity_events", "event_time"),
     ("consent_events", "event_time"),
+    ("policy_events", "event_time"),
+    ("approval_events", "event_time"),
     ("evidence", "decided_at"),
 )
-_CHAINED_TABLES: Final = ("tool_calls", "tool_results", "identity_events", "consent_events")
+"""Every table the sink writes raw events to (``stream_jobs.tables.RAW_TABLES``; a test keeps them
+equal), plus evidence."""
+_CHAINED_TABLES: Final = tuple(t for t, _ in _RAW_TABLES if t != "evidence")
 
 
 def _pipeline() -> Dashboard:

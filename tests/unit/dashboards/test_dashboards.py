@@ -187,3 +187,12 @@ def test_cli_build_writes_the_files(tmp_path: Path) -> None:
     assert "FROM audit.findings" in board["panels"][0]["targets"][0]["rawSql"]
     bad = CliRunner().invoke(dashboards_app, ["build", "--out", str(tmp_path), "--database", "x; DROP"])
     assert bad.exit_code == 2 and "invalid database name" in bad.output
+
+
+def test_the_pipeline_board_watches_every_raw_table_the_sink_writes() -> None:
+    """Ingestion delay and collector gaps cover each raw-event table, new ones included."""
+    from dashboards.boards import _CHAINED_TABLES, _RAW_TABLES
+    from stream_jobs.tables import RAW_TABLES
+
+    assert {t for t, _ in _RAW_TABLES} == {*RAW_TABLES, "evidence"}
+    assert set(_CHAINED_TABLES) == set(RAW_TABLES)
