@@ -53,6 +53,8 @@ ForensicQuery: TypeAlias = Literal[
     "delegation_timeline",
     "grant_history",
     "tool_digests",
+    "approval_history",
+    "policy_decisions",
 ]
 
 FORENSIC_QUERIES: Final[dict[ForensicQuery, str]] = {
@@ -61,6 +63,8 @@ FORENSIC_QUERIES: Final[dict[ForensicQuery, str]] = {
     "delegation_timeline": "calls, verdicts and consent facts of the delegation between first and last call time",
     "grant_history": "every grant_issued/grant_revoked of the grant, and the calls it matched",
     "tool_digests": "the delegation's calls to the server/tool with their tool_digest, in time order",
+    "approval_history": "the delegation's approvals with the call that used or ignored each, and its calls with none",
+    "policy_decisions": "calls judged under Cedar policies: versions, decision, deciding policies, errors",
 }
 """Named forensic queries a finding can point to (the SQL lives with the ClickHouse side)."""
 

@@ -74,7 +74,17 @@ _FALLBACK_PARAMS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
         ("server", False),
         ("tool", False),
     ),
+    "approval_history": (
+        ("tenant", True),
+        ("principal", False),
+        ("agent_id", False),
+        ("tool", False),
+        ("until", False),
+    ),
+    "policy_decisions": (("tenant", True), ("principal", False), ("agent_id", False), ("until", False)),
 }
+_QUALIFIED_TOOL: Final = frozenset({"approval_history"})
+"""Queries whose ``tool`` parameter is ``server/tool`` (the approval's), not the bare tool name."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,9 @@ def forensic_command(finding: Finding, params: ForensicParams | None = None) -> 
         "server": details.get("server") if isinstance(details.get("server"), str) else None,
         "tool": details.get("tool") if isinstance(details.get("tool"), str) else None,
     }
+    if finding.forensic_query in _QUALIFIED_TOOL:
+        server, tool = values["server"], values["tool"]
+        values["tool"] = f"{server}/{tool}" if server and tool else None
     argv = ["scopewatch", "forensics", finding.forensic_query]
     for name, required in declared:
         value = values.get(name)

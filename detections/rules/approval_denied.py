@@ -19,7 +19,7 @@ META = RuleMeta(
     severity="critical",
     kind="per_call",
     runbook=(
-        "Run call_evidence: which approval denied the call, who denied it, and what the call did.",
+        "Run approval_history: which approval denied the call, who denied it, and what the call did.",
         "Check why the gateway let the call through: its approval gate did not see or did not honour the deny.",
         "Block the agent for this principal and tool until the gate is fixed; undo the call's effects if you can.",
         "Tell the approver and the principal that the denied action ran.",
@@ -38,7 +38,7 @@ def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[NoState]) -> l
         summary=f"{call.server}/{call.tool} ran although {decision.approver} denied it "
         f"(approval {decision.approval_id}, grant {decision.matched_grant_id})",
         key=(decision.matched_grant_id or "-", decision.approval_id or "-"),
-        query="call_evidence",
+        query="approval_history",
     )
 
 

@@ -41,7 +41,7 @@ META = RuleMeta(
     severity="medium",
     kind="sequence",
     runbook=(
-        "Run call_evidence: the approval (who, when, for which arguments) and the call that used it.",
+        "Run approval_history: the approval (who, when, for which arguments) and the call that used it.",
         "Ask the approver whether the approval was meant for this call, this late.",
         "Set an expiry on approvals for this tool (expires_at) so that stale ones cannot be used.",
     ),
@@ -108,7 +108,7 @@ def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[Latencies]) ->
             summary=f"approval {decision.approval_id} by {decision.approver} used {seconds:g} s after it was given "
             f"({stats.late} of {stats.uses} approval(s) for {tool} used late)",
             key=(decision.approval_id,),
-            query="call_evidence",
+            query="approval_history",
             grant_id=decision.matched_grant_id,
             details={
                 "approval_id": decision.approval_id,

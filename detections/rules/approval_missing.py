@@ -19,7 +19,7 @@ META = RuleMeta(
     severity="high",
     kind="per_call",
     runbook=(
-        "Run call_evidence: the call, its arguments and the approvals that were candidates (used or expired).",
+        "Run approval_history: the call, its arguments and the approvals that were candidates (used or expired).",
         "Run delegation_timeline: did an earlier call use the approval (reuse), or was none ever asked for?",
         "Check that the gateway enforces the approval gate for this tool; block the tool for the agent until it does.",
         "Ask the principal whether they wanted this action; undo its effects if not.",
@@ -38,7 +38,7 @@ def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[NoState]) -> l
         summary=f"{call.server}/{call.tool} needs a human approval under grant {decision.matched_grant_id} "
         "and none authorised it",
         key=(decision.matched_grant_id or "-", f"{call.server}/{call.tool}"),
-        query="call_evidence",
+        query="approval_history",
     )
 
 

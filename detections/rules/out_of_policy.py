@@ -19,7 +19,7 @@ META = RuleMeta(
     severity="high",
     kind="per_call",
     runbook=(
-        "Run call_evidence: the policy versions used, Cedar's decision, the deciding policies and any errors.",
+        "Run policy_decisions: the policy versions used, Cedar's decision, the deciding policies and any errors.",
         "Run grant_history: which policies the grant names, and when each version was published.",
         "If the policy is right, block the call at the gateway's policy point; if not, fix and publish the policy.",
         "Check Cedar errors in the evidence: an erroring policy is skipped, a missing one permits nothing.",
@@ -49,7 +49,7 @@ def evaluate(call: ToolCall, decision: Decision, ctx: RuleContext[NoState]) -> l
             decision,
             summary=f"{call.server}/{call.tool} is outside the policies of grant {decision.matched_grant_id}: {why}",
             key=(decision.matched_grant_id or "-", *(deciding or versions)),
-            query="call_evidence",
+            query="policy_decisions",
             grant_id=decision.matched_grant_id,
             details={
                 "verdict": "out_of_policy",
