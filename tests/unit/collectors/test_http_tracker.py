@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import SecretBytes
 
-from collectors.http_proxy import PROXY_ERROR_CODE, ExchangeStart, HttpSessionTracker
+from collectors.http_tracker import PROXY_ERROR_CODE, ExchangeStart, HttpSessionTracker
 from collectors.jwt_verify import TokenCheck
 from collectors.redact import Redactor
 from schemas import Event, SessionBound, SessionEnded, ToolCall, ToolResult, to_canonical_json
