@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import threading
 import time
@@ -23,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from collectors.http_sse import MAX_MESSAGE_BYTES, SseParser
-from collectors.jsonrpc import each_message, rpc_key
+from collectors.jsonrpc import each_message, parse_message, rpc_key
 from collectors.jwt_verify import TokenCheck
 from collectors.observer import McpSessionObserver, SessionIdentity, utc_from_ns
 from collectors.redact import Redactor
@@ -161,7 +160,7 @@ class HttpSessionTracker:
         if not start.body:
             return
         try:
-            message: Any = json.loads(start.body)
+            message: Any = parse_message(start.body)
         except ValueError:
             self.stats.unparsable += 1
             return
@@ -308,7 +307,7 @@ class HttpSessionTracker:
     # -- server messages ---------------------------------------------------------------------------
     def _server_text(self, ex: _Exchange, text: str | bytes | bytearray, wall_ns: int, mono: float) -> None:
         try:
-            message: Any = json.loads(text)
+            message: Any = parse_message(text)
         except ValueError:
             self.stats.unparsable += 1
             return

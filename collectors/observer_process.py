@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import signal
 import socket
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from collectors.chain import ChainStamper
+from collectors.jsonrpc import parse_message
 from collectors.observer import McpSessionObserver, utc_from_ns
 from collectors.tap import C2S, DIRECTION_NAMES, END, GAP, GAP_BODY, S2C, DropCounters, Frame, FrameReader
 from collectors.tap import lost_messages as _lost_messages
@@ -366,7 +366,7 @@ class SessionRecorder:
             if not line.strip():
                 continue
             try:
-                message: Any = json.loads(line)
+                message: Any = parse_message(line)
             except ValueError:
                 self.stats.unparsable_lines += 1
                 continue
