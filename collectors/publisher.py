@@ -146,16 +146,16 @@ class PublisherStats:
         return dict(self.__dict__)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     topic: str
     key: bytes | None
     value: bytes
     kind: int = KIND_EVENT
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return len(self.value) + len(self.topic) + (len(self.key) if self.key else 0)
+    def __post_init__(self) -> None:
+        self.size = len(self.value) + len(self.topic) + (len(self.key) if self.key else 0)
 
 
 @dataclass
@@ -627,6 +627,8 @@ class BackgroundPublisher:
         keep accumulating instead: a burst of refusals must not use up the spool's reserve with many
         small records and leave no room for the one that matters. ``final``: at close, always.
         """
+        if not self._loss.count and not final:
+            return  # nothing lost (read without the lock: a loss counted meanwhile waits for the next turn)
         now = time.monotonic()
         if not final and (
             (self._degraded and self.stats.spool_full) or now - self._loss_flushed_at < LOSS_RECORD_INTERVAL
@@ -733,14 +735,17 @@ class BackgroundPublisher:
             items: list[_Item] = []
             with self._cond:
                 incoming = self._incoming
+                taken = 0
                 while incoming and len(items) < room and room_bytes > 0:
                     item = incoming[0]
-                    if item.size > _BATCH_ITEM_MAX:
+                    size = item.size
+                    if size > _BATCH_ITEM_MAX:
                         break
                     incoming.popleft()
-                    self._incoming_bytes -= item.size
-                    room_bytes -= item.size
+                    taken += size
+                    room_bytes -= size
                     items.append(item)
+                self._incoming_bytes -= taken
                 if items:
                     self._cond.notify_all()
                 alone = bool(incoming) and not items
@@ -1030,10 +1035,12 @@ class BackgroundPublisher:
         if seconds <= 0:
             await asyncio.sleep(0)
             return
+        # a timer that sets the wake event, not wait_for (which wraps the wait in a task each time)
+        timer = self._loop.call_later(seconds, self._wake.set)
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+            await self._wake.wait()
+        finally:
+            timer.cancel()
 
     async def _shutdown(self) -> None:
         """Make everything undelivered durable in the spool, then stop the producer and close the files."""
