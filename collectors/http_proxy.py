@@ -112,6 +112,7 @@ __all__ = [
 log = logging.getLogger("scopewatch.proxy")
 
 Emit = Callable[[Event], object]
+EmitMany = Callable[[list[Event], Callable[[Event, Exception], object]], object]
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -203,15 +204,31 @@ class HttpProxy:
         redactor: Redactor,
         verifier: JwtVerifier | None = None,
         extractor: ResourceExtractor | None = None,
+        emit_many: EmitMany | None = None,
     ) -> None:
+        """``emit_many`` (e.g. :meth:`collectors.emit.Emitter.emit_many`): the observer thread hands
+        each batch's events over at once with it, instead of one ``emit`` per event."""
         if config.require_auth and verifier is None:
             raise ValueError("require_auth needs verification keys (a JWKS file or PEM keys)")
         self.config = config
         self.verifier = verifier
         self.stats = ProxyStats()
         self._key = redactor.key.get_secret_value()
+        pending: list[Event] = []
+        flush: Callable[[], None] | None = None
+        if emit_many is not None:
+
+            def failed(_event: Event, exc: Exception) -> None:
+                self.tracker.stats.observer_errors += 1
+                log.warning("observer error (%s): an event could not be encoded", type(exc).__name__)
+
+            def flush() -> None:
+                events = pending[:]
+                pending.clear()
+                emit_many(events, failed)
+
         self.tracker = HttpSessionTracker(
-            emit=emit,
+            emit=emit if emit_many is None else pending.append,
             key=self._key,
             upstream=config.upstream,
             tenant=config.tenant,
@@ -221,7 +238,7 @@ class HttpProxy:
             max_sessions=config.max_sessions,
             session_idle_seconds=config.session_idle_seconds,
         )
-        self._observer = ObserverThread(self.tracker, config.observer_budget_bytes)
+        self._observer = ObserverThread(self.tracker, config.observer_budget_bytes, flush=flush)
         self._ids = itertools.count(1)
         self._client: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -313,7 +330,6 @@ class HttpProxy:
                 self.stats.rejected += 1
                 note = f"rejected: {check.reason or 'no bearer token'} (HTTP 401)"
                 self._observer.put(("head", ex_id, 401, "application/json", None, note))
-                log.debug("%s %s -> 401 (%s)", request.method, request.path, check.reason or "no token")
                 return self._unauthorized(check)
             response, broke = await self._forward(request, ex_id, body)
             return response
@@ -418,7 +434,6 @@ class HttpProxy:
             return out, None
         finally:
             upstream.close()
-            log.debug("%s %s -> %s%s", request.method, request.path, upstream.status, f" ({broke})" if broke else "")
 
     async def _well_known(self, request: web.Request) -> web.StreamResponse:
         """OAuth metadata (``/.well-known/...``): passed through from the upstream's origin, unobserved."""

@@ -382,12 +382,27 @@ class HttpSessionTracker:
 
 
 class ObserverThread:
-    """Runs a :class:`HttpSessionTracker` on its own thread, fed through a queue with a byte budget."""
+    """Runs a :class:`HttpSessionTracker` on its own thread, fed through a queue with a byte budget.
 
-    def __init__(self, tracker: HttpSessionTracker, budget_bytes: int) -> None:
+    The relay's :meth:`put` only appends (no wake-up): the thread takes what queued every
+    ``batch_seconds`` -- one wake-up per batch, not one per request -- or at once when the queue
+    passes its byte budget or closes. Between two items it lets go of the interpreter lock, so the
+    relay, whose requests share the GIL with it, waits at most one item's work, never a whole
+    batch. After each batch ``flush`` (if given) hands the events recorded to the publisher at once.
+    """
+
+    def __init__(
+        self,
+        tracker: HttpSessionTracker,
+        budget_bytes: int,
+        batch_seconds: float = 0.05,
+        flush: Callable[[], None] | None = None,
+    ) -> None:
         self.tracker = tracker
         self.budget_bytes = budget_bytes
-        self._items: list[tuple[Any, ...]] = []
+        self.batch_seconds = batch_seconds
+        self.flush = flush
+        self._items: list[tuple[int, tuple[Any, ...]]] = []
         self._cond = threading.Condition()
         self._queued_bytes = 0
         self._thread = threading.Thread(target=self._run, name="scopewatch-proxy-observer", daemon=True)
@@ -400,7 +415,8 @@ class ObserverThread:
         with self._cond:
             self._items.append((nbytes, item))
             self._queued_bytes += nbytes
-            self._cond.notify()
+            if self._queued_bytes > self.budget_bytes:
+                self._cond.notify()
 
     @property
     def over_budget(self) -> bool:
@@ -416,18 +432,31 @@ class ObserverThread:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._items and not self._closed:
-                    self._cond.wait()
+                if not self._closed and self._queued_bytes <= self.budget_bytes:
+                    self._cond.wait(self.batch_seconds)
                 batch, self._items = self._items, []
-            for nbytes, item in batch:
-                self._handle(item)
-                if nbytes:
-                    with self._cond:
-                        self._queued_bytes -= nbytes
-                if item[0] == "close":
-                    return
-            if not batch:
+            try:
+                for nbytes, item in batch:
+                    self._handle(item)
+                    if nbytes:
+                        with self._cond:
+                            self._queued_bytes -= nbytes
+                    if item[0] == "close":
+                        return
+                    time.sleep(0)  # let a waiting relay have the GIL now, not at the end of the batch
+            finally:
+                if self.flush is not None and batch:
+                    self._flush()
+            if not batch and self._closed:
                 return
+
+    def _flush(self) -> None:
+        assert self.flush is not None
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the relay must outlive any publisher problem
+            self.tracker.stats.observer_errors += 1
+            log.warning("observer error (%s) while handing events over", type(exc).__name__)
 
     def _handle(self, item: tuple[Any, ...]) -> None:
         kind, args = item[0], item[1:]

@@ -44,6 +44,8 @@ def worker_name(index: int) -> str:
 def worker_slot(index: int) -> str:
     """The stable group-instance name of the index-th local worker: a restart reclaims its partitions."""
     return f"{socket.gethostname()}-w{index}"
+
+
 Report = Callable[[str], None]
 
 
