@@ -46,6 +46,28 @@ __all__ = ["BatchPublisher", "Emitter", "Publisher", "Record", "stamp_and_encode
 E = TypeVar("E", bound=Event)
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 """The encoder of :func:`schemas.canonical_json`, built once."""
+
+
+def _not_json(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _c_encoder() -> Callable[[Any], str]:
+    """:data:`_ENCODE` without the C encoder object ``JSONEncoder.encode`` builds on every call (the
+    same C code, the same text; no circular-reference check: a collector's values are trees)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    basestring = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or basestring is None:
+        return _ENCODE
+    iterencode = make(None, _not_json, basestring, None, ":", ",", True, False, False)
+
+    def encode(value: Any) -> str:
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+_ENCODE_FAST = _c_encoder()
 _FAST: dict[type[Event], Writer] = {
     model: w
     for model in (ToolCall, ToolResult, SessionBound, SessionEnded, GrantIssued, GrantRevoked)
@@ -103,7 +125,7 @@ def _stamp_encode(stamper: ChainStamper, event: Event) -> bytes:
         for name, v in rec.items():
             if name in JSON_FIELDS:
                 if v is not None:
-                    texts[name] = rec[name] = _ENCODE(v)
+                    texts[name] = rec[name] = _ENCODE_FAST(v)
                     plain[name] = _SLOT[name]
                     continue
             elif type(v) is datetime:
@@ -126,7 +148,7 @@ def _with_texts(plain: dict[str, Any], texts: dict[str, str]) -> str:
     ``texts`` goes; one encoder call for the whole event, then each slot is replaced by its text.
     A slot must appear exactly once in the output -- it could appear again only inside a value
     (a string holding NUL characters and the slot's name): then :func:`_canonical_object` does it."""
-    out = _ENCODE(plain)
+    out = _ENCODE_FAST(plain)
     for name, text in texts.items():
         parts = out.split(_SLOT_JSON[name])
         if len(parts) != 2:

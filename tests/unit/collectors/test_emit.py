@@ -201,3 +201,17 @@ def test_the_fast_path_writes_the_bytes_and_hashes_of_the_general_path(arguments
         assert value == expected
         assert fast.prev_hash == slow.prev_hash == record_hash(stamped) and fast.seq == slow.seq
         assert decode(value) == stamped
+
+
+def test_a_value_that_is_not_plain_json_fails_its_event_only() -> None:
+    """Events built without validation (the observer's tool calls) may carry a NaN or an object
+    JSON cannot hold: encoding refuses that event, and the chain goes on without a gap."""
+    sink = Sink()
+    emitter = Emitter(Topics(), ChainStamper("c-1", epoch=1), sink)
+    good = call(1, {"a": 1})
+    nan = good.model_copy(update={"arguments": {"x": float("nan")}})
+    odd = good.model_copy(update={"arguments": {"x": object()}})
+    failed: list[tuple[Any, Exception]] = []
+    assert emitter.emit_many([nan, good, odd, good], lambda e, x: failed.append((e, x))) == 2
+    assert [type(x) for _e, x in failed] == [ValueError, TypeError]
+    assert [decode(v).collector.seq for _t, _k, v in sink.records] == [1, 2]  # type: ignore[union-attr]
