@@ -145,7 +145,8 @@ class McpSessionObserver:
     def redact_text(self, text: str) -> str:
         """``text`` with secrets replaced (for anything the collector logs or records)."""
         redacted = self.active_redactor.redact_text(text)
-        self.redaction_counts.update(redacted.counts)
+        if redacted.counts:  # most texts hold no secret: skip Counter.update's Mapping check
+            self.redaction_counts.update(redacted.counts)
         return redacted.value
 
     # -- session lifecycle ----------------------------------------------------------
@@ -236,7 +237,8 @@ class McpSessionObserver:
         raw_arguments = params.get("arguments")
         redactor = self.active_redactor
         redacted = redactor.redact_arguments(raw_arguments)
-        self.redaction_counts.update(redacted.counts)
+        if redacted.counts:
+            self.redaction_counts.update(redacted.counts)
         resources = self.extractor.extract(server, tool, raw_arguments, redactor)
         call_id = self.new_id()
         self._calls[key] = _Pending(call_id, now_mono)
