@@ -16,9 +16,10 @@ tracker and its thread) and :mod:`collectors.http_sse` (the SSE parser).
 observer thread (:class:`~collectors.http_tracker.HttpSessionTracker`), which parses JSON bodies, batches and SSE
 events and feeds every JSON-RPC message to the :class:`~collectors.observer.McpSessionObserver`
 of its MCP session: ``tool_call``/``tool_result`` events with ``transport="http"``, redacted
-by the host's redactor. The relay never waits for the observer or for Kafka; the queue has a
-byte budget, and only when the observer falls that far behind does the relay pause (never
-dropping evidence).
+by the host's redactor. The relay never waits for the observer or for Kafka: it only appends to
+the queue, which the observer thread takes every 50 ms (one wake-up per batch, its events handed
+to the publisher at once). The queue has a byte budget, and only when the observer falls that far
+behind does the relay pause (never dropping evidence).
 
 **Sessions.** ``session_id`` in events is never the raw ``Mcp-Session-Id`` (a credential of
 sorts) but a UUID-shaped keyed hash (HMAC-SHA256 with the redaction key) of the upstream URL
