@@ -59,3 +59,15 @@ def test_not_json_is_a_value_error() -> None:
         with pytest.raises(ValueError):
             parse_message(bad)
     assert math.isnan(parse_message(b"NaN"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON)
+def test_canonical_digest_is_sha256_of_json_dumps(value: Any) -> None:
+    import hashlib
+
+    from collectors.redact import canonical_digest
+
+    for v in (value, {"x": value, "nan": math.nan, "obj": complex(1, 2), "when": math.inf}):
+        text = json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        assert canonical_digest(v) == "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
