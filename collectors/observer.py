@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from collectors.jsonrpc import each_message, rpc_key
 from collectors.redact import Redactor, canonical_digest
@@ -145,7 +145,8 @@ class McpSessionObserver:
     def redact_text(self, text: str) -> str:
         """``text`` with secrets replaced (for anything the collector logs or records)."""
         redacted = self.active_redactor.redact_text(text)
-        self.redaction_counts.update(redacted.counts)
+        if redacted.counts:  # most texts hold no secret: skip Counter.update's Mapping check
+            self.redaction_counts.update(redacted.counts)
         return redacted.value
 
     # -- session lifecycle ----------------------------------------------------------
@@ -236,15 +237,19 @@ class McpSessionObserver:
         raw_arguments = params.get("arguments")
         redactor = self.active_redactor
         redacted = redactor.redact_arguments(raw_arguments)
-        self.redaction_counts.update(redacted.counts)
+        if redacted.counts:
+            self.redaction_counts.update(redacted.counts)
         resources = self.extractor.extract(server, tool, raw_arguments, redactor)
         call_id = self.new_id()
         self._calls[key] = _Pending(call_id, now_mono)
         self.calls_seen += 1
-        return ToolCall(
+        return _construct(  # trusted values, see _ms
+            ToolCall,
+            event_type="tool_call",
             event_id=self.new_id(),
-            event_time=now,
+            event_time=_ms(now),
             tenant=self.identity.tenant,
+            collector=None,
             call_id=call_id,
             session_id=self.identity.session_id,
             server=server,
@@ -282,10 +287,13 @@ class McpSessionObserver:
         self.results_seen += 1
         if error is not None:  # redact before capping: a cut secret might no longer be recognised
             error = self.redact_text(error)[:MAX_ERROR_CHARS]
-        return ToolResult(
+        return _construct(  # trusted values, see _ms
+            ToolResult,
+            event_type="tool_result",
             event_id=self.new_id(),
-            event_time=now,
+            event_time=_ms(now),
             tenant=self.identity.tenant,
+            collector=None,
             call_id=pending.call_id,
             session_id=self.identity.session_id,
             status=status,
@@ -302,5 +310,39 @@ class McpSessionObserver:
                 self.tool_digests[tool["name"]] = canonical_digest(tool)
 
 
+_set = object.__setattr__
+M = TypeVar("M", bound=Event)
+
+
+def _construct(model: type[M], **values: Any) -> M:
+    """``model.model_construct(**values)`` for values naming every field (in declared order): what
+    pydantic's ``model_construct`` does, without its per-field walk over defaults and aliases."""
+    event = model.__new__(model)
+    _set(event, "__dict__", values)
+    _set(event, "__pydantic_fields_set__", set(values))
+    _set(event, "__pydantic_extra__", {})
+    _set(event, "__pydantic_private__", None)
+    return event
+
+
+def _ms(now: datetime) -> datetime:
+    """``now`` as a validated event timestamp holds it: truncated to milliseconds, in UTC.
+
+    Tool calls and results -- the events of every call -- are built with :func:`_construct`: their
+    values are trusted (ids from :func:`random_uuid`, parsed JSON, the redactor's output, literals
+    of this module), so pydantic's validation of each would only cost time. A value that is not
+    plain JSON after all (e.g. a NaN in the arguments) still fails, when the event is encoded.
+    """
+    if now.tzinfo is not UTC:
+        if now.tzinfo is None:
+            raise ValueError("naive datetime (no UTC offset)")
+        now = now.astimezone(UTC)
+    micro = now.microsecond
+    return now if micro % 1000 == 0 else now.replace(microsecond=micro - micro % 1000)
+
+
 def utc_from_ns(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    """The UTC instant ``ns`` (nanoseconds since the epoch), truncated to milliseconds as every
+    event timestamp is (``schemas.parse_timestamp``): events built without validation stay exact."""
+    ms = ns // 1_000_000
+    return datetime.fromtimestamp(ms // 1000, tz=UTC).replace(microsecond=(ms % 1000) * 1000)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import signal
 import socket
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from collectors.chain import ChainStamper
+from collectors.jsonrpc import parse_message
 from collectors.observer import McpSessionObserver, utc_from_ns
 from collectors.tap import C2S, DIRECTION_NAMES, END, GAP, GAP_BODY, S2C, DropCounters, Frame, FrameReader
 from collectors.tap import lost_messages as _lost_messages
@@ -69,17 +69,19 @@ __all__ = [
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 READ_BYTES = 1 << 20
-BATCH_SECONDS = 0.05
+BATCH_SECONDS = 0.1
 """After handling what the pipe held, wait this long before reading again: one wake-up per batch
 of messages instead of one per message, so the observer competes less with the relay, the client
 and the server (a relay that finds the pipe full wakes the observer at once). Each read's events
 go to the publisher in one hand-over (one lock, at most one wake-up of its thread). At 10 ms, calls
 paced at one per 10 ms (as agents make them) meant one read, one hand-over and one producer round
 per call; at 50 ms about five calls share them (observer CPU per paced call roughly halved, see
-BENCHMARKS.md, 2026-12-05), for at most 50 ms more before an event is published. The events still
+BENCHMARKS.md, 2026-12-05); at 100 ms ten, for at most 100 ms more before an event is published
+(most of what is left per hand-over is the Kafka producer's round: its produce request, response
+and futures, a few hundred microseconds however few records it carries). The events still
 in the pipe are not at risk meanwhile: the kernel holds them, and they are read to the end even
 when the wrapper dies."""
-IDLE_SECONDS = 0.1
+IDLE_SECONDS = 0.2
 """The longest wait between reads while nothing arrives (the wait doubles from BATCH_SECONDS)."""
 HURRIED_CLOSE = 1.0
 """Seconds the publisher may take to close once the wrapper is gone (undelivered events stay spooled)."""
@@ -366,7 +368,7 @@ class SessionRecorder:
             if not line.strip():
                 continue
             try:
-                message: Any = json.loads(line)
+                message: Any = parse_message(line)
             except ValueError:
                 self.stats.unparsable_lines += 1
                 continue

@@ -157,8 +157,15 @@ def proxy(
     except (PublisherError, SpoolConfigError) as exc:
         _fail(f"spool settings: {exc}" if isinstance(exc, SpoolConfigError) else str(exc))
     cid = collector_id or f"http:{socket.gethostname()}:{host}:{port}"
-    emit = Emitter(collector.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000), publisher).emit
-    proxy = HttpProxy(config, emit=emit, redactor=redactor, verifier=verifier, extractor=extractor)
+    emitter = Emitter(collector.topics, ChainStamper(cid, epoch=time.time_ns() // 1_000_000), publisher)
+    proxy = HttpProxy(
+        config,
+        emit=emitter.emit,
+        emit_many=emitter.emit_many,
+        redactor=redactor,
+        verifier=verifier,
+        extractor=extractor,
+    )
 
     def ready(running: HttpProxy) -> None:
         sys.stderr.write(f"scopewatch proxy: listening on {running.url}\n")

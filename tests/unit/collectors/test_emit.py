@@ -104,3 +104,114 @@ def test_emit_many_hands_over_once_and_a_bad_event_costs_only_itself() -> None:
     assert [d.call_id for d in decoded] == ["1", "3"]  # type: ignore[union-attr]
     assert decoded[1].collector.prev_hash == record_hash(decoded[0])  # type: ignore[union-attr]
     assert emitter.emit_many([], lambda e, x: None) == 0 and sink.batches == 1
+
+
+def _samples(arguments: dict[str, Any]) -> list[Any]:
+    base = {"event_id": "00000000-0000-4000-8000-000000000001", "event_time": "2026-12-05T10:00:00.123Z"}
+    return [
+        call(1, arguments),
+        call(2, arguments, attested=None, claimed={}),
+        call(3, arguments, tool="\0arguments\0", server="\0claimed\0\0claimed\0"),  # the slots, in values
+        parse_event(
+            {
+                **base,
+                "event_type": "tool_result",
+                "tenant": "acme",
+                "call_id": "c",
+                "session_id": "s",
+                "status": "ok",
+                "duration_ms": 1.25,
+                "error": None,
+                "result_digest": "sha256:ab",
+            }
+        ),
+        parse_event(
+            {
+                **base,
+                "event_type": "tool_result",
+                "tenant": "t",
+                "call_id": "c",
+                "session_id": "s",
+                "status": "error",
+                "duration_ms": 0.0,
+                "error": "é" * 70,
+            }
+        ),
+        parse_event(
+            {
+                **base,
+                "event_type": "session_bound",
+                "tenant": "t",
+                "session_id": "s",
+                "principal": "p",
+                "agent_id": "a",
+                "valid_from": "2026-12-05T10:00:00.123Z",
+                "valid_until": None,
+                "auth": arguments,
+            }
+        ),
+        parse_event({**base, "event_type": "session_ended", "tenant": "t", "session_id": "s"}),
+        parse_event(
+            {
+                **base,
+                "event_type": "grant_issued",
+                "tenant": "t",
+                "grant_id": "g",
+                "principal": "p",
+                "agent_id": "a",
+                "tools": ["x", "y"],
+                "resources": [],
+                "not_before": "1969-12-31T23:59:59.001Z",
+                "granted_by": "admin",
+                "scopes": ["s"] * 70,
+            }
+        ),
+        parse_event(
+            {
+                **base,
+                "event_type": "grant_revoked",
+                "tenant": "t",
+                "grant_id": "g",
+                "principal": "p",
+                "agent_id": "a",
+                "revoked_by": "admin",
+            }
+        ),
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), JSON, max_size=5))
+def test_the_fast_path_writes_the_bytes_and_hashes_of_the_general_path(arguments: dict[str, Any]) -> None:
+    """The compiled writer (collectors.avro_writer) and the plain-dict canonical JSON give exactly
+    what fastavro and model_dump give, for every event type a collector emits."""
+    import collectors.emit as emit
+
+    samples = _samples(arguments)
+    assert {type(e) for e in samples} <= set(emit._FAST) and len(emit._FAST) == 6
+    fast, slow = ChainStamper("c-1", epoch=3, seq=5, prev_hash="sha256:00"), ChainStamper("c-1", epoch=3, seq=5)
+    slow.prev_hash = fast.prev_hash
+    for event in samples:
+        value = emit._stamp_encode(fast, event)
+        saved, emit._FAST = emit._FAST, {}
+        try:
+            stamped, expected = emit.stamp_and_encode(slow, event)
+        finally:
+            emit._FAST = saved
+        assert value == expected
+        assert fast.prev_hash == slow.prev_hash == record_hash(stamped) and fast.seq == slow.seq
+        assert decode(value) == stamped
+
+
+def test_a_value_that_is_not_plain_json_fails_its_event_only() -> None:
+    """Events built without validation (the observer's tool calls) may carry a NaN or an object
+    JSON cannot hold: encoding refuses that event, and the chain goes on without a gap."""
+    sink = Sink()
+    emitter = Emitter(Topics(), ChainStamper("c-1", epoch=1), sink)
+    good = call(1, {"a": 1})
+    nan = good.model_copy(update={"arguments": {"x": float("nan")}})
+    odd = good.model_copy(update={"arguments": {"x": object()}})
+    failed: list[tuple[Any, Exception]] = []
+    assert emitter.emit_many([nan, good, odd, good], lambda e, x: failed.append((e, x))) == 2
+    assert [type(x) for _e, x in failed] == [ValueError, TypeError]
+    assert [decode(v).collector.seq for _t, _k, v in sink.records] == [1, 2]  # type: ignore[union-attr]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectors.http_proxy import SseEvent, SseParser
+from collectors.http_sse import SseEvent, SseParser
 
 
 def parse_all(data: bytes, pieces: list[int] | None = None, **kwargs: int) -> list[SseEvent]:

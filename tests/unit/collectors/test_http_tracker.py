@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import SecretBytes
 
-from collectors.http_proxy import PROXY_ERROR_CODE, ExchangeStart, HttpSessionTracker
+from collectors.http_tracker import PROXY_ERROR_CODE, ExchangeStart, HttpSessionTracker
 from collectors.jwt_verify import TokenCheck
 from collectors.redact import Redactor
 from schemas import Event, SessionBound, SessionEnded, ToolCall, ToolResult, to_canonical_json
@@ -320,3 +320,41 @@ def test_rejected_requests_with_unknown_session_ids_do_not_open_sessions() -> No
     assert {c.session_id for c in h.of(ToolCall)} == {h.tracker.session_id("bearer:bad")}
     h.exchange(call(9, "echo"), sid="real", check=EXPIRED, status=401, note="no")  # a known session: recorded there
     assert h.of(ToolCall)[-1].session_id == h.tracker.session_id("mcp:real")
+
+
+def test_the_observer_thread_takes_requests_in_batches_and_hands_their_events_over_at_once() -> None:
+    """The relay's put() wakes nobody: the thread takes what queued once per batch interval (or
+    at once past its byte budget), and each batch's events reach the publisher in one flush."""
+    import threading
+    import time
+
+    from collectors.http_tracker import ObserverThread
+
+    h = Harness()
+    flushed: list[int] = []
+    done = threading.Event()
+
+    def flush() -> None:
+        flushed.append(len(h.events))
+        done.set()
+
+    thread = ObserverThread(h.tracker, budget_bytes=1 << 20, batch_seconds=0.3, flush=flush)
+    thread.start()
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {}}})
+    start = ExchangeStart("POST", None, ABSENT, "anon", body.encode(), T0, 0.0)
+    reply = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}).encode()
+    t0 = time.monotonic()
+    for ex_id in (1, 2):
+        thread.put(("open", ex_id, start), len(body))
+        thread.put(("head", ex_id, 200, "application/json", None, None))
+        thread.put(("data", ex_id, reply, T0, 0.001), len(reply))
+        thread.put(("end", ex_id, T0, 0.002, None))
+    assert done.wait(5) and time.monotonic() - t0 >= 0.2  # taken with the batch, not item by item
+    assert flushed == [4] and [e.event_type for e in h.events].count("tool_result") == 2
+    done.clear()
+    thread.budget_bytes = 10
+    thread.put(("open", 3, start), len(body))  # past the budget: taken at once
+    assert done.wait(0.25) and not thread.over_budget
+    thread.stop(5)  # the call left open gets its result at shutdown, flushed too
+    last = h.events[-1]
+    assert isinstance(last, ToolResult) and "shut down" in (last.error or "")

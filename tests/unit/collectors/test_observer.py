@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -136,3 +136,19 @@ def test_random_ids_are_distinct_version_4_uuids() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_calls_and_results_built_without_validation_equal_validated_ones() -> None:
+    """Tool calls and results skip pydantic's validation (trusted values): each must be exactly the
+    event validation makes of it -- every field set, the time truncated to milliseconds in UTC."""
+    o = observer()
+    at = datetime(2026, 11, 21, 11, 0, 0, 123_456, tzinfo=timezone(timedelta(hours=1)))
+    [c] = o.from_client(call(1, "read_file", {"path": "/a", "n": [1, 2.5, None]}), at, 10.0)
+    [r] = o.from_server({"jsonrpc": "2.0", "id": 1, "error": {"code": 1, "message": "no"}}, at, 10.5)
+    for event in (c, r):
+        again = type(event).model_validate(event.model_dump())
+        assert event == again and event.model_dump() == again.model_dump()
+        assert event.event_time == datetime(2026, 11, 21, 10, 0, 0, 123_000, tzinfo=UTC)
+        assert set(event.__dict__) == set(type(event).model_fields) and event.model_extra == {}
+    with pytest.raises(ValueError, match="naive"):
+        o.from_client(call(2, "x"), datetime(2026, 1, 1), 11.0)

@@ -117,6 +117,7 @@ def test_detect_secrets_finds_nothing_the_catalog_misses(red: Redactor, capsys: 
     """detect-secrets (every plugin, adhoc line scan) as an independent check of the catalog."""
     from detect_secrets import settings
     from detect_secrets.core import scan  # a dev dependency: missing, the test fails (never skips)
+
     missed: list[tuple[str, str, str]] = []
     found = 0
     with settings.default_settings():
