@@ -15,7 +15,7 @@ decode -- and ClickHouse reads it with ``INSERT ... SELECT ... FROM file(..., Av
 * the ``SELECT`` refuses (``throwIf``) the whole block unless every row passes what the fast reader
   checks for that model (read off the model classes with the same generator the fast reader uses:
   valid UTF-8, Literal values, canonical UUIDs, numeric and timestamp ranges, finite floats, no
-  unknown fields) plus the sink's own column checks (``rows.LIMITS``, verdict names). JSON fields
+  unknown fields) plus the sink's own column checks (the spec's column limits and allowed values). JSON fields
   are accepted only as ``{}`` (what today's writers put in ``facts``); any other text would need the
   canonical-form check, so it refuses the block too.
 
@@ -40,8 +40,8 @@ from typing import Any, Final
 
 from schemas import events as ev
 from schemas.codec import MAGIC, schema_entries
-from stream_jobs.columnar import _AVRO_FOR, _MAX_MS, _MIN_MS, TABLE_OF, Unsupported, _avro_type, _Kind, _model_kinds
-from stream_jobs.rows import COLUMNS, LIMITS, TIME_COLUMNS, VERDICT_NAMES
+from stream_jobs.columnar import _AVRO_FOR, _MAX_MS, _MIN_MS, Unsupported, _avro_type, _Kind, _model_kinds
+from stream_jobs.tables import BY_MODEL, TableSpec
 
 __all__ = ["BULK_TABLES", "PROV_LEN", "AvroBulk", "BulkBlock", "block_head_for", "bulk_specs"]
 
@@ -51,7 +51,16 @@ BULK_TABLES: Final = frozenset({"evidence"})
 NONCE_LEN: Final = 8
 PROV_LEN: Final = NONCE_LEN + 16  # nonce, topic index (u32), partition (u32), offset (u64), little-endian
 
-_ABSENT_SQL: Final = {"None": "NULL", "[]": "CAST([] AS Array(String))", "''": "''", "'{}'": "'{}'"}
+
+def _absent_sql(value: Any) -> str | None:
+    """SQL for a spec's value of a column the model has no field for (None: not supported here)."""
+    if value is None:
+        return "NULL"
+    if value == [] and isinstance(value, list):
+        return "CAST([] AS Array(String))"
+    if isinstance(value, str):
+        return _quote(value)
+    return None
 
 
 def _varint(n: int) -> bytes:
@@ -114,7 +123,9 @@ class AvroBulk:
     schema_json: bytes
     """The container's writer schema."""
     select: str
-    """``SELECT`` list over ``file(..., Avro)`` giving the table's columns in ``COLUMNS`` order, then the check."""
+    """``SELECT`` list over ``file(..., Avro)`` giving the table's columns in ``columns`` order, then the check."""
+    columns: tuple[str, ...]
+    """The table's insert columns (its spec's)."""
 
     def container_head(self, sync: bytes) -> bytes:
         meta = {b"avro.schema": self.schema_json, b"avro.codec": b"null"}
@@ -130,19 +141,27 @@ class AvroBulk:
         select = self.select.format(
             topics=topics, ingested=int(ingested_ms), nonce=block.nonce.hex(), path=_quote(path), table=self.table
         )
-        names = ", ".join(f"`{c}`" for c in COLUMNS[self.table])
+        names = ", ".join(f"`{c}`" for c in self.columns)
         return f"INSERT INTO {target} ({names}) {select} SETTINGS {settings}"
 
 
-def build_bulk(model: type[ev.SchemaModel], schema: dict[str, Any], fingerprint: bytes) -> AvroBulk:
-    """The bulk path for messages written with ``schema`` (decoding to ``model``); or Unsupported."""
-    table = TABLE_OF.get(model)
-    if table not in BULK_TABLES:
+def build_bulk(
+    model: type[ev.SchemaModel],
+    schema: dict[str, Any],
+    fingerprint: bytes,
+    spec: TableSpec | None = None,
+    tables: frozenset[str] = BULK_TABLES,
+) -> AvroBulk:
+    """The bulk path for messages written with ``schema`` (decoding to ``model``; its table's spec,
+    ``spec`` or the model's in :data:`stream_jobs.tables.SPECS`); or Unsupported."""
+    spec = spec or BY_MODEL.get(model)
+    if spec is None or model not in spec.models:
+        raise Unsupported(f"no table for {model.__name__}")
+    table = spec.table
+    if table not in tables:
         raise Unsupported(f"{model.__name__}: table {table} not on the bulk path")
-    if issubclass(model, ev.BaseEvent):
+    if spec.raw_event:
         raise Unsupported(f"{model.__name__}: raw events need their record hash (Python reader)")
-    from stream_jobs.columnar import ABSENT
-
     kinds = _model_kinds(model)
     fields = schema["fields"]
     names = [f["name"] for f in fields]
@@ -159,15 +178,15 @@ def build_bulk(model: type[ev.SchemaModel], schema: dict[str, Any], fingerprint:
         kind = kinds[name]
         if kind.optional != optional or kind.base not in _AVRO_FOR or avro not in _AVRO_FOR[kind.base]:
             raise Unsupported(f"{model.__name__}.{name}: Avro {f['type']} for a {kind.base} field")
-        if (kind.base == "ts") != (name in TIME_COLUMNS[table]):
+        if (kind.base == "ts") != (name in spec.time_columns):
             raise Unsupported(f"{table}.{name}: time column mismatch")
         test = _check(name, kind, avro)
         if test is not None:
             checks.append(test)
-    for column, limit in LIMITS.get(table, {}).items():
+    for column, limit in spec.limits.items():
         checks.append(f"`{column}` <= {limit}")
-    if table == "evidence":
-        checks.append(f"`verdict` IN ({', '.join(_quote(v) for v in sorted(VERDICT_NAMES))})")
+    for column, allowed in spec.allowed.items():
+        checks.append(f"`{column}` IN ({', '.join(_quote(v) for v in sorted(allowed))})")
     p = NONCE_LEN
     provenance = {
         "_topic": f"{{topics}}[reinterpretAsUInt32(substring(`_prov`, {p + 1}, 4)) + 1]",
@@ -175,15 +194,15 @@ def build_bulk(model: type[ev.SchemaModel], schema: dict[str, Any], fingerprint:
         "_offset": f"reinterpretAsUInt64(substring(`_prov`, {p + 9}, 8))",
         "_ingested_at": "fromUnixTimestamp64Milli(toInt64({ingested}), 'UTC')",
     }
-    absent = ABSENT.get(table, {})
+    absent = {name: _absent_sql(value) for name, value in spec.absent(model).items()}
     values = []
-    for column in COLUMNS[table]:
+    for column in spec.columns:
         if column in kinds:
             values.append(f"`{column}`")
         elif column in provenance:
             values.append(provenance[column])
-        elif column in absent and absent[column] in _ABSENT_SQL:
-            values.append(_ABSENT_SQL[absent[column]])
+        elif absent.get(column) is not None:
+            values.append(str(absent[column]))
         else:
             raise Unsupported(f"{table}.{column}: no bulk value for {model.__name__}")
     container = dict(schema)
@@ -197,7 +216,7 @@ def build_bulk(model: type[ev.SchemaModel], schema: dict[str, Any], fingerprint:
         f"SELECT {', '.join(values)} FROM file({{path}}, Avro) "
         f"WHERE throwIf(NOT ({condition}), 'scopewatch bulk check: a {{table}} row needs the per-message path') = 0"
     )
-    return AvroBulk(table, MAGIC + fingerprint, json.dumps(container).encode(), select)
+    return AvroBulk(table, MAGIC + fingerprint, json.dumps(container).encode(), select, spec.columns)
 
 
 def bulk_specs() -> dict[bytes, AvroBulk]:

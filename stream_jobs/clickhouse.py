@@ -139,6 +139,26 @@ def load_migrations() -> list[Migration]:
     return out
 
 
+def check_tables(client: Client, database: str) -> None:
+    """Raise ClickHouseError unless every table has every column its spec writes (``stream_jobs.tables``).
+
+    The sink runs it after the migrations, so a spec column that no migration adds stops the sink at
+    start with the columns named, instead of failing every insert of that table.
+    """
+    from stream_jobs.tables import SPECS, missing_columns
+
+    literal = "'" + database.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    result = client.query(f"SELECT table, name FROM system.columns WHERE database = {literal}")
+    existing: dict[str, set[str]] = {}
+    for table, column in result.result_rows:
+        existing.setdefault(str(table), set()).add(str(column))
+    missing = missing_columns(existing, SPECS)
+    if missing:
+        raise ClickHouseError(
+            f"the ClickHouse tables lack columns the sink writes: {', '.join(missing)} (a migration is missing)"
+        )
+
+
 def split_statements(sql: str) -> list[str]:
     """Split a migration file on ``;`` at line ends, dropping comment-only pieces."""
     pieces = re.split(r";\s*(?:\n|$)", sql)

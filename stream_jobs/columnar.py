@@ -67,9 +67,9 @@ from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
 from schemas import events as ev
 from schemas.codec import JSON_FIELDS, MAGIC, schema_entries
-from stream_jobs.rows import COLUMNS, LIMITS, TIME_COLUMNS, VERDICT_NAMES
+from stream_jobs.tables import BY_MODEL, TableSpec
 
-__all__ = ["ABSENT", "FastReader", "Reject", "Unsupported", "arrow_table", "build_reader", "fast_readers"]
+__all__ = ["FastReader", "Reject", "Unsupported", "arrow_table", "build_reader", "fast_readers"]
 
 HEADER_LEN: Final = 10
 
@@ -82,47 +82,8 @@ class Unsupported(ValueError):
     """The generator cannot build a reader that checks everything the model checks."""
 
 
-TABLE_OF: Final[dict[type[ev.SchemaModel], str]] = {
-    ev.ToolCall: "tool_calls",
-    ev.ToolResult: "tool_results",
-    ev.SessionBound: "identity_events",
-    ev.SessionEnded: "identity_events",
-    ev.GrantIssued: "consent_events",
-    ev.GrantRevoked: "consent_events",
-    ev.Evidence: "evidence",
-    ev.Finding: "findings",
-    ev.PageAttempt: "pages",
-    ev.DeadLetter: "dead_letters",
-}
-
-ABSENT: Final[dict[str, dict[str, str]]] = {
-    "identity_events": {
-        "principal": "None",
-        "agent_id": "None",
-        "valid_from": "None",
-        "valid_until": "None",
-        "auth": "'{}'",
-    },
-    "consent_events": {
-        "tools": "[]",
-        "resources": "[]",
-        "scopes": "[]",
-        "not_before": "None",
-        "expires_at": "None",
-        "granted_by": "None",
-        "purpose": "None",
-        "parent_grant_id": "None",
-        "revoked_by": "None",
-        "reason": "None",
-    },
-    "evidence": {  # records of evidence schema v1 (facts copied, no references)
-        "fact_ids": "[]",
-        "fact_hashes": "[]",
-        "kind": "''",
-        "trigger": "''",
-    },
-}
-"""Columns a table has but a record type does not (``to_row``'s values for them), as Python source."""
+TABLE_OF: Final[dict[type[ev.SchemaModel], str]] = {model: spec.table for model, spec in BY_MODEL.items()}
+"""The table of every model (from the table specs, :mod:`stream_jobs.tables`)."""
 
 _PROVENANCE: Final = {"_topic": "topic", "_partition": "partition", "_offset": "offset", "_ingested_at": "ingested"}
 
@@ -176,6 +137,16 @@ def _json(raw: bytes) -> None:
         raise Reject("JSON field not a canonical JSON object")
 
 
+def _json_labels(raw: bytes) -> None:
+    """:func:`_json`, and the object maps each label to a list of strings (``PolicyPublished.labels``)."""
+    obj = orjson.loads(raw)
+    if type(obj) is not dict or orjson.dumps(obj, option=_SORT) != raw:
+        raise Reject("JSON field not a canonical JSON object")
+    for patterns in obj.values():
+        if type(patterns) is not list or any(type(p) is not str for p in patterns):
+            raise Reject("labels: not label -> list of strings")
+
+
 _SECONDS: dict[int, str] = {}
 
 
@@ -204,6 +175,7 @@ _RUNTIME: Final[dict[str, Any]] = {
     "Reject": Reject,
     "_length": _length,
     "_json": _json,
+    "_json_labels": _json_labels,
     "_jts": _jts,
     "_jstr": _jstr,
     "_jlist": _jlist,
@@ -228,6 +200,7 @@ class _Kind:
     values: frozenset[str] = frozenset()  # lit
     ge: int | float | None = None
     le: int | float | None = None
+    labels: bool = False  # json: an object of label -> list of strings (PolicyPublished.labels)
 
 
 def _kind(name: str, annotation: Any, metadata: list[Any]) -> _Kind:
@@ -276,6 +249,8 @@ def _kind(name: str, annotation: Any, metadata: list[Any]) -> _Kind:
         return _Kind("ts", optional)
     if base == dict[str, Any] and validators == [ev._json_object] and not serializers and name in JSON_FIELDS:
         return _Kind("json", optional)
+    if base == dict[str, list[str]] and validators == [ev._labels] and not serializers and name in JSON_FIELDS:
+        return _Kind("json", optional, labels=True)
     if base is ev.Collector and not meta and optional:
         return _Kind("collector", optional)
     raise Unsupported(f"{name}: {annotation} {meta}")
@@ -440,7 +415,7 @@ class _Code:
         elif kind.base == "ts":
             tests.append(f"not (_MIN_MS <= {var} <= _MAX_MS)")
         elif kind.base == "json":
-            test = f"_json({var}_raw)"
+            test = f"_json_labels({var}_raw)" if kind.labels else f"_json({var}_raw)"
             self.add(i, f"if {var} is not None:", f"    {test}") if kind.optional else self.add(i, test)
             return
         if not tests:
@@ -533,15 +508,19 @@ def _read_collector(code: _Code, i: int, avro: Any, prefix: str) -> None:
     code.add(i, "else:", "    raise Reject")
 
 
-def build_reader(model: type[ev.SchemaModel], schema: dict[str, Any]) -> tuple[str, Callable[..., tuple[Any, ...]]]:
+def build_reader(
+    model: type[ev.SchemaModel], schema: dict[str, Any], spec: TableSpec | None = None
+) -> tuple[str, Callable[..., tuple[Any, ...]]]:
     """(table, reader) for messages written with ``schema`` that decode to ``model``; or Unsupported.
 
-    ``reader(message, topic, partition, offset, ingested_ms)`` returns the row tuple (columns of
-    :data:`COLUMNS` for the table) or raises (Reject, IndexError, UnicodeDecodeError, ...).
+    ``reader(message, topic, partition, offset, ingested_ms)`` returns the row tuple (the columns of
+    the table's spec, ``spec`` or the model's in :data:`stream_jobs.tables.SPECS`) or raises (Reject,
+    IndexError, UnicodeDecodeError, ...).
     """
-    table = TABLE_OF.get(model)
-    if table is None:
+    spec = spec or BY_MODEL.get(model)
+    if spec is None or model not in spec.models:
         raise Unsupported(f"no table for {model.__name__}")
+    table = spec.table
     code = _Code()
     code.add(0, "def reader(buf, topic, partition, offset, ingested):")
     code.add(1, "size = len(buf)", f"pos = {HEADER_LEN}")
@@ -551,12 +530,14 @@ def build_reader(model: type[ev.SchemaModel], schema: dict[str, Any]) -> tuple[s
     for name, kind in kinds.items():
         if kind.base != "collector":
             code.check(1, kind, f"f_{name}", avro_of[name])
-    for column, limit in LIMITS.get(table, {}).items():
+    for column, limit in spec.limits.items():
         if kinds.get(column, _Kind("")).base != "int":
             raise Unsupported(f"{table}.{column}: limit on a column that is not an int field")
         code.add(1, f"if f_{column} > {limit}:", "    raise Reject")
-    if table == "evidence":
-        code.add(1, f"if f_verdict not in {code.const(VERDICT_NAMES)}:", "    raise Reject")
+    for column, allowed in spec.allowed.items():
+        if column not in kinds:
+            raise Unsupported(f"{table}.{column}: allowed values of a column that is not a field")
+        code.add(1, f"if f_{column} not in {code.const(allowed)}:", "    raise Reject")
     if issubclass(model, ev.BaseEvent):
         parts = []
         for n, name in enumerate(sorted(kinds)):
@@ -565,9 +546,9 @@ def build_reader(model: type[ev.SchemaModel], schema: dict[str, Any]) -> tuple[s
             parts.append(f"'{',' if n else '{'}\"{name}\":', {value}")
         code.add(1, f"record_hash = _sha(''.join(({', '.join(parts)}, '}}')))")
     values = []
-    absent = ABSENT.get(table, {})
-    times = TIME_COLUMNS[table]
-    for column in COLUMNS[table]:
+    absent = {name: repr(value) for name, value in spec.absent(model).items()}
+    times = spec.time_columns
+    for column in spec.columns:
         if column in kinds and kinds[column].base != "collector":
             if (kinds[column].base == "ts") != (column in times):
                 raise Unsupported(f"{table}.{column}: time column mismatch")

@@ -9,11 +9,14 @@ whole session timeout), and fetches that wait in the broker for ``fetch_min_byte
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import inspect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
+from aiokafka.errors import CommitFailedError, CorruptRecordException, IllegalStateError
 
 from stream_jobs.runner import TP, CommitFailed, Listener, Record
 
@@ -45,8 +48,12 @@ class KafkaConsumer:
         fetch_min_bytes: int = FETCH_MIN_BYTES,
         fetch_max_wait_ms: int = FETCH_WAIT_MS,
         max_partition_fetch_bytes: int = 4 * 1024 * 1024,
+        lean_records: bool = False,
     ) -> None:
         self.topics = list(topics)
+        self.lean_records = lean_records
+        """Hand over :class:`LeanRecord` s (topic, partition, offset, key, value) instead of aiokafka's
+        ``ConsumerRecord`` s: about 1 µs less CPU per message (see :func:`_lean_unpack`)."""
         session_ms = int(session_timeout * 1000)
         options: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
@@ -87,6 +94,8 @@ class KafkaConsumer:
         self._consumer.subscribe(self.topics, listener=_Hooks(listener))
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TP, Sequence[Record]]:
+        if self.lean_records:
+            make_lean(self.consumer)
         batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         return {(tp.topic, tp.partition): records for tp, records in batches.items()}
 
@@ -144,3 +153,80 @@ def leave_on_stop(consumer: Any) -> None:
     coordinator = getattr(consumer, "_coordinator", None)
     if coordinator is not None:
         coordinator._group_instance_id = None
+
+
+# ------------------------------------------------------------------ lean records
+
+
+class LeanRecord(tuple):  # type: ignore[type-arg]
+    """One message as (topic, partition, offset, key, value): what the runner's ``Record`` needs, no more.
+
+    aiokafka builds a ``ConsumerRecord`` (eleven fields, the headers copied to a tuple, key and value
+    sizes) per message: about 1.9 µs of the sink's CPU per message; this tuple costs about 0.5 µs.
+    """
+
+    __slots__ = ()
+    topic: str = property(itemgetter(0))  # type: ignore[assignment]
+    partition: int = property(itemgetter(1))  # type: ignore[assignment]
+    offset: int = property(itemgetter(2))  # type: ignore[assignment]
+    key: bytes | None = property(itemgetter(3))  # type: ignore[assignment]
+    value: bytes | None = property(itemgetter(4))  # type: ignore[assignment]
+
+
+_new_record = tuple.__new__
+
+
+def make_lean(consumer: Any) -> int:
+    """Make the fetched, not yet read partition buffers of an aiokafka consumer yield :class:`LeanRecord` s.
+
+    Swaps the record iterator of every buffered ``PartitionRecords`` whose iteration has not started
+    for :func:`_lean_unpack`, which walks the same record batches with aiokafka's own checks; the
+    fetcher's bookkeeping (positions, ``next_fetch_offset``) is untouched. Buffers it cannot vouch
+    for (deserializers, read-committed isolation, an aiokafka without these internals) are left as
+    they are: they yield ``ConsumerRecord`` s, which are Records too. Returns how many it swapped.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    buffered = getattr(fetcher, "_records", None)
+    if not isinstance(buffered, dict):
+        return 0
+    swapped = 0
+    for result in buffered.values():
+        records: Any = getattr(result, "_partition_records", None)
+        if type(records) is not PartitionRecords:
+            continue
+        iterator = records._records_iterator
+        if (
+            iterator is None
+            or not inspect.isgenerator(iterator)
+            or inspect.getgeneratorstate(iterator) != inspect.GEN_CREATED
+            or records._key_deserializer is not None
+            or records._value_deserializer is not None
+            or records._isolation_level != READ_UNCOMMITTED
+        ):
+            continue
+        iterator.close()
+        records._records_iterator = _lean_unpack(records)
+        swapped += 1
+    return swapped
+
+
+def _lean_unpack(records: Any) -> Iterator[LeanRecord]:
+    """``PartitionRecords._unpack_records`` (aiokafka 0.14, read-uncommitted) yielding LeanRecords."""
+    tp = records._tp
+    topic, partition = tp.topic, tp.partition
+    buffer = records._records
+    while buffer.has_next():
+        batch = buffer.next_batch()
+        if records._check_crcs and not batch.validate_crc():
+            raise CorruptRecordException(f"Invalid CRC - {tp}")
+        if batch.is_control_batch:  # skipped whatever the isolation level
+            records.next_fetch_offset = batch.next_offset
+            continue
+        for record in batch:
+            offset = record.offset
+            if offset < records.next_fetch_offset:
+                continue  # a compressed message set's records before the fetch offset
+            lean = _new_record(LeanRecord, (topic, partition, offset, record.key, record.value))
+            records.next_fetch_offset = offset + 1
+            yield lean
+        records.next_fetch_offset = batch.next_offset

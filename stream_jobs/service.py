@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from stream_jobs import metrics
-from stream_jobs.clickhouse import ClickHouseError, chdb_path, connect, migrate
+from stream_jobs.clickhouse import ClickHouseError, chdb_path, check_tables, connect, migrate
 from stream_jobs.query_server import AnalystSession, QueryServer, query_caps, write_token
-from stream_jobs.rows import table_topics
 from stream_jobs.runtime.files import atomic_write, process_start_time
 from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
+from stream_jobs.tables import SPECS, table_topics
 
 SpoolReader = Callable[[], Sequence[metrics.SpoolFigures]]
 
@@ -26,8 +26,8 @@ log = logging.getLogger("scopewatch.sink")
 
 
 def sink_topics(settings: Settings) -> list[str]:
-    t = settings.topics
-    return [t.tool_calls, t.tool_results, t.sessions, t.grants, t.evidence, t.findings, t.pages, t.dead_letter]
+    """Every table's topic (:data:`stream_jobs.tables.SPECS`), in the order of the specs."""
+    return list(dict.fromkeys(table_topics(settings.topics, SPECS).values()))
 
 
 def query_endpoint_file(settings: Settings) -> Path:
@@ -84,6 +84,7 @@ async def _sink_main(settings: Settings, spools: SpoolReader) -> None:
     applied = migrate(client, settings.clickhouse_database)
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
+    check_tables(client, settings.clickhouse_database)
     fault = os.environ.get("SCOPEWATCH_SINK_FAULT_FILE")
     writer = ClickHouseWriter(client, settings.clickhouse_database, fault_file=Path(fault) if fault else None)
     server: QueryServer | None = None

@@ -576,6 +576,7 @@ class ClickHouseSink(Job["Batch"]):
             fetch_min_bytes=self.config.fetch_min_bytes,
             fetch_max_wait_ms=self.config.fetch_wait_ms,
             max_partition_fetch_bytes=self.config.fetch_partition_bytes,
+            lean_records=True,  # the sink reads topic, partition, offset, key and value only
         )
 
     def new_runner(self, consumer: Consumer) -> Runner[Batch]:

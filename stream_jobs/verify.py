@@ -2,7 +2,8 @@
 
 Two checks over the stored rows:
 
-1. **Collector chains.** Every raw event (tool calls and results, identity and consent events) that a
+1. **Collector chains.** Every raw event (tool calls and results, identity, consent, policy and
+   approval events: every raw table of :data:`stream_jobs.tables.SPECS`) that a
    collector stamped carries ``collector = {id, epoch, seq, prev_hash}``. Each process start of a
    collector is a new epoch, whose first record has ``seq`` 1 and no ``prev_hash``; every later
    record carries the chain hash of the one before (:func:`schemas.record_hash`). Per collector and
@@ -22,11 +23,13 @@ Two checks over the stored rows:
    a gap (see :class:`_Resent`), so each event counts once and the report does not depend on merges.
 
    The report names, per collector, the first bad record in chain order.
-2. **Verdicts.** The replay engine re-derives every call's verdict from the stored identity and
-   consent facts (all of them, whatever ``--since`` says: older facts decide newer calls) and
-   compares it with the call's current final verdict in ``evidence_current``. A different verdict
-   or grant is a **mismatch**; a call with no verdict at all is **undecided**; a call whose latest
-   verdict is still provisional (inside its grace period) is only counted as pending.
+2. **Verdicts.** The replay engine re-derives every call's verdict from the stored identity,
+   consent, policy and approval facts (the spec's fact tables, all of them, whatever ``--since``
+   says: older facts decide newer calls), judging all calls together as replay does (an approval
+   authorises at most one call), and compares it with the call's current final verdict in
+   ``evidence_current``. A different verdict, grant or approval is a **mismatch**; a call with no
+   verdict at all is **undecided**; a call whose latest verdict is still provisional (inside its
+   grace period) is only counted as pending.
 3. **Fact references.** Every evidence version names the identity and consent facts its verdict
    rests on (``fact_ids``) with the record hash each had when the verdict was made
    (``fact_hashes``). Each referenced fact must still be in the raw tables (else **fact_missing**),
@@ -42,7 +45,6 @@ endpoint or a direct client), so the same code runs from the CLI and in tests.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,22 +56,16 @@ from schemas import (
     BaseEvent,
     Collector,
     EventError,
-    GrantIssued,
-    GrantRevoked,
-    SessionBound,
-    SessionEnded,
     ToolCall,
     format_timestamp,
-    parse_event,
     record_hash,
 )
 from schemas.topics import Topics
 from stream_jobs.forensics import render_literal
-from stream_jobs.rows import table_topics
+from stream_jobs.tables import BY_TABLE, FACT_TABLES, RAW_TABLES, table_topics
 
 Fetch = Callable[[str], dict[str, Any]]
 
-RAW_TABLES = ("tool_calls", "tool_results", "identity_events", "consent_events")
 PAGE = 10_000
 """Rows per fetch: well inside the SQL endpoint's answer cap (SCOPEWATCH_QUERY_MAX_RESULT_BYTES)."""
 
@@ -174,82 +170,13 @@ def _problem_json(p: Problem) -> dict[str, Any]:
 # ------------------------------------------------------------------------- rows -> events
 
 
-def _json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
 def event_from_row(table: str, row: dict[str, Any]) -> BaseEvent:
-    """The canonical event a raw row was made from (inverse of ``stream_jobs.rows.to_row``)."""
-    d: dict[str, Any] = {
-        "event_id": row["event_id"],
-        "event_time": row["event_time"],
-        "tenant": row["tenant"],
-    }
-    if row.get("collector_id"):
-        d["collector"] = {
-            "id": row["collector_id"],
-            "epoch": int(row["collector_epoch"]),
-            "seq": int(row["collector_seq"]),
-            "prev_hash": row["collector_prev_hash"],
-        }
-    if table == "tool_calls":
-        d.update(
-            event_type="tool_call",
-            call_id=row["call_id"],
-            session_id=row["session_id"],
-            server=row["server"],
-            tool=row["tool"],
-            arguments=_json(row["arguments"]),
-            resources=list(row["resources"]),
-            transport=row["transport"],
-            attested=_json(row["attested"]),
-            claimed=_json(row["claimed"]),
-            tool_digest=row["tool_digest"],
-        )
-    elif table == "tool_results":
-        d.update(
-            event_type="tool_result",
-            call_id=row["call_id"],
-            session_id=row["session_id"],
-            status=row["status"],
-            duration_ms=float(row["duration_ms"]),
-            error=row["error"],
-            result_digest=row["result_digest"],
-        )
-    elif table == "identity_events":
-        d.update(event_type=row["event_type"], session_id=row["session_id"])
-        if row["event_type"] == "session_bound":
-            d.update(
-                principal=row["principal"],
-                agent_id=row["agent_id"],
-                valid_from=row["valid_from"],
-                valid_until=row["valid_until"],
-                auth=_json(row["auth"]),
-            )
-    elif table == "consent_events":
-        d.update(
-            event_type=row["event_type"],
-            grant_id=row["grant_id"],
-            principal=row["principal"],
-            agent_id=row["agent_id"],
-        )
-        if row["event_type"] == "grant_issued":
-            d.update(
-                tools=list(row["tools"]),
-                resources=list(row["resources"]),
-                scopes=list(row["scopes"]),
-                not_before=row["not_before"],
-                expires_at=row["expires_at"],
-                granted_by=row["granted_by"],
-                purpose=row["purpose"],
-                parent_grant_id=row["parent_grant_id"],
-            )
-        else:
-            d.update(revoked_by=row["revoked_by"], reason=row["reason"])
-    else:
+    """The canonical event a raw row was made from (inverse of ``stream_jobs.rows.to_row``; from the table's
+    spec, :meth:`stream_jobs.tables.TableSpec.event_from_row`)."""
+    spec = BY_TABLE.get(table)
+    if spec is None or not spec.raw_event:
         raise ValueError(f"not a raw event table: {table}")
-    extra = _json(row.get("extra")) or {}
-    return parse_event({**extra, **d})
+    return spec.event_from_row(row)
 
 
 # ------------------------------------------------------------------------------- chains
@@ -444,14 +371,14 @@ def verify(
     calls: list[ToolCall] = []
     for table in RAW_TABLES:
         # facts: all of them (older facts decide newer calls); chains and calls: the --since window
-        scope = tenant_only if table in ("identity_events", "consent_events") else filtered
+        scope = tenant_only if table in FACT_TABLES else filtered
         sql = (
             f"SELECT * FROM {database}.{table} FINAL{scope}"
             " ORDER BY collector_id, collector_epoch, collector_seq, event_id"
         )
         for row in _pages(fetch, sql):
             fact: _StoredFact | None = None
-            if table in ("identity_events", "consent_events"):
+            if table in FACT_TABLES:
                 fact = facts[(str(row.get("tenant")), str(row.get("event_id")))] = _StoredFact(
                     table, str(row.get("_record_hash") or "")
                 )
@@ -479,7 +406,7 @@ def verify(
                             event_id=event.event_id,
                         )
                     )
-            elif isinstance(event, (SessionBound, SessionEnded, GrantIssued, GrantRevoked)):
+            elif table in FACT_TABLES:
                 engine.add_fact(event)
             elif isinstance(event, ToolCall):
                 calls.append(event)
@@ -494,14 +421,14 @@ def verify(
     current: dict[tuple[str, str], dict[str, Any]] = {}
     call_scope = filtered.replace("event_time", "call_time")
     sql = (
-        f"SELECT tenant, call_id, verdict, matched_grant_id, final, version FROM {database}.evidence_current"
-        f"{call_scope} ORDER BY tenant, call_id"
+        "SELECT tenant, call_id, verdict, matched_grant_id, approval_id, final, version"
+        f" FROM {database}.evidence_current{call_scope} ORDER BY tenant, call_id"
     )
     for row in _pages(fetch, sql):
         current[(row["tenant"], row["call_id"])] = row
-    for call in calls:
+    # all calls at once: an approval authorises at most one call, taken in (event_time, call_id) order
+    for call, decision in zip(calls, engine.decide_all(calls), strict=True):
         report.calls_checked += 1
-        decision = engine.decide(call)
         stored = current.get((call.tenant, call.call_id))
         if stored is None:
             report.verdict_problems.append(
@@ -509,12 +436,19 @@ def verify(
             )
         elif not stored["final"]:
             report.pending += 1
-        elif (stored["verdict"], stored["matched_grant_id"]) != (decision.verdict, decision.matched_grant_id):
+        elif (stored["verdict"], stored["matched_grant_id"], stored["approval_id"]) != (
+            decision.verdict,
+            decision.matched_grant_id,
+            decision.approval_id,
+        ):
+            approval = f", approval {stored['approval_id']}" if stored["approval_id"] else ""
+            replayed = f", approval {decision.approval_id}" if decision.approval_id else ""
             report.verdict_problems.append(
                 Problem(
                     "mismatch",
-                    f"stored {stored['verdict']} (grant {stored['matched_grant_id']}, version {stored['version']}), "
-                    f"replay of the raw events gives {decision.verdict} (grant {decision.matched_grant_id})",
+                    f"stored {stored['verdict']} (grant {stored['matched_grant_id']}{approval}, version "
+                    f"{stored['version']}), replay of the raw events gives {decision.verdict} "
+                    f"(grant {decision.matched_grant_id}{replayed})",
                     call_id=call.call_id,
                 )
             )
@@ -526,7 +460,7 @@ def verify(
 
 @dataclass
 class _StoredFact:
-    """An identity or consent row, for checking the evidence that references it."""
+    """A row of a fact table (identity, consent, policy, approval), for checking the evidence that references it."""
 
     table: str
     stored_hash: str
@@ -562,8 +496,8 @@ def _check_fact_refs(
             if stored is None:
                 problem = Problem(
                     "fact_missing",
-                    f"evidence version {version} rests on fact {fact_id}, which is in neither identity_events "
-                    "nor consent_events (deleted, or never landed)",
+                    f"evidence version {version} rests on fact {fact_id}, which is in none of "
+                    f"{', '.join(FACT_TABLES)} (deleted, or never landed)",
                     event_id=fact_id,
                     call_id=call_id,
                 )

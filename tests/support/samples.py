@@ -5,7 +5,18 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from schemas import DeadLetter, Evidence, GrantIssued, GrantRevoked, SessionBound, SessionEnded, ToolCall, ToolResult
+from schemas import (
+    ApprovalDecided,
+    DeadLetter,
+    Evidence,
+    GrantIssued,
+    GrantRevoked,
+    PolicyPublished,
+    SessionBound,
+    SessionEnded,
+    ToolCall,
+    ToolResult,
+)
 
 T = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
@@ -93,6 +104,84 @@ SAMPLES = [
             agent_id="a",
             revoked_by="p",
             reason="done",
+        ),
+    ),
+    (
+        "consent_events",
+        GrantIssued(
+            event_id=uid(),
+            event_time=T,
+            tenant="t",
+            grant_id="g-gated",
+            principal="p",
+            agent_id="a",
+            tools=["db/*"],
+            not_before=T,
+            granted_by="p",
+            purpose="billing",
+            policies=["no-restricted"],
+            approval_tools=["db/write_*"],
+        ),
+    ),
+    (
+        "policy_events",
+        PolicyPublished(
+            event_id=uid(),
+            event_time=T,
+            tenant="t",
+            policy_id="no-restricted",
+            version="0a1b2c3",
+            cedar=(
+                "permit(principal, action, resource);\n"
+                'forbid(principal, action, resource) when { context.labels.contains("restricted") };'
+            ),
+            labels={"restricted": ["db:prod/*"]},
+            published_by="ci",
+        ),
+    ),
+    (
+        "approval_events",
+        ApprovalDecided(
+            event_id=uid(),
+            event_time=T,
+            tenant="t",
+            approval_id="ap-1",
+            principal="p",
+            agent_id="a",
+            tool="db/write_row",
+            arguments_digest=None,
+            decision="approve",
+            approver="bob",
+            expires_at=None,
+            reason="change 42",
+        ),
+    ),
+    (
+        "evidence",
+        Evidence(
+            evidence_id=uid(),
+            call_id="c-gated",
+            tenant="t",
+            session_id="s",
+            principal="p",
+            agent_id="a",
+            server="db",
+            tool="write_row",
+            call_time=T,
+            verdict="in_scope",
+            matched_grant_id="g-gated",
+            reasons=[],
+            version=1,
+            final=True,
+            late=False,
+            decided_at=T,
+            approval_id="ap-1",
+            approver="bob",
+            policy_versions=["no-restricted@0a1b2c3"],
+            policy_decision="Allow",
+            policy_reasons=["no-restricted@0a1b2c3#0"],
+            policy_errors=[],
+            history_complete=False,
         ),
     ),
     (

@@ -43,6 +43,23 @@ def test_migrations_apply_once(chdb: Client) -> None:
     } <= tables
 
 
+def test_the_migrated_tables_have_every_spec_column_and_a_missing_one_stops_the_sink(chdb: Client) -> None:
+    from stream_jobs.clickhouse import ClickHouseError, check_tables
+    from stream_jobs.tables import SPECS, migration_columns
+
+    migrate(chdb, "specs")
+    check_tables(chdb, "specs")
+    stored: dict[str, set[str]] = {}
+    for table, column in chdb.query("SELECT table, name FROM system.columns WHERE database = 'specs'").result_rows:
+        stored.setdefault(table, set()).add(column)
+    parsed = migration_columns(";\n".join(m.statements) + ";" for m in load_migrations())
+    for spec in SPECS:  # the unit test's migration parser reads what ClickHouse makes of the migrations
+        assert parsed[spec.table] == stored[spec.table], spec.table
+    chdb.command("ALTER TABLE specs.findings DROP COLUMN details")
+    with pytest.raises(ClickHouseError, match=r"findings\.details"):
+        check_tables(chdb, "specs")
+
+
 def test_same_token_inserts_once(chdb: Client) -> None:
     migrate(chdb, "dedup")
     writer = ClickHouseWriter(chdb, "dedup")

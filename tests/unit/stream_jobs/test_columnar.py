@@ -23,7 +23,17 @@ from hypothesis import strategies as st
 from pydantic import Field
 
 from detections.engine import VERDICTS
-from schemas import Collector, DeadLetter, Evidence, SchemaModel, ToolCall, ToolResult, decode, encode
+from schemas import (
+    Collector,
+    DeadLetter,
+    Evidence,
+    PolicyPublished,
+    SchemaModel,
+    ToolCall,
+    ToolResult,
+    decode,
+    encode,
+)
 from schemas.codec import MAGIC, MODELS, _registry
 from stream_jobs.columnar import TABLE_OF, Reject, Unsupported, build_reader, fast_readers
 from stream_jobs.rows import COLUMNS, Provenance, check_row, millis, row_values, to_row
@@ -132,6 +142,11 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "findings_grouped": st.integers(0, 2**32 - 1),
     "http_status": st.integers(0, 2**16 - 1),
     "latency_ms": st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+    "labels": st.dictionaries(TEXT, STRINGS, max_size=3),
+    "decision": st.sampled_from(["approve", "deny"]),
+}
+MODEL_FIELDS: dict[tuple[str, str], st.SearchStrategy[Any]] = {
+    ("PolicyPublished", "version"): TEXT,  # a commit id or content hash, not a verdict version
 }
 
 
@@ -141,7 +156,11 @@ def record_dicts(model: type[SchemaModel], extras: bool) -> st.SearchStrategy[di
     for name, field in model.model_fields.items():
         if name == "event_type":
             continue
-        base = collectors if name == "collector" else FIELDS.get(name, TEXT)
+        base = (
+            collectors
+            if name == "collector"
+            else MODEL_FIELDS.get((model.__name__, name), FIELDS.get(name, TEXT))
+        )
         if field.is_required():
             required[name] = base
         else:
@@ -155,7 +174,7 @@ def record_dicts(model: type[SchemaModel], extras: bool) -> st.SearchStrategy[di
 
 
 collectors = st.deferred(lambda: st.one_of(record_dicts(Collector, False), record_dicts(Collector, True)))
-# The sink stores the models it has a table for (policy_published and approval_decided have none yet).
+# The sink stores the models it has a table for (all of them, since policy_events and approval_events).
 STORED_MODELS = [m for m in MODELS.values() if m in TABLE_OF]
 records = st.sampled_from(STORED_MODELS).flatmap(
     lambda model: st.one_of(record_dicts(model, False), record_dicts(model, True)).map(model.model_validate)
@@ -260,6 +279,16 @@ ACCEPTED = {
     "tool call, JSON with escapes": tool_call(arguments={"q": 'say "hi"\n\t\\', "ctl": "\x01\x1f", "é": [None, True]}),
     "tool call, big integers in JSON": tool_call(arguments={"n": 2**64 - 1, "m": -(2**63)}),
     "tool call, floats orjson and Python spell alike": tool_call(arguments={"a": 1e16, "b": 0.5, "c": -2.5e-3}),
+    "policy, labels with unicode patterns": PolicyPublished(
+        event_id=str(uuid.uuid4()),
+        event_time=T,
+        tenant="acme",
+        policy_id="no-restricted",
+        version="3f2a",
+        cedar='forbid(principal, action, resource) when { context.labels.contains("restricted") };',
+        labels={"restricted": ["db:prod/*", "file:/données/*"], "public": []},
+        published_by="ci",
+    ),
     "tool result, negative zero duration": ToolResult(
         event_id=str(uuid.uuid4()),
         event_time=T,
@@ -302,6 +331,22 @@ RESULT = {
     "extra_json": None,
 }
 
+def policy_record(labels: str) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "policy_published",
+        "event_time": T,
+        "tenant": "acme",
+        "collector": None,
+        "policy_id": "p",
+        "version": "v1",
+        "cedar": "permit(principal, action, resource);",
+        "labels": labels,
+        "published_by": "ci",
+        "extra_json": None,
+    }
+
+
 DECLINED = {
     # the full path stores these, canonicalised or with their unknown fields
     "JSON not canonical (spaces)": raw_message(Evidence, evidence_record(facts='{"b": 1, "a": 2}')),
@@ -330,6 +375,8 @@ DECLINED = {
     "negative duration": raw_message(ToolResult, {**RESULT, "duration_ms": -1.0}),
     "NaN duration": raw_message(ToolResult, {**RESULT, "duration_ms": float("nan")}),
     "timestamp beyond year 9999": raw_message(Evidence, evidence_record(call_time=253402300800000)),
+    "policy labels: a pattern not a string": raw_message(PolicyPublished, policy_record('{"restricted":[1]}')),
+    "policy labels: patterns not a list": raw_message(PolicyPublished, policy_record('{"restricted":"db:*"}')),
 }
 
 
