@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, tick_message
 from detections.policy import PolicyStore
@@ -96,33 +96,37 @@ class PolicyFeed:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                metadata_max_age_ms=5000,  # a topic created after the start is seen within seconds
             )
             await consumer.start()
+            # Without a group, a subscription is assigned every partition of the topic as the
+            # consumer's metadata names them (aiokafka's NoGroupCoordinator); nothing is committed,
+            # so each start reads from the beginning. (An explicit assign() needs the partition ids
+            # first, and consumer.topics() does not put them in the consumer's own metadata: the
+            # first version of this feed never found the topic and judged without any policy.)
+            consumer.subscribe([self.topic])
             self._consumer = consumer
         return self._consumer
 
-    async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
+    async def _assign(self, consumer: AIOKafkaConsumer, wait: float) -> bool:
         if self._assigned:
             return True
         loop = asyncio.get_running_loop()
-        if loop.time() < self._next_look:
-            return False
-        self._next_look = loop.time() + 5.0
-        await consumer.topics()  # fresh metadata: the topic may have been created since
-        partitions = consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            log.warning("policies: topic %s has no partitions yet; judging without policies", self.topic)
-            return False
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        until = loop.time() + wait
+        while not consumer.assignment():
+            if loop.time() >= until:
+                if loop.time() >= self._next_look:
+                    self._next_look = loop.time() + 60.0
+                    log.warning("policies: topic %s has no partitions yet; judging without policies", self.topic)
+                return False
+            await asyncio.sleep(0.05)
         self._assigned = True
         return True
 
     async def catch_up(self) -> list[PolicyPublished]:
         """Read up to the end offsets as of now (at start: every policy published so far)."""
         consumer = await self._start()
-        if not await self._assign(consumer):
+        if not await self._assign(consumer, 10.0):
             return []
         tps = list(consumer.assignment())
         ends = await consumer.end_offsets(tps)
@@ -136,7 +140,7 @@ class PolicyFeed:
     async def poll(self) -> list[PolicyPublished]:
         """Policies published since the last poll (none waited for)."""
         consumer = await self._start()
-        if not await self._assign(consumer):
+        if not await self._assign(consumer, 0.0):
             return []
         return self._apply(await consumer.getmany(timeout_ms=0, max_records=10_000))
 
