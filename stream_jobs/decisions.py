@@ -201,6 +201,9 @@ class StageRunner:
         self.policies: PolicyFeed | None = None
         """Stage 2: the policies feed, polled before each batch and tick (see :meth:`_policies`)."""
         self._policies_loaded = False
+        self.on_load: Callable[[Any, datetime], Output] | None = None
+        """Run on a partition's processor when its state is loaded or taken back (stage 2:
+        :meth:`~detections.live.Stage2.recheck`, the calls the policies read so far may change)."""
 
     async def _policies(self, now: datetime) -> None:
         """Apply the policies published since the last batch (all of them the first time) and
@@ -226,7 +229,19 @@ class StageRunner:
                 self.sender.emit(part.proc.on_policy(fact, now, stored=True))
         self._drain()
 
-    async def partition(self, p: int) -> _Partition:
+    async def partition(self, p: int, now: datetime) -> _Partition:
+        part = self.partitions.get(p)
+        if part is None:
+            part = await self._activate(p)
+            if self.on_load is not None:
+                try:
+                    self.sender.emit(self.on_load(part.proc, now))
+                except Exception:  # a failed re-check never stops the worker
+                    self.counters[f"{self.name}_load_check_errors"] += 1
+                    log.exception("%s: partition %d: re-checking its held calls failed", self.name, p)
+        return part
+
+    async def _activate(self, p: int) -> _Partition:
         part = self.partitions.get(p)
         if part is None:
             await self.ready.wait()
@@ -286,7 +301,7 @@ class StageRunner:
         for m in records:
             part = touched.get(m.partition)
             if part is None:
-                part = touched[m.partition] = await self.partition(m.partition)
+                part = touched[m.partition] = await self.partition(m.partition, now)
             last = part.offsets.get(m.topic)
             if last is not None and m.offset > last + 1:
                 # Kafka offsets of these (non-compacted, non-transactional) topics are contiguous:
@@ -312,7 +327,7 @@ class StageRunner:
         for p in partitions:
             part = self._touched.get(p)
             if part is None:
-                part = self._touched[p] = await self.partition(p)
+                part = self._touched[p] = await self.partition(p, now)
             self.sender.emit(part.proc.on_message("", tick_message(), now))
         self._drain()
 
@@ -583,6 +598,7 @@ def build_stages(
     stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
     stage2 = runner("authorize", STAGE2_TABLES, make_stage2, handle_stage2)
     stage2.policies = feed
+    stage2.on_load = lambda proc, now: proc.recheck(now)
     return stage1, stage2, changelogs
 
 

@@ -195,32 +195,53 @@ def test_policies_and_approvals_out_of_order_equal_replay(engine_stack: tuple[Se
         assert live[corrected][4] >= 2, f"{corrected}: its provisional verdict was corrected"
 
 
-def test_approval_uses_survive_a_sigkill(engine_stack: tuple[Settings, Stack], tmp_path: Path) -> None:
-    """An approval a final call used is still used after the worker is killed and restarted."""
+def test_approval_uses_and_policies_survive_a_sigkill(engine_stack: tuple[Settings, Stack], tmp_path: Path) -> None:
+    """A worker killed with SIGKILL and restarted: an approval a final call used is not used again
+    by a later call, and a policy version published while it was down (dated before a call that is
+    already final) amends that call, flagged late, as replay judges it."""
     settings, stack = engine_stack
     tag = f"kill{os.getpid()}{settings.worker_engine[0]}"
-    principal, session = f"dave-{tag}@acme.example", f"{tag}-s"
+    principal, session, pol = f"dave-{tag}@acme.example", f"{tag}-s", f"{tag}-pol"
     facts = [
         bound("09:59:00", session, principal, "agent-9"),
-        grant("09:59:00", f"{tag}-g", principal, "agent-9", ["fs/*"], approval_tools=["fs/delete_file"]),
+        grant(
+            "09:59:00", f"{tag}-g", principal, "agent-9", ["fs/*"], policies=[pol], approval_tools=["fs/delete_file"]
+        ),
+        policy("09:59:30", pol, "v1", PERMIT_ALL),
         approval("10:00:00", f"{tag}-ap", principal, "agent-9", "fs/delete_file"),
     ]
     used = call("10:00:10", f"{tag}-c1", session, "fs", "delete_file", arguments={"path": "/x"})
+    read = call("10:00:10", f"{tag}-read", session, "fs", "read_file", arguments={"path": "/x"})
+    amended = policy(
+        "10:00:05", pol, "v2", 'permit(principal, action, resource) unless { resource.tool == "read_file" };'
+    )
     later = call("10:00:20", f"{tag}-c2", session, "fs", "delete_file", arguments={"path": "/x"})
-    publish(settings, tmp_path / "first.jsonl", [*facts, used])
-    assert current(settings, [used["call_id"]])[used["call_id"]][:3] == ("in_scope", f"{tag}-g", f"{tag}-ap")
-    time.sleep(1.0)  # the changelog writes of the final verdict's batch are acknowledged before its commit
+    publish(settings, tmp_path / "first.jsonl", [*facts, used, read])
+    before = current(settings, [used["call_id"], read["call_id"]])
+    assert before[used["call_id"]][:3] == ("in_scope", f"{tag}-g", f"{tag}-ap")
+    assert before[read["call_id"]][:3] == ("in_scope", f"{tag}-g", None)
+    time.sleep(1.0)  # the changelog writes of the final verdicts' batch are acknowledged before its commit
     record = proc.read_pid_record(stack.pid_path(worker_name(1)))
     assert record is not None
     os.kill(record.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while proc.is_running(record) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert not proc.is_running(record)
+    publish(settings, tmp_path / "policy.jsonl", [amended])  # nobody reads it now
     stack._up_worker(1, timeout=120)  # the same slot: it takes the same partitions back at once
     publish(settings, tmp_path / "second.jsonl", [later])
     everything = tmp_path / "all.jsonl"
-    everything.write_text(jsonl([*facts, used, later]))
+    everything.write_text(jsonl([*facts, used, read, amended, later]))
     expected = replayed(settings, everything)
     assert expected[later["call_id"]] == ("approval_missing", f"{tag}-g", None)
+    assert expected[read["call_id"]] == ("out_of_policy", f"{tag}-g", None)
+    deadline = time.monotonic() + 60
     live = current(settings, sorted(expected))
+    while live[read["call_id"]][0] != "out_of_policy" and time.monotonic() < deadline:
+        time.sleep(0.3)
+        live = current(settings, sorted(expected))
     assert {k: v[:3] for k, v in live.items()} == expected
+    assert live[read["call_id"]][3] is True, "an amendment after grace is flagged late"
+    # (the call that used the approval keeps its verdict, but its evidence now names v2: amended too)
+    assert live[used["call_id"]][3] is True and live[later["call_id"]][3] is False
