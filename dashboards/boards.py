@@ -121,6 +121,59 @@ def _overview() -> Dashboard:
         "ORDER BY revoked_at DESC, tenant, grant_id",
         ("tenant", "grant_id", "principal", "agent_id", "revoked_at", "revoked_by", "uses_after", "first_use_after_s"),
     )
+    approvals = Query(
+        "SELECT c.tenant AS tenant, c.tool AS tool,\n"
+        "       count() AS gated_calls,\n"
+        "       countIf(c.verdict = 'in_scope') AS approved,\n"
+        "       countIf(c.verdict = 'approval_missing') AS missing,\n"
+        "       countIf(c.verdict = 'approval_denied') AS denied_then_executed,\n"
+        "       round(quantileIf(0.5)(c.time_to_use_s, c.verdict = 'in_scope'), 3) AS p50_time_to_use_s,\n"
+        "       maxIf(c.time_to_use_s, c.verdict = 'in_scope') AS max_time_to_use_s\n"
+        "FROM (\n"
+        "    SELECT e.tenant AS tenant, e.call_id AS call_id, concat(e.server, '/', e.tool) AS tool,\n"
+        "           any(e.verdict) AS verdict,\n"
+        "           dateDiff('millisecond', max(a.event_time), any(e.call_time)) / 1000 AS time_to_use_s\n"
+        "    FROM {db}.evidence_current AS e\n"
+        "    LEFT JOIN (\n"
+        "        SELECT tenant, approval_id, principal, agent_id, event_time FROM {db}.approval_events\n"
+        "    ) AS a ON a.tenant = e.tenant AND a.approval_id = ifNull(e.approval_id, '')\n"
+        "        AND a.principal = ifNull(e.principal, '') AND a.agent_id = ifNull(e.agent_id, '')\n"
+        "        AND a.event_time <= e.call_time\n"
+        "    WHERE $__timeFilter(e.call_time)\n"
+        "      AND (e.verdict IN ('approval_missing', 'approval_denied')\n"
+        "           OR (e.verdict = 'in_scope' AND e.approval_id IS NOT NULL))\n"
+        "    GROUP BY tenant, call_id, tool\n"
+        ") AS c\n"
+        "GROUP BY tenant, tool\n"
+        "ORDER BY denied_then_executed DESC, missing DESC, gated_calls DESC, tenant, tool\n"
+        "SETTINGS join_use_nulls = 1",
+        (
+            "tenant",
+            "tool",
+            "gated_calls",
+            "approved",
+            "missing",
+            "denied_then_executed",
+            "p50_time_to_use_s",
+            "max_time_to_use_s",
+        ),
+    )
+    policy_denials = Query(
+        "SELECT tenant, policy_version, count() AS denials, uniqExact(agent_id) AS agents,\n"
+        "       countIf(notEmpty(policy_errors)) AS with_errors, max(call_time) AS last_denied\n"
+        "FROM (\n"
+        "    SELECT tenant, agent_id, call_time, policy_errors,\n"
+        "           arrayJoin(if(notEmpty(policy_reasons),\n"
+        "                        arrayDistinct(arrayMap(r -> splitByChar('#', r)[1], policy_reasons)),\n"
+        "                        if(notEmpty(policy_versions), policy_versions, ['(no policy version)'])\n"
+        "           )) AS policy_version\n"
+        "    FROM {db}.evidence_current\n"
+        "    WHERE $__timeFilter(call_time) AND verdict = 'out_of_policy'\n"
+        ")\n"
+        "GROUP BY tenant, policy_version\n"
+        "ORDER BY denials DESC, tenant, policy_version",
+        ("tenant", "policy_version", "denials", "agents", "with_errors", "last_denied"),
+    )
     return Dashboard(
         OVERVIEW_UID,
         "scopewatch · SOC overview",
@@ -163,6 +216,26 @@ def _overview() -> Dashboard:
                 "Revocations in the range; calls judged revoked_grant on the grant since, and how long after "
                 "the revocation the first one came (the use-after-revocation latency).",
                 24,
+                8,
+            ),
+            Panel(
+                "Approvals by tool",
+                "table",
+                approvals,
+                "Calls that needed a human approval (approval_tools of the matched grant), by tool: approved (an "
+                "approval authorised the call), missing (none did), denied_then_executed (a human said no and the "
+                "call happened anyway); time to use: from the approval's decision to the call, in seconds.",
+                14,
+                8,
+            ),
+            Panel(
+                "Policy denials by policy version",
+                "table",
+                policy_denials,
+                "Calls judged out_of_policy, by the policy version that denied them (policy_id@version of the "
+                "determining forbid; without one, every version evaluated: no permit, or failed closed). "
+                "with_errors: Cedar errors or missing/unparseable versions were recorded.",
+                10,
                 8,
             ),
         ),

@@ -174,19 +174,21 @@ def _policy_number(name: str) -> int:
     return int(m.group(1)) if m else 1 << 30
 
 
-_COMPILED: Final[dict[str, CompiledVersion]] = {}
+_COMPILED: Final[dict[tuple[str, str], CompiledVersion]] = {}
 
 
 def compile_version(event: PolicyPublished) -> CompiledVersion:
-    """:func:`compile_text` of a ``policy_published``, memoized by event_id (a version never changes)."""
-    done = _COMPILED.get(event.event_id)
+    """:func:`compile_text` of a ``policy_published``, memoized by event_id and text: a version never changes,
+    but ``verify`` re-judges stored rows, and a row edited in place keeps its event_id."""
+    key = (event.event_id, event.cedar)
+    done = _COMPILED.get(key)
     if done is not None and done.policy_id == event.policy_id and done.version == event.version:
         return done
     text, ids, error = compile_text(event.policy_id, event.version, event.cedar)
     done = CompiledVersion(event.policy_id, event.version, event.event_id, text, ids, error)
     if len(_COMPILED) >= 4096:
         _COMPILED.clear()
-    _COMPILED[event.event_id] = done
+    _COMPILED[key] = done
     return done
 
 

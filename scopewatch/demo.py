@@ -3,9 +3,13 @@
 Two MCP sessions (the ``mcp`` Python SDK client -> ``scopewatch wrap`` -> server-everything). The
 first tells the consent story for alice's agent: grants are issued when the session starts, calls
 stay inside and outside them, one grant is revoked mid-session and another expires, so every kind
-of verdict shows up with the grant and the reason that explain it. The second session (bob) is
+of verdict shows up with the grant and the reason that explain it. It ends with the
+runtime authorization story (issue 18): a tool that needs a human approval is approved once and
+called twice (the second call is ``approval_missing``), and a Cedar policy forbids resources
+labelled ``restricted`` (a call touching one is ``out_of_policy``). The second session (bob) is
 plain traffic under a narrow grant. The demo waits for the grace period so the verdicts it shows
-are final.
+are final, then checks them against ``scopewatch verify``: the replay engine over the same stored
+events must give every call the same verdict, grant and approval.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from schemas import Event, GrantIssued, GrantRevoked
+from schemas import ApprovalDecided, Event, GrantIssued, GrantRevoked, PolicyPublished
 from scopewatch.publish import publish_events
 from scopewatch.sqlclient import SqlError, run_sql
 from scopewatch.stack import proc
@@ -77,8 +81,13 @@ def demo_calls(n: int) -> list[DemoCall]:
     return out
 
 
-STORY_CALLS = 8
+STORY_CALLS = 11
 """Calls of alice's consent story; ``--calls`` must allow at least these."""
+RESTRICTED_POLICY = (
+    "// scopewatch demo: the agent may call what its grant covers, except on resources labelled restricted\n"
+    "permit(principal, action, resource);\n"
+    'forbid(principal, action, resource) when { context.labels.contains("restricted") };\n'
+)
 GRANT_TTL = timedelta(seconds=4)
 
 
@@ -118,6 +127,34 @@ def _revoke(principal: str, grant_id: str, at: datetime, reason: str) -> GrantRe
     )
 
 
+def _policy(policy_id: str, at: datetime) -> PolicyPublished:
+    return PolicyPublished(
+        event_id=str(uuid.uuid4()),
+        event_time=at,
+        tenant=DEMO_TENANT,
+        policy_id=policy_id,
+        version="demo-1",
+        cedar=RESTRICTED_POLICY,
+        labels={"restricted": ["resource:9*"]},
+        published_by="scopewatch demo",
+    )
+
+
+def _approval(principal: str, approval_id: str, tool: str, at: datetime) -> ApprovalDecided:
+    return ApprovalDecided(
+        event_id=str(uuid.uuid4()),
+        event_time=at,
+        tenant=DEMO_TENANT,
+        approval_id=approval_id,
+        principal=principal,
+        agent_id=DEMO_AGENT,
+        tool=f"everything/{tool}",
+        decision="approve",
+        approver="carol@acme.example",
+        reason="one tiny image, once",
+    )
+
+
 Publish = Callable[[list[Event]], Awaitable[None]]
 Call = Callable[[DemoCall], Awaitable[None]]
 
@@ -151,6 +188,32 @@ async def alice_story(tag: str, principal: str, call: Call, publish: Publish, sa
         say(f"  waiting {wait:.1f}s for {basics} to expire")
         await asyncio.sleep(wait)
     await call(DemoCall("echo", {"message": "still allowed?"}))
+    await authorization_story(tag, principal, call, publish, say)
+
+
+async def authorization_story(
+    tag: str, principal: str, call: Call, publish: Publish, say: Callable[[str], None]
+) -> None:
+    """Runtime authorization: an approval-gated tool approved once and called twice; a Cedar policy that
+    forbids resources labelled restricted."""
+    now = datetime.now(UTC)
+    gated, labelled, policy = f"{tag}-gated", f"{tag}-labelled", f"{tag}-no-restricted"
+    await publish(
+        [
+            _policy(policy, now),
+            _grant(principal, gated, ["get-tiny-image"], now, approval_tools=["everything/get-tiny-image"]),
+            _grant(principal, labelled, ["get-resource-reference"], now, policies=[policy]),
+        ]
+    )
+    say(
+        f"  alice grants {gated} (get-tiny-image, each call needs a human approval) and {labelled} "
+        f"(get-resource-reference under Cedar policy {policy}: resource:9* is labelled restricted, forbidden)"
+    )
+    await publish([_approval(principal, f"{tag}-approval-1", "get-tiny-image", datetime.now(UTC))])
+    say("  carol approves one get-tiny-image call; the agent calls it twice")
+    await call(DemoCall("get-tiny-image", {}))
+    await call(DemoCall("get-tiny-image", {}))
+    await call(DemoCall("get-resource-reference", {"resourceType": "Text", "resourceId": 9}))
 
 
 async def _drive(
@@ -392,6 +455,7 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
     if calls < STORY_CALLS:
         raise DemoError(f"--calls must be at least {STORY_CALLS} (the consent story alone makes {STORY_CALLS})")
     tag = uuid.uuid4().hex[:6]
+    started = datetime.now(UTC)
     alice, bob = "alice@acme.example", "bob@acme.example"
     filler = demo_calls(calls - STORY_CALLS)
 
@@ -459,6 +523,7 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
             explain(str(verdict), grant, list(reasons or [])),
         )
     console.print(table)
+    replayed = check_with_replay(settings, started, console)
     total = run_sql(settings, f"SELECT count() FROM {db}.tool_calls")["rows"][0][0]
     console.print(
         f"[bold green]made {made} tool calls ({errors} failing); ClickHouse holds {counts['calls']} "
@@ -477,4 +542,45 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
             oncall.stop()
     pages = show_pages(console, page_rows, oncall)
     received = None if oncall is None else len(oncall.received)
-    return {"made": made, "errors": errors, "verdicts": verdicts, "pages": pages, "received": received, **counts}
+    if replayed["mismatches"]:
+        raise DemoError(
+            f"{len(replayed['mismatches'])} live final verdicts differ from replay of the same events "
+            "(listed above; `scopewatch verify` shows them again)"
+        )
+    return {
+        "made": made,
+        "errors": errors,
+        "verdicts": verdicts,
+        "pages": pages,
+        "received": received,
+        "replay": replayed,
+        **counts,
+    }
+
+
+def check_with_replay(settings: Settings, since: datetime, console: Console) -> dict[str, Any]:
+    """The demo's own check: ``scopewatch verify`` re-judges the stored calls from the stored facts with the
+    replay engine and compares verdict, grant and approval with the live final verdicts."""
+    from stream_jobs.verify import verify
+
+    with console.status("checking the live verdicts against replay of the stored events (scopewatch verify)"):
+        report = verify(
+            lambda sql: run_sql(settings, sql), settings.clickhouse_database, since=since, tenant=DEMO_TENANT
+        )
+    ours = [p for p in report.verdict_problems if p.call_id is not None]
+    if not ours:
+        console.print(
+            f"[bold green]replay of the stored events agrees with every live final verdict[/] "
+            f"({report.verdicts_match} calls of tenant {DEMO_TENANT} since the demo started; "
+            f"{report.pending} still provisional)"
+        )
+    else:
+        console.print(f"[bold red]replay disagrees with {len(ours)} live verdicts:[/]")
+        for p in ours:
+            console.print(f"  call {p.call_id}: {p.detail}")
+    return {
+        "checked": report.calls_checked,
+        "match": report.verdicts_match,
+        "pending": report.pending,
+        "mismatches": [{"call_id": p.call_id, "kind": p.kind, "detail": p.detail} for p in ours],
+    }

@@ -27,7 +27,8 @@ Two checks over the stored rows:
    consent, policy and approval facts (the spec's fact tables, all of them, whatever ``--since``
    says: older facts decide newer calls), judging all calls together as replay does (an approval
    authorises at most one call), and compares it with the call's current final verdict in
-   ``evidence_current``. A different verdict, grant or approval is a **mismatch**; a call with no
+   ``evidence_current``. With ``--since`` and approvals stored, the calls before it are judged too
+   (they use approvals up) but not reported. A different verdict, grant or approval is a **mismatch**; a call with no
    verdict at all is **undecided**; a call whose latest verdict is still provisional (inside its
    grace period) is only counted as pending.
 3. **Fact references.** Every evidence version names the identity and consent facts its verdict
@@ -53,11 +54,11 @@ from typing import Any
 
 from detections.engine import DecisionEngine
 from schemas import (
+    ApprovalDecided,
     BaseEvent,
     Collector,
     EventError,
     ToolCall,
-    format_timestamp,
     record_hash,
 )
 from schemas.topics import Topics
@@ -66,6 +67,7 @@ from stream_jobs.tables import BY_TABLE, FACT_TABLES, RAW_TABLES, table_topics
 
 Fetch = Callable[[str], dict[str, Any]]
 
+_TIME = "DateTime64(3, 'UTC')"
 PAGE = 10_000
 """Rows per fetch: well inside the SQL endpoint's answer cap (SCOPEWATCH_QUERY_MAX_RESULT_BYTES)."""
 
@@ -362,13 +364,14 @@ def verify(
         where.append(f"tenant = {render_literal('String', tenant)}")
     tenant_only = f" WHERE {' AND '.join(where)}" if where else ""
     if since is not None:
-        where.append(f"event_time >= {render_literal('String', format_timestamp(since))}")
+        where.append(f"event_time >= {render_literal(_TIME, since)}")
     filtered = f" WHERE {' AND '.join(where)}" if where else ""
 
     stamped: list[Stamped] = []
     facts: dict[tuple[str, str], _StoredFact] = {}
     engine = DecisionEngine()
     calls: list[ToolCall] = []
+    approvals = False
     for table in RAW_TABLES:
         # facts: all of them (older facts decide newer calls); chains and calls: the --since window
         scope = tenant_only if table in FACT_TABLES else filtered
@@ -408,6 +411,7 @@ def verify(
                     )
             elif table in FACT_TABLES:
                 engine.add_fact(event)
+                approvals = approvals or isinstance(event, ApprovalDecided)
             elif isinstance(event, ToolCall):
                 calls.append(event)
             if not in_window:
@@ -417,6 +421,21 @@ def verify(
             else:
                 stamped.append(Stamped(table, event, str(row.get("_record_hash") or "")))
     report.collectors = check_chains(stamped, from_start=since is None)
+    earlier: list[ToolCall] = []
+    if since is not None and approvals:
+        # approvals are used up by earlier calls too: judge the calls before --since with the others (not reported)
+        scope = f"{tenant_only} AND" if tenant_only else " WHERE"
+        sql = (
+            f"SELECT * FROM {database}.tool_calls FINAL{scope} event_time < {render_literal(_TIME, since)}"
+            " ORDER BY event_time, call_id, event_id"
+        )
+        for row in _pages(fetch, sql):
+            try:
+                event = event_from_row("tool_calls", row)
+            except (EventError, ValueError, KeyError, TypeError):
+                continue  # reported when in a window that covers it
+            if isinstance(event, ToolCall) and (row.get("_topic") is None or row["_topic"] == expected["tool_calls"]):
+                earlier.append(event)
 
     current: dict[tuple[str, str], dict[str, Any]] = {}
     call_scope = filtered.replace("event_time", "call_time")
@@ -427,7 +446,7 @@ def verify(
     for row in _pages(fetch, sql):
         current[(row["tenant"], row["call_id"])] = row
     # all calls at once: an approval authorises at most one call, taken in (event_time, call_id) order
-    for call, decision in zip(calls, engine.decide_all(calls), strict=True):
+    for call, decision in zip(calls, engine.decide_all([*calls, *earlier])[: len(calls)], strict=True):
         report.calls_checked += 1
         stored = current.get((call.tenant, call.call_id))
         if stored is None:

@@ -80,7 +80,28 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
             ("trigger-long-running-operation", "out_of_scope_tool", ""),
             ("get-structured-content", "revoked_grant", "reports"),
             ("echo", "expired_grant", "basics"),
+            # runtime authorization (issue 18): approved once, called twice; a restricted resource under a policy
+            ("get-tiny-image", "in_scope", "gated"),
+            ("get-tiny-image", "approval_missing", "gated"),
+            ("get-resource-reference", "out_of_policy", "labelled"),
         ], demo.stdout
+        # the demo checked itself: replay over the stored events gives every call the live final verdict
+        assert "replay of the stored events agrees with every live final verdict" in demo.stdout, demo.stdout
+        approvals = cli(
+            env,
+            "sql",
+            "SELECT argMax(approval_id, version) AS approval, argMax(policy_versions, version) AS policies,"
+            " argMax(policy_decision, version) AS decision, argMax(policy_errors, version) AS errors"
+            " FROM scopewatch.evidence WHERE principal = 'alice@acme.example' AND tool IN"
+            " ('get-tiny-image', 'get-resource-reference') GROUP BY call_id ORDER BY min(call_time)",
+            "--format",
+            "json",
+        )
+        used, missing, restricted = json.loads(approvals.stdout)[-3:]
+        assert used["approval"].endswith("-approval-1") and missing["approval"] is None, approvals.stdout
+        # the evidence names the policy version that denied (live stage 2 of h18l must know the policy)
+        assert [p.split("-", 1)[1] for p in restricted["policies"]] == ["no-restricted@demo-1"], approvals.stdout
+        assert (restricted["decision"], restricted["errors"]) == ("Deny", []), approvals.stdout
         # the violations were paged: each pageable finding's dedup key delivered to the demo's receiver
         paged = cli(
             env,
@@ -93,7 +114,14 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
             "json",
         )
         rules = {r["rule"]: r["delivered"] for r in json.loads(paged.stdout)}
-        assert {"revoked_grant", "expired_grant", "out_of_scope_tool", "out_of_scope_resource"} <= set(rules), rules
+        assert {
+            "revoked_grant",
+            "expired_grant",
+            "out_of_scope_tool",
+            "out_of_scope_resource",
+            "approval_missing",
+            "out_of_policy",
+        } <= set(rules), rules
         assert all(n >= 1 for n in rules.values()), rules
         assert "signed webhook deliveries" in demo.stdout and "0 bad" in demo.stdout
 

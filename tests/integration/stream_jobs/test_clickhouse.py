@@ -8,7 +8,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from scopewatch.stack.kafka import KafkaBroker
-from stream_jobs.clickhouse import connect, load_migrations, migrate, run_query
+from stream_jobs.clickhouse import connect, load_migrations, migrate, result_json, run_query
 from stream_jobs.rows import Provenance, to_row
 from stream_jobs.sink import ClickHouseWriter
 from support.samples import SAMPLES, T
@@ -33,6 +33,8 @@ def test_migrations_apply_once(chdb: Client) -> None:
         "tool_results",
         "identity_events",
         "consent_events",
+        "policy_events",
+        "approval_events",
         "evidence",
         "dead_letters",
         "findings",
@@ -163,7 +165,9 @@ def _dash_events() -> list[dict[str, object]]:
     for i, event in enumerate(stamped):  # sequence number 3 never arrives: a lost event
         event["collector"] = {"id": f"{tag}-wrap", "epoch": 1, "seq": i if i < 3 else i + 1, "prev_hash": None}
     assert ts("10:00:00").startswith("2026-11-21")
-    return events
+    from support.gated import gated_story
+
+    return [*events, *gated_story(tag)]  # policies and approvals (issue 18): alice's agent-7, unstamped
 
 
 def _finding_row(f: Any, offset: int) -> dict[str, object]:
@@ -365,6 +369,39 @@ def test_dashboard_panels_show_what_the_scenario_did(dash: Client) -> None:
     assert paged == ["delivered", "failed", "not paged"]
     collectors = _panel_rows(dash, "scopewatch-pipeline", "Collectors: sequence gaps")
     assert [(r["collector_id"], r["missing_seq"]) for r in collectors] == [(f"{tag}-wrap", 1)]
+
+
+def test_approval_and_policy_panels_show_what_the_scenario_did(dash: Client) -> None:
+    tag = DASH_TAG
+    approvals = _panel_rows(dash, "scopewatch-soc-overview", "Approvals by tool")
+    assert approvals == [
+        {
+            "tenant": "acme",
+            "tool": "db/drop_table",
+            "gated_calls": 1,
+            "approved": 0,
+            "missing": 0,
+            "denied_then_executed": 1,
+            "p50_time_to_use_s": None,
+            "max_time_to_use_s": None,
+        },
+        {
+            "tenant": "acme",
+            "tool": "db/write_row",
+            "gated_calls": 3,
+            "approved": 2,
+            "missing": 1,
+            "denied_then_executed": 0,
+            "p50_time_to_use_s": 75.0,  # 30 s (ap-1) and 120 s (ap-3)
+            "max_time_to_use_s": 120.0,
+        },
+    ]
+    denials = _panel_rows(dash, "scopewatch-soc-overview", "Policy denials by policy version")
+    assert [(r["policy_version"], r["denials"], r["agents"], r["with_errors"]) for r in denials] == [
+        (f"{tag}-labels@v1", 1, 1, 0),
+        (f"{tag}-labels@v2", 1, 1, 0),
+    ]
+    assert denials[1]["last_denied"] == ts("10:06:00")
 
 
 def test_pipeline_metric_panels_show_the_snapshots(dash: Client) -> None:
@@ -1559,9 +1596,11 @@ def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
         assert re.search(pattern, reason), (name, reason)
     counts = dict(run_query(chdb, "SELECT 'evidence', count() FROM dl.evidence")["rows"])
     assert int(counts["evidence"]) == len(bad) + sum(1 for r in good if isinstance(r, Evidence))
-    for table in ("tool_calls", "tool_results", "identity_events", "consent_events", "findings", "pages"):
+    from stream_jobs.tables import RAW_TABLES
+
+    for table in (*RAW_TABLES, "findings", "pages"):
         expected = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == table)
-        assert int(chdb.command(f"SELECT count() FROM dl.{table}")) == expected, table
+        assert expected > 0 and int(chdb.command(f"SELECT count() FROM dl.{table}")) == expected, table
     good_letters = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == "dead_letters")
     assert int(chdb.command("SELECT count() FROM dl.dead_letters")) == len(bad) + good_letters
     assert not (tmp_path / "intent.json").exists()
@@ -1620,6 +1659,19 @@ def test_bulk_path_stores_the_same_bytes_as_the_per_message_path(chdb: Client) -
         base.model_copy(update={"evidence_id": "e-max", "version": 2**32 - 1, "final": True, "late": True}),
         base.model_copy(update={"evidence_id": "e-long", "reasons": ["r" * 20_000, "日本語\u2028"], "tool": "x" * 300}),
         base.model_copy(update={"evidence_id": "e-refs", "fact_ids": ["a", "b"], "fact_hashes": ["sha256:1", ""]}),
+        base.model_copy(
+            update={
+                "evidence_id": "e-policy",
+                "verdict": "out_of_policy",
+                "approval_id": "ap-ü",
+                "approver": "bob",
+                "policy_versions": ["p@v1", "q@3f2a"],
+                "policy_decision": "Deny",
+                "policy_reasons": ["p@v1#1"],
+                "policy_errors": ["policy q has no version at the call (fail closed)"],
+                "history_complete": False,
+            }
+        ),
     ]
     values = [encode(r) for r in records]
     bulk, rows = _flush_both_ways(chdb, "bulkeq", values)
@@ -1674,3 +1726,231 @@ def test_a_bad_record_in_a_bulk_block_takes_the_per_message_path(chdb: Client, b
     for table in COLUMNS:
         assert _table_bytes(chdb, f"{db}_bulk", table) == _table_bytes(chdb, f"{db}_rows", table), table
     assert int(chdb.command(f"SELECT count() FROM {db}_bulk.evidence")) >= 3
+
+
+# ------------------------------------------------------------------ policies and approvals (issue 18)
+# support.gated.gated_story("gx"): one delegation under a grant with a labelled Cedar policy (two versions) and
+# approval-gated tools; facts stamped by the intake's chain, calls by a wrapper's; final evidence from replay,
+# referencing its facts with their record hashes (as the live worker writes it).
+
+GX_ALICE = "alice-gx@acme.example"
+
+
+def _seed_gated(chdb: Client, db: str) -> dict[str, Any]:
+    """Seed database ``db``; returns the events by event_id (as parsed, stamped)."""
+    from collectors.chain import ChainStamper
+    from schemas import ToolCall, ToolResult, topic_for
+    from support.gated import gated_story
+
+    migrate(chdb, db)
+    writer = ClickHouseWriter(chdb, db)
+    items = list(read_events(io.StringIO(jsonl(gated_story("gx")))))
+    events = [e for _, e in items]
+    intake, wrap = ChainStamper("intake:gx", epoch=1), ChainStamper("stdio:gx", epoch=1)
+    facts = sorted((e for e in events if not isinstance(e, (ToolCall, ToolResult))), key=lambda e: e.event_time)
+    stamped = [intake.stamp(f) for f in facts] + [
+        wrap.stamp(e) for e in events if isinstance(e, (ToolCall, ToolResult))
+    ]
+    tables: dict[str, list[dict[str, object]]] = {}
+    hashes: dict[str, str] = {}
+    for i, e in enumerate(stamped):
+        table, row = to_row(e, Provenance(topic_for(e), 0, i, T))
+        tables.setdefault(table, []).append(row)
+        hashes[str(row["event_id"])] = str(row["_record_hash"])
+    for i, (call, decision) in enumerate(replay(items).decisions):
+        decided = call.event_time + _datetime.timedelta(seconds=1)
+        ev = build_evidence(call, decision, 1, True, False, decided, 1, "replay", "final")
+        ev = ev.model_copy(update={"fact_hashes": [hashes[f] for f in ev.fact_ids]})
+        tables.setdefault("evidence", []).append(to_row(ev, Provenance("audit.evidence", 0, i, T))[1])
+    for table, rows in tables.items():
+        writer.insert(table, rows, token=f"{db}-{table}")
+    return {e.event_id: e for e in stamped}
+
+
+@pytest.fixture(scope="module")
+def gated_db(chdb: Client) -> dict[str, Any]:
+    return _seed_gated(chdb, "gated")
+
+
+def test_policy_and_approval_rows_rebuild_the_events_and_evidence_keeps_the_policy_fields(
+    chdb: Client, gated_db: dict[str, Any]
+) -> None:
+    from stream_jobs.verify import event_from_row
+
+    for table, n in (("policy_events", 2), ("approval_events", 4), ("consent_events", 1)):
+        result = chdb.query(f"SELECT * FROM gated.{table} ORDER BY event_time, event_id")
+        rows = [{k: _plain(v) for k, v in zip(result.column_names, r, strict=True)} for r in result.result_rows]
+        assert len(rows) == n, table
+        for row in rows:
+            rebuilt = event_from_row(table, row)
+            assert rebuilt == gated_db[rebuilt.event_id], table
+    grant_row = run_query(chdb, "SELECT policies, approval_tools FROM gated.consent_events")["rows"]
+    assert grant_row == [[["gx-labels"], ["db/write_row", "db/drop_table"]]]
+    rows = run_query(
+        chdb,
+        "SELECT call_id, verdict, approval_id, approver, policy_versions, policy_decision, policy_reasons,"
+        " policy_errors, history_complete FROM gated.evidence_current ORDER BY call_time",
+    )["rows"]
+    v1, v2 = ["gx-labels@v1"], ["gx-labels@v2"]
+    assert rows == [
+        ["gx-c-approved", "in_scope", "gx-ap-1", "bob@acme.example", v1, "Allow", ["gx-labels@v1#0"], [], True],
+        ["gx-c-missing", "approval_missing", None, None, v1, "Allow", ["gx-labels@v1#0"], [], True],
+        ["gx-c-denied", "approval_denied", "gx-ap-2", "bob@acme.example", v1, "Allow", ["gx-labels@v1#0"], [], True],
+        ["gx-c-restricted", "out_of_policy", None, None, v1, "Deny", ["gx-labels@v1#1"], [], True],
+        ["gx-c-hr", "out_of_policy", None, None, v2, "Deny", ["gx-labels@v2#1"], [], True],
+        ["gx-c-open", "in_scope", None, None, v2, "Allow", ["gx-labels@v2#0"], [], True],
+        ["gx-c-late", "in_scope", "gx-ap-3", "bob@acme.example", v2, "Allow", ["gx-labels@v2#0"], [], True],
+    ]
+
+
+def test_verify_round_trips_policies_and_approvals(chdb: Client) -> None:
+    _seed_gated(chdb, "vf_gated")
+    report = _verify(chdb, "vf_gated")
+    assert report.ok, report.problems
+    # the intake's chain runs through identity, consent, policy and approval rows
+    assert {c.collector_id: c.events for c in report.collectors} == {"intake:gx": 8, "stdio:gx": 9}
+    assert (report.calls_checked, report.verdicts_match) == (7, 7)
+
+
+def test_verify_names_a_deleted_approval_and_the_verdicts_it_no_longer_supports(chdb: Client) -> None:
+    _seed_gated(chdb, "vf_gated_del")
+    chdb.command(
+        "ALTER TABLE vf_gated_del.approval_events DELETE WHERE approval_id = 'gx-ap-1' SETTINGS mutations_sync = 2"
+    )
+    report = _verify(chdb, "vf_gated_del")
+    assert _first_bad(report, "intake:gx").kind == "gap"
+    # without ap-1 the first write takes no approval, and the second ...: replay says approval_missing for both
+    mismatches = {p.call_id: p.detail for p in report.verdict_problems}
+    assert set(mismatches) == {"gx-c-approved"}
+    assert "stored in_scope (grant gx-gated, approval gx-ap-1" in mismatches["gx-c-approved"]
+    assert "gives approval_missing (grant gx-gated)" in mismatches["gx-c-approved"]
+
+
+def test_verify_names_an_edited_policy_and_the_verdicts_it_no_longer_supports(chdb: Client) -> None:
+    events = _seed_gated(chdb, "vf_gated_edit")
+    v1 = next(e for e in events.values() if e.event_type == "policy_published" and e.version == "v1")
+    chdb.command(
+        "ALTER TABLE vf_gated_edit.policy_events UPDATE cedar = 'permit(principal, action, resource);'"
+        f" WHERE event_id = '{v1.event_id}' SETTINGS mutations_sync = 2"
+    )
+    report = _verify(chdb, "vf_gated_edit")
+    bad = _first_bad(report, "intake:gx")
+    assert (bad.kind, bad.table, bad.event_id) == ("edited", "policy_events", v1.event_id)
+    assert [(p.kind, p.call_id) for p in report.verdict_problems] == [("mismatch", "gx-c-restricted")]
+    assert "replay of the raw events gives in_scope" in report.verdict_problems[0].detail
+
+
+def test_forensic_approval_history_says_which_call_used_each_approval(chdb: Client, gated_db: dict[str, Any]) -> None:
+    rows = forensic(chdb, "approval_history", db="gated", tenant="acme")
+    brief = [
+        (
+            r["approval_id"],
+            r["decision"],
+            r["outcome"],
+            r["call_id"],
+            r["verdict"],
+            r["result_status"],
+            r["time_to_use_ms"],
+        )
+        for r in rows
+    ]
+    assert brief == [
+        ("gx-ap-1", "approve", "used", "gx-c-approved", "in_scope", "ok", 30_000),
+        (None, None, "missing", "gx-c-missing", "approval_missing", None, None),
+        ("gx-ap-2", "deny", "denied_then_executed", "gx-c-denied", "approval_denied", "ok", None),
+        ("gx-ap-3", "approve", "used", "gx-c-late", "in_scope", None, 120_000),
+        ("gx-ap-4", "approve", "unused", None, None, None, None),
+    ]
+    first = rows[0]
+    assert (first["approver"], first["principal"], first["agent_id"], first["tool"], first["versions"]) == (
+        "bob@acme.example",
+        GX_ALICE,
+        "agent-7",
+        "db/write_row",
+        1,
+    )
+    assert rows[3]["expires_at"] == "2026-11-21T10:30:00.000Z" and rows[1]["tool"] == "db/write_row"
+    # filters: one tool, a time window, another delegation
+    drops = forensic(chdb, "approval_history", db="gated", tenant="acme", tool="db/drop_table")
+    assert [r["approval_id"] for r in drops] == ["gx-ap-2"]
+    window = forensic(chdb, "approval_history", db="gated", tenant="acme", since=ts("10:02:00"), until=ts("10:07:00"))
+    assert [(r["approval_id"], r["call_id"]) for r in window] == [
+        (None, "gx-c-missing"),
+        ("gx-ap-2", "gx-c-denied"),
+        ("gx-ap-3", "gx-c-late"),
+    ]
+    assert forensic(chdb, "approval_history", db="gated", tenant="acme", principal="bob@acme.example") == []
+    assert forensic(chdb, "approval_history", db="gated", tenant="globex") == []
+
+
+def test_forensic_approval_history_times_use_from_the_version_in_force(chdb: Client) -> None:
+    """An approval re-decided after its use: time to use counts from the decision the call relied on."""
+    from support.gated import approval
+
+    _seed_gated(chdb, "gated_redecided")
+    later = approval("10:20:00", "gx-ap-1", GX_ALICE, "agent-7", "db/write_row", expires="10:21:00")
+    [(_, event)] = list(read_events(io.StringIO(jsonl([later]))))
+    ClickHouseWriter(chdb, "gated_redecided").insert(
+        "approval_events", [to_row(event, Provenance("consent.approvals", 0, 99, T))[1]], token="redecided"
+    )
+    [row] = [
+        r
+        for r in forensic(chdb, "approval_history", db="gated_redecided", tenant="acme")
+        if r["approval_id"] == "gx-ap-1"
+    ]
+    assert (row["versions"], row["decided_at"], row["call_id"], row["time_to_use_ms"]) == (
+        2,
+        "2026-11-21T10:20:00.000Z",
+        "gx-c-approved",
+        30_000,
+    )
+
+
+def test_forensic_policy_decisions_name_versions_decisions_and_determining_policies(
+    chdb: Client, gated_db: dict[str, Any]
+) -> None:
+    rows = forensic(chdb, "policy_decisions", db="gated", tenant="acme")
+    brief = [
+        (
+            r["call_id"],
+            r["verdict"],
+            r["policy_versions"],
+            r["policy_decision"],
+            r["determining_policies"],
+            r["resources"],
+        )
+        for r in rows
+    ]
+    assert brief == [
+        ("gx-c-approved", "in_scope", ["gx-labels@v1"], "Allow", ["gx-labels@v1#0"], ["db:dev/t"]),
+        ("gx-c-missing", "approval_missing", ["gx-labels@v1"], "Allow", ["gx-labels@v1#0"], ["db:dev/t"]),
+        ("gx-c-denied", "approval_denied", ["gx-labels@v1"], "Allow", ["gx-labels@v1#0"], ["db:dev/t"]),
+        ("gx-c-restricted", "out_of_policy", ["gx-labels@v1"], "Deny", ["gx-labels@v1#1"], ["db:prod/users"]),
+        ("gx-c-hr", "out_of_policy", ["gx-labels@v2"], "Deny", ["gx-labels@v2#1"], ["db:hr/salaries"]),
+        ("gx-c-open", "in_scope", ["gx-labels@v2"], "Allow", ["gx-labels@v2#0"], ["db:dev/x"]),
+        ("gx-c-late", "in_scope", ["gx-labels@v2"], "Allow", ["gx-labels@v2#0"], ["db:dev/t"]),
+    ]
+    assert all(r["policy_errors"] == [] and r["history_complete"] is True and r["grant_id"] == "gx-gated" for r in rows)
+    denied = forensic(chdb, "policy_decisions", db="gated", tenant="acme", decision="Deny")
+    assert [r["call_id"] for r in denied] == ["gx-c-restricted", "gx-c-hr"]
+    assert len(forensic(chdb, "policy_decisions", db="gated", tenant="acme", policy_id="gx-labels")) == 7
+    assert forensic(chdb, "policy_decisions", db="gated", tenant="acme", policy_id="gx-label") == []
+    assert forensic(chdb, "policy_decisions", db="gated", tenant="acme", until=ts("10:01:59")) == rows[:1]
+    # calls under grants without policies are not listed (the forensics story has none)
+    assert forensic(chdb, "policy_decisions", db="gated", tenant="globex") == []
+
+
+def test_verify_since_compares_times_as_times(chdb: Client) -> None:
+    """--since is a DateTime64 literal: the sink's SQL endpoint parses time strings strictly
+    (date_time_input_format=basic), where '2026-11-21T10:04:00.000Z' as a string does not convert."""
+    from stream_jobs.verify import verify
+
+    _seed_gated(chdb, "vf_gated_since")
+
+    def strict(sql: str) -> dict[str, Any]:
+        return result_json(chdb.query(sql, settings={"date_time_input_format": "basic"}))
+
+    since = _datetime.datetime(2026, 11, 21, 10, 4, tzinfo=_datetime.UTC)
+    report = verify(strict, "vf_gated_since", since=since, tenant="acme")
+    assert report.ok, report.problems
+    assert (report.calls_checked, report.verdicts_match) == (4, 4)  # c-restricted, c-hr, c-open, c-late
