@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from detections.live import LiveConfig, LiveCounters, Output, Stage1, Stage2, tick_message
 from detections.policy import PolicyStore
@@ -96,33 +96,37 @@ class PolicyFeed:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                metadata_max_age_ms=5000,  # a topic created after the start is seen within seconds
             )
             await consumer.start()
+            # Without a group, a subscription is assigned every partition of the topic as the
+            # consumer's metadata names them (aiokafka's NoGroupCoordinator); nothing is committed,
+            # so each start reads from the beginning. (An explicit assign() needs the partition ids
+            # first, and consumer.topics() does not put them in the consumer's own metadata: the
+            # first version of this feed never found the topic and judged without any policy.)
+            consumer.subscribe([self.topic])
             self._consumer = consumer
         return self._consumer
 
-    async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
+    async def _assign(self, consumer: AIOKafkaConsumer, wait: float) -> bool:
         if self._assigned:
             return True
         loop = asyncio.get_running_loop()
-        if loop.time() < self._next_look:
-            return False
-        self._next_look = loop.time() + 5.0
-        await consumer.topics()  # fresh metadata: the topic may have been created since
-        partitions = consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            log.warning("policies: topic %s has no partitions yet; judging without policies", self.topic)
-            return False
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        until = loop.time() + wait
+        while not consumer.assignment():
+            if loop.time() >= until:
+                if loop.time() >= self._next_look:
+                    self._next_look = loop.time() + 60.0
+                    log.warning("policies: topic %s has no partitions yet; judging without policies", self.topic)
+                return False
+            await asyncio.sleep(0.05)
         self._assigned = True
         return True
 
     async def catch_up(self) -> list[PolicyPublished]:
         """Read up to the end offsets as of now (at start: every policy published so far)."""
         consumer = await self._start()
-        if not await self._assign(consumer):
+        if not await self._assign(consumer, 10.0):
             return []
         tps = list(consumer.assignment())
         ends = await consumer.end_offsets(tps)
@@ -136,7 +140,7 @@ class PolicyFeed:
     async def poll(self) -> list[PolicyPublished]:
         """Policies published since the last poll (none waited for)."""
         consumer = await self._start()
-        if not await self._assign(consumer):
+        if not await self._assign(consumer, 0.0):
             return []
         return self._apply(await consumer.getmany(timeout_ms=0, max_records=10_000))
 
@@ -197,6 +201,9 @@ class StageRunner:
         self.policies: PolicyFeed | None = None
         """Stage 2: the policies feed, polled before each batch and tick (see :meth:`_policies`)."""
         self._policies_loaded = False
+        self.on_load: Callable[[Any, datetime], Output] | None = None
+        """Run on a partition's processor when its state is loaded or taken back (stage 2:
+        :meth:`~detections.live.Stage2.recheck`, the calls the policies read so far may change)."""
 
     async def _policies(self, now: datetime) -> None:
         """Apply the policies published since the last batch (all of them the first time) and
@@ -222,7 +229,19 @@ class StageRunner:
                 self.sender.emit(part.proc.on_policy(fact, now, stored=True))
         self._drain()
 
-    async def partition(self, p: int) -> _Partition:
+    async def partition(self, p: int, now: datetime) -> _Partition:
+        part = self.partitions.get(p)
+        if part is None:
+            part = await self._activate(p)
+            if self.on_load is not None:
+                try:
+                    self.sender.emit(self.on_load(part.proc, now))
+                except Exception:  # a failed re-check never stops the worker
+                    self.counters[f"{self.name}_load_check_errors"] += 1
+                    log.exception("%s: partition %d: re-checking its held calls failed", self.name, p)
+        return part
+
+    async def _activate(self, p: int) -> _Partition:
         part = self.partitions.get(p)
         if part is None:
             await self.ready.wait()
@@ -282,7 +301,7 @@ class StageRunner:
         for m in records:
             part = touched.get(m.partition)
             if part is None:
-                part = touched[m.partition] = await self.partition(m.partition)
+                part = touched[m.partition] = await self.partition(m.partition, now)
             last = part.offsets.get(m.topic)
             if last is not None and m.offset > last + 1:
                 # Kafka offsets of these (non-compacted, non-transactional) topics are contiguous:
@@ -308,7 +327,7 @@ class StageRunner:
         for p in partitions:
             part = self._touched.get(p)
             if part is None:
-                part = self._touched[p] = await self.partition(p)
+                part = self._touched[p] = await self.partition(p, now)
             self.sender.emit(part.proc.on_message("", tick_message(), now))
         self._drain()
 
@@ -579,6 +598,7 @@ def build_stages(
     stage1 = runner("attribute", STAGE1_TABLES, Stage1, handle_stage1)
     stage2 = runner("authorize", STAGE2_TABLES, make_stage2, handle_stage2)
     stage2.policies = feed
+    stage2.on_load = lambda proc, now: proc.recheck(now)
     return stage1, stage2, changelogs
 
 

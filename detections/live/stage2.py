@@ -462,6 +462,29 @@ class Stage2:
                 self._rejudge(route, None, fact_us, now, now_us, out)
         return out
 
+    def recheck(self, now: datetime) -> Output:
+        """Judge again the held calls of every delegation whose grants name a policy (run when the
+        partition's state is loaded or taken back): emits only for calls whose verdict changed.
+
+        The policy feed is read whole at each start, but nothing records which policies a
+        partition's calls were last judged with: a policy applied just before a crash (or while the
+        partition was revoked) whose evidence never reached the broker would otherwise never be
+        applied to calls that were already final. Approvals and grants need no such pass: their
+        topics are co-partitioned inputs, committed only after the state and evidence are written.
+        """
+        out = new_output()
+        if not len(self.policies):
+            return out
+        now_us = _now_us(now)
+        for route in sorted(self._owned):
+            grants = self.grants.get(route)
+            conditions = None if grants is None else self._conditions(route, grants, None)
+            if conditions is not None and conditions[0]:
+                self._rejudge(route, None, 0, now, now_us, out)
+        if self._seq.dirty and not self._deferred:
+            self.flush()
+        return out
+
     # -- policies and approvals
 
     def _conditions(

@@ -39,6 +39,8 @@ def grant(
     expires: str | None = None,
     tenant: str = "acme",
     not_before: str | None = None,
+    policies: list[str] | None = None,
+    approval_tools: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         **_base("grant_issued", at, tenant),
@@ -53,6 +55,49 @@ def grant(
         "granted_by": principal,
         "purpose": "test",
         "parent_grant_id": None,
+        "policies": policies or [],
+        "approval_tools": approval_tools or [],
+    }
+
+
+def policy(
+    at: str, policy_id: str, version: str, cedar: str, labels: dict[str, list[str]] | None = None, tenant: str = "acme"
+) -> dict[str, Any]:
+    return {
+        **_base("policy_published", at, tenant),
+        "policy_id": policy_id,
+        "version": version,
+        "cedar": cedar,
+        "labels": labels or {},
+        "published_by": "ci",
+    }
+
+
+def approval(
+    at: str,
+    approval_id: str,
+    principal: str,
+    agent: str,
+    tool: str,
+    decision: str = "approve",
+    arguments: dict[str, Any] | None = None,
+    expires: str | None = None,
+    tenant: str = "acme",
+) -> dict[str, Any]:
+    """An ``approval_decided``; ``arguments`` given: bound to their digest (else to any arguments)."""
+    from schemas import arguments_digest
+
+    return {
+        **_base("approval_decided", at, tenant),
+        "approval_id": approval_id,
+        "principal": principal,
+        "agent_id": agent,
+        "tool": tool,
+        "arguments_digest": None if arguments is None else arguments_digest(arguments),
+        "decision": decision,
+        "approver": "carol@acme.example",
+        "expires_at": ts(expires) if expires else None,
+        "reason": "test",
     }
 
 
@@ -80,6 +125,7 @@ def tool_call(
     resources: list[str] | None = None,
     tenant: str = "acme",
     attested: dict[str, Any] | None = None,
+    arguments: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         **_base("tool_call", at, tenant),
@@ -87,7 +133,7 @@ def tool_call(
         "session_id": session,
         "server": server,
         "tool": tool,
-        "arguments": {},
+        "arguments": arguments or {},
         "resources": resources or [],
         "transport": "sdk",
         "attested": attested,
