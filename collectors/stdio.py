@@ -2,8 +2,11 @@
 
 The wrapper runs an MCP server as its child and relays stdin and stdout byte for byte
 (read a chunk, write the same chunk, nothing reframed or buffered): two threads, one per
-direction, each a tight loop of blocking ``os.read`` / ``os.write``. stderr is inherited,
-signals are forwarded, and the child's exit status is ours.
+direction, each a tight loop of blocking ``read`` / ``write``. Those threads run in the native
+relay, ``scopewatch-relay`` (:mod:`collectors.native_relay`, C), when it is built, else here in
+Python (``SCOPEWATCH_WRAP_RELAY``: auto, native, python); both write the same copy frames and
+account for losses alike. stderr is inherited, signals are forwarded, and the child's exit status
+is ours.
 
 Everything else happens in a separate *observer process* (:mod:`collectors.observer_process`),
 forked before the server starts: parsing the newline-delimited JSON-RPC messages, building,
