@@ -214,5 +214,5 @@ def test_the_relay_setting(monkeypatch: pytest.MonkeyPatch, binary: Path) -> Non
     monkeypatch.setattr(stdio, "find_binary", lambda: binary)
     assert stdio.relay_binary({}) == binary
     assert stdio.relay_binary({"SCOPEWATCH_WRAP_RELAY": "python"}) is None
-    with pytest.raises(stdio.WrapError):
+    with pytest.raises(stdio.ConfigError, match="SCOPEWATCH_WRAP_RELAY"):  # the CLI's exit 2
         stdio.relay_binary({"SCOPEWATCH_WRAP_RELAY": "c"})
