@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install scopewatch with its dev tools
+RELAY := $(BIN)/scopewatch-relay
+RELAY_SRC := collectors/native/relay.c
+
+# the native relay of `scopewatch wrap` (without gcc, wrap relays in Python: a warning, not an error)
+$(RELAY): $(RELAY_SRC) $(STAMP)
+	@if command -v gcc >/dev/null; then \
+	  gcc -O2 -Wall -Wextra -Werror -pthread -o $@.tmp $(RELAY_SRC) && mv $@.tmp $@; \
+	else echo "warning: no gcc: scopewatch wrap will relay in Python (collectors/native/relay.c not built)"; fi
+
+install: $(STAMP) $(RELAY) ## create .venv and install scopewatch with its dev tools (and build the native relay)
 
 fetch: install ## download Kafka jars (Maven Central) and the npm MCP server into the cache
 	$(BIN)/scopewatch fetch

@@ -84,6 +84,8 @@ TARGET_P50_US = 100.0
 TARGET_P99_US = 250.0
 PERCENTILES = (50, 90, 99)
 RAW_CPU: dict[str, float] = {}  # raw pass: CPU microseconds per call of each session's child process
+NATIVE_RELAY: set[str] = set()  # raw pass: the wrap sessions that ran the native relay
+PY_WRAP = "wrap, python relay"
 OBSERVER_CPU: dict[str, float] = {}  # raw pass: the same for the observer process of each wrap session
 
 UPSTREAM = r"""
@@ -191,8 +193,9 @@ class Env:
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     spools: dict[str, Path] = field(default_factory=dict)
 
-    def env_for(self, name: str, broker_up: bool) -> dict[str, str]:
+    def env_for(self, name: str, broker_up: bool, relay: str = "auto") -> dict[str, str]:
         env = dict(self.up_env if broker_up else self.down_env)
+        env["SCOPEWATCH_WRAP_RELAY"] = relay  # auto: the native relay when it is built (make install)
         spool = self.tmp / "spool" / name
         spool.mkdir(parents=True, exist_ok=True)
         env["SCOPEWATCH_SPOOL_DIR"] = str(spool)
@@ -369,12 +372,13 @@ class RawSession:
         self.log.close()
 
 
-def observer_pid(wrapper: int) -> int | None:
-    """The observer process ``scopewatch wrap`` forked (``scopewatch-obs``), if ``wrapper`` is one."""
+def observer_pid(wrapper: int, comm: str = "scopewatch-obs") -> int | None:
+    """The observer process ``scopewatch wrap`` forked (``scopewatch-obs``), if ``wrapper`` is one
+    (``comm="scopewatch-rela"``: its native relay process)."""
     for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
         for pid in children.read_text().split():
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-obs":
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
                     return int(pid)
     return None
 
@@ -413,6 +417,7 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         "relay only (no observer)": ([sys.executable, "-c", RELAY_ONLY, *server], env.up_env),
         "wrap": (wrap_argv(server, "raw-wrap", 10), env.env_for("raw-wrap", True)),
         "wrap, broker down": (wrap_argv(server, "raw-wrap-down", 1), env.env_for("raw-wrap-down", False)),
+        PY_WRAP: (wrap_argv(server, "raw-wrap-py", 10), env.env_for("raw-wrap-py", True, relay="python")),
     }
     c_relay = build_c_relay(env.tmp)
     if c_relay is not None:
@@ -433,6 +438,11 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         gc.disable()
         relays = {n: s.child.pid for n, s in sessions.items()}
         observers = {n: pid for n, pid in ((n, observer_pid(p)) for n, p in relays.items()) if pid is not None}
+        for n, p in list(relays.items()):
+            native = observer_pid(p, "scopewatch-rela")
+            if native is not None:
+                relays[f"{n} (its native relay process)"] = native
+                NATIVE_RELAY.add(n)
         before, before_obs = bk.sample_cpu(relays), bk.sample_cpu(observers)
         try:
             samples = interleave(
@@ -735,10 +745,12 @@ def run(args: argparse.Namespace) -> int:
                     "C relay (no observer)": "direct",
                     "wrap": "direct",
                     "wrap, broker down": "direct",
+                    PY_WRAP: "direct",
                 },
-                {"wrap", "wrap, broker down"},
+                {"wrap", "wrap, broker down", PY_WRAP},
             )
-            report_vs_c_relay(raw, ["wrap", "wrap, broker down", "relay only (no observer)"])
+            bk.say(f"wrap sessions that ran the native relay: {sorted(NATIVE_RELAY) or 'none (not built?)'}")
+            report_vs_c_relay(raw, ["wrap", "wrap, broker down", PY_WRAP, "relay only (no observer)"])
         if sdk:
             report_pass(
                 "mcp SDK client: wall time per echo call; added = session - its direct, per percentile",
@@ -756,7 +768,7 @@ def run(args: argparse.Namespace) -> int:
         # Where did the events go?
         extra = bk.new_table("Events of the collectors", ("check", "value"), left=("check",))
         per_session = args.warmup + args.calls
-        up_sessions = (1 if "wrap" in raw else 0) + (0 if args.skip_sdk else 2)
+        up_sessions = (1 if "wrap" in raw else 0) + (1 if PY_WRAP in raw else 0) + (0 if args.skip_sdk else 2)
         kafka_calls = asyncio.run(
             topic_count(settings.kafka_bootstrap, settings.topics.tool_calls, settings.partitions)
         )

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretBytes, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -108,6 +108,11 @@ class CollectorConfig(BaseSettings):
 
     # resources
     resource_rules: Path | None = None
+
+    # wrap: which relay copies the bytes (collectors.native_relay)
+    wrap_relay: Literal["auto", "native", "python"] = Field(
+        default="auto", description="auto: the native relay when it is built; native: fail without it; python"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -10,7 +10,9 @@ chunk as the upstream produces them, never buffered whole. ``/.well-known/*`` GE
 protected-resource metadata) are passed through unobserved; every other path answers 404.
 
 Modules: the relay is here; the observation side is :mod:`collectors.http_tracker` (the session
-tracker and its thread) and :mod:`collectors.http_sse` (the SSE parser).
+tracker and its thread) and :mod:`collectors.http_sse` (the SSE parser); requests to the upstream go
+through :mod:`collectors.http_upstream` (keep-alive connections parsed by h11 for ``http://``,
+aiohttp's client for ``https://``).
 
 **Observation.** A copy of each request body and response chunk goes through a queue to one
 observer thread (:class:`~collectors.http_tracker.HttpSessionTracker`), which parses JSON bodies, batches and SSE
@@ -92,6 +94,7 @@ from aiohttp import web
 from collectors.http_guard import GuardedRunner
 from collectors.http_sse import MAX_MESSAGE_BYTES, SseEvent, SseParser
 from collectors.http_tracker import PROXY_ERROR_CODE, ExchangeStart, HttpSessionTracker, ObserverThread
+from collectors.http_upstream import AiohttpUpstream, H11Upstream, UpstreamBroken, UpstreamUnreachable, upstream_client
 from collectors.jwt_verify import REASONS, JwtVerifier, TokenCheck, bearer_token, unverified_check
 from collectors.redact import Redactor
 from collectors.resources import ResourceExtractor
@@ -242,11 +245,14 @@ class HttpProxy:
         self._observer = ObserverThread(self.tracker, config.observer_budget_bytes, flush=flush)
         self._ids = itertools.count(1)
         self._client: aiohttp.ClientSession | None = None
+        self._upstream: H11Upstream | AiohttpUpstream | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.port: int = config.port
         parts = urlsplit(config.upstream)
         self._origin = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        self._target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        self._query_sep = "&" if parts.query else "?"
 
     @property
     def url(self) -> str:
@@ -263,6 +269,9 @@ class HttpProxy:
             ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self._upstream = upstream_client(
+            config.upstream, self._client, connect_timeout=config.connect_timeout, limit=config.max_connections
         )
         app = web.Application(client_max_size=config.max_body_bytes)
         app.router.add_route("*", config.endpoint_path, self._handle)
@@ -291,6 +300,8 @@ class HttpProxy:
                 await self._ticker
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._upstream is not None:
+            await self._upstream.close()
         if self._client is not None:
             await self._client.close()
         await asyncio.to_thread(self._observer.stop)
@@ -381,18 +392,11 @@ class HttpProxy:
 
     async def _forward(self, request: web.Request, ex_id: int, body: bytes) -> tuple[web.StreamResponse, str | None]:
         """Relay one request; returns the response and why it broke off (``None``: it did not)."""
-        assert self._client is not None
-        target = self.config.upstream + (f"?{request.query_string}" if request.query_string else "")
+        assert self._upstream is not None
+        target = self._target + (f"{self._query_sep}{request.query_string}" if request.query_string else "")
         try:
-            upstream = await self._client.request(
-                request.method,
-                target,
-                headers=self._request_headers(request),
-                data=body if body else None,
-                allow_redirects=False,
-                skip_auto_headers=("User-Agent", "Content-Type", "Accept"),
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            upstream = await self._upstream.request(request.method, target, self._request_headers(request), body)
+        except (UpstreamUnreachable, TimeoutError, OSError) as exc:
             self.stats.upstream_errors += 1
             note = f"the upstream is unreachable ({type(exc).__name__}; HTTP 502)"
             self._observer.put(("head", ex_id, 502, "application/json", None, note))
@@ -415,11 +419,11 @@ class HttpProxy:
                 out.content_length = int(length)
             await out.prepare(request)
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.chunks():
                     await self._admit()
                     self._observer.put(("data", ex_id, chunk, time.time_ns(), time.monotonic()), len(chunk))
                     await out.write(chunk)
-            except aiohttp.ClientPayloadError:
+            except UpstreamBroken:
                 broke = "the upstream broke the response off"
                 self.stats.upstream_errors += 1
                 out.force_close()

@@ -2,8 +2,11 @@
 
 The wrapper runs an MCP server as its child and relays stdin and stdout byte for byte
 (read a chunk, write the same chunk, nothing reframed or buffered): two threads, one per
-direction, each a tight loop of blocking ``os.read`` / ``os.write``. stderr is inherited,
-signals are forwarded, and the child's exit status is ours.
+direction, each a tight loop of blocking ``read`` / ``write``. Those threads run in the native
+relay, ``scopewatch-relay`` (:mod:`collectors.native_relay`, C), when it is built, else here in
+Python (``SCOPEWATCH_WRAP_RELAY``: auto, native, python); both write the same copy frames and
+account for losses alike. stderr is inherited, signals are forwarded, and the child's exit status
+is ours.
 
 Everything else happens in a separate *observer process* (:mod:`collectors.observer_process`),
 forked before the server starts: parsing the newline-delimited JSON-RPC messages, building,
@@ -62,9 +65,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from collectors.config import KEY_FILE, CollectorConfig, ConfigError
+from collectors.native_relay import NativeRelay, NativeTap, find_binary, patience_ms
 from collectors.observer import McpSessionObserver
 from collectors.observer_process import (
     MAX_LINE_BYTES,
@@ -135,6 +140,9 @@ class StdioWrapper:
         self.observer_restarts = 0
         self._restart_lock = threading.Lock()
         self._gone: list[int] = []  # observer processes that died or were replaced (reaped at the end)
+        self._output_relayed: Callable[[float | None], bool] = lambda _timeout: True
+        self.relay: str | None = None
+        """Which relay ran the session: ``native`` or ``python``."""
 
     # -- relay ----------------------------------------------------------------------
     def _pump(self, src: int, dst: int | None, direction: int, close_dst: Callable[[], None]) -> None:
@@ -172,12 +180,49 @@ class StdioWrapper:
     def run(self) -> int:
         """Run the child to completion; returns its exit code (negative: killed by that signal)."""
         configure_observer(self.observer, os.environ)
+        native = relay_binary(os.environ)
         nice = self.observer_nice
         self.observer_nice = _int_env("SCOPEWATCH_OBSERVER_NICE", OBSERVER_NICE) if nice is None else nice
         wfd, counters = self._start_observer(time.time_ns(), restart_note=None)
         # What is alive now (imports, configuration) stays: keep the garbage collector from walking it
         # again and again -- a full collection of it would pause the relay for milliseconds.
         gc.freeze()
+        try:
+            proc = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, process_group=0
+            )
+        except OSError as exc:
+            os.close(wfd)  # no end frame: the session never started
+            self._wait_observer()
+            raise WrapError(f"cannot start {self.argv[0]!r}: {exc.strerror or exc}") from exc
+        self._proc = proc
+        self.relay = "native" if native is not None else "python"
+        previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED_SIGNALS}
+        assert proc.stdin is not None and proc.stdout is not None
+        relay: NativeRelay | None = None
+        tap: Tap | NativeTap
+        try:
+            if native is not None:
+                relay, tap = self._start_native(native, proc, wfd, counters)
+            else:
+                tap = self._start_threads(proc, wfd, counters)
+            code = proc.wait()
+            # everything the server wrote reaches the client before we finish
+            if not self._output_relayed(END_GRACE):  # e.g. waiting for room in the copy pipe a full spool keeps full
+                self._hurry_observer()
+                self._output_relayed(None)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        with self._restart_lock:
+            self._end_session(tap)
+            if relay is not None:
+                relay.quit()
+            self._wait_observer()
+        return code
+
+    def _start_threads(self, proc: subprocess.Popen[bytes], wfd: int, counters: DropCounters) -> Tap:
+        """The Python relay: one thread per direction."""
         tap = self._tap = Tap(
             wfd,
             on_full=self.sink.on_full,
@@ -185,16 +230,6 @@ class StdioWrapper:
             counters=counters,
             wake=self._wake_observer,
         )
-        try:
-            proc = subprocess.Popen(
-                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, process_group=0
-            )
-        except OSError as exc:
-            tap.close()  # no end frame: the session never started
-            self._wait_observer()
-            raise WrapError(f"cannot start {self.argv[0]!r}: {exc.strerror or exc}") from exc
-        self._proc = proc
-        previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED_SIGNALS}
         assert proc.stdin is not None and proc.stdout is not None
         child_in, child_out = proc.stdin, proc.stdout
         to_server = threading.Thread(
@@ -205,21 +240,39 @@ class StdioWrapper:
         )
         to_server.start()
         to_client.start()
-        try:
-            code = proc.wait()
-            to_client.join(END_GRACE)  # everything the server wrote reaches the client before we finish
-            if to_client.is_alive():  # e.g. waiting for room in the copy pipe that a full spool keeps full
-                self._hurry_observer()
-                to_client.join()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        with self._restart_lock:
-            self._end_session(tap)
-            self._wait_observer()
-        return code
+        self._output_relayed = lambda timeout: _joined(to_client, timeout)
+        return tap
 
-    def _end_session(self, tap: Tap) -> None:
+    def _start_native(
+        self, binary: Path, proc: subprocess.Popen[bytes], wfd: int, counters: DropCounters
+    ) -> tuple[NativeRelay, NativeTap]:
+        """The native relay (collectors.native_relay): this process keeps none of the relayed pipes."""
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            relay = NativeRelay(
+                binary,
+                stdin_fd=self.stdin_fd,
+                stdout_fd=self.stdout_fd,
+                child_in=proc.stdin.fileno(),
+                child_out=proc.stdout.fileno(),
+                tap_fd=wfd,
+                counters=counters,
+                patience=patience_ms(self.sink.on_full, self.sink.block_timeout),
+                on_broken=self._observer_died,
+                on_wake=self._wake_observer,
+            )
+        finally:
+            # the relay holds them now: the server sees EOF on its stdin when the relay closes it, and
+            # the observer sees the end of its pipe when the relay closes that
+            os.close(wfd)
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+            proc.stdin = proc.stdout = None
+        self._output_relayed = relay.output_done.wait
+        return relay, relay.tap
+
+    def _end_session(self, tap: Tap | NativeTap) -> None:
         """Hand over the end of the session. If the observer cannot take it (blocked on a full spool
         for ``END_GRACE`` s), tell it to stop waiting: what has no room is then recorded as lost."""
         wall, mono = time.time_ns(), time.monotonic_ns()
@@ -299,7 +352,7 @@ class StdioWrapper:
             raise WrapError(f"the observer process cannot start: {message}")
         return wfd, counters
 
-    def _observer_died(self, tap: Tap) -> None:
+    def _observer_died(self, tap: Tap | NativeTap) -> None:
         """The observer process stopped reading (it died): start a new one, which first records
         the loss, and hand the pipe over to it. At most ``MAX_OBSERVER_RESTARTS`` times."""
         if tap.gave_up:
@@ -386,6 +439,24 @@ def configure_observer(observer: McpSessionObserver, environ: Mapping[str, str])
     extractor = config.extractor()
     if extractor is not None:
         observer.extractor = extractor
+
+
+def relay_binary(environ: Mapping[str, str]) -> Path | None:
+    """The native relay to use per ``SCOPEWATCH_WRAP_RELAY`` (auto, native, python); None: the Python relay.
+
+    ``native`` without a built relay stops the wrapper before it starts the server."""
+    mode = CollectorConfig.from_env(environ).wrap_relay
+    if mode == "python":
+        return None
+    binary = find_binary()
+    if binary is None and mode == "native":
+        raise WrapError("SCOPEWATCH_WRAP_RELAY=native, but the native relay is not built (run `make install`)")
+    return binary
+
+
+def _joined(thread: threading.Thread, timeout: float | None) -> bool:
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 def _write_all(fd: int, data: bytes) -> None:

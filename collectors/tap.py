@@ -115,7 +115,10 @@ class DropCounters:
     _LAYOUT = struct.Struct("<QQQQQQ")
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, self._LAYOUT.size, flags=mmap.MAP_SHARED)
+        # a memfd, so that the native relay (collectors.native_relay) can map the same counters
+        self.fd = os.memfd_create("scopewatch-drops", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self._LAYOUT.size)
+        self._map = mmap.mmap(self.fd, self._LAYOUT.size, flags=mmap.MAP_SHARED)
 
     def add(self, direction: int, chunk: bytes) -> None:
         values = list(self._LAYOUT.unpack_from(self._map, 0))
@@ -133,6 +136,8 @@ class DropCounters:
 
     def close(self) -> None:
         self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 @dataclass

@@ -25,3 +25,16 @@ def observer_processes(wrapper: int) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+def relay_processes(wrapper: int) -> list[int]:
+    """The native relay process(es) of a running `scopewatch wrap` (``scopewatch-relay``)."""
+    found = []
+    for children in Path(f"/proc/{wrapper}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "scopewatch-rela":  # comm: 15 characters
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found

@@ -28,9 +28,9 @@ from collectors.spool import SpoolConfig, inspect_spool, read_pending
 from collectors.stdio import KafkaSink, StdioWrapper
 from schemas import DeadLetter, SessionBound, SessionEnded, ToolCall, ToolResult, decode
 from schemas.topics import Topics
-from support.procs import gone, observer_processes
+from support.procs import gone, observer_processes, relay_processes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("wrap_relay")]
 
 NOWHERE = "127.0.0.1:9"  # nothing listens on the discard port
 SERVER = r"""
@@ -172,12 +172,14 @@ def test_kill_9_the_wrapper_everything_it_relayed_is_recorded(tmp_path: Path) ->
     client = Client(p.stdin.fileno(), p.stdout.fileno())
     client.initialize()
     [observer] = observer_processes(p.pid)
+    relays = relay_processes(p.pid)
     calls = 300
     for i in range(1, calls + 1):
         client.call(i, f"call {i}")
     p.kill()  # right after the last answer: nothing waited for the observer
     p.wait(timeout=30)
     wait_for(lambda: gone(observer), 30, "the observer process to finish and exit")
+    wait_for(lambda: all(gone(r) for r in relays), 30, "the native relay to go with the wrapper")
     report = inspect_spool(tmp_path / "spool")
     assert not any(report.locks.values())
     events = spooled(tmp_path / "spool")
@@ -202,11 +204,12 @@ def test_bad_spool_settings_or_an_unusable_spool_stop_the_wrapper_before_the_ser
     assert not marker.exists()
 
 
-def test_a_dead_observer_process_is_replaced_and_the_loss_is_recorded(tmp_path: Path) -> None:
+def test_a_dead_observer_process_is_replaced_and_the_loss_is_recorded(tmp_path: Path, wrap_relay: str) -> None:
     p = wrap(tmp_path, env_for(tmp_path))
     assert p.stdin and p.stdout and p.stderr
     client = Client(p.stdin.fileno(), p.stdout.fileno())
     client.initialize()
+    assert len(relay_processes(p.pid)) == (1 if wrap_relay == "native" else 0)
     for i in range(1, 6):
         client.call(i, f"before {i}")
     [first] = observer_processes(p.pid)
@@ -238,7 +241,7 @@ def test_a_dead_observer_process_is_replaced_and_the_loss_is_recorded(tmp_path: 
 
 
 def test_block_mode_a_full_spool_stops_the_relay_with_bounded_memory_and_no_silent_loss(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wrap_relay: str
 ) -> None:
     """The observer is stuck (spool full, Kafka down, on_full=block): the relay stops once the copy pipe
     is full instead of queueing without bound. When the session ends anyway, every relayed message is
@@ -284,6 +287,7 @@ def test_block_mode_a_full_spool_stops_the_relay_with_bounded_memory_and_no_sile
     client.start()
     threading.Thread(target=stop_when_stalled, daemon=True).start()
     code = wrapper.run()
+    assert wrapper.relay == wrap_relay
     os.close(w2c_w)  # the client sees the end of the session
     client.join(10)
     os.close(c2w_w)  # the relay's reading thread sees the end too

@@ -60,6 +60,7 @@ EXPECTED_STATUS = {
 }
 
 
+@pytest.mark.usefixtures("wrap_relay")
 def test_relay_is_byte_exact(pipeline: Settings, server_everything: list[str]) -> None:
     direct = run_script(server_everything, script())
     wrapped = run_script(wrap_argv(server_everything, session_id=str(uuid.uuid4())), script(), env=child_env(pipeline))
@@ -70,6 +71,7 @@ def test_relay_is_byte_exact(pipeline: Settings, server_everything: list[str]) -
     assert b"Starting default (STDIO) server" in wrapped.stderr  # the server's stderr passes through
 
 
+@pytest.mark.usefixtures("wrap_relay")
 def test_relay_bytes_reach_the_server_unchanged(
     pipeline: Settings, server_everything: list[str], tmp_path: Path
 ) -> None:
@@ -219,6 +221,7 @@ def _wrap_plain(child: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
+@pytest.mark.usefixtures("wrap_relay")
 def test_exit_code_and_stderr_propagate(tmp_path: Path) -> None:
     p = _wrap_plain(["sh", "-c", "echo to-stderr >&2; printf out; exit 7"], home=tmp_path)
     out, err = p.communicate(timeout=60)
@@ -227,12 +230,14 @@ def test_exit_code_and_stderr_propagate(tmp_path: Path) -> None:
     assert b"to-stderr" in err
 
 
+@pytest.mark.usefixtures("wrap_relay")
 def test_death_by_signal_propagates(tmp_path: Path) -> None:
     p = _wrap_plain(["sh", "-c", "kill -KILL $$"], home=tmp_path)
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
 
 
+@pytest.mark.usefixtures("wrap_relay")
 def test_signals_are_forwarded_to_the_server(tmp_path: Path) -> None:
     marker = tmp_path / "got-term"
     child = ["sh", "-c", f"trap 'echo term > {marker}; exit 42' TERM; while :; do sleep 0.05; done"]
