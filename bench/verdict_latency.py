@@ -38,8 +38,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -224,6 +227,62 @@ class RunResult:
     load: str
     drain_seconds: float
     dead_letters: int
+    per_call: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------- where the CPU goes (paced)
+
+
+def job_stats(settings: Settings, pids: dict[str, int]) -> dict[str, float]:
+    """The worker's and the sink's counters now (flattened numbers, prefixed ``worker.``/``sink.``)."""
+    out: dict[str, float] = {}
+    worker = bk.worker_stats(settings, pids["worker"]) or {}
+    for k, v in (worker.get("counters") or {}).items():
+        if isinstance(v, int | float):
+            out[f"worker.{k}"] = v
+    with contextlib.suppress(OSError, ValueError):
+        sink = json.loads((settings.run_dir / "sink-stats.json").read_text())
+        for k, v in sink.items():
+            if isinstance(v, int | float):
+                out[f"sink.{k}"] = v
+    return out
+
+
+def per_call_costs(
+    s0: dict[str, Any], s1: dict[str, Any], a: dict[str, float], b: dict[str, float], calls: int
+) -> dict[str, float]:
+    """Over the emit window: CPU µs per call of worker and sink, and what each did per call / per second."""
+    if not calls:
+        return {}
+    wall = s1["worker"].at - s0["worker"].at
+    d = {k: b[k] - a.get(k, 0) for k in b}
+    out = {
+        "worker_us_per_call": (s1["worker"].proc - s0["worker"].proc) / calls * 1e6,
+        "sink_us_per_call": (s1["sink"].proc - s0["sink"].proc) / calls * 1e6,
+        "window_s": wall,
+    }
+    for k, v in sorted(d.items()):
+        if v and (k.endswith("batches") or k in ("worker.messages_sent", "sink.rows", "sink.bulk_rows")):
+            out[k + "_per_s"] = v / wall if wall else 0.0
+    return out
+
+
+def start_spies(pids: dict[str, int], prefix: str, tag: str) -> list[subprocess.Popen[bytes]]:
+    exe = str(Path(sys.executable).parent / "py-spy")
+    spies = []
+    for name in ("worker", "sink"):
+        out = f"{prefix}.{name}.{tag}.txt"
+        argv = [exe, "record", "--pid", str(pids[name]), "--rate", "200", "--format", "raw", "--nonblocking", "-o", out]
+        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
+def stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(timeout=30)
 
 
 def measure(
@@ -238,6 +297,8 @@ def measure(
     poller = Poller(settings, args.poll)
     poller.start()
     dead_before = bk.dead_letters(settings, pids["worker"])
+    stats0 = job_stats(settings, pids)
+    spies = start_spies(pids, args.py_spy, f"{rate:.0f}") if args.py_spy and drain is None else []
     s0 = bk.sample_cpu(pids)
     load = bk.load_text()
     try:
@@ -245,6 +306,8 @@ def measure(
             emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, pool, rate, seconds, poller)
         )
         s1 = bk.sample_cpu(pids)
+        stats1 = job_stats(settings, pids)
+        stop_spies(spies)
         n = len(emitted.times)
         bk.say(
             f"emitted {n:,} calls in {emitted.ended - emitted.started:.2f}s "
@@ -319,6 +382,7 @@ def measure(
         load=load,
         drain_seconds=drain_seconds,
         dead_letters=bk.dead_letters(settings, pids["worker"]) - dead_before,
+        per_call=per_call_costs(s0, s1, stats0, stats1, n),
     )
 
 
@@ -384,6 +448,22 @@ def report(results: list[RunResult]) -> None:
         lambda r: f"{r.drain_cpu.get('worker', 0):.0%} / {r.drain_cpu.get('sink', 0):.0%}",
     )
     row("load average at the start (1/5/15)", lambda r: r.load)
+    row(
+        "CPU per call while emitting: worker / sink",
+        lambda r: f"{r.per_call.get('worker_us_per_call', 0):,.0f} / {r.per_call.get('sink_us_per_call', 0):,.0f} µs",
+    )
+    row(
+        "per second while emitting: stage batches, messages sent, sink batches",
+        lambda r: " / ".join(
+            f"{r.per_call.get(k, 0):,.0f}"
+            for k in (
+                "worker.attribute_batches_per_s",
+                "worker.authorize_batches_per_s",
+                "worker.messages_sent_per_s",
+                "sink.batches_per_s",
+            )
+        ),
+    )
     bk.console.print(extra.table)
     bk.say(f"load average at the end: {bk.load_text()}")
 
@@ -455,6 +535,9 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.1, help="poll interval of the visibility check (s)")
     parser.add_argument("--drain", type=float, default=900, help="seconds to wait for the backlog after a run")
     parser.add_argument("--stall", type=float, default=60, help="stop waiting when no verdict came for this long")
+    parser.add_argument(
+        "--py-spy", metavar="PREFIX", help="sample worker and sink with py-spy while emitting (raw stacks)"
+    )
     bk.add_common_options(parser)
     bk.exit_with(run, parser.parse_args())
 

@@ -40,6 +40,7 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.avro_writer import fast_encode
 from schemas.topics import partition_for
 from stream_jobs.assignor import CoPartitionedAssignor, check, describe
 from stream_jobs.dead_letters import dead_letter_for
@@ -324,11 +325,11 @@ class Sender:
                 part = routes[key] = partition_for(key, self.partitions)
             add((self.topics.calls_by_route, key, fwd.payload, part))
         for evidence in out.evidence:
-            add((self.topics.evidence, evidence.call_id.encode("utf-8"), encode(evidence), None))
+            add((self.topics.evidence, evidence.call_id.encode("utf-8"), fast_encode(evidence), None))
             counters[f"evidence_{evidence.verdict}"] += 1
         for finding in out.findings:
             # keyed by dedup key: one pager partition sees every finding of a dedup key
-            add((self.topics.findings, finding.dedup_key.encode("utf-8"), encode(finding), None))
+            add((self.topics.findings, finding.dedup_key.encode("utf-8"), fast_encode(finding), None))
             counters["findings"] += 1
 
     def changelog(self, topic: str, key: str, value: bytes | None, partition: int) -> None:
