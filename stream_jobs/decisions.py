@@ -43,6 +43,7 @@ from schemas import (
 from schemas.avro_writer import fast_encode
 from schemas.topics import partition_for
 from stream_jobs.assignor import CoPartitionedAssignor, check, describe
+from stream_jobs.call_reader import call_reader
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import ChangelogReader, ChangelogStore, deferred_stage2
@@ -400,9 +401,11 @@ def build_stages(
     changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
     tool_calls, sessions, calls_by_route = topics.tool_calls, topics.sessions, topics.calls_by_route
 
+    read_call = call_reader()  # decode's result for a call, without validating it twice
+
     def handle_stage1(proc: Stage1, m: Any, now: datetime) -> Output:
-        obj = decode(m.value)
         topic = m.topic
+        obj = read_call(m.value) if topic == tool_calls else decode(m.value)
         if topic == tool_calls and isinstance(obj, ToolCall):
             return proc.on_call(obj, now)
         if topic == sessions and isinstance(obj, (SessionBound, SessionEnded)):
