@@ -550,6 +550,12 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=900, help="seconds to wait for the backlog after a run")
     parser.add_argument("--stall", type=float, default=60, help="stop waiting when no verdict came for this long")
     parser.add_argument(
+        "--emit",
+        choices=["batches", "messages"],
+        default="batches",
+        help="the bench's producer: a record batch per partition every 2 ms tick (default; cheap) or one send per call",
+    )
+    parser.add_argument(
         "--py-spy", metavar="PREFIX", help="sample worker and sink with py-spy while emitting (raw stacks)"
     )
     bk.add_common_options(parser)
