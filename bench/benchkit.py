@@ -168,7 +168,8 @@ class RunsTable:
         self.table = Table(title=title)
         self.table.add_column(first)
         for r in runs:
-            self.table.add_column(f"{r.rate:,.0f}/s", justify="right")
+            label = getattr(r, "label", "")
+            self.table.add_column(f"{r.rate:,.0f}/s" + (f" {label}" if label else ""), justify="right")
 
     def row(self, name: str, cell: Callable[..., str]) -> None:
         """One row: ``name``, then ``cell(run)`` for every run."""

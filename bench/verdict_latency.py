@@ -240,6 +240,7 @@ class RunResult:
     drain_seconds: float
     dead_letters: int
     per_call: dict[str, float] = field(default_factory=dict)
+    label: str = ""  # "baseline": the stack ran the code of --baseline
 
 
 # ------------------------------------------------------------------------- where the CPU goes (paced)
@@ -408,7 +409,7 @@ def report(results: list[RunResult]) -> None:
         ("offered rate", "measure", "p50", "p99", "max", "target p99", "result"),
     )
     for r in results:
-        label = f"{r.rate:,.0f}/s" + ("" if r.sustained else " (not kept up)")
+        label = f"{r.rate:,.0f}/s" + (f" {r.label}" if r.label else "") + ("" if r.sustained else " (not kept up)")
         rows = [
             ("visible (poll, upper bound), sampled", r.polled, True),
             ("_ingested_at - emit (lower bound), every call", r.ingested, False),
@@ -509,9 +510,32 @@ def run(args: argparse.Namespace) -> int:
             w = measure(pipe, pool, warm, 3, args, drain=120)
             return w.decided == w.emitted
 
+        baseline_runs: list[RunResult] = []
+
         def at_rate(rate: float) -> RunResult:
+            r = at_rate_on(rate, None)
+            if args.baseline:  # the same rate with the stack on the earlier code, right after
+                baseline_runs.append(at_rate_on(rate, args.baseline))
+            return r
+
+        def at_rate_on(rate: float, code: str | None) -> RunResult:
             # Every rate gets its own sink, worker and chDB folder: the backlog of a run that did not keep up
             # (final versions, sink ingest) must not slow the next one down.
+            saved = os.environ.get("PYTHONPATH")
+            if code is not None:  # Stack.up passes our environment to the sink and the worker
+                os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [code, saved]))
+                bk.say(f"[bold]baseline[/]: the sink and the worker run the code in {code}")
+            try:
+                r = measure_on(rate)
+            finally:
+                if saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+            r.label = "baseline" if code is not None else ""
+            return r
+
+        def measure_on(rate: float) -> RunResult:
             pipe = bk.warmed_pipeline(
                 lambda: fresh_pipeline(args, tmp, broker, wl),
                 lambda p: warm_up(p, rate),
@@ -531,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return r
 
-        report(bk.measure_rates(args.rate, args.fallbacks, at_rate))
+        report(bk.measure_rates(args.rate, args.fallbacks, at_rate) + baseline_runs)
     return 0
 
 
@@ -549,6 +573,11 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.1, help="poll interval of the visibility check (s)")
     parser.add_argument("--drain", type=float, default=900, help="seconds to wait for the backlog after a run")
     parser.add_argument("--stall", type=float, default=60, help="stop waiting when no verdict came for this long")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="measure each rate again with the sink and worker on the code in DIR (`git archive REV | tar -x -C DIR`)",
+    )
     parser.add_argument(
         "--emit",
         choices=["batches", "messages"],
