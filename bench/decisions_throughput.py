@@ -363,11 +363,11 @@ def faust_passthrough(bootstrap: str, source: str, dest: str, group: str, n: int
 # ------------------------------------------------------------------------- processes
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> proc.PidRecord:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: str | None = None) -> proc.PidRecord:
     """A child in its own process group (stopped by pid record, never by name)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:
-        child = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(argv, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     return proc.PidRecord.for_pid(child.pid, Path(argv[-1]).name, argv)
 
 
@@ -599,10 +599,11 @@ def measure_engine(
         evidence_start = asyncio.run(end_offsets(bootstrap, topics.evidence))
         spawned = time.time()
         env = settings_env(settings)
-        if code is not None:  # the measured worker imports this tree's packages first
+        if code is not None:  # the measured worker imports this tree's packages first: its working
+            # directory (sys.path[0] for `-m`, before PYTHONPATH and the editable install) and PYTHONPATH
             env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))}
             bk.say(f"measured worker runs the code in {code}")
-        measured = spawn(worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", env)
+        measured = spawn(worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", env, code)
         others = [
             spawn(worker_argv(), settings.log_dir / f"worker-measured-{i}.log", settings_env(settings))
             for i in range(1, args.workers)
