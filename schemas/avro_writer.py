@@ -196,8 +196,12 @@ def writer_for(model: type[SchemaModel]) -> Writer | None:
 
 def fast_encode(model: SchemaModel) -> bytes:
     """:func:`schemas.encode` of ``model`` (the same bytes, the same :class:`CodecError` on a value
-    its schema cannot hold), through the compiled writer of its type when there is one."""
+    its schema cannot hold), through the compiled writer of its type when there is one; a value that
+    writer refuses goes to :func:`schemas.encode` (which accepts or raises as it always did)."""
     write = writer_for(type(model))
     if write is None:
         return encode(model)
-    return write(_to_record(model))
+    try:
+        return write(_to_record(model))
+    except CodecError:  # the compiled writer is stricter than fastavro on a few types: fastavro decides
+        return encode(model)

@@ -65,3 +65,9 @@ def test_values_the_schema_cannot_hold_raise_codec_error(changes: dict[str, obje
         encode(evidence(**changes))
     with pytest.raises(CodecError):
         fast_encode(evidence(**changes))
+
+
+def test_values_only_fastavro_takes_are_encoded_as_fastavro_encodes_them() -> None:
+    for changes in ({"final": 1}, {"reasons": ("a", "b")}):
+        record = evidence(**changes)
+        assert fast_encode(record) == encode(record)
