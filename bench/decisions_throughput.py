@@ -363,11 +363,11 @@ def faust_passthrough(bootstrap: str, source: str, dest: str, group: str, n: int
 # ------------------------------------------------------------------------- processes
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> proc.PidRecord:
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: str | None = None) -> proc.PidRecord:
     """A child in its own process group (stopped by pid record, never by name)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:
-        child = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(argv, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     return proc.PidRecord.for_pid(child.pid, Path(argv[-1]).name, argv)
 
 
@@ -503,9 +503,13 @@ def run(args: argparse.Namespace) -> int:
         bk.say(f"Kafka broker ready on {broker.config.bootstrap} (pid record {broker.pid_path})")
         results: dict[str, dict[str, Any]] = {}
         pt: PassthroughRun | None = None
-        for engine in args.engines:
+        runs = [(engine, engine, None) for engine in args.engines]
+        if args.baseline:
+            # the same engines on an earlier tree's code (the measured worker only), in the same run
+            runs += [(f"{engine}@baseline", engine, args.baseline) for engine in args.engines]
+        for i, (label, engine, code) in enumerate(runs):
             # each engine gets a pipeline of its own (topics, groups, changelogs, sink), one after the other
-            results[engine], pt = measure_engine(args, tmp, broker, f"{run_id}{engine[:2]}", engine, wl, pt)
+            results[label], pt = measure_engine(args, tmp, broker, f"{run_id}{i}{engine[:2]}", engine, wl, pt, code)
         compare(args, results)
         return 0
     finally:
@@ -522,6 +526,7 @@ def measure_engine(
     engine: str,
     wl: Workload,
     pt_done: PassthroughRun | None,
+    code: str | None = None,
 ) -> tuple[dict[str, Any], PassthroughRun]:
     """One engine's pipeline: facts, the pre-produced calls, (the passthroughs once), the measured worker."""
     bootstrap = broker.config.bootstrap
@@ -593,16 +598,19 @@ def measure_engine(
         route_start = asyncio.run(end_offsets(bootstrap, topics.calls_by_route))
         evidence_start = asyncio.run(end_offsets(bootstrap, topics.evidence))
         spawned = time.time()
-        measured = spawn(
-            worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", settings_env(settings)
-        )
+        env = settings_env(settings)
+        if code is not None:  # the measured worker imports this tree's packages first: its working
+            # directory (sys.path[0] for `-m`, before PYTHONPATH and the editable install) and PYTHONPATH
+            env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))}
+            bk.say(f"measured worker runs the code in {code}")
+        measured = spawn(worker_argv(args.profile_worker), settings.log_dir / "worker-measured.log", env, code)
         others = [
             spawn(worker_argv(), settings.log_dir / f"worker-measured-{i}.log", settings_env(settings))
             for i in range(1, args.workers)
         ]
         spy = None
         if args.py_spy:
-            out = f"{args.py_spy}.{engine}.txt"
+            out = f"{args.py_spy}.{engine}{'.baseline' if code else ''}.txt"
             spy = subprocess.Popen(
                 [
                     str(Path(sys.executable).parent / "py-spy"),
@@ -953,6 +961,11 @@ def main() -> None:
         default=["aiokafka", "faust"],
         choices=["aiokafka", "faust"],
         help="worker engines to measure, one after the other in this run (default both)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure each engine with the worker on the code in DIR (`git archive REV | tar -x -C DIR`)",
     )
     parser.add_argument(
         "--py-spy",

@@ -10,18 +10,22 @@ partitions, ``sink_batch_seconds`` 0.2 unless told otherwise, production grace a
 2. Calls are emitted at the offered rate for ``--seconds``: each is one of the workload's calls
    (80 % in scope, 20 % out of scope) with a fresh call id and ``event_time`` = the instant it
    is emitted, Avro-encoded and handed to an idempotent aiokafka producer (acks=all, linger
-   5 ms: what the collectors use) on the tool-calls topic, paced every 2 ms.
+   5 ms: what the collectors use) on the tool-calls topic, paced every 2 ms. By default
+   (``--emit batches``) the calls due at a tick go out as one record batch per partition, so
+   the bench's own producer takes less of the CPU the stack shares; ``--emit messages``: one
+   ``send`` per call, as before 2026-12-05 evening.
 3. Per call, from ClickHouse afterwards (the sink's SQL endpoint): ``call_time`` (= emit, ms),
    ``decided_at`` of version 1 (the worker's clock when it decided) and ``_ingested_at`` of the
    version-1 row (the sink's clock when it took the message into a batch; the batch is inserted
    when it is full or ``sink_batch_seconds`` after its first message). ``_ingested_at - call_time``
    is a lower bound of the time to visible: it misses the rest of the batch's wait and its
-   insert. So a poller also queries ClickHouse every ``--poll`` s for a sample of the
-   outstanding calls (about 200 per second of offered load) by primary key, and records the
-   moment the answer came back with the call in it: an upper bound, coarse by up to one poll
-   cycle. ``evidence_current`` is a plain view over ``evidence``, so a row is visible there
-   exactly when it is visible in the table; after the run the bench checks that
-   ``evidence_current`` holds exactly one row per emitted call.
+   insert. So a poller also queries ClickHouse every ``--poll`` s for a sample of the calls
+   (about 200 per second of offered load, their call ids marked by a prefix: one short query
+   selects them by it, emitted since the oldest one not yet seen), and records the moment the
+   answer came back with the call in it: an upper bound, coarse by up to one poll cycle.
+   ``evidence_current`` is a plain view over ``evidence``, so a row is visible there exactly
+   when it is visible in the table; after the run the bench checks that ``evidence_current``
+   holds exactly one row per emitted call.
 4. If latency grows during the run (the stack does not keep up with the offered rate), the
    bench says so and measures again on a fresh sink, worker and chDB folder (new topics and
    groups on the same broker) at 0.7 times the rate the stack got through (verdicts from the
@@ -38,8 +42,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -82,6 +89,8 @@ class Poller:
 
     settings: Settings
     interval: float
+    marker: str = field(default_factory=lambda: f"poll{uuid.uuid4().hex[:8]}-")
+    """Prefix of the sampled calls' ids (the poller's query selects them by it)."""
     outstanding: dict[str, float] = field(default_factory=dict)  # call_id -> emit time (epoch s)
     seen: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # id -> (emit, lower, upper)
     cycles: list[float] = field(default_factory=list)
@@ -108,32 +117,35 @@ class Poller:
             return len(self.outstanding)
 
     def _run(self) -> None:
+        # One short query per cycle, the same text each time but for its time bound: the sampled calls'
+        # ids start with ``marker``, so the query needs no list of ids (an IN list of a few hundred ids,
+        # parsed three times by the sink's SQL guard, cost the sink more CPU than its inserts).
         previous_sent = time.time()
         while not self._stop.is_set():
             with self._lock:
-                ids = list(self.outstanding.items())[:2000]
-            if not ids:
+                oldest = min(self.outstanding.values(), default=None)
+            if oldest is None:
                 previous_sent = time.time()
                 self._stop.wait(self.interval)
                 continue
-            in_list = ",".join(f"'{cid}'" for cid, _ in ids)
+            where = (
+                f"tenant = '{TENANT}' AND version = 1 AND startsWith(call_id, '{self.marker}') "
+                f"AND {bk.window('call_time', oldest - 1)}"
+            )
             sent = time.time()
             try:
-                rows = bk.select(
-                    self.settings, "DISTINCT call_id", "evidence", f"tenant = '{TENANT}' AND call_id IN ({in_list})", 30
-                )
+                rows = bk.select(self.settings, "call_id", "evidence", where, 30)
             except (SqlError, OSError):
                 self.errors += 1
                 self._stop.wait(self.interval)
                 continue
             back = time.time()
             self.cycles.append(back - sent)
-            found = {r[0] for r in rows}
             with self._lock:
-                for cid, emitted in ids:
-                    if cid in found:
+                for (cid,) in rows:
+                    emitted = self.outstanding.pop(cid, None)
+                    if emitted is not None:
                         self.seen[cid] = (emitted, previous_sent, back)
-                        del self.outstanding[cid]
             previous_sent = sent
             self._stop.wait(max(0.0, self.interval - (time.time() - sent)))
 
@@ -150,7 +162,7 @@ class Emitted:
 
 
 async def emit_calls(
-    bootstrap: str, topic: str, pool: list[ToolCall], rate: float, seconds: float, poller: Poller
+    bootstrap: str, topic: str, pool: list[ToolCall], rate: float, seconds: float, poller: Poller, batched: bool
 ) -> Emitted:
     """Calls of the pool at ``rate`` for ``seconds``, about 200 a second of them sampled for the poller."""
     sample_every = max(1, int(rate // 200))
@@ -158,13 +170,16 @@ async def emit_calls(
     rng = random.Random(11)
 
     def make(i: int, now: float) -> ToolCall:
-        call = bk.fresh_call(pool[rng.randrange(len(pool))], now)
-        times[call.call_id] = now
-        if i % sample_every == 0:
+        template = pool[rng.randrange(len(pool))]
+        if i % sample_every:
+            call = bk.fresh_call(template, now)
+        else:
+            call = bk.fresh_call(template, now, call_id=f"{poller.marker}{uuid.uuid4()}")
             poller.add(call.call_id, now)
+        times[call.call_id] = now
         return call
 
-    paced = await bk.send_paced(bootstrap, topic, rate, int(rate * seconds), make)
+    paced = await bk.send_paced(bootstrap, topic, rate, int(rate * seconds), make, batched)
     return Emitted(paced.started, paced.ended, times, paced.late_ticks)
 
 
@@ -224,6 +239,63 @@ class RunResult:
     load: str
     drain_seconds: float
     dead_letters: int
+    per_call: dict[str, float] = field(default_factory=dict)
+    label: str = ""  # "baseline": the stack ran the code of --baseline
+
+
+# ------------------------------------------------------------------------- where the CPU goes (paced)
+
+
+def job_stats(settings: Settings, pids: dict[str, int]) -> dict[str, float]:
+    """The worker's and the sink's counters now (flattened numbers, prefixed ``worker.``/``sink.``)."""
+    out: dict[str, float] = {}
+    worker = bk.worker_stats(settings, pids["worker"]) or {}
+    for k, v in (worker.get("counters") or {}).items():
+        if isinstance(v, int | float):
+            out[f"worker.{k}"] = v
+    with contextlib.suppress(OSError, ValueError):
+        sink = json.loads((settings.run_dir / "sink-stats.json").read_text())
+        for k, v in sink.items():
+            if isinstance(v, int | float):
+                out[f"sink.{k}"] = v
+    return out
+
+
+def per_call_costs(
+    s0: dict[str, Any], s1: dict[str, Any], a: dict[str, float], b: dict[str, float], calls: int
+) -> dict[str, float]:
+    """Over the emit window: CPU µs per call of worker and sink, and what each did per call / per second."""
+    if not calls:
+        return {}
+    wall = s1["worker"].at - s0["worker"].at
+    d = {k: b[k] - a.get(k, 0) for k in b}
+    out = {
+        "worker_us_per_call": (s1["worker"].proc - s0["worker"].proc) / calls * 1e6,
+        "sink_us_per_call": (s1["sink"].proc - s0["sink"].proc) / calls * 1e6,
+        "window_s": wall,
+    }
+    for k, v in sorted(d.items()):
+        if v and (k.endswith("batches") or k in ("worker.messages_sent", "sink.rows", "sink.bulk_rows")):
+            out[k + "_per_s"] = v / wall if wall else 0.0
+    return out
+
+
+def start_spies(pids: dict[str, int], prefix: str, tag: str) -> list[subprocess.Popen[bytes]]:
+    exe = str(Path(sys.executable).parent / "py-spy")
+    spies = []
+    for name in ("worker", "sink"):
+        out = f"{prefix}.{name}.{tag}.txt"
+        argv = [exe, "record", "--pid", str(pids[name]), "--rate", "200", "--format", "raw", "--nonblocking", "-o", out]
+        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
+def stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(timeout=30)
 
 
 def measure(
@@ -234,17 +306,22 @@ def measure(
     args: argparse.Namespace,
     drain: float | None = None,
 ) -> RunResult:
-    settings, pids = pipe.settings, pipe.pids
+    settings, pids = pipe.settings, {**pipe.pids, "bench": os.getpid()}
     poller = Poller(settings, args.poll)
     poller.start()
+    batched = args.emit == "batches"
     dead_before = bk.dead_letters(settings, pids["worker"])
+    stats0 = job_stats(settings, pids)
+    spies = start_spies(pids, args.py_spy, f"{rate:.0f}") if args.py_spy and drain is None else []
     s0 = bk.sample_cpu(pids)
     load = bk.load_text()
     try:
         emitted = asyncio.run(
-            emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, pool, rate, seconds, poller)
+            emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, pool, rate, seconds, poller, batched)
         )
         s1 = bk.sample_cpu(pids)
+        stats1 = job_stats(settings, pids)
+        stop_spies(spies)
         n = len(emitted.times)
         bk.say(
             f"emitted {n:,} calls in {emitted.ended - emitted.started:.2f}s "
@@ -319,6 +396,7 @@ def measure(
         load=load,
         drain_seconds=drain_seconds,
         dead_letters=bk.dead_letters(settings, pids["worker"]) - dead_before,
+        per_call=per_call_costs(s0, s1, stats0, stats1, n),
     )
 
 
@@ -331,7 +409,7 @@ def report(results: list[RunResult]) -> None:
         ("offered rate", "measure", "p50", "p99", "max", "target p99", "result"),
     )
     for r in results:
-        label = f"{r.rate:,.0f}/s" + ("" if r.sustained else " (not kept up)")
+        label = f"{r.rate:,.0f}/s" + (f" {r.label}" if r.label else "") + ("" if r.sustained else " (not kept up)")
         rows = [
             ("visible (poll, upper bound), sampled", r.polled, True),
             ("_ingested_at - emit (lower bound), every call", r.ingested, False),
@@ -377,6 +455,7 @@ def report(results: list[RunResult]) -> None:
     row("worker CPU (1 core = 100%)", lambda r: f"{r.cpu.get('worker', 0):.0%}")
     row("sink CPU (1 core = 100%)", lambda r: f"{r.cpu.get('sink', 0):.0%}")
     row("broker CPU (1 core = 100%)", lambda r: f"{r.cpu.get('kafka', 0):.0%}")
+    row("bench process CPU: producer and poller (1 core = 100%)", lambda r: f"{r.cpu.get('bench', 0):.0%}")
     row("machine busy during emit (all cores = 100%)", lambda r: f"{r.busy:.0%}")
     row("drain after the emit window", lambda r: f"{r.drain_seconds:.1f} s")
     row(
@@ -384,6 +463,22 @@ def report(results: list[RunResult]) -> None:
         lambda r: f"{r.drain_cpu.get('worker', 0):.0%} / {r.drain_cpu.get('sink', 0):.0%}",
     )
     row("load average at the start (1/5/15)", lambda r: r.load)
+    row(
+        "CPU per call while emitting: worker / sink",
+        lambda r: f"{r.per_call.get('worker_us_per_call', 0):,.0f} / {r.per_call.get('sink_us_per_call', 0):,.0f} µs",
+    )
+    row(
+        "per second while emitting: stage batches, messages sent, sink batches",
+        lambda r: " / ".join(
+            f"{r.per_call.get(k, 0):,.0f}"
+            for k in (
+                "worker.attribute_batches_per_s",
+                "worker.authorize_batches_per_s",
+                "worker.messages_sent_per_s",
+                "sink.batches_per_s",
+            )
+        ),
+    )
     bk.console.print(extra.table)
     bk.say(f"load average at the end: {bk.load_text()}")
 
@@ -415,9 +510,32 @@ def run(args: argparse.Namespace) -> int:
             w = measure(pipe, pool, warm, 3, args, drain=120)
             return w.decided == w.emitted
 
+        baseline_runs: list[RunResult] = []
+
         def at_rate(rate: float) -> RunResult:
+            r = at_rate_on(rate, None)
+            if args.baseline:  # the same rate with the stack on the earlier code, right after
+                baseline_runs.append(at_rate_on(rate, args.baseline))
+            return r
+
+        def at_rate_on(rate: float, code: str | None) -> RunResult:
             # Every rate gets its own sink, worker and chDB folder: the backlog of a run that did not keep up
             # (final versions, sink ingest) must not slow the next one down.
+            saved = os.environ.get("PYTHONPATH")
+            if code is not None:  # Stack.up passes our environment to the sink and the worker
+                os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [code, saved]))
+                bk.say(f"[bold]baseline[/]: the sink and the worker run the code in {code}")
+            try:
+                r = measure_on(rate)
+            finally:
+                if saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+            r.label = "baseline" if code is not None else ""
+            return r
+
+        def measure_on(rate: float) -> RunResult:
             pipe = bk.warmed_pipeline(
                 lambda: fresh_pipeline(args, tmp, broker, wl),
                 lambda p: warm_up(p, rate),
@@ -437,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return r
 
-        report(bk.measure_rates(args.rate, args.fallbacks, at_rate))
+        report(bk.measure_rates(args.rate, args.fallbacks, at_rate) + baseline_runs)
     return 0
 
 
@@ -455,6 +573,20 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.1, help="poll interval of the visibility check (s)")
     parser.add_argument("--drain", type=float, default=900, help="seconds to wait for the backlog after a run")
     parser.add_argument("--stall", type=float, default=60, help="stop waiting when no verdict came for this long")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="measure each rate again with the sink and worker on the code in DIR (`git archive REV | tar -x -C DIR`)",
+    )
+    parser.add_argument(
+        "--emit",
+        choices=["batches", "messages"],
+        default="batches",
+        help="the bench's producer: a record batch per partition every 2 ms tick (default; cheap) or one send per call",
+    )
+    parser.add_argument(
+        "--py-spy", metavar="PREFIX", help="sample worker and sink with py-spy while emitting (raw stacks)"
+    )
     bk.add_common_options(parser)
     bk.exit_with(run, parser.parse_args())
 

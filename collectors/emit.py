@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
-from collectors.avro_writer import Writer, writer_for
 from collectors.chain import ChainStamper
 from schemas import (
     Collector,
@@ -38,6 +37,7 @@ from schemas import (
     key_for,
     topic_for,
 )
+from schemas.avro_writer import Writer, writer_for
 from schemas.codec import JSON_FIELDS
 from schemas.events import format_timestamp
 
@@ -102,7 +102,7 @@ def _stamp_encode(stamper: ChainStamper, event: Event) -> bytes:
 
     The fast path (the event types collectors emit, without unknown fields): one plain dict of the
     event's values, the canonical JSON of the whole event for the hash built from it, and the
-    compiled writer of :mod:`collectors.avro_writer` -- no model copy, no ``model_dump``, no
+    compiled writer of :mod:`schemas.avro_writer` -- no model copy, no ``model_dump``, no
     fastavro call set-up. The bytes and the hash are those of the general path (the tests compare).
     """
     seq = stamper.seq + 1

@@ -218,9 +218,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+"""Built once: ``json.loads`` with an argument builds a decoder per call."""
+
+
 def _loads(text: str, field: str) -> Any:
+    if not isinstance(text, str):  # json.loads also takes bytes; the Avro strings here are str
+        raise CodecError(f"body decodes but fails validation: field '{field}' is not valid JSON")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _JSON_DECODER.decode(text)
     except (ValueError, RecursionError):
         raise CodecError(f"body decodes but fails validation: field '{field}' is not valid JSON") from None
 

@@ -43,8 +43,10 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.avro_writer import fast_encode
 from schemas.topics import partition_for
 from stream_jobs.assignor import CoPartitionedAssignor, check, describe
+from stream_jobs.call_reader import call_reader
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import ChangelogReader, ChangelogStore, deferred_stage2
@@ -471,11 +473,11 @@ class Sender:
                 part = routes[key] = partition_for(key, self.partitions)
             add((self.topics.calls_by_route, key, fwd.payload, part))
         for evidence in out.evidence:
-            add((self.topics.evidence, evidence.call_id.encode("utf-8"), encode(evidence), None))
+            add((self.topics.evidence, evidence.call_id.encode("utf-8"), fast_encode(evidence), None))
             counters[f"evidence_{evidence.verdict}"] += 1
         for finding in out.findings:
             # keyed by dedup key: one pager partition sees every finding of a dedup key
-            add((self.topics.findings, finding.dedup_key.encode("utf-8"), encode(finding), None))
+            add((self.topics.findings, finding.dedup_key.encode("utf-8"), fast_encode(finding), None))
             counters["findings"] += 1
 
     def changelog(self, topic: str, key: str, value: bytes | None, partition: int) -> None:
@@ -550,9 +552,11 @@ def build_stages(
     approvals = topics.approvals
     feed = PolicyFeed(settings.kafka_bootstrap, topics.policies, counters)
 
+    read_call = call_reader()  # decode's result for a call, without validating it twice
+
     def handle_stage1(proc: Stage1, m: Any, now: datetime) -> Output:
-        obj = decode(m.value)
         topic = m.topic
+        obj = read_call(m.value) if topic == tool_calls else decode(m.value)
         if topic == tool_calls and isinstance(obj, ToolCall):
             return proc.on_call(obj, now)
         if topic == sessions and isinstance(obj, (SessionBound, SessionEnded)):

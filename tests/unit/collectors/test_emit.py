@@ -183,7 +183,7 @@ def _samples(arguments: dict[str, Any]) -> list[Any]:
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.text(max_size=10), JSON, max_size=5))
 def test_the_fast_path_writes_the_bytes_and_hashes_of_the_general_path(arguments: dict[str, Any]) -> None:
-    """The compiled writer (collectors.avro_writer) and the plain-dict canonical JSON give exactly
+    """The compiled writer (schemas.avro_writer) and the plain-dict canonical JSON give exactly
     what fastavro and model_dump give, for every event type a collector emits."""
     import collectors.emit as emit
 

@@ -1,5 +1,7 @@
-"""A compiled Avro writer for the collectors' hot path: the events they emit, byte for byte as
-:func:`schemas.encode` writes them, without fastavro's per-call set-up.
+"""A compiled Avro writer: the single-object encoding of a model, byte for byte as
+:func:`schemas.encode` writes it, without fastavro's per-call set-up (the decision worker's
+evidence and findings; issue 16) and the collectors' events (``collectors.emit``). It lives in
+``schemas`` so that every package may use it.
 
 :func:`writer_for` builds, once per model, a function that takes the record as a plain ``dict``
 (the Avro field values: strings, ints, floats, ``datetime`` for ``timestamp-millis``, the
@@ -7,8 +9,10 @@ canonical JSON text of the object-valued fields, nested records as dicts) and re
 object encoding (``C3 01`` + schema fingerprint + body). It supports what the event schemas use
 -- records, strings, ints/longs, doubles, booleans, arrays, ``timestamp-millis`` and unions of
 ``null`` with one other type -- and returns None for a schema with anything else (the caller then
-uses :func:`schemas.encode`). ``tests/unit/collectors/test_emit.py`` checks the bytes against
-fastavro's for every event type.
+uses :func:`schemas.encode`). :func:`fast_encode` takes the model itself (the record as
+:func:`schemas.encode` builds it) and falls back to :func:`schemas.encode` for a model without a
+compiled writer. ``tests/unit/schemas/test_avro_writer.py`` checks the bytes against fastavro's for
+every model.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.codec import MAGIC, CodecError, schema_entries
+from schemas.codec import MAGIC, CodecError, _to_record, encode, schema_entries
 from schemas.events import SchemaModel
 
-__all__ = ["Writer", "writer_for"]
+__all__ = ["Writer", "fast_encode", "writer_for"]
 
 Writer = Callable[[dict[str, Any]], bytes]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -187,3 +191,16 @@ def writer_for(model: type[SchemaModel]) -> Writer | None:
 
             return write
     return None
+
+
+def fast_encode(model: SchemaModel) -> bytes:
+    """:func:`schemas.encode` of ``model`` (the same bytes, the same :class:`CodecError` on a value
+    its schema cannot hold), through the compiled writer of its type when there is one; a value that
+    writer refuses goes to :func:`schemas.encode` (which accepts or raises as it always did)."""
+    write = writer_for(type(model))
+    if write is None:
+        return encode(model)
+    try:
+        return write(_to_record(model))
+    except CodecError:  # the compiled writer is stricter than fastavro on a few types: fastavro decides
+        return encode(model)
