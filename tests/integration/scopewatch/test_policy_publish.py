@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import ApprovalDecided, PolicyPublished, decode, delegation_key, policy_key
 from schemas.topics import partition_for
-from scopewatch.settings import Settings
+from stream_jobs.runtime.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker, create_topics
 from support.kafka import reader
 from support.wrap import child_env
