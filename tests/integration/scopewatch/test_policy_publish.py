@@ -15,8 +15,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import ApprovalDecided, PolicyPublished, decode, delegation_key, policy_key
 from schemas.topics import partition_for
-from stream_jobs.runtime.settings import Settings
 from scopewatch.stack.kafka import KafkaBroker, create_topics
+from stream_jobs.runtime.settings import Settings
 from support.kafka import reader
 from support.wrap import child_env
 
