@@ -7,21 +7,27 @@ about 5 µs for aiokafka with lean records (BENCHMARKS.md, the sink row).
 
 How it stays off the event loop and keeps the runner's contract:
 
-* **Fetching.** ``getmany`` runs ``Consumer.consume(max_records, timeout)`` (one call per batch, up to
-  ``max_records`` or ``timeout``) in a thread of its own and awaits it; the loop is never blocked.
+* **One thread owns the client.** confluent-kafka serialises every call on a consumer: a ``seek`` or a
+  ``commit`` from another thread waits until a running ``consume`` returns (measured: 3.7 s behind a
+  4 s ``consume``). So every call runs in the adapter's own thread, in order, and the event loop only
+  awaits them; it is never blocked.
+* **Fetching.** ``getmany`` runs ``Consumer.consume(max_records, timeout)`` (up to ``max_records`` or
+  ``timeout``) in that thread and awaits it.
 * **Rebalances.** librdkafka calls ``on_assign`` / ``on_revoke`` / ``on_lost`` from inside ``consume`` or
-  ``close``, in that thread. Each runs the runner's async hook on the loop and waits for it there, so a
+  ``close``, in that thread. Each runs the runner's async hook on the loop and waits for it, so a
   revocation still waits for the batch in flight, which commits first (eager protocol: the partitions
-  leave only when ``on_revoke`` returns). Should the runner call ``getmany`` while such a hook waits for
-  it (a flush being retried in place holds the runner's lock), ``getmany`` returns nothing after its
-  timeout instead of deadlocking; that ``consume`` call's records come with a later ``getmany``.
-* **Seeks** take effect at once when no ``consume`` is running, otherwise just before the next one; the
-  running call's records of that partition are then dropped (they are from before the seek).
-  ``pause``/``resume`` apply at once (librdkafka drops a paused partition's prefetched messages and
-  fetches again from the last one handed over); the runner seeks back anything fetched meanwhile.
+  leave only when ``on_revoke`` returns). While it waits, the thread runs the calls the hook (or anyone)
+  makes meanwhile -- a commit, a committed-offset lookup -- from inside the callback, the one place
+  librdkafka takes them then. Should the runner call ``getmany`` while a hook waits for the runner (a
+  flush being retried in place holds its lock), ``getmany`` returns nothing after its timeout instead of
+  deadlocking; that ``consume`` call's records come with a later ``getmany``.
+* **Seeks, pauses, resumes** (synchronous in the runner's protocol) are queued and applied in order
+  just before the next ``consume``; a ``consume`` running when a seek comes has its records of that
+  partition dropped (they are from before the seek). librdkafka drops a paused partition's prefetched
+  messages and fetches again from the last one handed over.
 * **Commits** are explicit and synchronous (``enable.auto.commit`` and ``enable.auto.offset.store``
-  off), in another thread; a refusal because the group moved the partitions is :class:`CommitFailed`,
-  an outage is retried until it answers (as aiokafka does).
+  off); a refusal because the group moved the partitions is :class:`CommitFailed`, an outage is
+  retried until it answers (as aiokafka does).
 * **Logs** go through Python logging (logger ``librdkafka``, at most notice level from the library;
   ``RepeatFilter`` limits it like the other Kafka libraries); no ``debug`` contexts, which could
   print connection details.
@@ -31,11 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
-import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer as _RdConsumer
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -62,10 +68,31 @@ GROUP_MOVED = frozenset(
 """Commit errors that mean the group took the partitions away: the batch is redone (CommitFailed)."""
 
 _new_record = tuple.__new__
+T = TypeVar("T")
 
 
 def _tps(parts: Iterable[TopicPartition]) -> set[TP]:
     return {(p.topic, p.partition) for p in parts}
+
+
+class _Call:
+    """A function for the client's thread and the future of its result."""
+
+    __slots__ = ("fn", "polls", "reply")
+
+    def __init__(self, fn: Callable[[], Any], polls: bool) -> None:
+        self.fn = fn
+        self.polls = polls
+        """A ``consume`` or ``close``: never run from inside a rebalance callback (waits for it to end)."""
+        self.reply: Future[Any] = Future()
+
+    def run(self) -> None:
+        if not self.reply.set_running_or_notify_cancel():
+            return
+        try:
+            self.reply.set_result(self.fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the call
+            self.reply.set_exception(exc)
 
 
 class RdKafkaConsumer:
@@ -112,61 +139,89 @@ class RdKafkaConsumer:
         self._consumer: _RdConsumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
-        self._poller: ThreadPoolExecutor | None = None
-        self._caller: ThreadPoolExecutor | None = None
-        self._inflight: asyncio.Future[dict[TP, list[Record]]] | None = None
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._inflight: Future[dict[TP, list[Record]]] | None = None
         self._assigned: frozenset[TP] = frozenset()
-        self._lock = threading.Lock()  # the poll thread's state below
+        self._lock = threading.Lock()  # the state below, shared by the loop and the client's thread
         self._polling = False
-        self._seeks: dict[TP, int] = {}  # seeks waiting for the running consume call to end
-        self._stale: set[TP] = set()  # partitions whose records of the running call are from before a seek
-        self._tps: dict[TP, TopicPartition] = {}
+        self._ops: list[tuple[str, Any]] = []  # seeks, pauses, resumes for the client's thread, in order
+        self._stale: set[TP] = set()  # partitions whose records of the running consume are from before a seek
 
     @property
     def consumer(self) -> _RdConsumer:
         assert self._consumer is not None, "start() first"
         return self._consumer
 
-    def _tp(self, tp: TP) -> TopicPartition:
-        out = self._tps.get(tp)
-        if out is None:
-            out = self._tps[tp] = TopicPartition(*tp)
-        return out
+    # -- the client's thread
+
+    def _serve(self) -> None:
+        """The client's thread: run the calls in order until the ``None`` that ``stop`` sends."""
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            call.run()
+
+    def _submit(self, fn: Callable[[], T], polls: bool = False) -> Future[T]:
+        call = _Call(fn, polls)
+        self._calls.put(call)
+        return call.reply
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the client's thread (from inside a rebalance callback if one is waiting)."""
+        return await asyncio.wrap_future(self._submit(fn))
 
     # -- lifecycle
 
     async def start(self, listener: Listener) -> None:
         self._loop = asyncio.get_running_loop()
         self._listener = listener
-        self._poller = ThreadPoolExecutor(1, thread_name_prefix="rdkafka-poll")
-        self._caller = ThreadPoolExecutor(2, thread_name_prefix="rdkafka-call")
         self._consumer = _RdConsumer(self.config)
-        self._consumer.subscribe(
-            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        self._thread = threading.Thread(target=self._serve, name="rdkafka-client", daemon=True)
+        self._thread.start()
+        await self._call(
+            lambda: self.consumer.subscribe(
+                self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
         )
 
     async def stop(self) -> None:
-        consumer, loop = self._consumer, self._loop
-        if consumer is None or loop is None:
+        consumer, thread = self._consumer, self._thread
+        if consumer is None or thread is None:
             return
         try:
             if self._inflight is not None:
-                await asyncio.wait({self._inflight})
+                await asyncio.wait({asyncio.wrap_future(self._inflight)})
                 self._inflight = None
-            # close() leaves the group; librdkafka calls on_revoke from it (in the poll thread)
-            await loop.run_in_executor(self._poller, consumer.close)
+            # close() leaves the group; librdkafka calls on_revoke from it (in the client's thread)
+            await asyncio.wrap_future(self._submit(consumer.close, polls=True))
         finally:
+            self._calls.put(None)
             self._consumer = None
             self._assigned = frozenset()
-            for pool in (self._poller, self._caller):
-                if pool is not None:
-                    pool.shutdown(wait=False)
 
-    # -- rebalance callbacks (in the poll thread, from inside consume() or close())
+    # -- rebalance callbacks (in the client's thread, from inside consume() or close())
 
     def _hook(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a runner hook on the loop; meanwhile run the calls made of this thread (but no consume)."""
         assert self._loop is not None
+        done = _Call(lambda: None, polls=False)  # the end marker
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        future.add_done_callback(lambda _f: self._calls.put(done))
+        deferred: list[_Call | None] = []
+        try:
+            while True:
+                call = self._calls.get()
+                if call is done:
+                    break
+                if call is None or call.polls:
+                    deferred.append(call)  # after the callback
+                    continue
+                call.run()
+        finally:
+            for call in deferred:
+                self._calls.put(call)
         try:
             future.result()
         except Exception:  # librdkafka must get control back; the runner logs its own failures
@@ -196,30 +251,37 @@ class RdKafkaConsumer:
     # -- the Consumer protocol
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TP, Sequence[Record]]:
-        assert self._loop is not None
         future = self._inflight
         if future is None:
-            future = self._inflight = self._loop.run_in_executor(
-                self._poller, self._consume, max_records, timeout_ms / 1000
-            )
+            future = self._inflight = self._submit(lambda: self._consume(max_records, timeout_ms / 1000), polls=True)
         if not future.done():
             # a rebalance hook may hold the call beyond its timeout while it waits for the runner
-            await asyncio.wait({future}, timeout=timeout_ms / 1000 + 0.1)
+            await asyncio.wait({asyncio.wrap_future(future)}, timeout=timeout_ms / 1000 + 0.1)
             if not future.done():
                 return {}
         self._inflight = None
         return future.result()
 
-    def _consume(self, max_records: int, timeout: float) -> dict[TP, list[Record]]:
-        """In the poll thread: the deferred seeks, one ``consume`` call, its messages as lean records."""
-        consumer = self.consumer
+    def _apply_ops(self) -> None:
         with self._lock:
-            seeks, self._seeks = self._seeks, {}
+            ops, self._ops = self._ops, []
             self._polling = True
+        consumer = self.consumer
+        for op, arg in ops:
+            if op == "seek":
+                tp, offset = arg
+                if tp in self._assigned:  # else given away meanwhile: its next owner starts from the commit
+                    consumer.seek(TopicPartition(tp[0], tp[1], offset))
+                continue
+            parts = [TopicPartition(*tp) for tp in arg if tp in self._assigned]
+            if parts:
+                (consumer.pause if op == "pause" else consumer.resume)(parts)
+
+    def _consume(self, max_records: int, timeout: float) -> dict[TP, list[Record]]:
+        """In the client's thread: the queued seeks/pauses/resumes, one ``consume``, its messages as lean records."""
         try:
-            for seek in seeks.items():
-                self._seek_now(*seek)
-            messages = consumer.consume(max_records, timeout)
+            self._apply_ops()
+            messages = self.consumer.consume(max_records, timeout)
         finally:
             with self._lock:
                 self._polling = False
@@ -242,52 +304,38 @@ class RdKafkaConsumer:
 
     async def commit(self, offsets: Mapping[TP, int]) -> None:
         parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        assert self._loop is not None
-        await self._loop.run_in_executor(self._caller, self._commit, parts)
-
-    def _commit(self, parts: list[TopicPartition]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                result = self.consumer.commit(offsets=parts, asynchronous=False)
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-            else:
-                failed = [p.error for p in result or () if p.error is not None]
-                if not failed:
-                    return
-                error = failed[0]
+        error = await self._call(lambda: self._commit(parts))
+        while error is not None:
             if error.code() in GROUP_MOVED:
                 raise CommitFailed(f"{error.name()}: {error.str()}")
             if error.fatal() or not (error.retriable() or _transient(error)):
                 raise KafkaException(error)
-            log.warning("offset commit failed (%s); retrying in %.1fs", error.str(), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            log.warning("offset commit failed (%s); retrying", error.str())
+            await asyncio.sleep(0.5)
+            error = await self._call(lambda: self._commit(parts))
+
+    def _commit(self, parts: list[TopicPartition]) -> KafkaError | None:
+        try:
+            result = self.consumer.commit(offsets=parts, asynchronous=False)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            return error
+        failed = [p.error for p in result or () if p.error is not None]
+        return failed[0] if failed else None
 
     def seek(self, tp: TP, offset: int) -> None:
         with self._lock:
-            if self._polling:  # at the start of the next consume call; this one's records of tp are stale
-                self._seeks[tp] = offset
+            self._ops.append(("seek", (tp, offset)))
+            if self._polling:  # the running consume's records of tp are from before this seek
                 self._stale.add(tp)
-                return
-            self._seeks.pop(tp, None)
-        self._seek_now(tp, offset)
-
-    def _seek_now(self, tp: TP, offset: int) -> None:
-        if tp not in self._assigned:
-            return  # given away meanwhile: its next owner starts from the committed offset
-        self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
     def pause(self, tps: Iterable[TP]) -> None:
-        parts = [self._tp(tp) for tp in tps if tp in self._assigned]
-        if parts:
-            self.consumer.pause(parts)
+        with self._lock:
+            self._ops.append(("pause", list(tps)))
 
     def resume(self, tps: Iterable[TP]) -> None:
-        parts = [self._tp(tp) for tp in tps if tp in self._assigned]
-        if parts:
-            self.consumer.resume(parts)
+        with self._lock:
+            self._ops.append(("resume", list(tps)))
 
     def assignment(self) -> set[TP]:
         return set(self._assigned)
@@ -297,9 +345,8 @@ class RdKafkaConsumer:
         return (await self._committed([tp])).get(tp)
 
     async def _committed(self, tps: list[TP]) -> dict[TP, int | None]:
-        assert self._loop is not None
         parts = [TopicPartition(t, p) for t, p in tps]
-        result = await self._loop.run_in_executor(self._caller, lambda: self.consumer.committed(parts, timeout=10))
+        result = await self._call(lambda: self.consumer.committed(parts, timeout=10))
         return {(p.topic, p.partition): (p.offset if p.offset >= 0 else None) for p in result}
 
     async def lag(self) -> dict[str, int]:
@@ -309,12 +356,14 @@ class RdKafkaConsumer:
         if not tps:
             return {}
         committed = await self._committed(tps)
+
+        def highs() -> list[int]:
+            return [self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1] for tp in tps]
+
         lag: dict[str, int] = {}
-        for tp in tps:
-            _low, high = self.consumer.get_watermark_offsets(self._tp(tp), cached=True)
-            if high < 0:
-                continue
-            lag[tp[0]] = lag.get(tp[0], 0) + max(0, high - (committed.get(tp) or 0))
+        for tp, high in zip(tps, await self._call(highs), strict=True):
+            if high >= 0:
+                lag[tp[0]] = lag.get(tp[0], 0) + max(0, high - (committed.get(tp) or 0))
         return lag
 
 

@@ -27,17 +27,27 @@ Row = tuple[str, int, int, bytes | None, bytes | None]
 
 
 class Hooks:
-    def __init__(self) -> None:
+    """The runner's hooks as the sink uses them: an assignment looks up the committed offsets, a revocation
+    waits for the batch in flight (``gate``) and commits it (``commit_on_revoke``)."""
+
+    def __init__(self, adapter: RdKafkaConsumer | None = None) -> None:
+        self.adapter = adapter
         self.events: list[tuple[str, set[TP]]] = []
         self.gate: asyncio.Event | None = None
-        """When set up, a revocation waits for it (as the runner's waits for a batch in flight)."""
+        self.commit_on_revoke: int | None = None
+        self.seen_committed: dict[TP, int | None] = {}
 
     async def assigned(self, tps: set[TP]) -> None:
+        if self.adapter is not None:
+            for tp in sorted(tps):
+                self.seen_committed[tp] = await self.adapter.committed(tp)
         self.events.append(("assigned", tps))
 
     async def revoked(self, tps: set[TP]) -> None:
         if self.gate is not None and tps:
             await self.gate.wait()
+        if self.adapter is not None and self.commit_on_revoke is not None and tps:
+            await self.adapter.commit({tp: self.commit_on_revoke for tp in tps})
         self.events.append(("revoked", tps))
 
 
@@ -142,25 +152,28 @@ def test_every_message_once_in_order_across_pauses_and_seeks(kafka_broker: Kafka
 
 def test_a_second_member_takes_partitions_and_the_revocation_waits_for_the_runner(kafka_broker: KafkaBroker) -> None:
     """The first member's revocation hook is held (as the runner's is while a batch flushes): its getmany
-    returns nothing instead of deadlocking; once the hook may go on, the group settles on disjoint halves."""
+    returns nothing instead of deadlocking; once the hook may go on, it commits (from inside librdkafka's
+    callback), and the group settles on disjoint halves whose new owner resumes from that commit."""
     bootstrap = kafka_broker.config.bootstrap
     topic = f"rdk-{uuid.uuid4().hex[:8]}"
     group = f"rdk-{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
         await create_topics(bootstrap, [topic], 4)
-        first_hooks, second_hooks = Hooks(), Hooks()
         first = RdKafkaConsumer(bootstrap, group, [topic], session_timeout=10)
         second = RdKafkaConsumer(bootstrap, group, [topic], session_timeout=10)
+        first_hooks, second_hooks = Hooks(first), Hooks(second)
         await first.start(first_hooks)
         try:
             await _wait_assigned(first, 4)
+            assert first_hooks.seen_committed == {(topic, p): None for p in range(4)}
             first_hooks.gate = asyncio.Event()
+            first_hooks.commit_on_revoke = 0
             await second.start(second_hooks)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
             held_polls = 0
-            while not first_hooks.events or first_hooks.events[-1][0] != "revoked":
+            while not any(kind == "revoked" for kind, _ in first_hooks.events):
                 assert loop.time() < deadline, "never revoked"
                 polls = asyncio.gather(first.getmany(100, 10), second.getmany(100, 10))
                 started = loop.time()
@@ -180,6 +193,8 @@ def test_a_second_member_takes_partitions_and_the_revocation_waits_for_the_runne
             assert first.assignment() | second.assignment() == {(topic, p) for p in range(4)}
             assert ("revoked", {(topic, p) for p in range(4)}) in first_hooks.events
             assert second_hooks.events[-1] == ("assigned", second.assignment())
+            # the revocation's commit landed before the partitions moved: the new owner sees it
+            assert {second_hooks.seen_committed[tp] for tp in second.assignment()} == {0}
         finally:
             await asyncio.gather(first.stop(), second.stop())
 
