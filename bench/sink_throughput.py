@@ -554,7 +554,7 @@ def run_child(kind: str, args: argparse.Namespace, extra: list[str], timeout: fl
         argv += ["--cpu", str(args.cpu)]
     if kind == "sink" and args.py_spy:
         spy = Path(sys.executable).with_name("py-spy")
-        argv = [str(spy), "record", "--format", "raw", "--output", str(Path(args.py_spy).resolve()), "--", *argv]
+        argv = [str(spy), "record", "--native", "--threads", "--format", "raw", "--output", str(Path(args.py_spy).resolve()), "--", *argv]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = child.communicate(timeout=timeout)

@@ -624,7 +624,12 @@ class ClickHouseSink(Job["Batch"]):
         self.runner = runner = self.new_runner(self._consumer)
         if self._stopping:
             runner.stop()
-        log.info("sink starting: group %s, %d topics", self.config.group, len(self.config.topics))
+        log.info(
+            "sink starting: group %s, %d topics, Kafka client %s",
+            self.config.group,
+            len(self.config.topics),
+            self.config.client,
+        )
         intent = self.output.read_intent()
         if intent is not None:
             wanted = {(str(t), int(p)): (int(a), int(b)) for t, p, a, b in intent["ranges"]}
