@@ -295,16 +295,18 @@ class RdKafkaConsumer:
                     stale, self._stale = self._stale, set()
             out: dict[TP, list[Record]] = {}
             new = _new_record
-            for msg in messages:
+            topic: Any = None
+            partition: Any = None
+            records: list[Record] = []
+            for msg in messages:  # in runs of one partition: look the list up once per run
                 error = msg.error()
                 if error is not None:
                     _message_error(error)
                     continue
-                tp = (msg.topic(), msg.partition())
-                records = out.get(tp)  # type: ignore[arg-type]  # a message (no error) has both
-                if records is None:
-                    records = out[tp] = []  # type: ignore[index]
-                records.append(new(LeanRecord, (*tp, msg.offset(), msg.key(), msg.value())))
+                if msg.partition() != partition or msg.topic() != topic:
+                    topic, partition = msg.topic(), msg.partition()
+                    records = out.setdefault((topic, partition), [])
+                records.append(new(LeanRecord, (topic, partition, msg.offset(), msg.key(), msg.value())))
             del messages
         finally:
             if collecting:

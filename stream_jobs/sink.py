@@ -393,7 +393,7 @@ class SinkConfig:
     lean_records: bool = True
     """Take messages from aiokafka as lean (topic, partition, offset, key, value) tuples instead of
     ``ConsumerRecord`` s (:func:`stream_jobs.kafka_adapter.make_lean`): the sink reads nothing else."""
-    client: str = "aiokafka"
+    client: str = "librdkafka"
     """The Kafka client under the runner: ``librdkafka`` (:mod:`stream_jobs.rdkafka_adapter`, confluent-kafka)
     or ``aiokafka`` (:mod:`stream_jobs.kafka_adapter`). The service takes ``SCOPEWATCH_SINK_CLIENT``."""
     table_topics: dict[str, str] | None = None

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     )
     sink_group: str = "scopewatch-sink"
     sink_client: Literal["librdkafka", "aiokafka"] = Field(
-        default="aiokafka",
+        default="librdkafka",
         description="the sink's Kafka consumer: librdkafka (confluent-kafka, C fetch path) or aiokafka",
     )
 

@@ -42,8 +42,8 @@ def test_the_librdkafka_sink_consumer_commits_only_explicitly_and_logs_through_p
     from stream_jobs.rdkafka_adapter import RdKafkaConsumer
 
     monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
-    config = sink_config(Settings(home=tmp_path, sink_client="librdkafka", sink_fetch_wait_ms=25))
-    assert config.client == "librdkafka"
+    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25))
+    assert config.client == "librdkafka", "the default"
     consumer = ClickHouseSink(config, writer=None).new_consumer()  # type: ignore[arg-type]
     assert isinstance(consumer, RdKafkaConsumer)
     options = consumer.config
@@ -87,7 +87,7 @@ def test_the_sink_consumer_fetches_wait_in_the_broker(tmp_path: Path, monkeypatc
     """aiokafka's default fetch_min_bytes of 1 made the sink send a fetch request every few
     messages; the consumer waits for SinkConfig.fetch_min_bytes or SCOPEWATCH_SINK_FETCH_WAIT_MS."""
     monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
-    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25))
+    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25, sink_client="aiokafka"))
     assert config.fetch_wait_ms == 25 and config.fetch_min_bytes >= 64 * 1024
 
     async def build() -> Any:  # aiokafka consumers are made inside a running loop
