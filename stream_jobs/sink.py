@@ -64,7 +64,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clickhouse_connect.driver.client import Client
 
@@ -75,10 +75,12 @@ from stream_jobs.clickhouse import chdb_path
 from stream_jobs.columnar import FastReader, arrow_table, fast_readers
 from stream_jobs.dead_letters import dead_letter_for
 from stream_jobs.kafka_adapter import KafkaConsumer
-from stream_jobs.rdkafka_adapter import RdKafkaConsumer
 from stream_jobs.rows import COLUMNS, Provenance, check_row, millis, row_values, to_row
 from stream_jobs.runner import TP, Consumer, Job, Record, Runner, RunnerConfig
 from stream_jobs.runtime.files import atomic_write
+
+if TYPE_CHECKING:
+    from stream_jobs.rdkafka_adapter import RdKafkaConsumer
 
 log = logging.getLogger("scopewatch.sink")
 
@@ -576,6 +578,8 @@ class ClickHouseSink(Job["Batch"]):
     def new_consumer(self) -> KafkaConsumer | RdKafkaConsumer:
         """The sink's consumer (the runner starts it), of ``SinkConfig.client``."""
         if self.config.client == "librdkafka":
+            from stream_jobs.rdkafka_adapter import RdKafkaConsumer  # here: only the sink loads confluent-kafka
+
             return RdKafkaConsumer(
                 self.config.bootstrap,
                 self.config.group,
