@@ -56,6 +56,18 @@ LIBRARY_LOG = logging.getLogger("librdkafka")
 LOG_LEVEL = 5
 """librdkafka's own threshold (syslog levels): 5 = notice and worse; 7 (debug) is never set here."""
 
+
+class _LibraryLog:
+    """Takes librdkafka's log lines (confluent-kafka calls ``log(level, "%s [%s] %s", facility, client, text)``)
+    into :data:`LIBRARY_LOG` with the facility in the message format, so ``RepeatFilter`` limits each facility
+    (``FAIL``, ``OFFSET``, ...) on its own instead of every librdkafka line as one kind."""
+
+    def log(self, level: int, _format: str, facility: str, client: str, text: str) -> None:
+        LIBRARY_LOG.log(level, str(facility).replace("%", "%%") + " [%s] %s", client, text)
+
+
+LIBRARY_ROUTE = _LibraryLog()
+
 GROUP_MOVED = frozenset(
     {
         KafkaError.REBALANCE_IN_PROGRESS,
@@ -132,7 +144,7 @@ class RdKafkaConsumer:
             "queued.max.messages.kbytes": queued_kbytes,
             "log_level": LOG_LEVEL,
             "log.connection.close": False,
-            "logger": LIBRARY_LOG,
+            "logger": LIBRARY_ROUTE,
             "error_cb": _library_error,
         }
         if instance_id is not None:

@@ -220,3 +220,4 @@ def test_library_logs_go_through_python_logging(caplog: pytest.LogCaptureFixture
         asyncio.run(scenario())
     record = next(r for r in caplog.records if r.name == "librdkafka")
     assert record.levelno >= logging.INFO and str(port) in record.getMessage()
+    assert record.msg == "FAIL [%s] %s", "the facility is in the format: the repeat filter limits each on its own"

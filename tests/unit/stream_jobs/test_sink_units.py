@@ -37,9 +37,8 @@ def test_the_librdkafka_sink_consumer_commits_only_explicitly_and_logs_through_p
     """The sink's librdkafka consumer: no automatic commit or offset store (the runner commits after
     ClickHouse accepted the rows), the aiokafka consumer's isolation level, the same fetch bounds, and
     the library's logs through Python logging at notice level at most (never a debug context)."""
-    import logging
 
-    from stream_jobs.rdkafka_adapter import RdKafkaConsumer
+    from stream_jobs.rdkafka_adapter import LIBRARY_ROUTE, RdKafkaConsumer
 
     monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
     config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25))
@@ -52,7 +51,7 @@ def test_the_librdkafka_sink_consumer_commits_only_explicitly_and_logs_through_p
     assert (options["fetch.min.bytes"], options["fetch.wait.max.ms"]) == (config.fetch_min_bytes, 25)
     assert options["max.partition.fetch.bytes"] == config.fetch_partition_bytes
     assert options["group.id"] == config.group and options["bootstrap.servers"] == config.bootstrap
-    assert options["logger"] is logging.getLogger("librdkafka") and options["log_level"] <= 5
+    assert options["logger"] is LIBRARY_ROUTE and options["log_level"] <= 5
     assert "debug" not in options
     with pytest.raises(ValueError, match="unknown Kafka client"):
         ClickHouseSink(replace(config, client="kafka-python"), writer=None).new_consumer()  # type: ignore[arg-type]
