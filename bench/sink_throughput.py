@@ -71,6 +71,7 @@ CODE = (
     "schemas/events.py",
 )  # printed as sha256 prefixes: there is no commit to name
 
+PATHS = ("bulk", "rows", "bulk-crec", "bulk-rdk", "rows-rdk")
 TARGET_ROWS_PER_S = 250_000
 TARGET_PER_CPU_S = 120_000
 DATABASE = "scopewatch"
@@ -411,9 +412,11 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         intent_file=settings.run_dir / "sink-intent.json",
         bulk_avro=args.path.startswith("bulk"),
         lean_records=not args.path.endswith("-crec"),
+        client=client_of(args.path),
     )
     n = args.messages
-    floor = asyncio.run(consume_only(settings, n, config.batch_rows, f"{args.group}-floor"))
+    bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
+    floor = asyncio.run(bare(settings, n, config.batch_rows, f"{args.group}-floor"))
     sink = ClickHouseSink(config, writer)
     marks: dict[str, Any] = {}
 
@@ -464,9 +467,52 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "bulk_rows": stats.get("bulk_rows", 0),
         "bulk_fallbacks": stats.get("bulk_fallbacks", 0),
         "path": args.path,
+        "client": config.client,
         "rows_in_table": total,
         "consume_only": floor,
     }
+
+
+def client_of(path: str) -> str:
+    """The sink's Kafka client for a (b) path: ``-rdk`` librdkafka, otherwise aiokafka."""
+    return "librdkafka" if path.endswith("-rdk") else "aiokafka"
+
+
+async def consume_only_rdkafka(settings: Settings, n: int, batch_rows: int, group: str) -> dict[str, float]:
+    """A bare confluent-kafka (librdkafka) consumer reading the same messages, touching each value, from its own
+    thread as the sink's adapter does (its C threads' CPU counts: process CPU)."""
+    from confluent_kafka import Consumer
+
+    def read() -> dict[str, float]:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "fetch.min.bytes": 256 * 1024,
+                "fetch.wait.max.ms": 100,
+                "max.partition.fetch.bytes": 4 * 1024 * 1024,
+                "queued.max.messages.kbytes": 32 * 1024,
+            }
+        )
+        consumer.subscribe([settings.topics.evidence])
+        try:
+            got = first = 0
+            t0 = c0 = 0.0
+            while got < n:
+                messages = consumer.consume(batch_rows, 0.5)
+                if not got and messages:
+                    t0, c0, first = time.perf_counter(), time.process_time(), len(messages)
+                got += len(messages)
+                for msg in messages:
+                    msg.value()
+            return {"rows": got - first, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+        finally:
+            consumer.close()
+
+    return await asyncio.to_thread(read)
 
 
 async def consume_only(settings: Settings, n: int, batch_rows: int, group: str) -> dict[str, float]:
@@ -508,7 +554,18 @@ def run_child(kind: str, args: argparse.Namespace, extra: list[str], timeout: fl
         argv += ["--cpu", str(args.cpu)]
     if kind == "sink" and args.py_spy:
         spy = Path(sys.executable).with_name("py-spy")
-        argv = [str(spy), "record", "--format", "raw", "--output", str(Path(args.py_spy).resolve()), "--", *argv]
+        argv = [
+            str(spy),
+            "record",
+            "--native",
+            "--threads",
+            "--format",
+            "raw",
+            "--output",
+            str(Path(args.py_spy).resolve()),
+            "--",
+            *argv,
+        ]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = child.communicate(timeout=timeout)
@@ -548,10 +605,14 @@ def report(
             )
     for path, run in (sink or {}).items():
         per_cpu = rate(run["steady_rows"], run["steady_cpu"])
+        rounds = run.get("rounds", [])
+        of_rounds = (
+            f"median of {len(rounds)} rounds ({', '.join(f'{r:,.0f}' for r in rounds)}); " if len(rounds) > 1 else ""
+        )
         table.add_row(
             f"(b) ClickHouseSink, Kafka -> chDB, {path} path: rows per sink CPU-second",
             f"{per_cpu:,.0f}",
-            f"{run['steady_rows']:,} rows in {run['steady_wall']:.2f}s after the first batch; "
+            f"{of_rounds}{run['steady_rows']:,} rows in {run['steady_wall']:.2f}s after the first batch; "
             f"{rate(run['steady_rows'], run['steady_wall']):,.0f} rows/s wall; "
             f"process CPU {run['steady_cpu'] / run['steady_wall']:.0%}",
             f">= {TARGET_PER_CPU_S:,} (issue 16)",
@@ -617,17 +678,26 @@ def report(
     for path, run in (sink or {}).items():
         floor = run["consume_only"]
         name = {
-            "bulk": "bulk Avro path (chDB decodes)",
-            "rows": "per-message path (Python reader)",
+            "bulk": "bulk Avro path (chDB decodes), aiokafka lean records",
+            "rows": "per-message path (Python reader), aiokafka lean records",
             "bulk-crec": "bulk Avro path, aiokafka ConsumerRecords (before lean records)",
+            "bulk-rdk": "bulk Avro path (chDB decodes), librdkafka (confluent-kafka)",
+            "rows-rdk": "per-message path (Python reader), librdkafka (confluent-kafka)",
         }[path]
+        bare = "librdkafka" if run.get("client") == "librdkafka" else "aiokafka"
         extra.add_row(
-            f"(b) [{path}] a bare aiokafka consumer over the same messages (no processing), same CPU",
+            f"(b) [{path}] a bare {bare} consumer over the same messages (no processing), same CPU",
             f"{per_row(floor['rows'], floor['wall'])}, process CPU {floor['cpu'] / floor['wall']:.0%}",
         )
         extra.add_row(
             f"(b) [{path}] rows/s including consumer start and group join",
             f"{rate(run['total_rows'], run['total_wall']):,.0f} ({run['startup']:.1f}s to the first batch)",
+        )
+        extra.add_row(
+            f"(b) [{path}] rows per sink CPU-second from the start (start, group join, prefetch before the first "
+            "batch included)",
+            f"{rate(run['total_rows'], run['total_cpu']):,.0f} "
+            f"({run['total_cpu'] / run['total_rows'] * 1e6:.2f} µs/row)",
         )
         extra.add_row(
             f"(b) {name}: rows per sink CPU-second (steady)",
@@ -694,30 +764,40 @@ def parent(args: argparse.Namespace) -> int:
             del messages
             bk.say(f"produced {count:,} evidence messages in {seconds:.1f}s; starting the sink")
             sink = {}
-            for path in args.paths:
-                extra = [
-                    "--home",
-                    str(tmp / f"sink-{path}"),
-                    "--bootstrap",
-                    bootstrap,
-                    "--prefix",
-                    settings.topic_prefix,
-                    "--group",
-                    f"bench{run_id}-sink-{path}",
-                    "--messages",
-                    str(args.messages),
-                    "--batch-rows",
-                    str(args.batch_rows or 0),
-                    "--batch-seconds",
-                    str(args.batch_seconds or 0),
-                    "--timeout",
-                    str(args.timeout),
-                    "--path",
-                    path,
-                ]
-                bk.say(f"(b) sink, {path} path")
-                sink[path] = run_child("sink", args, extra, args.timeout + 120)
-                shutil.rmtree(tmp / f"sink-{path}", ignore_errors=True)
+            runs: dict[str, list[dict[str, Any]]] = {path: [] for path in args.paths}
+            for round_ in range(args.rounds):  # interleaved: a change in the machine's load hits every path alike
+                for path in args.paths:
+                    extra = [
+                        "--home",
+                        str(tmp / f"sink-{path}"),
+                        "--bootstrap",
+                        bootstrap,
+                        "--prefix",
+                        settings.topic_prefix,
+                        "--group",
+                        f"bench{run_id}-sink-{path}-{round_}",
+                        "--messages",
+                        str(args.messages),
+                        "--batch-rows",
+                        str(args.batch_rows or 0),
+                        "--batch-seconds",
+                        str(args.batch_seconds or 0),
+                        "--timeout",
+                        str(args.timeout),
+                        "--path",
+                        path,
+                    ]
+                    bk.say(
+                        f"(b) sink, {path} path" + (f", round {round_ + 1} of {args.rounds}" if args.rounds > 1 else "")
+                    )
+                    runs[path].append(run_child("sink", args, extra, args.timeout + 120))
+                    shutil.rmtree(tmp / f"sink-{path}", ignore_errors=True)
+            for path, results in runs.items():
+                ranked = sorted(results, key=lambda r: rate(r["steady_rows"], r["steady_cpu"]))
+                sink[path] = {
+                    **ranked[len(ranked) // 2],
+                    "rounds": [rate(r["steady_rows"], r["steady_cpu"]) for r in results],
+                }
         report(args, writer, sink, load)
     return 0
 
@@ -752,9 +832,13 @@ def main() -> None:
         type=lambda v: [p for p in v.split(",") if p],
         default=["bulk", "rows"],
         help="sink paths for (b), in this order: bulk (Avro containers decoded by chDB), rows (Python reader), "
-        "bulk-crec (bulk with aiokafka's ConsumerRecords instead of lean records: the path before them)",
+        "bulk-crec (bulk with aiokafka's ConsumerRecords instead of lean records: the path before them); "
+        "bulk-rdk, rows-rdk: the same over librdkafka (confluent-kafka) instead of aiokafka",
     )
-    parser.add_argument("--path", choices=["bulk", "rows", "bulk-crec"], default="bulk", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the (b) paths this many times, interleaved; report each one's median"
+    )
+    parser.add_argument("--path", choices=PATHS, default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)
     # child-only
     parser.add_argument("--child", choices=["writer", "sink"], help=argparse.SUPPRESS)

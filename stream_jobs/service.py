@@ -72,6 +72,7 @@ def sink_config(settings: Settings) -> SinkConfig:
         batch_seconds=settings.sink_batch_seconds,
         fetch_wait_ms=settings.sink_fetch_wait_ms,
         bulk_avro=settings.sink_bulk_avro,
+        client=settings.sink_client,
         intent_file=settings.run_dir / "sink-intent.json",
         crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
         crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),

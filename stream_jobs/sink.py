@@ -64,7 +64,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clickhouse_connect.driver.client import Client
 
@@ -78,6 +78,9 @@ from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.rows import COLUMNS, Provenance, check_row, millis, row_values, to_row
 from stream_jobs.runner import TP, Consumer, Job, Record, Runner, RunnerConfig
 from stream_jobs.runtime.files import atomic_write
+
+if TYPE_CHECKING:
+    from stream_jobs.rdkafka_adapter import RdKafkaConsumer
 
 log = logging.getLogger("scopewatch.sink")
 
@@ -392,6 +395,9 @@ class SinkConfig:
     lean_records: bool = True
     """Take messages from aiokafka as lean (topic, partition, offset, key, value) tuples instead of
     ``ConsumerRecord`` s (:func:`stream_jobs.kafka_adapter.make_lean`): the sink reads nothing else."""
+    client: str = "librdkafka"
+    """The Kafka client under the runner: ``librdkafka`` (:mod:`stream_jobs.rdkafka_adapter`, confluent-kafka)
+    or ``aiokafka`` (:mod:`stream_jobs.kafka_adapter`). The service takes ``SCOPEWATCH_SINK_CLIENT``."""
     table_topics: dict[str, str] | None = None
     """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
     type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
@@ -536,7 +542,7 @@ class ClickHouseSink(Job["Batch"]):
         self.halted = False
         self.output = ClickHouseOutput(config, writer, self.counters)
         self.runner: Runner[Batch] | None = None
-        self._consumer: KafkaConsumer | None = None
+        self._consumer: KafkaConsumer | RdKafkaConsumer | None = None
         self._stopping = False
         self._readers: dict[bytes, FastReader] = fast_readers()
         capable = writer is not None and getattr(writer, "bulk_capable", False)
@@ -569,8 +575,23 @@ class ClickHouseSink(Job["Batch"]):
         if r.retries:
             self.counters["paused"] = int(self.runner.paused)
 
-    def new_consumer(self) -> KafkaConsumer:
-        """The sink's consumer (the runner starts it)."""
+    def new_consumer(self) -> KafkaConsumer | RdKafkaConsumer:
+        """The sink's consumer (the runner starts it), of ``SinkConfig.client``."""
+        if self.config.client == "librdkafka":
+            from stream_jobs.rdkafka_adapter import RdKafkaConsumer  # here: only the sink loads confluent-kafka
+
+            return RdKafkaConsumer(
+                self.config.bootstrap,
+                self.config.group,
+                list(self.config.topics),
+                session_timeout=10.0,
+                fetch_min_bytes=self.config.fetch_min_bytes,
+                fetch_max_wait_ms=self.config.fetch_wait_ms,
+                max_partition_fetch_bytes=self.config.fetch_partition_bytes,
+                client_id="scopewatch-sink",
+            )
+        if self.config.client != "aiokafka":
+            raise ValueError(f"unknown Kafka client {self.config.client!r}: librdkafka or aiokafka")
         return KafkaConsumer(
             self.config.bootstrap,
             self.config.group,
@@ -607,7 +628,12 @@ class ClickHouseSink(Job["Batch"]):
         self.runner = runner = self.new_runner(self._consumer)
         if self._stopping:
             runner.stop()
-        log.info("sink starting: group %s, %d topics", self.config.group, len(self.config.topics))
+        log.info(
+            "sink starting: group %s, %d topics, Kafka client %s",
+            self.config.group,
+            len(self.config.topics),
+            self.config.client,
+        )
         intent = self.output.read_intent()
         if intent is not None:
             wanted = {(str(t), int(p)): (int(a), int(b)) for t, p, a, b in intent["ranges"]}

@@ -1,6 +1,6 @@
 """What every long-running service (sink, decision worker, pager) does the same way.
 
-* **Logs stay readable during a Kafka outage.**  aiokafka, Faust and mode log every failed
+* **Logs stay readable during a Kafka outage.**  aiokafka, librdkafka, Faust and mode log every failed
   connect, fetch and metadata refresh: a few hundred lines a second per process while the broker
   is down.  :class:`RepeatFilter` lets the first record of each kind through, then at most one per
   ``window`` seconds, which carries the number of records it stood for.  Only those libraries'
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 log = logging.getLogger("scopewatch.runtime")
 
-NOISY_LOGGERS = ("aiokafka", "kafka", "faust", "mode")
+NOISY_LOGGERS = ("aiokafka", "kafka", "faust", "mode", "librdkafka")
 EXIT_UNFINISHED_STOP = 75  # EX_TEMPFAIL: stopped, but the orderly shutdown did not finish
 
 

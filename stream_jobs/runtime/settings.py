@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         default=100, ge=0, le=5000, description="a sink fetch waits in the broker this long for 256 KiB"
     )
     sink_group: str = "scopewatch-sink"
+    sink_client: Literal["librdkafka", "aiokafka"] = Field(
+        default="librdkafka",
+        description="the sink's Kafka consumer: librdkafka (confluent-kafka, C fetch path) or aiokafka",
+    )
 
     # Stream job
     worker_group: str = "scopewatch-decisions"

@@ -1480,8 +1480,9 @@ def test_fast_path_stores_the_same_bytes_as_the_row_path(chdb: Client) -> None:
         assert int(chdb.command(f"SELECT count() FROM colpath.{table}")) == len(rows[table])
 
 
+@pytest.mark.parametrize("client", ["librdkafka", "aiokafka"])
 def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
-    chdb: Client, kafka_broker: KafkaBroker, tmp_path: Path, cache_dir: Path
+    chdb: Client, kafka_broker: KafkaBroker, tmp_path: Path, cache_dir: Path, client: str
 ) -> None:
     import asyncio
     import io
@@ -1565,7 +1566,8 @@ def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
             await producer.stop()
 
     asyncio.run(produce())
-    migrate(chdb, "dl")
+    db = f"dl_{client}"
+    migrate(chdb, db)
     config = SinkConfig(
         bootstrap=settings.kafka_bootstrap,
         topics=sink_topics(settings),
@@ -1573,8 +1575,9 @@ def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
         batch_rows=10_000,
         batch_seconds=1.0,
         intent_file=tmp_path / "intent.json",
+        client=client,
     )
-    sink = ClickHouseSink(config, ClickHouseWriter(chdb, "dl"))
+    sink = ClickHouseSink(config, ClickHouseWriter(chdb, db))
     total = 2 * len(bad) + len(good)
 
     async def consume() -> None:
@@ -1589,20 +1592,20 @@ def test_sink_dead_letters_every_kind_of_bad_record_and_stores_the_good_ones(
     assert sink.counters["rows"] == total
     assert sink.counters["dead_letters"] == len(bad)
     letters = run_query(
-        chdb, f"SELECT source_offset, reason FROM dl.dead_letters WHERE source_topic = '{bad_topic}' ORDER BY 1"
+        chdb, f"SELECT source_offset, reason FROM {db}.dead_letters WHERE source_topic = '{bad_topic}' ORDER BY 1"
     )["rows"]
     assert [int(offset) for offset, _ in letters] == [2 * i for i in range(len(bad))]
     for (name, (_, pattern)), (_, reason) in zip(bad.items(), letters, strict=True):
         assert re.search(pattern, reason), (name, reason)
-    counts = dict(run_query(chdb, "SELECT 'evidence', count() FROM dl.evidence")["rows"])
+    counts = dict(run_query(chdb, f"SELECT 'evidence', count() FROM {db}.evidence")["rows"])
     assert int(counts["evidence"]) == len(bad) + sum(1 for r in good if isinstance(r, Evidence))
     from stream_jobs.tables import RAW_TABLES
 
     for table in (*RAW_TABLES, "findings", "pages"):
         expected = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == table)
-        assert expected > 0 and int(chdb.command(f"SELECT count() FROM dl.{table}")) == expected, table
+        assert expected > 0 and int(chdb.command(f"SELECT count() FROM {db}.{table}")) == expected, table
     good_letters = sum(1 for r in good if to_row(r, Provenance("t", 0, 0, T))[0] == "dead_letters")
-    assert int(chdb.command("SELECT count() FROM dl.dead_letters")) == len(bad) + good_letters
+    assert int(chdb.command(f"SELECT count() FROM {db}.dead_letters")) == len(bad) + good_letters
     assert not (tmp_path / "intent.json").exists()
 
 

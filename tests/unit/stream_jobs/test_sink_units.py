@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,32 @@ def test_batch_token_is_stable_and_offsets_commit_past_the_last() -> None:
     assert a.token("tool_calls") == b.token("tool_calls") == "tool_calls|topic:0:5-6,topic:1:9-9"
     assert a.offsets() == {("topic", 0): 7, ("topic", 1): 10}
     assert a.size == 3
+
+
+def test_the_librdkafka_sink_consumer_commits_only_explicitly_and_logs_through_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink's librdkafka consumer: no automatic commit or offset store (the runner commits after
+    ClickHouse accepted the rows), the aiokafka consumer's isolation level, the same fetch bounds, and
+    the library's logs through Python logging at notice level at most (never a debug context)."""
+
+    from stream_jobs.rdkafka_adapter import LIBRARY_ROUTE, RdKafkaConsumer
+
+    monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
+    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25))
+    assert config.client == "librdkafka", "the default"
+    consumer = ClickHouseSink(config, writer=None).new_consumer()  # type: ignore[arg-type]
+    assert isinstance(consumer, RdKafkaConsumer)
+    options = consumer.config
+    assert options["enable.auto.commit"] is False and options["enable.auto.offset.store"] is False
+    assert options["isolation.level"] == "read_uncommitted" and options["auto.offset.reset"] == "earliest"
+    assert (options["fetch.min.bytes"], options["fetch.wait.max.ms"]) == (config.fetch_min_bytes, 25)
+    assert options["max.partition.fetch.bytes"] == config.fetch_partition_bytes
+    assert options["group.id"] == config.group and options["bootstrap.servers"] == config.bootstrap
+    assert options["logger"] is LIBRARY_ROUTE and options["log_level"] <= 5
+    assert "debug" not in options
+    with pytest.raises(ValueError, match="unknown Kafka client"):
+        ClickHouseSink(replace(config, client="kafka-python"), writer=None).new_consumer()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("table", "record"), SAMPLES, ids=[s[0] + ":" + type(s[1]).__name__ for s in SAMPLES])
@@ -59,7 +86,7 @@ def test_the_sink_consumer_fetches_wait_in_the_broker(tmp_path: Path, monkeypatc
     """aiokafka's default fetch_min_bytes of 1 made the sink send a fetch request every few
     messages; the consumer waits for SinkConfig.fetch_min_bytes or SCOPEWATCH_SINK_FETCH_WAIT_MS."""
     monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
-    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25))
+    config = sink_config(Settings(home=tmp_path, sink_fetch_wait_ms=25, sink_client="aiokafka"))
     assert config.fetch_wait_ms == 25 and config.fetch_min_bytes >= 64 * 1024
 
     async def build() -> Any:  # aiokafka consumers are made inside a running loop
