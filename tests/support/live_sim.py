@@ -313,6 +313,9 @@ class LiveSim:
             self._cycle(None, timer=True)
             return
         tp = (topic, partition_for(key, self.n))
+        if topic not in self.inputs:  # e.g. a tool result: no stage reads it
+            self.broker.append(topic, key, value, tp[1])
+            return
         again = self._again.get(tp)
         if again and again[0][1] == value:
             offset = again.popleft()[0]  # delivered again after a crash: the record is in the log already
