@@ -581,15 +581,26 @@ class FastReader:
     read: Callable[..., tuple[Any, ...]]
 
 
+_FAST_READERS: dict[tuple[bytes, type[ev.SchemaModel]], FastReader | None] = {}
+"""The readers built so far, by header and model (generated code is compiled once per process)."""
+
+
 def fast_readers() -> dict[bytes, FastReader]:
     """A fast reader for every registered schema the generator supports, by header (marker + fingerprint)."""
     out = {}
     for entry in schema_entries():
-        try:
-            table, reader = build_reader(entry.model, entry.schema)
-        except Unsupported:
-            continue
-        out[MAGIC + entry.fingerprint] = FastReader(table, reader)
+        header = MAGIC + entry.fingerprint
+        key = (header, entry.model)
+        if key not in _FAST_READERS:
+            try:
+                table, reader = build_reader(entry.model, entry.schema)
+            except Unsupported:
+                _FAST_READERS[key] = None
+                continue
+            _FAST_READERS[key] = FastReader(table, reader)
+        fast = _FAST_READERS[key]
+        if fast is not None:
+            out[header] = fast
     return out
 
 

@@ -169,6 +169,39 @@ class PolicyFeed:
             await consumer.stop()
 
 
+class MemoryPolicyFeed(PolicyFeed):
+    """:class:`PolicyFeed` over an in-memory ``consent.policies`` (``stream_jobs.runner.MemoryBroker``):
+    read whole from the beginning by each new feed (a restarted worker), then polled for what was added."""
+
+    def __init__(self, broker: Any, topic: str, counters: Counter[str]) -> None:
+        super().__init__("memory", topic, counters)
+        self.broker = broker
+        self._positions: dict[int, int] = {}
+
+    async def catch_up(self) -> list[PolicyPublished]:
+        return await self.poll()
+
+    async def poll(self) -> list[PolicyPublished]:
+        batch: dict[Any, list[Any]] = {}
+        for p in range(self.broker.partitions):
+            records = self.broker.logs.get((self.topic, p), [])
+            at = self._positions.get(p, 0)
+            if at < len(records):
+                batch[_MemoryTp(self.topic, p)] = records[at:]
+                self._positions[p] = len(records)
+        return self._apply(batch) if batch else []
+
+    async def stop(self) -> None:
+        return None
+
+
+class _MemoryTp:
+    __slots__ = ("partition", "topic")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic, self.partition = topic, partition
+
+
 class StageRunner:
     """Runs one stage's processors over batches of records: decode, decide, write state, emit.
 
@@ -541,16 +574,20 @@ def build_stages(
     live_counters: LiveCounters,
     ready: asyncio.Event,
     reader: Any = None,
+    *,
+    feed: PolicyFeed | None = None,
+    config: LiveConfig | None = None,
 ) -> tuple[StageRunner, StageRunner, dict[str, str]]:
     """Both stages over their changelog stores, each with its own :class:`Sender` over ``producer``;
-    and the changelog topic of every store."""
+    and the changelog topic of every store. ``feed``: stage 2's policies (default: a
+    :class:`PolicyFeed` on the settings' broker); ``config``: the processors' (default: the settings')."""
     topics = settings.topics
-    config: LiveConfig = settings.live_config
+    config = config or settings.live_config
     reader = reader or ChangelogReader(settings.kafka_bootstrap)
     changelogs = {name: changelog_topic(settings, name) for name in (*STAGE1_TABLES, *STAGE2_TABLES)}
     tool_calls, sessions, calls_by_route = topics.tool_calls, topics.sessions, topics.calls_by_route
     approvals = topics.approvals
-    feed = PolicyFeed(settings.kafka_bootstrap, topics.policies, counters)
+    feed = feed or PolicyFeed(settings.kafka_bootstrap, topics.policies, counters)
 
     read_call = call_reader()  # decode's result for a call, without validating it twice
 

@@ -339,10 +339,15 @@ class Runner(Generic[M]):
                 if self._backoff:
                     await asyncio.wait([asyncio.ensure_future(self._stop.wait())], timeout=self._backoff)
             if not self.job.halted:
-                async with self._lock:
-                    await self._settle(await self.job.drain(), None)
+                await self.flush_pending()
         finally:
             await self.close()
+
+    async def flush_pending(self) -> None:
+        """Flush what the job holds outside a batch (:meth:`Job.drain`) and commit what
+        :meth:`Job.to_commit` gives: what a stop does last (and the in-memory simulator between steps)."""
+        async with self._lock:
+            await self._settle(await self.job.drain(), None)
 
     async def _held_back(self) -> Mapping[TP, Sequence[Record]]:
         """The job has no room: fetch nothing new, but poll (the group keeps us); nothing is taken."""

@@ -24,10 +24,11 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
-from detections.live import LiveCounters
+from detections.live import LiveConfig, LiveCounters
 from stream_jobs.assignor import CoPartitionedAssignor, by_topic, describe
 from stream_jobs.decisions import (
     BatchProducer,
+    PolicyFeed,
     StageRunner,
     build_stages,
     check_assignment,
@@ -127,6 +128,11 @@ class DecisionJob(Job[Message]):
         self.stage1.sender.take()
         self.stage2.sender.take()
 
+    async def drain(self) -> list[Message]:
+        """Whatever the stages emitted outside :meth:`process` and :meth:`timer` (nothing, in the
+        worker's own loop): flushed before a stop commits."""
+        return self.stage1.sender.take() + self.stage2.sender.take()
+
     def stats(self) -> dict[str, Any]:
         return {}
 
@@ -180,20 +186,31 @@ class _CommitTolerant:
 
 
 def build_worker(
-    settings: Settings, consumer: Consumer | None = None, producer: Producer | None = None, reader: Any = None
+    settings: Settings,
+    consumer: Consumer | None = None,
+    producer: Producer | None = None,
+    reader: Any = None,
+    *,
+    policies: PolicyFeed | None = None,
+    live_counters: LiveCounters | None = None,
+    config: LiveConfig | None = None,
 ) -> tuple[Runner[Message], DecisionJob, StatsFile, asyncio.Event]:
-    """The aiokafka engine's runner (or the same job over other adapters: unit tests); the event is
-    set once the changelog topics exist (the caller sets it)."""
+    """The aiokafka engine's runner (or the same job over other adapters: unit tests, with
+    ``policies`` a :class:`~stream_jobs.decisions.MemoryPolicyFeed` or none); the event is set once
+    the changelog topics exist (the caller sets it). ``config`` (default: the settings') and
+    ``live_counters`` are the processors'."""
     counters: Counter[str] = Counter()
-    live_counters = LiveCounters()
+    live_counters = live_counters if live_counters is not None else LiveCounters()
     ready = asyncio.Event()
     batch_producer = BatchProducer(settings.kafka_bootstrap, counters)
-    stage1, stage2, changelogs = build_stages(settings, batch_producer, counters, live_counters, ready, reader)
+    stage1, stage2, changelogs = build_stages(
+        settings, batch_producer, counters, live_counters, ready, reader, feed=policies, config=config
+    )
     slot = settings.worker_slot
     assignor = CoPartitionedAssignor(stage_groups(settings), slot=slot or "")
     assignment = new_assignment()
     job = DecisionJob(settings, (stage1, stage2), assignor, assignment)
-    if consumer is not None:
+    if consumer is not None and policies is None:
         # other adapters (the in-memory broker of unit tests): no policies feed from a real broker
         stage2.policies = None
     if consumer is None:
@@ -211,13 +228,13 @@ def build_worker(
         stats_path(settings),
         lambda: worker_stats(settings, assignment, counters, live_counters, (stage1, stage2), "aiokafka"),
     )
-    config = RunnerConfig(
+    runner_config = RunnerConfig(
         max_records=settings.worker_batch_size,
         batch_ms=max(1, int(settings.worker_batch_seconds * 1000)),
         timer_seconds=settings.tick_seconds,
         stats_seconds=max(settings.tick_seconds, 1.0),
     )
-    runner = Runner(consumer, producer or batch_producer, job, config, stats)
+    runner = Runner(consumer, producer or batch_producer, job, runner_config, stats)
     runner.changelogs = changelogs  # type: ignore[attr-defined]
     runner.counters_ = counters  # type: ignore[attr-defined]
     return runner, job, stats, ready

@@ -191,7 +191,12 @@ def test_live_final_verdicts_equal_replay_with_policies_and_approvals(
     for call_id, versions in sim.versions().items():
         assert sorted(versions) == list(range(1, len(versions) + 1)), (call_id, versions)
     assert all(not e.late for e in sim.evidence)
-    used = [e.approval_id for e in latest.values() if e.verdict == "in_scope" and e.approval_id is not None]
+    # approval ids are the delegation's (DESIGN: the call's delegation's approval_decided)
+    used = [
+        (e.tenant, e.principal, e.agent_id, e.approval_id)
+        for e in latest.values()
+        if e.verdict == "in_scope" and e.approval_id is not None
+    ]
     assert len(used) == len(set(used)), "an approval authorises at most one call"
 
 

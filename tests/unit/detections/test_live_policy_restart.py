@@ -145,3 +145,19 @@ def test_nothing_to_recheck_without_policies() -> None:
     for s2 in sim.stage2:
         sim._collect(s2.recheck(NOW))
     assert len(sim.evidence) == before
+
+
+def test_the_restarted_worker_makes_the_lost_amendment_when_it_loads_the_partitions() -> None:
+    """No re-check called by hand: the restarted worker (LiveSim's real runner and stages) reads the
+    policies topic from the beginning and re-checks each stage-2 partition as it loads it."""
+    sim = final_sim()
+    later = NOW + timedelta(minutes=1)
+    sim.deliver(LATE, later)
+    sim.crash()
+    assert {e.verdict for e in sim.latest().values()} == {"in_scope"}
+    assert sim.job.stage2.partitions == {}, "nothing loaded yet after the restart"
+    sim.tick(later + timedelta(seconds=30))  # the new worker's first timer cycle
+    latest = sim.latest()
+    assert {c: e.verdict for c, e in latest.items()} == replayed()
+    assert all(e.late and e.kind == "amendment" and e.version == 3 for e in latest.values())
+    assert sim.restarts == 1
