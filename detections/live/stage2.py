@@ -536,14 +536,21 @@ class Stage2:
         if used.get(approval_id) != ckey:
             self._store_approvals(route, history, horizon, {**used, approval_id: ckey})
 
-    def _group(self, route: str, name: str | None, extra: tuple[str, Owned] | None) -> list[tuple[str, Owned]]:
-        """The owned calls of ``route`` (of tool ``name``, if given), ``extra`` in place of its stored record."""
+    def _group(
+        self, route: str, name: str | None, extra: tuple[str, Owned] | None, gated: tuple[str, ...] = ()
+    ) -> list[tuple[str, Owned]]:
+        """The owned calls of ``route`` (of tool ``name``, if given; with ``gated``, of every tool that
+        needs an approval there: one approval id may be re-decided for another tool, and each id
+        authorises one call across tools), ``extra`` in place of its stored record."""
         members: list[tuple[str, Owned]] = []
         for skey in sorted(self._owned.get(route, ())):
             if extra is not None and skey == extra[0]:
                 continue
             rec = self._record(skey)
-            if isinstance(rec, Owned) and (name is None or f"{rec.call.server}/{rec.call.tool}" == name):
+            if not isinstance(rec, Owned):
+                continue
+            tool = f"{rec.call.server}/{rec.call.tool}"
+            if name is None or tool == name or (gated and any(fnmatchcase(tool, p) for p in gated)):
                 members.append((skey, rec))
         if extra is not None:
             members.append(extra)
@@ -701,7 +708,7 @@ class Stage2:
             name = f"{call.server}/{call.tool}"
             if any(fnmatchcase(name, p) for p in conditions[1]):
                 # Calls of this tool may compete for approvals: judge them together, in order.
-                members = self._group(route, name, (skey, rec))
+                members = self._group(route, name, (skey, rec), conditions[1])
             else:
                 members = [(skey, rec)]
             for (k, r), (decision, views) in zip(members, self._judge_group(route, members), strict=True):
@@ -795,14 +802,14 @@ class Stage2:
         """A held call decided again from its stored lines (restoring the sequence records)."""
         t = _at(call.t)
         stored = self.grants.get(route)
-        if stored is not None and self._conditions(route, stored, None) is not None:
-            # As when it was final: judged with the route's held calls of its tool (approvals in order).
+        if stored is not None and (conditions := self._conditions(route, stored, None)) is not None:
+            # As when it was final: judged with the route's held gated calls (approvals in order).
             skey = f"{route}|{call_key(call.tenant, call.session_id, call.call_id)}"
             rec = self._record(skey)
             if not isinstance(rec, Owned):
                 rec = Owned(self.partition, route, "", 0, 0, None, True, 0, 0, digest, attribution_line, b"")
                 rec._call = call
-            members = self._group(route, f"{call.server}/{call.tool}", (skey, rec))
+            members = self._group(route, f"{call.server}/{call.tool}", (skey, rec), conditions[1])
             decision, views = self._judge_group(route, members)[-1]
             return tool_call(call, t), decision, GrantsAt(views, t)
         decision, used = self._decision(route, self._attribution(digest, attribution_line), call, t)

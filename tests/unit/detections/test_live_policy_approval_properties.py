@@ -15,7 +15,7 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detections.engine import DecisionEngine
@@ -200,8 +200,67 @@ def test_live_final_verdicts_equal_replay_with_policies_and_approvals(
     assert len(used) == len(set(used)), "an approval authorises at most one call"
 
 
+def _one_id_two_tools() -> tuple[list[BaseEvent], list[ToolCall]]:
+    """Approval ap0 re-decided for another tool: one id, one use, across tools (live once grouped
+    the calls competing for approvals by tool and let c1 use ap0 again: in_scope, not replay's
+    approval_missing)."""
+    t0, t1 = T(0), T(1)
+    common = {"tenant": "acme", "principal": "alice", "agent_id": "a1"}
+    ids = iter(range(1, 100))
+
+    def eid() -> str:
+        return str(uuid.UUID(int=next(ids)))
+
+    facts: list[BaseEvent] = [
+        SessionBound(event_id=eid(), event_time=t0, session_id="s1", valid_from=t0, **common),
+        *(
+            GrantIssued(
+                event_id=eid(),
+                event_time=t0,
+                grant_id=g,
+                tools=["fs/*"],
+                not_before=t0,
+                granted_by="alice",
+                approval_tools=["fs/*"],
+                **common,
+            )
+            for g in ("g1", "g2")
+        ),
+        *(
+            ApprovalDecided(
+                event_id=eid(),
+                event_time=at,
+                approval_id="ap0",
+                tool=tool,
+                arguments_digest=None,
+                decision="approve",
+                approver="bob",
+                **common,
+            )
+            for at, tool in ((t1, "fs/read"), (t0, "fs/write"), (t0, "fs/write"))
+        ),
+    ]
+    calls = [
+        ToolCall(
+            event_id=eid(),
+            event_time=at,
+            tenant="acme",
+            call_id=c,
+            session_id="s1",
+            server="fs",
+            tool=tool,
+            arguments={"x": 1},
+            resources=[],
+            transport="stdio",
+        )
+        for at, c, tool in ((t0, "c0", "write"), (t1, "c1", "read"))
+    ]
+    return facts, calls
+
+
 @settings(max_examples=150, deadline=None)
 @given(scenario=scenarios(), partitions=st.sampled_from([1, 2]), seed=st.integers(0, 2**32 - 1))
+@example(scenario=_one_id_two_tools(), partitions=1, seed=0)
 def test_provisional_verdicts_follow_every_arrival(
     scenario: tuple[list[BaseEvent], list[ToolCall]], partitions: int, seed: int
 ) -> None:
