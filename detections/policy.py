@@ -417,6 +417,22 @@ def _policy_set(text: str) -> Any:
     return parsed
 
 
+_ENTITIES: Final[dict[tuple[str, str, tuple[tuple[str, str], ...]], Any]] = {}
+
+
+def _entity_set(principal: str, agent_id: str, tools: Mapping[str, dict[str, Any]]) -> Any:
+    """A pre-parsed ``cedarpy.Entities`` of a delegation and these Tool entities, kept (a live
+    batch often has one call of a delegation: parsing the entities was a good part of its request)."""
+    key = (principal, agent_id, tuple((t["attrs"]["server"], t["attrs"]["tool"]) for t in tools.values()))
+    parsed = _ENTITIES.get(key)
+    if parsed is None:
+        if len(_ENTITIES) >= 4096:
+            _ENTITIES.clear()
+        entities = [*_entities(principal, agent_id, "", "")[:2], *tools.values()]
+        parsed = _ENTITIES[key] = cedarpy.Entities.from_json_str(json.dumps(entities))
+    return parsed
+
+
 def _entities(principal: str, agent_id: str, server: str, tool: str) -> list[dict[str, Any]]:
     return [
         {"uid": {"type": "Agent", "id": agent_id}, "attrs": {}, "parents": [{"type": "User", "id": principal}]},
@@ -472,12 +488,17 @@ def evaluate(checks: Sequence[PolicyCheck], ahead: Outcomes | None = None) -> No
     for (text, principal, agent_id), (ids, items) in groups.items():
         tools: dict[str, dict[str, Any]] = {}
         for check, _request, _parts in items:
-            tool = _entities(principal, agent_id, check.call.server, check.call.tool)[2]
+            server, name = check.call.server, check.call.tool
+            tool: dict[str, Any] = {
+                "uid": {"type": "Tool", "id": f"{server}/{name}"},
+                "attrs": {"server": server, "tool": name},
+                "parents": [],
+            }
             if tools.setdefault(tool["uid"]["id"], tool) != tool:
                 break  # the same Tool id from another (server, tool) split: ask one by one
         else:
-            entities = [*_entities(principal, agent_id, "", "")[:2], *tools.values()]
-            results = cedarpy.is_authorized_batch([request for _, request, _ in items], _policy_set(text), entities)
+            requests = [request for _, request, _ in items]
+            results = cedarpy.is_authorized_batch(requests, _policy_set(text), _entity_set(principal, agent_id, tools))
             for (check, _request, parts), result in zip(items, results, strict=True):
                 check.outcome = _outcome(result, parts, ids)
             continue
