@@ -39,6 +39,13 @@ are over the calls it did decide and the calls stage 1 never processed are liste
 partition@offset (seen at worker start on a backlog; faust-streaming#596). The worker CPU time is
 sampled from /proc, so calls per CPU-second are printed too (steadier on a shared machine).
 
+``--policy-share 0,0.1,1`` (issue 18) measures one pipeline per share, side by side: that fraction
+of the delegations get grants naming a Cedar policy (:data:`POLICY`: a permit on the context and a
+forbid on a ``restricted`` label), published to consent.policies with the facts; 2 % of the calls
+read a restricted file. Every call's first verdict is checked against the workload (in_scope, or
+out_of_policy for a restricted read under the policy), so a worker that fails closed or never
+asks Cedar cannot pass unnoticed (exit 1).
+
 Usage: ``.venv/bin/python bench/decisions_throughput.py [--calls 200000] [--no-sink] ...``
 Everything started here (broker, sink, workers) is stopped at the end; the temp folder is removed
 unless ``--keep``.
