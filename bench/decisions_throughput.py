@@ -39,6 +39,13 @@ are over the calls it did decide and the calls stage 1 never processed are liste
 partition@offset (seen at worker start on a backlog; faust-streaming#596). The worker CPU time is
 sampled from /proc, so calls per CPU-second are printed too (steadier on a shared machine).
 
+``--policy-share 0,0.1,1`` (issue 18) measures one pipeline per share, side by side: that fraction
+of the delegations get grants naming a Cedar policy (:data:`POLICY`: a permit on the context and a
+forbid on a ``restricted`` label), published to consent.policies with the facts; 2 % of the calls
+read a restricted file. Every call's first verdict is checked against the workload (in_scope, or
+out_of_policy for a restricted read under the policy), so a worker that fails closed or never
+asks Cedar cannot pass unnoticed (exit 1).
+
 Usage: ``.venv/bin/python bench/decisions_throughput.py [--calls 200000] [--no-sink] ...``
 Everything started here (broker, sink, workers) is stopped at the end; the temp folder is removed
 unless ``--keep``.
@@ -68,7 +75,17 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.table import Table
 
-from schemas import Event, Evidence, GrantIssued, SessionBound, ToolCall, decode, encode, key_for
+from schemas import (
+    Event,
+    Evidence,
+    GrantIssued,
+    PolicyPublished,
+    SessionBound,
+    ToolCall,
+    decode,
+    encode,
+    key_for,
+)
 from scopewatch.publish import publish_events
 from scopewatch.stack import proc
 from scopewatch.stack.kafka import KafkaBroker, create_topics
@@ -82,6 +99,15 @@ TARGET_CALLS_PER_S = 20_000
 TARGET_RATIO = 0.5
 TARGET_PER_CPU = 6_000  # issue 16: calls per worker CPU-second, both stages, sink running
 TENANT = "acme"
+POLICY_ID = "data-access"
+POLICY = """
+permit(principal, action == Action::"call", resource)
+when { context.attested && !context.labels.contains("personal") && context.hour >= 0 };
+forbid(principal, action, resource) when { context.labels.contains("restricted") };
+"""
+"""The Cedar policy of ``--policy-share``: a permit on the request context (attested caller, no
+personal data) and a forbid on resources labelled ``restricted`` (2 % of the calls read one)."""
+POLICY_LABELS = {"restricted": ["file:/data/restricted/*"], "personal": ["file:/home/*"]}
 
 
 # ------------------------------------------------------------------------- workload
@@ -93,19 +119,47 @@ class Workload:
     calls: list[tuple[bytes, bytes]]  # (key, Avro value)
     call_mix: Counter[str]
     avg_call_bytes: float
+    expected: dict[str, str | None] = field(default_factory=dict)
+    """call_id -> the verdict it must get (None: neither in_scope nor out_of_policy); --policy-share only."""
+    policy_calls: int = 0  # calls of a delegation whose grants name the policy
 
 
 def _uid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def build_workload(n_calls: int, n_sessions: int, n_delegations: int, seed: int) -> Workload:
-    """Sessions bound round-robin to delegations, two grants per delegation, a realistic call mix."""
+def build_workload(
+    n_calls: int, n_sessions: int, n_delegations: int, seed: int, policy_share: float | None = None
+) -> Workload:
+    """Sessions bound round-robin to delegations, two grants per delegation, a realistic call mix.
+
+    ``policy_share`` (0..1): that fraction of the delegations get grants naming :data:`POLICY`
+    (published to consent.policies with the facts), and 2 % of the calls read a ``restricted``
+    resource (out_of_policy under the policy, in_scope otherwise). The calls are the same for
+    every share (same seed)."""
     rng = random.Random(seed)
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
     facts_at = base - timedelta(hours=1)
     delegations = [(f"user{d:05d}@example.com", f"mcp-client-{d % 20:02d}") for d in range(n_delegations)]
     facts: list[Event] = []
+    with_policy: set[str] = set()
+    if policy_share is not None:
+        picked = random.Random(seed + 1).sample(range(n_delegations), round(n_delegations * policy_share))
+        with_policy = {delegations[d][0] for d in picked}
+        facts.append(
+            PolicyPublished.model_validate(
+                {
+                    "event_id": str(uuid.UUID(int=random.Random(seed + 2).getrandbits(128), version=4)),
+                    "event_time": facts_at - timedelta(days=1),
+                    "tenant": TENANT,
+                    "policy_id": POLICY_ID,
+                    "version": "v1",
+                    "cedar": POLICY,
+                    "labels": POLICY_LABELS,
+                    "published_by": "bench",
+                }
+            )
+        )
     sessions: list[tuple[str, str, str]] = []
     for s in range(n_sessions):
         principal, agent = delegations[s % n_delegations]
@@ -145,6 +199,7 @@ def build_workload(n_calls: int, n_sessions: int, n_delegations: int, seed: int)
                         "granted_by": principal,
                         "purpose": "benchmark",
                         "parent_grant_id": None,
+                        "policies": [POLICY_ID] if principal in with_policy else [],
                     }
                 )
             )
@@ -156,10 +211,15 @@ def build_workload(n_calls: int, n_sessions: int, n_delegations: int, seed: int)
         ("out_of_scope_tool", "shell", "exec", None, 5),
         ("out_of_scope_resource", "fs", "read_file", "file:/etc/passwd", 5),
     ]
+    if policy_share is not None:  # 2 % of the fs reads inside the grant read a restricted file
+        kinds[0] = (*kinds[0][:4], 78)
+        kinds.append(("restricted", "fs", "read_file", "file:/data/restricted/{n}.csv", 2))
     weights = [k[4] for k in kinds]
     seqs: Counter[str] = Counter()
     calls: list[tuple[bytes, bytes]] = []
     mix: Counter[str] = Counter()
+    expected: dict[str, str | None] = {}
+    policy_calls = 0
     size = 0
     for i in range(n_calls):
         sid, principal, agent = sessions[rng.randrange(n_sessions)]
@@ -190,7 +250,17 @@ def build_workload(n_calls: int, n_sessions: int, n_delegations: int, seed: int)
         value = encode(call)
         size += len(value)
         calls.append((key_for(call).encode("utf-8"), value))
-    return Workload(facts, calls, mix, size / max(1, n_calls))
+        under = principal in with_policy
+        policy_calls += under
+        if label.startswith("in_scope"):
+            expected[call.call_id] = "in_scope"
+        elif label == "restricted":
+            expected[call.call_id] = "out_of_policy" if under else "in_scope"
+        else:
+            expected[call.call_id] = None
+    if policy_share is None:
+        expected = {}
+    return Workload(facts, calls, mix, size / max(1, n_calls), expected, policy_calls)
 
 
 # ------------------------------------------------------------------------- kafka helpers
@@ -493,25 +563,36 @@ def run(args: argparse.Namespace) -> int:
     try:
         bk.announce()
         bk.say(f"temp folder {tmp}; building the workload ({args.calls:,} calls)")
-        t0 = time.perf_counter()
-        wl = build_workload(args.calls, args.sessions, args.delegations, args.seed)
-        bk.say(
-            f"workload: {len(wl.facts):,} facts, {len(wl.calls):,} calls "
-            f"({wl.avg_call_bytes:.0f} B Avro on average) in {time.perf_counter() - t0:.1f}s; mix {dict(wl.call_mix)}"
-        )
+        shares: list[float | None] = [None] if args.policy_share is None else list(args.policy_share)
+        workloads: dict[float | None, Workload] = {}
+        for share in shares:
+            t0 = time.perf_counter()
+            wl = workloads[share] = build_workload(args.calls, args.sessions, args.delegations, args.seed, share)
+            bk.say(
+                f"workload{'' if share is None else f' (policy share {share:.0%})'}: {len(wl.facts):,} facts, "
+                f"{len(wl.calls):,} calls ({wl.avg_call_bytes:.0f} B Avro on average) in "
+                f"{time.perf_counter() - t0:.1f}s; mix {dict(wl.call_mix)}"
+                + ("" if share is None else f"; {wl.policy_calls:,} calls under a policy grant")
+            )
         broker = bk.local_broker(tmp, Settings().cache_dir)
         bk.say(f"Kafka broker ready on {broker.config.bootstrap} (pid record {broker.pid_path})")
         results: dict[str, dict[str, Any]] = {}
         pt: PassthroughRun | None = None
-        runs = [(engine, engine, None) for engine in args.engines]
-        if args.baseline:
-            # the same engines on an earlier tree's code (the measured worker only), in the same run
-            runs += [(f"{engine}@baseline", engine, args.baseline) for engine in args.engines]
-        for i, (label, engine, code) in enumerate(runs):
-            # each engine gets a pipeline of its own (topics, groups, changelogs, sink), one after the other
-            results[label], pt = measure_engine(args, tmp, broker, f"{run_id}{i}{engine[:2]}", engine, wl, pt, code)
+        runs: list[tuple[str, str, str | None, float | None]] = []
+        for share in shares:
+            suffix = "" if share is None else f" {share:.0%} policy"
+            runs += [(engine + suffix, engine, None, share) for engine in args.engines]
+            if args.baseline:
+                # the same engines on an earlier tree's code (the measured worker only), in the same run
+                runs += [(f"{engine}@baseline{suffix}", engine, args.baseline, share) for engine in args.engines]
+        for i, (label, engine, code, share) in enumerate(runs):
+            # each run gets a pipeline of its own (topics, groups, changelogs, sink), one after the other
+            results[label], pt = measure_engine(
+                args, tmp, broker, f"{run_id}{i}{engine[:2]}", engine, workloads[share], pt, code, label
+            )
         compare(args, results)
-        return 0
+        wrong = sum(len(r["verdicts"]["wrong"]) for r in results.values() if r.get("verdicts"))
+        return 1 if wrong else 0
     finally:
         if broker is not None:
             broker.stop()
@@ -527,6 +608,7 @@ def measure_engine(
     wl: Workload,
     pt_done: PassthroughRun | None,
     code: str | None = None,
+    label: str | None = None,
 ) -> tuple[dict[str, Any], PassthroughRun]:
     """One engine's pipeline: facts, the pre-produced calls, (the passthroughs once), the measured worker."""
     bootstrap = broker.config.bootstrap
@@ -540,7 +622,7 @@ def measure_engine(
         passthrough_topics = [f"{settings.topic_prefix}bench.passthrough.{i}" for i in range(args.passthrough_runs)]
         faust_topic = f"{settings.topic_prefix}bench.faust-passthrough"
         asyncio.run(create_topics(bootstrap, [*topics.all(), *passthrough_topics, faust_topic], settings.partitions))
-        bk.say(f"[bold]engine {engine}[/]: topics {settings.topic_prefix}*")
+        bk.say(f"[bold]{label or engine}[/]: topics {settings.topic_prefix}*")
 
         # -- facts, through a worker (and the sink)
         if args.sink:
@@ -553,7 +635,7 @@ def measure_engine(
         sent, _ = asyncio.run(publish_events(bootstrap, topics, list(enumerate(wl.facts, start=1))))
         bk.say(f"published facts {dict(sent)}; waiting for the worker to process them")
         n_sessions = sum(isinstance(f, SessionBound) for f in wl.facts)
-        n_grants = len(wl.facts) - n_sessions
+        n_grants = sum(isinstance(f, GrantIssued) for f in wl.facts)
         bk.wait_counters(settings, facts_worker, {"stage1_facts": n_sessions, "stage2_facts": n_grants}, timeout=300)
         proc.stop_process(facts_worker, timeout=60)
         facts_worker = None
@@ -610,7 +692,8 @@ def measure_engine(
         ]
         spy = None
         if args.py_spy:
-            out = f"{args.py_spy}.{engine}{'.baseline' if code else ''}.txt"
+            tag = (label or engine).replace("@baseline", "").replace("%", "pct").replace(" ", "-")
+            out = f"{args.py_spy}.{tag}{'.baseline' if code else ''}.txt"
             spy = subprocess.Popen(
                 [
                     str(Path(sys.executable).parent / "py-spy"),
@@ -668,10 +751,20 @@ def measure_engine(
                 first_version[rec.key] = rec
         firsts = sorted(rec.ts for rec in first_version.values())
         first_kinds: Counter[str] = Counter()
+        first_verdicts: dict[str, str] = {}
         for rec in first_version.values():
             ev = decode(rec.value or b"")
             assert isinstance(ev, Evidence) and ev.version == 1, ev
             first_kinds[f"{'final' if ev.final else 'provisional'} {ev.verdict}"] += 1
+            first_verdicts[ev.call_id] = ev.verdict
+        verdicts = check_verdicts(wl, first_verdicts) if wl.expected else None
+        if verdicts is not None:
+            colour = "red" if verdicts["wrong"] else "green"
+            bk.say(
+                f"[{colour}]verdicts checked on {verdicts['checked']:,} calls: {len(verdicts['wrong']):,} wrong; "
+                f"out_of_policy {verdicts['out_of_policy']:,} (expected {verdicts['out_of_policy_expected']:,})[/]"
+                + (f"; e.g. {verdicts['wrong'][:3]}" if verdicts["wrong"] else "")
+            )
         done = len(firsts)
         decided_ids = {(key or b"").decode() for key in first_version}
         skipped = [] if done >= n else asyncio.run(skipped_calls(bootstrap, topics.tool_calls, decided_ids))
@@ -683,7 +776,9 @@ def measure_engine(
         counters = stats.get("counters", {})
         chdb_rows = evidence_rows(settings, done) if args.sink else None
         result = dict(
-            engine=engine,
+            engine=label or engine,
+            verdicts=verdicts,
+            policy_calls=wl.policy_calls if wl.expected else None,
             n=n,
             done=done,
             skipped=skipped,
@@ -717,6 +812,22 @@ def measure_engine(
             stack.down()
 
 
+def check_verdicts(wl: Workload, got: dict[str, str]) -> dict[str, Any]:
+    """Every decided call's first verdict against the workload's expectation: in_scope, out_of_policy
+    (a restricted read under the policy), or neither (outside the grants). A worker that failed
+    closed (every policy call out_of_policy) or never asked Cedar (restricted reads in_scope) fails."""
+    wrong: list[tuple[str, str | None, str]] = []
+    out_of_policy = expected_oop = 0
+    for call_id, verdict in got.items():
+        want = wl.expected.get(call_id, "?")
+        out_of_policy += verdict == "out_of_policy"
+        expected_oop += want == "out_of_policy"
+        ok = verdict == want if want is not None else verdict not in ("in_scope", "out_of_policy")
+        if not ok:
+            wrong.append((call_id, want, verdict))
+    return {"checked": len(got), "wrong": wrong, "out_of_policy": out_of_policy, "out_of_policy_expected": expected_oop}
+
+
 def compare(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     """Both engines side by side, per CPU-second (the shared machine's noise cancels)."""
     table = bk.new_table(
@@ -729,6 +840,8 @@ def compare(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
             "Kafka msgs sent per call",
             "ratio to aiokafka passthrough per CPU-s",
             "target",
+            "calls under a policy grant",
+            "verdicts (wrong / out_of_policy / expected out_of_policy)",
         ),
     )
     for engine, r in results.items():
@@ -741,6 +854,15 @@ def compare(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
             f"{r['messages_per_call']:.2f}",
             f"{per_cpu / pt_per_cpu:.1%}",
             f">= {TARGET_PER_CPU:,} {bk.mark(per_cpu >= TARGET_PER_CPU)}",
+            "" if r.get("policy_calls") is None else f"{r['policy_calls'] / max(1, r['n']):.1%}",
+            ""
+            if not r.get("verdicts")
+            else "{} / {:,} / {:,} {}".format(
+                len(r["verdicts"]["wrong"]),
+                r["verdicts"]["out_of_policy"],
+                r["verdicts"]["out_of_policy_expected"],
+                bk.mark(not r["verdicts"]["wrong"]),
+            ),
         )
     r = next(iter(results.values()))
     table.add_row(
@@ -750,10 +872,12 @@ def compare(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
         "1",
         "",
         "",
+        "",
+        "",
     )
     fpt = r["fpt"]
     table.add_row(
-        "Faust passthrough (msgs)", f"{r['n'] / max(1e-9, fpt.cpu.cpu):,.0f}", f"{fpt.rate:,.0f}", "1", "", ""
+        "Faust passthrough (msgs)", f"{r['n'] / max(1e-9, fpt.cpu.cpu):,.0f}", f"{fpt.rate:,.0f}", "1", "", "", "", ""
     )
     bk.console.print(table)
 
@@ -971,6 +1095,13 @@ def main() -> None:
         "--py-spy",
         metavar="PREFIX",
         help="sample the measured worker with py-spy (raw stacks to PREFIX.<engine>.txt); costs the worker little",
+    )
+    parser.add_argument(
+        "--policy-share",
+        type=lambda text: [float(x) for x in text.split(",")],
+        metavar="S[,S...]",
+        help="e.g. 0,0.1,1: one pipeline per share, that fraction of delegations with grants naming a Cedar "
+        "policy (published before the calls); verdicts are checked (exit 1 if any is wrong)",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, broker data)")

@@ -85,7 +85,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias, get_args
 
 from detections.approvals import ApprovalHistory, ApprovalStatus
-from detections.policy import PolicyCheck, PolicyOutcome, PolicyStore, evaluate
+from detections.policy import Outcomes, PolicyCheck, PolicyOutcome, PolicyStore, evaluate
 from schemas import (
     ApprovalDecided,
     BaseEvent,
@@ -1163,12 +1163,14 @@ def authorize_delegation(
     approvals: ApprovalHistory | None = None,
     policies: PolicyStore | None = None,
     used: Mapping[str, str] | None = None,
+    ahead: Outcomes | None = None,
 ) -> tuple[list[Decision], dict[str, str]]:
     """Stage 2 for several calls of one delegation at once: verdicts 4-13, policies and approvals.
 
     ``items``: calls with their attributions (a terminal attribution is returned unchanged).
     ``grants``/``approvals``: the delegation's histories; ``policies``: every tenant's policies.
     ``used``: approval_id -> call_id of approvals used by calls *before* these (already final).
+    ``ahead``: Cedar outcomes asked ahead (:class:`~detections.policy.Outcomes`; same verdicts).
 
     Cedar requests of all the calls are evaluated first, in batches; then the calls are judged in
     (event_time, call_id, event_id) order, each taking the earliest-issued unused approval it needs
@@ -1194,7 +1196,7 @@ def authorize_delegation(
             continue
         views[i] = [] if grants is None else grants.views_at(call.event_time)
         checks[i] = policy_checks(call, a.principal, a.agent_id, views[i], policies)
-    evaluate([c for cs in checks.values() for c in cs])
+    evaluate([c for cs in checks.values() for c in cs], ahead)
     decisions: list[Decision | None] = [None] * len(items)
     for i in order:
         call, a = items[i]

@@ -11,6 +11,8 @@ Pure: no clock, no I/O besides calling Cedar (``cedarpy``, in-process).
 * :func:`cedar_context` -- the request context of a call under a grant, arguments converted.
 * :class:`PolicyCheck` / :func:`evaluate` -- the requests of several (call, grant) pairs, evaluated
   in batches (one ``is_authorized_batch`` per distinct policy set), giving :class:`PolicyOutcome`.
+* :class:`Outcomes` -- outcomes asked ahead of their use (live stage 2: the new calls of a batch
+  at once), which :func:`evaluate` takes instead of asking Cedar again for the same check.
 
 Choices where DESIGN is silent:
 
@@ -47,6 +49,7 @@ __all__ = [
     "LONG_MAX",
     "LONG_MIN",
     "CompiledVersion",
+    "Outcomes",
     "PolicyCheck",
     "PolicyHistory",
     "PolicyOutcome",
@@ -347,6 +350,60 @@ class PolicyCheck:
     outcome: PolicyOutcome | None = field(default=None)
 
 
+class Outcomes:
+    """Cedar outcomes asked ahead of their use, by check.
+
+    Live stage 2 decides a batch's calls one at a time (in order, as replay would); asking Cedar
+    then would cost one ``is_authorized_batch`` per call. It asks first for the batch's new calls
+    together (:func:`evaluate`: one request batch per delegation and policy set) and keeps the
+    outcomes here; :func:`evaluate` takes an outcome from here instead of asking Cedar only for the
+    same check -- the same call (the same object or an equal one), delegation, grant, purpose and
+    policy ids -- with the same policy versions at the call's time (their event ids), so a verdict
+    never depends on whether it was asked ahead. Outcomes Cedar was not asked for (a policy missing
+    or unparseable) are not kept: :func:`evaluate` makes them without Cedar anyway.
+    """
+
+    __slots__ = ("_found",)
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[Any, ...], tuple[ToolCall, PolicyOutcome]] = {}
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def clear(self) -> None:
+        self._found.clear()
+
+    @staticmethod
+    def _key(check: PolicyCheck) -> tuple[Any, ...]:
+        call = check.call
+        return (
+            call.tenant,
+            call.call_id,
+            call.event_id,
+            check.principal,
+            check.agent_id,
+            check.grant_id,
+            check.purpose,
+            tuple(check.policies),
+        )
+
+    def put(self, check: PolicyCheck) -> None:
+        """Keep the outcome :func:`evaluate` set on ``check`` (if Cedar was asked)."""
+        if check.outcome is not None and check.outcome.decision is not None:
+            self._found[self._key(check)] = (check.call, check.outcome)
+
+    def get(self, check: PolicyCheck, event_ids: tuple[str, ...]) -> PolicyOutcome | None:
+        """The kept outcome of the same check with these policy versions, or None."""
+        hit = self._found.get(self._key(check))
+        if hit is None:
+            return None
+        call, outcome = hit
+        if outcome.event_ids != event_ids or (call is not check.call and call != check.call):
+            return None
+        return outcome
+
+
 _POLICY_SETS: Final[dict[str, Any]] = {}
 
 
@@ -357,6 +414,22 @@ def _policy_set(text: str) -> Any:
         if len(_POLICY_SETS) >= 256:
             _POLICY_SETS.clear()
         parsed = _POLICY_SETS[text] = cedarpy.PolicySet.from_str(text)
+    return parsed
+
+
+_ENTITIES: Final[dict[tuple[str, str, tuple[tuple[str, str], ...]], Any]] = {}
+
+
+def _entity_set(principal: str, agent_id: str, tools: Mapping[str, dict[str, Any]]) -> Any:
+    """A pre-parsed ``cedarpy.Entities`` of a delegation and these Tool entities, kept (a live
+    batch often has one call of a delegation: parsing the entities was a good part of its request)."""
+    key = (principal, agent_id, tuple((t["attrs"]["server"], t["attrs"]["tool"]) for t in tools.values()))
+    parsed = _ENTITIES.get(key)
+    if parsed is None:
+        if len(_ENTITIES) >= 4096:
+            _ENTITIES.clear()
+        entities = [*_entities(principal, agent_id, "", "")[:2], *tools.values()]
+        parsed = _ENTITIES[key] = cedarpy.Entities.from_json_str(json.dumps(entities))
     return parsed
 
 
@@ -371,9 +444,10 @@ def _entities(principal: str, agent_id: str, server: str, tool: str) -> list[dic
 _PARSER_ID: Final = re.compile(r"\bpolicy(\d+)\b")
 
 
-def evaluate(checks: Sequence[PolicyCheck]) -> None:
+def evaluate(checks: Sequence[PolicyCheck], ahead: Outcomes | None = None) -> None:
     """Set ``outcome`` on every check, asking Cedar once per batch: checks with the same policy set
-    and the same (principal, agent_id) go in one ``is_authorized_batch`` call."""
+    and the same (principal, agent_id) go in one ``is_authorized_batch`` call. A check whose
+    outcome ``ahead`` holds (:class:`Outcomes`) takes it and is not asked again."""
     groups: dict[tuple[str, str, str], tuple[tuple[str, ...], list[tuple[PolicyCheck, dict[str, Any], _Parts]]]] = {}
     for check in checks:
         call, t = check.call, check.call.event_time
@@ -394,6 +468,9 @@ def evaluate(checks: Sequence[PolicyCheck]) -> None:
         if closed:
             check.outcome = PolicyOutcome(False, parts.versions, None, (), tuple(errors), parts.event_ids)
             continue
+        if ahead is not None and (known := ahead.get(check, parts.event_ids)) is not None:
+            check.outcome = known
+            continue
         labels: set[str] = set()
         for version in found:
             labels |= labels_of(version.labels, call.resources)
@@ -411,12 +488,17 @@ def evaluate(checks: Sequence[PolicyCheck]) -> None:
     for (text, principal, agent_id), (ids, items) in groups.items():
         tools: dict[str, dict[str, Any]] = {}
         for check, _request, _parts in items:
-            tool = _entities(principal, agent_id, check.call.server, check.call.tool)[2]
+            server, name = check.call.server, check.call.tool
+            tool: dict[str, Any] = {
+                "uid": {"type": "Tool", "id": f"{server}/{name}"},
+                "attrs": {"server": server, "tool": name},
+                "parents": [],
+            }
             if tools.setdefault(tool["uid"]["id"], tool) != tool:
                 break  # the same Tool id from another (server, tool) split: ask one by one
         else:
-            entities = [*_entities(principal, agent_id, "", "")[:2], *tools.values()]
-            results = cedarpy.is_authorized_batch([request for _, request, _ in items], _policy_set(text), entities)
+            requests = [request for _, request, _ in items]
+            results = cedarpy.is_authorized_batch(requests, _policy_set(text), _entity_set(principal, agent_id, tools))
             for (check, _request, parts), result in zip(items, results, strict=True):
                 check.outcome = _outcome(result, parts, ids)
             continue

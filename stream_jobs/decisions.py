@@ -239,6 +239,10 @@ class StageRunner:
         self.on_load: Callable[[Any, datetime], Output] | None = None
         """Run on a partition's processor when its state is loaded or taken back (stage 2:
         :meth:`~detections.live.Stage2.recheck`, the calls the policies read so far may change)."""
+        self.prepare: Callable[[Any, list[Any]], None] | None = None
+        """Run on a partition's processor with the batch's records of that partition, just before
+        the first of them is handled (stage 2: :meth:`~detections.live.Stage2.prepare`, Cedar asked
+        for the batch's calls at once). A failure is counted and logged; the records are handled."""
 
     async def _policies(self, now: datetime) -> None:
         """Apply the policies published since the last batch (all of them the first time) and
@@ -333,10 +337,22 @@ class StageRunner:
         touched = self._touched
         counters, handle, sender, name = self.counters, self.handle, self.sender, self.name
         events = 0
+        prepare = self.prepare
+        pending: dict[int, list[Any]] = {}  # partition -> its records, until prepared
+        if prepare is not None:
+            records = list(records)
+            for m in records:
+                pending.setdefault(m.partition, []).append(m)
         for m in records:
             part = touched.get(m.partition)
             if part is None:
                 part = touched[m.partition] = await self.partition(m.partition, now)
+            if prepare is not None and (batch := pending.pop(m.partition, None)) is not None:
+                try:
+                    prepare(part.proc, batch)
+                except Exception:  # a failed preparation costs time, never a verdict
+                    counters[f"{name}_prepare_errors"] += 1
+                    log.exception("%s: partition %d: preparing a batch failed", name, m.partition)
             last = part.offsets.get(m.topic)
             if last is not None and m.offset > last + 1:
                 # Kafka offsets of these (non-compacted, non-transactional) topics are contiguous:
@@ -640,6 +656,9 @@ def build_stages(
     stage2 = runner("authorize", STAGE2_TABLES, make_stage2, handle_stage2)
     stage2.policies = feed
     stage2.on_load = lambda proc, now: proc.recheck(now)
+    stage2.prepare = lambda proc, records: proc.prepare(
+        [((m.key or b"").decode("utf-8"), m.value) for m in records if m.topic == calls_by_route]
+    )
     return stage1, stage2, changelogs
 
 

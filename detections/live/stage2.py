@@ -23,6 +23,7 @@ from detections.engine import (
     authorize_delegation,
     authorize_matched,
     decision_of,
+    policy_checks,
 )
 from detections.live.common import (
     MICRO,
@@ -59,7 +60,7 @@ from detections.live.wire import (
     quote_part,
     route_of,
 )
-from detections.policy import PolicyStore
+from detections.policy import Outcomes, PolicyCheck, PolicyStore, evaluate
 from detections.rulebase import glob_matcher
 from schemas import ApprovalDecided, GrantIssued, PolicyPublished, ToolCall, parse_delegation_key, record_hash
 
@@ -70,6 +71,8 @@ Reason = Literal["call", "update", "handoff", "fact", "deadline"]
 _MEMO_SIZE: Final = 8192
 """Parsed attribution lines kept per stage-2 processor (one per session state, shared by its calls)."""
 _SLOT_MEMO_SIZE: Final = 1024
+_AHEAD_SIZE: Final = 65_536
+"""Cedar outcomes asked ahead kept at most (a batch's new calls and the calls due with them)."""
 _EVIDENCE_COUNTER: Final = {k: f"evidence_{k}" for k in ("amendment", "final", "provisional")}
 
 _GrantPart: TypeAlias = tuple[Any, str | None, tuple[str, ...], tuple[dict[str, object], ...]]
@@ -193,6 +196,8 @@ class Stage2:
         """route -> (stored grants, policy ids, approval tool patterns) of its grant versions."""
         self._groups_judged = 0  # calls judged together so far (their records may have changed)
         self._approval_cache: dict[str, tuple[bytes, tuple[ApprovalHistory, datetime | None, dict[str, str]]]] = {}
+        self._ahead = Outcomes()  # Cedar outcomes of the batch's new calls (see prepare)
+        self._ahead_calls: dict[bytes, ToolCall] = {}  # call line -> the ToolCall they were asked with
 
     # -- state
 
@@ -294,6 +299,14 @@ class Stage2:
             # Calls that become final together are decided in event-time order: a deterministic order of
             # their evidence (the sequence rules get them in that order anyway, from the held calls).
             due.sort(key=lambda d: d[:3])
+            if len(self.policies):  # their Cedar requests together, not one per call
+                self._ask_ahead(
+                    [
+                        (rec.route, rec.digest, rec.attribution_line, rec.call_line, rec.call)
+                        for _t, _cid, _skey, rec in due
+                        if self._policy_route(rec.route)
+                    ]
+                )
             groups = self._groups_judged
             for _t, _cid, skey, rec in due:
                 if self._groups_judged != groups:
@@ -321,6 +334,64 @@ class Stage2:
                 self.counters.add("stage2_calls_closed", closed)
 
     # -- events
+
+    def prepare(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Ask Cedar ahead for the batch of internal messages about to be handled (``(route,
+        payload)``, in order): the new calls whose route's grants name policies, their requests
+        evaluated together (one ``is_authorized_batch`` per delegation and policy set, instead of
+        one per call as each call is decided). Nothing else changes: the messages are then handled
+        one by one as before, and a decision takes an outcome from here only for the same check with
+        the same policy versions (:class:`~detections.policy.Outcomes`). Routes without policies
+        cost a store lookup; a message that does not parse is left to :meth:`on_message`."""
+        self._ahead.clear()
+        self._ahead_calls.clear()
+        if not len(self.policies):
+            return
+        wanted: list[tuple[str, str, bytes, bytes, CallLine | None]] = []
+        for route, payload in messages:
+            if self._policy_route(route):
+                try:
+                    msg = parse_message(payload)
+                except ValueError:
+                    continue
+                if msg.kind == "call":
+                    wanted.append((route, msg.digest, msg.attribution_line, msg.call_line, None))
+        self._ask_ahead(wanted)
+
+    def _policy_route(self, route: str) -> bool:
+        """Whether some grant version of ``route`` names a policy (its calls need Cedar)."""
+        stored = self.grants.get(route)
+        if stored is None:
+            return False
+        conditions = self._conditions(route, stored, None)
+        return conditions is not None and bool(conditions[0])
+
+    def _ask_ahead(self, wanted: Sequence[tuple[str, str, bytes, bytes, CallLine | None]]) -> None:
+        """Evaluate together the Cedar requests of these calls of policy routes (route, attribution
+        digest and line, call line, the parsed call line if at hand) and keep the outcomes for
+        their decisions (:class:`~detections.policy.Outcomes`)."""
+        if not wanted:
+            return
+        if len(self._ahead) + len(wanted) > _AHEAD_SIZE:  # prepare not called for a while
+            self._ahead.clear()
+            self._ahead_calls.clear()
+        checks: list[PolicyCheck] = []
+        for route, digest, attribution_line, call_line, line in wanted:
+            a = self._attribution(digest, attribution_line)
+            principal, agent_id = a.principal, a.agent_id
+            stored = self.grants.get(route)
+            if a.terminal is not None or principal is None or agent_id is None or stored is None:
+                continue
+            if line is None:
+                line = CallLine.parse(call_line)
+            call = self._ahead_calls[call_line] = tool_call(line, _at(line.t))
+            views = self._grant_history(route, stored).views_at(call.event_time)
+            checks.extend(policy_checks(call, principal, agent_id, views, self.policies))
+        if checks:
+            evaluate(checks)
+            for check in checks:
+                self._ahead.put(check)
+            self.counters.add("stage2_policy_checks_ahead", len(checks))
 
     def on_message(self, route: str, payload: bytes, now: datetime) -> Output:
         """A message of the internal topic, keyed by ``route``."""
@@ -566,11 +637,14 @@ class Stage2:
         approvals, approvals_horizon, used = self._approvals_of(route)
         self._groups_judged += 1
         items: list[tuple[ToolCall, Attribution]] = []
+        ahead = self._ahead_calls
         for _skey, rec in members:
             a = self._attribution(rec.digest, rec.attribution_line)
             attribution = Attribution(cast(Any, None), a.principal, a.agent_id, a.terminal, a.reasons, dict(a.facts))
-            items.append((tool_call(rec.call, _at(rec.call.t)), attribution))
-        decisions, _uses = authorize_delegation(items, grants, approvals, self.policies, used)
+            call = ahead.get(rec.call_line) if ahead else None  # the object its outcome was asked with
+            items.append((tool_call(rec.call, _at(rec.call.t)) if call is None else call, attribution))
+        outcomes = self._ahead if len(self._ahead) else None
+        decisions, _uses = authorize_delegation(items, grants, approvals, self.policies, used, outcomes)
         out: list[tuple[Decision, Sequence[tuple[GrantView, Any]]]] = []
         for (call, _a), decision in zip(items, decisions, strict=True):
             t = call.event_time
