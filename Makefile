@@ -53,8 +53,9 @@ test-unit: install ## run the unit tests only (no services)
 test-integration: fetch ## run the integration tests only
 	$(BIN)/python -m pytest -q -m integration
 
-lint: install ## ruff and mypy (strict on schemas and detections)
+lint: install ## ruff (lint and format check) and mypy (strict on schemas and detections)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy schemas detections collectors stream_jobs dashboards scopewatch
 
 clean: down ## stop the stack and remove local state (.scopewatch) and the venv

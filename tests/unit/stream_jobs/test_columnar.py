@@ -156,11 +156,7 @@ def record_dicts(model: type[SchemaModel], extras: bool) -> st.SearchStrategy[di
     for name, field in model.model_fields.items():
         if name == "event_type":
             continue
-        base = (
-            collectors
-            if name == "collector"
-            else MODEL_FIELDS.get((model.__name__, name), FIELDS.get(name, TEXT))
-        )
+        base = collectors if name == "collector" else MODEL_FIELDS.get((model.__name__, name), FIELDS.get(name, TEXT))
         if field.is_required():
             required[name] = base
         else:
@@ -330,6 +326,7 @@ RESULT = {
     ).model_dump(),
     "extra_json": None,
 }
+
 
 def policy_record(labels: str) -> dict[str, Any]:
     return {
