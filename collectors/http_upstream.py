@@ -63,6 +63,8 @@ class UpstreamResponse:
     status: int
     reason: str
     headers: CIMultiDictProxy[str]
+    buffered: bool = False
+    """Part of the body (or its end) already came with the head."""
 
     def chunks(self) -> AsyncIterator[bytes]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -103,6 +105,7 @@ class _H11Response(UpstreamResponse):
         )
         self._first = first
         self._done = False
+        self.buffered = bool(first)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
@@ -247,7 +250,7 @@ class H11Upstream:
                         break
                     response = _H11Response(self, conn, event, first)
                     if isinstance(more, h11.EndOfMessage):
-                        response._done = True  # the whole body came with the head
+                        response._done = response.buffered = True  # the whole body came with the head
                     elif more is not h11.NEED_DATA:
                         raise UpstreamUnreachable(f"unexpected {type(more).__name__} from the upstream")
                     return response
