@@ -1,8 +1,9 @@
 """The proxy's client side: requests to the upstream MCP endpoint (:mod:`collectors.http_proxy`).
 
 For an ``http://`` upstream, a lean HTTP/1.1 client: a pool of keep-alive connections on asyncio
-streams, framed and parsed by ``h11`` -- a fraction of the per-request work of aiohttp's client
-(request objects, tracing, timers), which was most of what the proxy added to a call. For
+streams, framed and parsed by :mod:`collectors.http_wire` (strict: ambiguous framing, control
+characters and malformed heads are refused) -- a fraction of the per-request work of aiohttp's
+client (request objects, tracing, timers) and of ``h11`` (which it used before). For
 ``https://`` upstreams aiohttp's client is used, behind the same small interface.
 
 Both give an :class:`UpstreamResponse`: status, reason, headers (as the upstream spelled them) and
@@ -26,12 +27,14 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
-import h11
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from collectors.http_wire import ChunkedDecoder, ResponseHead, WireError, parse_response_head, request_bytes
 
 __all__ = [
     "AiohttpUpstream",
     "H11Upstream",
+    "LeanUpstream",
     "UpstreamBroken",
     "UpstreamResponse",
     "UpstreamUnreachable",
@@ -74,16 +77,17 @@ class UpstreamResponse:
 
 
 class _Conn:
-    __slots__ = ("h11", "idle_since", "reader", "writer")
+    __slots__ = ("buf", "idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.buf = b""  # read, not yet parsed
         self.idle_since = 0.0
 
     def usable(self) -> bool:
         return (
-            not self.writer.transport.is_closing()
+            not self.buf
+            and not self.writer.transport.is_closing()
             and not self.reader.at_eof()
             and not self.reader._buffer  # type: ignore[attr-defined]  # nothing unasked-for arrived
             and (not self.idle_since or time.monotonic() - self.idle_since < IDLE_SECONDS)
@@ -94,18 +98,55 @@ class _Conn:
             self.writer.close()
 
 
-class _H11Response(UpstreamResponse):
-    def __init__(self, pool: H11Upstream, conn: _Conn, head: h11.Response, first: list[bytes]) -> None:
+class _LeanResponse(UpstreamResponse):
+    """A response read off a kept-alive connection, framed by ``Content-Length``, ``chunked`` or the close."""
+
+    def __init__(self, pool: LeanUpstream, conn: _Conn, head: ResponseHead, method: str) -> None:
         self._pool = pool
         self._conn: _Conn | None = conn
-        self.status = head.status_code
-        self.reason = head.reason.decode("latin-1")
-        self.headers = CIMultiDictProxy(
-            CIMultiDict((name.decode("latin-1"), value.decode("latin-1")) for name, value in head.headers.raw_items())
-        )
-        self._first = first
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = CIMultiDictProxy(CIMultiDict(head.headers))
+        self._keep_alive = head.keep_alive
+        self._left = 0
+        self._decoder: ChunkedDecoder | None = None
+        self._to_close = False
         self._done = False
-        self.buffered = bool(first)
+        self._extra = False  # bytes beyond the response arrived: the connection is not reused
+        if method == "HEAD" or head.status in (204, 304) or head.status < 200:
+            self._done = True
+        elif head.chunked:
+            self._decoder = ChunkedDecoder()
+        elif head.content_length is not None:
+            self._left = head.content_length
+            self._done = not self._left
+        else:
+            self._to_close = True
+            self._keep_alive = False
+        rest, conn.buf = conn.buf, b""
+        self._first = self._take(rest) if rest and not self._done else []
+        if rest and self._done and not self._first:
+            self._extra = True
+        self.buffered = bool(self._first) or self._done
+
+    def _take(self, data: bytes) -> list[bytes]:
+        if self._decoder is not None:
+            try:
+                pieces, used = self._decoder.feed(data)
+            except WireError as exc:
+                raise UpstreamBroken(exc.kind) from None
+            if self._decoder.done:
+                self._done = True
+                self._extra = used < len(data)
+            return pieces
+        if self._to_close:
+            return [data]
+        piece = data[: self._left]
+        self._left -= len(piece)
+        if not self._left:
+            self._done = True
+            self._extra = len(data) > len(piece)
+        return [piece] if piece else []
 
     async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
@@ -114,45 +155,27 @@ class _H11Response(UpstreamResponse):
         for chunk in self._first:
             yield chunk
         self._first = []
-        if self._done:
-            return
-        while True:
+        while not self._done:
             try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamBroken(str(exc)) from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = await conn.reader.read(READ_BYTES)
-                except (ConnectionError, OSError) as exc:
-                    raise UpstreamBroken(type(exc).__name__) from None
-                conn.h11.receive_data(data)
-                continue
-            if isinstance(event, h11.Data):
-                if event.data:
-                    yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._done = True
-                return
-            else:  # ConnectionClosed before the end of the message, or something unexpected
-                raise UpstreamBroken(type(event).__name__)
+                data = await conn.reader.read(READ_BYTES)
+            except (ConnectionError, OSError) as exc:
+                raise UpstreamBroken(type(exc).__name__) from None
+            if not data:
+                if self._to_close:
+                    self._done = True
+                    return
+                raise UpstreamBroken("the upstream closed the connection before the end of the body")
+            for piece in self._take(data):
+                yield piece
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._done and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            try:
-                conn.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                self._pool._release(conn, reuse=False)
-                return
-            self._pool._release(conn, reuse=True)
-        else:
-            self._pool._release(conn, reuse=False)
+        self._pool._release(conn, reuse=self._done and self._keep_alive and not self._extra)
 
 
-class H11Upstream:
+class LeanUpstream:
     """Keep-alive connections to one ``http://`` upstream, at most ``limit`` in use at once."""
 
     def __init__(self, url: str, *, connect_timeout: float, limit: int) -> None:
@@ -183,11 +206,15 @@ class H11Upstream:
         self._slots.release()
 
     async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
+        send = [("Host", self.host_header), *headers]
+        if body or method in ("POST", "PUT", "PATCH"):
+            send.append(("Content-Length", str(len(body))))
+        try:
+            data = request_bytes(method, target, send, body)
+        except WireError as exc:
+            raise UpstreamUnreachable(f"cannot send the request ({exc.kind})") from None
         await self._slots.acquire()
         try:
-            send = [("Host", self.host_header), *headers]
-            if body or method in ("POST", "PUT", "PATCH"):
-                send.append(("Content-Length", str(len(body))))
             for attempt in (0, 1):
                 conn, reused = None, False
                 while self._idle:
@@ -199,7 +226,7 @@ class H11Upstream:
                 if conn is None:
                     conn = await self._connect()
                 try:
-                    return await self._exchange(conn, method, target, send, body)
+                    return await self._exchange(conn, method, data)
                 except _Stale:
                     conn.close()
                     if not reused or attempt or method not in RETRIED_METHODS:
@@ -212,62 +239,48 @@ class H11Upstream:
             self._slots.release()
             raise
 
-    async def _exchange(
-        self, conn: _Conn, method: str, target: str, headers: list[tuple[str, str]], body: bytes
-    ) -> UpstreamResponse:
-        c = conn.h11
-        try:
-            data = c.send(h11.Request(method=method, target=target, headers=headers))
-            if body:
-                data += c.send(h11.Data(data=body))
-            data += c.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise UpstreamUnreachable(f"cannot send the request ({exc})") from None
+    async def _exchange(self, conn: _Conn, method: str, data: bytes) -> UpstreamResponse:
         got_bytes = False
         try:
             conn.writer.write(data)
-            first: list[bytes] = []
+            buf = b""
             while True:
-                event = c.next_event()
-                if event is h11.NEED_DATA:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        raise UpstreamUnreachable("the upstream's response head is too large")
                     chunk = await conn.reader.read(READ_BYTES)
-                    if chunk:
-                        got_bytes = True
-                    elif not got_bytes:
-                        raise _Stale
-                    c.receive_data(chunk)
+                    if not chunk:
+                        if not got_bytes:
+                            raise _Stale
+                        raise UpstreamUnreachable("the upstream closed the connection before its response head")
+                    got_bytes = True
+                    buf += chunk
                     continue
-                if isinstance(event, h11.InformationalResponse):
-                    continue
-                if isinstance(event, h11.Response):
-                    # what came with the head is handed out first
-                    while True:
-                        more = c.next_event()
-                        if isinstance(more, h11.Data):
-                            if more.data:
-                                first.append(bytes(more.data))
-                            continue
-                        break
-                    response = _H11Response(self, conn, event, first)
-                    if isinstance(more, h11.EndOfMessage):
-                        response._done = response.buffered = True  # the whole body came with the head
-                    elif more is not h11.NEED_DATA:
-                        raise UpstreamUnreachable(f"unexpected {type(more).__name__} from the upstream")
-                    return response
-                raise UpstreamUnreachable(f"unexpected {type(event).__name__} from the upstream")
+                try:
+                    head = parse_response_head(buf[:end])
+                except WireError as exc:
+                    raise UpstreamUnreachable(f"bad response from the upstream ({exc.kind})") from None
+                buf = buf[end + 4 :]
+                if 100 <= head.status < 200:
+                    if head.status == 101:
+                        raise UpstreamUnreachable("unexpected protocol switch from the upstream")
+                    continue  # an interim response: the real one follows
+                conn.buf = buf
+                return _LeanResponse(self, conn, head, method)
         except (ConnectionError, BrokenPipeError) as exc:
             if not got_bytes:
                 raise _Stale from None
             raise UpstreamUnreachable(type(exc).__name__) from None
-        except h11.RemoteProtocolError as exc:
-            if not got_bytes:
-                raise _Stale from None
-            raise UpstreamUnreachable(f"bad response from the upstream ({exc})") from None
 
     async def close(self) -> None:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+
+
+H11Upstream = LeanUpstream
+"""The former name (the client parsed with h11 before :mod:`collectors.http_wire`)."""
 
 
 class _Stale(Exception):
@@ -321,8 +334,8 @@ class AiohttpUpstream:
 
 def upstream_client(
     url: str, session: aiohttp.ClientSession, *, connect_timeout: float, limit: int
-) -> H11Upstream | AiohttpUpstream:
+) -> LeanUpstream | AiohttpUpstream:
     """The lean client for ``http://`` upstreams, aiohttp's for ``https://``."""
     if urlsplit(url).scheme == "http":
-        return H11Upstream(url, connect_timeout=connect_timeout, limit=limit)
+        return LeanUpstream(url, connect_timeout=connect_timeout, limit=limit)
     return AiohttpUpstream(session, url)

@@ -23,7 +23,15 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["ChunkedDecoder", "RequestHead", "WireError", "parse_request_head"]
+__all__ = [
+    "ChunkedDecoder",
+    "RequestHead",
+    "ResponseHead",
+    "WireError",
+    "parse_request_head",
+    "parse_response_head",
+    "request_bytes",
+]
 
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -194,3 +202,79 @@ class ChunkedDecoder:
             return out, len(data) - rest
         del buf[:pos]
         return out, len(data)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+
+
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([\t\x20-\x7e\x80-\xff]*))?")
+
+
+def parse_response_head(head: bytes, *, max_headers: int = 256) -> ResponseHead:
+    """Parse an upstream's response head (the bytes before its ``CRLF CRLF``) as strictly as a request's."""
+    lines = head.split(b"\r\n")
+    if len(lines) - 1 > max_headers:
+        raise WireError(502, "too many headers in the response")
+    if _CTL.search(head.replace(b"\r\n", b"")) is not None:
+        raise WireError(502, "a control character in the response head")
+    status_line = _STATUS_LINE.fullmatch(lines[0])
+    if status_line is None:
+        raise WireError(502, "a malformed status line")
+    minor, code, reason = status_line.groups()
+    headers: list[tuple[str, str]] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    close = minor == b"0"
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            raise WireError(502, "a malformed header line in the response")
+        value = value.strip(b" \t")
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding":
+            codings.append(value)
+        elif lower == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"close" in tokens:
+                close = True
+            elif minor == b"0" and b"keep-alive" in tokens:
+                close = False
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    content_length: int | None = None
+    chunked = False
+    if codings:
+        if lengths:
+            raise WireError(502, "ambiguous response framing")
+        if b",".join(codings).strip(b" \t").lower() != b"chunked":
+            raise WireError(502, "an unsupported transfer coding in the response")
+        chunked = True
+    elif lengths:
+        values = {v.strip(b" \t") for joined in lengths for v in joined.split(b",")}
+        if len(values) != 1:
+            raise WireError(502, "conflicting Content-Length in the response")
+        (only,) = values
+        if not only.isdigit() or len(only) > 18:
+            raise WireError(502, "a malformed Content-Length in the response")
+        content_length = int(only)
+    return ResponseHead(int(code), (reason or b"").decode("latin-1"), headers, content_length, chunked, not close)
+
+
+def request_bytes(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """A request to send (``Content-Length`` framed); refuses anything that could split the head."""
+    lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers)]
+    try:
+        raw = [line.encode("latin-1") for line in lines]
+    except UnicodeEncodeError:
+        raise WireError(502, "a header that is not latin-1") from None
+    if _CTL.search(b"".join(raw)) is not None or " " in target:
+        raise WireError(502, "a control character in the request head")
+    return b"\r\n".join(raw) + b"\r\n\r\n" + body
