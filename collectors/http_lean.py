@@ -160,7 +160,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: ChunkedDecoder | None = None
         self.continued = False
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time after which an idle or incomplete connection is dropped (0: none)
         self.keep_alive = True
         self.http11 = True
         self.head_request = False
@@ -183,7 +183,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         if not self.buf and self.head is None and self.task is None:
-            self._arm(self.server.request_timeout)
+            self._arm(self.server.request_timeout)  # the request's first bytes
         self.buf += data
         if self.task is None:
             self._advance()
@@ -199,8 +199,6 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.drain is not None and not self.drain.done():
@@ -234,12 +232,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(seconds, self._timed_out)
+        # checked by the server's sweep (one timer for all connections, not one per request)
+        self.deadline = self.loop.time() + seconds
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def timed_out(self) -> None:
+        self.deadline = 0.0
         if self.task is not None or self.closed:
             return
         if self.buf or self.head is not None:
@@ -299,9 +296,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(exc)
             return
         self.head, self.chunks, self.body, self.body_size = None, None, [], 0
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         self.task = self.loop.create_task(self._serve(LeanRequest(head, body, self.remote)))
 
     def _refuse(self, exc: WireError) -> None:
@@ -378,15 +373,32 @@ class LeanServer:
         self.connections: set[_Connection] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._sweeper = asyncio.create_task(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Drop connections past their deadline (incomplete requests, idle keep-alive connections)."""
+        every = max(0.05, min(1.0, self.request_timeout / 4, self.keepalive_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.deadline and now >= conn.deadline:
+                    conn.timed_out()
 
     async def close(self, timeout: float) -> None:
         """Stop accepting; let requests in progress finish for up to ``timeout`` s, then cancel them."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
