@@ -69,10 +69,17 @@ configured (``--agent-claim``), the agent; otherwise it is invalid (``missing_su
 ``missing_agent``): ``401`` under ``require_auth``, never ``attested``.
 
 Tokens are never logged, put in events or passed to the observer thread (only their keyed
-hash is); the aiohttp access log is off. A token over 16 KiB is invalid (``too_large``, 401
-under ``require_auth``); a header line over 32 KiB never reaches the handler: it is answered
-``431`` and logged without any of its bytes (aiohttp's own 400 would quote and log its start;
-:mod:`collectors.http_guard`).
+hash is); there is no access log. A token over 16 KiB is invalid (``too_large``, 401 under
+``require_auth``); a header line over 32 KiB never reaches the handler: it is answered ``431``
+and logged without any of its bytes.
+
+**Servers.** Clients are served by :mod:`collectors.http_lean` (default): an HTTP/1.1 server on
+an :class:`asyncio.Protocol` with strict framing (:mod:`collectors.http_wire`: ambiguous or
+malformed requests are refused before the handler, bodies over ``max_body_bytes`` get 413) --
+a fraction of the per-request work of aiohttp's web server. ``ProxyConfig.server = "aiohttp"``
+(``SCOPEWATCH_PROXY_SERVER=aiohttp``) serves with aiohttp's web server instead, its parse errors
+answered by :mod:`collectors.http_guard` (aiohttp's own 400 would quote and log the start of the
+offending line). Both feed the same relay (:meth:`HttpProxy._exchange`).
 """
 
 from __future__ import annotations
