@@ -92,6 +92,7 @@ RAW_CPU: dict[str, float] = {}  # raw pass: CPU microseconds per call of each se
 NATIVE_RELAY: set[str] = set()  # raw pass: the wrap sessions that ran the native relay
 PY_WRAP = "wrap, python relay"
 AIOHTTP_PROXY = "http proxy, aiohttp server"  # SCOPEWATCH_PROXY_SERVER=aiohttp, broker up
+PROXY_CPU: dict[str, tuple[float, float]] = {}  # SDK pass: proxy -> CPU us per call (relay thread, other threads)
 OBSERVER_CPU: dict[str, float] = {}  # raw pass: the same for the observer process of each wrap session
 
 UPSTREAM = r"""
@@ -265,6 +266,21 @@ def start_upstream(env: Env) -> str:
     env.children.append(child)
     wait_port(port, child, "the upstream MCP server")
     return f"http://127.0.0.1:{port}/mcp"
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process's main thread (the proxy's event loop: the relay) and of its other threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            used = (int(fields[11]) + int(fields[12])) / tick
+            if int(tid) == pid:
+                main += used
+            else:
+                other += used
+    return main, other
 
 
 def start_proxy(env: Env, upstream: str, name: str, broker_up: bool, server: str = "lean") -> str:
@@ -471,9 +487,15 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
 async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Namespace) -> dict[str, list[int]]:
     from mcp import Client, StdioServerParameters
 
+    proxy_pids: dict[str, int] = {}
     proxy_up = start_proxy(env, upstream, "proxy", True)
+    proxy_pids["http proxy"] = env.children[-1].pid
     proxy_down = start_proxy(env, upstream, "proxy-down", False)
-    proxy_aiohttp = start_proxy(env, upstream, "proxy-aiohttp", True, server="aiohttp") if args.aiohttp_proxy else None
+    proxy_pids["http proxy, broker down"] = env.children[-1].pid
+    proxy_aiohttp = None
+    if args.aiohttp_proxy:
+        proxy_aiohttp = start_proxy(env, upstream, "proxy-aiohttp", True, server="aiohttp")
+        proxy_pids[AIOHTTP_PROXY] = env.children[-1].pid
 
     def stdio(argv: list[str], child_env: dict[str, str]) -> Any:
         return StdioServerParameters(command=argv[0], args=argv[1:], env=child_env)
@@ -511,6 +533,7 @@ async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Na
         order = list(plan)
         gc.collect()
         gc.disable()
+        before = {name: thread_cpu(pid) for name, pid in proxy_pids.items()}
         try:
             for i in range(args.warmup + args.calls):
                 rng.shuffle(order)
@@ -518,6 +541,11 @@ async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Na
                     await one(name, i)
         finally:
             gc.enable()
+        calls = args.warmup + args.calls
+        for name, pid in proxy_pids.items():
+            after = thread_cpu(pid)
+            (main0, other0), (main1, other1) = before[name], after
+            PROXY_CPU[name] = ((main1 - main0) / calls * 1e6, (other1 - other0) / calls * 1e6)
     return samples
 
 
@@ -808,6 +836,11 @@ def run(args: argparse.Namespace) -> int:
             pacing = f", calls paced at one per {args.pace_ms:g} ms" if args.pace_ms > 0 else ", calls back to back"
             extra.add_row(
                 f"raw pass, {name}: CPU per call of its observer process (all threads{pacing})", f"{cpu:,.0f} us"
+            )
+        for name, (relay, other) in PROXY_CPU.items():
+            extra.add_row(
+                f"SDK pass, {name}: CPU per call of its relay thread / its other threads (observer, publisher)",
+                f"{relay:,.0f} us / {other:,.0f} us",
             )
         extra.add_row(
             "wrap's observer work per echo call, CPU in this process (request / response side)",

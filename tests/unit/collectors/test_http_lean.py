@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from collectors.http_lean import LeanRequest, LeanResponse, LeanServer
-from collectors.http_wire import ChunkedDecoder, WireError, parse_response_head, request_bytes
+from collectors.http_wire import ChunkedDecoder, WireError, parse_request_head, parse_response_head, request_bytes
 
 Scenario = Callable[[int, list[LeanRequest]], Awaitable[None]]
 
@@ -201,6 +201,13 @@ def test_a_client_that_goes_away_cancels_its_handler_and_timeouts_close_connecti
 
 
 def test_the_wire_helpers_refuse_what_would_split_or_blur_a_message() -> None:
+    head = parse_request_head(
+        b"GET /m HTTP/1.1\r\nX-T: \ta\tb \t\r\nY:\r\nConnection: Close", max_line=99, max_headers=9
+    )
+    assert head.headers == [("X-T", "a\tb"), ("Y", ""), ("Connection", "Close")] and not head.keep_alive
+    for bad in (b"GET /m HTTP/1.1\r\nX: a\rb", b"GET /m HTTP/1.1\r\nX: a\x00", b"GET /m HTTP/1.1\r\nX: a\nY: b"):
+        with pytest.raises(WireError):
+            parse_request_head(bad, max_line=99, max_headers=9)
     with pytest.raises(WireError):
         request_bytes("POST", "/mcp", [("X-A", "1\r\nX-Injected: 2")], b"")
     with pytest.raises(WireError):
