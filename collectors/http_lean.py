@@ -162,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.deadline = 0.0  # loop time after which an idle or incomplete connection is dropped (0: none)
         self.keep_alive = True
+        self.eof = False
         self.http11 = True
         self.head_request = False
         self.closed = False
@@ -192,8 +193,10 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
+        self.eof = True
+        self.keep_alive = False  # the client sends no more: close once it has its answer
         if self.task is None:
-            self.abort()
+            self._close()
         return True  # a half-closed client still gets its answer
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -265,7 +268,7 @@ class _Connection(asyncio.Protocol):
                 del self.buf[: end + 4]
                 self.head = head
                 self.http11 = head.version == b"HTTP/1.1"
-                self.keep_alive = head.keep_alive
+                self.keep_alive = head.keep_alive and not self.eof
                 self.head_request = head.method == "HEAD"
                 if head.content_length is not None and head.content_length > server.max_body_bytes:
                     raise WireError(413, "a request body over the size limit")

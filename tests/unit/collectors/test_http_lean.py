@@ -18,7 +18,9 @@ Scenario = Callable[[int, list[LeanRequest]], Awaitable[None]]
 
 async def echo(request: LeanRequest, response: LeanResponse) -> None:
     """Answers with the body it got, in pieces of unknown total length (so: chunked), or a fixed-length one."""
-    if request.path == "/fixed":
+    if request.path in ("/fixed", "/later"):
+        if request.path == "/later":
+            await asyncio.sleep(0.2)  # the client's end of input arrives while its request is handled
         response.start(200, "OK", [("Content-Type", "text/plain")], len(request.body))
         await response.write(request.body)
     elif request.path == "/slow":
@@ -160,6 +162,18 @@ def test_an_oversized_header_is_431_and_none_of_it_is_logged(caplog: pytest.LogC
     assert "over the size limit" in caplog.text
     for i in range(0, 2000, 16):
         assert secret[i : i + 16] not in caplog.text
+
+
+def test_a_half_closed_client_gets_its_answer_then_the_connection_closes() -> None:
+    async def scenario(port: int, seen: list[LeanRequest]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/later", b"bye"))
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 5)  # the server closes after the answer, no keep-alive wait
+        assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"\r\n\r\nbye")
+        writer.close()
+
+    run(scenario)
 
 
 def test_expect_100_continue_is_answered_before_the_body() -> None:
