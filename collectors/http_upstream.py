@@ -1,8 +1,8 @@
 """The proxy's client side: requests to the upstream MCP endpoint (:mod:`collectors.http_proxy`).
 
-For an ``http://`` upstream, a lean HTTP/1.1 client: a pool of keep-alive connections on asyncio
-streams, framed and parsed by :mod:`collectors.http_wire` (strict: ambiguous framing, control
-characters and malformed heads are refused) -- a fraction of the per-request work of aiohttp's
+For an ``http://`` upstream, a lean HTTP/1.1 client: a pool of keep-alive connections (each an
+:class:`asyncio.Protocol`), framed and parsed by :mod:`collectors.http_wire` (strict: ambiguous
+framing, control characters and malformed heads are refused) -- a fraction of the per-request work of aiohttp's
 client (request objects, tracing, timers) and of ``h11`` (which it used before). For
 ``https://`` upstreams aiohttp's client is used, behind the same small interface.
 
@@ -41,7 +41,8 @@ __all__ = [
     "upstream_client",
 ]
 
-READ_BYTES = 1 << 16
+BUFFER_BYTES = 1 << 18
+"""Bytes read from the upstream and not yet relayed beyond which reading pauses (backpressure)."""
 MAX_HEAD_BYTES = 64 * 1024
 """Largest response head (status line and headers) accepted from the upstream."""
 IDLE_CONNECTIONS = 64
@@ -76,26 +77,84 @@ class UpstreamResponse:
         raise NotImplementedError
 
 
-class _Conn:
-    __slots__ = ("buf", "idle_since", "reader", "writer")
+class _Conn(asyncio.Protocol):
+    """One connection to the upstream: an :class:`asyncio.Protocol` read with :meth:`read` (no stream
+    objects in between); reading pauses while more than :data:`BUFFER_BYTES` wait to be read."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
         self.buf = b""  # read, not yet parsed
         self.idle_since = 0.0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._eof = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > BUFFER_BYTES and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """What arrived since the last read (waiting for it); ``b""`` at the end of the stream."""
+        while not self._pending:
+            if self._eof:
+                if self._error is not None:
+                    raise ConnectionResetError(str(self._error) or type(self._error).__name__)
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.transport.write(data)
 
     def usable(self) -> bool:
         return (
             not self.buf
-            and not self.writer.transport.is_closing()
-            and not self.reader.at_eof()
-            and not self.reader._buffer  # type: ignore[attr-defined]  # nothing unasked-for arrived
+            and not self._pending  # nothing unasked-for arrived
+            and not self._eof
+            and self.transport is not None
+            and not self.transport.is_closing()
             and (not self.idle_since or time.monotonic() - self.idle_since < IDLE_SECONDS)
         )
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.close()
 
 
 class _LeanResponse(UpstreamResponse):
@@ -157,7 +216,7 @@ class _LeanResponse(UpstreamResponse):
         self._first = []
         while not self._done:
             try:
-                data = await conn.reader.read(READ_BYTES)
+                data = await conn.read()
             except (ConnectionError, OSError) as exc:
                 raise UpstreamBroken(type(exc).__name__) from None
             if not data:
@@ -190,12 +249,12 @@ class LeanUpstream:
 
     async def _connect(self) -> _Conn:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=READ_BYTES * 4), self.connect_timeout
+            _transport, conn = await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(_Conn, self.host, self.port), self.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             raise UpstreamUnreachable(f"cannot connect ({type(exc).__name__})") from None
-        return _Conn(reader, writer)
+        return conn
 
     def _release(self, conn: _Conn, *, reuse: bool) -> None:
         if reuse and not self._closed and len(self._idle) < IDLE_CONNECTIONS and conn.usable():
@@ -242,14 +301,14 @@ class LeanUpstream:
     async def _exchange(self, conn: _Conn, method: str, data: bytes) -> UpstreamResponse:
         got_bytes = False
         try:
-            conn.writer.write(data)
+            conn.write(data)
             buf = b""
             while True:
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buf) > MAX_HEAD_BYTES:
                         raise UpstreamUnreachable("the upstream's response head is too large")
-                    chunk = await conn.reader.read(READ_BYTES)
+                    chunk = await conn.read()
                     if not chunk:
                         if not got_bytes:
                             raise _Stale
