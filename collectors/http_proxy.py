@@ -141,6 +141,7 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 _NOT_FORWARDED: Final = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+_NOT_FORWARDED_XFF: Final = _NOT_FORWARDED | {"x-forwarded-for"}  # re-added with the peer
 _NOT_RETURNED: Final = HOP_BY_HOP | {"content-length"}
 
 
@@ -379,7 +380,8 @@ class HttpProxy:
             wall_ns=wall_ns,
             mono=mono,
         )
-        await self._admit()
+        if self._observer.over_budget:
+            await self._admit()
         self._observer.put(("open", ex_id, start), len(body))
         broke: str | None = None
         try:
@@ -422,14 +424,17 @@ class HttpProxy:
         await sink.json(401, body, [("WWW-Authenticate", "Bearer " + ", ".join(params))])
 
     def _request_headers(self, request: _Request) -> list[tuple[str, str]]:
-        dropped = _NOT_FORWARDED | _connection_tokens(request.headers.getall("Connection", []))
-        headers = [(name, value) for name, value in request.headers.items() if name.lower() not in dropped]
+        received = request.headers
+        listed = received.getall("Connection", ())
+        dropped = _NOT_FORWARDED_XFF | _connection_tokens(listed) if listed else _NOT_FORWARDED_XFF
+        headers = [(name, value) for name, value in received.items() if name.lower() not in dropped]
         headers.append(("Accept-Encoding", "identity"))
+        prior = received.getall("X-Forwarded-For", ())
         peer = request.remote or ""
-        forwarded_for = ", ".join([*request.headers.getall("X-Forwarded-For", []), peer]) if peer else None
-        if forwarded_for:
-            headers = [(n, v) for n, v in headers if n.lower() != "x-forwarded-for"]
-            headers.append(("X-Forwarded-For", forwarded_for))
+        if peer:
+            headers.append(("X-Forwarded-For", ", ".join([*prior, peer])))
+        else:
+            headers += [("X-Forwarded-For", value) for value in prior]
         headers.append(("X-Forwarded-Proto", request.scheme))
         if request.host:
             headers.append(("X-Forwarded-Host", request.host))
@@ -454,7 +459,8 @@ class HttpProxy:
             self._observer.put(
                 ("head", ex_id, upstream.status, headers.get("Content-Type", ""), headers.get("Mcp-Session-Id"), None)
             )
-            dropped = _NOT_RETURNED | _connection_tokens(headers.getall("Connection", []))
+            listed = headers.getall("Connection", ())
+            dropped = _NOT_RETURNED | _connection_tokens(listed) if listed else _NOT_RETURNED
             length = headers.get("Content-Length")
             sink.start(
                 upstream.status,
@@ -466,7 +472,8 @@ class HttpProxy:
                 if not upstream.buffered:
                     await sink.send_head()  # nothing to send it with yet (an SSE stream that waits)
                 async for chunk in upstream.chunks():
-                    await self._admit()
+                    if self._observer.over_budget:
+                        await self._admit()
                     self._observer.put(("data", ex_id, chunk, time.time_ns(), time.monotonic()), len(chunk))
                     await sink.write(chunk)
             except UpstreamBroken:

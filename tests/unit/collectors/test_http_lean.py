@@ -235,3 +235,25 @@ def test_the_wire_helpers_refuse_what_would_split_or_blur_a_message() -> None:
     assert decoder.feed(b"3\r\nab") == ([b"ab"], 5)
     assert decoder.feed(b"c\r\n0\r\n\r\nNEXT") == ([b"c"], 8)
     assert decoder.done
+
+
+def test_the_relay_forwards_end_to_end_headers_and_says_who_asked() -> None:
+    from collectors.http_proxy import HttpProxy, ProxyConfig
+    from collectors.redact import Redactor
+
+    proxy = HttpProxy(
+        ProxyConfig(upstream="http://127.0.0.1:9/mcp"), emit=lambda _e: None, redactor=Redactor.ephemeral()
+    )
+    head = parse_request_head(
+        b"POST /mcp HTTP/1.1\r\nHost: p:1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"Accept-Encoding: gzip\r\nTE: trailers\r\nMcp-Session-Id: s\r\nContent-Length: 0",
+        max_line=999,
+        max_headers=20,
+    )
+    assert proxy._request_headers(LeanRequest(head, b"", "127.0.0.1")) == [
+        ("Mcp-Session-Id", "s"),
+        ("Accept-Encoding", "identity"),
+        ("X-Forwarded-For", "10.0.0.1, 127.0.0.1"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "p:1"),
+    ]
