@@ -14,7 +14,9 @@ Sessions, all open at the same time in one run:
   one), the floor of any relay process at all;
 * HTTP: the ``mcp`` SDK's own Streamable-HTTP server (``MCPServer`` with an ``echo`` tool, in a
   child process) called directly (twice), via ``python -m scopewatch proxy`` with the broker up,
-  and via a second proxy with the broker down.
+  via a second proxy with the broker down (both on the lean server, the default) and via a third
+  with the broker up served by aiohttp's web server (``SCOPEWATCH_PROXY_SERVER=aiohttp``;
+  ``--no-aiohttp-proxy`` leaves it out).
 
 Two client methods, each with its own set of sessions:
 
@@ -78,6 +80,9 @@ CODE = (
     "collectors/publisher.py",
     "collectors/spool.py",
     "collectors/http_proxy.py",
+    "collectors/http_lean.py",
+    "collectors/http_wire.py",
+    "collectors/http_upstream.py",
 )  # printed as sha256 prefixes: there is no commit to name
 
 TARGET_P50_US = 100.0
@@ -86,6 +91,8 @@ PERCENTILES = (50, 90, 99)
 RAW_CPU: dict[str, float] = {}  # raw pass: CPU microseconds per call of each session's child process
 NATIVE_RELAY: set[str] = set()  # raw pass: the wrap sessions that ran the native relay
 PY_WRAP = "wrap, python relay"
+AIOHTTP_PROXY = "http proxy, aiohttp server"  # SCOPEWATCH_PROXY_SERVER=aiohttp, broker up
+PROXY_CPU: dict[str, tuple[float, float]] = {}  # SDK pass: proxy -> CPU us per call (relay thread, other threads)
 OBSERVER_CPU: dict[str, float] = {}  # raw pass: the same for the observer process of each wrap session
 
 UPSTREAM = r"""
@@ -261,7 +268,22 @@ def start_upstream(env: Env) -> str:
     return f"http://127.0.0.1:{port}/mcp"
 
 
-def start_proxy(env: Env, upstream: str, name: str, broker_up: bool) -> str:
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process's main thread (the proxy's event loop: the relay) and of its other threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            used = (int(fields[11]) + int(fields[12])) / tick
+            if int(tid) == pid:
+                main += used
+            else:
+                other += used
+    return main, other
+
+
+def start_proxy(env: Env, upstream: str, name: str, broker_up: bool, server: str = "lean") -> str:
     port = proc.free_port()
     argv = [
         sys.executable,
@@ -285,7 +307,7 @@ def start_proxy(env: Env, upstream: str, name: str, broker_up: bool) -> str:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            env=env.env_for(name, broker_up),
+            env={**env.env_for(name, broker_up), "SCOPEWATCH_PROXY_SERVER": server},
             start_new_session=True,
         )
     env.children.append(child)
@@ -465,8 +487,15 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
 async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Namespace) -> dict[str, list[int]]:
     from mcp import Client, StdioServerParameters
 
+    proxy_pids: dict[str, int] = {}
     proxy_up = start_proxy(env, upstream, "proxy", True)
+    proxy_pids["http proxy"] = env.children[-1].pid
     proxy_down = start_proxy(env, upstream, "proxy-down", False)
+    proxy_pids["http proxy, broker down"] = env.children[-1].pid
+    proxy_aiohttp = None
+    if args.aiohttp_proxy:
+        proxy_aiohttp = start_proxy(env, upstream, "proxy-aiohttp", True, server="aiohttp")
+        proxy_pids[AIOHTTP_PROXY] = env.children[-1].pid
 
     def stdio(argv: list[str], child_env: dict[str, str]) -> Any:
         return StdioServerParameters(command=argv[0], args=argv[1:], env=child_env)
@@ -481,6 +510,8 @@ async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Na
         "http proxy": proxy_up,
         "http proxy, broker down": proxy_down,
     }
+    if proxy_aiohttp is not None:
+        plan[AIOHTTP_PROXY] = proxy_aiohttp
     samples: dict[str, list[int]] = {n: [] for n in plan}
     async with contextlib.AsyncExitStack() as stack:
         clients = {}
@@ -502,6 +533,7 @@ async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Na
         order = list(plan)
         gc.collect()
         gc.disable()
+        before = {name: thread_cpu(pid) for name, pid in proxy_pids.items()}
         try:
             for i in range(args.warmup + args.calls):
                 rng.shuffle(order)
@@ -509,6 +541,11 @@ async def sdk_pass(env: Env, server: list[str], upstream: str, args: argparse.Na
                     await one(name, i)
         finally:
             gc.enable()
+        calls = args.warmup + args.calls
+        for name, pid in proxy_pids.items():
+            after = thread_cpu(pid)
+            (main0, other0), (main1, other1) = before[name], after
+            PROXY_CPU[name] = ((main1 - main0) / calls * 1e6, (other1 - other0) / calls * 1e6)
     return samples
 
 
@@ -727,7 +764,11 @@ def run(args: argparse.Namespace) -> int:
             bk.say(f"raw pass done in {time.perf_counter() - t0:.1f}s")
         sdk: dict[str, list[int]] = {}
         if not args.skip_sdk:
-            bk.say(f"SDK pass: 8 sessions (stdio and HTTP), {args.warmup} + {args.calls} interleaved echo calls each")
+            sessions = 9 if args.aiohttp_proxy else 8
+            bk.say(
+                f"SDK pass: {sessions} sessions (stdio and HTTP),"
+                f" {args.warmup} + {args.calls} interleaved echo calls each"
+            )
             t0 = time.perf_counter()
             sdk = asyncio.run(sdk_pass(env, server, upstream, args))
             bk.say(f"SDK pass done in {time.perf_counter() - t0:.1f}s")
@@ -762,13 +803,15 @@ def run(args: argparse.Namespace) -> int:
                     "http direct-b": "http direct",
                     "http proxy": "http direct",
                     "http proxy, broker down": "http direct",
+                    AIOHTTP_PROXY: "http direct",
                 },
                 {"stdio wrap", "stdio wrap, broker down"},
             )
         # Where did the events go?
         extra = bk.new_table("Events of the collectors", ("check", "value"), left=("check",))
         per_session = args.warmup + args.calls
-        up_sessions = (1 if "wrap" in raw else 0) + (1 if PY_WRAP in raw else 0) + (0 if args.skip_sdk else 2)
+        sdk_up = 0 if args.skip_sdk else 3 if args.aiohttp_proxy else 2
+        up_sessions = (1 if "wrap" in raw else 0) + (1 if PY_WRAP in raw else 0) + sdk_up
         kafka_calls = asyncio.run(
             topic_count(settings.kafka_bootstrap, settings.topics.tool_calls, settings.partitions)
         )
@@ -794,6 +837,11 @@ def run(args: argparse.Namespace) -> int:
             extra.add_row(
                 f"raw pass, {name}: CPU per call of its observer process (all threads{pacing})", f"{cpu:,.0f} us"
             )
+        for name, (relay, other) in PROXY_CPU.items():
+            extra.add_row(
+                f"SDK pass, {name}: CPU per call of its relay thread / its other threads (observer, publisher)",
+                f"{relay:,.0f} us / {other:,.0f} us",
+            )
         extra.add_row(
             "wrap's observer work per echo call, CPU in this process (request / response side)",
             f"{obs_req:,.0f} us / {obs_resp:,.0f} us",
@@ -816,6 +864,13 @@ def main() -> None:
     )
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")
+    parser.add_argument(
+        "--no-aiohttp-proxy",
+        dest="aiohttp_proxy",
+        action="store_false",
+        help="SDK pass: leave out the third proxy, served by aiohttp's web server (SCOPEWATCH_PROXY_SERVER=aiohttp)"
+        " for a side-by-side comparison with the lean server (default: included)",
+    )
     parser.add_argument(
         "--sessions",
         default="",

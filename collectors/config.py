@@ -14,6 +14,8 @@ Redaction (see :mod:`collectors.redact`)
     ``SCOPEWATCH_REDACT_ARGUMENTS`` (comma-separated argument names), ``SCOPEWATCH_MAX_ARGUMENT_BYTES``.
 Resources
     ``SCOPEWATCH_RESOURCE_RULES``: a JSON file of resource extraction rules (default: built in).
+Proxy
+    ``SCOPEWATCH_PROXY_SERVER``: ``lean`` (default, :mod:`collectors.http_lean`) or ``aiohttp``.
 
 Every collector reads it with :meth:`CollectorConfig.from_env` (an explicit mapping, or the
 process environment). Errors are :class:`ConfigError` and name the variable, never its value
@@ -112,6 +114,11 @@ class CollectorConfig(BaseSettings):
     # wrap: which relay copies the bytes (collectors.native_relay)
     wrap_relay: Literal["auto", "native", "python"] = Field(
         default="auto", description="auto: the native relay when it is built; native: fail without it; python"
+    )
+
+    # proxy: what serves its clients (collectors.http_lean, or aiohttp's web server)
+    proxy_server: Literal["lean", "aiohttp"] = Field(
+        default="lean", description="lean: the proxy's own HTTP/1.1 server; aiohttp: aiohttp's web server"
     )
 
     @classmethod

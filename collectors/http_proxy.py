@@ -69,10 +69,17 @@ configured (``--agent-claim``), the agent; otherwise it is invalid (``missing_su
 ``missing_agent``): ``401`` under ``require_auth``, never ``attested``.
 
 Tokens are never logged, put in events or passed to the observer thread (only their keyed
-hash is); the aiohttp access log is off. A token over 16 KiB is invalid (``too_large``, 401
-under ``require_auth``); a header line over 32 KiB never reaches the handler: it is answered
-``431`` and logged without any of its bytes (aiohttp's own 400 would quote and log its start;
-:mod:`collectors.http_guard`).
+hash is); there is no access log. A token over 16 KiB is invalid (``too_large``, 401 under
+``require_auth``); a header line over 32 KiB never reaches the handler: it is answered ``431``
+and logged without any of its bytes.
+
+**Servers.** Clients are served by :mod:`collectors.http_lean` (default): an HTTP/1.1 server on
+an :class:`asyncio.Protocol` with strict framing (:mod:`collectors.http_wire`: ambiguous or
+malformed requests are refused before the handler, bodies over ``max_body_bytes`` get 413) --
+a fraction of the per-request work of aiohttp's web server. ``ProxyConfig.server = "aiohttp"``
+(``SCOPEWATCH_PROXY_SERVER=aiohttp``) serves with aiohttp's web server instead, its parse errors
+answered by :mod:`collectors.http_guard` (aiohttp's own 400 would quote and log the start of the
+offending line). Both feed the same relay (:meth:`HttpProxy._exchange`).
 """
 
 from __future__ import annotations
@@ -85,13 +92,15 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from collectors.http_guard import GuardedRunner
+from collectors.http_guard import MAX_HEADER_BYTES, GuardedRunner
+from collectors.http_lean import LeanRequest, LeanResponse, LeanServer
 from collectors.http_sse import MAX_MESSAGE_BYTES, SseEvent, SseParser
 from collectors.http_tracker import PROXY_ERROR_CODE, ExchangeStart, HttpSessionTracker, ObserverThread
 from collectors.http_upstream import AiohttpUpstream, H11Upstream, UpstreamBroken, UpstreamUnreachable, upstream_client
@@ -132,6 +141,7 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 _NOT_FORWARDED: Final = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+_NOT_FORWARDED_XFF: Final = _NOT_FORWARDED | {"x-forwarded-for"}  # re-added with the peer
 _NOT_RETURNED: Final = HOP_BY_HOP | {"content-length"}
 
 
@@ -156,8 +166,12 @@ class ProxyConfig:
     max_connections: int = 1024
     observer_budget_bytes: int = 256 * 1024 * 1024
     shutdown_timeout: float = 5.0
+    server: str = "lean"
+    """``lean`` (:mod:`collectors.http_lean`) or ``aiohttp`` (aiohttp's web server): what serves the clients."""
 
     def __post_init__(self) -> None:
+        if self.server not in ("lean", "aiohttp"):
+            raise ValueError(f"the proxy server must be lean or aiohttp, got {self.server!r}")
         parts = urlsplit(self.upstream)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"the upstream must be an http(s) URL, got {_safe_url(self.upstream)!r}")
@@ -198,7 +212,7 @@ def _safe_url(url: str) -> str:
 
 
 class HttpProxy:
-    """The reverse proxy: an aiohttp server in front of one upstream MCP endpoint."""
+    """The reverse proxy: a lean HTTP/1.1 server (or aiohttp's) in front of one upstream MCP endpoint."""
 
     def __init__(
         self,
@@ -247,6 +261,8 @@ class HttpProxy:
         self._client: aiohttp.ClientSession | None = None
         self._upstream: H11Upstream | AiohttpUpstream | None = None
         self._runner: web.AppRunner | None = None
+        self._lean: LeanServer | None = None
+        self._endpoint = config.endpoint_path
         self._ticker: asyncio.Task[None] | None = None
         self.port: int = config.port
         parts = urlsplit(config.upstream)
@@ -273,23 +289,32 @@ class HttpProxy:
         self._upstream = upstream_client(
             config.upstream, self._client, connect_timeout=config.connect_timeout, limit=config.max_connections
         )
-        app = web.Application(client_max_size=config.max_body_bytes)
-        app.router.add_route("*", config.endpoint_path, self._handle)
-        app.router.add_route("GET", "/.well-known/{tail:.*}", self._well_known)
-        self._runner = GuardedRunner(
-            app,
-            log=log,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=config.shutdown_timeout,
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout)
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        if config.server == "lean":
+            self._lean = LeanServer(
+                self._handle_lean,
+                log=log,
+                max_header_bytes=MAX_HEADER_BYTES,
+                max_body_bytes=config.max_body_bytes,
+            )
+            self.port = await self._lean.start(config.host, config.port)
+        else:
+            app = web.Application(client_max_size=config.max_body_bytes)
+            app.router.add_route("*", config.endpoint_path, self._handle_aiohttp)
+            app.router.add_route("GET", "/.well-known/{tail:.*}", self._well_known_aiohttp)
+            self._runner = GuardedRunner(
+                app,
+                log=log,
+                access_log=None,
+                handler_cancellation=True,
+                shutdown_timeout=config.shutdown_timeout,
+            )
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout)
+            await site.start()
+            server = getattr(site, "_server", None)
+            sockets = getattr(server, "sockets", None) or []
+            if sockets:
+                self.port = sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick())
         log.info("listening on %s, upstream %s", self.url, _safe_url(config.upstream))
 
@@ -298,6 +323,8 @@ class HttpProxy:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._lean is not None:
+            await self._lean.close(self.config.shutdown_timeout)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._upstream is not None:
@@ -314,7 +341,27 @@ class HttpProxy:
             self._observer.put(("tick", time.time_ns(), time.monotonic()))
 
     # -- requests ----------------------------------------------------------------------------------------
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_aiohttp(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read() if request.method == "POST" else b""
+        sink = _AiohttpSink(request)
+        await self._exchange(request, body, sink)
+        return sink.response if sink.response is not None else web.Response(status=500)
+
+    async def _handle_lean(self, request: LeanRequest, response: LeanResponse) -> None:
+        if request.path == self._endpoint:
+            await self._exchange(request, request.body if request.method == "POST" else b"", response)
+        elif request.path.startswith("/.well-known/"):
+            if request.method != "GET":
+                await response.json(405, {"error": "method_not_allowed"}, [("Allow", "GET")])
+                return
+            status, headers, body = await self._well_known(request.path, request.headers.get("Accept", "*/*"))
+            response.start(status, "", headers, len(body))
+            await response.write(body)
+            await response.finish()
+        else:
+            await response.json(404, {"error": "not_found"})
+
+    async def _exchange(self, request: _Request, body: bytes, sink: _Sink) -> None:
         ex_id = next(self._ids)
         wall_ns, mono = time.time_ns(), time.monotonic()
         self.stats.requests += 1
@@ -324,7 +371,6 @@ class HttpProxy:
         assert check is not None
         credential = "anon" if token is None else "bearer:" + self._token_hash(token)
         del token
-        body = await request.read() if request.method == "POST" else b""
         start = ExchangeStart(
             method=request.method,
             session_header=request.headers.get("Mcp-Session-Id"),
@@ -334,7 +380,8 @@ class HttpProxy:
             wall_ns=wall_ns,
             mono=mono,
         )
-        await self._admit()
+        if self._observer.over_budget:
+            await self._admit()
         self._observer.put(("open", ex_id, start), len(body))
         broke: str | None = None
         try:
@@ -342,9 +389,9 @@ class HttpProxy:
                 self.stats.rejected += 1
                 note = f"rejected: {check.reason or 'no bearer token'} (HTTP 401)"
                 self._observer.put(("head", ex_id, 401, "application/json", None, note))
-                return self._unauthorized(check)
-            response, broke = await self._forward(request, ex_id, body)
-            return response
+                await self._unauthorized(check, sink)
+                return
+            broke = await self._forward(request, ex_id, body, sink)
         except asyncio.CancelledError:
             broke = "the client went away"
             self.stats.client_disconnects += 1
@@ -364,7 +411,7 @@ class HttpProxy:
             while self._observer.over_budget:
                 await asyncio.sleep(0.005)
 
-    def _unauthorized(self, check: TokenCheck) -> web.Response:
+    async def _unauthorized(self, check: TokenCheck, sink: _Sink) -> None:
         params = ['realm="scopewatch"']
         if check.status == "absent":
             body = {"error": "unauthorized", "error_description": "A bearer access token is required"}
@@ -374,24 +421,27 @@ class HttpProxy:
             body = {"error": "invalid_token", "error_description": description}
         if self.config.resource_metadata:
             params.append(f'resource_metadata="{self.config.resource_metadata}"')
-        return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer " + ", ".join(params)})
+        await sink.json(401, body, [("WWW-Authenticate", "Bearer " + ", ".join(params))])
 
-    def _request_headers(self, request: web.Request) -> list[tuple[str, str]]:
-        dropped = _NOT_FORWARDED | _connection_tokens(request.headers.getall("Connection", []))
-        headers = [(name, value) for name, value in request.headers.items() if name.lower() not in dropped]
+    def _request_headers(self, request: _Request) -> list[tuple[str, str]]:
+        received = request.headers
+        listed = received.getall("Connection", ())
+        dropped = _NOT_FORWARDED_XFF | _connection_tokens(listed) if listed else _NOT_FORWARDED_XFF
+        headers = [(name, value) for name, value in received.items() if name.lower() not in dropped]
         headers.append(("Accept-Encoding", "identity"))
+        prior = received.getall("X-Forwarded-For", ())
         peer = request.remote or ""
-        forwarded_for = ", ".join([*request.headers.getall("X-Forwarded-For", []), peer]) if peer else None
-        if forwarded_for:
-            headers = [(n, v) for n, v in headers if n.lower() != "x-forwarded-for"]
-            headers.append(("X-Forwarded-For", forwarded_for))
+        if peer:
+            headers.append(("X-Forwarded-For", ", ".join([*prior, peer])))
+        else:
+            headers += [("X-Forwarded-For", value) for value in prior]
         headers.append(("X-Forwarded-Proto", request.scheme))
         if request.host:
             headers.append(("X-Forwarded-Host", request.host))
         return headers
 
-    async def _forward(self, request: web.Request, ex_id: int, body: bytes) -> tuple[web.StreamResponse, str | None]:
-        """Relay one request; returns the response and why it broke off (``None``: it did not)."""
+    async def _forward(self, request: _Request, ex_id: int, body: bytes, sink: _Sink) -> str | None:
+        """Relay one request; returns why it broke off (``None``: it did not)."""
         assert self._upstream is not None
         target = self._target + (f"{self._query_sep}{request.query_string}" if request.query_string else "")
         try:
@@ -402,57 +452,131 @@ class HttpProxy:
             self._observer.put(("head", ex_id, 502, "application/json", None, note))
             log.warning("upstream %s unreachable: %s", _safe_url(self.config.upstream), type(exc).__name__)
             error = {"error": "bad_gateway", "error_description": "the upstream MCP server is unreachable"}
-            return web.json_response(error, status=502), None
-        broke: str | None = None
+            await sink.json(502, error)
+            return None
         try:
             headers = upstream.headers
             self._observer.put(
                 ("head", ex_id, upstream.status, headers.get("Content-Type", ""), headers.get("Mcp-Session-Id"), None)
             )
-            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            dropped = _NOT_RETURNED | _connection_tokens(headers.getall("Connection", []))
-            for name, value in headers.items():
-                if name.lower() not in dropped:
-                    out.headers.add(name, value)
+            listed = headers.getall("Connection", ())
+            dropped = _NOT_RETURNED | _connection_tokens(listed) if listed else _NOT_RETURNED
             length = headers.get("Content-Length")
-            if length is not None and length.isdigit():
-                out.content_length = int(length)
-            await out.prepare(request)
+            sink.start(
+                upstream.status,
+                upstream.reason,
+                [(name, value) for name, value in headers.items() if name.lower() not in dropped],
+                int(length) if length is not None and length.isdigit() else None,
+            )
             try:
+                if not upstream.buffered:
+                    await sink.send_head()  # nothing to send it with yet (an SSE stream that waits)
                 async for chunk in upstream.chunks():
-                    await self._admit()
+                    if self._observer.over_budget:
+                        await self._admit()
                     self._observer.put(("data", ex_id, chunk, time.time_ns(), time.monotonic()), len(chunk))
-                    await out.write(chunk)
+                    await sink.write(chunk)
             except UpstreamBroken:
-                broke = "the upstream broke the response off"
                 self.stats.upstream_errors += 1
-                out.force_close()
-                return out, broke
+                sink.abort()
+                return "the upstream broke the response off"
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                broke = "the client went away"
                 self.stats.client_disconnects += 1
-                return out, broke
+                return "the client went away"
             # everything was relayed; a client that hangs up now (the SDK closes an SSE response as
             # soon as it has its answer) has lost nothing
             with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
-                await out.write_eof()
-            return out, None
+                await sink.finish()
+            return None
         finally:
             upstream.close()
 
-    async def _well_known(self, request: web.Request) -> web.StreamResponse:
+    async def _well_known_aiohttp(self, request: web.Request) -> web.StreamResponse:
+        status, headers, body = await self._well_known(request.path, request.headers.get("Accept", "*/*"))
+        return web.Response(body=body, status=status, headers=headers)
+
+    async def _well_known(self, path: str, accept: str) -> tuple[int, list[tuple[str, str]], bytes]:
         """OAuth metadata (``/.well-known/...``): passed through from the upstream's origin, unobserved."""
         assert self._client is not None
         try:
-            async with self._client.get(
-                self._origin + request.path, headers={"Accept": request.headers.get("Accept", "*/*")}
-            ) as upstream:
+            async with self._client.get(self._origin + path, headers={"Accept": accept}) as upstream:
                 body = await upstream.read()
-                headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_RETURNED}
-                headers.pop("Content-Encoding", None)
-                return web.Response(body=body, status=upstream.status, headers=headers)
+                headers = [
+                    (k, v)
+                    for k, v in upstream.headers.items()
+                    if k.lower() not in _NOT_RETURNED and k.lower() != "content-encoding"
+                ]
+                return upstream.status, headers, body
         except (aiohttp.ClientError, TimeoutError, OSError):
-            return web.json_response({"error": "bad_gateway"}, status=502)
+            return 502, [("Content-Type", "application/json")], b'{"error": "bad_gateway"}'
+
+
+class _Request(Protocol):
+    """What the relay reads of a request (an aiohttp ``web.Request`` or a :class:`LeanRequest`)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
+    @property
+    def query_string(self) -> str: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+
+
+class _Sink(Protocol):
+    """Where the relay writes a response (a :class:`LeanResponse` or :class:`_AiohttpSink`)."""
+
+    def start(self, status: int, reason: str, headers: list[tuple[str, str]], length: int | None) -> None: ...
+    async def send_head(self) -> None: ...
+    async def write(self, chunk: bytes) -> None: ...
+    async def finish(self) -> None: ...
+    async def json(self, status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> None: ...
+    def abort(self) -> None: ...
+
+
+class _AiohttpSink:
+    """The relay's response through aiohttp's ``StreamResponse`` (``SCOPEWATCH_PROXY_SERVER=aiohttp``)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: web.StreamResponse | None = None
+        self._prepared = False
+
+    def start(self, status: int, reason: str, headers: list[tuple[str, str]], length: int | None) -> None:
+        out = web.StreamResponse(status=status, reason=reason)
+        for name, value in headers:
+            out.headers.add(name, value)
+        if length is not None:
+            out.content_length = length
+        self.response = out
+
+    async def _prepare(self) -> web.StreamResponse:
+        assert self.response is not None
+        if not self._prepared:
+            self._prepared = True
+            await self.response.prepare(self._request)
+        return self.response
+
+    async def send_head(self) -> None:
+        await self._prepare()
+
+    async def write(self, chunk: bytes) -> None:
+        await (await self._prepare()).write(chunk)
+
+    async def finish(self) -> None:
+        await (await self._prepare()).write_eof()
+
+    async def json(self, status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> None:
+        self.response = web.json_response(body, status=status, headers=dict(headers or []))
+
+    def abort(self) -> None:
+        if self.response is not None:
+            self.response.force_close()
 
 
 async def serve(proxy: HttpProxy, stop: asyncio.Event, ready: Callable[[HttpProxy], None] | None = None) -> ProxyStats:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -402,9 +402,12 @@ class ObserverThread:
         self.budget_bytes = budget_bytes
         self.batch_seconds = batch_seconds
         self.flush = flush
-        self._items: list[tuple[int, tuple[Any, ...]]] = []
+        self._items: deque[tuple[int, tuple[Any, ...]]] = deque()
         self._cond = threading.Condition()
-        self._queued_bytes = 0
+        # bytes queued = _added - _removed; each counter has one writer (the relay's loop, this thread),
+        # so :meth:`put` takes no lock: a deque append is atomic
+        self._added = 0
+        self._removed = 0
         self._thread = threading.Thread(target=self._run, name="scopewatch-proxy-observer", daemon=True)
         self._closed = False
 
@@ -412,42 +415,45 @@ class ObserverThread:
         self._thread.start()
 
     def put(self, item: tuple[Any, ...], nbytes: int = 0) -> None:
-        with self._cond:
-            self._items.append((nbytes, item))
-            self._queued_bytes += nbytes
-            if self._queued_bytes > self.budget_bytes:
-                self._cond.notify()
+        """Queue ``item`` (from the relay's event loop thread; ``nbytes`` counts against the budget)."""
+        self._items.append((nbytes, item))
+        if nbytes:
+            self._added += nbytes
+            if self._added - self._removed > self.budget_bytes:
+                with self._cond:
+                    self._cond.notify()
 
     @property
     def over_budget(self) -> bool:
-        return self._queued_bytes > self.budget_bytes
+        return self._added - self._removed > self.budget_bytes
 
     def stop(self, timeout: float = 30.0) -> None:
-        self.put(("close", time.time_ns(), time.monotonic()))
+        self._items.append((0, ("close", time.time_ns(), time.monotonic())))
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        items = self._items
         while True:
             with self._cond:
-                if not self._closed and self._queued_bytes <= self.budget_bytes:
+                if not self._closed and not self.over_budget:
                     self._cond.wait(self.batch_seconds)
-                batch, self._items = self._items, []
+                closed = self._closed
+            taken = len(items)
             try:
-                for nbytes, item in batch:
+                for _ in range(taken):
+                    nbytes, item = items.popleft()
                     self._handle(item)
-                    if nbytes:
-                        with self._cond:
-                            self._queued_bytes -= nbytes
+                    self._removed += nbytes
                     if item[0] == "close":
                         return
                     time.sleep(0)  # let a waiting relay have the GIL now, not at the end of the batch
             finally:
-                if self.flush is not None and batch:
+                if self.flush is not None and taken:
                     self._flush()
-            if not batch and self._closed:
+            if not taken and closed:
                 return
 
     def _flush(self) -> None:

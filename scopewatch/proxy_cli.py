@@ -146,6 +146,7 @@ def proxy(
             resource_metadata=resource_metadata,
             session_idle_seconds=session_idle,
             max_sessions=max_sessions,
+            server=collector.proxy_server,
         )
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))

@@ -76,8 +76,9 @@ def _oversized_post(url: str, authorization: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+@pytest.mark.parametrize("server", ["lean", "aiohttp"])
 def test_attack_3_the_proxy_refuses_tokens_without_an_identity_and_oversized_headers(
-    settings: Settings, upstream: Upstream, keys: Keys
+    settings: Settings, upstream: Upstream, keys: Keys, server: str
 ) -> None:
     faceless = {
         "no_sub": keys.token("RS256", sub=None),
@@ -91,7 +92,7 @@ def test_attack_3_the_proxy_refuses_tokens_without_an_identity_and_oversized_hea
     big_jwt = keys.token("RS256", pad="p" * 20_000)
     good = keys.token("RS256")
     options = proxy_options(keys, "--require-auth", "--agent-claim", "client_id")
-    with running_proxy(settings, upstream.url, *options) as proxy:
+    with running_proxy(settings, upstream.url, *options, server=server) as proxy:
         for i, (name, token) in enumerate(faceless.items()):
             status, headers, body = raw_call(proxy.url, i, "touch", {"name": name}, token)
             assert status == 401, (name, body)

@@ -201,7 +201,8 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def running_proxy(settings: Settings, upstream: str, *options: str) -> Iterator[Proxy]:
+def running_proxy(settings: Settings, upstream: str, *options: str, server: str = "lean") -> Iterator[Proxy]:
+    """The proxy's real command line; ``server``: ``SCOPEWATCH_PROXY_SERVER`` (lean or aiohttp)."""
     port = proc.free_port()
     argv = [
         sys.executable,
@@ -221,6 +222,7 @@ def running_proxy(settings: Settings, upstream: str, *options: str) -> Iterator[
     ]
     env = settings_env(settings)
     env["SCOPEWATCH_REDACTION_KEY"] = "integration-test-redaction-key-0123456789"
+    env["SCOPEWATCH_PROXY_SERVER"] = server
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     proxy = Proxy(child, f"http://127.0.0.1:{port}/mcp")
     ready = threading.Event()
@@ -409,11 +411,12 @@ def assert_no_token(tokens: list[str], landed: Landed, proxy_log: str) -> None:
 
 
 # -- tests ---------------------------------------------------------------------------------------------------
-def test_handshake_session_through_the_proxy(settings: Settings, upstream: Upstream, keys: Keys) -> None:
+@pytest.mark.parametrize("server", ["lean", "aiohttp"])
+def test_handshake_session_through_the_proxy(settings: Settings, upstream: Upstream, keys: Keys, server: str) -> None:
     """Mcp-Session-Id session, SSE with progress, DELETE; RS256 token checked against a PEM key."""
     token = keys.token("RS256")
     direct = run_client(upstream.url, None, "legacy")
-    with running_proxy(settings, upstream.url, *proxy_options(keys, "--require-auth")) as proxy:
+    with running_proxy(settings, upstream.url, *proxy_options(keys, "--require-auth"), server=server) as proxy:
         via = run_client(proxy.url, token, "legacy")
         [session_header] = via.session_ids
         # the session is gone upstream after the client's DELETE: the upstream's 404 passes through
@@ -627,9 +630,12 @@ async def _cancel_after_first_progress(url: str, token: str) -> bytes:
     return first
 
 
-def test_a_client_hanging_up_mid_stream_is_recorded(settings: Settings, upstream: Upstream, keys: Keys) -> None:
+@pytest.mark.parametrize("server", ["lean", "aiohttp"])
+def test_a_client_hanging_up_mid_stream_is_recorded(
+    settings: Settings, upstream: Upstream, keys: Keys, server: str
+) -> None:
     token = keys.token("RS256")
-    with running_proxy(settings, upstream.url, *proxy_options(keys, "--require-auth")) as proxy:
+    with running_proxy(settings, upstream.url, *proxy_options(keys, "--require-auth"), server=server) as proxy:
         started = time.monotonic()
         first = asyncio.run(_cancel_after_first_progress(proxy.url, token))
         assert b"notifications/progress" in first

@@ -36,3 +36,10 @@ def test_parse_listen() -> None:
     for bad in ("8080", ":80", "host:99999", "host:x"):
         with pytest.raises(ValueError):
             parse_listen(bad)
+
+
+def test_the_proxy_server_setting() -> None:
+    assert CollectorConfig.from_env({}).proxy_server == "lean"
+    assert CollectorConfig.from_env({"SCOPEWATCH_PROXY_SERVER": "aiohttp"}).proxy_server == "aiohttp"
+    with pytest.raises(ConfigError, match="SCOPEWATCH_PROXY_SERVER"):
+        CollectorConfig.from_env({"SCOPEWATCH_PROXY_SERVER": "nginx"})
