@@ -11,7 +11,7 @@ protected-resource metadata) are passed through unobserved; every other path ans
 
 Modules: the relay is here; the observation side is :mod:`collectors.http_tracker` (the session
 tracker and its thread) and :mod:`collectors.http_sse` (the SSE parser); requests to the upstream go
-through :mod:`collectors.http_upstream` (keep-alive connections parsed by h11 for ``http://``,
+through :mod:`collectors.http_upstream` (keep-alive connections framed by :mod:`collectors.http_wire` for ``http://``,
 aiohttp's client for ``https://``).
 
 **Observation.** A copy of each request body and response chunk goes through a queue to one
