@@ -306,40 +306,25 @@ def decode_grants(data: bytes, tenant: str, principal: str, agent_id: str) -> Gr
             tools, resources, not_before, expires_at = r.texts(), r.texts(), r.required_time(), r.time()
             policies: list[str] = []
             approval_tools: list[str] = []
+            purpose = ""  # GrantIssued's default: only grants with conditions keep theirs in state
             if kind == _ISSUED_WITH_CONDITIONS:
-                policies, approval_tools = r.texts(), r.texts()
-                fact = GrantIssued.model_construct(
-                    event_id=event_id,
-                    event_time=event_time,
-                    grant_id=grant_id,
-                    tools=tools,
-                    resources=resources,
-                    not_before=not_before,
-                    expires_at=expires_at,
-                    tenant=tenant,
-                    principal=principal,
-                    agent_id=agent_id,
-                    scopes=[],
-                    policies=policies,
-                    approval_tools=approval_tools,
-                    purpose=r.text(),
-                )
-            else:
-                fact = GrantIssued.model_construct(
-                    event_id=event_id,
-                    event_time=event_time,
-                    grant_id=grant_id,
-                    tools=tools,
-                    resources=resources,
-                    not_before=not_before,
-                    expires_at=expires_at,
-                    tenant=tenant,
-                    principal=principal,
-                    agent_id=agent_id,
-                    scopes=[],  # not kept in state; given, not defaulted (pydantic: 175 -> 14 us per construct)
-                    policies=policies,
-                    approval_tools=approval_tools,
-                )
+                policies, approval_tools, purpose = r.texts(), r.texts(), r.text()
+            fact = GrantIssued.model_construct(
+                event_id=event_id,
+                event_time=event_time,
+                grant_id=grant_id,
+                tools=tools,
+                resources=resources,
+                not_before=not_before,
+                expires_at=expires_at,
+                tenant=tenant,
+                principal=principal,
+                agent_id=agent_id,
+                scopes=[],  # not kept in state; given, not defaulted (pydantic: 175 -> 14 us per construct)
+                policies=policies,
+                approval_tools=approval_tools,
+                purpose=purpose,
+            )
         elif kind == _REVOKED:
             fact = GrantRevoked.model_construct(
                 event_id=event_id,

@@ -577,31 +577,20 @@ class ClickHouseSink(Job["Batch"]):
 
     def new_consumer(self) -> KafkaConsumer | RdKafkaConsumer:
         """The sink's consumer (the runner starts it), of ``SinkConfig.client``."""
-        if self.config.client == "librdkafka":
+        c = self.config
+        common: dict[str, Any] = {
+            "session_timeout": 10.0,
+            "fetch_min_bytes": c.fetch_min_bytes,
+            "fetch_max_wait_ms": c.fetch_wait_ms,
+            "max_partition_fetch_bytes": c.fetch_partition_bytes,
+        }
+        if c.client == "librdkafka":
             from stream_jobs.rdkafka_adapter import RdKafkaConsumer  # here: only the sink loads confluent-kafka
 
-            return RdKafkaConsumer(
-                self.config.bootstrap,
-                self.config.group,
-                list(self.config.topics),
-                session_timeout=10.0,
-                fetch_min_bytes=self.config.fetch_min_bytes,
-                fetch_max_wait_ms=self.config.fetch_wait_ms,
-                max_partition_fetch_bytes=self.config.fetch_partition_bytes,
-                client_id="scopewatch-sink",
-            )
-        if self.config.client != "aiokafka":
-            raise ValueError(f"unknown Kafka client {self.config.client!r}: librdkafka or aiokafka")
-        return KafkaConsumer(
-            self.config.bootstrap,
-            self.config.group,
-            list(self.config.topics),
-            session_timeout=10.0,
-            fetch_min_bytes=self.config.fetch_min_bytes,
-            fetch_max_wait_ms=self.config.fetch_wait_ms,
-            max_partition_fetch_bytes=self.config.fetch_partition_bytes,
-            lean_records=self.config.lean_records,
-        )
+            return RdKafkaConsumer(c.bootstrap, c.group, list(c.topics), client_id="scopewatch-sink", **common)
+        if c.client != "aiokafka":
+            raise ValueError(f"unknown Kafka client {c.client!r}: librdkafka or aiokafka")
+        return KafkaConsumer(c.bootstrap, c.group, list(c.topics), lean_records=c.lean_records, **common)
 
     def new_runner(self, consumer: Consumer) -> Runner[Batch]:
         cfg = self.config
