@@ -83,12 +83,19 @@ def wait_findings(
 
 
 def current_verdicts(settings: Settings, call_ids: list[str], timeout: float = 180.0) -> dict[str, list[object]]:
-    """Wait until every call has a final verdict in ClickHouse; call_id -> [verdict, matched, version, late]."""
+    """Wait until every call has a final verdict in ClickHouse; call_id -> [verdict, matched, version, late].
+
+    The current version of a call is picked as ``evidence_current`` does: the highest version, the
+    last ingested of that version. (A worker killed mid-flush may have sent a version's evidence
+    without the state that numbered it; the survivor then sends that version again, e.g. final
+    where the first was provisional. ``argMax(x, version)`` alone picks either row of the tie.)"""
     ids = ",".join(f"'{c}'" for c in call_ids)
     db = settings.clickhouse_database
+    latest = "(version, _ingested_at)"
     sql = (
-        f"SELECT call_id, argMax(verdict, version), argMax(matched_grant_id, version), max(version),"
-        f" argMax(final, version), argMax(late, version) FROM {db}.evidence WHERE call_id IN ({ids}) GROUP BY call_id"
+        f"SELECT call_id, argMax(verdict, {latest}), argMax(matched_grant_id, {latest}), max(version),"
+        f" argMax(final, {latest}), argMax(late, {latest}) FROM {db}.evidence WHERE call_id IN ({ids})"
+        " GROUP BY call_id"
     )
     rows = wait_rows(settings, sql, lambda r: len(r) == len(call_ids) and all(row[4] for row in r), timeout)
     return {str(r[0]): [r[1], r[2], r[3], r[5]] for r in rows}
