@@ -23,7 +23,7 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -442,49 +442,6 @@ class BatchProducer:
         return None
 
 
-async def send_state_last(
-    send: Callable[[Sequence[Message]], Awaitable[dict[tuple[str, int], int]]],
-    out: Sequence[Message],
-    state_topics: frozenset[str],
-) -> dict[tuple[str, int], int]:
-    """Send ``out`` with ``send`` in two steps: every message but the changelog writes, acknowledged,
-    then the changelog writes; the end offsets of both.
-
-    The state a batch leaves is what makes a redelivered record a duplicate, and a duplicate is
-    dropped without its outputs being made again (stage 2 keeps a forwarding record and nothing
-    else of a call it handed to another route; a session fact seen again re-attributes nothing).
-    One flush is many per-partition record batches, which a worker killed mid-flush (or a broker
-    failing part of it) leaves partly written: had the changelog writes landed without the
-    handoff or update they stood for, the call would stay provisional, or be judged on the wrong
-    attribution, for ever. In this order a cut flush leaves at most outputs without their state,
-    and the redelivered records make both again (at-least-once, duplicates dropped downstream).
-    """
-    state = [m for m in out if m[0] in state_topics]
-    if not state or len(state) == len(out):
-        return await send(out)
-    ends = await send([m for m in out if m[0] not in state_topics])
-    ends.update(await send(state))
-    return ends
-
-
-class StateLast:
-    """The runner's :class:`~stream_jobs.runner.Output` over ``inner``, flushing as
-    :func:`send_state_last` does (the changelog writes after every other message is acknowledged)."""
-
-    def __init__(self, inner: Any, state_topics: Iterable[str]) -> None:
-        self.inner = inner
-        self.state_topics = frozenset(state_topics)
-
-    async def flush(self, out: Sequence[Message]) -> dict[tuple[str, int], int]:
-        return await send_state_last(self.inner.flush, out, self.state_topics)
-
-    async def committed(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        await self.inner.committed(offsets)
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-
 class Sender:
     """Collects the messages of ONE producer of work (a stage, or the tick timer) and sends them
     through the shared :class:`BatchProducer`.
@@ -503,7 +460,6 @@ class Sender:
         self.counters = counters
         self._out: list[Message] = []
         self._routes: dict[bytes, int] = {}  # route -> partition (a delegation's route recurs with each call)
-        self._state_topics = frozenset(changelog_topic(settings, t) for t in (*STAGE1_TABLES, *STAGE2_TABLES))
 
     def emit(self, out: Output) -> None:
         add, counters = self._out.append, self.counters
@@ -558,7 +514,7 @@ class Sender:
         and its events are redelivered (at-least-once) instead of being committed past.
         """
         out, self._out = self._out, []
-        return await send_state_last(self.producer.send_all, out, self._state_topics)
+        return await self.producer.send_all(out)
 
 
 def changelog_topic(settings: Settings, table: str) -> str:

@@ -29,7 +29,6 @@ from stream_jobs.assignor import CoPartitionedAssignor, by_topic, describe
 from stream_jobs.decisions import (
     BatchProducer,
     StageRunner,
-    StateLast,
     build_stages,
     check_assignment,
     exit_worker,
@@ -218,9 +217,7 @@ def build_worker(
         timer_seconds=settings.tick_seconds,
         stats_seconds=max(settings.tick_seconds, 1.0),
     )
-    # changelog writes only after the outputs they stand for are on the broker (send_state_last)
-    output = StateLast(producer or batch_producer, changelogs.values())
-    runner = Runner(consumer, output, job, config, stats)
+    runner = Runner(consumer, producer or batch_producer, job, config, stats)
     runner.changelogs = changelogs  # type: ignore[attr-defined]
     runner.counters_ = counters  # type: ignore[attr-defined]
     return runner, job, stats, ready

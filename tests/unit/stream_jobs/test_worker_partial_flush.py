@@ -9,9 +9,16 @@ its session route to its delegation's (the story's ``c-tenant``: its call first,
 later) left a forwarding record and no owner, and stayed provisional for ever.
 
 Here the aiokafka engine's job runs on the real runner with the in-memory adapter; the first flush
-holding an internal message of one kind writes only part of its messages and fails (the runner
+holding an internal message of one kind writes only its changelog writes and fails (the runner
 then forgets the held partitions' state and reads the batch again, as a survivor does after a
-crash). Whatever part lands, every call's final verdict equals replay's.
+crash). Every call's final verdict should equal replay's; it does not (KNOWN BUG, strict xfail).
+
+Not fixed here: sending the changelog writes only after the outputs are acknowledged (tried in
+h16f) removes this case but widens the opposite one, outputs without their state, in which the
+redone batch re-decides calls from the older state after their deadline while the handoff that
+landed makes a second owner: two verdicts under one evidence version (1 of 3 runs of the SIGKILL
+integration test with that change). A fix needs the handoff kept in the forwarding record (so a
+redelivered message can send it again) or atomic flushes (Kafka transactions).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ class DiesMidFlush(MemoryProducer):
 
 
 def _run(
-    tmp_path: Path, events: list[dict[str, Any]], kind: str, lands: str
+    tmp_path: Path, events: list[dict[str, Any]], kind: str, lands: str, grace: float = 0.3
 ) -> tuple[dict[str, tuple[str, str | None]], dict[str, tuple[str, str | None]], DiesMidFlush]:
     """Run the worker over ``events``: the calls first, the facts once stage 2 has the calls."""
     settings = Settings(
@@ -67,7 +74,7 @@ def _run(
         topic_prefix="m.",
         partitions=2,
         worker_group="m-decisions",
-        grace_seconds=0.3,
+        grace_seconds=grace,
         sequence_slack_seconds=0.0,
         tick_seconds=0.05,
         worker_batch_size=7,
@@ -110,23 +117,33 @@ def _run(
     return finals(broker, settings), expected, producer
 
 
+_KNOWN = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known bug (h16f): changelog writes that land without their outputs make the redelivered"
+    " record a duplicate and the output is never sent again",
+)
+
+
+@_KNOWN
 @pytest.mark.parametrize("kind", ["handoff", "update"])
 def test_a_flush_cut_in_two_loses_no_call(tmp_path: Path, kind: str) -> None:
     """The story: its ``c-tenant`` call is handed over (and others updated) after its binding.
 
-    The cut flush writes its changelog writes and nothing else. Without the fix they included the
-    forwarding record (``handoff``: c-tenant stayed provisional) or the re-attributed open calls of
-    stage 1 (``update``: the story's calls were judged final as ``unbound_session``). With it, the
-    cut comes while the outputs are sent, before any changelog write: nothing of it lands."""
+    The cut flush writes its changelog writes and nothing else: they include the forwarding
+    record (``handoff``: c-tenant stays provisional) or stage 1's re-attributed open calls
+    (``update``: the story's calls are judged final as ``unbound_session``).
+    """
     live, expected, producer = _run(tmp_path, story("cut"), kind, "state")
     assert producer.died, f"no flush held a {kind} message"
     assert live == expected
 
 
+@_KNOWN
 def test_a_handoff_cut_off_from_its_forwarding_record_is_sent_again(tmp_path: Path) -> None:
     """One call, its binding after it, no grant: the flush that moves it from the session route to
-    the delegation's writes the forwarding record and not the handoff. Without the fix the call
-    stays provisional (no final verdict at all)."""
+    the delegation's writes the forwarding record and not the handoff: the call stays provisional
+    (no final verdict at all)."""
     events = [
         call("10:00:10", "solo-call", "solo-s", "fs", "read_file", tenant="globex"),
         bound("10:00:00", "solo-s", "alice@globex.example", "agent-1", tenant="globex"),
@@ -135,23 +152,3 @@ def test_a_handoff_cut_off_from_its_forwarding_record_is_sent_again(tmp_path: Pa
     assert producer.died
     assert expected == {"solo-call": ("no_grant", None)}
     assert live == expected
-
-
-def test_changelog_writes_are_sent_after_the_other_messages_are_acknowledged() -> None:
-    from stream_jobs.decisions import send_state_last
-
-    sent: list[list[Message]] = []
-
-    async def send(out: Sequence[Message]) -> dict[TP, int]:
-        sent.append(list(out))
-        return {(m[0], m[3] or 0): 1 for m in out}
-
-    state = frozenset({"changelog"})
-    forward, write, evidence = ("internal", b"r", b"h", 1), ("changelog", b"k", b"v", 1), ("evidence", b"c", b"e", 0)
-    ends = asyncio.run(send_state_last(send, [write, forward, evidence], state))
-    assert sent == [[forward, evidence], [write]]
-    assert ends == {("internal", 1): 1, ("evidence", 0): 1, ("changelog", 1): 1}
-    sent.clear()  # only one kind: one send
-    asyncio.run(send_state_last(send, [write], state))
-    asyncio.run(send_state_last(send, [forward], state))
-    assert sent == [[write], [forward]]
