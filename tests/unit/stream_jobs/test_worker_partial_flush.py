@@ -11,14 +11,13 @@ later) left a forwarding record and no owner, and stayed provisional for ever.
 Here the aiokafka engine's job runs on the real runner with the in-memory adapter; the first flush
 holding an internal message of one kind writes only its changelog writes and fails (the runner
 then forgets the held partitions' state and reads the batch again, as a survivor does after a
-crash). Every call's final verdict should equal replay's; it does not (KNOWN BUG, strict xfail).
+crash). Every call's final verdict equals replay's: a forwarding record keeps its handoff and sends
+it again when the message that moved the call comes again, and stage 1 sends the updates of a
+session fact again when the fact comes again.
 
-Not fixed here: sending the changelog writes only after the outputs are acknowledged (tried in
-h16f) removes this case but widens the opposite one, outputs without their state, in which the
-redone batch re-decides calls from the older state after their deadline while the handoff that
-landed makes a second owner: two verdicts under one evidence version (1 of 3 runs of the SIGKILL
-integration test with that change). A fix needs the handoff kept in the forwarding record (so a
-redelivered message can send it again) or atomic flushes (Kafka transactions).
+(Sending the changelog writes only after the outputs are acknowledged, tried first, removes this
+case but widens the opposite one, outputs without their state: 1 of 3 runs of the SIGKILL
+integration test then had two verdicts under one evidence version.)
 """
 
 from __future__ import annotations
@@ -117,33 +116,23 @@ def _run(
     return finals(broker, settings), expected, producer
 
 
-_KNOWN = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug (h16f): changelog writes that land without their outputs make the redelivered"
-    " record a duplicate and the output is never sent again",
-)
-
-
-@_KNOWN
 @pytest.mark.parametrize("kind", ["handoff", "update"])
 def test_a_flush_cut_in_two_loses_no_call(tmp_path: Path, kind: str) -> None:
     """The story: its ``c-tenant`` call is handed over (and others updated) after its binding.
 
     The cut flush writes its changelog writes and nothing else: they include the forwarding
-    record (``handoff``: c-tenant stays provisional) or stage 1's re-attributed open calls
-    (``update``: the story's calls are judged final as ``unbound_session``).
+    records (``handoff``; before the fix c-tenant stayed provisional) or stage 1's re-attributed
+    open calls (``update``; before the fix the story's calls were final as ``unbound_session``).
     """
     live, expected, producer = _run(tmp_path, story("cut"), kind, "state")
     assert producer.died, f"no flush held a {kind} message"
     assert live == expected
 
 
-@_KNOWN
 def test_a_handoff_cut_off_from_its_forwarding_record_is_sent_again(tmp_path: Path) -> None:
     """One call, its binding after it, no grant: the flush that moves it from the session route to
-    the delegation's writes the forwarding record and not the handoff: the call stays provisional
-    (no final verdict at all)."""
+    the delegation's writes the forwarding record and not the handoff (before the fix the call
+    stayed provisional: no final verdict at all)."""
     events = [
         call("10:00:10", "solo-call", "solo-s", "fs", "read_file", tenant="globex"),
         bound("10:00:00", "solo-s", "alice@globex.example", "agent-1", tenant="globex"),
@@ -152,3 +141,15 @@ def test_a_handoff_cut_off_from_its_forwarding_record_is_sent_again(tmp_path: Pa
     assert producer.died
     assert expected == {"solo-call": ("no_grant", None)}
     assert live == expected
+
+
+def test_a_forwarding_record_keeps_its_handoff_through_the_changelog() -> None:
+    from detections.live.wire import Moved, parse_head, parse_record
+
+    handoff = b'[2,"handoff","k",2,false,1,null,false,5,9,"d"]\n["line"]\n["call"]'
+    for stored, kept in ((Moved(1, "r", "k", 2, 9, "t", handoff), handoff), (Moved(1, "r", "k", 2, 9, "t"), None)):
+        raw = stored.encode()
+        rec, head = parse_record(raw), parse_head(raw)
+        assert isinstance(rec, Moved) and isinstance(head, Moved)
+        assert (rec.moved, rec.attr_version, rec.keep_until, rec.handoff) == ("t", 2, 9, kept)
+        assert (head.moved, head.keep_until, head.partition) == ("t", 9, 1)
