@@ -78,14 +78,22 @@ class DecisionJob(Job[Message]):
         self._facts1, self._calls1 = topics.sessions, topics.tool_calls
         self._facts2, self._calls2, self._approvals = topics.grants, topics.calls_by_route, topics.approvals
         self._stage1_topics = {topics.sessions, topics.tool_calls}
+        self._held: set[TP] = set()
+        """What the last assignment gave us, less what was revoked since: what the timer may tick.
+        (During a rebalance the consumer still names its old partitions: a tick then took a revoked
+        partition's state back as ours; kept while another worker owned it, it was used again
+        unread when the partition came back, and the calls that worker left open never became
+        final.)"""
 
     async def assigned(self, tps: set[TP]) -> None:
+        self._held = set(tps)
         if not check_assignment(self.assignment, tps, self.assignor, self.settings):
             self.halted = True
             for stage in (self.stage1, self.stage2):
                 stage.halted.set()
 
     async def revoked(self, tps: set[TP]) -> None:
+        self._held -= tps
         if tps:
             log.info("partitions revoked: %s", describe(by_topic(_Tp(t, p) for t, p in tps)))
         # the runner has finished (and committed) the batch in flight: forget the state, the next
@@ -114,7 +122,8 @@ class DecisionJob(Job[Message]):
         return self.stage1.sender.take() + self.stage2.sender.take()
 
     async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
-        await self.stage2.tick(sorted(p for t, p in assignment if t == self._calls2), now)
+        held = self._held
+        await self.stage2.tick(sorted(p for t, p in assignment if t == self._calls2 and (t, p) in held), now)
         return self.stage1.sender.take() + self.stage2.sender.take()
 
     def flushed(self, ends: dict[TP, int]) -> None:
