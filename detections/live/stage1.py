@@ -234,17 +234,21 @@ class Stage1:
         out = new_output()
         skey = session_key(fact.tenant, fact.session_id)
         history = self._history(skey, fact.tenant, fact.session_id)
-        if not history.add(fact, record_hash(fact)):
+        again = not history.add(fact, record_hash(fact))
+        if again:
+            # Delivered again (at-least-once): the state it made may have reached the changelogs
+            # without the updates it sent (a worker killed mid-flush): send them again below; stage
+            # 2 ignores an attribution version it already has.
             self.counters.add("stage1_duplicate_facts")
-            return out
-        history.compact(now - self.config.retention)
-        stored = self.sessions.get(skey)
-        encoded = encode_sessions(history)
-        if encoded != stored:  # a fact compacted away at once changes nothing: no store write
-            stored = self.sessions[skey] = encoded
-        assert stored is not None
-        self._cache.put(skey, stored, history)
-        self.counters.add("stage1_facts")
+        else:
+            history.compact(now - self.config.retention)
+            stored = self.sessions.get(skey)
+            encoded = encode_sessions(history)
+            if encoded != stored:  # a fact compacted away at once changes nothing: no store write
+                stored = self.sessions[skey] = encoded
+            assert stored is not None
+            self._cache.put(skey, stored, history)
+            self.counters.add("stage1_facts")
         fact_us = us(fact.event_time)
         for ckey in sorted(self._open.get(skey, ())):
             raw = self.calls.get(ckey)
@@ -255,6 +259,10 @@ class Stage1:
                 continue  # a fact only affects calls at or after its event_time
             found = attributed(history, at(rec.t), rec.attested)
             if found.digest == rec.digest:
+                if again and rec.attr_version > 1:
+                    self.counters.add("stage1_updates_resent")
+                    payload = update_message(ckey, rec.attr_version, n_us > rec.deadline, found.digest, found.line)
+                    out.forwards.append(new_forward(rec.route, payload))
                 continue
             rec.attr_version, rec.digest = rec.attr_version + 1, found.digest
             self.calls[ckey] = rec.encode()

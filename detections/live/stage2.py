@@ -446,6 +446,12 @@ class Stage2:
             if msg.attr_version > rec.attr_version:
                 self.counters.add("stage2_forwarded")
                 out.forwards.append(new_forward(rec.moved, payload))
+            elif msg.attr_version == rec.attr_version and rec.handoff is not None:
+                # The message that moved the call, delivered again: its handoff may not have reached
+                # the broker although this record did (a flush cut short). The new owner ignores a
+                # handoff it already has.
+                self.counters.add("stage2_handoffs_resent")
+                out.forwards.append(new_forward(rec.moved, rec.handoff))
             return out
         if msg.attr_version <= rec.attr_version:
             self.counters.add("stage2_duplicates")
@@ -710,9 +716,11 @@ class Stage2:
             return
         # The call now belongs to another route: hand it over, keep a forwarding record.
         self._unindex_owned(skey, route)
-        self.calls[skey] = Moved(self.partition, route, rec.ckey, rec.attr_version, rec.keep_until, target).encode()
+        handoff = handoff_message(rec, late)
+        moved = Moved(self.partition, route, rec.ckey, rec.attr_version, rec.keep_until, target, handoff)
+        self.calls[skey] = moved.encode()
         self.counters.add("stage2_handoffs_out")
-        out.forwards.append(new_forward(target, handoff_message(rec, late)))
+        out.forwards.append(new_forward(target, handoff))
 
     def _decision(
         self, route: str, a: AttributionLine, call: CallLine, t: datetime

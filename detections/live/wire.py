@@ -514,20 +514,35 @@ class Owned:
 
 
 class Moved:
-    """A forwarding record: the call is owned by route ``moved`` now."""
+    """A forwarding record: the call is owned by route ``moved`` now. ``handoff``: the handoff
+    message that moved it (stored after the head line), sent again when the message that caused the
+    move is delivered again: the forwarding record may have reached the changelog without the
+    handoff reaching the broker (a worker killed mid-flush), and the call would have no owner.
+    Records written before it was kept have none."""
 
-    __slots__ = ("attr_version", "ckey", "keep_until", "moved", "partition", "route")
+    __slots__ = ("attr_version", "ckey", "handoff", "keep_until", "moved", "partition", "route")
 
-    def __init__(self, partition: int, route: str, ckey: str, attr_version: int, keep_until: int, moved: str) -> None:
+    def __init__(
+        self,
+        partition: int,
+        route: str,
+        ckey: str,
+        attr_version: int,
+        keep_until: int,
+        moved: str,
+        handoff: bytes | None = None,
+    ) -> None:
         self.partition = partition
         self.route = route
         self.ckey = ckey
         self.attr_version = attr_version
         self.keep_until = keep_until
         self.moved = moved
+        self.handoff = handoff
 
     def encode(self) -> bytes:
-        return dumps([MOVED_TAG, self.partition, self.route, self.ckey, self.attr_version, self.keep_until, self.moved])
+        head = dumps([MOVED_TAG, self.partition, self.route, self.ckey, self.attr_version, self.keep_until, self.moved])
+        return head if self.handoff is None else head + b"\n" + self.handoff
 
 
 def _owned(head: list[Any], attribution_line: bytes, call_line: bytes) -> Owned:
@@ -557,6 +572,12 @@ def parse_record(raw: bytes) -> Owned | Moved | None:
     if len(parts) == 1:
         head = parse_list(raw, MOVED_TAG, _MOVED_SIZE)
         return None if head is None else Moved(*head[1:])
+    if len(parts) == 4:  # a forwarding record with its handoff message (three lines)
+        head = parse_list(parts[0], MOVED_TAG, _MOVED_SIZE)
+        if head is None:
+            return None
+        _tag, partition, route, ckey, attr_version, keep_until, moved = head
+        return Moved(partition, route, ckey, attr_version, keep_until, moved, b"\n".join(parts[1:]))
     return None
 
 
@@ -567,7 +588,10 @@ def parse_head(raw: bytes) -> Owned | Moved | None:
         head = parse_list(raw, MOVED_TAG, _MOVED_SIZE)
         return None if head is None else Moved(*head[1:])
     head = parse_list(raw[:end], OWNED_TAG, _OWNED_SIZE)
-    return None if head is None else _owned(head, b"", b"")
+    if head is None:
+        moved = parse_list(raw[:end], MOVED_TAG, _MOVED_SIZE)  # with its handoff after the head
+        return None if moved is None else Moved(*moved[1:])
+    return _owned(head, b"", b"")
 
 
 # ------------------------------------------------------------- sequence records
