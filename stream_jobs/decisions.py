@@ -243,6 +243,15 @@ class StageRunner:
         """Run on a partition's processor with the batch's records of that partition, just before
         the first of them is handled (stage 2: :meth:`~detections.live.Stage2.prepare`, Cedar asked
         for the batch's calls at once). A failure is counted and logged; the records are handled."""
+        self._finality_held = False
+
+    def hold_finality(self, held: bool) -> None:
+        """Stage 2: let no call of any partition (loaded now or later) become final while ``held``
+        (the worker's catch-up after an assignment: :class:`stream_jobs.worker.CatchUp`)."""
+        self._finality_held = held
+        for part in (*self.partitions.values(), *self.revoked.values()):
+            if hasattr(part.proc, "finality_held"):
+                part.proc.finality_held = held
 
     async def _policies(self, now: datetime) -> None:
         """Apply the policies published since the last batch (all of them the first time) and
@@ -272,6 +281,8 @@ class StageRunner:
         part = self.partitions.get(p)
         if part is None:
             part = await self._activate(p)
+            if hasattr(part.proc, "finality_held"):
+                part.proc.finality_held = self._finality_held
             if self.on_load is not None:
                 try:
                     self.sender.emit(self.on_load(part.proc, now))

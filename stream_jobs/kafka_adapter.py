@@ -114,6 +114,16 @@ class KafkaConsumer:
     def resume(self, tps: Iterable[TP]) -> None:
         self.consumer.resume(*map(self._tp, tps))
 
+    async def consumed_to(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """The offset of the next record :meth:`getmany` hands over, per partition (records fetched
+        ahead but not handed over yet do not count)."""
+        return {tp: await self.consumer.position(self._tp(tp)) for tp in tps}
+
+    async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """The broker's end offset of each partition now (one ListOffsets request)."""
+        ends = await self.consumer.end_offsets([self._tp(tp) for tp in tps])
+        return {(tp.topic, tp.partition): end for tp, end in ends.items()}
+
     async def committed(self, tp: TP) -> int | None:
         """The group's committed offset of ``tp`` (None: none yet)."""
         offset: int | None = await self.consumer.committed(self._tp(tp))

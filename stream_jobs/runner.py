@@ -638,6 +638,12 @@ class MemoryConsumer:
     def assignment(self) -> set[TP]:
         return set(self.positions)
 
+    async def consumed_to(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return {tp: self.positions[tp] for tp in tps}
+
+    async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return {tp: self.broker.end(tp) for tp in tps}
+
     async def stop(self) -> None:
         self.stopped = True
 

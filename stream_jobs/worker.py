@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, cast
 
 from aiokafka.errors import KafkaError
 
@@ -60,6 +60,36 @@ from stream_jobs.runtime.settings import Settings
 log = logging.getLogger("scopewatch.stream")
 
 
+class Progress(Protocol):
+    """How far the consumer has handed records over, and where the broker's partitions end."""
+
+    async def consumed_to(self, tps: Iterable[TP]) -> dict[TP, int]: ...
+    async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]: ...
+
+
+class CatchUp:
+    """After an assignment, stage 2 holds finality until the worker has read what was already there.
+
+    A worker that takes partitions over (the other one was killed, or a rebalance moved them) may
+    find calls whose deadline passed while nobody owned them, and behind them in its inputs the
+    facts and stage-1 updates that reached Kafka before that deadline. Finalizing first would
+    publish a wrong final verdict and correct it a moment later. So every assignment arms a hold
+    (stage 2 may correct verdicts but marks nothing final) released in two steps, checked on the
+    timer: (1) every assigned input partition has been read up to its end offset when the hold was
+    first checked (stage 1's backlog included, so its updates for stage 2 are on the broker: a
+    cycle's outputs are acknowledged before the next cycle); (2) stage 2's inputs have been read up
+    to their end offsets at the moment (1) held. Both targets are fixed offsets, so the hold ends
+    under any load. Stage-1 partitions another worker holds are not waited for.
+    """
+
+    __slots__ = ("phase", "since", "target")
+
+    def __init__(self, since: datetime | None) -> None:
+        self.phase = 1
+        self.target: dict[TP, int] | None = None
+        self.since = since
+
+
 class DecisionJob(Job[Message]):
     """Both stages as one :class:`stream_jobs.runner.Job`."""
 
@@ -85,6 +115,10 @@ class DecisionJob(Job[Message]):
         partition's state back as ours; kept while another worker owned it, it was used again
         unread when the partition came back, and the calls that worker left open never became
         final.)"""
+        self.progress: Progress | None = None
+        """The consumer's progress, for the catch-up hold after each assignment (:class:`CatchUp`);
+        None: no hold (stage 2 finalizes on the wall clock alone)."""
+        self.catch_up: CatchUp | None = None
 
     async def assigned(self, tps: set[TP]) -> None:
         self._held = set(tps)
@@ -92,9 +126,14 @@ class DecisionJob(Job[Message]):
             self.halted = True
             for stage in (self.stage1, self.stage2):
                 stage.halted.set()
+        if self.progress is not None and tps:
+            self.catch_up = CatchUp(None)
+            self.stage2.hold_finality(True)
 
     async def revoked(self, tps: set[TP]) -> None:
         self._held -= tps
+        if self.catch_up is not None and self.catch_up.target is not None:
+            self.catch_up.target = None  # measured over partitions we may not hold any more
         if tps:
             log.info("partitions revoked: %s", describe(by_topic(_Tp(t, p) for t, p in tps)))
         # the runner has finished (and committed) the batch in flight: forget the state, the next
@@ -123,9 +162,43 @@ class DecisionJob(Job[Message]):
         return self.stage1.sender.take() + self.stage2.sender.take()
 
     async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
+        if self.catch_up is not None:
+            await self._check_caught_up(now)
         held = self._held
         await self.stage2.tick(sorted(p for t, p in assignment if t == self._calls2 and (t, p) in held), now)
         return self.stage1.sender.take() + self.stage2.sender.take()
+
+    async def _check_caught_up(self, now: datetime) -> None:
+        hold, progress = self.catch_up, self.progress
+        assert hold is not None and progress is not None
+        if hold.since is None:
+            hold.since = now
+        try:
+            async with asyncio.timeout(5):  # a slow broker answer holds one timer cycle, not the worker
+                await self._catch_up_step(hold, progress)
+        except Exception as exc:  # noqa: BLE001 - the broker is away: keep holding, check again
+            self.stage2.counters["catch_up_check_errors"] += 1
+            log.debug("catch-up check failed (%s: %s); stage 2 holds finality", type(exc).__name__, exc)
+            return
+        if hold.phase != 3:
+            return
+        self.catch_up = None
+        self.stage2.hold_finality(False)
+        self.stage2.counters["catch_ups"] += 1
+        log.info("caught up %.2fs after the assignment: stage 2 finalizes again", (now - hold.since).total_seconds())
+
+    async def _catch_up_step(self, hold: CatchUp, progress: Progress) -> None:
+        """Move ``hold`` on as far as the consumer's progress allows (phase 3: done)."""
+        while hold.phase < 3:
+            tps = sorted(
+                self._held if hold.phase == 1 else (tp for tp in self._held if tp[0] not in self._stage1_topics)
+            )
+            if hold.target is None:
+                hold.target = await progress.end_offsets(tps)
+            at = await progress.consumed_to(tps)
+            if any(at.get(tp, 0) < end for tp, end in hold.target.items()):
+                return
+            hold.phase, hold.target = hold.phase + 1, None
 
     def flushed(self, ends: dict[TP, int]) -> None:
         self.stage1.settle(ends)
@@ -190,6 +263,12 @@ class _CommitTolerant:
     def assignment(self) -> set[TP]:
         return self.inner.assignment()
 
+    async def consumed_to(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return await self.inner.consumed_to(tps)
+
+    async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return await self.inner.end_offsets(tps)
+
     async def stop(self) -> None:
         await self.inner.stop()
 
@@ -243,6 +322,8 @@ def build_worker(
         timer_seconds=settings.tick_seconds,
         stats_seconds=max(settings.tick_seconds, 1.0),
     )
+    if hasattr(consumer, "consumed_to") and hasattr(consumer, "end_offsets"):
+        job.progress = cast(Progress, consumer)
     runner = Runner(consumer, producer or batch_producer, job, runner_config, stats)
     runner.changelogs = changelogs  # type: ignore[attr-defined]
     runner.counters_ = counters  # type: ignore[attr-defined]

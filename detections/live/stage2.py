@@ -178,6 +178,9 @@ class Stage2:
         self.config = config or LiveConfig()
         self._slack_us = self.config.sequence_slack // MICRO
         self.counters = counters or LiveCounters()
+        self.finality_held = False
+        """While set, no call becomes final: verdicts are corrected, deadlines wait (the worker sets it
+        after an assignment until it has read what its inputs already held)."""
         self._seq: Final = SequenceKeeper(
             partition,
             [r for r in rules if r.meta.kind != "per_call"],
@@ -285,7 +288,7 @@ class Stage2:
 
     def _advance_calls(self, now: datetime, now_us: int, out: Output) -> None:
         deadlines = self._deadlines
-        if deadlines and deadlines[0][0] <= now_us:
+        if deadlines and deadlines[0][0] <= now_us and not self.finality_held:
             keys = set()
             while deadlines and deadlines[0][0] <= now_us:
                 keys.add(_heappop(deadlines)[1])
@@ -828,7 +831,7 @@ class Stage2:
         call = rec.call
         t = _at(call.t)
         summary = _summary(decision)
-        final = now_us >= rec.deadline
+        final = now_us >= rec.deadline and (rec.final or not self.finality_held)
         if rec.version > 0 and summary == rec.last and (rec.final or not final):
             if reason == "update":
                 self.calls[skey] = rec.encode()  # a new attribution version, same verdict: keep the record
