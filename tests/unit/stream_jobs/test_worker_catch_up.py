@@ -145,6 +145,7 @@ def test_the_hold_ends_under_steady_load(tmp_path: Path) -> None:
             consumer.resume({calls})
             assert broker.end(calls) - consumer.positions[calls] == 1
             await runner.cycle({}, timer=True)
+
     asyncio.run(main())
     finals = {e.call_id: e.verdict for e in _evidence(broker, settings) if e.final}
     assert finals.get("c0") == "in_scope"
