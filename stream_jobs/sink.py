@@ -58,7 +58,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -398,10 +398,34 @@ class SinkConfig:
     client: str = "librdkafka"
     """The Kafka client under the runner: ``librdkafka`` (:mod:`stream_jobs.rdkafka_adapter`, confluent-kafka)
     or ``aiokafka`` (:mod:`stream_jobs.kafka_adapter`). The service takes ``SCOPEWATCH_SINK_CLIENT``."""
+    latency_target: float | None = None
+    """Seconds a row may spend in the sink, from the broker to visible in ClickHouse (fetch wait, batch
+    fill and flush): each batch is filled for as long as that leaves after the recent flushes' time
+    (:func:`fill_seconds_for`), at most ``batch_seconds``. None: every batch fills ``batch_seconds``.
+    The service takes ``SCOPEWATCH_SINK_LATENCY_TARGET``."""
     table_topics: dict[str, str] | None = None
     """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
     type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
     any topic (tests of the column path)."""
+
+
+MIN_FILL_SECONDS = 0.05
+"""The shortest batch fill the latency target sets (a batch of one fetch or two)."""
+
+
+def fill_seconds_for(target: float, batch_seconds: float, fetch_wait: float, flush_seconds: Sequence[float]) -> float:
+    """How long to fill the next batch after its first record so that a row's time in the sink stays near ``target``.
+
+    A row waits in the broker for the fetch (at most ``fetch_wait``), in the batch (the fill) and
+    in the flush; chDB's cost per insert hardly depends on its size (10-16 ms of CPU for 20 rows
+    or 2,000), so the longest fill the target allows is the cheapest. The flush's share is the
+    longest of the recent flushes (``flush_seconds``): when flushes slow down (a loaded machine,
+    a backlog's full batches) the fill shrinks, when they are quick it grows back, never beyond
+    ``batch_seconds`` nor under :data:`MIN_FILL_SECONDS`.
+    """
+    low = min(MIN_FILL_SECONDS, batch_seconds)
+    worst = max(flush_seconds, default=0.0)
+    return max(low, min(batch_seconds, target - fetch_wait - worst))
 
 
 class WrongTopic(ValueError):
@@ -423,12 +447,17 @@ class ClickHouseOutput:
         self.writer = writer
         self.counters = counters
         self._flushes = 0
+        self.flush_seconds: deque[float] = deque(maxlen=8)
+        """Wall seconds of the last successful flushes (the latency target's view of the flush's share)."""
         self.rows_of: Callable[[Sequence[Any], datetime], dict[str, list[tuple[Any, ...]]]] | None = None
         """The sink's per-message path (a refused bulk block's messages to rows per table)."""
 
     async def flush(self, out: Sequence[Batch]) -> dict[tuple[str, int], int]:
+        started = time.monotonic()
         for batch in out:
             await self._write(batch)
+        if out:
+            self.flush_seconds.append(time.monotonic() - started)
         return {}
 
     async def _write(self, batch: Batch) -> None:
@@ -662,7 +691,15 @@ class ClickHouseSink(Job["Batch"]):
         return []
 
     def flushed(self, ends: dict[TP, int]) -> None:
-        return None
+        """After each flush: the next batch's fill time under the latency target (if any)."""
+        cfg = self.config
+        if cfg.latency_target is None or self.runner is None:
+            return
+        fill = fill_seconds_for(
+            cfg.latency_target, cfg.batch_seconds, cfg.fetch_wait_ms / 1000, self.output.flush_seconds
+        )
+        self.runner.config.fill_seconds = fill
+        self.counters["fill_ms"] = round(fill * 1000)
 
     def reset(self, tps: set[TP]) -> None:
         return None  # nothing kept between batches: a batch is rebuilt from its records
