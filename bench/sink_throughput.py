@@ -427,13 +427,14 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     )
     sink = ClickHouseSink(config, writer)
     marks: dict[str, Any] = {}
-    flushes: list[tuple[float, list[list[Any]]]] = []  # (wall clock at the flush's end, [[partition, first, last]])
+    flushes: list[tuple[float, list[list[Any]], float]] = []  # (end wall clock, [[partition, first, last]], seconds)
     flush = sink.output.flush
 
     async def timed_flush(out: Any) -> Any:
+        began = time.time()
         result = await flush(out)
         at = time.time()
-        flushes.append((at, [[p, a, b] for batch in out for (_t, p), (a, b) in batch.ranges.items()]))
+        flushes.append((at, [[p, a, b] for batch in out for (_t, p), (a, b) in batch.ranges.items()], at - began))
         return result
 
     sink.output.flush = timed_flush  # type: ignore[method-assign]
@@ -583,6 +584,13 @@ def start_child(
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
     if args.cpu is not None:
         argv += ["--cpu", str(args.cpu)]
+    if kind == "sink" and args.py_spy:
+        spy = Path(sys.executable).with_name("py-spy")
+        out = Path(args.py_spy).resolve()
+        if code is not None:
+            out = out.with_name(out.name + ".baseline")
+        spy_args = ["record", "-r", "250", "--native", "--threads", "--format", "raw", "-o", str(out)]
+        argv = [str(spy), *spy_args, "--", *argv]
     env = dict(os.environ)
     if code is not None:  # the child imports the packages of that tree first (before the editable install)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
@@ -635,7 +643,7 @@ def paced_delays(run: dict[str, Any], start: float, rate: float, partitions: int
         return []
     from_time = flushes[0][0] + skip
     out = []
-    for at, spans in flushes:
+    for at, spans, _took in flushes:
         for p, a, b in spans:
             for o in range(a, b + 1):
                 sent = start + (o * partitions + p) / rate
@@ -817,7 +825,8 @@ def report(
             extra.add_row(
                 f"(b) [{path}] paced at {args.rate:,.0f}/s: sink CPU per 1,000 rows (median round; rounds)",
                 f"{run['steady_cpu'] / max(1, run['steady_rows']) * 1e6:.1f} ms "
-                f"({', '.join(f'{1e6 / r:.1f}' for r in run.get('rounds', []))}); {run['flushes']} flushes",
+                f"({', '.join(f'{1e6 / r:.1f}' for r in run.get('rounds', []))}); {run['flushes']} flushes "
+                f"(wall median {run['flush_ms'][0]:.0f} ms, max {run['flush_ms'][1]:.0f} ms)",
             )
             extra.add_row(
                 f"(b) [{path}] paced: send -> visible (flush end), messages from 1 s after the first flush",
@@ -927,6 +936,8 @@ def parent(args: argparse.Namespace) -> int:
                     result = child_result("sink", child, args.timeout + 120)
                     if start is not None:
                         result["delays"] = paced_delays(result, start, args.rate, args.partitions, 1.0)
+                        took = sorted(f[2] for f in result["flushes"])
+                        result["flush_ms"] = (took[len(took) // 2] * 1000, took[-1] * 1000) if took else (0, 0)
                         result["flushes"] = len(result["flushes"])
                     runs.setdefault(label, []).append(result)
                     shutil.rmtree(tmp / f"sink-{path}", ignore_errors=True)

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
 
     # Sink
-    sink_batch_rows: int = Field(default=10_000, ge=1)
+    sink_batch_rows: int = Field(default=30_000, ge=1)
     sink_batch_seconds: float = Field(default=0.5, gt=0)
     sink_latency_target: float = Field(
         default=0.4,
