@@ -415,8 +415,9 @@ FIRST_FETCH_SECONDS = 0.05
 (then fill for ``batch_seconds`` more): at paced rates a row waited up to twice ``batch_seconds``.
 With no records the runner just asks again."""
 
-MIN_FILL_SECONDS = 0.05
-"""The shortest batch fill the latency target sets (a batch of one fetch or two)."""
+MIN_FILL_SECONDS = 0.1
+"""The shortest batch fill the latency target sets. Flushes slowed down by a busy machine would
+otherwise make batches ever smaller, each one's fixed cost adding to what slowed them."""
 
 
 def fill_seconds_for(target: float, batch_seconds: float, fetch_wait: float, flush_seconds: Sequence[float]) -> float:
@@ -425,13 +426,14 @@ def fill_seconds_for(target: float, batch_seconds: float, fetch_wait: float, flu
     A row waits in the broker for the fetch (at most ``fetch_wait``), for the fetch that starts the
     batch (:data:`FIRST_FETCH_SECONDS`), in the batch (the fill) and in the flush; chDB's cost per
     insert hardly depends on its size (10-16 ms of CPU for 20 rows or 2,000), so the longest fill
-    the target allows is the cheapest. The flush's share is the
-    longest of the recent flushes (``flush_seconds``): when flushes slow down (a loaded machine,
-    a backlog's full batches) the fill shrinks, when they are quick it grows back, never beyond
-    ``batch_seconds`` nor under :data:`MIN_FILL_SECONDS`.
+    the target allows is the cheapest. The flush's share is the median of the recent flushes
+    (``flush_seconds``; their longest made the fill collapse after one slow flush on a busy
+    machine): when flushes slow down the fill shrinks, when they are quick it grows back, never
+    beyond ``batch_seconds`` nor under :data:`MIN_FILL_SECONDS`.
     """
     low = min(MIN_FILL_SECONDS, batch_seconds)
-    worst = max(flush_seconds, default=0.0)
+    recent = sorted(flush_seconds)
+    worst = recent[len(recent) // 2] if recent else 0.0
     first = min(FIRST_FETCH_SECONDS, batch_seconds)
     return max(low, min(batch_seconds, target - fetch_wait - first - worst))
 

@@ -1730,9 +1730,11 @@ def test_a_bad_record_in_a_bulk_block_takes_the_per_message_path(chdb: Client, b
             b"Zq8x", b"Zq\xc3("
         ),
         # each half is invalid, joined without a separator they would read as one valid 'é'
-        "UTF-8 split across two fields": lambda: _raw_evidence({**rec, "evidence_id": "Zq7x", "call_id": "Zq6x"})
-        .replace(b"Zq7x", b"Zq7\xc3")
-        .replace(b"Zq6x", b"\xa9q6x"),
+        "UTF-8 split across two fields": lambda: (
+            _raw_evidence({**rec, "evidence_id": "Zq7x", "call_id": "Zq6x"})
+            .replace(b"Zq7x", b"Zq7\xc3")
+            .replace(b"Zq6x", b"\xa9q6x")
+        ),
         "unknown field": lambda: _raw_evidence({**rec, "extra_json": '{"x":1}'}),
     }[bad]()
     values = [good[0], value, *good[1:]]
