@@ -911,7 +911,7 @@ def parent(args: argparse.Namespace) -> int:
                         "--batch-rows",
                         str(args.batch_rows or 0),
                         "--batch-seconds",
-                        str(args.batch_seconds or 0),
+                        str((args.baseline_batch_seconds if code is not None else 0) or args.batch_seconds or 0),
                         "--timeout",
                         str(args.timeout),
                         "--path",
@@ -992,6 +992,12 @@ def main() -> None:
         "--baseline",
         metavar="DIR",
         help="also run each (b) path on the code in DIR (`git archive REV | tar -x -C DIR`), interleaved",
+    )
+    parser.add_argument(
+        "--baseline-batch-seconds",
+        type=float,
+        default=0.0,
+        help="sink batch seconds of the --baseline runs (default: as --batch-seconds)",
     )
     parser.add_argument(
         "--rate",
