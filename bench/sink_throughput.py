@@ -414,11 +414,38 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         lean_records=not args.path.endswith("-crec"),
         client=client_of(args.path),
     )
+    if hasattr(config, "latency_target"):  # not on a --baseline tree from before it
+        target = settings.sink_latency_target if args.latency_target is None else args.latency_target
+        config.latency_target = target or None
     n = args.messages
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
-    floor = asyncio.run(bare(settings, n, config.batch_rows, f"{args.group}-floor"))
+    paced = args.rate > 0  # the parent produces while the sink runs: no floor (the messages are not there yet)
+    floor = (
+        {"rows": 1, "wall": 0.0, "cpu": 0.0}
+        if paced
+        else asyncio.run(bare(settings, n, config.batch_rows, f"{args.group}-floor"))
+    )
     sink = ClickHouseSink(config, writer)
     marks: dict[str, Any] = {}
+    flushes: list[tuple[float, list[list[Any]], float]] = []  # (end wall clock, [[partition, first, last]], seconds)
+    flush = sink.output.flush
+
+    async def timed_flush(out: Any) -> Any:
+        began = time.time()
+        result = await flush(out)
+        at = time.time()
+        flushes.append((at, [[p, a, b] for batch in out for (_t, p), (a, b) in batch.ranges.items()], at - began))
+        return result
+
+    sink.output.flush = timed_flush  # type: ignore[method-assign]
+    assigned = sink.assigned
+
+    async def ready(tps: Any) -> None:
+        await assigned(tps)
+        if tps:
+            (Path(args.home) / "assigned").touch()  # the parent starts sending paced messages now
+
+    sink.assigned = ready  # type: ignore[method-assign]
 
     async def watch() -> None:
         while True:
@@ -470,6 +497,9 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "client": config.client,
         "rows_in_table": total,
         "consume_only": floor,
+        "flushes": flushes if paced else [],
+        "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
+        "code": os.environ.get("PYTHONPATH", ""),
     }
 
 
@@ -548,6 +578,80 @@ async def consume_only(settings: Settings, n: int, batch_rows: int, group: str) 
 # ------------------------------------------------------------------------- parent
 
 
+def start_child(
+    kind: str, args: argparse.Namespace, extra: list[str], code: str | None = None
+) -> subprocess.Popen[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
+    if args.cpu is not None:
+        argv += ["--cpu", str(args.cpu)]
+    if kind == "sink" and args.py_spy:
+        spy = Path(sys.executable).with_name("py-spy")
+        out = Path(args.py_spy).resolve()
+        if code is not None:
+            out = out.with_name(out.name + ".baseline")
+        spy_args = ["record", "-r", "250", "--native", "--threads", "--format", "raw", "-o", str(out)]
+        argv = [str(spy), *spy_args, "--", *argv]
+    env = dict(os.environ)
+    if code is not None:  # the child imports the packages of that tree first (before the editable install)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
+
+
+def child_result(kind: str, child: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    try:
+        out, err = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    if child.returncode != 0:
+        raise RuntimeError(f"{kind} child failed ({child.returncode}):\n{err[-4000:]}")
+    result: dict[str, Any] = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    return result
+
+
+def paced_produce(
+    bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float, partitions: int
+) -> float:
+    """Send message i to partition i % partitions at ``start + i / rate`` (a 2 ms tick); returns ``start`` (wall clock).
+
+    The topic is fresh, so message i lands at offset i // partitions: its send time is known from its offset.
+    """
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
+    start = time.time()
+    sent = 0
+    while sent < len(messages):
+        due = min(len(messages), int((time.time() - start) * rate) + 1)
+        while sent < due:
+            key, value = messages[sent]
+            producer.produce(topic, value=value, key=key, partition=sent % partitions)
+            sent += 1
+        producer.poll(0)
+        time.sleep(0.002)
+    producer.flush(30)
+    return start
+
+
+def paced_delays(run: dict[str, Any], start: float, rate: float, partitions: int, skip: float) -> list[float]:
+    """Send → visible (flush end) of every message sent ``skip`` seconds after the first flush."""
+    flushes = run["flushes"]
+    if not flushes:
+        return []
+    from_time = flushes[0][0] + skip
+    out = []
+    for at, spans, _took in flushes:
+        for p, a, b in spans:
+            for o in range(a, b + 1):
+                sent = start + (o * partitions + p) / rate
+                if sent >= from_time:
+                    out.append(at - sent)
+    return out
+
+
 def run_child(kind: str, args: argparse.Namespace, extra: list[str], timeout: float) -> dict[str, Any]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
     if args.cpu is not None:
@@ -614,7 +718,7 @@ def report(
             f"{per_cpu:,.0f}",
             f"{of_rounds}{run['steady_rows']:,} rows in {run['steady_wall']:.2f}s after the first batch; "
             f"{rate(run['steady_rows'], run['steady_wall']):,.0f} rows/s wall; "
-            f"process CPU {run['steady_cpu'] / run['steady_wall']:.0%}",
+            f"process CPU {run['steady_cpu'] / max(1e-9, run['steady_wall']):.0%}",
             f">= {TARGET_PER_CPU_S:,} (issue 16)",
             bk.mark(per_cpu >= TARGET_PER_CPU_S),
         )
@@ -683,12 +787,13 @@ def report(
             "bulk-crec": "bulk Avro path, aiokafka ConsumerRecords (before lean records)",
             "bulk-rdk": "bulk Avro path (chDB decodes), librdkafka (confluent-kafka)",
             "rows-rdk": "per-message path (Python reader), librdkafka (confluent-kafka)",
-        }[path]
+        }[path.split("@")[0]] + (" -- on the --baseline code" if path.endswith("@baseline") else "")
         bare = "librdkafka" if run.get("client") == "librdkafka" else "aiokafka"
-        extra.add_row(
-            f"(b) [{path}] a bare {bare} consumer over the same messages (no processing), same CPU",
-            f"{per_row(floor['rows'], floor['wall'])}, process CPU {floor['cpu'] / floor['wall']:.0%}",
-        )
+        if floor["wall"] > 0:  # not measured in paced runs
+            extra.add_row(
+                f"(b) [{path}] a bare {bare} consumer over the same messages (no processing), same CPU",
+                f"{per_row(floor['rows'], floor['wall'])}, process CPU {floor['cpu'] / floor['wall']:.0%}",
+            )
         extra.add_row(
             f"(b) [{path}] rows/s including consumer start and group join",
             f"{rate(run['total_rows'], run['total_wall']):,.0f} ({run['startup']:.1f}s to the first batch)",
@@ -710,7 +815,23 @@ def report(
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
             f"{run['bulk_rows']} / {run['bulk_fallbacks']}",
         )
-        extra.add_row(f"(b) [{path}] batch bound (rows / seconds)", f"{run['batch_rows']:,} / {run['batch_seconds']}")
+        extra.add_row(
+            f"(b) [{path}] batch bound (rows / seconds; fill seconds at the end)",
+            f"{run['batch_rows']:,} / {run['batch_seconds']} / {run.get('fill_seconds')}",
+        )
+        if "delays" in run:
+            d = sorted(run["delays"]) or [float("nan")]
+            q = [d[min(len(d) - 1, int(f * len(d)))] * 1000 for f in (0.5, 0.99, 1.0)]
+            extra.add_row(
+                f"(b) [{path}] paced at {args.rate:,.0f}/s: sink CPU per 1,000 rows (median round; rounds)",
+                f"{run['steady_cpu'] / max(1, run['steady_rows']) * 1e6:.1f} ms "
+                f"({', '.join(f'{1e6 / r:.1f}' for r in run.get('rounds', []))}); {run['flushes']} flushes "
+                f"(wall median {run['flush_ms'][0]:.0f} ms, max {run['flush_ms'][1]:.0f} ms)",
+            )
+            extra.add_row(
+                f"(b) [{path}] paced: send -> visible (flush end), messages from 1 s after the first flush",
+                f"p50 {q[0]:,.0f} ms, p99 {q[1]:,.0f} ms, max {q[2]:,.0f} ms ({len(run['delays']):,} messages)",
+            )
         extra.add_row(f"(b) [{path}] evidence rows in chDB at the end", f"{run['rows_in_table']:,}")
     extra.add_row("load average before / after (1/5/15 min)", f"{load} / {bk.load_text()}")
     bk.console.print(extra)
@@ -756,42 +877,71 @@ def parent(args: argparse.Namespace) -> int:
             cleanup.callback(broker.stop)
             bootstrap = broker.config.bootstrap
             bk.say(f"(b) Kafka broker ready on {bootstrap}; creating topics, building {args.messages:,} evidence rows")
-            asyncio.run(create_topics(bootstrap, settings.topics.all(), args.partitions))
             events = realistic_evidence(args.messages)
             messages = [(e.call_id.encode(), encode(e)) for e in events]
             del events
-            count, seconds = asyncio.run(produce(bootstrap, settings.topics.evidence, messages))
-            del messages
-            bk.say(f"produced {count:,} evidence messages in {seconds:.1f}s; starting the sink")
+            if not args.rate:
+                asyncio.run(create_topics(bootstrap, settings.topics.all(), args.partitions))
+                count, seconds = asyncio.run(produce(bootstrap, settings.topics.evidence, messages))
+                bk.say(f"produced {count:,} evidence messages in {seconds:.1f}s; starting the sink")
             sink = {}
-            runs: dict[str, list[dict[str, Any]]] = {path: [] for path in args.paths}
+            labels = [(path, None) for path in args.paths]
+            if args.baseline:
+                labels += [(path, str(Path(args.baseline).resolve())) for path in args.paths]
+            runs: dict[str, list[dict[str, Any]]] = {}
             for round_ in range(args.rounds):  # interleaved: a change in the machine's load hits every path alike
-                for path in args.paths:
+                for i, (path, code) in enumerate(labels):
+                    label = path if code is None else f"{path}@baseline"
+                    prefix = settings.topic_prefix
+                    if args.rate:  # a fresh topic per run: message i is at offset i // partitions
+                        prefix = f"bench{run_id}r{round_}p{i}."
+                        paced_topics = Settings(home=tmp / "sink", bootstrap=bootstrap, topic_prefix=prefix).topics
+                        asyncio.run(create_topics(bootstrap, paced_topics.all(), args.partitions))
                     extra = [
                         "--home",
                         str(tmp / f"sink-{path}"),
                         "--bootstrap",
                         bootstrap,
                         "--prefix",
-                        settings.topic_prefix,
+                        prefix,
                         "--group",
-                        f"bench{run_id}-sink-{path}-{round_}",
+                        f"bench{run_id}-sink-{path}-{i}-{round_}",
                         "--messages",
                         str(args.messages),
                         "--batch-rows",
                         str(args.batch_rows or 0),
                         "--batch-seconds",
-                        str(args.batch_seconds or 0),
+                        str((args.baseline_batch_seconds if code is not None else 0) or args.batch_seconds or 0),
                         "--timeout",
                         str(args.timeout),
                         "--path",
                         path,
+                        "--rate",
+                        str(args.rate),
+                        *([] if args.latency_target is None else ["--latency-target", str(args.latency_target)]),
                     ]
                     bk.say(
-                        f"(b) sink, {path} path" + (f", round {round_ + 1} of {args.rounds}" if args.rounds > 1 else "")
+                        f"(b) sink, {label} path"
+                        + (f", round {round_ + 1} of {args.rounds}" if args.rounds > 1 else "")
+                        + (f", messages paced at {args.rate:,.0f}/s" if args.rate else "")
                     )
-                    runs[path].append(run_child("sink", args, extra, args.timeout + 120))
+                    child = start_child("sink", args, extra, code)
+                    start = None
+                    if args.rate:
+                        flag = tmp / f"sink-{path}" / "assigned"
+                        deadline = time.monotonic() + 120
+                        while not flag.exists() and child.poll() is None and time.monotonic() < deadline:
+                            time.sleep(0.05)  # the child's start and group join
+                        start = paced_produce(bootstrap, paced_topics.evidence, messages, args.rate, args.partitions)
+                    result = child_result("sink", child, args.timeout + 120)
+                    if start is not None:
+                        result["delays"] = paced_delays(result, start, args.rate, args.partitions, 1.0)
+                        took = sorted(f[2] for f in result["flushes"])
+                        result["flush_ms"] = (took[len(took) // 2] * 1000, took[-1] * 1000) if took else (0, 0)
+                        result["flushes"] = len(result["flushes"])
+                    runs.setdefault(label, []).append(result)
                     shutil.rmtree(tmp / f"sink-{path}", ignore_errors=True)
+            del messages
             for path, results in runs.items():
                 ranked = sorted(results, key=lambda r: rate(r["steady_rows"], r["steady_cpu"]))
                 sink[path] = {
@@ -837,6 +987,30 @@ def main() -> None:
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="run the (b) paths this many times, interleaved; report each one's median"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run each (b) path on the code in DIR (`git archive REV | tar -x -C DIR`), interleaved",
+    )
+    parser.add_argument(
+        "--baseline-batch-seconds",
+        type=float,
+        default=0.0,
+        help="sink batch seconds of the --baseline runs (default: as --batch-seconds)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="(b) paced: produce the messages at this rate while the sink runs (fresh topics per run) and report "
+        "the sink's CPU per 1,000 rows and send -> visible delay (default: all produced before the sink starts)",
+    )
+    parser.add_argument(
+        "--latency-target",
+        type=float,
+        default=None,
+        help="the sink's latency target in seconds (0: off; default: the settings', SCOPEWATCH_SINK_LATENCY_TARGET)",
     )
     parser.add_argument("--path", choices=PATHS, default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)

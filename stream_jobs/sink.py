@@ -58,7 +58,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -302,6 +302,9 @@ class ClickHouseWriter:
             "max_block_size": rows,
             "min_insert_block_size_rows": rows,
             "input_format_avro_allow_missing_fields": 0,
+            # the plan of an INSERT ... SELECT from one file has nothing to optimise; planning the
+            # optimisations still cost ~1 ms of every insert (chDB 4.4, 20-row blocks)
+            "query_plan_enable_optimizations": 0,
         }
         clause = ", ".join(f"{k} = {_literal(v)}" for k, v in settings.items())
         fd, path = tempfile.mkstemp(prefix="scopewatch-sink-", suffix=".avro", dir=_TMP_DIR)
@@ -398,10 +401,44 @@ class SinkConfig:
     client: str = "librdkafka"
     """The Kafka client under the runner: ``librdkafka`` (:mod:`stream_jobs.rdkafka_adapter`, confluent-kafka)
     or ``aiokafka`` (:mod:`stream_jobs.kafka_adapter`). The service takes ``SCOPEWATCH_SINK_CLIENT``."""
+    latency_target: float | None = None
+    """Seconds a row may spend in the sink, from the broker to visible in ClickHouse (fetch wait, batch
+    fill and flush): each batch is filled for as long as that leaves after the recent flushes' time
+    (:func:`fill_seconds_for`), at most ``batch_seconds``. None: every batch fills ``batch_seconds``.
+    The service takes ``SCOPEWATCH_SINK_LATENCY_TARGET``."""
     table_topics: dict[str, str] | None = None
     """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
     type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
     any topic (tests of the column path)."""
+
+
+FIRST_FETCH_SECONDS = 0.05
+"""How long the fetch that starts a batch waits. librdkafka's ``consume`` returns only when it has
+``batch_rows`` records or its time is up, so a batch used to start only after ``batch_seconds``
+(then fill for ``batch_seconds`` more): at paced rates a row waited up to twice ``batch_seconds``.
+With no records the runner just asks again."""
+
+MIN_FILL_SECONDS = 0.1
+"""The shortest batch fill the latency target sets. Flushes slowed down by a busy machine would
+otherwise make batches ever smaller, each one's fixed cost adding to what slowed them."""
+
+
+def fill_seconds_for(target: float, batch_seconds: float, fetch_wait: float, flush_seconds: Sequence[float]) -> float:
+    """How long to fill the next batch after its first record so that a row's time in the sink stays near ``target``.
+
+    A row waits in the broker for the fetch (at most ``fetch_wait``), for the fetch that starts the
+    batch (:data:`FIRST_FETCH_SECONDS`), in the batch (the fill) and in the flush; chDB's cost per
+    insert hardly depends on its size (10-16 ms of CPU for 20 rows or 2,000), so the longest fill
+    the target allows is the cheapest. The flush's share is the median of the recent flushes
+    (``flush_seconds``; their longest made the fill collapse after one slow flush on a busy
+    machine): when flushes slow down the fill shrinks, when they are quick it grows back, never
+    beyond ``batch_seconds`` nor under :data:`MIN_FILL_SECONDS`.
+    """
+    low = min(MIN_FILL_SECONDS, batch_seconds)
+    recent = sorted(flush_seconds)
+    worst = recent[len(recent) // 2] if recent else 0.0
+    first = min(FIRST_FETCH_SECONDS, batch_seconds)
+    return max(low, min(batch_seconds, target - fetch_wait - first - worst))
 
 
 class WrongTopic(ValueError):
@@ -423,12 +460,17 @@ class ClickHouseOutput:
         self.writer = writer
         self.counters = counters
         self._flushes = 0
+        self.flush_seconds: deque[float] = deque(maxlen=8)
+        """Wall seconds of the last successful flushes (the latency target's view of the flush's share)."""
         self.rows_of: Callable[[Sequence[Any], datetime], dict[str, list[tuple[Any, ...]]]] | None = None
         """The sink's per-message path (a refused bulk block's messages to rows per table)."""
 
     async def flush(self, out: Sequence[Batch]) -> dict[tuple[str, int], int]:
+        started = time.monotonic()
         for batch in out:
             await self._write(batch)
+        if out:
+            self.flush_seconds.append(time.monotonic() - started)
         return {}
 
     async def _write(self, batch: Batch) -> None:
@@ -600,7 +642,7 @@ class ClickHouseSink(Job["Batch"]):
             self,
             RunnerConfig(
                 max_records=cfg.batch_rows,
-                batch_ms=max(1, int(cfg.batch_seconds * 1000)),
+                batch_ms=max(1, int(min(cfg.batch_seconds, FIRST_FETCH_SECONDS) * 1000)),
                 fill_seconds=cfg.batch_seconds,
                 timer_seconds=cfg.lag_interval,
                 min_backoff=0.2,
@@ -615,6 +657,11 @@ class ClickHouseSink(Job["Batch"]):
     async def run(self) -> None:
         self._consumer = self.new_consumer()
         self.runner = runner = self.new_runner(self._consumer)
+        # Everything made so far (modules, the engine's client, the generated readers) lives as long as
+        # the process: out of the cyclic collector's way, its collections walk only what the batches make
+        # (py-spy, paced: gc_collect_main was ~6 % of the sink's samples, walking the whole heap).
+        gc.collect()
+        gc.freeze()
         if self._stopping:
             runner.stop()
         log.info(
@@ -662,7 +709,15 @@ class ClickHouseSink(Job["Batch"]):
         return []
 
     def flushed(self, ends: dict[TP, int]) -> None:
-        return None
+        """After each flush: the next batch's fill time under the latency target (if any)."""
+        cfg = self.config
+        if cfg.latency_target is None or self.runner is None:
+            return
+        fill = fill_seconds_for(
+            cfg.latency_target, cfg.batch_seconds, cfg.fetch_wait_ms / 1000, self.output.flush_seconds
+        )
+        self.runner.config.fill_seconds = fill
+        self.counters["fill_ms"] = round(fill * 1000)
 
     def reset(self, tps: set[TP]) -> None:
         return None  # nothing kept between batches: a batch is rebuilt from its records

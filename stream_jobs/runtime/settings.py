@@ -64,8 +64,14 @@ class Settings(BaseSettings):
     )
 
     # Sink
-    sink_batch_rows: int = Field(default=10_000, ge=1)
+    sink_batch_rows: int = Field(default=30_000, ge=1)
     sink_batch_seconds: float = Field(default=0.5, gt=0)
+    sink_latency_target: float = Field(
+        default=0.4,
+        ge=0,
+        description="seconds a row may spend in the sink (fetch wait, batch fill, flush): each batch fills for "
+        "what that leaves after the recent flushes, at most sink_batch_seconds; 0: always sink_batch_seconds",
+    )
     sink_bulk_avro: bool = True
     """Evidence records go to the embedded engine as Avro containers it decodes (stream_jobs.bulk);
     false: every message is read in Python (the columnar fast reader), as before."""

@@ -1699,6 +1699,9 @@ def test_bulk_path_stores_the_same_bytes_as_the_per_message_path(chdb: Client) -
         "trailing bytes",
         "truncated body",
         "invalid UTF-8",
+        "invalid UTF-8 in an optional field",
+        "invalid UTF-8 in a list",
+        "UTF-8 split across two fields",
         "unknown field",
     ],
 )
@@ -1719,6 +1722,19 @@ def test_a_bad_record_in_a_bulk_block_takes_the_per_message_path(chdb: Client, b
         "trailing bytes": lambda: good[0] + b"\x00" * 30,
         "truncated body": lambda: good[0][:-5],
         "invalid UTF-8": lambda: good[0].replace(b"ok-0", b"ok-\xff"),
+        # the bulk check tests all of a row's text in one isValidUTF8 over the fields joined by '\n'
+        "invalid UTF-8 in an optional field": lambda: _raw_evidence({**rec, "principal": "Zq9x"}).replace(
+            b"Zq9x", b"Zq\xed\xa0"
+        ),
+        "invalid UTF-8 in a list": lambda: _raw_evidence({**rec, "reasons": ["fine", "Zq8x"]}).replace(
+            b"Zq8x", b"Zq\xc3("
+        ),
+        # each half is invalid, joined without a separator they would read as one valid 'é'
+        "UTF-8 split across two fields": lambda: (
+            _raw_evidence({**rec, "evidence_id": "Zq7x", "call_id": "Zq6x"})
+            .replace(b"Zq7x", b"Zq7\xc3")
+            .replace(b"Zq6x", b"\xa9q6x")
+        ),
         "unknown field": lambda: _raw_evidence({**rec, "extra_json": '{"x":1}'}),
     }[bad]()
     values = [good[0], value, *good[1:]]

@@ -14,7 +14,7 @@ from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
 from stream_jobs.rows import COLUMNS, Provenance, to_row
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.service import sink_config
-from stream_jobs.sink import Batch, ClickHouseSink
+from stream_jobs.sink import MIN_FILL_SECONDS, Batch, ClickHouseSink, fill_seconds_for
 from support.samples import SAMPLES
 
 T = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
@@ -121,3 +121,36 @@ def test_a_record_lands_only_from_its_own_topic(table: str, record: Any, tmp_pat
         letter
     )
     assert sink.counters["wrong_topic"] == 1 and sink.counters["dead_letters"] == 1
+
+
+def test_the_latency_target_sets_each_batch_fill_from_the_recent_flushes() -> None:
+    """A row's time in the sink (fetch wait + batch fill + flush) stays near the target: the fill is what is left."""
+    assert fill_seconds_for(0.4, 0.5, 0.1, []) == pytest.approx(0.25)  # less the fetch wait and the first fetch
+    assert fill_seconds_for(0.4, 0.5, 0.1, [0.02, 0.05, 0.01]) == pytest.approx(0.23)  # the median recent flush
+    assert fill_seconds_for(0.4, 0.5, 0.1, [0.02, 0.9, 0.01]) == pytest.approx(0.23)  # one slow flush: no collapse
+    assert fill_seconds_for(0.4, 0.2, 0.1, [0.01]) == 0.2  # never beyond batch_seconds
+    assert fill_seconds_for(0.4, 0.5, 0.1, [0.9]) == MIN_FILL_SECONDS  # slow flushes: the shortest fill
+    assert fill_seconds_for(0.4, 0.01, 0.1, [0.9]) == 0.01  # nor beyond batch_seconds when it is shorter
+
+
+def test_the_sink_applies_its_latency_target_after_each_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
+    config = sink_config(Settings(home=tmp_path, sink_batch_seconds=0.5, sink_latency_target=0.4))
+    assert config.latency_target == 0.4 and config.fetch_wait_ms == 100
+    assert sink_config(Settings(home=tmp_path, sink_latency_target=0)).latency_target is None
+    sink = ClickHouseSink(config, writer=None)  # type: ignore[arg-type]
+    runner = sink.new_runner(consumer=None)  # type: ignore[arg-type]
+    sink.runner = runner
+    assert runner.config.fill_seconds == 0.5  # until the first flush
+    sink.output.flush_seconds.extend([0.03, 0.08, 0.09])
+    sink.flushed({})
+    assert runner.config.fill_seconds == pytest.approx(0.17) and sink.counters["fill_ms"] == 170
+    sink.output.flush_seconds.extend([0.01] * 8)  # the slow ones have aged out
+    sink.flushed({})
+    assert runner.config.fill_seconds == pytest.approx(0.24)
+    assert runner.config.batch_ms == 50  # the fetch that starts a batch returns soon (librdkafka waits it out)
+    untargeted = ClickHouseSink(replace(config, latency_target=None), writer=None)  # type: ignore[arg-type]
+    untargeted.runner = untargeted.new_runner(consumer=None)  # type: ignore[arg-type]
+    untargeted.output.flush_seconds.append(0.3)
+    untargeted.flushed({})
+    assert untargeted.runner.config.fill_seconds == 0.5
