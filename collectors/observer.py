@@ -253,7 +253,8 @@ class McpSessionObserver:
             call_id=call_id,
             session_id=self.identity.session_id,
             server=server,
-            tool=self.redact_text(tool),  # the agent chooses the name it calls: redact it too
+            # the agent chooses the name it calls: redact it too (a name known clean as it is)
+            tool=tool if redactor.known_clean(tool) else self.redact_text(tool),
             arguments=redacted.value,
             resources=resources,
             transport=self.transport,
