@@ -168,9 +168,29 @@ _DIGEST_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_as
 the encoder built once (``json.dumps`` with arguments builds one per call: most of a small digest's cost)."""
 
 
+def _digest_encoder() -> Any:
+    """:data:`_DIGEST_JSON` without building the C encoder object anew on every call (the same C
+    code and arguments as ``JSONEncoder.iterencode`` passes it, a fresh circular-reference memo each
+    call); None where there is no C encoder."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    basestring = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or basestring is None:
+        return None
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return str(basestring(value))
+        return "".join(make({}, str, basestring, None, ":", ",", True, False, True)(value, 0))
+
+    return encode
+
+
+_DIGEST_FAST = _digest_encoder() or _DIGEST_JSON
+
+
 def canonical_digest(value: Any) -> str:
     """sha256 over the canonical JSON of a value (sorted keys, no whitespace)."""
-    data = _DIGEST_JSON(value)
+    data = _DIGEST_FAST(value)
     return "sha256:" + hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
 
 
