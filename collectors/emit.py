@@ -112,7 +112,7 @@ def _compile_canon(model: type[Event]) -> tuple[frozenset[str], tuple[str, ...],
     for every event. Takes the event's values (object-valued fields already as their canonical JSON
     text, see :func:`_stamp_encode`) and the chain stamp."""
     fields = frozenset(model.model_fields)
-    consts: dict[str, Any] = {"_json_text": _json_text, "_text_or_null": _text_or_null}
+    consts: dict[str, Any] = {"_json_text": _json_text, "_text_or_null": _text_or_null, "_S": _ENCODE_STR}
     parts: list[str] = []
     for i, name in enumerate(sorted(fields)):
         consts[f"K{i}"] = ("{" if i == 0 else ",") + _ENCODE_STR(name) + ":"
@@ -123,10 +123,10 @@ def _compile_canon(model: type[Event]) -> tuple[frozenset[str], tuple[str, ...],
             )
         elif name in JSON_FIELDS:
             value = f"_text_or_null(rec[{name!r}])"
-        else:
-            value = f"_json_text(rec[{name!r}])"
-        parts.append(f"K{i} + {value}")
-    source = "def canon(rec, epoch, cid, prev, seq):\n    return " + " + ".join(parts) + " + '}'\n"
+        else:  # most values are strings: encoded here without a call of _json_text
+            value = f"(_S(v) if type(v := rec[{name!r}]) is str else _json_text(v))"
+        parts.append(f"K{i}, {value}")
+    source = "def canon(rec, epoch, cid, prev, seq):\n    return ''.join((" + ", ".join(parts) + ", '}'))\n"
     exec(compile(source, f"<canonical JSON of {model.__name__}>", "exec"), consts)  # noqa: S102 - our own source
     return fields, tuple(sorted(JSON_FIELDS & fields)), consts["canon"]
 
