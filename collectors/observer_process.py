@@ -448,6 +448,7 @@ def observer_main(
             ctl.sendall(f"{kind}:{exc}\n".encode("utf-8", "replace"))
         return 3
     sink_box.append(sink)
+    gc.freeze()  # and the publisher's (aiokafka, asyncio, the producer): long-lived, never garbage
     if hurried.is_set():
         sink.hurry()
     with contextlib.suppress(OSError):
