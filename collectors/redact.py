@@ -431,15 +431,17 @@ class _Engine:
 
     def find(self, text: str, runs: bytes | None = None) -> list[Finding]:
         """The secrets in ``text`` (not overlapping each other or a placeholder), in order."""
+        if text.isascii():
+            hits = self._keywords_bytes.find_matches_as_indexes(text.lower().encode("ascii"), overlapping=True)
+        else:
+            hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
+        if not hits and not self._custom and not (self._bare and len(text) >= _BARE_RUN[0]):
+            return []  # no keyword, too short for the bare detectors, no configured pattern: nothing to find
         taken = _Spans()
         if _PLACEHOLDER_START in text:
             for placeholder in PLACEHOLDER.finditer(text):
                 taken.add(*placeholder.span())
         found: list[Finding] = []
-        if text.isascii():
-            hits = self._keywords_bytes.find_matches_as_indexes(text.lower().encode("ascii"), overlapping=True)
-        else:
-            hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
         if hits:
             kd = self._keyword_detectors
             # at one place the first detector of the catalog that matches wins; a keyword inside a
