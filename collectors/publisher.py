@@ -162,7 +162,7 @@ class _Item:
         self.size = len(self.value) + len(self.topic) + (len(self.key) if self.key else 0)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Flight:
     """A record handed to the producer, not yet acknowledged."""
 
