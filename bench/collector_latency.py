@@ -91,6 +91,8 @@ PERCENTILES = (50, 90, 99)
 RAW_CPU: dict[str, float] = {}  # raw pass: CPU microseconds per call of each session's child process
 NATIVE_RELAY: set[str] = set()  # raw pass: the wrap sessions that ran the native relay
 PY_WRAP = "wrap, python relay"
+BASE_WRAP = "wrap (baseline code)"  # --baseline DIR: wrap and its observer run the code in DIR
+BASE_WRAP_DOWN = "wrap, broker down (baseline code)"
 AIOHTTP_PROXY = "http proxy, aiohttp server"  # SCOPEWATCH_PROXY_SERVER=aiohttp, broker up
 PROXY_CPU: dict[str, tuple[float, float]] = {}  # SDK pass: proxy -> CPU us per call (relay thread, other threads)
 OBSERVER_CPU: dict[str, float] = {}  # raw pass: the same for the observer process of each wrap session
@@ -321,10 +323,11 @@ def start_proxy(env: Env, upstream: str, name: str, broker_up: bool, server: str
 class RawSession:
     """One MCP stdio session driven with plain blocking pipe I/O (minimal client-side jitter)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, cwd: str | None = None) -> None:
         self.log = log.open("wb")
         self.child = subprocess.Popen(
             argv,
+            cwd=cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -441,6 +444,10 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
         "wrap, broker down": (wrap_argv(server, "raw-wrap-down", 1), env.env_for("raw-wrap-down", False)),
         PY_WRAP: (wrap_argv(server, "raw-wrap-py", 10), env.env_for("raw-wrap-py", True, relay="python")),
     }
+    if args.baseline:  # the same sessions running other code (PYTHONPATH first), side by side in this run
+        for name, spool, up in ((BASE_WRAP, "raw-wrap-base", True), (BASE_WRAP_DOWN, "raw-wrap-base-down", False)):
+            child_env = {**env.env_for(spool, up), "PYTHONPATH": str(Path(args.baseline).resolve())}
+            plan[name] = (wrap_argv(server, spool, 10 if up else 1), child_env)
     c_relay = build_c_relay(env.tmp)
     if c_relay is not None:
         plan["C relay (no observer)"] = ([str(c_relay), *server], env.up_env)
@@ -453,7 +460,9 @@ def raw_pass(env: Env, server: list[str], args: argparse.Namespace) -> dict[str,
     sessions: dict[str, RawSession] = {}
     try:
         for name, (argv, child_env) in plan.items():
-            sessions[name] = RawSession(argv, child_env, env.tmp / f"raw-{name.replace(' ', '_')}.log")
+            # `python -m` puts the working directory first on sys.path: a baseline runs in its own folder
+            cwd = child_env["PYTHONPATH"] if name in (BASE_WRAP, BASE_WRAP_DOWN) else None
+            sessions[name] = RawSession(argv, child_env, env.tmp / f"raw-{name.replace(' ', '_')}.log", cwd)
         for s in sessions.values():
             s.initialize()
         gc.collect()
@@ -787,6 +796,8 @@ def run(args: argparse.Namespace) -> int:
                     "wrap": "direct",
                     "wrap, broker down": "direct",
                     PY_WRAP: "direct",
+                    BASE_WRAP: "direct",
+                    BASE_WRAP_DOWN: "direct",
                 },
                 {"wrap", "wrap, broker down", PY_WRAP},
             )
@@ -811,7 +822,7 @@ def run(args: argparse.Namespace) -> int:
         extra = bk.new_table("Events of the collectors", ("check", "value"), left=("check",))
         per_session = args.warmup + args.calls
         sdk_up = 0 if args.skip_sdk else 3 if args.aiohttp_proxy else 2
-        up_sessions = (1 if "wrap" in raw else 0) + (1 if PY_WRAP in raw else 0) + sdk_up
+        up_sessions = sum(1 for name in ("wrap", PY_WRAP, BASE_WRAP) if name in raw) + sdk_up
         kafka_calls = asyncio.run(
             topic_count(settings.kafka_bootstrap, settings.topics.tool_calls, settings.partitions)
         )
@@ -861,6 +872,13 @@ def main() -> None:
         default=0.0,
         help="raw pass: start one round of calls (one per session) every this many ms, as agents pace"
         " their calls (default 0: back to back); the observer CPU per call is reported either way",
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="DIR",
+        help="raw pass: also run 'wrap' and 'wrap, broker down' with the code in DIR first on PYTHONPATH"
+        " (e.g. `git archive main | tar -x -C DIR`), to compare the observer's CPU before/after in one run",
     )
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--skip-sdk", action="store_true")

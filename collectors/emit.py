@@ -68,6 +68,10 @@ def _c_encoder() -> Callable[[Any], str]:
 
 
 _ENCODE_FAST = _c_encoder()
+_ENCODE_STR: Callable[[str], str] = (
+    getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+)
+"""The string encoder the C encoder of :data:`_ENCODE_FAST` uses (``ensure_ascii=False``)."""
 _FAST: dict[type[Event], Writer] = {
     model: w
     for model in (ToolCall, ToolResult, SessionBound, SessionEnded, GrantIssued, GrantRevoked)
@@ -77,6 +81,58 @@ _FAST: dict[type[Event], Writer] = {
 _SLOT = {name: f"\0{name}\0" for name in JSON_FIELDS}
 _SLOT_JSON = {name: _ENCODE(slot) for name, slot in _SLOT.items()}
 Record = tuple[str, bytes, bytes]
+
+
+def _json_text(v: Any) -> str:
+    """The canonical JSON of one top-level event value, as the C encoder of :data:`_ENCODE_FAST` writes
+    it inside the whole event (the same C functions: strings, ints; a timestamp as its canonical text)."""
+    t = type(v)
+    if t is str:
+        return _ENCODE_STR(v)
+    if v is None:
+        return "null"
+    if t is datetime:
+        return _ENCODE_STR(format_timestamp(v))
+    if t is int:
+        return int.__repr__(v)
+    return _ENCODE_FAST(v)
+
+
+def _text_or_null(text: str | None) -> str:
+    return "null" if text is None else text
+
+
+Canon = Callable[[dict[str, Any], int, str, str | None, int], str]
+
+
+def _compile_canon(model: type[Event]) -> tuple[frozenset[str], tuple[str, ...], Canon]:
+    """The canonical JSON of ``model``'s events written by one generated expression: its fields'
+    keys in sorted order (fixed per model), each value encoded on its own -- what the encoder does
+    for the whole event (sorting the keys, dispatching on each value's type) without doing it anew
+    for every event. Takes the event's values (object-valued fields already as their canonical JSON
+    text, see :func:`_stamp_encode`) and the chain stamp."""
+    fields = frozenset(model.model_fields)
+    consts: dict[str, Any] = {"_json_text": _json_text, "_text_or_null": _text_or_null, "_S": _ENCODE_STR}
+    parts: list[str] = []
+    for i, name in enumerate(sorted(fields)):
+        consts[f"K{i}"] = ("{" if i == 0 else ",") + _ENCODE_STR(name) + ":"
+        if name == "collector":
+            value = (
+                "'{\"epoch\":' + _json_text(epoch) + ',\"id\":' + _json_text(cid)"
+                " + ',\"prev_hash\":' + _json_text(prev) + ',\"seq\":' + _json_text(seq) + '}'"
+            )
+        elif name in JSON_FIELDS:
+            value = f"_text_or_null(rec[{name!r}])"
+        else:  # most values are strings: encoded here without a call of _json_text
+            value = f"(_S(v) if type(v := rec[{name!r}]) is str else _json_text(v))"
+        parts.append(f"K{i}, {value}")
+    source = "def canon(rec, epoch, cid, prev, seq):\n    return ''.join((" + ", ".join(parts) + ", '}'))\n"
+    exec(compile(source, f"<canonical JSON of {model.__name__}>", "exec"), consts)  # noqa: S102 - our own source
+    return fields, tuple(sorted(JSON_FIELDS & fields)), consts["canon"]
+
+
+_CANON = {model: _compile_canon(model) for model in _FAST}
+"""Per event type of :data:`_FAST`: its field names, its object-valued fields and its canonical JSON writer."""
 """``(topic, key, value)``: what a publisher takes."""
 
 
@@ -100,10 +156,12 @@ def stamp_and_encode(stamper: ChainStamper, event: E) -> tuple[E, bytes]:
 def _stamp_encode(stamper: ChainStamper, event: Event) -> bytes:
     """The Avro encoding of ``event`` with the next chain stamp; advances the stamper.
 
-    The fast path (the event types collectors emit, without unknown fields): one plain dict of the
-    event's values, the canonical JSON of the whole event for the hash built from it, and the
-    compiled writer of :mod:`schemas.avro_writer` -- no model copy, no ``model_dump``, no
-    fastavro call set-up. The bytes and the hash are those of the general path (the tests compare).
+    The fast path (the event types collectors emit, without unknown fields): the event's values
+    (object-valued fields as their canonical JSON), the canonical JSON of the whole event for the
+    hash written from them by the event type's generated writer (:func:`_compile_canon`; a plain
+    dict and one encoder call when the event lacks a field), and the compiled Avro writer of
+    :mod:`schemas.avro_writer` -- no model copy, no ``model_dump``, no fastavro call set-up. The
+    bytes and the hash are those of the general path (the tests compare).
     """
     seq = stamper.seq + 1
     prev = stamper.prev_hash
@@ -120,22 +178,35 @@ def _stamp_encode(stamper: ChainStamper, event: Event) -> bytes:
         value = encode(stamped, texts)
     else:
         rec = dict(event.__dict__)
-        plain = {}
-        texts = {}
-        for name, v in rec.items():
-            if name in JSON_FIELDS:
+        canon = _CANON.get(type(event))
+        if canon is not None and rec.keys() == canon[0]:
+            for name in canon[1]:  # the object-valued fields: their canonical JSON, once
+                v = rec[name]
                 if v is not None:
-                    texts[name] = rec[name] = _ENCODE_FAST(v)
-                    plain[name] = _SLOT[name]
+                    rec[name] = _ENCODE_FAST(v)
+            text = canon[2](rec, stamper.epoch, stamper.collector_id, prev, seq)
+        else:
+            plain = {}
+            texts = {}
+            for name, v in rec.items():
+                if name in JSON_FIELDS:
+                    if v is not None:
+                        texts[name] = rec[name] = _ENCODE_FAST(v)
+                        plain[name] = _SLOT[name]
+                        continue
+                elif type(v) is datetime:
+                    plain[name] = format_timestamp(v)
                     continue
-            elif type(v) is datetime:
-                plain[name] = format_timestamp(v)
-                continue
-            plain[name] = v
-        stamp = {"epoch": stamper.epoch, "id": stamper.collector_id, "prev_hash": prev, "seq": seq}
-        plain["collector"] = stamp
-        text = _with_texts(plain, texts)
-        rec["collector"] = {**stamp, "extra_json": None}
+                plain[name] = v
+            plain["collector"] = {"epoch": stamper.epoch, "id": stamper.collector_id, "prev_hash": prev, "seq": seq}
+            text = _with_texts(plain, texts)
+        rec["collector"] = {
+            "epoch": stamper.epoch,
+            "id": stamper.collector_id,
+            "prev_hash": prev,
+            "seq": seq,
+            "extra_json": None,
+        }
         rec["extra_json"] = None
         value = writer(rec)
     stamper.seq = seq  # only once the event is encoded: a failure leaves no gap in the chain

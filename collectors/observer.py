@@ -59,24 +59,34 @@ class SessionIdentity:
 
 
 class _RandomPool:
-    """OS randomness fetched 4 KiB at a time (one ``getrandom`` per 256 ids instead of one per id)."""
+    """Random (version 4) UUID strings, made 256 at a time from one ``getrandom`` of 4 KiB."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pool = b""
-        self._pos = 0
+        self._ready: list[str] = []
 
-    def take16(self) -> bytes:
-        with self._lock:
-            if self._pos + 16 > len(self._pool):
-                self._pool, self._pos = os.urandom(4096), 0
-            raw = self._pool[self._pos : self._pos + 16]
-            self._pos += 16
-            return raw
+    def take(self) -> str:
+        while True:
+            try:
+                return self._ready.pop()  # atomic: each string is handed out once, whatever the threads
+            except IndexError:
+                with self._lock:
+                    if not self._ready:
+                        self._ready = _uuids(os.urandom(4096))
 
     def reset(self) -> None:  # after a fork: never hand out the parent's numbers again
         self._lock = threading.Lock()
-        self._pool, self._pos = b"", 0
+        self._ready = []
+
+
+def _uuids(raw: bytes) -> list[str]:
+    """Version 4 UUID strings, one per 16 bytes of ``raw``, as ``str(uuid.UUID(bytes=..., version=4))``."""
+    h = raw.hex()
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+        f"{'89ab'[int(h[i + 16], 16) & 3]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+        for i in range(0, len(h) - 31, 32)
+    ]
 
 
 _POOL = _RandomPool()
@@ -85,9 +95,7 @@ os.register_at_fork(after_in_child=_POOL.reset)
 
 def random_uuid() -> str:
     """A random (version 4) UUID string, as ``str(uuid.uuid4())`` but cheaper."""
-    h = _POOL.take16().hex()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+    return _POOL.take()
 
 
 def _error_text(result: dict[str, Any]) -> str:
@@ -253,7 +261,8 @@ class McpSessionObserver:
             call_id=call_id,
             session_id=self.identity.session_id,
             server=server,
-            tool=self.redact_text(tool),  # the agent chooses the name it calls: redact it too
+            # the agent chooses the name it calls: redact it too (a name known clean as it is)
+            tool=tool if redactor.known_clean(tool) else self.redact_text(tool),
             arguments=redacted.value,
             resources=resources,
             transport=self.transport,

@@ -183,6 +183,9 @@ class KafkaSink:
         publisher = BackgroundPublisher(
             self.bootstrap,
             client_id=self.client_id,
+            # each pipe read's records reach the producer at once, as whole record batches: waiting
+            # for more (aiokafka's linger) only cost the producer a timer and a turn per read
+            linger_ms=0,
             spool=self.spool,
             max_queued=self.max_queued,
             max_queued_bytes=self.max_queued_bytes,
@@ -445,6 +448,7 @@ def observer_main(
             ctl.sendall(f"{kind}:{exc}\n".encode("utf-8", "replace"))
         return 3
     sink_box.append(sink)
+    gc.freeze()  # and the publisher's (aiokafka, asyncio, the producer): long-lived, never garbage
     if hurried.is_set():
         sink.hurry()
     with contextlib.suppress(OSError):

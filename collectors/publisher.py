@@ -162,7 +162,7 @@ class _Item:
         self.size = len(self.value) + len(self.topic) + (len(self.key) if self.key else 0)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Flight:
     """A record handed to the producer, not yet acknowledged."""
 
@@ -310,9 +310,28 @@ class BackgroundPublisher:
         one wake-up of the publisher thread for all of them (a collector hands over what it parsed
         from one read). Returns how many were accepted; each refused one is a counted loss."""
         accepted = 0
+        clear_idle = True
         with self._cond:
+            incoming = self._incoming
             for topic, key, value in records:
-                accepted += self._put(_Item(topic, key, value))
+                item = _Item(topic, key, value)
+                size = item.size
+                if (
+                    self._accepting
+                    and len(incoming) < self.max_queued
+                    and self._incoming_bytes + size <= self.max_queued_bytes
+                ):
+                    # room (what _put checks first, inline: a round of records costs one call, not one each)
+                    incoming.append(item)
+                    self._incoming_bytes += size
+                    self.stats.queued += 1
+                    if clear_idle:
+                        self._idle.clear()
+                        clear_idle = False
+                    accepted += 1
+                else:
+                    accepted += self._put(item)
+                    clear_idle = True  # _put may have waited: the lock was let go meanwhile
             wake = self._sleeping
             self._sleeping = False
         if wake:

@@ -168,9 +168,29 @@ _DIGEST_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_as
 the encoder built once (``json.dumps`` with arguments builds one per call: most of a small digest's cost)."""
 
 
+def _digest_encoder() -> Any:
+    """:data:`_DIGEST_JSON` without building the C encoder object anew on every call (the same C
+    code and arguments as ``JSONEncoder.iterencode`` passes it, a fresh circular-reference memo each
+    call); None where there is no C encoder."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    basestring = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or basestring is None:
+        return None
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return str(basestring(value))
+        return "".join(make({}, str, basestring, None, ":", ",", True, False, True)(value, 0))
+
+    return encode
+
+
+_DIGEST_FAST = _digest_encoder() or _DIGEST_JSON
+
+
 def canonical_digest(value: Any) -> str:
     """sha256 over the canonical JSON of a value (sorted keys, no whitespace)."""
-    data = _DIGEST_JSON(value)
+    data = _DIGEST_FAST(value)
     return "sha256:" + hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -239,28 +259,40 @@ class Redactor(BaseModel):
         """A redactor with a fresh random key: fingerprints only join within its lifetime."""
         return cls(key=SecretBytes(secrets.token_bytes(32)), **config)
 
+    @property
+    def _fast_engine(self) -> _Engine:
+        """``self._engine`` without pydantic's ``__getattr__`` (a dictionary look-up instead of a
+        search through the model's private attributes: a microsecond per call on the hot path)."""
+        engine: _Engine = self.__pydantic_private__["_engine"]  # type: ignore[index]
+        return engine
+
+    def known_clean(self, text: str) -> bool:
+        """True when :meth:`redact_text` is known to return ``text`` unchanged, with no finding,
+        without running the detectors (a short text seen clean before); False means: not known."""
+        return self._fast_engine.known_clean(text)
+
     def fingerprint(self, secret: str, detector: str) -> str:
         """The placeholder that replaces ``secret`` (found by ``detector``)."""
-        return self._engine.fingerprint(secret, detector)
+        return self._fast_engine.fingerprint(secret, detector)
 
     def is_secret_name(self, name: str) -> bool:
         """Whether an argument called ``name`` holds a secret as a whole."""
-        return self._engine.is_secret_name(name)
+        return self._fast_engine.is_secret_name(name)
 
     def redact_text(self, text: str) -> Redacted[str]:
         """``text`` with every secret a detector finds replaced by its fingerprint."""
         counts: Counter[str] = Counter()
-        return Redacted(self._engine.text(text, counts), dict(counts))
+        return Redacted(self._fast_engine.text(text, counts), dict(counts))
 
     def redact(self, value: Any) -> Redacted[Any]:
         """A JSON value, redacted and made storable (no size cap)."""
         counts: Counter[str] = Counter()
-        return Redacted(self._engine.value(value, counts, 0), dict(counts))
+        return Redacted(self._fast_engine.value(value, counts, 0), dict(counts))
 
     def redact_field(self, name: str, value: Any) -> Redacted[Any]:
         """``value`` as stored under the argument ``name`` (fingerprinted whole if the name is credential-like)."""
         counts: Counter[str] = Counter()
-        return Redacted(self._engine.field(name, value, counts, 0), dict(counts))
+        return Redacted(self._fast_engine.field(name, value, counts, 0), dict(counts))
 
     def redact_arguments(self, arguments: Any) -> Redacted[dict[str, Any]]:
         """Tool-call arguments as a storable object: redacted, then capped at ``max_argument_bytes``.
@@ -272,7 +304,7 @@ class Redactor(BaseModel):
         elif not isinstance(arguments, dict):
             arguments = {"_value": arguments}
         counts: Counter[str] = Counter()
-        redacted = self._engine.value(arguments, counts, 0)
+        redacted = self._fast_engine.value(arguments, counts, 0)
         return Redacted(_cap(redacted, self.max_argument_bytes), dict(counts))
 
 
@@ -308,6 +340,11 @@ class _Engine:
     def fingerprint(self, secret: str, detector: str) -> str:
         mac = hmac.digest(self._key, secret.encode("utf-8", "surrogatepass"), "sha256")  # one-shot, in C
         return f"[redacted:{detector}:hmac-sha256:{mac[:8].hex()}]"
+
+    def known_clean(self, text: str) -> bool:
+        if text in self._clean:
+            return True
+        return len(text) < _SHORTEST_MATCH and not self._custom and text.isascii()
 
     def is_secret_name(self, name: str) -> bool:
         known = self._name_cache.get(name)
@@ -394,15 +431,17 @@ class _Engine:
 
     def find(self, text: str, runs: bytes | None = None) -> list[Finding]:
         """The secrets in ``text`` (not overlapping each other or a placeholder), in order."""
+        if text.isascii():
+            hits = self._keywords_bytes.find_matches_as_indexes(text.lower().encode("ascii"), overlapping=True)
+        else:
+            hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
+        if not hits and not self._custom and not (self._bare and len(text) >= _BARE_RUN[0]):
+            return []  # no keyword, too short for the bare detectors, no configured pattern: nothing to find
         taken = _Spans()
         if _PLACEHOLDER_START in text:
             for placeholder in PLACEHOLDER.finditer(text):
                 taken.add(*placeholder.span())
         found: list[Finding] = []
-        if text.isascii():
-            hits = self._keywords_bytes.find_matches_as_indexes(text.lower().encode("ascii"), overlapping=True)
-        else:
-            hits = self._keywords_str.find_matches_as_indexes(text.translate(_ASCII_LOWER), overlapping=True)
         if hits:
             kd = self._keyword_detectors
             # at one place the first detector of the catalog that matches wins; a keyword inside a

@@ -26,6 +26,7 @@ Pure: no I/O, deterministic.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import posixpath
@@ -121,7 +122,8 @@ class ResourceExtractor(BaseModel):
 
     def templates_for(self, target: str) -> tuple[str, ...]:
         """The templates of every rule matching ``server/tool``, in rule order (remembered per target)."""
-        found = self._templates.get(target)
+        templates: dict[str, tuple[str, ...]] = self.__pydantic_private__["_templates"]  # type: ignore[index]
+        found = templates.get(target)  # (not self._templates: pydantic's __getattr__ costs microseconds)
         if found is None:
             found = tuple(
                 template
@@ -129,9 +131,9 @@ class ResourceExtractor(BaseModel):
                 if any(fnmatchcase(target, pattern) for pattern in rule.tools)
                 for template in rule.templates
             )
-            if len(self._templates) >= TEMPLATE_CACHE:  # tool names come from the agent: stay bounded
-                self._templates.clear()
-            self._templates[target] = found
+            if len(templates) >= TEMPLATE_CACHE:  # tool names come from the agent: stay bounded
+                templates.clear()
+            templates[target] = found
         return found
 
     def extract(self, server: str, tool: str, arguments: Any, redactor: Redactor) -> list[str]:
@@ -140,11 +142,21 @@ class ResourceExtractor(BaseModel):
             return []
         found: set[str] = set()
         for template in self.templates_for(f"{server}/{tool}"):
+            if not _field_set(template) <= arguments.keys():
+                continue  # a field it names is missing: it yields nothing (see _render)
             found.update(_render(template, arguments, redactor, self.max_resources))
+        if not found:
+            return []
         resources = sorted({redactor.redact_text(r).value for r in found})
         if len(resources) > self.max_resources:
             resources = [*resources[: self.max_resources - 1], OVERFLOW]
         return resources
+
+
+@functools.cache
+def _field_set(template: str) -> frozenset[str]:
+    """The fields of a template, as a set (templates come from the configuration: a bounded set)."""
+    return frozenset(template_fields(template))
 
 
 def _render(template: str, arguments: Mapping[str, Any], redactor: Redactor, limit: int) -> Iterator[str]:

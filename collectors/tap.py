@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = [
     "C2S",
@@ -76,8 +76,9 @@ _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _MAX_FRAME = 1 << 31
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
+    """One frame read from the copy pipe (immutable; a tuple: built for every chunk relayed)."""
+
     kind: int
     wall_ns: int
     mono_ns: int

@@ -39,7 +39,21 @@ class _Unsupported(Exception):
 
 
 def _long(n: int) -> bytes:
-    """The zigzag varint of a long."""
+    """The zigzag varint of a long (small ones and the last few hundred large ones looked up)."""
+    if type(n) is int:
+        if 0 <= n < 4096:
+            return _LENGTHS[n]
+        known = _LONGS.get(n)
+        if known is not None:
+            return known
+        if len(_LONGS) >= 512:
+            _LONGS.clear()
+        known = _LONGS[n] = _varint(n)
+        return known
+    return _varint(n)
+
+
+def _varint(n: int) -> bytes:
     if not isinstance(n, int):
         raise TypeError(f"expected an int, got {type(n).__name__}")
     if not -(1 << 63) <= n < (1 << 63):
@@ -68,7 +82,8 @@ def _millis(v: Any) -> int:
     return int(v) if isinstance(v, int) else v
 
 
-_LENGTHS = [_long(n) for n in range(4096)]
+_LONGS: dict[int, bytes] = {}  # e.g. a collector's epoch, the same in every event
+_LENGTHS = [_varint(n) for n in range(4096)]
 """The encoded lengths of short strings and arrays, precomputed."""
 
 

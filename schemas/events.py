@@ -105,13 +105,25 @@ def parse_timestamp(value: object) -> datetime:
     return dt.replace(microsecond=dt.microsecond // 1000 * 1000)
 
 
+_SECONDS: dict[tuple[int, int, int, int, int, int], str] = {}
+_MILLIS_Z = tuple(f"{ms:03d}Z" for ms in range(1000))
+
+
 def format_timestamp(dt: datetime) -> str:
-    """Canonical form: ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (dt must be aware)."""
-    u = dt.astimezone(UTC)
-    return (
-        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
-        f"{u.second:02d}.{u.microsecond // 1000:03d}Z"
-    )
+    """Canonical form: ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (dt must be aware).
+
+    The text up to the second is remembered for the last few hundred seconds (events come in
+    bursts of the same second; formatting it anew was most of the cost)."""
+    u = dt if dt.tzinfo is UTC else dt.astimezone(UTC)
+    second = (u.year, u.month, u.day, u.hour, u.minute, u.second)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= 512:
+            _SECONDS.clear()
+        prefix = _SECONDS[second] = (
+            f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}."
+        )
+    return prefix + _MILLIS_Z[u.microsecond // 1000]
 
 
 Timestamp = Annotated[

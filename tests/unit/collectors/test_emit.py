@@ -215,3 +215,44 @@ def test_a_value_that_is_not_plain_json_fails_its_event_only() -> None:
     assert emitter.emit_many([nan, good, odd, good], lambda e, x: failed.append((e, x))) == 2
     assert [type(x) for _e, x in failed] == [ValueError, TypeError]
     assert [decode(v).collector.seq for _t, _k, v in sink.records] == [1, 2]  # type: ignore[union-attr]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.text(max_size=12),
+    st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+    st.integers(0, 2**62),
+    st.sampled_from(["2026-12-05T10:00:00.123Z", "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"]),
+)
+def test_the_generated_canonical_json_matches_the_encoder_for_any_top_level_value(
+    text: str, duration: float, seq: int, when: str
+) -> None:
+    """The canonical JSON written field by field (emit._compile_canon) is the one the encoder writes
+    for the whole event: strings with quotes, control characters, NUL slots and non-ASCII, any
+    float, any chain position, timestamps at the ends of the range -- compared through the hash."""
+    import collectors.emit as emit
+
+    tool_call = call(1, {"k": text}, tool=text, server=text, tool_digest=text or None, event_time=when)
+    result = parse_event(
+        {
+            "event_type": "tool_result",
+            "event_id": "00000000-0000-4000-8000-000000000001",
+            "event_time": when,
+            "tenant": text,
+            "call_id": text,
+            "session_id": "s",
+            "status": "error",
+            "duration_ms": duration,
+            "error": text,
+            "result_digest": None,
+        }
+    )
+    for event in (tool_call, result):
+        fast, slow = ChainStamper(text, epoch=seq, seq=seq), ChainStamper(text, epoch=seq, seq=seq)
+        value = emit._stamp_encode(fast, event)
+        saved, emit._FAST = emit._FAST, {}
+        try:
+            stamped, expected = emit.stamp_and_encode(slow, event)
+        finally:
+            emit._FAST = saved
+        assert value == expected and fast.prev_hash == record_hash(stamped)
