@@ -8,12 +8,16 @@ partitions, ``sink_batch_seconds`` 0.2 unless told otherwise, production grace a
 1. The identity and consent facts (``decisions_throughput.build_workload``: 2,000 sessions over
    500 delegations, two grants each) are published; the bench waits until the worker has them.
 2. Calls are emitted at the offered rate for ``--seconds``: each is one of the workload's calls
-   (80 % in scope, 20 % out of scope) with a fresh call id and ``event_time`` = the instant it
-   is emitted, Avro-encoded and handed to an idempotent aiokafka producer (acks=all, linger
-   5 ms: what the collectors use) on the tool-calls topic, paced every 2 ms. By default
-   (``--emit batches``) the calls due at a tick go out as one record batch per partition, so
-   the bench's own producer takes less of the CPU the stack shares; ``--emit messages``: one
-   ``send`` per call, as before 2026-12-05 evening.
+   (80 % in scope, 20 % out of scope) with a fresh call id. The bench stands in for collectors on
+   other hosts, so its own CPU should not be the stack's: by default (``--emit prebuilt``) every
+   call is Avro-encoded *before* the timed run; call i's planned emit time is the run's start +
+   i / rate, and at each 2 ms tick the calls due are handed to an idempotent librdkafka producer
+   (confluent-kafka; acks=all, linger 20 ms) with their ``event_time`` bytes patched to that
+   planned time (a fixed-width varint). Latency is measured from the planned time, so any delay of
+   the bench itself counts against the stack. ``--emit batches``: the calls are made and encoded
+   on the fly, ``event_time`` = the instant each is made, one aiokafka record batch per partition
+   per tick; ``--emit messages``: one aiokafka ``send`` per call, as before 2026-12-05 evening.
+   The bench's CPU per call is printed next to the worker's, the sink's and the broker's.
 3. Per call, from ClickHouse afterwards (the sink's SQL endpoint): ``call_time`` (= emit, ms),
    ``decided_at`` of version 1 (the worker's clock when it decided) and ``_ingested_at`` of the
    version-1 row (the sink's clock when it took the message into a batch; the batch is inserted
