@@ -466,10 +466,17 @@ class BatchProducer:
             return {}
         producer = await self._get()
         groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        counts_of = self._partition_counts
         for topic, key, value, part in out:
             if part is None:
-                part = partition_for(key or b"", await self._partition_count(producer, topic))
-            groups.setdefault((topic, part), []).append((key, value))
+                count = counts_of.get(topic)  # no coroutine per message once the topic is known
+                if count is None:
+                    count = await self._partition_count(producer, topic)
+                part = partition_for(key or b"", count)
+            group = groups.get((topic, part))
+            if group is None:
+                group = groups[(topic, part)] = []
+            group.append((key, value))
         pending, counts = [], []
         for (topic, part), messages in groups.items():
             batch, count = producer.create_batch(), 0
