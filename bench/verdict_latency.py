@@ -568,8 +568,12 @@ def run(args: argparse.Namespace) -> int:
         baseline_runs: list[RunResult] = []
 
         def at_rate(rate: float) -> RunResult:
+            # the same rate with the stack on the earlier code, right after (or, --baseline-first, right
+            # before: the first run of a bench meets a freshly started broker JVM)
+            if args.baseline and args.baseline_first:
+                baseline_runs.append(at_rate_on(rate, args.baseline))
             r = at_rate_on(rate, None)
-            if args.baseline:  # the same rate with the stack on the earlier code, right after
+            if args.baseline and not args.baseline_first:
                 baseline_runs.append(at_rate_on(rate, args.baseline))
             return r
 
@@ -632,6 +636,11 @@ def main() -> None:
         "--baseline",
         metavar="DIR",
         help="measure each rate again with the sink and worker on the code in DIR (`git archive REV | tar -x -C DIR`)",
+    )
+    parser.add_argument(
+        "--baseline-first",
+        action="store_true",
+        help="with --baseline: measure the earlier code first at each rate (the first run meets a fresh broker)",
     )
     parser.add_argument(
         "--emit",
