@@ -8,12 +8,16 @@ partitions, ``sink_batch_seconds`` 0.2 unless told otherwise, production grace a
 1. The identity and consent facts (``decisions_throughput.build_workload``: 2,000 sessions over
    500 delegations, two grants each) are published; the bench waits until the worker has them.
 2. Calls are emitted at the offered rate for ``--seconds``: each is one of the workload's calls
-   (80 % in scope, 20 % out of scope) with a fresh call id and ``event_time`` = the instant it
-   is emitted, Avro-encoded and handed to an idempotent aiokafka producer (acks=all, linger
-   5 ms: what the collectors use) on the tool-calls topic, paced every 2 ms. By default
-   (``--emit batches``) the calls due at a tick go out as one record batch per partition, so
-   the bench's own producer takes less of the CPU the stack shares; ``--emit messages``: one
-   ``send`` per call, as before 2026-12-05 evening.
+   (80 % in scope, 20 % out of scope) with a fresh call id. The bench stands in for collectors on
+   other hosts, so its own CPU should not be the stack's: by default (``--emit prebuilt``) every
+   call is Avro-encoded *before* the timed run; call i's planned emit time is the run's start +
+   i / rate, and at each 2 ms tick the calls due are handed to an idempotent librdkafka producer
+   (confluent-kafka; acks=all, linger 20 ms) with their ``event_time`` bytes patched to that
+   planned time (a fixed-width varint). Latency is measured from the planned time, so any delay of
+   the bench itself counts against the stack. ``--emit batches``: the calls are made and encoded
+   on the fly, ``event_time`` = the instant each is made, one aiokafka record batch per partition
+   per tick; ``--emit messages``: one aiokafka ``send`` per call, as before 2026-12-05 evening.
+   The bench's CPU per call is printed next to the worker's, the sink's and the broker's.
 3. Per call, from ClickHouse afterwards (the sink's SQL endpoint): ``call_time`` (= emit, ms),
    ``decided_at`` of version 1 (the worker's clock when it decided) and ``_ingested_at`` of the
    version-1 row (the sink's clock when it took the message into a batch; the batch is inserted
@@ -183,6 +187,44 @@ async def emit_calls(
     return Emitted(paced.started, paced.ended, times, paced.late_ticks)
 
 
+@dataclass
+class Plan:
+    """Every call of a run, encoded before it (``--emit prebuilt``): the timed run only sends."""
+
+    call_ids: list[str]
+    sampled: set[int]  # indices of the calls the poller looks for
+    pre: bk.Prebuilt
+
+
+def plan_calls(pool: list[ToolCall], rate: float, seconds: float, poller: Poller, partitions: int) -> Plan:
+    """The calls ``emit_calls`` would make (same pool draw, same sampling), encoded now."""
+    sample_every = max(1, int(rate // 200))
+    rng = random.Random(11)
+    calls, sampled = [], set()
+    for i in range(int(rate * seconds)):
+        template = pool[rng.randrange(len(pool))]
+        if i % sample_every:
+            calls.append(bk.fresh_call(template, bk.PLACEHOLDER_S))
+        else:
+            calls.append(bk.fresh_call(template, bk.PLACEHOLDER_S, call_id=f"{poller.marker}{uuid.uuid4()}"))
+            sampled.add(i)
+    return Plan([c.call_id for c in calls], sampled, bk.prebuild_calls(calls, partitions))
+
+
+def emit_planned(bootstrap: str, topic: str, plan: Plan, rate: float, poller: Poller) -> Emitted:
+    """Send a :class:`Plan` at ``rate``; each call's emit time is its planned one (``bk.send_prebuilt``)."""
+    times: dict[str, float] = {}
+    ids, sampled = plan.call_ids, plan.sampled
+
+    def sent(i: int, planned: float) -> None:
+        times[ids[i]] = planned
+        if i in sampled:
+            poller.add(ids[i], planned)
+
+    paced = bk.send_prebuilt(bootstrap, topic, rate, plan.pre, sent)
+    return Emitted(paced.started, paced.ended, times, paced.late_ticks)
+
+
 # ------------------------------------------------------------------------- reading back
 
 
@@ -272,6 +314,8 @@ def per_call_costs(
     out = {
         "worker_us_per_call": (s1["worker"].proc - s0["worker"].proc) / calls * 1e6,
         "sink_us_per_call": (s1["sink"].proc - s0["sink"].proc) / calls * 1e6,
+        "broker_us_per_call": (s1["kafka"].proc - s0["kafka"].proc) / calls * 1e6 if "kafka" in s0 else 0.0,
+        "bench_us_per_call": (s1["bench"].proc - s0["bench"].proc) / calls * 1e6,
         "window_s": wall,
     }
     for k, v in sorted(d.items()):
@@ -310,15 +354,23 @@ def measure(
     poller = Poller(settings, args.poll)
     poller.start()
     batched = args.emit == "batches"
+    plan = None
+    if args.emit == "prebuilt":  # encoded before the CPU samples: the timed run only sends
+        t_plan = time.perf_counter()
+        plan = plan_calls(pool, rate, seconds, poller, settings.partitions)
+        bk.say(f"{len(plan.call_ids):,} calls encoded in {time.perf_counter() - t_plan:.1f}s before the run")
     dead_before = bk.dead_letters(settings, pids["worker"])
     stats0 = job_stats(settings, pids)
     spies = start_spies(pids, args.py_spy, f"{rate:.0f}") if args.py_spy and drain is None else []
     s0 = bk.sample_cpu(pids)
     load = bk.load_text()
     try:
-        emitted = asyncio.run(
-            emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, pool, rate, seconds, poller, batched)
-        )
+        if plan is not None:
+            emitted = emit_planned(settings.kafka_bootstrap, settings.topics.tool_calls, plan, rate, poller)
+        else:
+            emitted = asyncio.run(
+                emit_calls(settings.kafka_bootstrap, settings.topics.tool_calls, pool, rate, seconds, poller, batched)
+            )
         s1 = bk.sample_cpu(pids)
         stats1 = job_stats(settings, pids)
         stop_spies(spies)
@@ -464,8 +516,11 @@ def report(results: list[RunResult]) -> None:
     )
     row("load average at the start (1/5/15)", lambda r: r.load)
     row(
-        "CPU per call while emitting: worker / sink",
-        lambda r: f"{r.per_call.get('worker_us_per_call', 0):,.0f} / {r.per_call.get('sink_us_per_call', 0):,.0f} µs",
+        "CPU per call while emitting: worker / sink / broker / bench (producer + poller)",
+        lambda r: (
+            " / ".join(f"{r.per_call.get(k + '_us_per_call', 0):,.0f}" for k in ("worker", "sink", "broker", "bench"))
+            + " µs"
+        ),
     )
     row(
         "per second while emitting: stage batches, messages sent, sink batches",
@@ -513,8 +568,12 @@ def run(args: argparse.Namespace) -> int:
         baseline_runs: list[RunResult] = []
 
         def at_rate(rate: float) -> RunResult:
+            # the same rate with the stack on the earlier code, right after (or, --baseline-first, right
+            # before: the first run of a bench meets a freshly started broker JVM)
+            if args.baseline and args.baseline_first:
+                baseline_runs.append(at_rate_on(rate, args.baseline))
             r = at_rate_on(rate, None)
-            if args.baseline:  # the same rate with the stack on the earlier code, right after
+            if args.baseline and not args.baseline_first:
                 baseline_runs.append(at_rate_on(rate, args.baseline))
             return r
 
@@ -579,10 +638,17 @@ def main() -> None:
         help="measure each rate again with the sink and worker on the code in DIR (`git archive REV | tar -x -C DIR`)",
     )
     parser.add_argument(
+        "--baseline-first",
+        action="store_true",
+        help="with --baseline: measure the earlier code first at each rate (the first run meets a fresh broker)",
+    )
+    parser.add_argument(
         "--emit",
-        choices=["batches", "messages"],
-        default="batches",
-        help="the bench's producer: a record batch per partition every 2 ms tick (default; cheap) or one send per call",
+        choices=["prebuilt", "batches", "messages"],
+        default="prebuilt",
+        help="the bench's producer: every call encoded before the run and handed to librdkafka on its planned"
+        " time, event time = planned emit time (default; nearly free); a record batch per partition every 2 ms"
+        " tick, calls made and encoded on the fly (aiokafka); or one aiokafka send per call",
     )
     parser.add_argument(
         "--py-spy", metavar="PREFIX", help="sample worker and sink with py-spy while emitting (raw stacks)"

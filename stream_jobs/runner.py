@@ -208,6 +208,11 @@ class RunnerConfig:
     """After a :class:`CommitFailed`, take the same offset ranges again exactly (:meth:`Runner.redo`)."""
     redo_timeout: float = 60.0
     """How long a redo waits for its partitions to be assigned here (then gives up) and to read them."""
+    commit_seconds: float = 0.0
+    """Above 0: a cycle's offsets (its outputs flushed and acknowledged) are committed with those of the
+    next cycles, at most this often, instead of one commit request per cycle; a revocation and a stop
+    commit what is pending first. Commit-after-flush still holds: only offsets whose outputs are on the
+    broker are ever pending. Not with ``redo_uncommitted`` (a failed commit then covers several batches)."""
 
 
 @dataclass
@@ -251,6 +256,11 @@ class Runner(Generic[M]):
         self.paused = False
         """True while the runner holds back (a flush being retried in place)."""
         self._full = False  # the job had no room: every partition paused
+        if self.config.commit_seconds > 0 and self.config.redo_uncommitted:
+            raise ValueError("commit_seconds and redo_uncommitted do not go together")
+        self._pending: dict[TP, int] = {}
+        """Offsets of cycles whose outputs are flushed, not committed yet (``commit_seconds``)."""
+        self._next_commit = 0.0
 
     # -- the consumer's rebalance hooks (the batch in flight finishes, and commits, first)
 
@@ -280,7 +290,12 @@ class Runner(Generic[M]):
                 return
             self.job.flushed(ends)
         held = self.consumer.assignment()
-        offsets = {tp: o for tp, o in self.job.to_commit({}).items() if tp in held and (only is None or tp in only)}
+        pending = self._pending
+        wanted = {**pending, **self.job.to_commit({})}
+        offsets = {tp: o for tp, o in wanted.items() if tp in held and (only is None or tp in only)}
+        for tp in list(pending):
+            if tp not in held or only is None or tp in only:
+                del pending[tp]  # committed below, or no longer ours to commit
         if not offsets:
             return
         try:
@@ -403,6 +418,8 @@ class Runner(Generic[M]):
             self.job.flushed(ends)
             taken = {tp: records[-1].offset + 1 for tp, records in batch.items()}
             offsets = {tp: o for tp, o in self.job.to_commit(taken).items() if tp in held}
+            if self.config.commit_seconds > 0:
+                offsets = self._defer(offsets, held)
             if offsets:
                 try:
                     await self.consumer.commit(offsets)
@@ -417,6 +434,18 @@ class Runner(Generic[M]):
             self.counters.messages += len(out)
             self._backoff = 0.0
             return True
+
+    def _defer(self, offsets: dict[TP, int], held: set[TP]) -> dict[TP, int]:
+        """``commit_seconds``: these flushed offsets join the pending ones; all of them when a commit is due."""
+        pending = self._pending
+        pending.update(offsets)
+        mono = time.monotonic()
+        if not pending or mono < self._next_commit:
+            return {}
+        self._next_commit = mono + self.config.commit_seconds
+        due = {tp: o for tp, o in pending.items() if tp in held}
+        pending.clear()
+        return due
 
     async def _flush(self, out: list[M]) -> dict[TP, int]:
         if not self.config.retry_in_place:

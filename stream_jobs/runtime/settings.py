@@ -96,6 +96,26 @@ class Settings(BaseSettings):
     tick_seconds: float = Field(default=0.25, gt=0, description="how often idle partitions finalize calls")
     worker_batch_size: int = Field(default=1000, ge=1, le=100_000, description="events per decision batch")
     worker_batch_seconds: float = Field(default=0.02, gt=0, le=5, description="longest wait to fill a batch")
+    worker_fetch_min_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        le=64 * 1024 * 1024,
+        description="a worker fetch waits in the broker for this many bytes (or worker_fetch_wait_ms)",
+    )
+    worker_fetch_wait_ms: int = Field(
+        default=50,
+        ge=0,
+        le=1000,
+        description="longest a worker fetch waits in the broker: each cycle then carries more calls at paced rates"
+        " (the call path crosses two fetches, so up to twice this is added to the latency)",
+    )
+    worker_commit_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        le=10,
+        description="the worker commits its flushed offsets at most this often (0: after every batch);"
+        " after a crash at most this much more input is judged again (idempotently)",
+    )
     worker_engine: Literal["aiokafka", "faust"] = Field(
         default="aiokafka",
         description="how the decision worker runs: aiokafka (the runner over getmany batches) or faust (two agents)",

@@ -343,10 +343,30 @@ class LiveSim:
             pass
 
     def tick(self, now: datetime) -> None:
-        """The runner's timer cycle (every stage-2 partition's clock to ``now``), then :meth:`drain`."""
+        """The runner's timer cycle (every stage-2 partition's clock to ``now``), then :meth:`drain`.
+
+        A worker holding finality after its assignment (a restart: ``stream_jobs.worker.CatchUp``)
+        first reads what its inputs hold, as the real one goes on reading while it holds."""
         self._now = now
-        self._cycle(None, timer=True)
+        for _ in range(100):
+            restarts = self.restarts
+            while self.job.catch_up is not None and self._catch_up():
+                pass
+            self._cycle(None, timer=True)
+            if self.restarts == restarts:  # else the restarted worker holds: read, then tick again
+                break
         self.drain(now)
+
+    def _catch_up(self) -> bool:
+        """Process every input partition up to its end (a restart may come in between): whether any
+        record was left."""
+        left = False
+        for tp in sorted(self.consumer.assignment()):
+            end = self.broker.end(tp)
+            if self.consumer.positions.get(tp, 0) < end:
+                left = True
+                self._through(tp, end - 1)
+        return left
 
     def _collect(self, out: Output) -> None:
         """Outputs of a processor called directly: sent as the worker sends its stages' outputs."""

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import pytest
+
 from stream_jobs.runner import (
     TP,
     Job,
@@ -388,3 +390,66 @@ def test_finish_on_stop_lands_the_batch_being_taken() -> None:
             assert store.written == [((0, 0, 2),)] and broker.committed["g"] == {("in", 0): 3}
         else:  # read again after a restart
             assert store.written == [] and not broker.committed.get("g")
+
+
+def test_deferred_commits_cover_only_flushed_outputs_and_come_less_often() -> None:
+    """``commit_seconds``: one commit for many batches, each commit only of offsets whose outputs
+    are on the broker; a stop commits what is pending."""
+    broker = MemoryBroker(partitions=2)
+    for i in range(40):
+        broker.append("in", f"k{i % 3}".encode(), str(i).encode(), i % 2)
+    job = Counting(broker)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    runner = Runner(consumer, MemoryProducer(broker), job, RunnerConfig(max_records=2, batch_ms=1, commit_seconds=60))
+    commits: list[dict[TP, int]] = []
+    real_commit = consumer.commit
+
+    async def commit(offsets: Mapping[TP, int]) -> None:
+        outs = {p: sum(1 for r in broker.read("out") if r.partition == p) for p in (0, 1)}
+        for (_, p), offset in offsets.items():
+            assert outs[p] >= offset  # every output of the committed records is already on the broker
+        commits.append(dict(offsets))
+        await real_commit(offsets)
+
+    consumer.commit = commit  # type: ignore[method-assign]
+    run_until(runner, lambda: len(broker.read("out")) == 40)
+    assert runner.counters.batches >= 20  # batches of at most 2 records
+    # the first batch's commit, then nothing for 60 s, then the stop's: two commits, not twenty
+    assert len(commits) == 2
+    assert broker.committed["g"] == {("in", 0): 20, ("in", 1): 20}
+
+
+def test_a_revocation_commits_the_pending_offsets_of_the_revoked_partitions() -> None:
+    broker = MemoryBroker(partitions=2)
+    for i in range(8):
+        broker.append("in", b"k", str(i).encode(), i % 2)
+    job = Counting(broker)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    runner = Runner(consumer, MemoryProducer(broker), job, RunnerConfig(max_records=2, batch_ms=1, commit_seconds=60))
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if len(broker.read("out")) == 8:
+                break
+        first = dict(broker.committed.get("g", {}))
+        assert first != {("in", 0): 4, ("in", 1): 4}  # still pending: commits are deferred
+        await consumer.rebalance({("in", 0)})  # partition 1 goes to another member
+        assert broker.committed["g"][("in", 1)] == 4
+        runner.stop()
+        await task
+
+    asyncio.run(main())
+    assert broker.committed["g"] == {("in", 0): 4, ("in", 1): 4}
+
+
+def test_deferred_commits_refuse_redo_uncommitted() -> None:
+    broker = MemoryBroker(partitions=1)
+    with pytest.raises(ValueError):
+        Runner(
+            MemoryConsumer(broker, "g", ["in"]),
+            MemoryProducer(broker),
+            Counting(broker),
+            RunnerConfig(commit_seconds=1, redo_uncommitted=True),
+        )
