@@ -26,7 +26,16 @@ $(RELAY): $(RELAY_SRC) $(STAMP)
 	  gcc -O2 -Wall -Wextra -Werror -pthread -o $@.tmp $(RELAY_SRC) && mv $@.tmp $@; \
 	else echo "warning: no gcc: scopewatch wrap will relay in Python (collectors/native/relay.c not built)"; fi
 
-install: $(STAMP) $(RELAY) ## create .venv and install scopewatch with its dev tools (and build the native relay)
+ROWBINARY := $(VENV)/lib/libscopewatch_avro_rowbinary.so
+ROWBINARY_SRC := stream_jobs/native/avro_rowbinary.c
+
+# the sink's Avro -> RowBinary transcoder (without gcc, the sink hands chDB Avro: a warning, not an error)
+$(ROWBINARY): $(ROWBINARY_SRC) $(STAMP)
+	@if command -v gcc >/dev/null; then \
+	  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@.tmp $(ROWBINARY_SRC) && mv $@.tmp $@; \
+	else echo "warning: no gcc: the sink reads Avro (stream_jobs/native/avro_rowbinary.c not built)"; fi
+
+install: $(STAMP) $(RELAY) $(ROWBINARY) ## create .venv and install scopewatch with its dev tools (and build the native relay and the sink's transcoder)
 
 fetch: install ## download Kafka jars (Maven Central) and the npm MCP server into the cache
 	$(BIN)/scopewatch fetch

@@ -71,7 +71,7 @@ CODE = (
     "schemas/events.py",
 )  # printed as sha256 prefixes: there is no commit to name
 
-PATHS = ("bulk", "rows", "bulk-crec", "bulk-rdk", "rows-rdk")
+PATHS = ("bulk", "rows", "bulk-crec", "bulk-rdk", "rows-rdk", "bulk-rdk-avro")
 TARGET_ROWS_PER_S = 250_000
 TARGET_PER_CPU_S = 120_000
 DATABASE = "scopewatch"
@@ -401,7 +401,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(home=Path(args.home), bootstrap=args.bootstrap, topic_prefix=args.prefix, sink_group=args.group)
     client = connect(settings.dsn)
     migrate(client, settings.clickhouse_database)
-    writer = ClickHouseWriter(client, settings.clickhouse_database)
+    decoder = "avro" if args.path.endswith("-avro") else settings.sink_decoder  # bulk-rdk: the default (auto)
+    writer = ClickHouseWriter(client, settings.clickhouse_database, decoder=decoder)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     config = SinkConfig(
         bootstrap=settings.kafka_bootstrap,
@@ -505,7 +506,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def client_of(path: str) -> str:
     """The sink's Kafka client for a (b) path: ``-rdk`` librdkafka, otherwise aiokafka."""
-    return "librdkafka" if path.endswith("-rdk") else "aiokafka"
+    return "librdkafka" if "-rdk" in path else "aiokafka"
 
 
 async def consume_only_rdkafka(settings: Settings, n: int, batch_rows: int, group: str) -> dict[str, float]:
@@ -785,7 +786,8 @@ def report(
             "bulk": "bulk Avro path (chDB decodes), aiokafka lean records",
             "rows": "per-message path (Python reader), aiokafka lean records",
             "bulk-crec": "bulk Avro path, aiokafka ConsumerRecords (before lean records)",
-            "bulk-rdk": "bulk Avro path (chDB decodes), librdkafka (confluent-kafka)",
+            "bulk-rdk": "bulk path (SCOPEWATCH_SINK_DECODER, default auto: RowBinary when built), librdkafka",
+            "bulk-rdk-avro": "bulk Avro path (chDB decodes Avro), librdkafka (confluent-kafka)",
             "rows-rdk": "per-message path (Python reader), librdkafka (confluent-kafka)",
         }[path.split("@")[0]] + (" -- on the --baseline code" if path.endswith("@baseline") else "")
         bare = "librdkafka" if run.get("client") == "librdkafka" else "aiokafka"
@@ -983,7 +985,8 @@ def main() -> None:
         default=["bulk", "rows"],
         help="sink paths for (b), in this order: bulk (Avro containers decoded by chDB), rows (Python reader), "
         "bulk-crec (bulk with aiokafka's ConsumerRecords instead of lean records: the path before them); "
-        "bulk-rdk, rows-rdk: the same over librdkafka (confluent-kafka) instead of aiokafka",
+        "bulk-rdk, rows-rdk: the same over librdkafka (confluent-kafka) instead of aiokafka (bulk-rdk with the "
+        "default decoder: RowBinary when the transcoder is built); bulk-rdk-avro: bulk-rdk reading Avro",
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="run the (b) paths this many times, interleaved; report each one's median"

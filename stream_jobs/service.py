@@ -88,7 +88,9 @@ async def _sink_main(settings: Settings, spools: SpoolReader) -> None:
         log.info("applied migrations: %s", ", ".join(applied))
     check_tables(client, settings.clickhouse_database)
     fault = os.environ.get("SCOPEWATCH_SINK_FAULT_FILE")
-    writer = ClickHouseWriter(client, settings.clickhouse_database, fault_file=Path(fault) if fault else None)
+    writer = ClickHouseWriter(
+        client, settings.clickhouse_database, fault_file=Path(fault) if fault else None, decoder=settings.sink_decoder
+    )
     server: QueryServer | None = None
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if settings.embedded:

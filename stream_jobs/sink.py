@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 from clickhouse_connect.driver.client import Client
 
 from schemas import decode
+from stream_jobs import rowbinary
 from stream_jobs.assignor import by_topic, describe
 from stream_jobs.bulk import _BLOCK_HEADS, PROV_LEN, AvroBulk, BulkBlock, block_head_for, bulk_specs
 from stream_jobs.clickhouse import chdb_path
@@ -189,7 +190,9 @@ class ClickHouseWriter:
     Both store the same bytes (tests compare them with the old row-oriented insert).
     """
 
-    def __init__(self, client: Client, database: str, fault_file: Path | None = None) -> None:
+    def __init__(
+        self, client: Client, database: str, fault_file: Path | None = None, decoder: rowbinary.Decoder = "auto"
+    ) -> None:
         self.client = client
         self.database = database
         self.lock = threading.Lock()
@@ -201,11 +204,20 @@ class ClickHouseWriter:
         """Longest insert (waiting for the lock included) since :meth:`timing` last read it."""
         self.slow_inserts = 0
         """Inserts that took longer than SLOW_INSERT_SECONDS, waiting for the lock included."""
+        self.decoder = decoder
+        """How bulk containers reach the engine (:mod:`stream_jobs.rowbinary`): ``auto``/``rowbinary``
+        transcoded to RowBinary when the library is built, ``avro`` as Avro."""
+        self.rowbinary_fallbacks = 0
+        """Bulk containers the RowBinary transcoder refused (inserted as Avro instead)."""
 
     def timing(self) -> dict[str, int]:
         """``insert_ms_max`` since the last call (then reset) and the count of slow inserts so far."""
         longest, self.insert_seconds_max = self.insert_seconds_max, 0.0
-        return {"insert_ms_max": round(longest * 1000), "slow_inserts": self.slow_inserts}
+        return {
+            "insert_ms_max": round(longest * 1000),
+            "slow_inserts": self.slow_inserts,
+            "rowbinary_fallbacks": self.rowbinary_fallbacks,
+        }
 
     def insert(self, table: str, rows: list[dict[str, Any]], token: str) -> None:
         """Insert dict rows (all with the same keys); datetimes or integer milliseconds for DateTime64.
@@ -310,9 +322,9 @@ class ClickHouseWriter:
         fd, path = tempfile.mkstemp(prefix="scopewatch-sink-", suffix=".avro", dir=_TMP_DIR)
         started = time.monotonic()
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(block.payload())
             sql = block.spec.sql(f"{self.database}.{block.spec.table}", path, block, ingested_ms, clause)
+            with os.fdopen(fd, "wb") as out:
+                sql = self._write_container(out, block, path, sql)
             with self.lock:
                 conn = chdb.connect(self._chdb_path)  # type: ignore[no-untyped-call]
                 try:
@@ -328,6 +340,21 @@ class ClickHouseWriter:
             if took > SLOW_INSERT_SECONDS:
                 self.slow_inserts += 1
                 log.warning("an insert into %s took %.1f s (lock wait included)", block.spec.table, took)
+
+    def _write_container(self, out: Any, block: BulkBlock, path: str, sql: str) -> str:
+        """Write ``block`` to ``out`` as RowBinary when the decoder allows and the transcoder reads it
+        (returning the insert's SQL rewritten to read it), else as Avro (``sql`` unchanged)."""
+        payload = block.payload()
+        codec = rowbinary.codec_of(block.spec, self.decoder)
+        if codec is not None:
+            data = codec.transcode(block, payload)
+            rewritten = codec.rewrite(sql, path) if data is not None else None
+            if data is not None and rewritten is not None:
+                out.write(data)
+                return rewritten
+            self.rowbinary_fallbacks += 1
+        out.write(payload)
+        return sql
 
     def _column_types(self, table: str) -> dict[str, str]:
         """The table's column types, described once (clickhouse-connect would describe it on every insert)."""

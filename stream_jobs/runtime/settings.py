@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     sink_bulk_avro: bool = True
     """Evidence records go to the embedded engine as Avro containers it decodes (stream_jobs.bulk);
     false: every message is read in Python (the columnar fast reader), as before."""
+    sink_decoder: Literal["auto", "rowbinary", "avro"] = Field(
+        default="auto",
+        description="how bulk containers reach chDB: transcoded to RowBinary in C (auto: when built) or as Avro",
+    )
     sink_fetch_wait_ms: int = Field(
         default=100, ge=0, le=5000, description="a sink fetch waits in the broker this long for 256 KiB"
     )

@@ -1747,6 +1747,132 @@ def test_a_bad_record_in_a_bulk_block_takes_the_per_message_path(chdb: Client, b
     assert int(chdb.command(f"SELECT count() FROM {db}_bulk.evidence")) >= 3
 
 
+# ------------------------------------------------------------------ the bulk path read as RowBinary (issue 16)
+
+
+def _flush_by_decoders(chdb: Client, database: str, values: list[bytes]) -> tuple[Any, Any]:
+    """The same messages through the bulk path transcoded to RowBinary (``<database>_rb``) and read as Avro."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from stream_jobs import rowbinary
+    from stream_jobs.sink import Batch, ClickHouseSink, SinkConfig
+
+    assert rowbinary.library() is not None, "make install builds the transcoder"
+    now = datetime(2026, 12, 5, 10, 0, 1, 234567, tzinfo=UTC)
+    sinks = []
+    for decoder, db in (("rowbinary", f"{database}_rb"), ("avro", f"{database}_avro")):
+        migrate(chdb, db)
+        writer = ClickHouseWriter(chdb, db, decoder=decoder)  # type: ignore[arg-type]
+        sink = ClickHouseSink(SinkConfig(bootstrap="", topics=[], group="g", bulk_avro=True), writer)
+        batch = Batch()
+        sink._absorb_many(batch, _messages(values), now)
+        assert batch.blocks
+        asyncio.run(sink.output.flush([batch]))
+        sinks.append(sink)
+    return sinks[0], sinks[1]
+
+
+def _edge_evidence() -> list[Any]:
+    from datetime import UTC, datetime
+
+    from schemas import Evidence
+
+    base = next(r for r in _columnar_records() if isinstance(r, Evidence))
+    return [
+        base,
+        base.model_copy(update={"evidence_id": "ё-😀", "principal": None, "agent_id": None, "matched_grant_id": None}),
+        base.model_copy(
+            update={"evidence_id": "e-empty", "reasons": [], "fact_ids": [], "fact_hashes": [], "kind": ""}
+        ),
+        base.model_copy(update={"evidence_id": "", "tenant": "", "trigger": "", "policy_versions": [""]}),
+        base.model_copy(update={"evidence_id": "e-max", "version": 2**32 - 1, "final": True, "late": True}),
+        base.model_copy(
+            update={"evidence_id": "e-long", "reasons": ["r" * 70_000, "日本語\u2028", "\x00"], "tool": "x" * 300}
+        ),
+        base.model_copy(update={"evidence_id": "e-many", "fact_ids": [f"f{i}" for i in range(500)]}),
+        base.model_copy(  # before 1970: negative milliseconds (zigzag varints of negative numbers)
+            update={
+                "evidence_id": "e-neg",
+                "call_time": datetime(1960, 3, 1, 12, 0, 0, 1000, tzinfo=UTC),
+                "decided_at": datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+            }
+        ),
+        base.model_copy(
+            update={
+                "evidence_id": "e-policy",
+                "verdict": "out_of_policy",
+                "approval_id": "ap-ü",
+                "approver": "bob",
+                "policy_versions": ["p@v1", "q@3f2a"],
+                "policy_decision": "Deny",
+                "policy_reasons": ["p@v1#1"],
+                "policy_errors": ["policy q has no version at the call (fail closed)"],
+                "history_complete": False,
+            }
+        ),
+    ]
+
+
+def test_rowbinary_bulk_path_stores_the_same_bytes_as_the_avro_bulk_path(chdb: Client) -> None:
+    """The transcoded container (RowBinary) stores exactly what chDB's Avro reader stores, edge cases included."""
+    from schemas import encode
+    from stream_jobs.rows import COLUMNS
+
+    values = [encode(r) for r in _edge_evidence()]
+    rb, avro = _flush_by_decoders(chdb, "rbeq", values)
+    assert rb.writer.rowbinary_fallbacks == 0 and rb.counters["bulk_fallbacks"] == 0
+    assert rb.counters["bulk_rows"] == avro.counters["bulk_rows"] == len(values)
+    for table in COLUMNS:
+        assert _table_bytes(chdb, "rbeq_rb", table) == _table_bytes(chdb, "rbeq_avro", table), table
+    assert int(chdb.command("SELECT count() FROM rbeq_rb.evidence")) == len(values)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["trailing bytes", "truncated body", "union index 2", "boolean byte 2", "overlong varint", "negative length"],
+)
+def test_a_record_the_transcoder_cannot_read_sends_the_block_as_avro(chdb: Client, bad: str) -> None:
+    """A malformed record: the transcoder refuses the block, which is inserted as Avro, exactly as before
+    (the same rows and dead letters as the Avro bulk path)."""
+    from schemas import encode
+    from stream_jobs.rows import COLUMNS
+
+    records = _edge_evidence()
+    good = [encode(r.model_copy(update={"evidence_id": f"ok-{i}"})) for i, r in enumerate(records[:3])]
+    base = good[0]
+    head = 10
+    body = bytearray(base[head:])
+    first = len(b"ok-0") + 1  # evidence_id's varint length, then its bytes: call_id follows
+    if bad == "trailing bytes":
+        value = base + b"\x00" * 3
+    elif bad == "truncated body":
+        value = base[:-3]
+    elif bad == "union index 2":  # principal is the 5th field, after four strings
+        pos = 0
+        for _ in range(4):
+            n = body[pos] >> 1
+            pos += 1 + n
+        body[pos] = 4  # zigzag 2
+        value = base[:head] + bytes(body)
+    elif bad == "boolean byte 2":  # history_complete is the record's last field
+        assert body[-1] in (0, 1)
+        body[-1] = 2
+        value = base[:head] + bytes(body)
+    elif bad == "overlong varint":  # evidence_id's length as an 11-byte varint
+        value = base[:head] + b"\x88" + b"\x80" * 9 + b"\x00" + bytes(body[first:])
+    else:  # evidence_id's length negative
+        value = base[:head] + b"\x01" + bytes(body[first:])
+    values = [good[1], value, good[2]]
+    db = "rbbad_" + bad.replace(" ", "_")
+    rb, avro = _flush_by_decoders(chdb, db, values)
+    assert rb.writer.rowbinary_fallbacks == 1
+    assert rb.counters["bulk_fallbacks"] == avro.counters["bulk_fallbacks"]
+    assert rb.counters["dead_letters"] == avro.counters["dead_letters"]
+    for table in COLUMNS:
+        assert _table_bytes(chdb, f"{db}_rb", table) == _table_bytes(chdb, f"{db}_avro", table), table
+
+
 # ------------------------------------------------------------------ policies and approvals (issue 18)
 # support.gated.gated_story("gx"): one delegation under a grant with a labelled Cedar policy (two versions) and
 # approval-gated tools; facts stamped by the intake's chain, calls by a wrapper's; final evidence from replay,

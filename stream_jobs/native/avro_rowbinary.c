@@ -1,0 +1,339 @@
+/*
+ * The sink's bulk container (stream_jobs/bulk.py) transcoded from Avro to ClickHouse RowBinary.
+ *
+ * Input: an Avro Object Container File as BulkBlock.payload() builds it -- a header of
+ * `head_len` bytes, then one block per message: count 1 (zigzag varint), byte length (zigzag
+ * varint), the record, the 16-byte sync marker. A record is read with `program`, one opcode per
+ * field of the container's writer schema (in order):
+ *
+ *   's' string or bytes -> String            'l' long -> Int64 (8 bytes LE)
+ *   'i' int -> Int32 (range checked)         'z' boolean -> Bool (the byte must be 0 or 1)
+ *   'd' double -> Float64 (8 raw bytes)      'f' float -> Float32 (4 raw bytes)
+ *   'n' X: union [null, X] -> Nullable(X)    'a' X: array of X -> Array(X)   (X one of s l i z d f)
+ *   'k' N: fixed(N), dropped                 'x' N: fixed(N) -> FixedString(N)   (N one byte, 1..255)
+ *
+ * Output: RowBinary, one row per record, the fields in schema order ('k' fields left out).
+ *
+ * Anything that is not exactly one well-formed record per block -- a count other than 1, a
+ * varint longer than 10 bytes or out of range, a negative length, a length past the end of the
+ * record, a union index other than 0/1, a boolean byte other than 0/1, a record that does not end
+ * exactly where its block says, a wrong sync marker, a row count other than `rows` -- makes the
+ * whole call fail (a negative return): the caller then hands the block to ClickHouse as Avro.
+ *
+ * Returns the bytes written into `out`, or:
+ *   -1 malformed input (the offset of the failure in *err_at), -2 `out` too small, -3 bad program.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define E_MALFORMED -1
+#define E_ROOM -2
+#define E_PROGRAM -3
+
+typedef struct {
+    const uint8_t *p;
+    const uint8_t *end;
+    uint8_t *o;
+    uint8_t *oend;
+    int err;
+} cur_t;
+
+static inline int read_long(cur_t *c, int64_t *v) {
+    uint64_t u = 0;
+    if (c->p < c->end && !(*c->p & 0x80)) { /* one byte: most lengths and union indexes */
+        u = *c->p++;
+        *v = (int64_t)(u >> 1) ^ -(int64_t)(u & 1);
+        return 1;
+    }
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (c->p >= c->end) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        uint8_t b = *c->p++;
+        if (shift == 63 && (b & 0x7e)) { /* the 10th byte may only hold the top bit */
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        u |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = (int64_t)(u >> 1) ^ -(int64_t)(u & 1);
+            return 1;
+        }
+    }
+    c->err = E_MALFORMED;
+    return 0;
+}
+
+static int room(cur_t *c, size_t n) {
+    if ((size_t)(c->oend - c->o) < n) {
+        c->err = E_ROOM;
+        return 0;
+    }
+    return 1;
+}
+
+static int write_uleb(cur_t *c, uint64_t n) {
+    if (!room(c, 10))
+        return 0;
+    while (n >= 0x80) {
+        *c->o++ = (uint8_t)(n | 0x80);
+        n >>= 7;
+    }
+    *c->o++ = (uint8_t)n;
+    return 1;
+}
+
+static int write_le(cur_t *c, uint64_t v, int bytes) {
+    if (!room(c, (size_t)bytes))
+        return 0;
+    for (int i = 0; i < bytes; i++)
+        *c->o++ = (uint8_t)(v >> (8 * i));
+    return 1;
+}
+
+static int copy_raw(cur_t *c, size_t n) {
+    if ((size_t)(c->end - c->p) < n) {
+        c->err = E_MALFORMED;
+        return 0;
+    }
+    if (!room(c, n))
+        return 0;
+    memcpy(c->o, c->p, n);
+    c->o += n;
+    c->p += n;
+    return 1;
+}
+
+/* One value of a scalar opcode. */
+static int scalar(cur_t *c, uint8_t op) {
+    int64_t v;
+    switch (op) {
+    case 's':
+        if (!read_long(c, &v))
+            return 0;
+        if (v < 0 || v > c->end - c->p) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        return write_uleb(c, (uint64_t)v) && copy_raw(c, (size_t)v);
+    case 'l':
+        return read_long(c, &v) && write_le(c, (uint64_t)v, 8);
+    case 'i':
+        if (!read_long(c, &v))
+            return 0;
+        if (v < INT32_MIN || v > INT32_MAX) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        return write_le(c, (uint64_t)(uint32_t)(int32_t)v, 4);
+    case 'z':
+        if (c->p >= c->end || *c->p > 1) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        return copy_raw(c, 1);
+    case 'd':
+        return copy_raw(c, 8);
+    case 'f':
+        return copy_raw(c, 4);
+    default:
+        c->err = E_PROGRAM;
+        return 0;
+    }
+}
+
+/* Past one value of a scalar opcode, checked as scalar() checks it, nothing written. */
+static int skip(cur_t *c, uint8_t op) {
+    int64_t v;
+    size_t n;
+    switch (op) {
+    case 's':
+        if (!read_long(c, &v))
+            return 0;
+        if (v < 0 || v > c->end - c->p) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        c->p += v;
+        return 1;
+    case 'l':
+        return read_long(c, &v);
+    case 'i':
+        if (!read_long(c, &v))
+            return 0;
+        if (v < INT32_MIN || v > INT32_MAX) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        return 1;
+    case 'z':
+        if (c->p >= c->end || *c->p > 1) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        c->p++;
+        return 1;
+    case 'd':
+    case 'f':
+        n = op == 'd' ? 8 : 4;
+        if ((size_t)(c->end - c->p) < n) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        c->p += n;
+        return 1;
+    default:
+        c->err = E_PROGRAM;
+        return 0;
+    }
+}
+
+/* An Avro array (blocks of items, a negative count followed by the block's byte size, 0 ends it):
+ * RowBinary wants the total count first, so the blocks are walked twice. */
+static int array(cur_t *c, uint8_t item) {
+    const uint8_t *start = c->p;
+    uint64_t total = 0;
+    int64_t count, size;
+    for (;;) { /* first pass: count the items (and check the framing) */
+        if (!read_long(c, &count))
+            return 0;
+        if (count == 0)
+            break;
+        if (count < 0) {
+            if (count == INT64_MIN || !read_long(c, &size) || size < 0) {
+                c->err = E_MALFORMED;
+                return 0;
+            }
+            count = -count;
+        }
+        if ((uint64_t)count > (uint64_t)(c->end - c->p)) { /* every item takes at least one byte */
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        total += (uint64_t)count;
+        for (int64_t i = 0; i < count; i++)
+            if (!skip(c, item))
+                return 0;
+    }
+    const uint8_t *after = c->p;
+    c->p = start;
+    if (!write_uleb(c, total))
+        return 0;
+    for (;;) {
+        read_long(c, &count); /* all checked above */
+        if (count == 0)
+            break;
+        if (count < 0) {
+            read_long(c, &size);
+            count = -count;
+        }
+        for (int64_t i = 0; i < count; i++)
+            if (!scalar(c, item))
+                return 0;
+    }
+    if (c->p != after) {
+        c->err = E_MALFORMED;
+        return 0;
+    }
+    return 1;
+}
+
+static int record(cur_t *c, const uint8_t *prog, size_t prog_len) {
+    for (size_t k = 0; k < prog_len; k++) {
+        uint8_t op = prog[k];
+        int64_t v;
+        switch (op) {
+        case 'n':
+            if (++k >= prog_len) {
+                c->err = E_PROGRAM;
+                return 0;
+            }
+            if (!read_long(c, &v))
+                return 0;
+            if (v == 0) {
+                if (!write_le(c, 1, 1))
+                    return 0;
+            } else if (v == 1) {
+                if (!write_le(c, 0, 1))
+                    return 0;
+                if (prog[k] == 'a') {
+                    if (++k >= prog_len || !array(c, prog[k]))
+                        return 0;
+                } else if (!scalar(c, prog[k])) {
+                    return 0;
+                }
+            } else {
+                c->err = E_MALFORMED;
+                return 0;
+            }
+            break;
+        case 'a':
+            if (++k >= prog_len) {
+                c->err = E_PROGRAM;
+                return 0;
+            }
+            if (!array(c, prog[k]))
+                return 0;
+            break;
+        case 'k':
+        case 'x':
+            if (++k >= prog_len || prog[k] == 0) {
+                c->err = E_PROGRAM;
+                return 0;
+            }
+            if ((size_t)(c->end - c->p) < prog[k]) {
+                c->err = E_MALFORMED;
+                return 0;
+            }
+            if (op == 'k')
+                c->p += prog[k];
+            else if (!copy_raw(c, prog[k]))
+                return 0;
+            break;
+        default:
+            if (!scalar(c, op))
+                return 0;
+        }
+    }
+    return 1;
+}
+
+long sw_avro_to_rowbinary(const uint8_t *payload, size_t len, size_t head_len, const uint8_t *sync,
+                          const uint8_t *prog, size_t prog_len, long rows, uint8_t *out, size_t out_cap,
+                          long *err_at) {
+    cur_t c = {payload + head_len, payload + len, out, out + out_cap, 0};
+    long seen = 0;
+    *err_at = -1;
+    if (head_len > len)
+        return E_MALFORMED;
+    while (c.p < c.end) {
+        int64_t count, size;
+        if (!read_long(&c, &count) || count != 1 || !read_long(&c, &size) || size < 0 ||
+            size > c.end - c.p) {
+            c.err = c.err ? c.err : E_MALFORMED;
+            break;
+        }
+        const uint8_t *block_end = c.p + size;
+        const uint8_t *end = c.end;
+        c.end = block_end; /* a record never reads past its block */
+        int ok = record(&c, prog, prog_len);
+        c.end = end;
+        if (!ok)
+            break;
+        if (c.p != block_end || (size_t)(c.end - c.p) < 16 || memcmp(c.p, sync, 16) != 0) {
+            c.err = E_MALFORMED;
+            break;
+        }
+        c.p += 16;
+        seen++;
+    }
+    if (!c.err && seen != rows)
+        c.err = E_MALFORMED;
+    if (c.err) {
+        *err_at = (long)(c.p - payload);
+        return c.err;
+    }
+    return (long)(c.o - out);
+}

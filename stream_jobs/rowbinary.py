@@ -1,0 +1,388 @@
+"""The bulk container transcoded to RowBinary in C, so that chDB reads its cheapest row format (issue 16).
+
+ClickHouse's generic Avro reader cost ~2.5 µs of CPU per evidence row of the sink's bulk insert
+(:mod:`stream_jobs.bulk`). ``stream_jobs/native/avro_rowbinary.c`` (built by ``make install`` into
+the virtualenv as a shared library, loaded here with ctypes) reads the same container -- the bytes
+of :meth:`stream_jobs.bulk.BulkBlock.payload` -- with a small *program* derived from the
+container's writer schema (one opcode per field) and writes RowBinary; the insert then reads
+``file(path, RowBinary, '<structure>')`` with the very same ``SELECT`` list and checks.
+
+Exactness: the transcoder reads the Avro grammar exactly (the same bytes give the same values) and
+refuses anything it cannot read so (a count other than one record per block, malformed or
+overlong varints, negative lengths, lengths past the record, union indexes other than 0/1, boolean
+bytes other than 0/1, a record not ending where its block says, a wrong sync marker). A refused
+container is inserted as Avro, as before (writer counter ``rowbinary_fallbacks``); the checks of
+the ``SELECT`` and the per-message fallback behind them are unchanged.
+
+The switch: ``SCOPEWATCH_SINK_DECODER`` = ``auto`` (RowBinary when the library is built, the
+default), ``rowbinary`` (the same; a warning at start when the library is missing), ``avro``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from stream_jobs.bulk import PROV_LEN, AvroBulk, BulkBlock
+
+__all__ = [
+    "LIBRARY_NAME",
+    "SOURCE",
+    "Decoder",
+    "RowBinaryCodec",
+    "build",
+    "codec_for",
+    "codec_of",
+    "library",
+    "transcode_python",
+]
+
+log = logging.getLogger(__name__)
+
+Decoder = Literal["auto", "rowbinary", "avro"]
+LIBRARY_NAME: Final = "libscopewatch_avro_rowbinary.so"
+SOURCE: Final = Path(__file__).resolve().parent / "native" / "avro_rowbinary.c"
+CFLAGS: Final = ("-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC")
+HDR_LEN: Final = 10
+
+_SCALARS: Final[dict[Any, tuple[str, str]]] = {
+    "string": ("s", "String"),
+    "bytes": ("s", "String"),
+    "long": ("l", "Int64"),
+    "int": ("i", "Int32"),
+    "boolean": ("z", "Bool"),
+    "double": ("d", "Float64"),
+    "float": ("f", "Float32"),
+}
+
+
+class Unsupported(ValueError):
+    """A schema the transcoder has no program for (its table keeps the Avro container)."""
+
+
+def _plain(t: Any) -> Any:
+    if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] not in ("array", "map", "fixed"):
+        if t.get("logicalType") == "timestamp-millis" and t["type"] == "long":
+            return "timestamp-millis"
+        if set(t) - {"type", "doc"}:
+            raise Unsupported(f"type {t}")
+        return t["type"]
+    return t
+
+
+def _scalar(t: Any) -> tuple[str, str]:
+    t = _plain(t)
+    if t == "timestamp-millis":
+        return "l", "DateTime64(3, 'UTC')"
+    if isinstance(t, str) and t in _SCALARS:
+        return _SCALARS[t]
+    raise Unsupported(f"type {t}")
+
+
+def _field(t: Any) -> tuple[bytes, str | None]:
+    """(opcodes, ClickHouse type; None: the field is dropped) of one Avro field type."""
+    if isinstance(t, list):
+        if len(t) == 2 and t[0] == "null" and not isinstance(_plain(t[1]), (list, dict)):
+            op, ch = _scalar(t[1])
+            return b"n" + op.encode(), f"Nullable({ch})"
+        raise Unsupported(f"union {t}")
+    t = _plain(t)
+    if isinstance(t, dict) and t.get("type") == "array":
+        op, ch = _scalar(t["items"])
+        return b"a" + op.encode(), f"Array({ch})"
+    if isinstance(t, dict) and t.get("type") == "fixed":
+        size = int(t["size"])
+        if not 0 < size < 256:
+            raise Unsupported(f"fixed({size})")
+        return b"x" + bytes([size]), f"FixedString({size})"
+    op, ch = _scalar(t)
+    return op.encode(), ch
+
+
+@dataclass(frozen=True)
+class RowBinaryCodec:
+    """The transcoding of one :class:`~stream_jobs.bulk.AvroBulk`'s containers."""
+
+    program: bytes
+    structure: str
+    """The RowBinary columns (name and type), for ``file(path, RowBinary, structure)``."""
+    avro_from: str = ", Avro) "
+    """What :meth:`rewrite` replaces in the bulk ``SELECT``."""
+
+    def rewrite(self, sql: str, path: str) -> str | None:
+        """The bulk insert's SQL reading ``path`` as RowBinary (None: the SQL is not the expected one)."""
+        quoted = _quote(path)
+        avro = f"FROM file({quoted}{self.avro_from}"
+        if sql.count(avro) != 1:
+            return None
+        return sql.replace(avro, f"FROM file({quoted}, RowBinary, {_quote(self.structure)}) ")
+
+    def transcode(self, block: BulkBlock, payload: bytes | None = None) -> memoryview | None:
+        """The block's rows as RowBinary, or None when the library is absent or refused the container.
+
+        The view is of a per-thread buffer reused by the next call in the same thread: use it first.
+        """
+        lib = library()
+        if lib is None:
+            return None
+        data = block.payload() if payload is None else payload
+        head = len(block.parts[0])
+        err_at = ctypes.c_long(-1)
+        for factor in (2, 8):
+            need = len(data) * factor + 4096
+            buf: bytearray | None = getattr(_BUFFERS, "buf", None)
+            if buf is None or len(buf) < need:
+                _BUFFERS.buf = None
+                buf = _BUFFERS.buf = bytearray(need)
+            cap = len(buf)
+            n = lib.sw_avro_to_rowbinary(
+                data,
+                len(data),
+                head,
+                block.sync,
+                self.program,
+                len(self.program),
+                len(block),
+                ctypes.addressof((ctypes.c_char * cap).from_buffer(buf)),
+                cap,
+                ctypes.byref(err_at),
+            )
+            if n >= 0:
+                return memoryview(buf)[:n]
+            if n != -2:
+                log.info(
+                    "RowBinary transcoder refused a %s container (%d at byte %d)", block.spec.table, n, err_at.value
+                )
+                return None
+        return None
+
+
+_BUFFERS = threading.local()
+"""Per thread, the transcoder's output buffer (grown as needed, kept: zeroing a fresh one cost ~0.3 µs per row)."""
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def codec_for(spec: AvroBulk) -> RowBinaryCodec | None:
+    """The codec of ``spec``'s container schema (None: a type the transcoder does not read)."""
+    import json
+
+    schema = json.loads(spec.schema_json)
+    program = bytearray()
+    columns = []
+    try:
+        fields = schema["fields"]
+        if fields[0]["name"] != "_hdr" or fields[-1]["name"] != "_prov":
+            raise Unsupported("not a bulk container schema")
+        program += b"k" + bytes([HDR_LEN])
+        for f in fields[1:]:
+            ops, ch = _field(f["type"])
+            program += ops
+            columns.append(f"`{f['name']}` {ch}")
+    except (Unsupported, KeyError, TypeError, ValueError, IndexError) as exc:
+        log.debug("no RowBinary codec for %s: %s", spec.table, exc)
+        return None
+    if not program.endswith(b"x" + bytes([PROV_LEN])):
+        return None
+    return RowBinaryCodec(bytes(program), ", ".join(columns))
+
+
+_CODECS: dict[bytes, RowBinaryCodec | None] = {}
+
+
+def codec_of(spec: AvroBulk, decoder: str) -> RowBinaryCodec | None:
+    """The codec the bulk insert of ``spec`` uses under ``decoder`` (None: insert the Avro container)."""
+    if not resolve(decoder):
+        return None
+    key = spec.header + spec.schema_json
+    if key not in _CODECS:
+        _CODECS[key] = codec_for(spec)
+    return _CODECS[key]
+
+
+# ------------------------------------------------------------------------- the library
+
+_LIB: list[Any] = []
+
+
+def find_library() -> Path | None:
+    """The built library: ``$SCOPEWATCH_AVRO_ROWBINARY_LIB``, else this virtualenv's ``lib`` (``make install``)."""
+    env = os.environ.get("SCOPEWATCH_AVRO_ROWBINARY_LIB")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(sys.prefix) / "lib" / LIBRARY_NAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def library() -> Any | None:
+    """The loaded transcoder (once per process), or None when it is not built."""
+    if _LIB:
+        return _LIB[0]
+    path = find_library()
+    lib = None
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(str(path))
+            fn = lib.sw_avro_to_rowbinary
+            fn.restype = ctypes.c_long
+            fn.argtypes = [
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_size_t,
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_long),
+            ]
+        except (OSError, AttributeError) as exc:
+            log.warning("the RowBinary transcoder %s did not load (%s): the sink reads Avro", path, exc)
+            lib = None
+    _LIB.append(lib)
+    return lib
+
+
+def resolve(decoder: str) -> bool:
+    """Whether the bulk path transcodes to RowBinary under ``decoder`` (auto/rowbinary: when the library loads)."""
+    if decoder == "avro":
+        return False
+    if library() is None:
+        if decoder == "rowbinary":
+            log.warning(
+                "SCOPEWATCH_SINK_DECODER=rowbinary but %s is not built (make install): reading Avro", LIBRARY_NAME
+            )
+        return False
+    return True
+
+
+def build(dest: Path, cc: str = "gcc") -> Path:
+    """Compile the library into ``dest`` (a file path); CalledProcessError/OSError if it cannot be."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    subprocess.run([shutil.which(cc) or cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True)
+    tmp.replace(dest)
+    return dest
+
+
+# ------------------------------------------------------------------------- reference (tests, bench)
+
+
+def transcode_python(codec: RowBinaryCodec, block: BulkBlock) -> bytes | None:
+    """What the C transcoder writes, in Python (slow; the bench's and the tests' reference)."""
+    data = block.payload()
+    pos = len(block.parts[0])
+    out = bytearray()
+
+    def long_() -> int:
+        nonlocal pos
+        u = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ValueError("varint")
+            b = data[pos]
+            pos += 1
+            u |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+        if u >= 1 << 64:
+            raise ValueError("varint")
+        return (u >> 1) ^ -(u & 1)
+
+    def uleb(n: int) -> None:
+        while n >= 0x80:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+
+    def raw(n: int) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > end:
+            raise ValueError("length")
+        pos += n
+        return data[pos - n : pos]
+
+    def scalar(op: int) -> None:
+        if op == ord("s"):
+            n = long_()
+            uleb(n)
+            out.extend(raw(n))
+        elif op == ord("l"):
+            out.extend(long_().to_bytes(8, "little", signed=True))
+        elif op == ord("i"):
+            out.extend(long_().to_bytes(4, "little", signed=True))
+        elif op == ord("z"):
+            b = raw(1)
+            if b[0] > 1:
+                raise ValueError("bool")
+            out.extend(b)
+        elif op == ord("d"):
+            out.extend(raw(8))
+        elif op == ord("f"):
+            out.extend(raw(4))
+
+    prog = codec.program
+    try:
+        rows = 0
+        while pos < len(data):
+            end = len(data)
+            if long_() != 1:
+                return None
+            size = long_()
+            end = pos + size
+            k = 0
+            while k < len(prog):
+                op = prog[k]
+                if op == ord("n"):
+                    k += 1
+                    index = long_()
+                    if index not in (0, 1):
+                        return None
+                    out.append(1 - index)
+                    if index:
+                        scalar(prog[k])
+                elif op == ord("a"):
+                    k += 1
+                    items = bytearray()
+                    total = 0
+                    saved = out
+                    out = items
+                    while (count := long_()) != 0:
+                        if count < 0:
+                            long_()
+                            count = -count
+                        total += count
+                        for _ in range(count):
+                            scalar(prog[k])
+                    out = saved
+                    uleb(total)
+                    out.extend(items)
+                elif op in (ord("k"), ord("x")):
+                    k += 1
+                    chunk = raw(prog[k])
+                    if op == ord("x"):
+                        out.extend(chunk)
+                else:
+                    scalar(op)
+                k += 1
+            if pos != end or data[pos : pos + 16] != block.sync:
+                return None
+            pos += 16
+            rows += 1
+        return bytes(out) if rows == len(block) else None
+    except (ValueError, IndexError, OverflowError):
+        return None

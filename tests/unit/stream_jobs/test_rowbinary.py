@@ -1,0 +1,185 @@
+"""The Avro -> RowBinary transcoder of the sink's bulk containers (stream_jobs/native/avro_rowbinary.c).
+
+The C library is compiled here (gcc) and compared byte for byte with the Python reference
+(:func:`stream_jobs.rowbinary.transcode_python`); chDB reading what it writes is tested in
+tests/integration/stream_jobs/test_clickhouse.py (the engine lives in one process there).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import Evidence, encode
+from stream_jobs import rowbinary
+from stream_jobs.bulk import AvroBulk, BulkBlock, bulk_specs
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the transcoder")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = rowbinary.build(tmp_path_factory.mktemp("rb") / rowbinary.LIBRARY_NAME)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCOPEWATCH_AVRO_ROWBINARY_LIB", str(path))
+    mp.setattr(rowbinary, "_LIB", [])
+    yield path
+    mp.undo()
+
+
+class _Msg:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def _spec() -> AvroBulk:
+    return next(s for s in bulk_specs().values() if s.table == "evidence")
+
+
+def _block(values: list[bytes]) -> BulkBlock:
+    block = BulkBlock(_spec())
+    prefix = block.prefix("audit.evidence", 3)
+    for offset, value in enumerate(values):
+        block.add(_Msg(2**40 + offset), value, prefix)
+    return block
+
+
+def _evidence() -> list[Evidence]:
+    from datetime import UTC, datetime
+
+    t = datetime(2026, 12, 5, 10, 0, 1, 234000, tzinfo=UTC)
+    base = Evidence(
+        evidence_id="7d0c1c8e-2a5e-4f0a-9d7e-0b8f3c2a1e11",
+        call_id="c-1",
+        tenant="acme",
+        session_id="s-1",
+        principal="alice@acme.example",
+        agent_id="agent-7",
+        server="fs",
+        tool="read_file",
+        call_time=t,
+        verdict="in_scope",
+        matched_grant_id="g-1",
+        reasons=["grant g-1 covers fs/read_file", "within the grant's window"],
+        version=1,
+        final=False,
+        late=False,
+        decided_at=t,
+        facts={},
+        fact_ids=["g-1", "b-1"],
+        fact_hashes=["sha256:" + "a" * 64, "sha256:" + "b" * 64],
+    )
+    return [
+        base,
+        base.model_copy(update={"principal": None, "agent_id": None, "matched_grant_id": None, "evidence_id": "ё-😀"}),
+        base.model_copy(update={"reasons": [], "fact_ids": [], "fact_hashes": [], "kind": "", "final": True}),
+        base.model_copy(update={"reasons": ["r" * 100_000, ""], "version": 2**32 - 1, "late": True}),
+        base.model_copy(update={"call_time": datetime(1960, 1, 1, tzinfo=UTC), "tool": "x" * 200}),
+    ]
+
+
+def test_the_evidence_schema_has_a_program_and_structure() -> None:
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    assert codec.program.startswith(b"k\n") and codec.program.endswith(b"x\x18")
+    assert "`principal` Nullable(String)" in codec.structure
+    assert "`reasons` Array(String)" in codec.structure
+    assert "`call_time` DateTime64(3, 'UTC')" in codec.structure
+    assert "`version` Int64" in codec.structure and "`final` Bool" in codec.structure
+    assert codec.structure.endswith("`extra_json` Nullable(String), `_prov` FixedString(24)")
+    assert "_hdr" not in codec.structure
+
+
+def test_rewrite_reads_the_file_as_rowbinary() -> None:
+    spec, codec = _spec(), rowbinary.codec_for(_spec())
+    assert codec is not None
+    block = _block([encode(_evidence()[0])])
+    sql = spec.sql("db.evidence", "/dev/shm/x'y.avro", block, 0, "max_threads = 1")
+    out = codec.rewrite(sql, "/dev/shm/x'y.avro")
+    assert out is not None and "Avro)" not in out
+    assert "FROM file('/dev/shm/x\\'y.avro', RowBinary, '`evidence_id` String" in out
+    assert out.replace(out[out.index("FROM file(") : out.index(" WHERE")], "") == sql.replace(
+        sql[sql.index("FROM file(") : sql.index(" WHERE")], ""
+    )
+    assert codec.rewrite("SELECT 1", "/dev/shm/x'y.avro") is None
+
+
+def test_c_writes_what_the_reference_writes(built: Path) -> None:
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    block = _block([encode(e) for e in _evidence()] * 3)
+    ours = codec.transcode(block)
+    assert ours is not None
+    reference = rowbinary.transcode_python(codec, block)
+    assert reference is not None and bytes(ours) == reference
+    # the row of the first record, read by hand: evidence_id as LEB128 length + bytes, the ms as Int64
+    first = encode(_evidence()[0])
+    assert bytes(ours[:37]) == b"\x24" + b"7d0c1c8e-2a5e-4f0a-9d7e-0b8f3c2a1e11"
+    assert first[10:11] == b"\x48"  # Avro's zigzag length of the same 36 bytes
+
+
+def _corrupt(kind: str) -> bytes:
+    value = bytearray(encode(_evidence()[0]))
+    if kind == "trailing bytes":
+        return bytes(value) + b"\x00"
+    if kind == "truncated":
+        return bytes(value[:-1])
+    if kind == "overlong varint":
+        return bytes(value[:10]) + b"\xc8" + b"\x80" * 9 + b"\x00" + bytes(value[11:])
+    if kind == "negative length":
+        return bytes(value[:10]) + b"\x01" + bytes(value[11:])
+    if kind == "length past the end":
+        return bytes(value[:10]) + b"\xfe\xff\x03" + bytes(value[11:])
+    if kind == "boolean 2":
+        value[-2] = 2  # history_complete, before extra_json's null
+        return bytes(value)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["trailing bytes", "truncated", "overlong varint", "negative length", "length past the end", "boolean 2"]
+)
+def test_a_malformed_record_refuses_the_whole_container(built: Path, kind: str) -> None:
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    good = encode(_evidence()[1])
+    block = _block([good, _corrupt(kind), good])
+    assert codec.transcode(block) is None
+    assert rowbinary.transcode_python(codec, block) is None
+    assert codec.transcode(_block([good, good])) is not None
+
+
+def test_a_container_not_built_as_the_sink_builds_it_is_refused(built: Path) -> None:
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    block = _block([encode(e) for e in _evidence()])
+    block.messages.append(_Msg(0))  # one row more than the blocks hold
+    assert codec.transcode(block) is None
+    block = _block([encode(e) for e in _evidence()])
+    block.parts[-1] = b"\x00" * 16  # a wrong sync marker after the last record
+    assert codec.transcode(block) is None
+
+
+def test_without_the_library_the_writer_keeps_avro(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream_jobs.sink import ClickHouseWriter
+
+    monkeypatch.setattr(rowbinary, "_LIB", [None])
+    spec = _spec()
+    assert rowbinary.codec_of(spec, "auto") is None
+    assert rowbinary.codec_of(spec, "rowbinary") is None
+    writer: Any = ClickHouseWriter.__new__(ClickHouseWriter)
+    writer.decoder, writer.rowbinary_fallbacks = "auto", 0
+    block = _block([encode(_evidence()[0])])
+    out = io.BytesIO()
+    assert writer._write_container(out, block, "/p", "SQL FROM file('/p', Avro) x") == "SQL FROM file('/p', Avro) x"
+    assert out.getvalue() == block.payload()
+
+
+def test_the_avro_decoder_is_never_transcoded(built: Path) -> None:
+    assert rowbinary.codec_of(_spec(), "avro") is None
+    assert rowbinary.codec_of(_spec(), "auto") is not None
