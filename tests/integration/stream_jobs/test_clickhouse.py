@@ -1625,8 +1625,8 @@ def _raw_evidence(record: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _flush_both_ways(chdb: Client, database: str, values: list[bytes], topic: str = "t") -> tuple[Any, Any]:
-    """The same messages through a sink with the bulk path (into ``<database>_bulk``) and without it."""
+def _flush_sinks(chdb: Client, values: list[bytes], ways: list[tuple[str, bool, str]], topic: str = "t") -> list[Any]:
+    """The same messages through one sink per ``(database, bulk path on, decoder)``, each flushed once."""
     import asyncio
     from datetime import UTC, datetime
 
@@ -1634,49 +1634,32 @@ def _flush_both_ways(chdb: Client, database: str, values: list[bytes], topic: st
 
     now = datetime(2026, 12, 5, 10, 0, 1, 234567, tzinfo=UTC)
     sinks = []
-    for bulk, db in ((True, f"{database}_bulk"), (False, f"{database}_rows")):
+    for db, bulk, decoder in ways:
         migrate(chdb, db)
-        sink = ClickHouseSink(
-            SinkConfig(bootstrap="", topics=[], group="g", bulk_avro=bulk), ClickHouseWriter(chdb, db)
-        )
+        writer = ClickHouseWriter(chdb, db, decoder=decoder)  # type: ignore[arg-type]
+        sink = ClickHouseSink(SinkConfig(bootstrap="", topics=[], group="g", bulk_avro=bulk), writer)
         batch = Batch()
         sink._absorb_many(batch, _messages(values, topic), now)
         assert bool(batch.blocks) == bulk
         asyncio.run(sink.output.flush([batch]))
         sinks.append(sink)
-    return sinks[0], sinks[1]
+    return sinks
+
+
+def _flush_both_ways(chdb: Client, database: str, values: list[bytes], topic: str = "t") -> tuple[Any, Any]:
+    """The same messages through a sink with the bulk path (into ``<database>_bulk``) and without it."""
+    bulk, rows = _flush_sinks(
+        chdb, values, [(f"{database}_bulk", True, "auto"), (f"{database}_rows", False, "auto")], topic
+    )
+    return bulk, rows
 
 
 def test_bulk_path_stores_the_same_bytes_as_the_per_message_path(chdb: Client) -> None:
     """Evidence read by chDB's Avro reader (one container per batch) is stored as the Python reader stores it."""
-    from schemas import Evidence, encode
+    from schemas import encode
     from stream_jobs.rows import COLUMNS
 
-    base = next(r for r in _columnar_records() if isinstance(r, Evidence))
-    records = [
-        base,
-        base.model_copy(update={"evidence_id": "ё-😀", "principal": None, "agent_id": None, "matched_grant_id": None}),
-        base.model_copy(
-            update={"evidence_id": "e-empty", "reasons": [], "fact_ids": [], "fact_hashes": [], "kind": ""}
-        ),
-        base.model_copy(update={"evidence_id": "e-max", "version": 2**32 - 1, "final": True, "late": True}),
-        base.model_copy(update={"evidence_id": "e-long", "reasons": ["r" * 20_000, "日本語\u2028"], "tool": "x" * 300}),
-        base.model_copy(update={"evidence_id": "e-refs", "fact_ids": ["a", "b"], "fact_hashes": ["sha256:1", ""]}),
-        base.model_copy(
-            update={
-                "evidence_id": "e-policy",
-                "verdict": "out_of_policy",
-                "approval_id": "ap-ü",
-                "approver": "bob",
-                "policy_versions": ["p@v1", "q@3f2a"],
-                "policy_decision": "Deny",
-                "policy_reasons": ["p@v1#1"],
-                "policy_errors": ["policy q has no version at the call (fail closed)"],
-                "history_complete": False,
-            }
-        ),
-    ]
-    values = [encode(r) for r in records]
+    values = [encode(r) for r in _edge_evidence()]
     bulk, rows = _flush_both_ways(chdb, "bulkeq", values)
     assert bulk.counters["bulk_rows"] == len(values) and bulk.counters["bulk_fallbacks"] == 0
     assert rows.counters["bulk_rows"] == 0
@@ -1752,25 +1735,11 @@ def test_a_bad_record_in_a_bulk_block_takes_the_per_message_path(chdb: Client, b
 
 def _flush_by_decoders(chdb: Client, database: str, values: list[bytes]) -> tuple[Any, Any]:
     """The same messages through the bulk path transcoded to RowBinary (``<database>_rb``) and read as Avro."""
-    import asyncio
-    from datetime import UTC, datetime
-
     from stream_jobs import rowbinary
-    from stream_jobs.sink import Batch, ClickHouseSink, SinkConfig
 
     assert rowbinary.library() is not None, "make install builds the transcoder"
-    now = datetime(2026, 12, 5, 10, 0, 1, 234567, tzinfo=UTC)
-    sinks = []
-    for decoder, db in (("rowbinary", f"{database}_rb"), ("avro", f"{database}_avro")):
-        migrate(chdb, db)
-        writer = ClickHouseWriter(chdb, db, decoder=decoder)  # type: ignore[arg-type]
-        sink = ClickHouseSink(SinkConfig(bootstrap="", topics=[], group="g", bulk_avro=True), writer)
-        batch = Batch()
-        sink._absorb_many(batch, _messages(values), now)
-        assert batch.blocks
-        asyncio.run(sink.output.flush([batch]))
-        sinks.append(sink)
-    return sinks[0], sinks[1]
+    rb, avro = _flush_sinks(chdb, values, [(f"{database}_rb", True, "rowbinary"), (f"{database}_avro", True, "avro")])
+    return rb, avro
 
 
 def _edge_evidence() -> list[Any]:
