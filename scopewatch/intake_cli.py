@@ -424,74 +424,54 @@ def _approval(
     _emit(fields, {"event_time": event_time, "expires_at": expires_at}, dry_run)
 
 
-@emit_app.command("approve")
-def emit_approve(
-    principal: Principal,
-    agent_id: AgentId,
-    tool: ApprovalTool,
-    approver: Approver,
-    arguments: Arguments = None,
-    arguments_digest: ArgumentsDigest = None,
-    approval_id: Annotated[str | None, typer.Option(help="default: a new UUID")] = None,
-    tenant: Tenant = "default",
-    expires_at: Annotated[str | None, typer.Option(help="default: no expiry; e.g. +15m")] = None,
-    reason: Annotated[str, typer.Option(help="why")] = "",
-    event_time: EventTime = "now",
-    event_id: EventId = None,
-    dry_run: DryRun = False,
-) -> None:
-    """approval_decided (approve): one call of TOOL by AGENT_ID for PRINCIPAL may run (each approval authorises one)."""
-    _approval(
-        "approve",
-        approval_id,
-        principal,
-        agent_id,
-        tool,
-        arguments,
-        arguments_digest,
-        approver,
-        tenant,
-        expires_at,
-        reason,
-        event_time,
-        event_id,
-        dry_run,
-    )
+def _approval_command(decision: str, doc: str) -> None:
+    """Register ``emit approve`` / ``emit deny``: the same options, one decision each."""
+
+    def command(
+        principal: Principal,
+        agent_id: AgentId,
+        tool: ApprovalTool,
+        approver: Approver,
+        arguments: Arguments = None,
+        arguments_digest: ArgumentsDigest = None,
+        approval_id: Annotated[str | None, typer.Option(help="default: a new UUID")] = None,
+        tenant: Tenant = "default",
+        expires_at: Annotated[str | None, typer.Option(help="default: no expiry; e.g. +15m")] = None,
+        reason: Annotated[str, typer.Option(help="why")] = "",
+        event_time: EventTime = "now",
+        event_id: EventId = None,
+        dry_run: DryRun = False,
+    ) -> None:
+        _approval(
+            decision,
+            approval_id,
+            principal,
+            agent_id,
+            tool,
+            arguments,
+            arguments_digest,
+            approver,
+            tenant,
+            expires_at,
+            reason,
+            event_time,
+            event_id,
+            dry_run,
+        )
+
+    command.__doc__ = doc
+    command.__name__ = f"emit_{decision}"
+    emit_app.command(decision)(command)
 
 
-@emit_app.command("deny")
-def emit_deny(
-    principal: Principal,
-    agent_id: AgentId,
-    tool: ApprovalTool,
-    approver: Approver,
-    arguments: Arguments = None,
-    arguments_digest: ArgumentsDigest = None,
-    approval_id: Annotated[str | None, typer.Option(help="default: a new UUID")] = None,
-    tenant: Tenant = "default",
-    expires_at: Annotated[str | None, typer.Option(help="default: no expiry")] = None,
-    reason: Annotated[str, typer.Option(help="why")] = "",
-    event_time: EventTime = "now",
-    event_id: EventId = None,
-    dry_run: DryRun = False,
-) -> None:
-    """approval_decided (deny): calls of TOOL by AGENT_ID for PRINCIPAL are denied (until a later approval)."""
-    _approval(
-        "deny",
-        approval_id,
-        principal,
-        agent_id,
-        tool,
-        arguments,
-        arguments_digest,
-        approver,
-        tenant,
-        expires_at,
-        reason,
-        event_time,
-        event_id,
-        dry_run,
-    )
+_approval_command(
+    "approve",
+    "approval_decided (approve): one call of TOOL by AGENT_ID for PRINCIPAL may run (each approval authorises one).",
+)
+_approval_command(
+    "deny",
+    "approval_decided (deny): calls of TOOL by AGENT_ID for PRINCIPAL are denied (until a later approval).",
+)
 
 
 def _standalone() -> typer.Typer:
