@@ -242,10 +242,10 @@ def worker_stats_stale(path: Path, host: str | None = None) -> bool:
         pid = int(path.stem[len(prefix) :])
     except ValueError:
         return False
-    return _process_gone(pid)
+    return process_gone(pid)
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """No such process, or a zombie nobody reaped (a killed daemon whose parent is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stream_jobs.metrics import process_gone as gone
 
-def gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists or is a zombie waiting for init to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
+__all__ = ["gone", "observer_processes"]
 
 
 def observer_processes(wrapper: int) -> list[int]:
