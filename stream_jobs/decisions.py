@@ -249,6 +249,7 @@ class StageRunner:
         the first of them is handled (stage 2: :meth:`~detections.live.Stage2.prepare`, Cedar asked
         for the batch's calls at once). A failure is counted and logged; the records are handled."""
         self._finality_held = False
+        self._final_horizon: int | None = None
 
     def hold_finality(self, held: bool) -> None:
         """Stage 2: let no call of any partition (loaded now or later) become final while ``held``
@@ -257,6 +258,14 @@ class StageRunner:
         for part in (*self.partitions.values(), *self.revoked.values()):
             if hasattr(part.proc, "finality_held"):
                 part.proc.finality_held = held
+
+    def final_horizon(self, horizon_us: int | None) -> None:
+        """Stage 2: only calls whose deadline is at most ``horizon_us`` may become final (None: no
+        bound), in every partition loaded now or later (:class:`stream_jobs.worker.Frontier`)."""
+        self._final_horizon = horizon_us
+        for part in (*self.partitions.values(), *self.revoked.values()):
+            if hasattr(part.proc, "final_horizon_us"):
+                part.proc.final_horizon_us = horizon_us
 
     async def _policies(self, now: datetime) -> None:
         """Apply the policies published since the last batch (all of them the first time) and
@@ -288,6 +297,7 @@ class StageRunner:
             part = await self._activate(p)
             if hasattr(part.proc, "finality_held"):
                 part.proc.finality_held = self._finality_held
+                part.proc.final_horizon_us = self._final_horizon
             if self.on_load is not None:
                 try:
                     self.sender.emit(self.on_load(part.proc, now))

@@ -124,6 +124,15 @@ class KafkaConsumer:
         ends = await self.consumer.end_offsets([self._tp(tp) for tp in tps])
         return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
+    async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """The group's committed offsets of ``tps``, whoever holds them (one OffsetFetch request);
+        0 where nothing was committed yet."""
+        wanted = [self._tp(tp) for tp in tps]
+        if not wanted:
+            return {}
+        found = await self.consumer._coordinator.fetch_committed_offsets(wanted)
+        return {(tp.topic, tp.partition): max(0, found[tp].offset) if tp in found else 0 for tp in wanted}
+
     async def committed(self, tp: TP) -> int | None:
         """The group's committed offset of ``tp`` (None: none yet)."""
         offset: int | None = await self.consumer.committed(self._tp(tp))

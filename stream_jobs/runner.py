@@ -673,6 +673,10 @@ class MemoryConsumer:
     async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
         return {tp: self.broker.end(tp) for tp in tps}
 
+    async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        committed = self.broker.committed.get(self.group, {})
+        return {tp: committed.get(tp, 0) for tp in tps}
+
     async def stop(self) -> None:
         self.stopped = True
 

@@ -19,7 +19,7 @@ import asyncio
 import gc
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
 
@@ -69,6 +69,7 @@ class Progress(Protocol):
 
     async def consumed_to(self, tps: Iterable[TP]) -> dict[TP, int]: ...
     async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]: ...
+    async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int]: ...
 
 
 class CatchUp:
@@ -92,6 +93,60 @@ class CatchUp:
         self.phase = 1
         self.target: dict[TP, int] | None = None
         self.since = since
+
+
+class Frontier:
+    """How far the facts of stage-1 partitions that *other* workers hold have reached this stage 2.
+
+    Identity facts and calls pass through stage 1, and stage 1 forwards their effect to stage 2
+    through Kafka. When another worker holds a stage-1 partition and falls behind (it was killed
+    and its partitions wait for its session to time out, a rebalance paused it, it is overloaded),
+    a fact that reached Kafka before a call's deadline may still sit in that worker's backlog at
+    the deadline: finalizing then publishes a wrong final verdict and a late amendment, where
+    replay has the fact. So stage 2 finalizes only calls whose deadline is at most the frontier,
+    advanced on the timer in two steps per snapshot taken at time t: (1) the group's committed
+    offsets of those stage-1 partitions reach their end offsets at t (commits follow the flush, so
+    every forward of what came before t is on the broker); (2) this worker has read its stage-2
+    inputs up to their end offsets at the moment (1) held. The frontier is then t. With every
+    stage-1 partition held here (one worker) there is no frontier: the catch-up hold and this
+    worker's own cycle order cover them.
+    """
+
+    MAX_PENDING = 32
+    """Snapshots waiting for step (1); beyond this the oldest are dropped (a later snapshot needs
+    more progress, so dropping one only delays the frontier)."""
+
+    __slots__ = ("horizon_us", "pending1", "pending2")
+
+    def __init__(self) -> None:
+        self.horizon_us = 0  # nothing final before the first snapshot completes
+        self.pending1: list[tuple[int, dict[TP, int]]] = []
+        self.pending2: list[tuple[int, dict[TP, int]]] = []
+
+    @staticmethod
+    def _reached(pending: list[tuple[int, dict[TP, int]]], at: Mapping[TP, int]) -> int | None:
+        """Index of the latest snapshot whose every end offset ``at`` has reached, or None."""
+        found = None
+        for i, (_t, ends) in enumerate(pending):
+            if all(at.get(tp, 0) >= end for tp, end in ends.items()):
+                found = i
+        return found
+
+    async def advance(self, now_us: int, others: list[TP], mine: list[TP], progress: Progress) -> int:
+        """One step on the timer; returns the frontier (µs since the epoch)."""
+        self.pending1.append((now_us, await progress.end_offsets(others)))
+        del self.pending1[: -self.MAX_PENDING]
+        i = self._reached(self.pending1, await progress.committed_offsets(others))
+        if i is not None:
+            t = self.pending1[i][0]
+            del self.pending1[: i + 1]
+            self.pending2.append((t, await progress.end_offsets(mine)))
+        if self.pending2:
+            j = self._reached(self.pending2, await progress.consumed_to(mine))
+            if j is not None:
+                self.horizon_us = self.pending2[j][0]
+                del self.pending2[: j + 1]
+        return self.horizon_us
 
 
 class DecisionJob(Job[Message]):
@@ -123,6 +178,12 @@ class DecisionJob(Job[Message]):
         """The consumer's progress, for the catch-up hold after each assignment (:class:`CatchUp`);
         None: no hold (stage 2 finalizes on the wall clock alone)."""
         self.catch_up: CatchUp | None = None
+        self.frontier: Frontier | None = None
+        """While other workers hold stage-1 partitions: how far their facts have reached stage 2."""
+        self.partition_counts: Callable[[], Mapping[str, int] | None] = lambda: self.assignor.last_counts
+        self._inflight: dict[TP, int] = {}
+        """First offset of each partition's records in the cycle not flushed yet (their outputs are
+        not on the broker: the catch-up hold does not count them as read)."""
 
     async def assigned(self, tps: set[TP]) -> None:
         self._held = set(tps)
@@ -133,6 +194,10 @@ class DecisionJob(Job[Message]):
         if self.progress is not None and tps:
             self.catch_up = CatchUp(None)
             self.stage2.hold_finality(True)
+        # a new frontier at the next timer cycle, if other workers hold stage-1 partitions (the
+        # catch-up hold covers the time until then)
+        self.frontier = None
+        self.stage2.final_horizon(None)
 
     async def revoked(self, tps: set[TP]) -> None:
         self._held -= tps
@@ -157,8 +222,11 @@ class DecisionJob(Job[Message]):
             self._approvals: facts2,  # approvals are stage-2 facts too: applied before the calls
             self._calls2: calls2,
         }
-        for (topic, _), records in batch.items():
-            lists[topic].extend(records)
+        inflight = self._inflight
+        for tp, records in batch.items():
+            lists[tp[0]].extend(records)
+            if records and tp not in inflight:
+                inflight[tp] = records[0].offset
         if facts1 or calls1:
             await self.stage1.process(facts1 + calls1, now)
         if facts2 or calls2:
@@ -168,6 +236,8 @@ class DecisionJob(Job[Message]):
     async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
         if self.catch_up is not None:
             await self._check_caught_up(now)
+        if self.progress is not None and hasattr(self.progress, "committed_offsets"):
+            await self._advance_frontier(now)
         held = self._held
         await self.stage2.tick(sorted(p for t, p in assignment if t == self._calls2 and (t, p) in held), now)
         return self.stage1.sender.take() + self.stage2.sender.take()
@@ -191,6 +261,30 @@ class DecisionJob(Job[Message]):
         self.stage2.counters["catch_ups"] += 1
         log.info("caught up %.2fs after the assignment: stage 2 finalizes again", (now - hold.since).total_seconds())
 
+    async def _advance_frontier(self, now: datetime) -> None:
+        counts = self.partition_counts() or {}
+        held = self._held
+        others = sorted((t, p) for t in self._stage1_topics for p in range(counts.get(t, 0)) if (t, p) not in held)
+        mine = sorted(tp for tp in held if tp[0] not in self._stage1_topics)
+        if not others or not mine:
+            if self.frontier is not None:
+                self.frontier = None
+                self.stage2.final_horizon(None)
+            return
+        if self.frontier is None:
+            self.frontier = Frontier()
+            self.stage2.final_horizon(self.frontier.horizon_us)
+        now_us = int(now.timestamp() * 1_000_000)
+        try:
+            async with asyncio.timeout(5):
+                horizon = await self.frontier.advance(now_us, others, mine, cast(Progress, self.progress))
+        except Exception as exc:  # noqa: BLE001 - the broker is away: the frontier stays, checked again
+            self.stage2.counters["frontier_check_errors"] += 1
+            log.debug("frontier check failed (%s: %s); finals wait", type(exc).__name__, exc)
+            return
+        self.stage2.final_horizon(horizon)
+        self.stage2.counters["frontier_lag_ms"] = max(0, (now_us - horizon) // 1000)
+
     async def _catch_up_step(self, hold: CatchUp, progress: Progress) -> None:
         """Move ``hold`` on as far as the consumer's progress allows (phase 3: done)."""
         while hold.phase < 3:
@@ -200,15 +294,20 @@ class DecisionJob(Job[Message]):
             if hold.target is None:
                 hold.target = await progress.end_offsets(tps)
             at = await progress.consumed_to(tps)
+            for tp, first in self._inflight.items():  # read, but their outputs are not flushed yet
+                if tp in at:
+                    at[tp] = min(at[tp], first)
             if any(at.get(tp, 0) < end for tp, end in hold.target.items()):
                 return
             hold.phase, hold.target = hold.phase + 1, None
 
     def flushed(self, ends: dict[TP, int]) -> None:
+        self._inflight.clear()
         self.stage1.settle(ends)
         self.stage2.settle(ends)
 
     def reset(self, tps: set[TP]) -> None:
+        self._inflight.clear()
         self.stage1.drop({p for t, p in tps if t in self._stage1_topics})
         self.stage2.drop({p for t, p in tps if t not in self._stage1_topics})
         self.stage1.sender.take()
@@ -272,6 +371,9 @@ class _CommitTolerant:
 
     async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
         return await self.inner.end_offsets(tps)
+
+    async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return await self.inner.committed_offsets(tps)
 
     async def stop(self) -> None:
         await self.inner.stop()

@@ -181,6 +181,10 @@ class Stage2:
         self.finality_held = False
         """While set, no call becomes final: verdicts are corrected, deadlines wait (the worker sets it
         after an assignment until it has read what its inputs already held)."""
+        self.final_horizon_us: int | None = None
+        """None, or only calls whose deadline is at most this (µs since the epoch) may become final:
+        the latest time up to which every fact on the broker has reached this stage (the worker sets
+        it while other workers hold stage-1 partitions, whose updates come through Kafka)."""
         self._seq: Final = SequenceKeeper(
             partition,
             [r for r in rules if r.meta.kind != "per_call"],
@@ -288,14 +292,16 @@ class Stage2:
 
     def _advance_calls(self, now: datetime, now_us: int, out: Output) -> None:
         deadlines = self._deadlines
-        if deadlines and deadlines[0][0] <= now_us and not self.finality_held:
+        horizon = self.final_horizon_us
+        limit = now_us if horizon is None or horizon > now_us else horizon
+        if deadlines and deadlines[0][0] <= limit and not self.finality_held:
             keys = set()
-            while deadlines and deadlines[0][0] <= now_us:
+            while deadlines and deadlines[0][0] <= limit:
                 keys.add(_heappop(deadlines)[1])
             due: list[tuple[int, str, str, Owned]] = []
             for skey in keys:
                 rec = self._record(skey)
-                if not isinstance(rec, Owned) or rec.final or rec.deadline > now_us:
+                if not isinstance(rec, Owned) or rec.final or rec.deadline > limit:
                     continue
                 call = rec.call
                 due.append((call.t, call.call_id, skey, rec))
@@ -831,12 +837,17 @@ class Stage2:
         call = rec.call
         t = _at(call.t)
         summary = _summary(decision)
-        final = now_us >= rec.deadline and (rec.final or not self.finality_held)
+        final = now_us >= rec.deadline and (
+            rec.final
+            or (not self.finality_held and (self.final_horizon_us is None or rec.deadline <= self.final_horizon_us))
+        )
         if rec.version > 0 and summary == rec.last and (rec.final or not final):
             if reason == "update":
                 self.calls[skey] = rec.encode()  # a new attribution version, same verdict: keep the record
             return
         was_final = rec.final
+        if late and not was_final and not final:
+            late = False  # a correction before the call is final changes nothing final (finals held)
         rec.version += 1
         rec.last = summary
         rec.final = final

@@ -1,0 +1,188 @@
+"""Stage 2 finalizes nothing a lagging stage-1 partition of *another* worker may still change.
+
+Two workers split two partitions: C holds partition 0 of both stages, B partition 1. A call's
+session is in stage-1 partition 0 (worker C); its delegation in stage-2 partition 1 (worker B), so
+B decides it, and B learns of session facts only through C's forwards. C stops reading (killed,
+its partitions wait for its session to time out) right after the call; within grace, before the
+call's deadline, a fact arrives that the session had ended before the call. Replay says the call
+was made in a session that had ended.
+
+Without the frontier (``stream_jobs.worker.Frontier``), B finalized the call at its deadline on what
+it had (``in_scope``), and the forward came late: a wrong final verdict and a late amendment. With
+it, B waits until the group's committed offsets of C's stage-1 partitions reach where they ended,
+then reads its own inputs up to their end, and only then finalizes: the final verdict equals replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from unit.stream_jobs.test_worker_catch_up import T0, _evidence, _publish, _until_idle
+
+from schemas import key_for, parse_event
+from schemas.topics import partition_for
+from scopewatch.replay import replay
+from stream_jobs.runner import MemoryBroker, MemoryConsumer, MemoryProducer, Runner
+from stream_jobs.runtime.settings import Settings
+from stream_jobs.state import MemoryChangelogReader
+from stream_jobs.worker import Frontier, build_worker
+from support.scenario import bound, ended, grant
+from support.scenario import tool_call as call
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, topic_prefix="f.", partitions=2, worker_group="f-decisions", grace_seconds=15)
+
+
+def _worker(
+    broker: MemoryBroker, settings: Settings, clock: list[Any], partition: int
+) -> tuple[Runner[Any], MemoryConsumer, Any]:
+    topics = settings.topics
+    inputs = [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants, topics.approvals]
+    consumer = MemoryConsumer(broker, settings.worker_group, inputs)
+    runner, job, stats, ready = build_worker(settings, consumer, MemoryProducer(broker), MemoryChangelogReader(broker))
+    stats.path = None
+    runner.config.batch_ms = 0
+    runner.config.commit_seconds = 0  # commit at once: the other worker sees the progress next cycle
+    runner.clock = lambda: clock[0]
+    job.assignor.last_counts = dict.fromkeys(inputs, settings.partitions)
+    ready.set()
+    mine = {(t, partition) for t in inputs}
+
+    async def start() -> None:
+        consumer.listener = runner
+        await consumer.rebalance(mine)
+
+    consumer.start = lambda listener: start()  # type: ignore[method-assign,assignment,misc]
+    return runner, consumer, job
+
+
+def _story() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A session in stage-1 partition 0 whose delegation is in stage-2 partition 1."""
+    for n in range(200):
+        session, principal = f"s{n}", f"user{n}@acme.example"
+        c = call("10:00:10", "c1", session, "fs", "read_file")
+        g = grant("10:00:00", "g1", principal, "agent-1", ["fs/read_*"])
+        if (
+            partition_for(key_for(parse_event(c)).encode(), 2) == 0
+            and partition_for(key_for(parse_event(g)).encode(), 2) == 1
+        ):
+            return [bound("10:00:00", session, principal, "agent-1"), g, c], [ended("10:00:05", session)]
+    raise AssertionError("no session/principal pair splits across the partitions")
+
+
+def test_a_call_waits_for_the_other_workers_stage_1_backlog(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+    before, within_grace = _story()
+    events = [parse_event(e) for e in before + within_grace]
+    expected = {c.call_id: d.verdict for c, d in replay(enumerate(events)).decisions}
+    assert expected["c1"] != "in_scope", expected
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        _publish(broker, settings, before)
+        for _ in range(3):  # C forwards the call to B's stage 2; B decides it (provisional)
+            await _until_idle(runner_c)
+            await _until_idle(runner_b)
+            await runner_c.cycle({}, timer=True)
+            await runner_b.cycle({}, timer=True)
+        assert [(e.call_id, e.verdict, e.final) for e in _evidence(broker, settings)] == [("c1", "in_scope", False)]
+        # C stops reading. 2 s after the call, within grace, the fact arrives that the session had
+        # ended 5 s before it; it waits in C's backlog
+        clock[0] = T0 + timedelta(seconds=2)
+        _publish(broker, settings, within_grace)
+        # B alone goes on past the call's deadline
+        for s in range(3, 25):
+            clock[0] = T0 + timedelta(seconds=s)
+            await _until_idle(runner_b)
+            await runner_b.cycle({}, timer=True)
+        assert not any(e.final for e in _evidence(broker, settings)), "final while a fact sat in C's backlog"
+        assert job_b.stage2.counters["frontier_lag_ms"] >= 20_000
+        # C comes back (or its partitions' next owner reads them): the fact reaches B, then the final
+        await _until_idle(runner_c)
+        for s in range(25, 28):
+            clock[0] = T0 + timedelta(seconds=s)
+            await runner_c.cycle({}, timer=True)
+            await _until_idle(runner_b)
+            await runner_b.cycle({}, timer=True)
+
+    asyncio.run(main())
+    evidence = _evidence(broker, settings)
+    finals = [e for e in evidence if e.final]
+    assert [(e.call_id, e.verdict) for e in finals] == [("c1", expected["c1"])], [
+        (e.version, e.verdict, e.final, e.late) for e in evidence
+    ]
+    assert not any(e.late for e in evidence), [(e.version, e.verdict, e.kind, e.late) for e in evidence]
+
+
+def test_one_worker_holding_every_partition_has_no_frontier(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+
+    async def main() -> None:
+        topics = settings.topics
+        inputs = [topics.tool_calls, topics.sessions, topics.calls_by_route, topics.grants, topics.approvals]
+        consumer = MemoryConsumer(broker, settings.worker_group, inputs)
+        runner, job, stats, ready = build_worker(
+            settings, consumer, MemoryProducer(broker), MemoryChangelogReader(broker)
+        )
+        stats.path = None
+        runner.clock = lambda: clock[0]
+        job.assignor.last_counts = dict.fromkeys(inputs, settings.partitions)
+        ready.set()
+        await consumer.start(runner)
+        _publish(broker, settings, _story()[0])
+        await _until_idle(runner)
+        for s in range(0, 20):
+            clock[0] = T0 + timedelta(seconds=s)
+            await runner.cycle({}, timer=True)
+        assert job.frontier is None
+
+    asyncio.run(main())
+    assert [(e.verdict, e.final) for e in _evidence(broker, settings)][-1] == ("in_scope", True)
+
+
+def test_the_frontier_takes_the_latest_snapshot_reached() -> None:
+    f = Frontier()
+    f.pending1 = [(1, {("a", 0): 5}), (2, {("a", 0): 7}), (3, {("a", 0): 9})]
+    assert Frontier._reached(f.pending1, {("a", 0): 8}) == 1
+    assert Frontier._reached(f.pending1, {("a", 0): 4}) is None
+
+
+def test_a_worker_left_alone_finalizes_again(tmp_path: Path) -> None:
+    """The other worker leaves: the survivor takes every partition, and the frontier it kept while
+    they were split no longer bounds its finals (it once did: nothing became final again)."""
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+    before, _ = _story()
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        for s in range(3):  # a frontier, behind the clock
+            clock[0] = T0 + timedelta(seconds=s)
+            await runner_b.cycle({}, timer=True)
+        assert job_b.frontier is not None
+        await consumer_b.rebalance({(t, p) for t in consumer_b.topics for p in range(2)})  # C left
+        _publish(broker, settings, before)
+        await _until_idle(runner_b)
+        for s in range(3, 30):
+            clock[0] = T0 + timedelta(seconds=s)
+            await _until_idle(runner_b)
+            await runner_b.cycle({}, timer=True)
+        assert job_b.frontier is None
+
+    asyncio.run(main())
+    assert [(e.verdict, e.final) for e in _evidence(broker, settings)][-1] == ("in_scope", True)
