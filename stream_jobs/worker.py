@@ -116,10 +116,13 @@ class Frontier:
     """Snapshots waiting for step (1); beyond this the oldest are dropped (a later snapshot needs
     more progress, so dropping one only delays the frontier)."""
 
-    __slots__ = ("horizon_us", "pending1", "pending2")
+    __slots__ = ("behind", "horizon_us", "pending1", "pending2", "warned_us")
 
     def __init__(self) -> None:
         self.horizon_us = 0  # nothing final before the first snapshot completes
+        self.behind: list[TP] = []
+        """The other workers' stage-1 partitions whose committed offset had not reached the latest end."""
+        self.warned_us = 0
         self.pending1: list[tuple[int, dict[TP, int]]] = []
         self.pending2: list[tuple[int, dict[TP, int]]] = []
 
@@ -136,7 +139,9 @@ class Frontier:
         """One step on the timer; returns the frontier (µs since the epoch)."""
         self.pending1.append((now_us, await progress.end_offsets(others)))
         del self.pending1[: -self.MAX_PENDING]
-        i = self._reached(self.pending1, await progress.committed_offsets(others))
+        done = await progress.committed_offsets(others)
+        self.behind = [tp for tp, end in self.pending1[-1][1].items() if done.get(tp, 0) < end]
+        i = self._reached(self.pending1, done)
         if i is not None:
             t = self.pending1[i][0]
             del self.pending1[: i + 1]
@@ -283,7 +288,17 @@ class DecisionJob(Job[Message]):
             log.debug("frontier check failed (%s: %s); finals wait", type(exc).__name__, exc)
             return
         self.stage2.final_horizon(horizon)
-        self.stage2.counters["frontier_lag_ms"] = max(0, (now_us - horizon) // 1000)
+        lag_us = max(0, now_us - horizon)
+        self.stage2.counters["frontier_lag_ms"] = lag_us // 1000
+        frontier = self.frontier
+        if lag_us > self.settings.grace_seconds * 1_000_000 and now_us - frontier.warned_us > 60_000_000:
+            frontier.warned_us = now_us
+            log.warning(
+                "finals wait: stage 1 of other workers is %.0fs behind (partitions %s not committed up "
+                "to their end); verdicts are still corrected",
+                lag_us / 1e6,
+                describe(by_topic(_Tp(t, p) for t, p in frontier.behind)) or "-",
+            )
 
     async def _catch_up_step(self, hold: CatchUp, progress: Progress) -> None:
         """Move ``hold`` on as far as the consumer's progress allows (phase 3: done)."""

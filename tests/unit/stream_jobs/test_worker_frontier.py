@@ -16,10 +16,12 @@ then reads its own inputs up to their end, and only then finalizes: the final ve
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from unit.stream_jobs.test_worker_catch_up import T0, _evidence, _publish, _until_idle
 
 from schemas import key_for, parse_event
@@ -74,7 +76,8 @@ def _story() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     raise AssertionError("no session/principal pair splits across the partitions")
 
 
-def test_a_call_waits_for_the_other_workers_stage_1_backlog(tmp_path: Path) -> None:
+def test_a_call_waits_for_the_other_workers_stage_1_backlog(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "scopewatch.stream")
     settings = _settings(tmp_path)
     broker = MemoryBroker(2)
     clock = [T0]
@@ -106,6 +109,7 @@ def test_a_call_waits_for_the_other_workers_stage_1_backlog(tmp_path: Path) -> N
             await runner_b.cycle({}, timer=True)
         assert not any(e.final for e in _evidence(broker, settings)), "final while a fact sat in C's backlog"
         assert job_b.stage2.counters["frontier_lag_ms"] >= 20_000
+        assert "finals wait: stage 1 of other workers" in caplog.text and "identity.sessions [0]" in caplog.text
         # C comes back (or its partitions' next owner reads them): the fact reaches B, then the final
         await _until_idle(runner_c)
         for s in range(25, 28):
