@@ -484,6 +484,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "steady_rows": marks["done_rows"] - marks["first_rows"],
         "steady_wall": marks["done_at"] - marks["first_at"],
         "steady_cpu": marks["done_cpu"] - marks["first_cpu"],
+        "steady_window": (marks["first_at"], marks["done_at"]),
         "total_rows": marks["done_rows"],
         "total_wall": marks["done_at"] - marks["start"],
         "total_cpu": marks["done_cpu"] - marks["start_cpu"],
@@ -592,6 +593,11 @@ def start_child(
             out = out.with_name(out.name + ".baseline")
         spy_args = ["record", "-r", "250", "--native", "--threads", "--format", "raw", "-o", str(out)]
         argv = [str(spy), *spy_args, "--", *argv]
+    if kind == "sink" and args.perf:
+        out = Path(args.perf).resolve()
+        if code is not None:
+            out = out.with_name(out.name + ".baseline")
+        argv = ["perf", "record", "-k", "CLOCK_MONOTONIC", "-F", "1999", "-o", str(out), "--", *argv]
     env = dict(os.environ)
     if code is not None:  # the child imports the packages of that tree first (before the editable install)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
@@ -942,6 +948,9 @@ def parent(args: argparse.Namespace) -> int:
                         result["flush_ms"] = (took[len(took) // 2] * 1000, took[-1] * 1000) if took else (0, 0)
                         result["flushes"] = len(result["flushes"])
                     runs.setdefault(label, []).append(result)
+                    if args.perf:  # `perf report --time A,B` limits the samples to the steady window
+                        a, b = result["steady_window"]
+                        bk.say(f"(b) {label}: perf steady window --time {a:.6f},{b:.6f}")
                     shutil.rmtree(tmp / f"sink-{path}", ignore_errors=True)
             del messages
             for path, results in runs.items():
@@ -972,6 +981,10 @@ def main() -> None:
         dest="variants",
         action="store_false",
         help="skip (a)'s comparison of insert formats and settings on the largest batch",
+    )
+    parser.add_argument(
+        "--perf",
+        help="record the sink child with `perf record` (samples of every thread to FILE; FILE.baseline for --baseline)",
     )
     parser.add_argument(
         "--py-spy",
