@@ -147,12 +147,13 @@ class RowBinaryCodec:
         data = block.payload() if payload is None else payload
         head = len(block.parts[0])
         err_at = ctypes.c_long(-1)
-        for factor in (2, 8):
-            need = len(data) * factor + 4096
+        for factor in (1.25, 8):  # RowBinary is about the container's size (fixed-width ints may grow it)
+            need = int(len(data) * factor) + 4096
             buf: bytearray | None = getattr(_BUFFERS, "buf", None)
             if buf is None or len(buf) < need:
                 _BUFFERS.buf = None
-                buf = _BUFFERS.buf = bytearray(need)
+                # with headroom: a zeroed buffer costs ~0.3 µs per row, so the next batches reuse this one
+                buf = _BUFFERS.buf = bytearray(need + need // 2)
             cap = len(buf)
             n = lib.sw_avro_to_rowbinary(
                 data,
