@@ -114,6 +114,13 @@ static int copy_raw(cur_t *c, size_t n) {
 static int utf8_valid(const uint8_t *p, size_t n) {
     const uint8_t *end = p + n;
     while (p < end) {
+        while (end - p >= 32) { /* 32 ASCII bytes at a time (most of the text) */
+            uint64_t w[4];
+            memcpy(w, p, 32);
+            if ((w[0] | w[1] | w[2] | w[3]) & 0x8080808080808080ULL)
+                break;
+            p += 32;
+        }
         if (end - p >= 8) { /* eight ASCII bytes at a time */
             uint64_t w;
             memcpy(&w, p, 8);
