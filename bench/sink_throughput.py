@@ -524,6 +524,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "full_path": stats.get("full_path", 0),
         "bulk_rows": stats.get("bulk_rows", 0),
         "bulk_fallbacks": stats.get("bulk_fallbacks", 0),
+        "rowbinary_fallbacks": getattr(writer, "rowbinary_fallbacks", 0),  # containers inserted as Avro instead
         "path": args.path,
         "client": config.client,
         "rows_in_table": total,
@@ -849,9 +850,10 @@ def report(
             f"{rate(run['steady_rows'], run['steady_wall']):,.0f} rows/s wall)",
         )
         extra.add_row(
-            f"(b) [{path}] batches / retries / dead letters / full path / bulk rows / bulk fallbacks",
+            f"(b) [{path}] batches / retries / dead letters / full path / bulk rows / bulk fallbacks / "
+            "containers read as Avro (transcoder refused)",
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
-            f"{run['bulk_rows']} / {run['bulk_fallbacks']}",
+            f"{run['bulk_rows']} / {run['bulk_fallbacks']} / {run.get('rowbinary_fallbacks', '-')}",
         )
         extra.add_row(
             f"(b) [{path}] batch bound (rows / seconds; fill seconds at the end)",

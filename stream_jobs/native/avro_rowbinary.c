@@ -121,6 +121,8 @@ static int utf8_valid(const uint8_t *p, size_t n) {
                 break;
             p += 32;
         }
+        if (p == end)
+            break;
         if (end - p >= 8) { /* eight ASCII bytes at a time */
             uint64_t w;
             memcpy(&w, p, 8);

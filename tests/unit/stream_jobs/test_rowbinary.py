@@ -186,6 +186,11 @@ _UTF8_CASES = {
     "invalid after 32 ASCII": (b"a" * 40 + b"\xc3", False),
     "invalid inside 32 bytes": (b"a" * 20 + b"\xff" + b"a" * 20, False),
     "valid after 64 ASCII": (b"a" * 64 + "é".encode() + b"a" * 33, True),
+    # text ending exactly after the 32-byte steps (the byte after it is the next field's, never read)
+    "32 ASCII": (b"b" * 30, True),
+    "64 ASCII": (b"c" * 62, True),
+    "96 ASCII": (b"d" * 94, True),
+    "8 ASCII": (b"e" * 6, True),
 }
 
 
@@ -208,6 +213,19 @@ def test_text_that_is_not_valid_utf8_refuses_the_container(built: Path, case: st
     assert (reference is not None) == valid
     if ours is not None:
         assert bytes(ours) == reference
+
+
+@pytest.mark.parametrize("size", [8, 32, 64, 96, 128])
+def test_ascii_text_ending_on_a_step_boundary_before_a_long_length(built: Path, size: int) -> None:
+    """Text of 8/32/... ASCII bytes followed by a field whose length varint starts with a byte >= 0x80:
+    the validator must stop at the text's end (it once read that next byte as the text's own)."""
+    reasons = ["a" * size, "b" * 96, "c" * size, "é" * 40]
+    block = _block([encode(_evidence()[0].model_copy(update={"reasons": reasons, "tool": "t" * size}))])
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    ours = codec.transcode(block)
+    assert ours is not None
+    assert bytes(ours) == rowbinary.transcode_python(codec, block)
 
 
 def test_utf8_validation_matches_python_on_random_bytes(built: Path) -> None:
