@@ -418,6 +418,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(config, "latency_target"):  # not on a --baseline tree from before it
         target = settings.sink_latency_target if args.latency_target is None else args.latency_target
         config.latency_target = target or None
+    if hasattr(config, "malloc_keep_mb"):  # as the service sets it (not on a --baseline tree from before it)
+        config.malloc_keep_mb = settings.sink_malloc_keep_mb
     n = args.messages
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
     paced = args.rate > 0  # the parent produces while the sink runs: no floor (the messages are not there yet)
@@ -448,14 +450,24 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
 
     sink.assigned = ready  # type: ignore[method-assign]
 
+    db = settings.clickhouse_database
+
+    def merged_rows() -> int:
+        """Rows MergeTree merges have read so far in this process (chDB's MergedRows event)."""
+        out = client.query("SELECT value FROM system.events WHERE event = 'MergedRows'").result_rows
+        return int(out[0][0]) if out else 0
+
+    def merging() -> int:
+        return int(client.query(f"SELECT count() FROM system.merges WHERE database = '{db}'").result_rows[0][0])
+
     async def watch() -> None:
         while True:
             rows = sink.counters["rows"]
             now = time.perf_counter()
             if rows and "first_at" not in marks:
-                marks.update(first_at=now, first_rows=rows, first_cpu=time.process_time())
+                marks.update(first_at=now, first_rows=rows, first_cpu=time.process_time(), first_merged=merged_rows())
             if rows >= n:
-                marks.update(done_at=now, done_rows=rows, done_cpu=time.process_time())
+                marks.update(done_at=now, done_rows=rows, done_cpu=time.process_time(), done_merged=merged_rows())
                 sink.stop()
                 return
             await asyncio.sleep(0.005)
@@ -475,6 +487,19 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     asyncio.run(main())
     if "done_at" not in marks:
         raise TimeoutError(f"the sink wrote {sink.counters['rows']} of {n} rows in {args.timeout}s")
+    # the merges the run left behind, done in this process as a production sink does them: their CPU is
+    # added to the window's for the "merges settled" figure (conservative: they also merge the first batch)
+    c0, quiet, deadline = time.process_time(), 0, time.monotonic() + 60
+    while quiet < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        quiet = quiet + 1 if merging() == 0 else 0
+    settle_cpu = time.process_time() - c0
+    settled_merged = merged_rows()
+    parts = int(
+        client.query(
+            f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'evidence' AND active"
+        ).result_rows[0][0]
+    )
     stats = sink.stats()
     total = int(client.query(f"SELECT count() FROM {settings.clickhouse_database}.evidence").result_rows[0][0])
     return {
@@ -484,6 +509,11 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "steady_rows": marks["done_rows"] - marks["first_rows"],
         "steady_wall": marks["done_at"] - marks["first_at"],
         "steady_cpu": marks["done_cpu"] - marks["first_cpu"],
+        "steady_window": (marks["first_at"], marks["done_at"]),
+        "steady_merged_rows": marks["done_merged"] - marks["first_merged"],
+        "settle_cpu": settle_cpu,
+        "settled_merged_rows": settled_merged - marks["first_merged"],
+        "evidence_parts": parts,
         "total_rows": marks["done_rows"],
         "total_wall": marks["done_at"] - marks["start"],
         "total_cpu": marks["done_cpu"] - marks["start_cpu"],
@@ -494,6 +524,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "full_path": stats.get("full_path", 0),
         "bulk_rows": stats.get("bulk_rows", 0),
         "bulk_fallbacks": stats.get("bulk_fallbacks", 0),
+        "rowbinary_fallbacks": getattr(writer, "rowbinary_fallbacks", 0),  # containers inserted as Avro instead
         "path": args.path,
         "client": config.client,
         "rows_in_table": total,
@@ -592,6 +623,12 @@ def start_child(
             out = out.with_name(out.name + ".baseline")
         spy_args = ["record", "-r", "250", "--native", "--threads", "--format", "raw", "-o", str(out)]
         argv = [str(spy), *spy_args, "--", *argv]
+    if kind == "sink" and args.perf:
+        out = Path(args.perf).resolve()
+        if code is not None:
+            out = out.with_name(out.name + ".baseline")
+        graph = ["-g"] if os.environ.get("BENCH_PERF_G") else []  # call graphs (kernel stacks are the useful part)
+        argv = ["perf", "record", "-k", "CLOCK_MONOTONIC", "-F", "1999", *graph, "-o", str(out), "--", *argv]
     env = dict(os.environ)
     if code is not None:  # the child imports the packages of that tree first (before the editable install)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
@@ -813,14 +850,25 @@ def report(
             f"{rate(run['steady_rows'], run['steady_wall']):,.0f} rows/s wall)",
         )
         extra.add_row(
-            f"(b) [{path}] batches / retries / dead letters / full path / bulk rows / bulk fallbacks",
+            f"(b) [{path}] batches / retries / dead letters / full path / bulk rows / bulk fallbacks / "
+            "containers read as Avro (transcoder refused)",
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
-            f"{run['bulk_rows']} / {run['bulk_fallbacks']}",
+            f"{run['bulk_rows']} / {run['bulk_fallbacks']} / {run.get('rowbinary_fallbacks', '-')}",
         )
         extra.add_row(
             f"(b) [{path}] batch bound (rows / seconds; fill seconds at the end)",
             f"{run['batch_rows']:,} / {run['batch_seconds']} / {run.get('fill_seconds')}",
         )
+        if "settle_cpu" in run:
+            settled = [rate(r["steady_rows"], r["steady_cpu"] + r["settle_cpu"]) for r in run.get("all", [run])]
+            extra.add_row(
+                f"(b) [{path}] merges: rows merged per row in the window / until they settled; rows per sink "
+                "CPU-second with the merges that followed the window added (rounds); evidence parts at the end",
+                f"{run['steady_merged_rows'] / max(1, run['steady_rows']):.2f} / "
+                f"{run['settled_merged_rows'] / max(1, run['steady_rows']):.2f}; "
+                f"{sorted(settled)[len(settled) // 2]:,.0f} ({', '.join(f'{x:,.0f}' for x in settled)}); "
+                f"{run['evidence_parts']}",
+            )
         if "delays" in run:
             d = sorted(run["delays"]) or [float("nan")]
             q = [d[min(len(d) - 1, int(f * len(d)))] * 1000 for f in (0.5, 0.99, 1.0)]
@@ -942,6 +990,9 @@ def parent(args: argparse.Namespace) -> int:
                         result["flush_ms"] = (took[len(took) // 2] * 1000, took[-1] * 1000) if took else (0, 0)
                         result["flushes"] = len(result["flushes"])
                     runs.setdefault(label, []).append(result)
+                    if args.perf:  # `perf report --time A,B` limits the samples to the steady window
+                        a, b = result["steady_window"]
+                        bk.say(f"(b) {label}: perf steady window --time {a:.6f},{b:.6f}")
                     shutil.rmtree(tmp / f"sink-{path}", ignore_errors=True)
             del messages
             for path, results in runs.items():
@@ -949,6 +1000,7 @@ def parent(args: argparse.Namespace) -> int:
                 sink[path] = {
                     **ranked[len(ranked) // 2],
                     "rounds": [rate(r["steady_rows"], r["steady_cpu"]) for r in results],
+                    "all": results,
                 }
         report(args, writer, sink, load)
     return 0
@@ -972,6 +1024,10 @@ def main() -> None:
         dest="variants",
         action="store_false",
         help="skip (a)'s comparison of insert formats and settings on the largest batch",
+    )
+    parser.add_argument(
+        "--perf",
+        help="record the sink child with `perf record` (samples of every thread to FILE; FILE.baseline for --baseline)",
     )
     parser.add_argument(
         "--py-spy",

@@ -154,6 +154,9 @@ class AvroBulk:
     """``SELECT`` list over ``file(..., Avro)`` giving the table's columns in ``columns`` order, then the check."""
     columns: tuple[str, ...]
     """The table's insert columns (its spec's)."""
+    utf8_check: str | None = None
+    """The ``isValidUTF8`` test of the row's text as it stands in :attr:`select`, followed by `` AND ``
+    (None: no text field): a reader that validated every string itself may drop exactly this."""
 
     def container_head(self, sync: bytes) -> bytes:
         meta = {b"avro.schema": self.schema_json, b"avro.codec": b"null"}
@@ -220,7 +223,7 @@ def build_bulk(
             texts.append(text)
     utf8 = _utf8_check(texts)
     if utf8 is not None:
-        checks.insert(2, utf8)
+        checks.insert(2, utf8)  # never last: the allowed-values and column checks follow it
     if set(spec.limits) - set(kinds):
         raise Unsupported(f"{table}: column limits on columns {model.__name__} has no field for")
     for column, allowed in spec.allowed.items():
@@ -254,7 +257,10 @@ def build_bulk(
         f"SELECT {', '.join(values)} FROM file({{path}}, Avro) "
         f"WHERE throwIf(NOT ({condition}), 'scopewatch bulk check: a {{table}} row needs the per-message path') = 0"
     )
-    return AvroBulk(table, MAGIC + fingerprint, json.dumps(container).encode(), select, spec.columns)
+    utf8_check = None if utf8 is None else utf8 + " AND "
+    if utf8_check is not None and select.count(utf8_check) != 1:
+        utf8_check = None  # (braces in a field name would have been doubled: keep the check)
+    return AvroBulk(table, MAGIC + fingerprint, json.dumps(container).encode(), select, spec.columns, utf8_check)
 
 
 def bulk_specs() -> dict[bytes, AvroBulk]:

@@ -72,6 +72,7 @@ def sink_config(settings: Settings) -> SinkConfig:
         batch_seconds=settings.sink_batch_seconds,
         fetch_wait_ms=settings.sink_fetch_wait_ms,
         latency_target=settings.sink_latency_target or None,
+        malloc_keep_mb=settings.sink_malloc_keep_mb,
         bulk_avro=settings.sink_bulk_avro,
         client=settings.sink_client,
         intent_file=settings.run_dir / "sink-intent.json",

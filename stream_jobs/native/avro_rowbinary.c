@@ -7,6 +7,8 @@
  * field of the container's writer schema (in order):
  *
  *   's' string or bytes -> String            'l' long -> Int64 (8 bytes LE)
+ *   'u' string -> String, valid UTF-8 only (RFC 3629, as Python's decode: no overlong forms, no
+ *       surrogates, nothing past U+10FFFF; anything else fails the call with E_UTF8)
  *   'i' int -> Int32 (range checked)         'z' boolean -> Bool (the byte must be 0 or 1)
  *   'd' double -> Float64 (8 raw bytes)      'f' float -> Float32 (4 raw bytes)
  *   'n' X: union [null, X] -> Nullable(X)    'a' X: array of X -> Array(X)   (X one of s l i z d f)
@@ -21,7 +23,8 @@
  * whole call fail (a negative return): the caller then hands the block to ClickHouse as Avro.
  *
  * Returns the bytes written into `out`, or:
- *   -1 malformed input (the offset of the failure in *err_at), -2 `out` too small, -3 bad program.
+ *   -1 malformed input (the offset of the failure in *err_at), -2 `out` too small, -3 bad program,
+ *   -4 a 'u' string that is not valid UTF-8 (the caller then takes the path that checks it in SQL).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -30,6 +33,7 @@
 #define E_MALFORMED -1
 #define E_ROOM -2
 #define E_PROGRAM -3
+#define E_UTF8 -4
 
 typedef struct {
     const uint8_t *p;
@@ -106,6 +110,54 @@ static int copy_raw(cur_t *c, size_t n) {
     return 1;
 }
 
+/* Whether p[0..n) is valid UTF-8 (RFC 3629: shortest forms only, no surrogates, at most U+10FFFF). */
+static int utf8_valid(const uint8_t *p, size_t n) {
+    const uint8_t *end = p + n;
+    while (p < end) {
+        while (end - p >= 32) { /* 32 ASCII bytes at a time (most of the text) */
+            uint64_t w[4];
+            memcpy(w, p, 32);
+            if ((w[0] | w[1] | w[2] | w[3]) & 0x8080808080808080ULL)
+                break;
+            p += 32;
+        }
+        if (p == end)
+            break;
+        if (end - p >= 8) { /* eight ASCII bytes at a time */
+            uint64_t w;
+            memcpy(&w, p, 8);
+            if (!(w & 0x8080808080808080ULL)) {
+                p += 8;
+                continue;
+            }
+        }
+        uint8_t b = *p;
+        if (b < 0x80) {
+            p++;
+            continue;
+        }
+        size_t left = (size_t)(end - p);
+        if (b >= 0xC2 && b <= 0xDF) {
+            if (left < 2 || (p[1] & 0xC0) != 0x80)
+                return 0;
+            p += 2;
+        } else if (b >= 0xE0 && b <= 0xEF) {
+            uint8_t lo = b == 0xE0 ? 0xA0 : 0x80, hi = b == 0xED ? 0x9F : 0xBF;
+            if (left < 3 || p[1] < lo || p[1] > hi || (p[2] & 0xC0) != 0x80)
+                return 0;
+            p += 3;
+        } else if (b >= 0xF0 && b <= 0xF4) {
+            uint8_t lo = b == 0xF0 ? 0x90 : 0x80, hi = b == 0xF4 ? 0x8F : 0xBF;
+            if (left < 4 || p[1] < lo || p[1] > hi || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80)
+                return 0;
+            p += 4;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* One value of a scalar opcode. */
 static int scalar(cur_t *c, uint8_t op) {
     int64_t v;
@@ -115,6 +167,18 @@ static int scalar(cur_t *c, uint8_t op) {
             return 0;
         if (v < 0 || v > c->end - c->p) {
             c->err = E_MALFORMED;
+            return 0;
+        }
+        return write_uleb(c, (uint64_t)v) && copy_raw(c, (size_t)v);
+    case 'u':
+        if (!read_long(c, &v))
+            return 0;
+        if (v < 0 || v > c->end - c->p) {
+            c->err = E_MALFORMED;
+            return 0;
+        }
+        if (!utf8_valid(c->p, (size_t)v)) {
+            c->err = E_UTF8;
             return 0;
         }
         return write_uleb(c, (uint64_t)v) && copy_raw(c, (size_t)v);
@@ -150,6 +214,7 @@ static int skip(cur_t *c, uint8_t op) {
     size_t n;
     switch (op) {
     case 's':
+    case 'u': /* its text is checked when scalar() copies it */
         if (!read_long(c, &v))
             return 0;
         if (v < 0 || v > c->end - c->p) {

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         default="auto",
         description="how bulk containers reach chDB: transcoded to RowBinary in C (auto: when built) or as Avro",
     )
+    sink_malloc_keep_mb: int = Field(
+        default=256,
+        ge=0,
+        le=4096,
+        description="the sink's C heap (glibc) keeps up to this many MiB of freed memory for the next batch "
+        "instead of handing it back to the kernel (M_TRIM_THRESHOLD; allocations below it come from the heap, "
+        "M_MMAP_THRESHOLD): no page faults re-touching each batch's message buffers; 0: glibc's defaults",
+    )
     sink_fetch_wait_ms: int = Field(
         default=100, ge=0, le=5000, description="a sink fetch waits in the broker this long for 256 KiB"
     )

@@ -1799,11 +1799,20 @@ def test_rowbinary_bulk_path_stores_the_same_bytes_as_the_avro_bulk_path(chdb: C
 
 @pytest.mark.parametrize(
     "bad",
-    ["trailing bytes", "truncated body", "union index 2", "boolean byte 2", "overlong varint", "negative length"],
+    [
+        "trailing bytes",
+        "truncated body",
+        "union index 2",
+        "boolean byte 2",
+        "overlong varint",
+        "negative length",
+        "invalid UTF-8",
+        "UTF-8 surrogate",
+    ],
 )
 def test_a_record_the_transcoder_cannot_read_sends_the_block_as_avro(chdb: Client, bad: str) -> None:
-    """A malformed record: the transcoder refuses the block, which is inserted as Avro, exactly as before
-    (the same rows and dead letters as the Avro bulk path)."""
+    """A malformed record or text that is not valid UTF-8: the transcoder refuses the block, which is
+    inserted as Avro, exactly as before (the same rows and dead letters as the Avro bulk path)."""
     from schemas import encode
     from stream_jobs.rows import COLUMNS
 
@@ -1828,12 +1837,16 @@ def test_a_record_the_transcoder_cannot_read_sends_the_block_as_avro(chdb: Clien
         assert body[-1] in (0, 1)
         body[-1] = 2
         value = base[:head] + bytes(body)
+    elif bad == "invalid UTF-8":  # the transcoder validates text itself (the SQL's isValidUTF8 is dropped)
+        value = base.replace(b"ok-0", b"ok-\xff")
+    elif bad == "UTF-8 surrogate":
+        value = base.replace(b"ok-0", b"o\xed\xa0\x80")
     elif bad == "overlong varint":  # evidence_id's length as an 11-byte varint
         value = base[:head] + b"\x88" + b"\x80" * 9 + b"\x00" + bytes(body[first:])
     else:  # evidence_id's length negative
         value = base[:head] + b"\x01" + bytes(body[first:])
     values = [good[1], value, good[2]]
-    db = "rbbad_" + bad.replace(" ", "_")
+    db = "rbbad_" + bad.replace(" ", "_").replace("-", "_")
     rb, avro = _flush_by_decoders(chdb, db, values)
     assert rb.writer.rowbinary_fallbacks == 1
     assert rb.counters["bulk_fallbacks"] == avro.counters["bulk_fallbacks"]

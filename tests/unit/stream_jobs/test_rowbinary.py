@@ -103,9 +103,13 @@ def test_rewrite_reads_the_file_as_rowbinary() -> None:
     out = codec.rewrite(sql, "/dev/shm/x'y.avro")
     assert out is not None and "Avro)" not in out
     assert "FROM file('/dev/shm/x\\'y.avro', RowBinary, '`evidence_id` String" in out
+    # the same SELECT but for the row's UTF-8 test, which the transcoder does itself ('u' strings)
+    assert spec.utf8_check is not None and spec.utf8_check.startswith("(isValidUTF8(concat(`evidence_id`, ")
+    assert codec.utf8_check == spec.utf8_check and sql.count(spec.utf8_check) == 1
+    assert "isValidUTF8" not in out and "isValidUTF8" in sql
     assert out.replace(out[out.index("FROM file(") : out.index(" WHERE")], "") == sql.replace(
         sql[sql.index("FROM file(") : sql.index(" WHERE")], ""
-    )
+    ).replace(spec.utf8_check, "")
     assert codec.rewrite("SELECT 1", "/dev/shm/x'y.avro") is None
 
 
@@ -121,6 +125,128 @@ def test_c_writes_what_the_reference_writes(built: Path) -> None:
     first = encode(_evidence()[0])
     assert bytes(ours[:37]) == b"\x24" + b"7d0c1c8e-2a5e-4f0a-9d7e-0b8f3c2a1e11"
     assert first[10:11] == b"\x48"  # Avro's zigzag length of the same 36 bytes
+
+
+def test_every_string_field_is_validated_unless_one_is_bytes() -> None:
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    assert b"s" not in codec.program.replace(b"x\x18", b"").replace(b"k\n", b"")  # every Avro string: 'u'
+    assert codec.program.count(b"u") >= 20
+    # a bytes field is copied unchecked ('s'): then the SQL keeps its UTF-8 test
+    import dataclasses
+    import json
+
+    spec = _spec()
+    schema = json.loads(spec.schema_json)
+    schema["fields"].insert(1, {"name": "blob", "type": "bytes"})
+    other = rowbinary.codec_for(dataclasses.replace(spec, schema_json=json.dumps(schema).encode()))
+    assert other is not None and other.utf8_check is None and b"s" in other.program
+
+
+def _with_text(raw: bytes) -> bytes:
+    """An evidence message whose session_id holds ``raw`` (any bytes, of any validity)."""
+    marker = "Q" * len(raw) if raw else ""
+    value = encode(_evidence()[0].model_copy(update={"session_id": "<" + marker + ">"}))
+    assert value.count(b"<" + marker.encode() + b">") == 1
+    return value.replace(b"<" + marker.encode() + b">", b"<" + raw + b">")
+
+
+_UTF8_CASES = {
+    # valid, at the edges of each range
+    "ascii": (b"hello, world: sixteen+ bytes", True),
+    "two bytes U+0080": (b"\xc2\x80", True),
+    "U+07FF": (b"\xdf\xbf", True),
+    "U+0800": (b"\xe0\xa0\x80", True),
+    "U+D7FF": (b"\xed\x9f\xbf", True),
+    "U+E000": (b"\xee\x80\x80", True),
+    "U+FFFF": (b"\xef\xbf\xbf", True),
+    "U+10000": (b"\xf0\x90\x80\x80", True),
+    "U+10FFFF": (b"\xf4\x8f\xbf\xbf", True),
+    "NUL": (b"a\x00b", True),
+    "mixed after 8 ASCII": (b"abcdefgh\xd1\x91-\xf0\x9f\x98\x80", True),
+    # invalid
+    "lone continuation": (b"\x80", False),
+    "overlong 2-byte": (b"\xc0\x80", False),
+    "overlong C1": (b"\xc1\xbf", False),
+    "overlong 3-byte": (b"\xe0\x9f\xbf", False),
+    "surrogate D800": (b"\xed\xa0\x80", False),
+    "surrogate DFFF": (b"\xed\xbf\xbf", False),
+    "overlong 4-byte": (b"\xf0\x8f\xbf\xbf", False),
+    "past U+10FFFF": (b"\xf4\x90\x80\x80", False),
+    "F5": (b"\xf5\x80\x80\x80", False),
+    "FF": (b"\xff", False),
+    "truncated 2-byte at the end": (b"abc\xc3", False),
+    "truncated 3-byte": (b"\xe2\x82", False),
+    "truncated 4-byte": (b"\xf0\x9f\x98", False),
+    "bad second byte": (b"\xc3(", False),
+    "bad third byte": (b"\xe2\x82(", False),
+    "bad fourth byte": (b"\xf0\x9f\x98(", False),
+    "invalid after 8 ASCII": (b"abcdefgh\xff", False),
+    "invalid inside 8 bytes": (b"abc\xffdefgh", False),
+    "invalid after 32 ASCII": (b"a" * 40 + b"\xc3", False),
+    "invalid inside 32 bytes": (b"a" * 20 + b"\xff" + b"a" * 20, False),
+    "valid after 64 ASCII": (b"a" * 64 + "é".encode() + b"a" * 33, True),
+    # text ending exactly after the 32-byte steps (the byte after it is the next field's, never read)
+    "32 ASCII": (b"b" * 30, True),
+    "64 ASCII": (b"c" * 62, True),
+    "96 ASCII": (b"d" * 94, True),
+    "8 ASCII": (b"e" * 6, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_UTF8_CASES))
+def test_text_that_is_not_valid_utf8_refuses_the_container(built: Path, case: str) -> None:
+    """The C accepts exactly what Python's UTF-8 decoder accepts (the per-message path's reader)."""
+    raw, valid = _UTF8_CASES[case]
+    try:
+        raw.decode("utf-8")
+        python_valid = True
+    except UnicodeDecodeError:
+        python_valid = False
+    assert python_valid == valid
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    block = _block([encode(_evidence()[1]), _with_text(raw)])
+    ours = codec.transcode(block)
+    assert (ours is not None) == valid
+    reference = rowbinary.transcode_python(codec, block)
+    assert (reference is not None) == valid
+    if ours is not None:
+        assert bytes(ours) == reference
+
+
+@pytest.mark.parametrize("size", [8, 32, 64, 96, 128])
+def test_ascii_text_ending_on_a_step_boundary_before_a_long_length(built: Path, size: int) -> None:
+    """Text of 8/32/... ASCII bytes followed by a field whose length varint starts with a byte >= 0x80:
+    the validator must stop at the text's end (it once read that next byte as the text's own)."""
+    reasons = ["a" * size, "b" * 96, "c" * size, "é" * 40]
+    block = _block([encode(_evidence()[0].model_copy(update={"reasons": reasons, "tool": "t" * size}))])
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    ours = codec.transcode(block)
+    assert ours is not None
+    assert bytes(ours) == rowbinary.transcode_python(codec, block)
+
+
+def test_utf8_validation_matches_python_on_random_bytes(built: Path) -> None:
+    import random
+
+    rng = random.Random(16)
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    alphabet = [b"a", b"\x00", b"\x7f", b"\x80", b"\xbf", b"\xc2", b"\xdf", b"\xe0", b"\xed", b"\xef", b"\xf0"]
+    alphabet += [b"\xf4", b"\xf5", b"\xff", b"\xa0", b"\x9f", b"\x90", b"\x8f", "é".encode(), "😀".encode()]
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        raw = b"a" * rng.choice((0, 7, 31, 33)) + b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        try:
+            raw.decode("utf-8")
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        seen[valid] += 1
+        assert (codec.transcode(_block([_with_text(raw)])) is not None) == valid, raw
+    assert min(seen.values()) > 50
 
 
 def _corrupt(kind: str) -> bytes:
