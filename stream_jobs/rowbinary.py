@@ -238,6 +238,12 @@ def codec_of(spec: AvroBulk, decoder: str) -> RowBinaryCodec | None:
 _LIB: list[Any] = []
 
 
+ABI = 2
+"""The transcoder's interface version (``sw_avro_rowbinary_abi``): 2 checks every string as UTF-8, which
+lets the bulk insert drop its SQL check. A library built from older sources (no such symbol, or another
+version) is not loaded: the sink reads Avro with the SQL checks."""
+
+
 def find_library() -> Path | None:
     """The built library: ``$SCOPEWATCH_AVRO_ROWBINARY_LIB``, else this virtualenv's ``lib`` (``make install``)."""
     env = os.environ.get("SCOPEWATCH_AVRO_ROWBINARY_LIB")
@@ -258,6 +264,11 @@ def library() -> Any | None:
     if path is not None:
         try:
             lib = ctypes.CDLL(str(path))
+            abi = lib.sw_avro_rowbinary_abi
+            abi.restype = ctypes.c_long
+            abi.argtypes = []
+            if abi() != ABI:
+                raise AttributeError(f"interface version {abi()}, this code needs {ABI} (make install)")
             fn = lib.sw_avro_to_rowbinary
             fn.restype = ctypes.c_long
             fn.argtypes = [

@@ -365,6 +365,10 @@ static int record(cur_t *c, const uint8_t *prog, size_t prog_len) {
     return 1;
 }
 
+/* The interface's version: 2 = every string is checked as UTF-8 here (the SQL check is dropped on
+ * the strength of it). The loader refuses a library that reports another version. */
+long sw_avro_rowbinary_abi(void) { return 2; }
+
 long sw_avro_to_rowbinary(const uint8_t *payload, size_t len, size_t head_len, const uint8_t *sync,
                           const uint8_t *prog, size_t prog_len, long rows, uint8_t *out, size_t out_cap,
                           long *err_at) {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,3 +310,27 @@ def test_without_the_library_the_writer_keeps_avro(monkeypatch: pytest.MonkeyPat
 def test_the_avro_decoder_is_never_transcoded(built: Path) -> None:
     assert rowbinary.codec_of(_spec(), "avro") is None
     assert rowbinary.codec_of(_spec(), "auto") is not None
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda src: src.replace("long sw_avro_rowbinary_abi(void) { return 2; }", ""), "built before the UTF-8 check"),
+        (lambda src: src.replace("{ return 2; }", "{ return 1; }"), "another interface version"),
+    ],
+)
+def test_a_library_of_other_sources_is_not_loaded(
+    edit: Any, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stale library (built before the C transcoder checked UTF-8) would let invalid text in with
+    the SQL check dropped: the loader refuses it and the sink reads Avro, checked in SQL."""
+    source = tmp_path / "old.c"
+    source.write_text(edit(rowbinary.SOURCE.read_text()))
+    assert source.read_text() != rowbinary.SOURCE.read_text(), why
+    lib = tmp_path / rowbinary.LIBRARY_NAME
+    subprocess.run(["gcc", *rowbinary.CFLAGS, "-o", str(lib), str(source)], check=True, capture_output=True)
+    monkeypatch.setenv("SCOPEWATCH_AVRO_ROWBINARY_LIB", str(lib))
+    monkeypatch.setattr(rowbinary, "_LIB", [])
+    assert rowbinary.library() is None
+    assert rowbinary.codec_of(_spec(), "auto") is None
+    assert "did not load" in caplog.text
