@@ -62,6 +62,8 @@ POISON_CODES = frozenset(
 )
 #: errors librdkafka reports while it cannot reach any broker (a connection attempt fails at once)
 _UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE})
+RDKAFKA_MIN_LINGER_MS = 5
+"""librdkafka's ``linger.ms`` is at least this (the publisher's ``linger_ms`` may ask for more)."""
 _PRODUCE_BATCH = 1000
 """Records taken from memory under one lock before they are produced."""
 
@@ -104,11 +106,19 @@ class _Connection:
     """One producer and what its error callback saw (served by ``poll()`` in the polling thread)."""
 
     def __init__(self) -> None:
-        self.producer: Producer | None = None
+        self.candidate: Producer | None = None  # created, not yet known to reach the cluster
+        self.producer: Producer | None = None  # connected
         self.error: BaseException | None = None
         self.fatal: BaseException | None = None
         self.unreachable: BaseException | None = None
         self.done = threading.Event()
+
+    def retry(self) -> _Connection:
+        """Another attempt with the same producer (librdkafka reconnects by itself, with its backoff):
+        no new producer and threads per attempt while the broker is unreachable."""
+        self.error = self.unreachable = None
+        self.done = threading.Event()
+        return self
 
     def on_error(self, error: KafkaError) -> None:
         exc = RdkafkaError(error)
@@ -137,6 +147,7 @@ class RdkafkaPublisher(BackgroundPublisher):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._conn: _Connection | None = None  # the connection being made (its thread runs)
+        self._retry_conn: _Connection | None = None  # a failed attempt's producer, for the next attempt
         self._current: _Connection | None = None  # the producer's
 
     def _poke(self) -> None:
@@ -203,9 +214,16 @@ class RdkafkaPublisher(BackgroundPublisher):
             self._drain_wake()
             return
         if self._inflight and self._producer is not None:
-            # the delivery reports wake this thread: poll() blocks in librdkafka with the GIL released
-            if not self._drain_wake():
-                self._rd.poll(_TICK if seconds is None else min(seconds, _TICK))
+            # the delivery reports wake this thread: poll() blocks in librdkafka with the GIL released.
+            # It goes on polling (not through a whole turn of the loop) until every record in flight is
+            # reported, it is poked, or the time is up: a hand-over's records go to several partitions,
+            # whose reports come one response at a time.
+            poll, last = self._rd.poll, self._inflight[-1].future
+            deadline = time.monotonic() + (_TICK if seconds is None else min(seconds, _TICK))
+            while not self._drain_wake():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poll(remaining) or last.done():
+                    return
             return
         try:
             readable, _, _ = select.select([self._wake_r], [], [], seconds)
@@ -239,13 +257,16 @@ class RdkafkaPublisher(BackgroundPublisher):
                 self._send_stalled = False
                 return
             self._error(conn.error, prefix="connect")
+            if conn.candidate is not None:
+                self._retry_conn = conn
             self._connect_failed = True
             self._next_connect = now + self._backoff
             self._backoff = min(self._backoff * 2, 5.0)
             return
         if now >= self._next_connect:
             self._connect_started = now
-            self._conn = _Connection()
+            retry, self._retry_conn = self._retry_conn, None
+            self._conn = retry.retry() if retry is not None else _Connection()
             threading.Thread(
                 target=self._connect_thread, args=(self._conn,), name="scopewatch-publisher-connect", daemon=True
             ).start()
@@ -256,7 +277,9 @@ class RdkafkaPublisher(BackgroundPublisher):
             "client.id": self.client_id,
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": self.linger_ms,
+            # librdkafka lingers in C (no Python wake-up): a hand-over's records make one batch per
+            # partition, not a request for the first record and another for the rest
+            "linger.ms": max(self.linger_ms, RDKAFKA_MIN_LINGER_MS),
             "partitioner": "murmur2_random",  # Java's (and aiokafka's) default: same partition per key
             "request.timeout.ms": self.request_timeout_ms,
             "message.max.bytes": 1_000_000,
@@ -266,16 +289,19 @@ class RdkafkaPublisher(BackgroundPublisher):
 
     def _connect_thread(self, conn: _Connection) -> None:
         """Create the producer and fetch the cluster's metadata (what aiokafka's ``start()`` does)."""
-        producer: Producer | None = None
         try:
-            producer = Producer(self._config(conn))
+            step = 1.0  # a retry: librdkafka's own reconnect backoff paces it, fewer metadata requests
+            if conn.candidate is None:
+                conn.candidate, step = Producer(self._config(conn)), 0.25
+            producer = conn.candidate
+            last = ""
             deadline = time.monotonic() + self.connect_timeout
             while True:
                 try:
-                    producer.list_topics(timeout=0.25)
+                    producer.list_topics(timeout=step)
                     break
                 except KafkaException as exc:
-                    last: BaseException = exc
+                    last = str(exc)
                 producer.poll(0)  # the error callback: connection refused, name not resolved
                 if conn.fatal is not None or conn.unreachable is not None:
                     raise ConnectionError(str(conn.fatal or conn.unreachable))
@@ -284,11 +310,12 @@ class RdkafkaPublisher(BackgroundPublisher):
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"no Kafka metadata within {self.connect_timeout:g}s: {last}")
             conn.unreachable = None
-            conn.producer = producer
+            conn.producer, conn.candidate = producer, None
         except Exception as exc:  # noqa: BLE001 - reported to the publisher thread as the connect error
-            conn.error = exc
-            if producer is not None:
-                _close_quietly(producer)
+            conn.error = exc.with_traceback(None)  # no frame (and producer) kept alive by the traceback
+            if conn.fatal is not None and conn.candidate is not None:
+                candidate, conn.candidate = conn.candidate, None
+                _close_quietly(candidate, flush=0.0)
         finally:
             conn.done.set()
             self._poke()
@@ -404,6 +431,11 @@ class RdkafkaPublisher(BackgroundPublisher):
         conn, self._conn = self._conn, None
         if conn is not None and conn.done.wait(1.0) and conn.error is None and conn.producer is not None:
             self._producer, self._current = conn.producer, conn  # connected just now: closed below
+        for left in (conn, self._retry_conn):
+            if left is not None and left.candidate is not None:
+                _close_quietly(left.candidate, flush=0.0)
+                left.candidate = None
+        self._retry_conn = None
         if self._producer is not None:
             self._rd.poll(0)
         self._reap()

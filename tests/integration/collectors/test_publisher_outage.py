@@ -138,10 +138,11 @@ def test_broker_down_mid_stream_records_are_spooled_then_land_exactly_once_in_or
 _KILLED = textwrap.dedent(
     """
     import sys, time
+    from pathlib import Path
     from collectors.publisher import BackgroundPublisher
     from collectors.spool import SpoolConfig
     bootstrap, spool, calls, results, dead, client, stall = sys.argv[1:8]
-    config = SpoolConfig(spool, loss_topic=dead, stall_seconds=float(stall), fsync="always")
+    config = SpoolConfig(Path(spool), loss_topic=dead, stall_seconds=float(stall), fsync="always")
     publisher = BackgroundPublisher(bootstrap, spool=config, client=client).start()
     while publisher._producer is None:  # connected: the records go to the producer first
         time.sleep(0.05)
