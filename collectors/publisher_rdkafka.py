@@ -154,6 +154,7 @@ class RdkafkaPublisher(BackgroundPublisher):
         os.set_blocking(self._wake_w, False)
         self._conn: _Connection | None = None  # the connection being made (its thread runs)
         self._retry_conn: _Connection | None = None  # a failed attempt's producer, for the next attempt
+        self._eager_until = 0.0  # until then the delivery reports are served as they come (a flush waits)
         self._current: _Connection | None = None  # the producer's
 
     def _poke(self) -> None:
@@ -219,6 +220,14 @@ class RdkafkaPublisher(BackgroundPublisher):
         if seconds is not None and seconds <= 0:
             self._drain_wake()
             return
+        if self._inflight and self._producer is not None and self._lazy():
+            # healthy, nobody waits: the reports are served at the next turn -- the next hand-over, or
+            # the first record's stall deadline, whichever comes first -- not by a wake-up of their own
+            # (``_TICK`` is the base loop's busy tick, not needed here: a loss record may wait that long too)
+            head = self._inflight[0].sent_at + self._stall - time.monotonic()
+            seconds = max(0.0, head if seconds is None or seconds == _TICK else min(seconds, head))
+            self._select(seconds + 0.001)
+            return
         if self._inflight and self._producer is not None:
             # the delivery reports wake this thread: poll() blocks in librdkafka with the GIL released.
             # It goes on polling (not through a whole turn of the loop) until every record in flight is
@@ -231,12 +240,32 @@ class RdkafkaPublisher(BackgroundPublisher):
                 if remaining <= 0 or not poll(remaining) or last.done():
                     return
             return
+        self._select(seconds)
+
+    def _select(self, seconds: float | None) -> None:
         try:
             readable, _, _ = select.select([self._wake_r], [], [], seconds)
         except InterruptedError:  # pragma: no cover - PEP 475 retries select itself
             readable = []
         if readable:
             self._drain_wake()
+
+    def _lazy(self) -> bool:
+        """May the delivery reports wait for the next turn? Only while healthy (spooled records' acks are
+        written as they come: a ``kill -9`` replays fewer), with room in the window, nothing waiting in
+        memory and nobody waiting for the acknowledgements (``flush``, ``close``)."""
+        return (
+            not self._degraded
+            and not self._closing
+            and time.monotonic() >= self._eager_until
+            and len(self._inflight) < self.window // 2
+            and self._inflight_bytes < self._window_bytes // 2
+            and not self._incoming
+        )
+
+    def flush(self, timeout: float) -> bool:
+        self._eager_until = time.monotonic() + timeout
+        return super().flush(timeout)
 
     def _drain_wake(self) -> bool:
         """Consume pending pokes; True if there were any."""
