@@ -119,13 +119,6 @@ class _Connection:
         self.unreachable: BaseException | None = None
         self.done = threading.Event()
 
-    def retry(self) -> _Connection:
-        """Another attempt with the same producer (librdkafka reconnects by itself, with its backoff):
-        no new producer and threads per attempt while the broker is unreachable."""
-        self.error = self.unreachable = None
-        self.done = threading.Event()
-        return self
-
     def on_error(self, error: KafkaError) -> None:
         exc = RdkafkaError(error)
         if error.fatal():
@@ -153,7 +146,6 @@ class RdkafkaPublisher(BackgroundPublisher):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._conn: _Connection | None = None  # the connection being made (its thread runs)
-        self._retry_conn: _Connection | None = None  # a failed attempt's producer, for the next attempt
         self._eager_until = 0.0  # until then the delivery reports are served as they come (a flush waits)
         self._current: _Connection | None = None  # the producer's
 
@@ -292,16 +284,13 @@ class RdkafkaPublisher(BackgroundPublisher):
                 self._send_stalled = False
                 return
             self._error(conn.error, prefix="connect")
-            if conn.candidate is not None:
-                self._retry_conn = conn
             self._connect_failed = True
             self._next_connect = now + self._backoff
             self._backoff = min(self._backoff * 2, 5.0)
             return
         if now >= self._next_connect:
             self._connect_started = now
-            retry, self._retry_conn = self._retry_conn, None
-            self._conn = retry.retry() if retry is not None else _Connection()
+            self._conn = _Connection()
             threading.Thread(
                 target=self._connect_thread, args=(self._conn,), name="scopewatch-publisher-connect", daemon=True
             ).start()
@@ -325,15 +314,16 @@ class RdkafkaPublisher(BackgroundPublisher):
     def _connect_thread(self, conn: _Connection) -> None:
         """Create the producer and fetch the cluster's metadata (what aiokafka's ``start()`` does)."""
         try:
-            step = 1.0  # a retry: librdkafka's own reconnect backoff paces it, fewer metadata requests
-            if conn.candidate is None:
-                conn.candidate, step = Producer(self._config(conn)), 0.25
+            # a new producer per attempt, closed when it fails: an idle librdkafka producer that cannot
+            # reach its broker costs ≈ 1 ms of CPU per second (reconnects, the idempotent producer's id
+            # requests), more than creating one per attempt at the publisher's backoff (≤ 5 s)
+            conn.candidate = Producer(self._config(conn))
             producer = conn.candidate
             last = ""
             deadline = time.monotonic() + self.connect_timeout
             while True:
                 try:
-                    producer.list_topics(timeout=step)
+                    producer.list_topics(timeout=0.25)
                     break
                 except KafkaException as exc:
                     last = str(exc)
@@ -348,9 +338,10 @@ class RdkafkaPublisher(BackgroundPublisher):
             conn.producer, conn.candidate = producer, None
         except Exception as exc:  # noqa: BLE001 - reported to the publisher thread as the connect error
             conn.error = exc.with_traceback(None)  # no frame (and producer) kept alive by the traceback
-            if conn.fatal is not None and conn.candidate is not None:
-                candidate, conn.candidate = conn.candidate, None
+            candidate, conn.candidate = conn.candidate, None
+            if candidate is not None:
                 _close_quietly(candidate, flush=0.0)
+            del candidate  # the last reference: the producer and its threads go now
         finally:
             conn.done.set()
             self._poke()
@@ -466,11 +457,8 @@ class RdkafkaPublisher(BackgroundPublisher):
         conn, self._conn = self._conn, None
         if conn is not None and conn.done.wait(1.0) and conn.error is None and conn.producer is not None:
             self._producer, self._current = conn.producer, conn  # connected just now: closed below
-        for left in (conn, self._retry_conn):
-            if left is not None and left.candidate is not None:
-                _close_quietly(left.candidate, flush=0.0)
-                left.candidate = None
-        self._retry_conn = None
+        if conn is not None and conn.candidate is not None:  # still connecting: its thread closes it
+            conn.candidate = None
         if self._producer is not None:
             self._rd.poll(0)
         self._reap()
