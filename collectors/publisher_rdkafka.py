@@ -8,10 +8,13 @@ place of the asyncio loop and aiokafka producer. It is the default client
 
 Why: the aiokafka round of a paced collector (a hand-over every 100 ms) cost ≈ 1–1.3 ms of CPU,
 in asyncio wake-ups, the Python record-batch build, request/response handling and futures. Here the
-publisher thread wakes once for the hand-over (``produce()`` of each record into librdkafka's
-queue) and once for the delivery reports, which it serves itself by blocking in ``poll()`` (the GIL
-released) while records are in flight; the batching, requests and retries run in librdkafka's C
-threads.
+publisher thread wakes once per hand-over (``produce()`` of each record into librdkafka's queue,
+which lingers 5 ms in C so a hand-over makes one batch per partition); while healthy it serves the
+previous hand-over's delivery reports then, with ``poll(0)``, instead of waking for them (at the
+latest it wakes at the first in-flight record's stall deadline). When someone waits for the
+acknowledgements (``flush``, ``close``), when degraded, or with the window half full, it serves them
+as they come, blocking in ``poll()`` (the GIL released). The batching, requests and retries run in
+librdkafka's C threads.
 
 The bookkeeping is the base class's: a record counts as delivered, and is marked acknowledged in
 the spool, only once its delivery report says so (:meth:`_Report.__call__` then ``_reap``); a
@@ -21,15 +24,16 @@ from the spool what it did not acknowledge. Records the producer holds when the 
 acknowledging are spooled after ``stall_seconds``, as with aiokafka; librdkafka keeps retrying them
 (same producer id and sequence numbers) and their reports mark them delivered in the spool.
 
-While records are in flight the thread waits in ``poll()`` (at most ``_TICK``, 0.05 s; twice that
-while degraded, as the asyncio publisher's loop), so a hand-over that arrives meanwhile waits for the
-next delivery report or that tick: the bound on the time an event spends in memory once the broker is
-unreachable (``stall_seconds`` plus one turn) grows by at most that wait.
+While the thread waits in ``poll()`` (at most ``_TICK``, 0.05 s; twice that while degraded, as the
+asyncio publisher's loop), a hand-over that arrives meanwhile waits for the next delivery report or
+that tick: the bound on the time an event spends in memory once the broker is unreachable
+(``stall_seconds`` plus one turn) grows by at most that wait.
 
-Measured (``bench/collector_latency.py``, observer process CPU per call, side by side with the
-aiokafka publisher of main): paced at one call per 10 ms 127 vs 155 µs, back to back 86 vs 86 µs
-(bench/HISTORY.md, 2026-12-06, branch h17p): the round's fixed cost is gone; per record librdkafka's
-``produce()`` and delivery report cost about what aiokafka's Python record batch did.
+Measured (``bench/collector_latency.py``, observer process CPU per call, broker up / down, side by
+side with the aiokafka publisher of main): paced at one call per 10 ms 127 / 127 vs 173 / 132 µs,
+back to back 77 / 77 vs 86 / 82 µs (bench/HISTORY.md, 2026-12-06, branch h17p): the round's fixed
+cost is gone; per record librdkafka's ``produce()`` and delivery report cost about what aiokafka's
+Python record batch did.
 """
 
 from __future__ import annotations
