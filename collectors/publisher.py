@@ -1160,9 +1160,12 @@ def _is_poison(exc: BaseException) -> bool:
 
 def _client_of(client: str | None) -> str:
     if client is None:
-        from collectors.config import CollectorConfig
+        from collectors.config import CollectorConfig, ConfigError
 
-        client = CollectorConfig.from_env().publisher_client
+        try:
+            client = CollectorConfig.from_env().publisher_client
+        except ConfigError as exc:
+            raise PublisherError(str(exc)) from None
     if client not in ("rdkafka", "aiokafka"):
         raise PublisherError(f"unknown publisher client {client!r} (rdkafka or aiokafka)")
     return client
