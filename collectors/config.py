@@ -14,6 +14,9 @@ Redaction (see :mod:`collectors.redact`)
     ``SCOPEWATCH_REDACT_ARGUMENTS`` (comma-separated argument names), ``SCOPEWATCH_MAX_ARGUMENT_BYTES``.
 Resources
     ``SCOPEWATCH_RESOURCE_RULES``: a JSON file of resource extraction rules (default: built in).
+Publisher
+    ``SCOPEWATCH_PUBLISHER_CLIENT``: ``rdkafka`` (default, librdkafka through confluent-kafka,
+    :mod:`collectors.publisher_rdkafka`) or ``aiokafka`` (:mod:`collectors.publisher`).
 Proxy
     ``SCOPEWATCH_PROXY_SERVER``: ``lean`` (default, :mod:`collectors.http_lean`) or ``aiohttp``.
 
@@ -110,6 +113,12 @@ class CollectorConfig(BaseSettings):
 
     # resources
     resource_rules: Path | None = None
+
+    # the collectors' Kafka client (collectors.publisher / collectors.publisher_rdkafka)
+    publisher_client: Literal["rdkafka", "aiokafka"] = Field(
+        default="rdkafka",
+        description="rdkafka: librdkafka (confluent-kafka) producer, delivery reports; aiokafka: asyncio producer",
+    )
 
     # wrap: which relay copies the bytes (collectors.native_relay)
     wrap_relay: Literal["auto", "native", "python"] = Field(

@@ -62,6 +62,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -102,6 +103,9 @@ POISON = (
 )
 _TICK = 0.05
 _DEGRADED_SEND_TIMEOUT = 0.1
+FRESH_GRACE = 5.0
+"""``close``: how long a producer connected just now may take for its first acknowledgement before
+close stops waiting for progress (a new broker allocates the idempotent producer's id first)."""
 FAIL_GRACE = 1.0
 """``on_full="fail"``: how long publish() waits for the thread to move memory to a spool that has room."""
 LOSS_RECORD_INTERVAL = 1.0
@@ -162,12 +166,22 @@ class _Item:
         self.size = len(self.value) + len(self.topic) + (len(self.key) if self.key else 0)
 
 
+class _Ack(Protocol):
+    """The outcome of one send: an asyncio future (aiokafka) or a delivery report (librdkafka)."""
+
+    def done(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+    def exception(self) -> BaseException | None: ...
+
+
 @dataclass(slots=True)
 class _Flight:
     """A record handed to the producer, not yet acknowledged."""
 
     item: _Item
-    future: asyncio.Future[object]
+    future: _Ack
     sent_at: float
     segment: Segment | None = None  # where it is spooled (None: only in memory)
     index: int = 0
@@ -232,8 +246,19 @@ class BackgroundPublisher:
     request_timeout_ms: int = 60_000
     send_timeout: float = 1.0
     connect_timeout: float = 10.0
+    client: str | None = None
+    """The Kafka client: ``rdkafka`` (librdkafka, :mod:`collectors.publisher_rdkafka`) or ``aiokafka``;
+    None: ``SCOPEWATCH_PUBLISHER_CLIENT`` (:class:`collectors.config.CollectorConfig`, default rdkafka)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BackgroundPublisher:
+        if cls is BackgroundPublisher and _client_of(kwargs.get("client")) == "rdkafka":
+            from collectors.publisher_rdkafka import RdkafkaPublisher
+
+            cls = RdkafkaPublisher
+        return object.__new__(cls)
 
     def __post_init__(self) -> None:
+        self.client = _client_of(self.client)
         try:
             self.config = self.spool if self.spool is not None else SpoolConfig.from_env(os.environ)
         except SpoolConfigError as exc:
@@ -248,8 +273,7 @@ class BackgroundPublisher:
         self._sleeping = False
         self._accepting = True
         self._no_wait = False
-        self._loop = asyncio.new_event_loop()
-        self._wake = asyncio.Event()
+        self._init_wake()
         self._closing = False
         self._abort = False
         self._idle = threading.Event()
@@ -267,6 +291,7 @@ class BackgroundPublisher:
         self._connecting: asyncio.Task[AIOKafkaProducer] | None = None
         self._connect_failed = False
         self._connect_started = 0.0
+        self._fresh = False  # a producer is connected and nothing it sent is acknowledged yet
         self._next_connect = 0.0
         self._backoff = 0.1
         self._send_stalled = False
@@ -276,6 +301,10 @@ class BackgroundPublisher:
         self._last_sync = time.monotonic()
         self._wrote = False
         self._loss_flushed_at = -LOSS_RECORD_INTERVAL
+
+    def _init_wake(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
 
     @property
     def spool_dir(self) -> str:
@@ -435,7 +464,7 @@ class BackgroundPublisher:
                 break
             if self.stats.sent != last:
                 moved_at, last = now, self.stats.sent
-            elif self._durable.is_set() and now - moved_at > max(0.5, self._stall):
+            elif self._durable.is_set() and now - moved_at > max(0.5, self._stall, FRESH_GRACE if self._fresh else 0):
                 break  # nothing moves and nothing is at risk: the next start delivers the spool
         with self._cond:
             self._accepting = False
@@ -559,13 +588,16 @@ class BackgroundPublisher:
             return "the producer accepts no more records"
         if self._producer is None and self._connect_failed:
             return "cannot connect to Kafka"
-        if self._connecting is not None and now - self._connect_started > self._stall:
+        if self._is_connecting() and now - self._connect_started > self._stall:
             return f"no connection to Kafka within {self._stall:g}s"
         with self._cond:
             high = len(self._incoming) > self.max_queued // 2 or self._incoming_bytes > self.max_queued_bytes // 2
         if high:
             return "events arrive faster than Kafka acknowledges them"
         return None
+
+    def _is_connecting(self) -> bool:
+        return self._connecting is not None
 
     def _degrade(self, reason: str) -> bool:
         """Spool every in-flight record that is only in memory; True when the publisher is degraded."""
@@ -705,6 +737,7 @@ class BackgroundPublisher:
             exc = task.exception() if not task.cancelled() else TimeoutError("connect cancelled")
             if exc is None:
                 self._producer = task.result()
+                self._fresh = True
                 self._connect_failed = False
                 self._backoff = 0.1
                 self._send_stalled = False
@@ -942,7 +975,7 @@ class BackgroundPublisher:
             exc: BaseException | None = (
                 asyncio.CancelledError("send cancelled") if future.cancelled() else future.exception()
             )
-            if exc is not None and not isinstance(exc, POISON):
+            if exc is not None and not _is_poison(exc):
                 self._error(exc)
                 self._broken = exc
                 break
@@ -953,6 +986,7 @@ class BackgroundPublisher:
                 self._poisoned(flight.item, exc, None)
             else:
                 self.stats.sent += 1 if flight.item.kind == KIND_EVENT else 0
+                self._fresh = False
             if flight.segment is not None:
                 flight.segment.mark_acked(flight.index, flight.end)
                 touched.add(id(flight.segment))
@@ -1086,6 +1120,10 @@ class BackgroundPublisher:
             await _close_quietly(producer, timeout=2.0)
             self._broken = None
             self._reap()
+        self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        """What is still only in memory is lost (counted); the loss records and acks are written, the files closed."""
         with self._cond:
             left = list(self._incoming)
             self._incoming.clear()
@@ -1113,6 +1151,24 @@ class BackgroundPublisher:
         self.stats.send_errors += 1
         text = f"{type(exc).__name__}: {exc}"
         self.stats.last_error = f"{prefix}: {text}" if prefix else text
+
+
+def _is_poison(exc: BaseException) -> bool:
+    """An error that concerns this record, not the broker (aiokafka's classes, or librdkafka's codes)."""
+    return isinstance(exc, POISON) or getattr(exc, "poison", False) is True
+
+
+def _client_of(client: str | None) -> str:
+    if client is None:
+        from collectors.config import CollectorConfig, ConfigError
+
+        try:
+            client = CollectorConfig.from_env().publisher_client
+        except ConfigError as exc:
+            raise PublisherError(str(exc)) from None
+    if client not in ("rdkafka", "aiokafka"):
+        raise PublisherError(f"unknown publisher client {client!r} (rdkafka or aiokafka)")
+    return client
 
 
 def _acked(flight: _Flight) -> bool:

@@ -38,6 +38,13 @@ def test_parse_listen() -> None:
             parse_listen(bad)
 
 
+def test_the_publisher_client_setting() -> None:
+    assert CollectorConfig.from_env({}).publisher_client == "rdkafka"
+    assert CollectorConfig.from_env({"SCOPEWATCH_PUBLISHER_CLIENT": "aiokafka"}).publisher_client == "aiokafka"
+    with pytest.raises(ConfigError, match="SCOPEWATCH_PUBLISHER_CLIENT"):
+        CollectorConfig.from_env({"SCOPEWATCH_PUBLISHER_CLIENT": "kafka-python"})
+
+
 def test_the_proxy_server_setting() -> None:
     assert CollectorConfig.from_env({}).proxy_server == "lean"
     assert CollectorConfig.from_env({"SCOPEWATCH_PROXY_SERVER": "aiohttp"}).proxy_server == "aiohttp"

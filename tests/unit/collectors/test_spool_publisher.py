@@ -23,6 +23,26 @@ def _quiet_kafka() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
+@pytest.fixture(autouse=True, params=["rdkafka", "aiokafka"])
+def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both Kafka clients, chosen as collectors choose it: SCOPEWATCH_PUBLISHER_CLIENT."""
+    monkeypatch.setenv("SCOPEWATCH_PUBLISHER_CLIENT", request.param)
+    return str(request.param)
+
+
+def test_the_client_setting_picks_the_publisher(tmp_path: Path, client: str) -> None:
+    from collectors.publisher_rdkafka import RdkafkaPublisher
+
+    publisher = BackgroundPublisher(NOWHERE, spool=SpoolConfig(tmp_path / "spool"))
+    assert publisher.client == client
+    assert isinstance(publisher, RdkafkaPublisher) == (client == "rdkafka")
+    other = "aiokafka" if client == "rdkafka" else "rdkafka"
+    explicit = BackgroundPublisher(NOWHERE, spool=SpoolConfig(tmp_path / "spool2"), client=other)
+    assert explicit.client == other and isinstance(explicit, RdkafkaPublisher) == (other == "rdkafka")
+    with pytest.raises(PublisherError, match="unknown publisher client"):
+        BackgroundPublisher(NOWHERE, spool=SpoolConfig(tmp_path / "spool3"), client="kafka-python")
+
+
 def _pending(spool_dir: Path) -> list[tuple[int, str, bytes | None, bytes]]:
     report = inspect_spool(spool_dir)
     return [(e.kind, e.topic, e.key, e.value) for s in report.segments for e in read_pending(s.path)]
