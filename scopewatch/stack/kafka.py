@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -465,6 +466,7 @@ class KafkaBroker:
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.log4j_path}",
             f"-Dkafka.logs.dir={self.logs_dir}",
+            *shlex.split(os.environ.get("SCOPEWATCH_KAFKA_JVM_OPTS", "")),
         ]
 
     def command(self) -> list[str]:
