@@ -12,15 +12,7 @@ from detections.findings import trusted_model, uuid5_text
 from detections.live.wire import CallLine, call_key
 from schemas import Evidence, ToolCall
 
-__all__ = [
-    "EVIDENCE_NAMESPACE",
-    "build_evidence",
-    "evidence_id_for",
-    "fact_refs",
-    "make_evidence",
-    "restamp_evidence",
-    "tool_call",
-]
+__all__ = ["EVIDENCE_NAMESPACE", "build_evidence", "evidence_id_for", "fact_refs", "make_evidence", "tool_call"]
 
 EVIDENCE_NAMESPACE: Final = uuid.UUID("6f1c2b1e-3c1a-5b7e-9a53-7d5b0c9e2a10")
 _EVIDENCE_NS: Final = EVIDENCE_NAMESPACE.bytes
@@ -79,38 +71,6 @@ def make_evidence(
         **evidence_fields(decision),
         "history_complete": decision.facts.get("history_complete", True) is not False,
     }
-    return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
-
-
-_LISTS: Final = tuple(
-    name for name, field in Evidence.model_fields.items() if getattr(field.annotation, "__origin__", None) is list
-)
-"""The list fields of an evidence record (copied, not shared, when a record is made from another)."""
-
-
-def restamp_evidence(
-    previous: Evidence,
-    version: int,
-    final: bool,
-    late: bool,
-    decided_at: datetime,
-    reason: str,
-    kind: str,
-    ckey: str | None,
-) -> Evidence:
-    """What :func:`make_evidence` gives for the call and decision ``previous`` was made of, as
-    version ``version``: the fields that come from the call and the decision taken from ``previous``."""
-    values = previous.__dict__.copy()
-    for name in _LISTS:
-        values[name] = list(values[name])
-    values["facts"] = {}
-    values["evidence_id"] = evidence_id_for(values["tenant"], values["session_id"], values["call_id"], version, ckey)
-    values["version"] = version
-    values["final"] = final
-    values["late"] = late
-    values["decided_at"] = decided_at
-    values["kind"] = kind
-    values["trigger"] = reason
     return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
 
 

@@ -43,7 +43,7 @@ from detections.live.common import heappop as _heappop
 from detections.live.common import heappush as _heappush
 from detections.live.common import now_us as _now_us
 from detections.live.common import us as _us
-from detections.live.evidence import make_evidence, restamp_evidence, tool_call
+from detections.live.evidence import make_evidence, tool_call
 from detections.live.sequence import SequenceKeeper
 from detections.live.wire import (
     AttributionLine,
@@ -62,15 +62,7 @@ from detections.live.wire import (
 )
 from detections.policy import Outcomes, PolicyCheck, PolicyStore, evaluate
 from detections.rulebase import glob_matcher
-from schemas import (
-    ApprovalDecided,
-    Evidence,
-    GrantIssued,
-    PolicyPublished,
-    ToolCall,
-    parse_delegation_key,
-    record_hash,
-)
+from schemas import ApprovalDecided, GrantIssued, PolicyPublished, ToolCall, parse_delegation_key, record_hash
 
 __all__ = ["Reason", "Stage2"]
 
@@ -82,12 +74,6 @@ _SLOT_MEMO_SIZE: Final = 1024
 _AHEAD_SIZE: Final = 65_536
 """Cedar outcomes asked ahead kept at most (a batch's new calls and the calls due with them)."""
 _EVIDENCE_COUNTER: Final = {k: f"evidence_{k}" for k in ("amendment", "final", "provisional")}
-
-_Pending: TypeAlias = tuple[bytes, Owned, bytes | None, Decision, Sequence[tuple[GrantView, Any]], Evidence]
-"""A call's last provisional evidence, as :meth:`Stage2._emit` left it: (the stored record it wrote, the
-record, the route's stored grants it was decided with, the decision, the grant versions it used, the
-evidence record). At the deadline it is the decision again if the stored record and the grants are
-still these very objects (see :meth:`Stage2._advance_calls`)."""
 
 _GrantPart: TypeAlias = tuple[Any, str | None, tuple[str, ...], tuple[dict[str, object], ...]]
 """A :data:`~detections.live.wire.Body` without the attribution's reasons: what one grants slot
@@ -215,9 +201,6 @@ class Stage2:
         self._approval_cache: dict[str, tuple[bytes, tuple[ApprovalHistory, datetime | None, dict[str, str]]]] = {}
         self._ahead = Outcomes()  # Cedar outcomes of the batch's new calls (see prepare)
         self._ahead_calls: dict[bytes, ToolCall] = {}  # call line -> the ToolCall they were asked with
-        self._pending: dict[str, _Pending] = {}
-        """Store key -> the last provisional evidence of an owned call of a route without policies or
-        approval tools, while its deadline is ahead (dropped when its deadline entry is taken)."""
 
     # -- state
 
@@ -227,7 +210,6 @@ class Stage2:
         self._owned.clear()
         self._deadlines.clear()
         self._expiry.clear()
-        self._pending.clear()
         for skey, raw in list(self.calls.items()):
             head = parse_head(raw)
             if head is None or head.partition != self.partition:
@@ -310,20 +292,13 @@ class Stage2:
             keys = set()
             while deadlines and deadlines[0][0] <= now_us:
                 keys.add(_heappop(deadlines)[1])
-            due: list[tuple[int, str, str, Owned, _Pending | None]] = []
-            pending = self._pending
+            due: list[tuple[int, str, str, Owned]] = []
             for skey in keys:
-                raw = self.calls.get(skey)
-                prior = pending.pop(skey, None) if pending else None
-                if prior is not None and prior[0] is raw:
-                    rec: Owned | Moved | None = prior[1]  # what wrote this very record (nothing parsed)
-                else:
-                    prior = None
-                    rec = None if raw is None else parse_record(raw)
+                rec = self._record(skey)
                 if not isinstance(rec, Owned) or rec.final or rec.deadline > now_us:
                     continue
                 call = rec.call
-                due.append((call.t, call.call_id, skey, rec, prior))
+                due.append((call.t, call.call_id, skey, rec))
             # Calls that become final together are decided in event-time order: a deterministic order of
             # their evidence (the sequence rules get them in that order anyway, from the held calls).
             due.sort(key=lambda d: d[:3])
@@ -331,19 +306,19 @@ class Stage2:
                 self._ask_ahead(
                     [
                         (rec.route, rec.digest, rec.attribution_line, rec.call_line, rec.call)
-                        for _t, _cid, _skey, rec, _prior in due
+                        for _t, _cid, _skey, rec in due
                         if self._policy_route(rec.route)
                     ]
                 )
             groups = self._groups_judged
-            for _t, _cid, skey, rec, prior in due:
+            for _t, _cid, skey, rec in due:
                 if self._groups_judged != groups:
                     # a call judged with others (approvals) may have finalized this one meanwhile
                     fresh = self._record(skey)
                     if not isinstance(fresh, Owned) or fresh.final:
                         continue
-                    rec, prior = fresh, None
-                self._decide(skey, rec, now, now_us, "deadline", False, out, prior)
+                    rec = fresh
+                self._decide(skey, rec, now, now_us, "deadline", False, out)
         if self._expiry and self._expiry[0][0] <= now_us:
             closed = 0
             for skey in _due(self._expiry, now_us):
@@ -809,18 +784,9 @@ class Stage2:
         return decision, slot.pairs
 
     def _decide(
-        self,
-        skey: str,
-        rec: Owned,
-        now: datetime,
-        now_us: int,
-        reason: Reason,
-        late: bool,
-        out: Output,
-        last: _Pending | None = None,
+        self, skey: str, rec: Owned, now: datetime, now_us: int, reason: Reason, late: bool, out: Output
     ) -> None:
-        """Judge the owned call ``rec`` again and emit what changed. ``last``: its last provisional
-        evidence, if ``rec`` is the record that wrote it (a deadline: nothing of the call changed since)."""
+        """Judge the owned call ``rec`` again and emit what changed."""
         route = rec.route
         stored = self.grants.get(route)
         if stored is not None and (conditions := self._conditions(route, stored, None)) is not None:
@@ -840,14 +806,6 @@ class Stage2:
                     late_too = reason != "deadline" and now_us > r.deadline
                     self._emit(k, r, decision, views, now, now_us, "fact", late_too, out)
             return
-        if last is not None and last[2] is stored:
-            # Same record (attribution and call), same stored grants (bytes, never changed in place:
-            # held here, so no other object can have their identity), no policies nor approval tools:
-            # the decision is the one the last provisional evidence was made of.
-            counts = self.counters.counts
-            counts["stage2_finals_reused"] = counts.get("stage2_finals_reused", 0) + 1
-            self._emit(skey, rec, last[3], last[4], now, now_us, reason, late, out, stored, last[5])
-            return
         call = rec.call
         t = _at(call.t)
         decision, used = self._decision(route, self._attribution(rec.digest, rec.attribution_line), call, t)
@@ -855,7 +813,7 @@ class Stage2:
             horizon = self._grant_history(route, stored).horizon
             if horizon is not None and t < horizon and not _terminal(decision):
                 decision.facts.update(incomplete_facts(decision.facts, "grants", horizon))
-        self._emit(skey, rec, decision, used, now, now_us, reason, late, out, stored)
+        self._emit(skey, rec, decision, used, now, now_us, reason, late, out)
 
     def _emit(
         self,
@@ -868,15 +826,9 @@ class Stage2:
         reason: Reason,
         late: bool,
         out: Output,
-        grants_stored: bytes | Literal[False] | None = False,
-        previous: Evidence | None = None,
     ) -> None:
         """Evidence for ``decision`` of the owned call ``rec`` if it differs from the last emitted
-        (or the call becomes final), and the rules on a final verdict.
-
-        ``grants_stored``: the route's stored grants ``decision`` was made with alone (False: judged
-        with others); then a provisional version is kept for the deadline (:data:`_Pending`).
-        ``previous``: the evidence of ``rec``'s last version, made of this same ``decision``."""
+        (or the call becomes final), and the rules on a final verdict."""
         call = rec.call
         t = _at(call.t)
         summary = _summary(decision)
@@ -889,7 +841,7 @@ class Stage2:
         rec.version += 1
         rec.last = summary
         rec.final = final
-        raw = self.calls[skey] = rec.encode()
+        self.calls[skey] = rec.encode()
         if was_final and not final:  # only if the clock went back: final again at the deadline
             _heappush(self._deadlines, (rec.deadline, skey))
         kind = "amendment" if was_final else ("final" if final else "provisional")
@@ -898,10 +850,8 @@ class Stage2:
         counts[name] = counts.get(name, 0) + 1
         if late:
             counts["evidence_late"] = counts.get("evidence_late", 0) + 1
-        if previous is not None and previous.version == rec.version - 1:
-            evidence = restamp_evidence(previous, rec.version, final, late, now, reason, kind, rec.ckey)
-        else:
-            evidence = make_evidence(
+        out.evidence.append(
+            make_evidence(
                 call.tenant,
                 call.session_id,
                 call.call_id,
@@ -918,10 +868,8 @@ class Stage2:
                 kind,
                 rec.ckey,
             )
-        out.evidence.append(evidence)
+        )
         if not final:
-            if grants_stored is not False:
-                self._pending[skey] = (raw, rec, grants_stored, decision, used, evidence)
             return
         # Final verdicts go through the rules once: the per-call rules now, the sequence rules
         # after the hold (SequenceKeeper.release); an amendment re-runs the per-call rules only (sequence

@@ -1,7 +1,9 @@
-"""The final verdict at a call's deadline reuses the decision of its last provisional evidence when
-nothing it rests on changed (same stored record, same stored grants, no policies or approval tools):
-whatever happened in between, the final equals what judging the call again gives (a restarted
-worker, which holds no such decision, is the reference)."""
+"""The final verdict at a call's deadline: whatever happened between the provisional and the deadline
+(nothing, a revocation, grants that change no verdict or one, a late attribution update), a running
+stage 2 gives the same evidence, findings and stored state as a restarted one, which holds nothing of
+the provisional decisions in memory (the reference). Written for h16z's reuse of the last provisional
+decision at the deadline; that reuse was not taken (h16e: no gain in the whole worker), the cases
+guard any such shortcut."""
 
 from __future__ import annotations
 
@@ -65,10 +67,8 @@ def finals(sim: LiveSim) -> dict[str, Evidence]:
 
 
 @pytest.mark.parametrize("name", sorted(BETWEEN))
-def test_the_reused_final_equals_the_final_judged_again(name: str) -> None:
+def test_the_final_of_a_running_stage_equals_the_final_after_a_restart(name: str) -> None:
     reused, judged = run(BETWEEN[name], False), run(BETWEEN[name], True)
-    assert reused.counters.counts.get("stage2_finals_reused", 0) >= 1
-    assert judged.counters.counts.get("stage2_finals_reused", 0) == 0
     assert set(finals(reused)) == {"c1", "c2", "c3"}
     assert [e.model_dump() for e in reused.evidence] == [e.model_dump() for e in judged.evidence]
     assert [f.model_dump() for f in reused.findings] == [f.model_dump() for f in judged.findings]
