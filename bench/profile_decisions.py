@@ -5,7 +5,10 @@ FIFO per internal partition, no runner: the tests' ``LiveSim`` runs the worker's
 per record, which would be measured instead) with the same workload as ``decisions_throughput.py`` (facts first,
 then every call, stage 2 drained after each call), then moves the clock past every deadline, a
 few calls at a time, so each call is finalized (its final evidence version and the detection
-rules). Outputs are counted and dropped as they come, as the worker sends them on. Times it
+rules), and finally past every call's sequence hold (``sequence_slack``), so the sequence rules see
+every call too. Stage 2 writes its sequence records once per batch, as the worker does (a batch: one
+call through stage 2, or one clock step of finals), and the cyclic GC runs at the worker's threshold
+(``--gc-gen0``). Outputs are counted and dropped as they come, as the worker sends them on. Times it
 without a profiler in CPU time (the machine is shared: best of ``--repeat``), then the same work one stage
 at a time for the split into stage 1 (``Stage1.on_call``), stage 2 (``Stage2.on_message``, the
 provisional verdict) and finalization (``Stage2.advance`` at the deadline, rules included), with
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import sys
@@ -42,6 +46,7 @@ from schemas import GrantIssued, GrantRevoked, SessionBound, SessionEnded, ToolC
 from schemas.avro_writer import fast_encode
 from schemas.topics import partition_for
 from stream_jobs.call_reader import call_reader
+from stream_jobs.worker import GC_GEN0
 
 _cpu = time.process_time
 
@@ -61,7 +66,8 @@ class Processors:
         s2_seq: dict[str, bytes] = {}
         self.stage1 = [Stage1(p, s1_sessions, s1_calls, self.config, counters) for p in range(partitions)]
         self.stage2 = [
-            Stage2(p, s2_grants, s2_calls, self.config, counters, sequence=s2_seq) for p in range(partitions)
+            Stage2(p, s2_grants, s2_calls, self.config, counters, sequence=s2_seq, deferred=True)
+            for p in range(partitions)
         ]
         self.queues: list[deque[tuple[str, bytes]]] = [deque() for _ in range(partitions)]
         self.evidence: list[Any] = []
@@ -93,9 +99,15 @@ class Processors:
                 return True
         return False
 
+    def flush(self) -> None:
+        """The end of a worker batch: the sequence records written (the stages are deferred)."""
+        for s2 in self.stage2:
+            s2.flush()
+
     def drain(self, now: datetime) -> None:
         while self.step(now):
             pass
+        self.flush()
 
     def tick(self, now: datetime) -> None:
         for s2 in self.stage2:
@@ -143,6 +155,8 @@ def finalize(sim: LiveSim, n: int, now: datetime, sink: Sink) -> None:
     for i in range(FINAL_BATCH - 1, n + FINAL_BATCH - 1, FINAL_BATCH):
         sim.tick(now + grace + STEP * i)
         sink.take(sim)
+    sim.tick(now + grace + sim.config.sequence_slack + STEP * (n + 1))  # the last holds over
+    sink.take(sim)
 
 
 def drive(sim: LiveSim, calls: list[ToolCall], now: datetime, sink: Sink) -> None:
@@ -165,6 +179,7 @@ def phased(sim: LiveSim, calls: list[ToolCall], now: datetime, sink: Sink, timin
     end = now + STEP * len(calls)
     while sim.step(end):
         sink.take(sim)
+    sim.flush()
     t2 = _cpu()
     finalize(sim, len(calls), now, sink)
     t3 = _cpu()
@@ -214,7 +229,13 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=3, help="timed drives; the fastest counts (shared machine)")
+    parser.add_argument(
+        "--gc-gen0", type=int, default=GC_GEN0, help=f"gc.set_threshold(N, 20, 20); the worker's: {GC_GEN0}; 0: as is"
+    )
+    parser.add_argument("--final-top", type=int, default=25, help="top functions of finalization alone (cProfile)")
     args = parser.parse_args()
+    if args.gc_gen0:
+        gc.set_threshold(args.gc_gen0, 20, 20)
     wl = build_workload(args.calls, args.sessions, args.delegations, seed=7)
     values = [value for _, value in wl.calls]
     read_call = call_reader()
@@ -259,9 +280,10 @@ def main() -> None:
     for i, call in enumerate(calls):
         sim.deliver(call, now + STEP * i)
     sim.drain(now + STEP * n)
-    sim.tick(now + sim.config.grace + STEP * n)
+    sim.tick(now + sim.config.grace + sim.config.sequence_slack + STEP * n)
     finals = sum(1 for e in sim.evidence if e.final)
     assert finals == n, f"{finals} final verdicts for {n} calls"
+    assert not any(s2.held_calls() for s2 in sim.stage2), "every final call went through the sequence rules"
     sample = sim.evidence[:: max(1, len(sim.evidence) // 4000)]
     encode_us = fast_us = float("inf")
     for _ in range(max(1, args.repeat)):
@@ -275,7 +297,7 @@ def main() -> None:
         fast_us = min(fast_us, (_cpu() - t0) / len(sample) * 1e6)
     del sim, sample
 
-    print(f"machine: {bk.machine()}")
+    print(f"machine: {bk.machine()}; gc threshold {gc.get_threshold()}")
     print(f"code: {bk.code_fingerprint()}")
     print(
         f"{n:,} calls, {args.sessions:,} sessions, {args.delegations:,} delegations x 2 grants; load {bk.load_text()}"
@@ -299,6 +321,23 @@ def main() -> None:
         f"  => one core, no Kafka or Faust: at most {1e6 / total_us:,.0f} calls/s with decode and encode, "
         f"{1e6 / (live_us + read_us + 2 * fast_us):,.0f} with the worker's reader and writer"
     )
+
+    # Finalization alone under cProfile: every call through both stages first, unprofiled.
+    sim = fresh(wl.facts, now, args.partitions)
+    for i, call in enumerate(calls):
+        sim.deliver(call, now + STEP * i)
+    while sim.step(now + STEP * n):
+        sim.evidence.clear()
+    sim.flush()
+    profile = cProfile.Profile()
+    profile.enable()
+    finalize(sim, n, now, Sink())
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).strip_dirs().sort_stats("cumulative").print_stats(args.final_top)
+    text = out.getvalue()
+    print(f"\n--- finalization alone: top {args.final_top} by cumulative (cProfile) ---")
+    print(text[text.index("ncalls") :].rstrip())
 
     sim = fresh(wl.facts, now, args.partitions)
     profile = cProfile.Profile()

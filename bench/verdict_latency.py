@@ -295,6 +295,9 @@ def job_stats(settings: Settings, pids: dict[str, int]) -> dict[str, float]:
     for k, v in (worker.get("counters") or {}).items():
         if isinstance(v, int | float):
             out[f"worker.{k}"] = v
+    for topic, v in (worker.get("sent_to") or {}).items():  # messages per topic (changelogs by table)
+        name = topic.removeprefix(settings.topic_prefix).replace(settings.worker_group + "-", "")
+        out[f"worker.sent_to.{name}"] = v
     with contextlib.suppress(OSError, ValueError):
         sink = json.loads((settings.run_dir / "sink-stats.json").read_text())
         for k, v in sink.items():
@@ -321,6 +324,8 @@ def per_call_costs(
     for k, v in sorted(d.items()):
         if v and (k.endswith("batches") or k in ("worker.messages_sent", "sink.rows", "sink.bulk_rows")):
             out[k + "_per_s"] = v / wall if wall else 0.0
+        if k.startswith("worker.sent_to.") or k in ("worker.messages_sent", "worker.produce_flushes"):
+            out[k + "_per_call"] = v / calls
     return out
 
 
@@ -533,6 +538,16 @@ def report(results: list[RunResult]) -> None:
                 "sink.batches_per_s",
             )
         ),
+    )
+    row(
+        "worker Kafka messages per emitted call while emitting, by topic (flushes per call)",
+        lambda r: ", ".join(
+            f"{k.removeprefix('worker.sent_to.').removesuffix('_per_call')} {v:.2f}"
+            for k, v in sorted(r.per_call.items())
+            if k.startswith("worker.sent_to.") and k.endswith("_per_call")
+        )
+        + f"; all {r.per_call.get('worker.messages_sent_per_call', 0):.2f}"
+        + f" ({r.per_call.get('worker.produce_flushes_per_call', 0):.4f})",
     )
     bk.console.print(extra.table)
     bk.say(f"load average at the end: {bk.load_text()}")

@@ -214,11 +214,18 @@ class Detector:
         rules: Iterable[Rule[Any]] | None = None,
         config: DetectionConfig | None = None,
         on_evict: Callable[[tuple[str, ...]], object] | None = None,
+        *,
+        stateless: bool = False,
     ) -> None:
         self.rules: Final = tuple(sorted(default_catalog() if rules is None else rules, key=lambda r: r.id))
         self.config: Final = config or DetectionConfig()
         self._states: Lru[tuple[str, ...], dict[str, Any]] = Lru(self.config.max_delegations, on_evict)
         self._sequence: Final = tuple(r for r in self.rules if r.meta.kind == "sequence")
+        if stateless and self._sequence:
+            raise ValueError("a stateless detector runs per-call rules only")
+        self._keep_states: Final = not stateless
+        """``stateless``: no per-delegation record of the calls seen (:meth:`slots` and ``len`` stay
+        empty): for a detector of per-call rules whose callers never read it (live stage 2)."""
         self._plans: dict[str, tuple[tuple[Any, ...], ...]] = {}  # verdict -> rules to run
 
     def __len__(self) -> int:
@@ -259,25 +266,23 @@ class Detector:
 
     def evaluate_with(self, call: ToolCall, decision: Decision, by_id: Mapping[str, GrantState]) -> list[Finding]:
         """:meth:`evaluate` with the grant states already by grant id."""
-        if decision.principal is not None and decision.agent_id is not None:  # delegation_key(call, decision)
-            key: tuple[str, ...] = (call.tenant, decision.principal, decision.agent_id)
-        else:
-            key = (call.tenant, f"session:{call.session_id}")
-        states = self._states
-        slots: dict[str, Any] | None = states.get(key)
-        if not slots:
-            # Every sequence rule keeps state for a delegation from its first call on, whatever it does.
-            slots = {rule.id: rule.new_state(self.config) for rule in self._sequence}
-        states[key] = slots  # now the most recently seen delegation
+        slots: dict[str, Any] | None = _NO_SLOTS
+        if self._keep_states:
+            if decision.principal is not None and decision.agent_id is not None:  # delegation_key(call, decision)
+                key: tuple[str, ...] = (call.tenant, decision.principal, decision.agent_id)
+            else:
+                key = (call.tenant, f"session:{call.session_id}")
+            states = self._states
+            slots = states.get(key)
+            if not slots:
+                # Every sequence rule keeps state for a delegation from its first call on, whatever it does.
+                slots = {rule.id: rule.new_state(self.config) for rule in self._sequence}
+            states[key] = slots  # now the most recently seen delegation
+        assert slots is not None
         config, verdict = self.config, decision.verdict
         plan = self._plans.get(verdict)
         if plan is None:
-            # The rules that may fire or change state on this verdict (Rule.verdicts), in id order.
-            plan = self._plans[verdict] = tuple(
-                (r.evaluate, r.meta, r.id, r.meta.kind == "sequence", r.new_state)
-                for r in self.rules
-                if r.verdicts is None or verdict in r.verdicts
-            )
+            plan = self._plan(verdict)
         findings: list[Finding] = []
         for evaluate, meta, rule_id, sequence, new_state in plan:
             # RuleContext(meta, config, state, by_id), without the dataclass __init__ call
@@ -299,9 +304,29 @@ class Detector:
             findings.sort(key=lambda f: (f.rule_id, f.finding_id))
         return findings
 
+    def _plan(self, verdict: str) -> tuple[tuple[Any, ...], ...]:
+        """The rules that may fire or change state on this verdict (Rule.verdicts), in id order."""
+        plan = self._plans[verdict] = tuple(
+            (r.evaluate, r.meta, r.id, r.meta.kind == "sequence", r.new_state)
+            for r in self.rules
+            if r.verdicts is None or verdict in r.verdicts
+        )
+        return plan
+
+    def looks_at(self, verdict: str) -> bool:
+        """Whether some rule may fire or change state on a call with this verdict (``Rule.verdicts``):
+        when not, :meth:`evaluate_with` finds nothing and only marks the delegation as recently seen,
+        which matters to sequence rules only (their state and its eviction)."""
+        plan = self._plans.get(verdict)
+        if plan is None:
+            plan = self._plan(verdict)
+        return bool(plan)
+
 
 _new_object: Final = object.__new__
 _set_attribute: Final = object.__setattr__
+_NO_SLOTS: Final[dict[str, Any]] = {}
+"""The sequence states of a detector that keeps none (it has no sequence rules)."""
 
 
 @dataclass(frozen=True)

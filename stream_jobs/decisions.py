@@ -450,6 +450,8 @@ class BatchProducer:
         self.counters = counters
         self._producer: AIOKafkaProducer | None = None
         self._partition_counts: dict[str, int] = {}
+        self.sent_to: Counter[str] = Counter()
+        """Messages sent per topic (the worker's stats file: ``sent_to``)."""
 
     async def _get(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -499,7 +501,9 @@ class BatchProducer:
                 group = groups[(topic, part)] = []
             group.append((key, value))
         pending, counts = [], []
+        sent_to = self.sent_to
         for (topic, part), messages in groups.items():
+            sent_to[topic] += len(messages)
             batch, count = producer.create_batch(), 0
             for key, value in messages:
                 if batch.append(key=key, value=value, timestamp=None) is None:
@@ -516,6 +520,8 @@ class BatchProducer:
             tp = (meta.topic, meta.partition)
             ends[tp] = max(ends.get(tp, 0), meta.offset + count)  # a batch's metadata names its first offset
         self.counters["messages_sent"] += len(out)
+        self.counters["produce_flushes"] += 1
+        self.counters["record_batches_sent"] += len(pending)
         return ends
 
     async def flush(self, out: Sequence[Message]) -> dict[tuple[str, int], int]:
@@ -747,6 +753,7 @@ def worker_stats(
         "engine": engine,
         "assignment": assignment,
         "counters": dict(counters) | live_counters.counts,
+        "sent_to": dict(stage1.sender.producer.sent_to),
         "open_calls_stage1": stage1.open_calls(),
         "open_calls_stage2": stage2.open_calls(),
     }

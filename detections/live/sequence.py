@@ -66,10 +66,10 @@ class SequenceKeeper:
         self._holds = 0
         self.store = store
         # What the sequence records hold: per delegation key, its held calls as stored (hold number
-        # -> release instant, attribution digest, attribution line, call line); the keys changed
+        # -> its encoded held head (release instant, attribution digest), attribution line, call line); the keys changed
         # since the last flush, and those of them whose rule states changed (else the encoded
         # states are taken from the stored record as they are).
-        self._stored_held: dict[tuple[str, ...], dict[int, tuple[int, str, bytes, bytes]]] = {}
+        self._stored_held: dict[tuple[str, ...], dict[int, tuple[bytes, bytes, bytes]]] = {}
         self.dirty: set[tuple[str, ...]] = set()
         self._states: set[tuple[str, ...]] = set()
         self._rule_ids: Final = [r.id for r in self.detector.sequence_rules]
@@ -121,10 +121,8 @@ class SequenceKeeper:
             else:
                 lines.extend([r.codec.encode(slots[r.id]) for r in rules])  # type: ignore[union-attr]
         if held:
-            for release, digest, attribution_line, call_line in held.values():
-                lines.append(held_head(release, digest))
-                lines.append(attribution_line)
-                lines.append(call_line)
+            for held_call in held.values():
+                lines.extend(held_call)
         return b"\n".join(lines)
 
     def rebuild(self) -> None:
@@ -238,7 +236,7 @@ class SequenceKeeper:
         stored = self._stored_held.get(key)
         if stored is None:
             stored = self._stored_held[key] = {}
-        stored[number] = (release, digest, attribution_line, call_line)
+        stored[number] = (held_head(release, digest), attribution_line, call_line)  # encoded once
         self.dirty.add(key)
 
     def release(self, now: datetime, n_us: int, out: Output) -> None:

@@ -171,7 +171,7 @@ class Stage2:
         """Every tenant's policies (``consent.policies`` read whole; shared by a worker's partitions)."""
         self.detector = detector if detector is not None else Detector()  # (an empty Detector is falsy: len 0)
         rules, rule_config = self.detector.rules, self.detector.config
-        self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config)
+        self._per_call = Detector([r for r in rules if r.meta.kind == "per_call"], rule_config, stateless=True)
         self.sequence: MutableMapping[str, bytes] = {} if sequence is None else sequence
         self._deferred = deferred
         self.calls = calls
@@ -792,6 +792,7 @@ class Stage2:
     def _decide(
         self, skey: str, rec: Owned, now: datetime, now_us: int, reason: Reason, late: bool, out: Output
     ) -> None:
+        """Judge the owned call ``rec`` again and emit what changed."""
         route = rec.route
         stored = self.grants.get(route)
         if stored is not None and (conditions := self._conditions(route, stored, None)) is not None:
@@ -879,18 +880,22 @@ class Stage2:
                 rec.ckey,
             )
         )
-        if final:
-            # Final verdicts go through the rules once: the per-call rules now, the sequence rules
-            # after the hold (SequenceKeeper.release); an amendment re-runs the per-call rules only (sequence
-            # rules have already counted this call).
-            rule_call, grants = tool_call(call, t), GrantsAt(used, t)
-            if not was_final:
-                release = rec.deadline + self._slack_us
-                self._seq.hold(rule_call, decision, grants, release, rec.digest, rec.attribution_line, rec.call_line)
+        if not final:
+            return
+        # Final verdicts go through the rules once: the per-call rules now, the sequence rules
+        # after the hold (SequenceKeeper.release); an amendment re-runs the per-call rules only (sequence
+        # rules have already counted this call).
+        rule_call, grants = tool_call(call, t), GrantsAt(used, t)
+        if not was_final:
+            release = rec.deadline + self._slack_us
+            self._seq.hold(rule_call, decision, grants, release, rec.digest, rec.attribution_line, rec.call_line)
+        if self._per_call.looks_at(decision.verdict):  # else it finds nothing, whatever the call
             found = self._per_call.evaluate_with(rule_call, decision, grants)
             counts["findings"] = counts.get("findings", 0) + len(found)
             if found:
                 out.findings.extend([f.to_record(now) for f in found])
+        elif "findings" not in counts:
+            counts["findings"] = 0  # as evaluating would have left it
 
     def _redecide(
         self, route: str, digest: str, attribution_line: bytes, call: CallLine

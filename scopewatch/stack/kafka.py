@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shlex
 import shutil
 import socket
 import struct
@@ -462,9 +463,15 @@ class KafkaBroker:
             "-XX:InitiatingHeapOccupancyPercent=35",
             "-XX:+ExplicitGCInvokesConcurrent",
             "-XX:+ExitOnOutOfMemoryError",
+            # C1 only (no C2): on a small host a fresh broker's C2 compiler threads took more CPU than
+            # the requests themselves while the first load ramped up (JFR: the top consumer for
+            # minutes), and the C1 code costs the same per message once warm (bench/HISTORY.md,
+            # 2026-12-06 h16e: 18.6 -> 6.0 µs per message cold, 6.3 vs 5.6 warm)
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.log4j_path}",
             f"-Dkafka.logs.dir={self.logs_dir}",
+            *shlex.split(os.environ.get("SCOPEWATCH_KAFKA_JVM_OPTS", "")),
         ]
 
     def command(self) -> list[str]:

@@ -60,6 +60,8 @@ def test_each_sender_flushes_and_waits_for_its_own_messages_only(
             assert await end_offsets(bootstrap, one, 2) == {0: 0, 1: 5}
             assert await first.flush() == {}
             assert counters["messages_sent"] == 6
+            assert producer.sent_to == {one: 5, two: 1}  # the worker's stats: messages per topic
+            assert counters["produce_flushes"] == 2 and counters["record_batches_sent"] == 2
         finally:
             await producer.stop()
 

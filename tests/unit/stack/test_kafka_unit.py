@@ -216,3 +216,15 @@ def test_ensure_jars_removes_stale_partial_downloads(tmp_path: Path, fake_mvn: P
     os.utime(stale, (0, 0))
     ensure_kafka_jars(cache, pom)
     assert not stale.exists() and fresh.exists()
+
+
+def test_jvm_options_c1_only_and_extra_flags_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SCOPEWATCH_KAFKA_JVM_OPTS", raising=False)
+    plain = KafkaBroker(KafkaConfig(tmp_path), tmp_path)._jvm_options()
+    assert "-XX:TieredStopAtLevel=1" in plain  # no C2 compiler threads (their warm-up cost, h16e)
+    monkeypatch.setenv("SCOPEWATCH_KAFKA_JVM_OPTS", "-XX:StartFlightRecording=filename='/tmp/a b.jfr' -Dx=1")
+    extra = KafkaBroker(KafkaConfig(tmp_path), tmp_path)._jvm_options()
+    assert extra[: len(plain)] == plain
+    assert extra[len(plain) :] == ["-XX:StartFlightRecording=filename=/tmp/a b.jfr", "-Dx=1"]
