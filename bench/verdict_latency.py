@@ -541,13 +541,15 @@ def report(results: list[RunResult]) -> None:
     )
     row(
         "worker Kafka messages per emitted call while emitting, by topic (flushes per call)",
-        lambda r: ", ".join(
-            f"{k.removeprefix('worker.sent_to.').removesuffix('_per_call')} {v:.2f}"
-            for k, v in sorted(r.per_call.items())
-            if k.startswith("worker.sent_to.") and k.endswith("_per_call")
-        )
-        + f"; all {r.per_call.get('worker.messages_sent_per_call', 0):.2f}"
-        + f" ({r.per_call.get('worker.produce_flushes_per_call', 0):.4f})",
+        lambda r: (
+            ", ".join(
+                f"{k.removeprefix('worker.sent_to.').removesuffix('_per_call')} {v:.2f}"
+                for k, v in sorted(r.per_call.items())
+                if k.startswith("worker.sent_to.") and k.endswith("_per_call")
+            )
+            + f"; all {r.per_call.get('worker.messages_sent_per_call', 0):.2f}"
+            + f" ({r.per_call.get('worker.produce_flushes_per_call', 0):.4f})"
+        ),
     )
     bk.console.print(extra.table)
     bk.say(f"load average at the end: {bk.load_text()}")

@@ -364,8 +364,9 @@ class RdkafkaPublisher(BackgroundPublisher):
                 if not self._produce_one(producer, _Item(entry.topic, entry.key, entry.value, entry.kind), entry, now):
                     return
                 continue
-            room, room_bytes = min(self.window - len(self._inflight), _PRODUCE_BATCH), (
-                self._window_bytes - self._inflight_bytes
+            room, room_bytes = (
+                min(self.window - len(self._inflight), _PRODUCE_BATCH),
+                (self._window_bytes - self._inflight_bytes),
             )
             items: list[_Item] = []
             with self._cond:
