@@ -40,6 +40,7 @@ import json
 import os
 import pstats
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -461,6 +462,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(config, "raw_seconds"):  # as the service sets it (not on a --baseline tree from before it)
         config.raw_seconds = settings.sink_raw_seconds if args.raw_seconds is None else args.raw_seconds
         config.fast_topics = frozenset({settings.topics.evidence})
+    if hasattr(config, "backlog_rows"):  # as the service sets it
+        config.backlog_rows = settings.sink_backlog_rows if args.backlog_rows is None else args.backlog_rows
     n = args.messages * (1 + args.raw)  # the raw messages (--raw) are rows too
     evidence_topic = settings.topics.evidence
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
@@ -575,6 +578,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "flushes": flushes if paced else [],
         "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
         "code": os.environ.get("PYTHONPATH", ""),
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -934,6 +938,11 @@ def report(
                 f"p50 {q[0]:,.0f} ms, p99 {q[1]:,.0f} ms, max {q[2]:,.0f} ms ({len(run['delays']):,} messages)",
             )
         extra.add_row(f"(b) [{path}] evidence rows in chDB at the end", f"{run['rows_in_table']:,}")
+        if "maxrss_mb" in run:
+            extra.add_row(
+                f"(b) [{path}] sink process peak RSS (rounds)",
+                ", ".join(f"{r.get('maxrss_mb', 0):,.0f} MB" for r in run.get("all", [run])),
+            )
     extra.add_row("load average before / after (1/5/15 min)", f"{load} / {bk.load_text()}")
     bk.console.print(extra)
     if writer is not None and writer["variants"]:
@@ -1023,6 +1032,7 @@ def parent(args: argparse.Namespace) -> int:
                         "--raw",
                         str(args.raw if args.rate else 0),
                         *([] if args.raw_seconds is None else ["--raw-seconds", str(args.raw_seconds)]),
+                        *([] if args.backlog_rows is None else ["--backlog-rows", str(args.backlog_rows)]),
                         *([] if args.latency_target is None else ["--latency-target", str(args.latency_target)]),
                     ]
                     bk.say(
@@ -1141,6 +1151,12 @@ def main() -> None:
         type=float,
         default=None,
         help="the sink's SINK_RAW_SECONDS for the runs of this tree (0: off; default: the settings')",
+    )
+    parser.add_argument(
+        "--backlog-rows",
+        type=int,
+        default=None,
+        help="the sink's SINK_BACKLOG_ROWS for the runs of this tree (0: off; default: the settings')",
     )
     parser.add_argument("--path", choices=PATHS, default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)

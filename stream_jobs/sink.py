@@ -466,6 +466,13 @@ class SinkConfig:
     fill and flush): each batch is filled for as long as that leaves after the recent flushes' time
     (:func:`fill_seconds_for`), at most ``batch_seconds``. None: every batch fills ``batch_seconds``.
     The service takes ``SCOPEWATCH_SINK_LATENCY_TARGET``."""
+    backlog_rows: int = 0
+    """Above ``batch_rows``: while the sink is behind (its last batch filled up to its bound), the next
+    batch takes up to this many records, filling ``batch_seconds`` (the latency target is moot then):
+    fewer, bigger inserts and parts, so fewer merge levels (merges were a quarter of the sink's CPU under
+    a backlog). Back to ``batch_rows`` at the first batch that does not fill. Memory grows with it (the
+    messages, their container and its RowBinary: ~3 times the messages' bytes). 0: off.
+    ``SCOPEWATCH_SINK_BACKLOG_ROWS``."""
     raw_seconds: float = 0.0
     """Above 0 (with ``fast_topics``): the records of every other topic (the raw tables: tool calls and
     results, identity and consent events, ...) are held across batches and flushed with the next batch
@@ -668,6 +675,8 @@ class ClickHouseSink(Job["Batch"]):
         """End offsets of the batch handed to the flush (committed once it is written)."""
         self._flushing_ranges: dict[TP, tuple[int, int]] = {}
         self._flushed_ranges: dict[TP, tuple[int, int]] = {}
+        self._behind = False
+        """The last batch filled up to its bound (``SinkConfig.backlog_rows``)."""
         """The offset ranges of the last batch flushed (what a refused commit must redo exactly)."""
 
     def stop(self) -> None:
@@ -779,6 +788,8 @@ class ClickHouseSink(Job["Batch"]):
             log.info("partitions revoked: %s", describe(by_topic(_Tp(t, p) for t, p in tps)))
 
     async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Batch]:
+        if self.config.backlog_rows > self.config.batch_rows and self.runner is not None:
+            self._behind = sum(map(len, batch.values())) >= self.runner.config.max_records
         fast = self.config.fast_topics
         if not self._holding() or fast is None or (self.runner is not None and self.runner.redoing):
             # every record flushed now (a redo rebuilds exactly the batch that was flushed: one batch)
@@ -849,9 +860,17 @@ class ClickHouseSink(Job["Batch"]):
         return dict(self._flushed_ranges)
 
     def flushed(self, ends: dict[TP, int]) -> None:
-        """After each flush: the next batch's fill time under the latency target (if any)."""
+        """After each flush: the next batch's bound (bigger while behind) and fill time (under the latency target)."""
         cfg = self.config
-        if cfg.latency_target is None or self.runner is None:
+        if self.runner is None:
+            return
+        if cfg.backlog_rows > cfg.batch_rows:
+            self.runner.config.max_records = cfg.backlog_rows if self._behind else cfg.batch_rows
+            self.counters["behind"] = int(self._behind)
+            if self._behind:
+                self.runner.config.fill_seconds = cfg.batch_seconds
+                return
+        if cfg.latency_target is None:
             return
         fill = fill_seconds_for(
             cfg.latency_target, cfg.batch_seconds, cfg.fetch_wait_ms / 1000, self.output.flush_seconds

@@ -36,7 +36,7 @@ class Recording:
 
 
 def _sink(
-    broker: MemoryBroker, raw_seconds: float, batch_rows: int = 1000
+    broker: MemoryBroker, raw_seconds: float, batch_rows: int = 1000, backlog_rows: int = 0
 ) -> tuple[ClickHouseSink, Runner[Batch], Recording]:
     config = SinkConfig(
         bootstrap="",
@@ -46,6 +46,7 @@ def _sink(
         batch_seconds=0.01,
         lag_interval=60.0,
         raw_seconds=raw_seconds,
+        backlog_rows=backlog_rows,
         fast_topics=frozenset({"ev"}),
     )
     sink = ClickHouseSink(config, writer=None)  # type: ignore[arg-type]  # the output below writes nothing
@@ -140,3 +141,32 @@ def test_without_raw_seconds_every_topic_is_flushed_every_batch() -> None:
     asyncio.run(main())
     assert all(_ranges(f, "raw") for f in output.flushes) and len(output.flushes) >= 5
     assert broker.committed["g"] == {("ev", 0): 10, ("raw", 0): 10}
+
+
+def _sizes(output: Recording) -> list[int]:
+    return [sum(b - a + 1 for _t, _p, a, b in f["ranges"]) for f in output.flushes]
+
+
+def test_while_behind_batches_grow_to_backlog_rows_and_shrink_back_once_caught_up() -> None:
+    broker = MemoryBroker(partitions=1)
+    for _ in range(100):
+        broker.append("ev", None, b"x", 0)
+    sink, runner, output = _sink(broker, raw_seconds=0.0, batch_rows=5, backlog_rows=20)
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        while broker.committed.get("g", {}).get(("ev", 0)) != 100:
+            await asyncio.sleep(0.01)
+        assert runner.config.max_records == 5  # the last batch did not fill: back to batch_rows
+        for _ in range(3):
+            broker.append("ev", None, b"x", 0)
+        while broker.committed["g"][("ev", 0)] != 103:
+            await asyncio.sleep(0.01)
+        sink.stop()
+        await task
+
+    asyncio.run(main())
+    sizes = _sizes(output)
+    assert sizes[0] == 5 and sizes[1:5] == [20, 20, 20, 20], sizes  # full, so behind: bigger batches
+    assert sizes[5:] == [15, 3], sizes  # then what was left, and a small batch at batch_rows again
+    assert max(sizes) == 20 and sum(sizes) == 103
