@@ -123,7 +123,15 @@ class Batch:
         return {bulk_unit(block.spec): block for block in self.blocks.values() if len(block)}
 
     def units(self) -> list[str]:
-        return [*self.rows, *self.bulk_units()]
+        """The insert units in the order a flush writes them: evidence first (what ``evidence_current`` and
+        the verdict latency read; a batch carrying held raw rows makes it visible before them), then the rest."""
+        bulk = list(self.bulk_units())
+        rows = list(self.rows)
+        return [u for u in bulk if unit_table(u) == "evidence"] + [
+            *(u for u in rows if unit_table(u) == "evidence"),
+            *(u for u in bulk if unit_table(u) != "evidence"),
+            *(u for u in rows if unit_table(u) != "evidence"),
+        ]
 
     def offsets(self) -> dict[tuple[str, int], int]:
         return {(t, p): last + 1 for (t, p), (_first, last) in self.ranges.items()}

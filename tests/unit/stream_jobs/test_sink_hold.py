@@ -170,3 +170,11 @@ def test_while_behind_batches_grow_to_backlog_rows_and_shrink_back_once_caught_u
     assert sizes[0] == 5 and sizes[1:5] == [20, 20, 20, 20], sizes  # full, so behind: bigger batches
     assert sizes[5:] == [15, 3], sizes  # then what was left, and a small batch at batch_rows again
     assert max(sizes) == 20 and sum(sizes) == 103
+
+
+def test_a_flush_writes_evidence_before_the_raw_tables() -> None:
+    """A batch carrying held raw rows makes its evidence visible first (``evidence_current`` reads it)."""
+    batch = Batch()
+    for offset, table in enumerate(["tool_calls", "dead_letters", "evidence", "tool_results"]):
+        batch.add(table, (), "t", 0, offset)
+    assert batch.units() == ["evidence", "tool_calls", "dead_letters", "tool_results"]
