@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stream_jobs.runner import TP, MemoryBroker, MemoryConsumer, Runner
+from stream_jobs.runtime.settings import Settings
+from stream_jobs.service import sink_config
 from stream_jobs.sink import Batch, ClickHouseSink, SinkConfig
 
 
@@ -178,3 +183,14 @@ def test_a_flush_writes_evidence_before_the_raw_tables() -> None:
     for offset, table in enumerate(["tool_calls", "dead_letters", "evidence", "tool_results"]):
         batch.add(table, (), "t", 0, offset)
     assert batch.units() == ["evidence", "tool_calls", "dead_letters", "tool_results"]
+
+
+def test_the_service_holds_every_topic_but_evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
+    settings = Settings(home=tmp_path)
+    config = sink_config(settings)
+    assert config.raw_seconds == 2.0 and config.backlog_rows == 90_000
+    assert config.fast_topics == frozenset({settings.topics.evidence})
+    assert set(config.topics) - config.fast_topics  # the raw topics: held
+    off = sink_config(Settings(home=tmp_path, sink_raw_seconds=0, sink_backlog_rows=0))
+    assert off.raw_seconds == 0 and off.backlog_rows == 0
