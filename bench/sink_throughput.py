@@ -40,13 +40,14 @@ import json
 import os
 import pstats
 import random
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from statistics import median
@@ -121,6 +122,44 @@ def realistic_evidence(n: int, pool_calls: int = 2000, seed: int = 7) -> list[Ev
                 }
             )
         )
+    return out
+
+
+def realistic_raw(events: list[Evidence], per: int) -> list[tuple[str, bytes, bytes]]:
+    """``per`` raw messages per evidence record (topic attribute, key, value): its call's tool call and
+    tool result, alternately, keyed as the collectors key them."""
+    from schemas import ToolCall, ToolResult, key_for
+
+    out: list[tuple[str, bytes, bytes]] = []
+    for i, ev in enumerate(events):
+        for j in range(per):
+            t = ev.call_time
+            record: ToolCall | ToolResult
+            if (i * per + j) % 2 == 0:
+                record = ToolCall(
+                    event_id=str(uuid.uuid4()),
+                    event_time=t,
+                    tenant=ev.tenant,
+                    call_id=ev.call_id,
+                    session_id=ev.session_id,
+                    server=ev.server,
+                    tool=ev.tool,
+                    arguments={"path": f"/data/{i}/{j}"},
+                    resources=[f"file:/data/{i}/{j}"],
+                    transport="stdio",
+                )
+                out.append(("tool_calls", key_for(record).encode(), encode(record)))
+            else:
+                record = ToolResult(
+                    event_id=str(uuid.uuid4()),
+                    event_time=t,
+                    tenant=ev.tenant,
+                    call_id=ev.call_id,
+                    session_id=ev.session_id,
+                    status="ok",
+                    duration_ms=1.5,
+                )
+                out.append(("tool_results", key_for(record).encode(), encode(record)))
     return out
 
 
@@ -420,7 +459,13 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         config.latency_target = target or None
     if hasattr(config, "malloc_keep_mb"):  # as the service sets it (not on a --baseline tree from before it)
         config.malloc_keep_mb = settings.sink_malloc_keep_mb
-    n = args.messages
+    if hasattr(config, "raw_seconds"):  # as the service sets it (not on a --baseline tree from before it)
+        config.raw_seconds = settings.sink_raw_seconds if args.raw_seconds is None else args.raw_seconds
+        config.fast_topics = frozenset({settings.topics.evidence})
+    if hasattr(config, "backlog_rows"):  # as the service sets it
+        config.backlog_rows = settings.sink_backlog_rows if args.backlog_rows is None else args.backlog_rows
+    n = args.messages * (1 + args.raw)  # the raw messages (--raw) are rows too
+    evidence_topic = settings.topics.evidence
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
     paced = args.rate > 0  # the parent produces while the sink runs: no floor (the messages are not there yet)
     floor = (
@@ -437,7 +482,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         began = time.time()
         result = await flush(out)
         at = time.time()
-        flushes.append((at, [[p, a, b] for batch in out for (_t, p), (a, b) in batch.ranges.items()], at - began))
+        spans = [[p, a, b] for batch in out for (t, p), (a, b) in batch.ranges.items() if t == evidence_topic]
+        flushes.append((at, spans, at - began))
         return result
 
     sink.output.flush = timed_flush  # type: ignore[method-assign]
@@ -532,6 +578,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "flushes": flushes if paced else [],
         "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
         "code": os.environ.get("PYTHONPATH", ""),
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -651,7 +698,12 @@ def child_result(kind: str, child: subprocess.Popen[str], timeout: float) -> dic
 
 
 def paced_produce(
-    bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float, partitions: int
+    bootstrap: str,
+    topic: str,
+    messages: list[tuple[bytes, bytes]],
+    rate: float,
+    partitions: int,
+    raw: Sequence[tuple[str, bytes, bytes]] = (),
 ) -> float:
     """Send message i to partition i % partitions at ``start + i / rate`` (a 2 ms tick); returns ``start`` (wall clock).
 
@@ -660,6 +712,7 @@ def paced_produce(
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
+    per = len(raw) // len(messages) if messages else 0
     start = time.time()
     sent = 0
     while sent < len(messages):
@@ -667,6 +720,8 @@ def paced_produce(
         while sent < due:
             key, value = messages[sent]
             producer.produce(topic, value=value, key=key, partition=sent % partitions)
+            for raw_topic, raw_key, raw_value in raw[sent * per : (sent + 1) * per]:  # --raw: its raw messages
+                producer.produce(raw_topic, value=raw_value, key=raw_key)
             sent += 1
         producer.poll(0)
         time.sleep(0.002)
@@ -883,6 +938,11 @@ def report(
                 f"p50 {q[0]:,.0f} ms, p99 {q[1]:,.0f} ms, max {q[2]:,.0f} ms ({len(run['delays']):,} messages)",
             )
         extra.add_row(f"(b) [{path}] evidence rows in chDB at the end", f"{run['rows_in_table']:,}")
+        if "maxrss_mb" in run:
+            extra.add_row(
+                f"(b) [{path}] sink process peak RSS (rounds)",
+                ", ".join(f"{r.get('maxrss_mb', 0):,.0f} MB" for r in run.get("all", [run])),
+            )
     extra.add_row("load average before / after (1/5/15 min)", f"{load} / {bk.load_text()}")
     bk.console.print(extra)
     if writer is not None and writer["variants"]:
@@ -929,6 +989,7 @@ def parent(args: argparse.Namespace) -> int:
             bk.say(f"(b) Kafka broker ready on {bootstrap}; creating topics, building {args.messages:,} evidence rows")
             events = realistic_evidence(args.messages)
             messages = [(e.call_id.encode(), encode(e)) for e in events]
+            raw_messages = realistic_raw(events, args.raw) if args.rate else []
             del events
             if not args.rate:
                 asyncio.run(create_topics(bootstrap, settings.topics.all(), args.partitions))
@@ -968,6 +1029,10 @@ def parent(args: argparse.Namespace) -> int:
                         path,
                         "--rate",
                         str(args.rate),
+                        "--raw",
+                        str(args.raw if args.rate else 0),
+                        *([] if args.raw_seconds is None else ["--raw-seconds", str(args.raw_seconds)]),
+                        *([] if args.backlog_rows is None else ["--backlog-rows", str(args.backlog_rows)]),
                         *([] if args.latency_target is None else ["--latency-target", str(args.latency_target)]),
                     ]
                     bk.say(
@@ -982,7 +1047,10 @@ def parent(args: argparse.Namespace) -> int:
                         deadline = time.monotonic() + 120
                         while not flag.exists() and child.poll() is None and time.monotonic() < deadline:
                             time.sleep(0.05)  # the child's start and group join
-                        start = paced_produce(bootstrap, paced_topics.evidence, messages, args.rate, args.partitions)
+                        raw = [(getattr(paced_topics, t), k, v) for t, k, v in raw_messages]
+                        start = paced_produce(
+                            bootstrap, paced_topics.evidence, messages, args.rate, args.partitions, raw
+                        )
                     result = child_result("sink", child, args.timeout + 120)
                     if start is not None:
                         result["delays"] = paced_delays(result, start, args.rate, args.partitions, 1.0)
@@ -1070,6 +1138,25 @@ def main() -> None:
         type=float,
         default=None,
         help="the sink's latency target in seconds (0: off; default: the settings', SCOPEWATCH_SINK_LATENCY_TARGET)",
+    )
+    parser.add_argument(
+        "--raw",
+        type=int,
+        default=0,
+        help="(b) paced: with each evidence message also send this many raw messages (a tool call, a tool result, "
+        "alternately, to their topics), as the pipeline's sink sees them (2: one call and one result per evidence row)",
+    )
+    parser.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=None,
+        help="the sink's SINK_RAW_SECONDS for the runs of this tree (0: off; default: the settings')",
+    )
+    parser.add_argument(
+        "--backlog-rows",
+        type=int,
+        default=None,
+        help="the sink's SINK_BACKLOG_ROWS for the runs of this tree (0: off; default: the settings')",
     )
     parser.add_argument("--path", choices=PATHS, default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)

@@ -165,6 +165,11 @@ class Job(Protocol[M]):
         """The runner is stopping: last outputs to flush; then it commits what :meth:`to_commit` gives."""
         return []
 
+    def redo_ranges(self, batch: Mapping[TP, Sequence[Record]]) -> dict[TP, tuple[int, int]]:
+        """``redo_uncommitted``: the offset ranges (first, last) of what the cycle whose commit failed
+        flushed, to take again exactly. The default: the cycle's batch."""
+        return {tp: (records[0].offset, records[-1].offset) for tp, records in batch.items() if records}
+
 
 class StatsFile:
     """A JSON file of the job's stats, rewritten atomically (best effort, never fatal)."""
@@ -208,6 +213,11 @@ class RunnerConfig:
     """After a :class:`CommitFailed`, take the same offset ranges again exactly (:meth:`Runner.redo`)."""
     redo_timeout: float = 60.0
     """How long a redo waits for its partitions to be assigned here (then gives up) and to read them."""
+    settle_commits_all: bool = False
+    """On a revocation, commit every assigned partition's offset :meth:`Job.to_commit` gives after the
+    last outputs' flush, not only the revoked partitions' (the sink: a flush of held rows covers
+    partitions that stay; their offsets must be committed with it, or a crash would insert them again
+    under other tokens)."""
     commit_seconds: float = 0.0
     """Above 0: a cycle's offsets (its outputs flushed and acknowledged) are committed with those of the
     next cycles, at most this often, instead of one commit request per cycle; a revocation and a stop
@@ -261,6 +271,8 @@ class Runner(Generic[M]):
         self._pending: dict[TP, int] = {}
         """Offsets of cycles whose outputs are flushed, not committed yet (``commit_seconds``)."""
         self._next_commit = 0.0
+        self.redoing = False
+        """True during the cycle of a batch taken again exactly (:meth:`redo`)."""
 
     # -- the consumer's rebalance hooks (the batch in flight finishes, and commits, first)
 
@@ -291,8 +303,14 @@ class Runner(Generic[M]):
             self.job.flushed(ends)
         held = self.consumer.assignment()
         pending = self._pending
-        wanted = {**pending, **self.job.to_commit({})}
-        offsets = {tp: o for tp, o in wanted.items() if tp in held and (only is None or tp in only)}
+        flushed = self.job.to_commit({})
+        wanted = {**pending, **flushed}
+        every = self.config.settle_commits_all
+        offsets = {
+            tp: o
+            for tp, o in wanted.items()
+            if tp in held and (only is None or tp in only or (every and tp in flushed))
+        }
         for tp in list(pending):
             if tp not in held or only is None or tp in only:
                 del pending[tp]  # committed below, or no longer ours to commit
@@ -489,7 +507,7 @@ class Runner(Generic[M]):
         self.counters.commit_failures += 1
         if self.config.redo_uncommitted and not redo:
             log.warning("offset commit failed (%s): redoing the batch from the committed offsets", exc)
-            self.redo({tp: (records[0].offset, records[-1].offset) for tp, records in batch.items()})
+            self.redo(self.job.redo_ranges(batch))
         else:
             log.warning("offset commit failed (%s); the records are read again if nobody commits past them", exc)
 
@@ -537,18 +555,24 @@ class Runner(Generic[M]):
         finally:
             consumer.resume(others)
         log.info("re-read %d records; processing them again", sum(map(len, batch.values())))
-        if await self.cycle(batch, redo=True):
+        self.redoing = True
+        try:
+            done = await self.cycle(batch, redo=True)
+        finally:
+            self.redoing = False
+        if done:
             self.counters.redos += 1
 
     def _flush_failed(self, batch: Mapping[TP, Sequence[Record]], exc: Exception) -> None:
         self.counters.failed_flushes += 1
         self._backoff = min(self.config.max_backoff, max(self.config.min_backoff, self._backoff * 2))
         tps = set(batch)
-        # the job's state of every held partition may hold effects of unsent writes (a timer
-        # touches partitions without input): forget all of it, reload from the changelogs
-        self.job.reset(tps | self.consumer.assignment())
         for tp, records in batch.items():
             self.consumer.seek(tp, records[0].offset)
+        # the job's state of every held partition may hold effects of unsent writes (a timer
+        # touches partitions without input): forget all of it, reload from the changelogs (after
+        # the seeks: a job holding records of earlier batches seeks back further)
+        self.job.reset(tps | self.consumer.assignment())
         log.warning(
             "flush failed (%s: %s): nothing committed; %d partitions seeked back, retrying in %.2fs",
             type(exc).__name__,
@@ -676,6 +700,10 @@ class MemoryConsumer:
     async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
         committed = self.broker.committed.get(self.group, {})
         return {tp: committed.get(tp, 0) for tp in tps}
+
+    async def committed(self, tp: TP) -> int | None:
+        """The group's committed offset of ``tp`` (None: none yet), as the Kafka adapters give it."""
+        return self.broker.committed.get(self.group, {}).get(tp)
 
     async def stop(self) -> None:
         self.stopped = True

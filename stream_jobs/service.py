@@ -79,6 +79,9 @@ def sink_config(settings: Settings) -> SinkConfig:
         crash_at=os.environ.get("SCOPEWATCH_SINK_CRASH_AT") or None,
         crash_batch=int(os.environ.get("SCOPEWATCH_SINK_CRASH_BATCH", "1")),
         table_topics=table_topics(settings.topics),
+        raw_seconds=settings.sink_raw_seconds,
+        backlog_rows=settings.sink_backlog_rows,
+        fast_topics=frozenset({settings.topics.evidence}),
     )
 
 

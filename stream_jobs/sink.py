@@ -123,7 +123,15 @@ class Batch:
         return {bulk_unit(block.spec): block for block in self.blocks.values() if len(block)}
 
     def units(self) -> list[str]:
-        return [*self.rows, *self.bulk_units()]
+        """The insert units in the order a flush writes them: evidence first (what ``evidence_current`` and
+        the verdict latency read; a batch carrying held raw rows makes it visible before them), then the rest."""
+        bulk = list(self.bulk_units())
+        rows = list(self.rows)
+        return [u for u in bulk if unit_table(u) == "evidence"] + [
+            *(u for u in rows if unit_table(u) == "evidence"),
+            *(u for u in bulk if unit_table(u) != "evidence"),
+            *(u for u in rows if unit_table(u) != "evidence"),
+        ]
 
     def offsets(self) -> dict[tuple[str, int], int]:
         return {(t, p): last + 1 for (t, p), (_first, last) in self.ranges.items()}
@@ -466,6 +474,24 @@ class SinkConfig:
     fill and flush): each batch is filled for as long as that leaves after the recent flushes' time
     (:func:`fill_seconds_for`), at most ``batch_seconds``. None: every batch fills ``batch_seconds``.
     The service takes ``SCOPEWATCH_SINK_LATENCY_TARGET``."""
+    backlog_rows: int = 0
+    """Above ``batch_rows``: while the sink is behind (its last batch filled up to its bound), the next
+    batch takes up to this many records, filling ``batch_seconds`` (the latency target is moot then):
+    fewer, bigger inserts and parts, so fewer merge levels (merges were a quarter of the sink's CPU under
+    a backlog). Back to ``batch_rows`` at the first batch that does not fill. Memory grows with it (the
+    messages, their container and its RowBinary: ~3 times the messages' bytes). 0: off.
+    ``SCOPEWATCH_SINK_BACKLOG_ROWS``."""
+    raw_seconds: float = 0.0
+    """Above 0 (with ``fast_topics``): the records of every other topic (the raw tables: tool calls and
+    results, identity and consent events, ...) are held across batches and flushed with the next batch
+    once the oldest is this many seconds old, or they reach ``batch_rows``, or at a revocation or stop;
+    the fast topics' records are flushed every batch as before. Each flush writes one batch (one
+    intent, one token per table, offsets committed after it) of exactly the records it holds, so
+    commit-after-write and the redo with the same tokens hold as before; held records are not
+    committed (a crash reads them again). 0: every topic every batch. ``SCOPEWATCH_SINK_RAW_SECONDS``."""
+    fast_topics: frozenset[str] | None = None
+    """The topics flushed every batch when ``raw_seconds`` is on (the service: the evidence topic, which
+    ``evidence_current`` and the verdict latency read)."""
     table_topics: dict[str, str] | None = None
     """Per table, the only topic its records may come from (:func:`table_topics`): a record of another
     type on a topic (a ``grant_issued`` on the tool-calls topic) is dead-lettered, not stored. None:
@@ -650,6 +676,16 @@ class ClickHouseSink(Job["Batch"]):
         capable = writer is not None and getattr(writer, "bulk_capable", False)
         self._bulks: dict[bytes, AvroBulk] = bulk_specs() if config.bulk_avro and capable else {}
         self.output.rows_of = self.rows_of
+        self._held: Batch | None = None
+        """Records of the slow topics held across batches (``SinkConfig.raw_seconds``)."""
+        self._held_since = 0.0
+        self._flushing: dict[TP, int] = {}
+        """End offsets of the batch handed to the flush (committed once it is written)."""
+        self._flushing_ranges: dict[TP, tuple[int, int]] = {}
+        self._flushed_ranges: dict[TP, tuple[int, int]] = {}
+        self._behind = False
+        """The last batch filled up to its bound (``SinkConfig.backlog_rows``)."""
+        """The offset ranges of the last batch flushed (what a refused commit must redo exactly)."""
 
     def stop(self) -> None:
         self._stopping = True
@@ -709,6 +745,7 @@ class ClickHouseSink(Job["Batch"]):
                 max_backoff=cfg.retry_max_seconds,
                 retry_in_place=True,
                 redo_uncommitted=True,
+                settle_commits_all=True,  # a revocation's flush of held rows commits all of them
                 finish_on_stop=True,  # the rows taken when the stop came still land
                 redo_timeout=cfg.recovery_timeout,
             ),
@@ -759,20 +796,89 @@ class ClickHouseSink(Job["Batch"]):
             log.info("partitions revoked: %s", describe(by_topic(_Tp(t, p) for t, p in tps)))
 
     async def process(self, batch: Mapping[TP, Sequence[Record]], now: datetime) -> list[Batch]:
-        out = Batch()
-        for records in batch.values():
-            self._absorb_many(out, records, now)
-        return [out] if out.ranges else []
+        if self.config.backlog_rows > self.config.batch_rows and self.runner is not None:
+            self._behind = sum(map(len, batch.values())) >= self.runner.config.max_records
+        fast = self.config.fast_topics
+        if not self._holding() or fast is None or (self.runner is not None and self.runner.redoing):
+            # every record flushed now (a redo rebuilds exactly the batch that was flushed: one batch)
+            out = Batch()
+            for records in batch.values():
+                self._absorb_many(out, records, now)
+            return self._to_flush(out)
+        held = self._held
+        for tp, records in batch.items():
+            if tp[0] in fast or not records:
+                continue
+            if held is None:
+                held = self._held = Batch()
+                self._held_since = time.monotonic()
+            self._absorb_many(held, records, now)
+        if held is not None and self._held_due(held):
+            out, self._held = held, None
+            out.ingested_ms, out.now = millis(now), now
+        else:
+            out = Batch()
+        for tp, records in batch.items():
+            if tp[0] in fast:
+                self._absorb_many(out, records, now)
+        return self._to_flush(out)
 
     async def timer(self, assignment: set[TP], now: datetime) -> list[Batch]:
         if self._consumer is not None and assignment:
             self.lag = await self._consumer.lag()
+        held = self._held
+        if held is not None and self._held_due(held):
+            self._held = None
+            return self._to_flush(held)
         return []
 
-    def flushed(self, ends: dict[TP, int]) -> None:
-        """After each flush: the next batch's fill time under the latency target (if any)."""
+    def _holding(self) -> bool:
+        return self.config.raw_seconds > 0 and self.config.fast_topics is not None
+
+    def _held_due(self, held: Batch) -> bool:
         cfg = self.config
-        if cfg.latency_target is None or self.runner is None:
+        return self._stopping or held.size >= cfg.batch_rows or time.monotonic() - self._held_since >= cfg.raw_seconds
+
+    def _to_flush(self, out: Batch) -> list[Batch]:
+        """``out`` as this cycle's output (nothing if empty); its offsets are what the cycle commits."""
+        if not out.ranges:
+            return []
+        self._flushing.update(out.offsets())
+        self._flushing_ranges.update({tp: (a, b) for tp, (a, b) in out.ranges.items()})
+        return [out]
+
+    async def revoking(self, tps: set[TP]) -> list[Batch]:
+        """A revocation: flush what is held (of every partition; the runner commits all of it)."""
+        held, self._held = self._held, None
+        return self._to_flush(held) if held is not None else []
+
+    async def drain(self) -> list[Batch]:
+        """The stop: flush what is held."""
+        held, self._held = self._held, None
+        return self._to_flush(held) if held is not None else []
+
+    def to_commit(self, taken: dict[TP, int]) -> dict[TP, int]:
+        """The offsets of the batch just flushed (held records are not committed)."""
+        offsets, self._flushing = self._flushing, {}
+        self._flushed_ranges, self._flushing_ranges = self._flushing_ranges, {}
+        return offsets
+
+    def redo_ranges(self, batch: Mapping[TP, Sequence[Record]]) -> dict[TP, tuple[int, int]]:
+        """A refused commit: the ranges of the batch flushed (held records of earlier cycles included)."""
+        return dict(self._flushed_ranges)
+
+    def flushed(self, ends: dict[TP, int]) -> None:
+        """After each flush: the next batch's bound (bigger while behind) and fill time (under the latency target)."""
+        cfg = self.config
+        if self.runner is None:
+            return
+        if cfg.backlog_rows > cfg.batch_rows:
+            self.runner.config.max_records = cfg.backlog_rows if self._behind else cfg.batch_rows
+            self.counters["behind"] = int(self._behind)
+            if self._behind:
+                self.runner.config.fill_seconds = cfg.batch_seconds
+                return
+        if cfg.latency_target is None:
             return
         fill = fill_seconds_for(
             cfg.latency_target, cfg.batch_seconds, cfg.fetch_wait_ms / 1000, self.output.flush_seconds
@@ -781,7 +887,15 @@ class ClickHouseSink(Job["Batch"]):
         self.counters["fill_ms"] = round(fill * 1000)
 
     def reset(self, tps: set[TP]) -> None:
-        return None  # nothing kept between batches: a batch is rebuilt from its records
+        """A flush failed: the held records are dropped and read again (their partitions sought back)."""
+        held, self._held = self._held, None
+        self._flushing, self._flushing_ranges = {}, {}
+        if held is None or self._consumer is None:
+            return
+        assigned = self._consumer.assignment()
+        for tp, (first, _last) in held.ranges.items():
+            if tp in assigned:
+                self._consumer.seek(tp, first)
 
     # -- records to rows
 

@@ -72,6 +72,19 @@ class Settings(BaseSettings):
         description="seconds a row may spend in the sink (fetch wait, batch fill, flush): each batch fills for "
         "what that leaves after the recent flushes, at most sink_batch_seconds; 0: always sink_batch_seconds",
     )
+    sink_backlog_rows: int = Field(
+        default=90_000,
+        ge=0,
+        description="while the sink is behind (a batch filled up to sink_batch_rows), batches of up to this many "
+        "rows: fewer, bigger parts to merge; 0 or not above sink_batch_rows: off",
+    )
+    sink_raw_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="the raw tables' records (every sink topic but evidence) are held and flushed with a "
+        "batch once the oldest is this old (or sink_batch_rows are held): fewer inserts per second at the "
+        "same evidence latency; 0: every topic every batch",
+    )
     sink_bulk_avro: bool = True
     """Evidence records go to the embedded engine as Avro containers it decodes (stream_jobs.bulk);
     false: every message is read in Python (the columnar fast reader), as before."""

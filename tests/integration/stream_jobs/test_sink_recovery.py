@@ -170,6 +170,7 @@ def _settings(kafka_broker: KafkaBroker, tmp_path: Path, cache_dir: Path) -> Set
         query_port=proc.free_port(),
         sink_group=f"sr{run}-sink",
         sink_batch_rows=50,
+        sink_backlog_rows=100,  # batches grow while behind, yet enough flushes for every drill
         sink_batch_seconds=0.3,
     )
     asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
