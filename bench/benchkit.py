@@ -317,17 +317,24 @@ class Pipeline:
 
 
 def start_pipeline(
-    settings: Settings, broker: KafkaBroker, facts: list[Event], tag: str, services: Sequence[str] = ("worker", "sink")
+    settings: Settings,
+    broker: KafkaBroker,
+    facts: list[Event],
+    tag: str,
+    services: Sequence[str] = ("worker", "sink"),
+    workers: int = 1,
 ) -> Pipeline:
-    """Create the topics, ``Stack.up``, publish ``facts`` and wait for the worker to have them; restart it once.
+    """Create the topics, ``Stack.up``, publish ``facts`` and wait for the workers to have them; restart them once.
 
     ``services`` are the ones ``Stack.up`` must have started (the pager starts when ``HOME/pager.toml``
-    exists). Whatever was started is stopped again if anything fails.
+    exists). ``workers``: decision workers in the one consumer group, as ``scopewatch up --workers N``
+    starts them (their pids are ``worker``, ``worker2``, ... in :attr:`Pipeline.pids`). Whatever was
+    started is stopped again if anything fails.
     """
     asyncio.run(create_topics(settings.kafka_bootstrap, settings.topics.all(), settings.partitions))
     stack = Stack(settings, report=lambda m: say(f"stack: {m}"))
     try:
-        stack.up(timeout=180)
+        stack.up(timeout=180, workers=workers)
         records = {name: proc.read_pid_record(stack.pid_path(name)) for name in services}
         started = {name: record for name, record in records.items() if record is not None}
         if len(started) < len(services):
@@ -336,16 +343,20 @@ def start_pipeline(
         sent, _ = asyncio.run(publish_events(settings.kafka_bootstrap, settings.topics, numbered))
         n_sessions = sum(isinstance(f, SessionBound) for f in facts)
         wanted = {"stage1_facts": n_sessions, "stage2_facts": len(facts) - n_sessions}
-        wait_counters(settings, started["worker"], wanted, timeout=300)
-        # Restart the worker once, as decisions_throughput.py does: a worker started on a fresh cluster can miss
+        if workers == 1:
+            wait_counters(settings, started["worker"], wanted, timeout=300)
+        else:
+            wait_summed_counters(settings, [r for _, r in stack.worker_records()], wanted, timeout=300)
+        # Restart the workers once, as decisions_throughput.py does: a worker started on a fresh cluster can miss
         # the changelog topics Faust creates at its start ("Topic ...-s2-calls-changelog not found in cluster
         # metadata") and then dead-letters every call (PartitionsMismatch) until its metadata refresh.
-        proc.stop_process(started["worker"], timeout=60)
-        stack.up(timeout=180)
-        worker = proc.read_pid_record(stack.pid_path("worker"))
-        if worker is None:
-            raise RuntimeError("Stack.up did not restart the worker")
-        started["worker"] = worker
+        for _name, record in reversed(stack.worker_records()):
+            proc.stop_process(record, timeout=60)
+        stack.up(timeout=180, workers=workers)
+        restarted = dict(stack.worker_records())
+        if len(restarted) < workers or "worker" not in restarted:
+            raise RuntimeError("Stack.up did not restart the workers")
+        started.update(restarted)
         pids = {name: record.pid for name, record in started.items()}
         kafka = broker.running_record()
         if kafka is not None:
@@ -432,6 +443,30 @@ def wait_counters(
             return stats, False
         time.sleep(0.25)
     raise TimeoutError(f"worker did not reach {wanted} in {timeout:.0f}s; last stats: {stats}")
+
+
+def wait_summed_counters(
+    settings: Settings, records: Sequence[proc.PidRecord], wanted: dict[str, int], timeout: float
+) -> dict[str, int]:
+    """Poll the stats of several workers (one consumer group) until each counter, summed over them,
+    reaches its value; returns the sums."""
+    deadline = time.monotonic() + timeout
+    sums: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        for record in records:
+            if not proc.is_running(record):
+                raise RuntimeError(f"worker pid {record.pid} exited; see its log under {settings.log_dir}")
+        stats = [(worker_stats(settings, r.pid) or {}).get("counters", {}) for r in records]
+        sums = {k: sum(int(c.get(k, 0)) for c in stats) for k in wanted}
+        if all(sums[k] >= v for k, v in wanted.items()):
+            return sums
+        time.sleep(0.25)
+    raise TimeoutError(f"workers did not reach {wanted} in {timeout:.0f}s; last sums: {sums}")
+
+
+def worker_names(names: Iterable[str]) -> list[str]:
+    """The decision workers among a pipeline's service names (``worker``, ``worker2``, ...)."""
+    return [name for name in names if name == "worker" or (name.startswith("worker") and name[6:].isdigit())]
 
 
 def dead_letters(settings: Settings, worker_pid: int) -> int:

@@ -2,8 +2,9 @@
 
 Target: p99 <= 1 s at 5,000 calls/s. One run against the real stack on this machine: a local
 Kafka broker (KRaft, 127.0.0.1, free ports, temp folder), the sink owning a fresh chDB folder
-and one decision worker, started by ``Stack.up`` as ``scopewatch up`` starts them (4
-partitions, ``sink_batch_seconds`` 0.2 unless told otherwise, production grace and tick).
+and one decision worker (``--workers N``: N in one group, their CPU and counters added up), started by
+``Stack.up`` as ``scopewatch up`` starts them (4 partitions, ``sink_batch_seconds`` 0.2 unless told
+otherwise, production grace and tick).
 
 1. The identity and consent facts (``decisions_throughput.build_workload``: 2,000 sessions over
    500 delegations, two grants each) are published; the bench waits until the worker has them.
@@ -291,13 +292,14 @@ class RunResult:
 def job_stats(settings: Settings, pids: dict[str, int]) -> dict[str, float]:
     """The worker's and the sink's counters now (flattened numbers, prefixed ``worker.``/``sink.``)."""
     out: dict[str, float] = {}
-    worker = bk.worker_stats(settings, pids["worker"]) or {}
-    for k, v in (worker.get("counters") or {}).items():
-        if isinstance(v, int | float):
-            out[f"worker.{k}"] = v
-    for topic, v in (worker.get("sent_to") or {}).items():  # messages per topic (changelogs by table)
-        name = topic.removeprefix(settings.topic_prefix).replace(settings.worker_group + "-", "")
-        out[f"worker.sent_to.{name}"] = v
+    for worker_name in bk.worker_names(pids):  # several workers (--workers): their counters added up
+        worker = bk.worker_stats(settings, pids[worker_name]) or {}
+        for k, v in (worker.get("counters") or {}).items():
+            if isinstance(v, int | float):
+                out[f"worker.{k}"] = out.get(f"worker.{k}", 0) + v
+        for topic, v in (worker.get("sent_to") or {}).items():  # messages per topic (changelogs by table)
+            name = topic.removeprefix(settings.topic_prefix).replace(settings.worker_group + "-", "")
+            out[f"worker.sent_to.{name}"] = out.get(f"worker.sent_to.{name}", 0) + v
     with contextlib.suppress(OSError, ValueError):
         sink = json.loads((settings.run_dir / "sink-stats.json").read_text())
         for k, v in sink.items():
@@ -314,8 +316,9 @@ def per_call_costs(
         return {}
     wall = s1["worker"].at - s0["worker"].at
     d = {k: b[k] - a.get(k, 0) for k in b}
+    workers = bk.worker_names(s0)
     out = {
-        "worker_us_per_call": (s1["worker"].proc - s0["worker"].proc) / calls * 1e6,
+        "worker_us_per_call": sum(s1[w].proc - s0[w].proc for w in workers) / calls * 1e6,  # workers added up
         "sink_us_per_call": (s1["sink"].proc - s0["sink"].proc) / calls * 1e6,
         "broker_us_per_call": (s1["kafka"].proc - s0["kafka"].proc) / calls * 1e6 if "kafka" in s0 else 0.0,
         "bench_us_per_call": (s1["bench"].proc - s0["bench"].proc) / calls * 1e6,
@@ -329,10 +332,18 @@ def per_call_costs(
     return out
 
 
+def workers_added(shares: dict[str, float]) -> dict[str, float]:
+    """CPU shares with ``worker`` the workers' added up (``--workers``; the others keep their own)."""
+    workers = bk.worker_names(shares)
+    if len(workers) > 1:
+        shares = {**shares, "worker": sum(shares[w] for w in workers)}
+    return shares
+
+
 def start_spies(pids: dict[str, int], prefix: str, tag: str) -> list[subprocess.Popen[bytes]]:
     exe = str(Path(sys.executable).parent / "py-spy")
     spies = []
-    for name in ("worker", "sink"):
+    for name in (*bk.worker_names(pids), "sink"):
         out = f"{prefix}.{name}.{tag}.txt"
         argv = [exe, "record", "--pid", str(pids[name]), "--rate", "200", "--format", "raw", "--nonblocking", "-o", out]
         spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -364,7 +375,7 @@ def measure(
         t_plan = time.perf_counter()
         plan = plan_calls(pool, rate, seconds, poller, settings.partitions)
         bk.say(f"{len(plan.call_ids):,} calls encoded in {time.perf_counter() - t_plan:.1f}s before the run")
-    dead_before = bk.dead_letters(settings, pids["worker"])
+    dead_before = sum(bk.dead_letters(settings, pids[w]) for w in bk.worker_names(pids))
     stats0 = job_stats(settings, pids)
     spies = start_spies(pids, args.py_spy, f"{rate:.0f}") if args.py_spy and drain is None else []
     s0 = bk.sample_cpu(pids)
@@ -444,15 +455,15 @@ def measure(
         trend=trend,
         decided_rate=decided_rate,
         throughput=throughput,
-        drain_cpu=bk.cpu_shares(s1, s2),
+        drain_cpu=workers_added(bk.cpu_shares(s1, s2)),
         current_rows=rows,
         current_calls=calls,
         current_seconds=cur_s,
-        cpu=bk.cpu_shares(s0, s1),
+        cpu=workers_added(bk.cpu_shares(s0, s1)),
         busy=bk.busy_share(s0["worker"], s1["worker"]),
         load=load,
         drain_seconds=drain_seconds,
-        dead_letters=bk.dead_letters(settings, pids["worker"]) - dead_before,
+        dead_letters=sum(bk.dead_letters(settings, pids[w]) for w in bk.worker_names(pids)) - dead_before,
         per_call=per_call_costs(s0, s1, stats0, stats1, n),
     )
 
@@ -564,7 +575,7 @@ def fresh_pipeline(args: argparse.Namespace, tmp: Path, broker: KafkaBroker, wl:
     settings = bk.pipeline_settings(
         tmp, broker.config.bootstrap, run_id, args.partitions, args.grace, sink_batch_seconds=args.batch_seconds
     )
-    return bk.start_pipeline(settings, broker, wl.facts, run_id)
+    return bk.start_pipeline(settings, broker, wl.facts, run_id, workers=args.workers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -643,6 +654,12 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=0.2, help="SCOPEWATCH_SINK_BATCH_SECONDS (default 0.2)")
     parser.add_argument("--grace", type=float, default=15.0, help="worker grace seconds (default 15, as production)")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="decision workers in one group, as `scopewatch up --workers N` (default 1); CPU and counters added up",
+    )
     parser.add_argument("--sessions", type=int, default=2_000)
     parser.add_argument("--delegations", type=int, default=500)
     parser.add_argument("--pool", type=int, default=5_000, help="distinct call templates")

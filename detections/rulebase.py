@@ -384,9 +384,23 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO: Final = timedelta(microseconds=1)
 
 
+_MICROS: Final[dict[datetime, int]] = {}
+_MICROS_SIZE: Final = 65_536
+
+
 def micros(dt: datetime) -> int:
-    """Microseconds since the epoch: how state codecs store instants (exact)."""
-    return (dt - _EPOCH) // _MICRO
+    """Microseconds since the epoch: how state codecs store instants (exact).
+
+    Remembered by instant (a bounded dict; equal instants are equal keys, whatever their time zone,
+    and a naive datetime never equals an aware one): a delegation's sequence states are encoded
+    again at every batch that changes them, with mostly the same instants each time."""
+    value = _MICROS.get(dt)
+    if value is None:
+        value = (dt - _EPOCH) // _MICRO
+        if len(_MICROS) >= _MICROS_SIZE:
+            _MICROS.clear()
+        _MICROS[dt] = value
+    return value
 
 
 def from_micros(value: int) -> datetime:

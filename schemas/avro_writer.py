@@ -23,8 +23,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.codec import MAGIC, CodecError, _to_record, encode, schema_entries
-from schemas.events import SchemaModel
+from schemas.codec import JSON_FIELDS, MAGIC, CodecError, _to_record, encode, schema_entries
+from schemas.events import SchemaModel, canonical_json
 
 __all__ = ["Writer", "fast_encode", "writer_for"]
 
@@ -65,6 +65,23 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_TIMESTAMPS: dict[datetime, bytes] = {}
+"""Encoded ``timestamp-millis`` of recent instants (a batch's records share their decision instant
+and calls share their event times): the dict's equality is the instant's, as ``_millis`` reads it."""
+
+
+def _timestamp(v: Any) -> bytes:
+    """The encoded ``timestamp-millis`` of ``v`` (a datetime; a naive one raises, as ``_millis``)."""
+    if v.__class__ is datetime and v.tzinfo is not None:
+        known = _TIMESTAMPS.get(v)
+        if known is None:
+            if len(_TIMESTAMPS) >= 1024:
+                _TIMESTAMPS.clear()
+            known = _TIMESTAMPS[v] = _long(_millis(v))
+        return known
+    return _long(_millis(v))
 
 
 def _int(n: int) -> bytes:
@@ -108,7 +125,10 @@ class _Gen:
             out(f"{pad}{b} = {value}.encode('utf-8'); {n} = len({b})")
             out(f"{pad}buf += _LENGTHS[{n}] if {n} < 4096 else _long({n}); buf += {b}")
         elif schema == "long":
-            out(f"{pad}buf += _long({value})")
+            # the usual small non-negative long looked up inline (no call); anything else as before
+            v = self.var()
+            out(f"{pad}{v} = {value}")
+            out(f"{pad}buf += _LENGTHS[{v}] if {v}.__class__ is int and 0 <= {v} < 4096 else _long({v})")
         elif schema == "int":
             out(f"{pad}buf += _int({value})")
         elif schema == "double":
@@ -116,7 +136,9 @@ class _Gen:
         elif schema == "float":
             out(f"{pad}buf += _FLOAT({value})")
         elif schema == "boolean":
-            out(f"{pad}buf.append(_bool({value}))")
+            v = self.var()
+            out(f"{pad}{v} = {value}")
+            out(f"{pad}buf.append(1 if {v} is True else 0 if {v} is False else _bool({v}))")
         elif schema == "null":
             out(f"{pad}_null({value})")
         elif isinstance(schema, list):
@@ -132,7 +154,7 @@ class _Gen:
             out(f"{pad}    buf.append({other_byte})")
             self.emit(branches[0], v, pad + "    ")
         elif isinstance(schema, dict) and schema.get("logicalType") == "timestamp-millis" and schema["type"] == "long":
-            out(f"{pad}buf += _long(_millis({value}))")
+            out(f"{pad}buf += _timestamp({value})")
         elif isinstance(schema, dict) and schema.get("type") == "array":
             v, x = self.var(), self.var()
             out(f"{pad}{v} = _list({value})")
@@ -177,6 +199,7 @@ def _compile(schema: dict[str, Any], header: bytes) -> Callable[[dict[str, Any]]
         "_long": _long,
         "_int": _int,
         "_millis": _millis,
+        "_timestamp": _timestamp,
         "_bool": _bool,
         "_null": _null,
         "_list": _list,
@@ -208,6 +231,31 @@ def writer_for(model: type[SchemaModel]) -> Writer | None:
     return None
 
 
+@functools.cache
+def _json_fields(model: type[SchemaModel]) -> tuple[str, ...] | None:
+    """The object-valued (JSON text) fields of ``model``; None when its records need the general
+    :func:`~schemas.codec._to_record` (a nested collector record)."""
+    if "collector" in model.model_fields:
+        return None
+    return tuple(name for name in model.model_fields if name in JSON_FIELDS)
+
+
+def _record_of(model: SchemaModel) -> dict[str, Any]:
+    """``_to_record(model)``, the same dict, with the model's JSON fields known in advance and an empty
+    object's text (``{}``: e.g. every evidence record's ``facts``) without the encoder."""
+    fields = _json_fields(type(model))
+    if fields is None:
+        return _to_record(model)
+    rec = dict(model.__dict__)
+    for name in fields:
+        value = rec.get(name)
+        if value is not None:
+            rec[name] = "{}" if value.__class__ is dict and not value else canonical_json(value)
+    extra = model.__pydantic_extra__
+    rec["extra_json"] = canonical_json(extra) if extra else None
+    return rec
+
+
 def fast_encode(model: SchemaModel) -> bytes:
     """:func:`schemas.encode` of ``model`` (the same bytes, the same :class:`CodecError` on a value
     its schema cannot hold), through the compiled writer of its type when there is one; a value that
@@ -216,6 +264,6 @@ def fast_encode(model: SchemaModel) -> bytes:
     if write is None:
         return encode(model)
     try:
-        return write(_to_record(model))
+        return write(_record_of(model))
     except CodecError:  # the compiled writer is stricter than fastavro on a few types: fastavro decides
         return encode(model)

@@ -532,6 +532,10 @@ class BatchProducer:
         return None
 
 
+_EVIDENCE_COUNTERS: dict[str, str] = {}
+"""verdict -> its counter's name (``evidence_<verdict>``), made once per verdict."""
+
+
 class Sender:
     """Collects the messages of ONE producer of work (a stage, or the tick timer) and sends them
     through the shared :class:`BatchProducer`.
@@ -562,9 +566,15 @@ class Sender:
                     routes.clear()
                 part = routes[key] = partition_for(key, self.partitions)
             add((self.topics.calls_by_route, key, fwd.payload, part))
-        for evidence in out.evidence:
-            add((self.topics.evidence, evidence.call_id.encode("utf-8"), fast_encode(evidence), None))
-            counters[f"evidence_{evidence.verdict}"] += 1
+        if out.evidence:
+            topic, names = self.topics.evidence, _EVIDENCE_COUNTERS
+            for evidence in out.evidence:
+                add((topic, evidence.call_id.encode("utf-8"), fast_encode(evidence), None))
+                verdict = evidence.verdict
+                name = names.get(verdict)
+                if name is None:
+                    name = names[verdict] = f"evidence_{verdict}"
+                counters[name] += 1
         for finding in out.findings:
             # keyed by dedup key: one pager partition sees every finding of a dedup key
             add((self.topics.findings, finding.dedup_key.encode("utf-8"), fast_encode(finding), None))

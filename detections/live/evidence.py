@@ -68,9 +68,16 @@ def make_evidence(
         "fact_hashes": fact_hashes,
         "kind": kind,
         "trigger": reason,
-        **evidence_fields(decision),
+        "approval_id": decision.approval_id,  # evidence_fields(decision), inline for the usual call
+        "approver": decision.approver,
+        "policy_versions": [],
+        "policy_decision": None,
+        "policy_reasons": [],
+        "policy_errors": [],
         "history_complete": decision.facts.get("history_complete", True) is not False,
     }
+    if decision.policy is not None:
+        values.update(evidence_fields(decision))
     return trusted_model(Evidence, values, {}, _EVIDENCE_FIELDS.copy())
 
 

@@ -732,18 +732,24 @@ class Stage2:
         out.forwards.append(new_forward(target, handoff))
 
     def _decision(
-        self, route: str, a: AttributionLine, call: CallLine, t: datetime
+        self, route: str, a: AttributionLine, call: CallLine, t: datetime, history: GrantHistory | None = None
     ) -> tuple[Decision, Sequence[tuple[GrantView, Any]]]:
         """:func:`~detections.engine.authorize` of the call at ``route`` (whose grants count: the
         call's owner's), and the grants it used. Decisions that differ only in the call's instant
-        (same attribution, grants slot and tool name, every resource covered) are made once."""
+        (same attribution, grants slot and tool name, every resource covered) are made once.
+        ``history``: the route's grant history if the caller has it (else read from the store)."""
         if a.body is not None:
             return remake(t, a.body, a), ()
         name = f"{call.server}/{call.tool}"
-        stored = None if a.principal is None or a.agent_id is None else self.grants.get(route)
-        if stored is None:  # no grant history
+        if a.principal is None or a.agent_id is None:
+            history = None
+        elif history is None:
+            stored = self.grants.get(route)
+            if stored is not None:
+                history = self._grant_history(route, stored)
+        if history is None:  # no grant history
             return authorize_matched(t, call.tenant, name, None, a.principal, a.agent_id, a.reasons, a.facts, ()), ()
-        slot = self._grant_history(route, stored).slot_at(t)
+        slot = history.slot_at(t)
         grants, memo = slot.grants, slot.memo
         tools: tuple[bool, ...] | None = memo.get(name)
         if tools is None:
@@ -814,9 +820,10 @@ class Stage2:
             return
         call = rec.call
         t = _at(call.t)
-        decision, used = self._decision(route, self._attribution(rec.digest, rec.attribution_line), call, t)
-        if stored is not None:
-            horizon = self._grant_history(route, stored).horizon
+        history = None if stored is None else self._grant_history(route, stored)  # looked up once
+        decision, used = self._decision(route, self._attribution(rec.digest, rec.attribution_line), call, t, history)
+        if history is not None:
+            horizon = history.horizon
             if horizon is not None and t < horizon and not _terminal(decision):
                 decision.facts.update(incomplete_facts(decision.facts, "grants", horizon))
         self._emit(skey, rec, decision, used, now, now_us, reason, late, out)

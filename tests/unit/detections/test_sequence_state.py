@@ -13,7 +13,7 @@ import random
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -429,3 +429,22 @@ def test_an_evicted_delegation_leaves_no_record_behind() -> None:
     sim.drain(NOW)
     sim.tick(NOW + LiveConfig().grace + timedelta(seconds=2))
     assert sorted(store) == ["acme/d", "acme/e"]
+
+
+def test_micros_remembered_by_instant_stay_exact() -> None:
+    """State codecs store instants with ``micros``, which remembers them: the value is the formula's
+    for every instant, an equal instant in another time zone gives the same value, and a naive
+    datetime still raises (it never equals an aware key)."""
+    from detections.rulebase import _EPOCH, from_micros, micros
+
+    base = datetime(2026, 12, 6, 3, 0, tzinfo=UTC)
+    rng = random.Random(5)
+    instants = [base + timedelta(microseconds=rng.randrange(-(10**12), 10**12)) for _ in range(500)]
+    for _ in range(2):  # computed, then remembered
+        for dt in instants:
+            assert micros(dt) == (dt - _EPOCH) // timedelta(microseconds=1)
+            assert from_micros(micros(dt)) == dt
+            other_zone = dt.astimezone(timezone(timedelta(hours=-7)))
+            assert micros(other_zone) == micros(dt)
+    with pytest.raises(TypeError):
+        micros(base.replace(tzinfo=None))

@@ -71,3 +71,40 @@ def test_values_only_fastavro_takes_are_encoded_as_fastavro_encodes_them() -> No
     for changes in ({"final": 1}, {"reasons": ("a", "b")}):
         record = evidence(**changes)
         assert fast_encode(record) == encode(record)
+
+
+def test_inline_longs_booleans_and_remembered_instants_write_fastavros_bytes() -> None:
+    """The writer's shortcuts (small longs and booleans inline, encoded instants remembered by value)
+    write what fastavro writes, for the values around them too: an instant seen in another time zone
+    is the same instant, a naive one is left to fastavro as before, a bool where a long goes is a long."""
+    from datetime import timedelta, timezone
+
+    later = T.astimezone(timezone(timedelta(hours=5)))  # equal to T (same instant): same millis
+    cases: list[dict[str, object]] = [
+        {"version": 0},
+        {"version": 4095},
+        {"version": 4096},
+        {"version": -1},
+        {"version": True},
+        {"final": False, "late": True},
+        {"call_time": later, "decided_at": T + timedelta(microseconds=999)},
+        {"call_time": T - timedelta(days=30_000)},  # before the epoch
+        {"facts": {"b": 1, "a": [1, 2]}},  # an object's text, not the empty one
+    ]
+    for changes in cases:
+        for _ in range(2):  # the second time from what the writer remembered
+            record = evidence(**changes)
+            assert fast_encode(record) == encode(record), changes
+    naive = evidence(call_time=T.replace(tzinfo=None))  # the writer refuses it: fastavro decides
+    assert fast_encode(naive) == encode(naive)
+    odd = evidence(final="yes")  # not a bool: the writer refuses it, fastavro decides
+    assert fast_encode(odd) == encode(odd)
+
+
+def test_record_of_is_to_record() -> None:
+    """fast_encode's record building equals the codec's for evidence, with and without unknown fields."""
+    from schemas.avro_writer import _record_of
+    from schemas.codec import _to_record
+
+    for record in (evidence(), evidence(facts={"x": [1]}), Evidence.model_construct(**evidence().__dict__, extra=1)):
+        assert _record_of(record) == _to_record(record)
