@@ -507,13 +507,17 @@ class BackgroundPublisher:
             log.exception("the publisher thread failed")
             raise
         finally:
-            self._stopped.set()
-            self._idle.set()
-            self._durable.set()
-            with self._cond:
-                self._accepting = False
-                self._cond.notify_all()
+            self._thread_ended()
             self._loop.close()
+
+    def _thread_ended(self) -> None:
+        """The publisher thread is gone (stopped or failed): wake every waiter, accept nothing more."""
+        self._stopped.set()
+        self._idle.set()
+        self._durable.set()
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
 
     async def _main(self) -> None:
         self._recover()

@@ -171,12 +171,7 @@ class RdkafkaPublisher(BackgroundPublisher):
             log.exception("the publisher thread failed")
             raise
         finally:
-            self._stopped.set()
-            self._idle.set()
-            self._durable.set()
-            with self._cond:
-                self._accepting = False
-                self._cond.notify_all()
+            self._thread_ended()
             for fd in (self._wake_r, self._wake_w):
                 try:
                     os.close(fd)

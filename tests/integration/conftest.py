@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,17 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> I
 def server_everything(cache_dir: Path) -> list[str]:
     """Command line of the real @modelcontextprotocol/server-everything (stdio)."""
     return server_everything_command(cache_dir)
+
+
+@contextmanager
+def own_broker(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, name: str) -> Iterator[KafkaBroker]:
+    """A broker of one test module's own (its tests stop and start it), stopped at the end."""
+    home = tmp_path_factory.mktemp(name)
+    broker = start_broker(home, cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap="512m")
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def make_settings(home: Path, bootstrap: str, cache_dir: Path, **extra: object) -> Settings:

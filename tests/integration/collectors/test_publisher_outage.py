@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from integration.conftest import own_broker
 
 from collectors.publisher import BackgroundPublisher
 from collectors.spool import SpoolConfig, inspect_spool
-from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.kafka import KafkaBroker, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,8 @@ PARTITIONS = 3
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[KafkaBroker]:
     """A broker of this module's own (the tests stop and start it)."""
-    home = tmp_path_factory.mktemp("outage-kafka")
-    broker = start_broker(home, cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap="512m")
-    try:
+    with own_broker(tmp_path_factory, cache_dir, "outage-kafka") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from integration.conftest import own_broker
 
 from collectors.spool import inspect_spool
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode
-from scopewatch.stack import proc
-from scopewatch.stack.kafka import KafkaBroker, create_topics, start_broker
+from scopewatch.stack.kafka import KafkaBroker, create_topics
 from stream_jobs.runtime.settings import Settings
 from support.canaries import CANARY_TEXTS, CUSTOM_ARGUMENTS, CUSTOM_PATTERNS, leaked
 from support.kafka import reader
@@ -44,12 +44,8 @@ publisher or handed to the Kafka producer, waiting for an acknowledgement)."""
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[KafkaBroker]:
     """A broker of this module's own (tests stop and start it)."""
-    home = tmp_path_factory.mktemp("spool-kafka")
-    broker = start_broker(home, cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap="512m")
-    try:
+    with own_broker(tmp_path_factory, cache_dir, "spool-kafka") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture
