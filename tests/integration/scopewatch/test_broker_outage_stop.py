@@ -108,7 +108,13 @@ def test_services_stop_in_bounded_time_with_the_broker_gone_and_lose_nothing(tmp
             f"SELECT call_id, count() AS n FROM scopewatch.evidence_current WHERE call_id IN ({ids}) GROUP BY call_id",
         )
         assert len(per_call) == len(calls_a + calls_b) and all(r["n"] == 1 for r in per_call), per_call
-        calls = sql(env, f"SELECT count() AS n FROM scopewatch.tool_calls FINAL WHERE call_id IN ({ids})")
+        # raw rows may trail their evidence by up to SINK_RAW_SECONDS (the sink holds the raw topics)
+        deadline = time.monotonic() + 30
+        while True:
+            calls = sql(env, f"SELECT count() AS n FROM scopewatch.tool_calls FINAL WHERE call_id IN ({ids})")
+            if calls[0]["n"] == len(calls_a + calls_b) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert calls[0]["n"] == len(calls_a + calls_b)
     finally:
         cli(env, "down")
