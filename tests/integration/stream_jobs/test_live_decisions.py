@@ -273,8 +273,13 @@ def test_verify_confirms_the_live_evidence(pipeline: Settings, tmp_path: Path) -
 
     _, expected = publish_story(pipeline, tmp_path, f"vfy{os.getpid()}")
     assert_live_equals_replay(pipeline, expected)
-    result = cli(pipeline, "verify", "--json")
-    report = json.loads(result.stdout)
+    deadline = time.monotonic() + 30  # the raw facts may trail their evidence by SINK_RAW_SECONDS
+    while True:
+        result = cli(pipeline, "verify", "--json")
+        report = json.loads(result.stdout)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert result.returncode == 0, report["problems"][:5]
     assert report["ok"] and report["calls_checked"] >= len(expected)
     assert report["verdicts_match"] >= len(expected)
