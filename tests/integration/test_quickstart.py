@@ -15,6 +15,13 @@ from support.procs import gone
 
 pytestmark = pytest.mark.integration
 
+IN_CALL_ORDER = (
+    " LEFT JOIN (SELECT call_id, any(collector_seq) AS seq FROM scopewatch.tool_calls GROUP BY call_id) AS t"
+    " ON t.call_id = e.call_id"
+)
+"""Calls one after the other can share a millisecond of ``call_time`` (a wrapped call takes ~0.2 ms):
+the collector's sequence number orders them as they were made."""
+
 
 def recorded_pids(home: Path) -> list[int]:
     pids = []
@@ -64,9 +71,11 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         final = cli(
             env,
             "sql",
-            "SELECT tool, argMax(verdict, version) AS verdict, argMax(matched_grant_id, version) AS grant"
-            " FROM scopewatch.evidence WHERE principal = 'alice@acme.example' GROUP BY call_id, tool"
-            " ORDER BY min(call_time)",
+            "SELECT e.tool AS tool, argMax(e.verdict, e.version) AS verdict,"
+            " argMax(e.matched_grant_id, e.version) AS grant FROM scopewatch.evidence AS e"
+            + IN_CALL_ORDER
+            + " WHERE e.principal = 'alice@acme.example' GROUP BY e.call_id, e.tool"
+            " ORDER BY min(e.call_time), any(t.seq)",
             "--format",
             "json",
         )
@@ -90,10 +99,10 @@ def test_up_demo_sql_down_resume(tmp_path: Path, cache_dir: Path) -> None:
         approvals = cli(
             env,
             "sql",
-            "SELECT argMax(approval_id, version) AS approval, argMax(policy_versions, version) AS policies,"
-            " argMax(policy_decision, version) AS decision, argMax(policy_errors, version) AS errors"
-            " FROM scopewatch.evidence WHERE principal = 'alice@acme.example' AND tool IN"
-            " ('get-tiny-image', 'get-resource-reference') GROUP BY call_id ORDER BY min(call_time)",
+            "SELECT argMax(e.approval_id, e.version) AS approval, argMax(e.policy_versions, e.version) AS policies,"
+            " argMax(e.policy_decision, e.version) AS decision, argMax(e.policy_errors, e.version) AS errors"
+            " FROM scopewatch.evidence AS e" + IN_CALL_ORDER + " WHERE e.principal = 'alice@acme.example' AND e.tool IN"
+            " ('get-tiny-image', 'get-resource-reference') GROUP BY e.call_id ORDER BY min(e.call_time), any(t.seq)",
             "--format",
             "json",
         )
