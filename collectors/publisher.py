@@ -1008,8 +1008,9 @@ class BackgroundPublisher:
             self._error(exc)
         self._wrote = True
 
-    async def _reset(self) -> None:
-        """The producer failed for good: replace it and resend, from the spool, what it did not ack."""
+    def _take_back_unacked(self) -> None:
+        """The producer failed for good: what it did not ack is resent from the spool (spooling starts
+        now), or, with no room to spool, waits in memory again ahead of what came since."""
         exc, self._broken = self._broken, None
         log.warning("replacing the Kafka producer after %s: %s", type(exc).__name__, exc)
         if not self._degraded and not self._degrade("producer failed"):
@@ -1018,6 +1019,10 @@ class BackgroundPublisher:
                 self._incoming_bytes += sum(f.item.size for f in self._inflight)
             self._inflight.clear()
             self._inflight_bytes = self._unspooled = 0
+
+    async def _reset(self) -> None:
+        """The producer failed for good: replace it and resend, from the spool, what it did not ack."""
+        self._take_back_unacked()
         producer, self._producer = self._producer, None
         if producer is not None:
             await _close_quietly(producer)

@@ -431,14 +431,7 @@ class RdkafkaPublisher(BackgroundPublisher):
     # -- failures and the end ----------------------------------------------------------
     def _reset_sync(self) -> None:
         """The producer failed for good: replace it and resend, from the spool, what it did not ack."""
-        exc, self._broken = self._broken, None
-        log.warning("replacing the Kafka producer after %s: %s", type(exc).__name__, exc)
-        if not self._degraded and not self._degrade("producer failed"):
-            with self._cond:  # no room to spool: the records wait in memory instead
-                self._incoming.extendleft(reversed([f.item for f in self._inflight]))
-                self._incoming_bytes += sum(f.item.size for f in self._inflight)
-            self._inflight.clear()
-            self._inflight_bytes = self._unspooled = 0
+        self._take_back_unacked()
         producer, self._producer = self._producer, None
         self._current = None
         if producer is not None:
