@@ -917,8 +917,17 @@ class BackgroundPublisher:
                 async with asyncio.timeout(_DEGRADED_SEND_TIMEOUT if self._degraded else self.send_timeout):
                     future = await producer.send(item.topic, value=item.value, key=item.key)
             except (TimeoutError, KafkaError) as exc:
-                if isinstance(exc, POISON):
-                    self._poisoned(item, exc, entry)
+                if isinstance(exc, POISON):  # refused at once (e.g. too large): a counted loss
+                    if entry is None:
+                        self._poisoned(item, exc)
+                        continue
+                    # from the spool: marked done there in order, once the records before it are acked
+                    # (marking it now would move the spool's acked mark past records still in flight)
+                    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                    refused.set_exception(exc)
+                    flight = _Flight(item, refused, now, entry.segment, entry.index, entry.end)
+                    self._inflight.append(flight)
+                    self._inflight_bytes += item.size
                     continue
                 self._unsend(item, entry)
                 if isinstance(exc, TimeoutError):
@@ -958,12 +967,11 @@ class BackgroundPublisher:
                 self._incoming.appendleft(item)
                 self._incoming_bytes += item.size
 
-    def _poisoned(self, item: _Item, exc: BaseException, entry: SpoolEntry | None) -> None:
-        """Kafka refuses this record for good: record the loss, skip the record."""
+    def _poisoned(self, item: _Item, exc: BaseException) -> None:
+        """Kafka refuses this record for good: record the loss, skip the record (a spooled one is
+        marked done by the caller, in order)."""
         self._error(exc)
         self.stats.lost_poison += 1
-        if entry is not None:
-            entry.segment.mark_acked(entry.index, entry.end)
         if item.kind == KIND_LOSS:
             log.error("Kafka refused a loss record: %s", exc)
             return
@@ -987,7 +995,7 @@ class BackgroundPublisher:
             self._inflight_bytes -= flight.item.size
             self._unspooled -= flight.segment is None
             if exc is not None:
-                self._poisoned(flight.item, exc, None)
+                self._poisoned(flight.item, exc)
             else:
                 self.stats.sent += 1 if flight.item.kind == KIND_EVENT else 0
                 self._fresh = False

@@ -403,7 +403,7 @@ class RdkafkaPublisher(BackgroundPublisher):
             error = RdkafkaError(exc.args[0]) if exc.args and isinstance(exc.args[0], KafkaError) else exc
             if getattr(error, "poison", False):  # refused at once (e.g. too large): a counted loss
                 if entry is None:
-                    self._poisoned(item, error, None)
+                    self._poisoned(item, error)
                     return True
                 # from the spool: it is marked done there in order, after the records before it are acked
                 report = _Report()
