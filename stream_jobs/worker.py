@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -57,6 +58,7 @@ from stream_jobs.runner import (
 from stream_jobs.runtime.kafka_admin import create_topics
 from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
 from stream_jobs.runtime.settings import Settings
+from stream_jobs.trace import TRACE
 
 log = logging.getLogger("scopewatch.stream")
 
@@ -116,13 +118,15 @@ class Frontier:
     """Snapshots waiting for step (1); beyond this the oldest are dropped (a later snapshot needs
     more progress, so dropping one only delays the frontier)."""
 
-    __slots__ = ("behind", "horizon_us", "pending1", "pending2", "warned_us")
+    __slots__ = ("behind", "horizon_us", "pending1", "pending2", "steps", "warned_us")
 
     def __init__(self) -> None:
         self.horizon_us = 0  # nothing final before the first snapshot completes
         self.behind: list[TP] = []
         """The other workers' stage-1 partitions whose committed offset had not reached the latest end."""
         self.warned_us = 0
+        self.steps = 0
+        """Steps done (:meth:`advance`): ``behind`` says something once one is."""
         self.pending1: list[tuple[int, dict[TP, int]]] = []
         self.pending2: list[tuple[int, dict[TP, int]]] = []
 
@@ -141,6 +145,7 @@ class Frontier:
         del self.pending1[: -self.MAX_PENDING]
         done = await progress.committed_offsets(others)
         self.behind = [tp for tp, end in self.pending1[-1][1].items() if done.get(tp, 0) < end]
+        self.steps += 1
         i = self._reached(self.pending1, done)
         if i is not None:
             t = self.pending1[i][0]
@@ -185,6 +190,8 @@ class DecisionJob(Job[Message]):
         self.catch_up: CatchUp | None = None
         self.frontier: Frontier | None = None
         """While other workers hold stage-1 partitions: how far their facts have reached stage 2."""
+        self._frontier_task: asyncio.Future[None] | None = None
+        """The frontier's step in flight (its broker round trips run beside the cycles)."""
         self.partition_counts: Callable[[], Mapping[str, int] | None] = lambda: self.assignor.last_counts
         self._inflight: dict[TP, int] = {}
         """First offset of each partition's records in the cycle not flushed yet (their outputs are
@@ -239,13 +246,24 @@ class DecisionJob(Job[Message]):
         return self.stage1.sender.take() + self.stage2.sender.take()
 
     async def timer(self, assignment: set[TP], now: datetime) -> list[Message]:
+        t0 = time.perf_counter()
         if self.catch_up is not None:
             await self._check_caught_up(now)
         if self.progress is not None and hasattr(self.progress, "committed_offsets"):
             await self._advance_frontier(now)
+        t1 = time.perf_counter()
         held = self._held
         await self.stage2.tick(sorted(p for t, p in assignment if t == self._calls2 and (t, p) in held), now)
-        return self.stage1.sender.take() + self.stage2.sender.take()
+        out = self.stage1.sender.take() + self.stage2.sender.take()
+        if TRACE.enabled:
+            TRACE.line(
+                "timer",
+                t=round(time.time() - (time.perf_counter() - t0), 4),
+                checks=round(t1 - t0, 4),
+                tick=round(time.perf_counter() - t1, 4),
+                out=len(out),
+            )
+        return out
 
     async def _check_caught_up(self, now: datetime) -> None:
         hold, progress = self.catch_up, self.progress
@@ -267,6 +285,13 @@ class DecisionJob(Job[Message]):
         log.info("caught up %.2fs after the assignment: stage 2 finalizes again", (now - hold.since).total_seconds())
 
     async def _advance_frontier(self, now: datetime) -> None:
+        """Apply what the frontier's last step found and start the next one (:meth:`_frontier_step`).
+
+        The step's broker round trips (end offsets twice, the group's committed offsets) run beside
+        the cycles, not in them: awaited in the timer they held every call of the cycle for 25-100 ms
+        four times a second with two workers. A step's result is applied here, at a later timer,
+        so after the cycle that took the records it counted as read has processed them (a cycle
+        processes what it took before its timer runs); the frontier only lags one tick more."""
         counts = self.partition_counts() or {}
         held = self._held
         others = sorted((t, p) for t in self._stage1_topics for p in range(counts.get(t, 0)) if (t, p) not in held)
@@ -278,20 +303,21 @@ class DecisionJob(Job[Message]):
             return
         if self.frontier is None:
             self.frontier = Frontier()
-            self.stage2.final_horizon(self.frontier.horizon_us)
-        now_us = int(now.timestamp() * 1_000_000)
-        try:
-            async with asyncio.timeout(5):
-                horizon = await self.frontier.advance(now_us, others, mine, cast(Progress, self.progress))
-        except Exception as exc:  # noqa: BLE001 - the broker is away: the frontier stays, checked again
-            self.stage2.counters["frontier_check_errors"] += 1
-            log.debug("frontier check failed (%s: %s); finals wait", type(exc).__name__, exc)
-            return
+        frontier = self.frontier
+        horizon = frontier.horizon_us
         self.stage2.final_horizon(horizon)
+        now_us = int(now.timestamp() * 1_000_000)
+        step = self._frontier_task
+        if step is None or step.done():
+            progress = cast(Progress, self.progress)
+            self._frontier_task = asyncio.ensure_future(self._frontier_step(frontier, now_us, others, mine, progress))
         lag_us = max(0, now_us - horizon)
         self.stage2.counters["frontier_lag_ms"] = lag_us // 1000
-        frontier = self.frontier
-        if lag_us > self.settings.grace_seconds * 1_000_000 and now_us - frontier.warned_us > 60_000_000:
+        if (
+            frontier.steps
+            and lag_us > self.settings.grace_seconds * 1_000_000
+            and now_us - frontier.warned_us > 60_000_000
+        ):
             frontier.warned_us = now_us
             log.warning(
                 "finals wait: stage 1 of other workers is %.0fs behind (partitions %s not committed up "
@@ -299,6 +325,23 @@ class DecisionJob(Job[Message]):
                 lag_us / 1e6,
                 describe(by_topic(_Tp(t, p) for t, p in frontier.behind)) or "-",
             )
+
+    async def _frontier_step(
+        self, frontier: Frontier, now_us: int, others: list[TP], mine: list[TP], progress: Progress
+    ) -> None:
+        """One step of ``frontier`` (a task beside the cycles); a later timer applies its horizon."""
+        try:
+            async with asyncio.timeout(5):
+                await frontier.advance(now_us, others, mine, progress)
+        except Exception as exc:  # noqa: BLE001 - the broker is away: the frontier stays, checked again
+            self.stage2.counters["frontier_check_errors"] += 1
+            log.debug("frontier check failed (%s: %s); finals wait", type(exc).__name__, exc)
+
+    def stop_frontier(self) -> None:
+        """Cancel a frontier step in flight (the worker is stopping)."""
+        if self._frontier_task is not None:
+            self._frontier_task.cancel()
+            self._frontier_task = None
 
     async def _catch_up_step(self, hold: CatchUp, progress: Progress) -> None:
         """Move ``hold`` on as far as the consumer's progress allows (phase 3: done)."""
@@ -475,6 +518,7 @@ async def _serve(settings: Settings) -> bool:
         ready.set()
         await runner.run()
     finally:
+        job.stop_frontier()
         stats.remove()
         if job.stage2.policies is not None:
             await job.stage2.policies.stop()
