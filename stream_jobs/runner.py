@@ -203,6 +203,11 @@ class RunnerConfig:
     """How long one fetch waits for records."""
     fill_seconds: float = 0.0
     """Above 0: after the first record, fetch on until ``max_records`` or this long (the sink's batches)."""
+    fill_from_last_take: bool = False
+    """With ``fill_seconds``: the fill ends ``fill_seconds`` after the previous batch was taken, if that
+    comes first: the next batch's records gather from then on, so the time the previous batch spent in
+    its flush counts toward this one's fill instead of adding to it (the sink: a row waited for the
+    flush before its batch, then a whole fill, then its own flush)."""
     timer_seconds: float = 0.5
     stats_seconds: float = 1.0
     min_backoff: float = 0.25
@@ -276,6 +281,8 @@ class Runner(Generic[M]):
         self.redoing = False
         """True during the cycle of a batch taken again exactly (:meth:`redo`)."""
         self._took = (0.0, 0.0)  # perf_counter before and after the last take (the trace's timeline)
+        self._last_taken: float | None = None
+        """When the last take returned (monotonic): ``fill_from_last_take``."""
         TRACE.watch_gc()
 
     # -- the consumer's rebalance hooks (the batch in flight finishes, and commits, first)
@@ -405,11 +412,14 @@ class Runner(Generic[M]):
         # partitions revoked from here on: records of them taken so far are stale (a partition given
         # back is read again from its committed offset), so they are dropped, never those fetched after
         self._lost = set()
+        last_taken, self._last_taken = self._last_taken, time.monotonic()
         if cfg.fill_seconds <= 0 or not batch:
             return batch
         merged = {tp: list(records) for tp, records in batch.items()}
         count = sum(map(len, merged.values()))
         deadline = time.monotonic() + cfg.fill_seconds
+        if cfg.fill_from_last_take and last_taken is not None:
+            deadline = min(deadline, last_taken + cfg.fill_seconds)
         while count < limit and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -422,6 +432,7 @@ class Runner(Generic[M]):
             for tp, records in more.items():
                 merged.setdefault(tp, []).extend(records)
                 count += len(records)
+        self._last_taken = time.monotonic()
         return merged
 
     async def cycle(self, batch: Mapping[TP, Sequence[Record]], timer: bool = False, redo: bool = False) -> bool:

@@ -745,6 +745,7 @@ class ClickHouseSink(Job["Batch"]):
                 max_records=cfg.batch_rows,
                 batch_ms=max(1, int(min(cfg.batch_seconds, FIRST_FETCH_SECONDS) * 1000)),
                 fill_seconds=cfg.batch_seconds,
+                fill_from_last_take=True,  # the previous batch's flush counts toward the fill
                 timer_seconds=cfg.lag_interval,
                 min_backoff=0.2,
                 max_backoff=cfg.retry_max_seconds,
