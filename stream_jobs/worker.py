@@ -161,17 +161,22 @@ class Frontier:
 
 DRIP_RATE = 2
 """Stage 2's horizon moves on by at most this many seconds of deadlines per second of the clock..."""
-DRIP_BEHIND_US = 1_000_000
-"""... and stays at most this far (µs) behind the frontier's."""
+DRIP_STEP_US = 100_000
+"""... and by at most this much (µs of deadlines) per cycle: a cycle finalizes ≈ 0.1 s worth of calls
+at most, whatever its length (a long cycle must not make the next one longer)..."""
+DRIP_BEHIND_US = 5_000_000
+"""... and stays at most this far (µs) behind the frontier's (a worker short of CPU: the finals wait,
+but not without bound)."""
 
 
 def drip(applied: int | None, target: int, elapsed_us: int) -> int:
-    """The horizon to give stage 2 now: ``target`` (the frontier's) approached at :data:`DRIP_RATE`
-    from ``applied`` (the last one given; None: a new frontier, taken as it is), never more than
-    :data:`DRIP_BEHIND_US` behind it, never beyond it."""
+    """The horizon to give stage 2 now: ``target`` (the frontier's) approached from ``applied`` (the last
+    one given; None: a new frontier, taken as it is) at :data:`DRIP_RATE`, at most :data:`DRIP_STEP_US` at a
+    time, never more than :data:`DRIP_BEHIND_US` behind it, never beyond it."""
     if applied is None or applied >= target:
         return target
-    return min(target, max(applied + DRIP_RATE * max(0, elapsed_us), target - DRIP_BEHIND_US))
+    step = min(DRIP_RATE * max(0, elapsed_us), DRIP_STEP_US)
+    return min(target, max(applied + step, target - DRIP_BEHIND_US))
 
 
 class DecisionJob(Job[Message]):
@@ -355,7 +360,8 @@ class DecisionJob(Job[Message]):
         The frontier moves in steps of a few hundred ms of deadlines (one per timer, when its broker
         answers come back); handed over at once, each step finalized thousands of calls in one cycle
         (120-900 ms at 5,000 calls/s with two workers) and every call of that cycle, and of the
-        cycles behind it, waited. Any horizon below the frontier's is safe (it only finalizes less)."""
+        cycles behind it, waited. Any horizon below the frontier's is safe (it only finalizes less):
+        the provisional verdicts go first, the finals follow at up to twice the clock's pace."""
         frontier = self.frontier
         if frontier is None:
             return
