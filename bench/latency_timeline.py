@@ -7,9 +7,10 @@ and write one JSON line per cycle, per insert unit and per GC collection: :mod:`
     .venv/bin/python bench/latency_timeline.py PREFIX.<start>.json DIR [--bin 1.0]
 
 Per bin of emit time: calls, emit → decided p50 / p99, decided → sink batch p99, sampled poll p99 (the
-judged measure); and per process in the same wall bin: cycles, the longest cycle (take / process / timer /
-flush / commit), the timer's broker checks and finals, the sink's longest insert per table, GC pauses.
-Then which share of the calls above the run's p99 fell in bins with a long cycle of each kind.
+judged measure); and per process in the same wall bin: cycles, the wall time in cycles, the longest
+cycle (take / process / timer / flush / commit, records), the timer's broker checks and finals, GC
+pauses, how far stage 2's horizon trailed the clock (``lag``, ms, with a frontier), the sink's longest
+evidence and raw inserts.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main() -> None:
             elif kind == "timer":
                 cell["checks_max"] = max(cell["checks_max"], line["checks"])
                 cell["tick_max"] = max(cell["tick_max"], line["tick"])
+                if line.get("lag") is not None:
+                    cell["lag_max"] = max(cell["lag_max"], line["lag"])
             elif kind == "unit":
                 key = "ev_max" if line["table"] == "evidence" else "raw_max"
                 cell[key] = max(cell[key], line["s"])
@@ -115,6 +118,8 @@ def main() -> None:
         for name, per in rows.items():
             c = per.get(i, {})
             extra = ""
+            if c.get("lag_max"):
+                extra = f" lag{c['lag_max']:.0f}"
             if name == "sink":
                 extra = (
                     f" ev{c.get('ev_max', 0) * 1000:.0f} raw{c.get('raw_max', 0) * 1000:.0f}/{c.get('raw_rows', 0):.0f}"
