@@ -254,6 +254,24 @@ def decided_count(settings: Settings, since: float) -> int:
     return int(bk.select(settings, "uniqExact(call_id)", "evidence", where, timeout=120)[0][0])
 
 
+def dump_calls(
+    prefix: str, pids: dict[str, int], emitted: Emitted, versions: dict[str, tuple[int, int, int]], poller: Poller
+) -> None:
+    """``--dump``: every call's emit time and version-1 times, the sampled calls' poll bounds, the pids
+    (``bench/latency_timeline.py`` lines them up with the jobs' ``SCOPEWATCH_TRACE_DIR`` lines)."""
+    path = Path(f"{prefix}.{int(emitted.started)}.json")
+    calls = [(emit, *versions[cid][1:]) for cid, emit in emitted.times.items() if cid in versions]
+    data = {
+        "pids": pids,
+        "started": emitted.started,
+        "ended": emitted.ended,
+        "calls": calls,  # (emit s, decided_at ms, _ingested_at ms)
+        "polled": [(emit, lower, upper) for emit, lower, upper in poller.seen.values()],
+    }
+    path.write_text(json.dumps(data))
+    bk.say(f"per-call times written to {path}")
+
+
 @dataclass
 class RunResult:
     rate: float
@@ -435,6 +453,8 @@ def measure(
     # ingested. Decided rate: version-1 rows ingested per second over the run's window.
     throughput, decided_rate = bk.verdict_rates(order, emitted.started, emitted.ended)
     rows, calls, cur_s = current_check(settings, emitted.started)
+    if args.dump and drain is None:
+        dump_calls(args.dump, pids, emitted, versions, poller)
     polled = [upper - emit for emit, _lower, upper in poller.seen.values()]
     polled_lower = [lower - emit for emit, lower, _upper in poller.seen.values()]
     return RunResult(
@@ -683,6 +703,11 @@ def main() -> None:
         help="the bench's producer: every call encoded before the run and handed to librdkafka on its planned"
         " time, event time = planned emit time (default; nearly free); a record batch per partition every 2 ms"
         " tick, calls made and encoded on the fly (aiokafka); or one aiokafka send per call",
+    )
+    parser.add_argument(
+        "--dump",
+        metavar="PREFIX",
+        help="write each measured run's per-call times to PREFIX.<start>.json (bench/latency_timeline.py)",
     )
     parser.add_argument(
         "--py-spy", metavar="PREFIX", help="sample worker and sink with py-spy while emitting (raw stacks)"

@@ -53,6 +53,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from stream_jobs.trace import TRACE
+
 log = logging.getLogger("scopewatch.runner")
 
 TP = tuple[str, int]
@@ -201,6 +203,11 @@ class RunnerConfig:
     """How long one fetch waits for records."""
     fill_seconds: float = 0.0
     """Above 0: after the first record, fetch on until ``max_records`` or this long (the sink's batches)."""
+    fill_from_last_take: bool = False
+    """With ``fill_seconds``: the fill ends ``fill_seconds`` after the previous batch was taken, if that
+    comes first: the next batch's records gather from then on, so the time the previous batch spent in
+    its flush counts toward this one's fill instead of adding to it (the sink: a row waited for the
+    flush before its batch, then a whole fill, then its own flush)."""
     timer_seconds: float = 0.5
     stats_seconds: float = 1.0
     min_backoff: float = 0.25
@@ -273,6 +280,10 @@ class Runner(Generic[M]):
         self._next_commit = 0.0
         self.redoing = False
         """True during the cycle of a batch taken again exactly (:meth:`redo`)."""
+        self._took = (0.0, 0.0)  # perf_counter before and after the last take (the trace's timeline)
+        self._last_taken: float | None = None
+        """When the last take returned (monotonic): ``fill_from_last_take``."""
+        TRACE.watch_gc()
 
     # -- the consumer's rebalance hooks (the batch in flight finishes, and commits, first)
 
@@ -353,7 +364,9 @@ class Runner(Generic[M]):
                     if self._full:
                         self._full = False
                         self.consumer.resume(self.consumer.assignment())
+                    taking = time.perf_counter()
                     batch = await self.take(room)
+                    self._took = (taking, time.perf_counter())
                 if self.job.halted:
                     break  # a halted job judges nothing more; these records are read again later
                 if self._stop.is_set():
@@ -368,6 +381,7 @@ class Runner(Generic[M]):
                         next_timer = mono + cfg.timer_seconds
                 if mono >= next_stats and self.stats is not None:
                     self.stats.write()
+                    TRACE.flush()
                     next_stats = mono + cfg.stats_seconds
                 if self._backoff:
                     await asyncio.wait([asyncio.ensure_future(self._stop.wait())], timeout=self._backoff)
@@ -398,11 +412,14 @@ class Runner(Generic[M]):
         # partitions revoked from here on: records of them taken so far are stale (a partition given
         # back is read again from its committed offset), so they are dropped, never those fetched after
         self._lost = set()
+        last_taken, self._last_taken = self._last_taken, time.monotonic()
         if cfg.fill_seconds <= 0 or not batch:
             return batch
         merged = {tp: list(records) for tp, records in batch.items()}
         count = sum(map(len, merged.values()))
         deadline = time.monotonic() + cfg.fill_seconds
+        if cfg.fill_from_last_take and last_taken is not None:
+            deadline = min(deadline, last_taken + cfg.fill_seconds)
         while count < limit and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -415,24 +432,29 @@ class Runner(Generic[M]):
             for tp, records in more.items():
                 merged.setdefault(tp, []).extend(records)
                 count += len(records)
+        self._last_taken = time.monotonic()
         return merged
 
     async def cycle(self, batch: Mapping[TP, Sequence[Record]], timer: bool = False, redo: bool = False) -> bool:
         """One cycle over one batch; False when its flush failed (nothing committed, seeked back)."""
         async with self._lock:
+            t0 = time.perf_counter()
             # records of partitions revoked while this batch was fetched are not ours to process
             held = self.consumer.assignment()
             lost = self._lost
             batch = {tp: records for tp, records in batch.items() if records and tp in held and tp not in lost}
             now = self.clock()
             out = await self.job.process(batch, now) if batch else []
+            t1 = time.perf_counter()
             if timer:
                 out += await self.job.timer(held, now)
+            t2 = time.perf_counter()
             try:
                 ends = await self._flush(out)
             except Exception as exc:  # noqa: BLE001 - any failed flush: nothing is committed
                 self._flush_failed(batch, exc)
                 return False
+            t3 = time.perf_counter()
             self.job.flushed(ends)
             taken = {tp: records[-1].offset + 1 for tp, records in batch.items()}
             offsets = {tp: o for tp, o in self.job.to_commit(taken).items() if tp in held}
@@ -448,9 +470,25 @@ class Runner(Generic[M]):
                 self.job.committed(offsets)
                 await self.output.committed(offsets)
             self.counters.batches += 1
-            self.counters.records += sum(map(len, batch.values()))
+            records = sum(map(len, batch.values()))
+            self.counters.records += records
             self.counters.messages += len(out)
             self._backoff = 0.0
+            if TRACE.enabled:
+                t4 = time.perf_counter()
+                taking, took = self._took
+                TRACE.line(
+                    "cycle",
+                    t=round(time.time() - (t4 - t0), 4),
+                    take=round(took - taking, 4),
+                    gap=round(t0 - took, 4),
+                    proc=round(t1 - t0, 4),
+                    timer=round(t2 - t1, 4) if timer else None,
+                    flush=round(t3 - t2, 4),
+                    commit=round(t4 - t3, 4),
+                    n=records,
+                    out=len(out),
+                )
             return True
 
     def _defer(self, offsets: dict[TP, int], held: set[TP]) -> dict[TP, int]:
@@ -582,6 +620,7 @@ class Runner(Generic[M]):
         )
 
     async def close(self) -> None:
+        TRACE.flush()
         try:
             await self.consumer.stop()
         finally:

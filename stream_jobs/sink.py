@@ -79,6 +79,7 @@ from stream_jobs.kafka_adapter import KafkaConsumer
 from stream_jobs.rows import COLUMNS, Provenance, check_row, millis, row_values, to_row
 from stream_jobs.runner import TP, Consumer, Job, Record, Runner, RunnerConfig
 from stream_jobs.runtime.files import atomic_write
+from stream_jobs.trace import TRACE
 
 if TYPE_CHECKING:
     from stream_jobs.rdkafka_adapter import RdKafkaConsumer
@@ -568,6 +569,7 @@ class ClickHouseOutput:
         bulk = batch.bulk_units()
         while batch.pending:
             unit = batch.pending[0]
+            started = time.perf_counter()
             if unit in bulk:
                 block = bulk[unit]
                 try:
@@ -583,6 +585,9 @@ class ClickHouseOutput:
                 await asyncio.to_thread(self.insert, table, rows, batch.token(unit))
             self.counters[f"rows.{table}"] += count
             self.counters["rows"] += count
+            if TRACE.enabled:
+                took = time.perf_counter() - started
+                TRACE.line("unit", t=round(time.time() - took, 4), table=table, rows=count, s=round(took, 4))
             batch.pending.pop(0)
             self._crash_point("after_first_table")  # some tables written, maybe not all
         self._crash_point("after_insert")
@@ -740,6 +745,7 @@ class ClickHouseSink(Job["Batch"]):
                 max_records=cfg.batch_rows,
                 batch_ms=max(1, int(min(cfg.batch_seconds, FIRST_FETCH_SECONDS) * 1000)),
                 fill_seconds=cfg.batch_seconds,
+                fill_from_last_take=True,  # the previous batch's flush counts toward the fill
                 timer_seconds=cfg.lag_interval,
                 min_backoff=0.2,
                 max_backoff=cfg.retry_max_seconds,

@@ -4,6 +4,7 @@ commits nothing and the batch is processed again from the job's last durable sta
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -453,3 +454,53 @@ def test_deferred_commits_refuse_redo_uncommitted() -> None:
             Counting(broker),
             RunnerConfig(commit_seconds=1, redo_uncommitted=True),
         )
+
+
+class SlowStore(Store):
+    """A store whose every flush takes ``seconds`` (an insert of a big batch)."""
+
+    def __init__(self, consumer: MemoryConsumer, seconds: float) -> None:
+        super().__init__(consumer)
+        self.seconds = seconds
+
+    async def flush(self, out: Sequence[Any]) -> dict[TP, int]:
+        await asyncio.sleep(self.seconds)
+        return await super().flush(out)
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_the_fill_counts_from_the_previous_take_so_a_slow_flush_does_not_add_to_it(anchored: bool) -> None:
+    """Records arrive all the time; each flush takes 0.2 s and the fill is 0.3 s. With the fill counted
+    from the previous take, a batch is taken 0.3 s after the one before (its records waited at most the
+    fill, then their flush); counted from the batch's first fetch, 0.5 s after (the flush, then a whole
+    fill: rows waited 0.2 s longer)."""
+    broker = MemoryBroker(partitions=1)
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    store = SlowStore(consumer, 0.2)
+    config = RunnerConfig(max_records=10_000, batch_ms=1, fill_seconds=0.3, fill_from_last_take=anchored)
+    runner = Runner(consumer, store, Batches(), config)
+    taken: list[float] = []
+    take = runner.take
+
+    async def timed_take(room: int | None = None) -> Any:
+        batch = await take(room)
+        if batch:
+            taken.append(asyncio.get_running_loop().time())
+        return batch
+
+    runner.take = timed_take  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        while len(taken) < 5:
+            broker.append("in", None, b"x", 0)
+            await asyncio.sleep(0.005)
+        runner.stop()
+        await task
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in itertools.pairwise(taken[1:])]
+    if anchored:
+        assert all(0.28 <= g <= 0.36 for g in gaps), gaps
+    else:
+        assert all(g >= 0.48 for g in gaps), gaps

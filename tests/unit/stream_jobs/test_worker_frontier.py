@@ -30,7 +30,7 @@ from scopewatch.replay import replay
 from stream_jobs.runner import MemoryBroker, MemoryConsumer, MemoryProducer, Runner
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import MemoryChangelogReader
-from stream_jobs.worker import Frontier, build_worker
+from stream_jobs.worker import Frontier, build_worker, drip
 from support.scenario import bound, ended, grant
 from support.scenario import tool_call as call
 
@@ -190,3 +190,117 @@ def test_a_worker_left_alone_finalizes_again(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert [(e.verdict, e.final) for e in _evidence(broker, settings)][-1] == ("in_scope", True)
+
+
+class _SlowBroker:
+    """The consumer's progress with broker round trips that take as long as the test says (a busy broker)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.answer = asyncio.Event()
+        self.asked = 0
+
+    async def _wait(self) -> None:
+        self.asked += 1
+        await self.answer.wait()
+
+    async def consumed_to(self, tps: Any) -> dict[Any, int]:
+        return dict(await self.inner.consumed_to(tps))
+
+    async def end_offsets(self, tps: Any) -> dict[Any, int]:
+        await self._wait()
+        return dict(await self.inner.end_offsets(tps))
+
+    async def committed_offsets(self, tps: Any) -> dict[Any, int]:
+        await self._wait()
+        return dict(await self.inner.committed_offsets(tps))
+
+
+def test_the_frontier_s_broker_round_trips_do_not_hold_a_cycle(tmp_path: Path) -> None:
+    """A timer cycle returns while the frontier's step waits for the broker (with two workers these
+    round trips held every cycle's calls 25-100 ms, four times a second); the step's result bounds the
+    finals from a later timer on, and the call becomes final as before."""
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+    before, _ = _story()
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        slow = job_b.progress = _SlowBroker(consumer_b)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        slow.answer.set()
+        await runner_b.cycle({}, timer=True)  # the catch-up hold after the assignment ends
+        assert job_b.catch_up is None
+        job_b.frontier = None  # a new frontier, from here on with a broker that does not answer
+        slow.answer.clear()
+        _publish(broker, settings, before)
+        for s in range(3):
+            clock[0] = T0 + timedelta(seconds=s)
+            await _until_idle(runner_c)
+            await _until_idle(runner_b)
+            await runner_c.cycle({}, timer=True)
+            await asyncio.wait_for(runner_b.cycle({}, timer=True), 0.5)  # the broker has not answered
+        assert slow.asked >= 1
+        assert job_b.frontier is not None and job_b.frontier.horizon_us == 0
+        assert [(e.call_id, e.final) for e in _evidence(broker, settings)] == [("c1", False)]
+        slow.answer.set()  # the broker answers: the next steps complete beside the cycles
+        for s in range(3, 30):
+            clock[0] = T0 + timedelta(seconds=s)
+            await _until_idle(runner_c)
+            await runner_c.cycle({}, timer=True)
+            await _until_idle(runner_b)
+            await runner_b.cycle({}, timer=True)
+        assert job_b.frontier is not None and job_b.frontier.horizon_us > 0
+        job_b.stop_frontier()
+
+    asyncio.run(main())
+    assert [(e.call_id, e.verdict, e.final) for e in _evidence(broker, settings)][-1] == ("c1", "in_scope", True)
+
+
+def test_drip_approaches_the_frontier_at_1_5_times_the_clock_and_at_most_5_s_behind() -> None:
+    assert drip(None, 5_000_000, 0) == 5_000_000  # a new frontier: as it is
+    assert drip(1_000_000, 1_500_000, 100_000) == 1_150_000
+    assert drip(1_000_000, 1_100_000, 100_000) == 1_100_000  # never beyond it
+    assert drip(1_000_000, 9_000_000, 100_000) == 4_000_000  # never more than DRIP_BEHIND_US behind
+    assert drip(3_000_000, 3_000_000, 100_000) == 3_000_000
+
+
+def test_a_frontier_step_reaches_stage_2_a_little_at_a_time(tmp_path: Path) -> None:
+    """A frontier step moves the horizon on by some 100s of ms of deadlines (thousands of calls at 5,000/s):
+    stage 2 gets it over the next cycles (every batch's and every timer's), ≤ 1.5 s of deadlines per
+    second of the clock and ≤ 5 s behind, instead of in one timer cycle that finalized them
+    all while the cycle's calls waited."""
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        slow = job_b.progress = _SlowBroker(consumer_b)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        slow.answer.set()
+        await runner_b.cycle({}, timer=True)  # the catch-up hold ends
+        slow.answer.clear()  # frontier steps from here on are the test's
+        await runner_b.cycle({}, timer=True)
+        frontier = job_b.frontier
+        assert frontier is not None
+        t0_us = int(T0.timestamp() * 1_000_000)
+        frontier.horizon_us = t0_us - 1_000_000
+        clock[0] = T0 + timedelta(milliseconds=50)
+        await runner_b.cycle({}, timer=True)
+        assert job_b.stage2._final_horizon == t0_us - 6_000_000  # from the new frontier's 0: 5 s behind at most
+        frontier.horizon_us = t0_us - 5_700_000  # a step: 300 ms of deadlines more
+        seen = []
+        for ms in (90, 130, 170, 210, 250):
+            clock[0] = T0 + timedelta(milliseconds=ms)
+            await runner_b.cycle({}, timer=True)
+            seen.append((job_b.stage2._final_horizon - t0_us) // 1000)
+        assert seen == [-5940, -5880, -5820, -5760, -5700], seen
+        job_b.stop_frontier()
+
+    asyncio.run(main())
