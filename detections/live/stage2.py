@@ -482,15 +482,20 @@ class Stage2:
         else:
             history = self._grant_history(route, stored)
         if not history.add(fact, record_hash(fact)):
+            # Delivered again (at-least-once): the grants it made may have reached the changelog
+            # without the calls' new versions and their evidence (a worker killed mid-flush): judge
+            # the calls again below, as stage 1 resends its updates; an unchanged verdict emits nothing.
             self.counters.add("stage2_duplicate_facts")
-            return out
-        history.compact(now - self.config.retention)
-        encoded = encode_grants(history)
-        if encoded != stored:  # a fact compacted away at once changes nothing: no store write
-            stored = self.grants[route] = encoded
-        assert stored is not None
-        self._cache.put(route, stored, history)
-        self.counters.add("stage2_facts")
+            if stored is None:
+                return out
+        else:
+            history.compact(now - self.config.retention)
+            encoded = encode_grants(history)
+            if encoded != stored:  # a fact compacted away at once changes nothing: no store write
+                stored = self.grants[route] = encoded
+            assert stored is not None
+            self._cache.put(route, stored, history)
+            self.counters.add("stage2_facts")
         fact_us = _us(fact.event_time)
         if self._conditions(route, stored, history) is not None:
             self._rejudge(route, None, fact_us, now, now_us, out)
@@ -515,11 +520,12 @@ class Stage2:
         route = route_of(fact.tenant, "", fact.principal, fact.agent_id)
         history, horizon, used = self._approvals_of(route)
         if not history.add(fact):
+            # delivered again: judge the held calls again all the same (see on_fact)
             self.counters.add("stage2_duplicate_facts")
-            return out
-        history, horizon, used = _compact_approvals(history, horizon, used, now - self.config.retention)
-        self._store_approvals(route, history, horizon, used)
-        self.counters.add("stage2_approvals")
+        else:
+            history, horizon, used = _compact_approvals(history, horizon, used, now - self.config.retention)
+            self._store_approvals(route, history, horizon, used)
+            self.counters.add("stage2_approvals")
         stored = self.grants.get(route)
         if stored is not None and self._conditions(route, stored, None) is not None:
             # every tool: versions of one approval_id may name different tools

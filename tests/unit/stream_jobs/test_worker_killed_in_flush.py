@@ -12,15 +12,15 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detections.engine import DecisionEngine, Fact
-from schemas import BaseEvent, ToolCall, parse_event
+from schemas import BaseEvent, GrantIssued, SessionBound, SessionEnded, ToolCall, parse_event
 from scopewatch.replay import replay
 from support.live_sim import LiveSim
 from support.scenario import story
-from support.strategies import calls, fact_sets
+from support.strategies import T, _eid, calls, fact_sets
 
 ARRIVAL0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 STEP = timedelta(milliseconds=100)
@@ -55,7 +55,63 @@ def test_a_worker_killed_in_every_other_flush_still_gives_every_verdict_of_repla
     assert len({v for v, _ in expected.values()}) == 10
 
 
+def _bound(n: int, session: str) -> SessionBound:
+    return SessionBound(
+        event_id=_eid(n),
+        event_time=T(0),
+        tenant="acme",
+        session_id=session,
+        principal="alice",
+        agent_id="a1",
+        valid_from=T(0),
+    )
+
+
+def _call(n: int, call_id: str, at: int) -> ToolCall:
+    return ToolCall(
+        event_id=_eid(n),
+        event_time=T(at),
+        tenant="acme",
+        call_id=call_id,
+        session_id="s1",
+        server="fs",
+        tool="read_file",
+        arguments={},
+        resources=[],
+        transport="sdk",
+    )
+
+
+# Found by Hypothesis: flush 14 lands c1's new evidence version and the grant's changelog record but not
+# c1's stored record. The restarted worker read the grant again as a duplicate and judged nothing, so c1's
+# final took the version number its landed provisional already had (and that evidence id).
+REGRANT_EXAMPLE = {
+    "facts": [
+        _bound(5, "s1"),
+        SessionEnded(event_id=_eid(1), event_time=T(1), tenant="acme", session_id="s1"),
+        _bound(2, "s1"),
+        _bound(3, "s2"),
+        GrantIssued(
+            event_id=_eid(4),
+            event_time=T(0),
+            tenant="acme",
+            grant_id="g1",
+            principal="alice",
+            agent_id="a1",
+            not_before=T(0),
+            granted_by="alice",
+            tools=[],
+        ),
+    ],
+    "calls_": [_call(10000, "c0", 1), _call(10000, "c0", 0), _call(10001, "c1", 0)],
+    "partitions": 1,
+    "seed": 58535,
+    "kills": {14: 0.75, 0: 0.0, 1: 0.0},
+}
+
+
 @settings(max_examples=60, deadline=None)
+@example(**REGRANT_EXAMPLE)  # type: ignore[arg-type]
 @given(
     facts=fact_sets(max_size=10),
     calls_=calls(),
