@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 VARIANTS: dict[str, list[str]] = {
     "as migrated": [],
     "wide parts": ["ALTER TABLE {t} MODIFY SETTING min_bytes_for_wide_part = 0"],
+    "compact up to 16 GiB": ["ALTER TABLE {t} MODIFY SETTING min_bytes_for_wide_part = 17179869184"],
     "marks and key uncompressed": ["ALTER TABLE {t} MODIFY SETTING compress_marks = 0, compress_primary_key = 0"],
     "granularity 32768": [],  # made with CREATE ... SETTINGS below (not alterable)
     "ids and hashes CODEC(NONE)": [
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30_000)
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--read", action="store_true", help="also time three reads of the merged table")
     parser.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=list(VARIANTS))
     args = parser.parse_args()
 
@@ -91,6 +93,15 @@ def main() -> None:
         "TSV",
     ).data()
     cols = [line.replace("\\'", "'").split("\t") for line in columns.strip().splitlines()]
+    reads = {
+        "narrow: verdict counts": "SELECT verdict, count() FROM {t} GROUP BY verdict FORMAT Null",
+        "one call, every column": "SELECT * FROM {t} WHERE tenant = 'acme' AND call_id = '{call}' FORMAT Null",
+        "latest version per call, every column": (
+            "SELECT * FROM {t} ORDER BY tenant, call_id, version DESC, _ingested_at DESC LIMIT 1 BY tenant, call_id "
+            "FORMAT Null"
+        ),
+    }
+    read_times: dict[tuple[str, str], list[float]] = {}
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     merged: dict[str, list[int]] = {v: [] for v in args.variants}
     seq = 0
@@ -136,6 +147,13 @@ def main() -> None:
             after = int(conn.query("SELECT value FROM system.events WHERE event = 'MergedRows'", "TSV").data() or 0)
             times[variant].append(spent)
             merged[variant].append(after - before)
+            if args.read:
+                call = events[len(events) // 2].call_id
+                for name, sql in reads.items():
+                    for _ in range(3):
+                        c0 = time.process_time()
+                        conn.query(sql.format(t=t, call=call))
+                        read_times.setdefault((variant, name), []).append(time.process_time() - c0)
             if round_ == 0:
                 info = conn.query(
                     f"SELECT part_type, sum(rows), sum(data_uncompressed_bytes), sum(data_compressed_bytes) "
@@ -151,6 +169,8 @@ def main() -> None:
             f"{variant:32s} {median(per):6.2f} µs per merged row "
             f"({', '.join(f'{x:.2f}' for x in per)}; rows merged {merged[variant][0]:,})"
         )
+    for (variant, name), spent in read_times.items():
+        print(f"read {variant:24s} {name:40s} median {median(spent) * 1000:8.1f} ms CPU")
     for src in files:
         os.unlink(src)
     conn.close()

@@ -440,6 +440,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(home=Path(args.home), bootstrap=args.bootstrap, topic_prefix=args.prefix, sink_group=args.group)
     client = connect(settings.dsn)
     migrate(client, settings.clickhouse_database)
+    if args.no_merges:  # the sink's own work alone (bench/merge_cost.py prices the merges per merged row)
+        client.command(f"SYSTEM STOP MERGES {settings.clickhouse_database}.evidence")
     decoder = "avro" if args.path.endswith("-avro") else settings.sink_decoder  # bulk-rdk: the default (auto)
     writer = ClickHouseWriter(client, settings.clickhouse_database, decoder=decoder)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -920,7 +922,13 @@ def report(
                 f"(b) [{path}] merges: rows merged per row in the window / until they settled; rows per sink "
                 "CPU-second with the merges that followed the window added (rounds); evidence parts at the end",
                 f"{run['steady_merged_rows'] / max(1, run['steady_rows']):.2f} / "
-                f"{run['settled_merged_rows'] / max(1, run['steady_rows']):.2f}; "
+                f"{run['settled_merged_rows'] / max(1, run['steady_rows']):.2f} (rounds: "
+                + ", ".join(
+                    f"{r['steady_merged_rows'] / max(1, r['steady_rows']):.2f} / "
+                    f"{r['settled_merged_rows'] / max(1, r['steady_rows']):.2f}"
+                    for r in run.get("all", [run])
+                )
+                + "); "
                 f"{sorted(settled)[len(settled) // 2]:,.0f} ({', '.join(f'{x:,.0f}' for x in settled)}); "
                 f"{run['evidence_parts']}",
             )
@@ -1034,6 +1042,7 @@ def parent(args: argparse.Namespace) -> int:
                         *([] if args.raw_seconds is None else ["--raw-seconds", str(args.raw_seconds)]),
                         *([] if args.backlog_rows is None else ["--backlog-rows", str(args.backlog_rows)]),
                         *([] if args.latency_target is None else ["--latency-target", str(args.latency_target)]),
+                        *(["--no-merges"] if args.no_merges else []),
                     ]
                     bk.say(
                         f"(b) sink, {label} path"
@@ -1157,6 +1166,12 @@ def main() -> None:
         type=int,
         default=None,
         help="the sink's SINK_BACKLOG_ROWS for the runs of this tree (0: off; default: the settings')",
+    )
+    parser.add_argument(
+        "--no-merges",
+        action="store_true",
+        help="(b) stop the evidence table's background merges in the sink (SYSTEM STOP MERGES): the sink's own "
+        "work alone, without the merge work whose timing varies between rounds (bench/merge_cost.py prices it)",
     )
     parser.add_argument("--path", choices=PATHS, default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)
