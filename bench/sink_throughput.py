@@ -466,6 +466,9 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         config.fast_topics = frozenset({settings.topics.evidence})
     if hasattr(config, "backlog_rows"):  # as the service sets it
         config.backlog_rows = settings.sink_backlog_rows if args.backlog_rows is None else args.backlog_rows
+    if hasattr(config, "backlog_seconds"):  # as the service sets it (not on a --baseline tree from before it)
+        config.backlog_seconds = settings.sink_backlog_seconds
+        config.backlog_idle_ms = max(20, 2 * config.fetch_wait_ms)
     n = args.messages * (1 + args.raw)  # the raw messages (--raw) are rows too
     evidence_topic = settings.topics.evidence
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only

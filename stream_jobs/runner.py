@@ -25,11 +25,11 @@ What a failed flush does is the job's choice (``RunnerConfig.retry_in_place``):
   keeps it, anything fetched seeked back). On a stop it gives up like a redo.
 
 Taking a batch is one fetch, or (``fill_seconds``) fetches until ``max_records`` records or
-``fill_seconds`` after the first record. A batch can also be taken **exactly** again
-(:meth:`Runner.redo`: these offset ranges, no more, no fewer, other partitions paused meanwhile):
-the sink does so at start for a flush a crash interrupted (its intent file), and the runner does so
-after a commit that failed because the group took the partitions away
-(``RunnerConfig.redo_uncommitted``; :class:`CommitFailed`).
+``fill_seconds`` after the first record (with ``fill_idle_ms``: or the first fetch that brings
+nothing). A batch can also be taken **exactly** again (:meth:`Runner.redo`: these offset ranges,
+no more, no fewer, other partitions paused meanwhile): the sink does so at start for a flush a
+crash interrupted (its intent file), and the runner does so after a commit that failed because
+the group took the partitions away (``RunnerConfig.redo_uncommitted``; :class:`CommitFailed`).
 
 The runner also owns the rest of what a job's process does the same way: the partition
 assigned/revoked hooks (a revocation waits for the batch in flight, which commits first), the
@@ -201,6 +201,9 @@ class RunnerConfig:
     """How long one fetch waits for records."""
     fill_seconds: float = 0.0
     """Above 0: after the first record, fetch on until ``max_records`` or this long (the sink's batches)."""
+    fill_idle_ms: int = 0
+    """Above 0 (with ``fill_seconds``): each fetch of the fill waits at most this long, and the fill stops at
+    the first that brings nothing (caught up) instead of waiting out ``fill_seconds``."""
     timer_seconds: float = 0.5
     stats_seconds: float = 1.0
     min_backoff: float = 0.25
@@ -407,14 +410,21 @@ class Runner(Generic[M]):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = await self.consumer.getmany(max(1, int(left * 1000)), limit - count)
+            wait = max(1, int(left * 1000))
+            if cfg.fill_idle_ms > 0:
+                wait = min(wait, cfg.fill_idle_ms)
+            more = await self.consumer.getmany(wait, limit - count)
             if self._lost:
                 for tp in self._lost:
                     count -= len(merged.pop(tp, ()))
                 self._lost = set()
+            got = 0
             for tp, records in more.items():
                 merged.setdefault(tp, []).extend(records)
-                count += len(records)
+                got += len(records)
+            count += got
+            if got == 0 and cfg.fill_idle_ms > 0:
+                break  # nothing more within the idle wait: caught up
         return merged
 
     async def cycle(self, batch: Mapping[TP, Sequence[Record]], timer: bool = False, redo: bool = False) -> bool:
