@@ -536,10 +536,10 @@ class SinkConfig:
     The service takes ``SCOPEWATCH_SINK_LATENCY_TARGET``."""
     backlog_rows: int = 0
     """Above ``batch_rows``: while the sink is behind (its last batch filled up to its bound), the next
-    batch takes up to this many records, filling ``batch_seconds`` (the latency target is moot then):
+    batch takes up to this many records, filling ``backlog_seconds`` (the latency target is moot then):
     fewer, bigger inserts and parts, so fewer merge levels (merges were a quarter of the sink's CPU under
     a backlog). Back to ``batch_rows`` at the first batch that does not fill. Memory grows with it (the
-    messages, their container and its RowBinary: ~3 times the messages' bytes). 0: off.
+    messages, their values joined, the RowBinary and its file: ~4 times the messages' bytes). 0: off.
     ``SCOPEWATCH_SINK_BACKLOG_ROWS``."""
     backlog_seconds: float = 0.0
     """Above 0 (with ``backlog_rows``): while behind, a batch fills for up to this long instead of
