@@ -468,7 +468,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         config.backlog_rows = settings.sink_backlog_rows if args.backlog_rows is None else args.backlog_rows
     if hasattr(config, "backlog_seconds"):  # as the service sets it (not on a --baseline tree from before it)
         config.backlog_seconds = settings.sink_backlog_seconds
-        config.backlog_idle_ms = max(20, 2 * config.fetch_wait_ms)
+        config.backlog_idle_ms = max(500, 5 * config.fetch_wait_ms)
     n = args.messages * (1 + args.raw)  # the raw messages (--raw) are rows too
     evidence_topic = settings.topics.evidence
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
@@ -581,6 +581,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "rows_in_table": total,
         "consume_only": floor,
         "flushes": flushes if paced else [],
+        "flush_rows": [sum(b - a + 1 for _p, a, b in spans) for _at, spans, _took in flushes],
         "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
         "code": os.environ.get("PYTHONPATH", ""),
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -915,6 +916,11 @@ def report(
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
             f"{run['bulk_rows']} / {run['bulk_fallbacks']} / {run.get('rowbinary_fallbacks', '-')}",
         )
+        if run.get("flush_rows"):
+            extra.add_row(
+                f"(b) [{path}] evidence rows per flush (the median round)",
+                ", ".join(f"{n:,}" for n in run["flush_rows"]),
+            )
         extra.add_row(
             f"(b) [{path}] batch bound (rows / seconds; fill seconds at the end)",
             f"{run['batch_rows']:,} / {run['batch_seconds']} / {run.get('fill_seconds')}",

@@ -25,7 +25,7 @@ What a failed flush does is the job's choice (``RunnerConfig.retry_in_place``):
   keeps it, anything fetched seeked back). On a stop it gives up like a redo.
 
 Taking a batch is one fetch, or (``fill_seconds``) fetches until ``max_records`` records or
-``fill_seconds`` after the first record (with ``fill_idle_ms``: or the first fetch that brings
+``fill_seconds`` after the first record (with ``fill_idle_ms``: or two fetches in a row that bring
 nothing). A batch can also be taken **exactly** again (:meth:`Runner.redo`: these offset ranges,
 no more, no fewer, other partitions paused meanwhile): the sink does so at start for a flush a
 crash interrupted (its intent file), and the runner does so after a commit that failed because
@@ -203,7 +203,9 @@ class RunnerConfig:
     """Above 0: after the first record, fetch on until ``max_records`` or this long (the sink's batches)."""
     fill_idle_ms: int = 0
     """Above 0 (with ``fill_seconds``): each fetch of the fill waits at most this long, and the fill stops at
-    the first that brings nothing (caught up) instead of waiting out ``fill_seconds``."""
+    the second fetch in a row that brings nothing (caught up) instead of waiting out ``fill_seconds``. (One
+    empty fetch is not enough: librdkafka's adapter returns nothing when its consume call, records already
+    in hand, has not handed them over within the wait; they come with the next fetch.)"""
     timer_seconds: float = 0.5
     stats_seconds: float = 1.0
     min_backoff: float = 0.25
@@ -406,6 +408,7 @@ class Runner(Generic[M]):
         merged = {tp: list(records) for tp, records in batch.items()}
         count = sum(map(len, merged.values()))
         deadline = time.monotonic() + cfg.fill_seconds
+        empty = 0
         while count < limit and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -423,8 +426,9 @@ class Runner(Generic[M]):
                 merged.setdefault(tp, []).extend(records)
                 got += len(records)
             count += got
-            if got == 0 and cfg.fill_idle_ms > 0:
-                break  # nothing more within the idle wait: caught up
+            empty = 0 if got else empty + 1
+            if empty >= 2 and cfg.fill_idle_ms > 0:
+                break  # nothing more within two idle waits: caught up
         return merged
 
     async def cycle(self, batch: Mapping[TP, Sequence[Record]], timer: bool = False, redo: bool = False) -> bool:

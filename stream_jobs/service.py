@@ -82,7 +82,7 @@ def sink_config(settings: Settings) -> SinkConfig:
         raw_seconds=settings.sink_raw_seconds,
         backlog_rows=settings.sink_backlog_rows,
         backlog_seconds=settings.sink_backlog_seconds,
-        backlog_idle_ms=max(20, 2 * settings.sink_fetch_wait_ms),
+        backlog_idle_ms=max(500, 5 * settings.sink_fetch_wait_ms),
         fast_topics=frozenset({settings.topics.evidence}),
     )
 
