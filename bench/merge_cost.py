@@ -55,7 +55,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--read", action="store_true", help="also time three reads of the merged table")
     parser.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=list(VARIANTS))
+    parser.add_argument(
+        "--stream",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="instead: for each part size in this list, insert --total rows in parts of that size with merges on, "
+        "one after the other as a sink does, wait for the merges to settle and report the rows merged and the "
+        "CPU (inserts and merges) per row",
+    )
+    parser.add_argument("--total", type=int, default=1_200_000)
     args = parser.parse_args()
+    if args.stream:
+        stream(args)
+        return
 
     import chdb
     from sink_throughput import realistic_evidence
@@ -173,6 +185,81 @@ def main() -> None:
         print(f"read {variant:24s} {name:40s} median {median(spent) * 1000:8.1f} ms CPU")
     for src in files:
         os.unlink(src)
+    conn.close()
+
+
+def stream(args: argparse.Namespace) -> None:
+    """Parts of each size in ``args.stream`` until ``args.total`` rows, merges on: merged rows and CPU per row."""
+    import chdb
+    from sink_throughput import realistic_evidence
+
+    from schemas import encode
+    from stream_jobs import rowbinary
+    from stream_jobs.bulk import BulkBlock, bulk_specs
+    from stream_jobs.clickhouse import connect, migrate
+    from stream_jobs.sink import ARROW_SETTINGS, INSERT_SETTINGS, _literal
+
+    home = tempfile.mkdtemp(prefix="merge-stream-")
+    client = connect(f"chdb://{home}/chdb")
+    migrate(client, "scopewatch")
+    del client
+    conn = chdb.connect(f"{home}/chdb")
+    spec = next(s for s in bulk_specs().values() if s.table == "evidence")
+    codec = rowbinary.codec_for(spec)
+    assert codec is not None and rowbinary.library() is not None
+    biggest = max(args.stream)
+    block = BulkBlock(spec)
+    prefix = block.prefix("bench.audit.evidence", 0)
+    for offset, e in enumerate(realistic_evidence(biggest)):
+        block.add(_Msg(offset), encode(e), prefix)
+    fd, src = tempfile.mkstemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    with os.fdopen(fd, "wb") as out:
+        out.write(bytes(codec.transcode(block) or b""))
+    sql = codec.rewrite(spec.sql("scopewatch.staging_src", src, block, 1_700_000_000_000, "max_threads = 1"), src)
+    assert sql is not None
+    conn.query("CREATE TABLE scopewatch.staging AS scopewatch.evidence ENGINE = Memory")
+    conn.query(sql.replace("scopewatch.staging_src", "scopewatch.staging", 1))
+    os.unlink(src)
+
+    def merged_rows() -> int:
+        return int(conn.query("SELECT value FROM system.events WHERE event = 'MergedRows'", "TSV").data() or 0)
+
+    for size in args.stream:
+        t = f"scopewatch.s{size}"
+        conn.query(f"CREATE TABLE {t} AS scopewatch.evidence")
+        before, c0 = merged_rows(), time.process_time()
+        for i in range(args.total // size):
+            settings = {
+                **INSERT_SETTINGS,
+                **ARROW_SETTINGS,
+                "max_block_size": size,
+                "min_insert_block_size_rows": size,
+                "insert_deduplication_token": f"{t}-{i}",
+            }
+            clause = ", ".join(f"{k} = {_literal(v)}" for k, v in settings.items())
+            conn.query(
+                f"INSERT INTO {t} SELECT * REPLACE (concat(call_id, '-{i}') AS call_id, "
+                f"concat(evidence_id, '-{i}') AS evidence_id) FROM scopewatch.staging LIMIT {size} SETTINGS {clause}"
+            )
+        quiet = 0
+        while quiet < 10:
+            time.sleep(0.2)
+            merging = int(
+                conn.query(f"SELECT count() FROM system.merges WHERE table = '{t.split('.')[1]}'", "TSV").data()
+            )
+            quiet = quiet + 1 if merging == 0 else 0
+        spent, merged = time.process_time() - c0, merged_rows() - before
+        parts = conn.query(
+            f"SELECT count(), max(rows) FROM system.parts WHERE table = '{t.split('.')[1]}' AND active", "TSV"
+        ).data()
+        rows = args.total // size * size
+        print(
+            f"parts of {size:,}: {rows:,} rows, {merged / rows:.2f} rows merged per row, "
+            f"{spent / rows * 1e6:.2f} µs CPU per row (inserts from a Memory table + merges); parts left, largest: "
+            f"{parts.strip()}",
+            flush=True,
+        )
+        conn.query(f"DROP TABLE {t} SYNC")
     conn.close()
 
 
