@@ -440,6 +440,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(home=Path(args.home), bootstrap=args.bootstrap, topic_prefix=args.prefix, sink_group=args.group)
     client = connect(settings.dsn)
     migrate(client, settings.clickhouse_database)
+    if args.no_merges:  # the sink's own work alone (bench/merge_cost.py prices the merges per merged row)
+        client.command(f"SYSTEM STOP MERGES {settings.clickhouse_database}.evidence")
     decoder = "avro" if args.path.endswith("-avro") else settings.sink_decoder  # bulk-rdk: the default (auto)
     writer = ClickHouseWriter(client, settings.clickhouse_database, decoder=decoder)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -464,6 +466,9 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         config.fast_topics = frozenset({settings.topics.evidence})
     if hasattr(config, "backlog_rows"):  # as the service sets it
         config.backlog_rows = settings.sink_backlog_rows if args.backlog_rows is None else args.backlog_rows
+    if hasattr(config, "backlog_seconds"):  # as the service sets it (not on a --baseline tree from before it)
+        config.backlog_seconds = settings.sink_backlog_seconds
+        config.backlog_idle_ms = max(500, 5 * config.fetch_wait_ms)
     n = args.messages * (1 + args.raw)  # the raw messages (--raw) are rows too
     evidence_topic = settings.topics.evidence
     bare = consume_only_rdkafka if config.client == "librdkafka" else consume_only
@@ -576,6 +581,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "rows_in_table": total,
         "consume_only": floor,
         "flushes": flushes if paced else [],
+        "flush_rows": [sum(b - a + 1 for _p, a, b in spans) for _at, spans, _took in flushes],
         "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
         "code": os.environ.get("PYTHONPATH", ""),
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -910,6 +916,11 @@ def report(
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
             f"{run['bulk_rows']} / {run['bulk_fallbacks']} / {run.get('rowbinary_fallbacks', '-')}",
         )
+        if run.get("flush_rows"):
+            extra.add_row(
+                f"(b) [{path}] evidence rows per flush (the median round)",
+                ", ".join(f"{n:,}" for n in run["flush_rows"]),
+            )
         extra.add_row(
             f"(b) [{path}] batch bound (rows / seconds; fill seconds at the end)",
             f"{run['batch_rows']:,} / {run['batch_seconds']} / {run.get('fill_seconds')}",
@@ -920,7 +931,13 @@ def report(
                 f"(b) [{path}] merges: rows merged per row in the window / until they settled; rows per sink "
                 "CPU-second with the merges that followed the window added (rounds); evidence parts at the end",
                 f"{run['steady_merged_rows'] / max(1, run['steady_rows']):.2f} / "
-                f"{run['settled_merged_rows'] / max(1, run['steady_rows']):.2f}; "
+                f"{run['settled_merged_rows'] / max(1, run['steady_rows']):.2f} (rounds: "
+                + ", ".join(
+                    f"{r['steady_merged_rows'] / max(1, r['steady_rows']):.2f} / "
+                    f"{r['settled_merged_rows'] / max(1, r['steady_rows']):.2f}"
+                    for r in run.get("all", [run])
+                )
+                + "); "
                 f"{sorted(settled)[len(settled) // 2]:,.0f} ({', '.join(f'{x:,.0f}' for x in settled)}); "
                 f"{run['evidence_parts']}",
             )
@@ -1034,6 +1051,7 @@ def parent(args: argparse.Namespace) -> int:
                         *([] if args.raw_seconds is None else ["--raw-seconds", str(args.raw_seconds)]),
                         *([] if args.backlog_rows is None else ["--backlog-rows", str(args.backlog_rows)]),
                         *([] if args.latency_target is None else ["--latency-target", str(args.latency_target)]),
+                        *(["--no-merges"] if args.no_merges else []),
                     ]
                     bk.say(
                         f"(b) sink, {label} path"
@@ -1157,6 +1175,12 @@ def main() -> None:
         type=int,
         default=None,
         help="the sink's SINK_BACKLOG_ROWS for the runs of this tree (0: off; default: the settings')",
+    )
+    parser.add_argument(
+        "--no-merges",
+        action="store_true",
+        help="(b) stop the evidence table's background merges in the sink (SYSTEM STOP MERGES): the sink's own "
+        "work alone, without the merge work whose timing varies between rounds (bench/merge_cost.py prices it)",
     )
     parser.add_argument("--path", choices=PATHS, default="bulk", help=argparse.SUPPRESS)
     bk.add_common_options(parser)

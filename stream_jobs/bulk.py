@@ -290,18 +290,23 @@ def block_head_for(n: int) -> bytes:
 
 @dataclass
 class BulkBlock:
-    """The messages of one batch for one :class:`AvroBulk`, as Avro container bytes (one block each)."""
+    """The messages of one batch for one :class:`AvroBulk`: their values, offsets and provenance runs.
+
+    The RowBinary transcoder reads the values as they are (:meth:`stream_jobs.rowbinary.RowBinaryCodec.transcode`);
+    the Avro container (one block per message, ``_prov`` after each value) is built by :meth:`payload` only
+    when the rows go to the engine as Avro (no transcoder, ``SINK_DECODER=avro``, or a value it refused).
+    """
 
     spec: AvroBulk
     nonce: bytes = field(default_factory=lambda: os.urandom(NONCE_LEN))
     sync: bytes = field(default_factory=lambda: os.urandom(16))
-    parts: list[bytes] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    """The message values (header included), in arrival order."""
     messages: list[Any] = field(default_factory=list)
-    """The consumer records, for the per-message fallback."""
+    """The consumer records (their ``offset``; the per-message fallback reads them whole), one per value."""
+    runs: list[tuple[int, bytes]] = field(default_factory=list)
+    """(index of the first value, ``_prov`` prefix) of each run of values from one partition."""
     topics: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.parts.append(self.spec.container_head(self.sync))
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -315,12 +320,33 @@ class BulkBlock:
             self.topics.append(topic)
         return self.nonce + index.to_bytes(4, "little") + partition.to_bytes(4, "little")
 
+    def start_run(self, prefix: bytes) -> None:
+        """The values added next carry ``prefix`` (the sink calls this once per partition's messages)."""
+        if self.runs and self.runs[-1][1] == prefix:
+            return
+        if self.runs and self.runs[-1][0] == len(self.values):
+            self.runs[-1] = (len(self.values), prefix)
+        else:
+            self.runs.append((len(self.values), prefix))
+
     def add(self, msg: Any, value: bytes, prefix: bytes) -> None:
-        """One message (the sink inlines this in its loop)."""
-        n = len(value) + PROV_LEN
-        head = _BLOCK_HEADS.get(n) or block_head_for(n)
-        self.parts += (head, value, prefix, msg.offset.to_bytes(8, "little"), self.sync)
+        """One message (the sink inlines this in its loop, with one :meth:`start_run` per partition)."""
+        self.start_run(prefix)
+        self.values.append(value)
         self.messages.append(msg)
 
+    def head(self) -> bytes:
+        """The Avro container's header."""
+        return self.spec.container_head(self.sync)
+
     def payload(self) -> bytes:
-        return b"".join(self.parts)
+        """The Avro container of the values: one block per message, ``_prov`` after each value."""
+        parts = [self.head()]
+        bounds = [start for start, _ in self.runs[1:]] + [len(self.values)]
+        heads = _BLOCK_HEADS
+        sync = self.sync
+        for (start, prefix), end in zip(self.runs, bounds, strict=True):
+            for value, msg in zip(self.values[start:end], self.messages[start:end], strict=True):
+                n = len(value) + PROV_LEN
+                parts += (heads.get(n) or block_head_for(n), value, prefix, msg.offset.to_bytes(8, "little"), sync)
+        return b"".join(parts)

@@ -2,16 +2,19 @@
 
 ClickHouse's generic Avro reader cost ~2.5 µs of CPU per evidence row of the sink's bulk insert
 (:mod:`stream_jobs.bulk`). ``stream_jobs/native/avro_rowbinary.c`` (built by ``make install`` into
-the virtualenv as a shared library, loaded here with ctypes) reads the same container -- the bytes
-of :meth:`stream_jobs.bulk.BulkBlock.payload` -- with a small *program* derived from the
-container's writer schema (one opcode per field) and writes RowBinary; the insert then reads
-``file(path, RowBinary, '<structure>')`` with the very same ``SELECT`` list and checks.
+the virtualenv as a shared library, loaded here with ctypes) reads the same records with a small
+*program* derived from the container's writer schema (one opcode per field) and writes RowBinary;
+the insert then reads ``file(path, RowBinary, '<structure>')`` with the very same ``SELECT`` list
+and checks. It reads the message values straight (``sw_values_to_rowbinary``: the values joined,
+where each ends, their offsets and each partition run's ``_prov`` prefix), writing exactly what it
+wrote for the container :meth:`stream_jobs.bulk.BulkBlock.payload` builds -- which is now built only
+when a block goes in as Avro.
 
 Exactness: the transcoder reads the Avro grammar exactly (the same bytes give the same values) and
 refuses anything it cannot read so (a count other than one record per block, malformed or
 overlong varints, negative lengths, lengths past the record, union indexes other than 0/1, boolean
-bytes other than 0/1, a record not ending where its block says, a wrong sync marker). A refused
-container is inserted as Avro, as before (writer counter ``rowbinary_fallbacks``); the checks of
+bytes other than 0/1, a record not ending exactly where its value ends). A refused
+block is inserted as Avro, as before (writer counter ``rowbinary_fallbacks``); the checks of
 the ``SELECT`` and the per-message fallback behind them are unchanged.
 
 The switch: ``SCOPEWATCH_SINK_DECODER`` = ``auto`` (RowBinary when the library is built, the
@@ -27,7 +30,9 @@ import shutil
 import subprocess
 import sys
 import threading
+from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -136,33 +141,43 @@ class RowBinaryCodec:
             sql = sql.replace(self.utf8_check, "")
         return sql.replace(avro, f"FROM file({quoted}, RowBinary, {_quote(self.structure)}) ")
 
-    def transcode(self, block: BulkBlock, payload: bytes | None = None) -> memoryview | None:
-        """The block's rows as RowBinary, or None when the library is absent or refused the container.
+    def transcode(self, block: BulkBlock) -> memoryview | None:
+        """The block's rows as RowBinary, or None when the library is absent or refused a value.
 
+        Read straight from the message values (``sw_values_to_rowbinary``): the Avro container is not built.
         The view is of a per-thread buffer reused by the next call in the same thread: use it first.
         """
         lib = library()
-        if lib is None:
+        values, messages, runs = block.values, block.messages, block.runs
+        if lib is None or len(values) != len(messages) or not runs:
             return None
-        data = block.payload() if payload is None else payload
-        head = len(block.parts[0])
+        data = b"".join(values)
+        ends = array("q", accumulate(map(len, values)))
+        offsets = array("q", [m.offset for m in messages])
+        starts = array("q", [start for start, _ in runs])
+        prefixes = b"".join(prefix for _, prefix in runs)
+        if len(prefixes) != 16 * len(runs):
+            return None
         err_at = ctypes.c_long(-1)
-        for factor in (1.25, 8):  # RowBinary is about the container's size (fixed-width ints may grow it)
-            need = int(len(data) * factor) + 4096
+        for factor in (1.25, 8):  # RowBinary is about the values' size (+ 14 bytes of _prov per row, fixed ints)
+            need = int(len(data) * factor) + 32 * len(values) + 4096
             buf: bytearray | None = getattr(_BUFFERS, "buf", None)
             if buf is None or len(buf) < need:
                 _BUFFERS.buf = None
                 # with headroom: a zeroed buffer costs ~0.3 µs per row, so the next batches reuse this one
                 buf = _BUFFERS.buf = bytearray(need + need // 2)
             cap = len(buf)
-            n = lib.sw_avro_to_rowbinary(
+            n = lib.sw_values_to_rowbinary(
                 data,
                 len(data),
-                head,
-                block.sync,
+                _address(ends),
+                _address(offsets),
+                len(values),
+                _address(starts),
+                prefixes,
+                len(runs),
                 self.program,
                 len(self.program),
-                len(block),
                 ctypes.addressof((ctypes.c_char * cap).from_buffer(buf)),
                 cap,
                 ctypes.byref(err_at),
@@ -171,16 +186,18 @@ class RowBinaryCodec:
                 return memoryview(buf)[:n]
             if n == -4:
                 log.info(
-                    "a %s container has text that is not valid UTF-8: inserted as Avro, checked in SQL",
-                    block.spec.table,
+                    "a %s block has text that is not valid UTF-8: inserted as Avro, checked in SQL", block.spec.table
                 )
                 return None
             if n != -2:
-                log.info(
-                    "RowBinary transcoder refused a %s container (%d at byte %d)", block.spec.table, n, err_at.value
-                )
+                log.info("RowBinary transcoder refused a %s block (%d at row %d)", block.spec.table, n, err_at.value)
                 return None
         return None
+
+
+def _address(values: array[int]) -> int:
+    address, _ = values.buffer_info()
+    return address
 
 
 _BUFFERS = threading.local()
@@ -238,10 +255,11 @@ def codec_of(spec: AvroBulk, decoder: str) -> RowBinaryCodec | None:
 _LIB: list[Any] = []
 
 
-ABI = 2
+ABI = 3
 """The transcoder's interface version (``sw_avro_rowbinary_abi``): 2 checks every string as UTF-8, which
-lets the bulk insert drop its SQL check. A library built from older sources (no such symbol, or another
-version) is not loaded: the sink reads Avro with the SQL checks."""
+lets the bulk insert drop its SQL check; 3 reads the message values straight (``sw_values_to_rowbinary``).
+A library built from older sources (no such symbol, or another version) is not loaded: the sink reads Avro
+with the SQL checks."""
 
 
 def find_library() -> Path | None:
@@ -269,16 +287,19 @@ def library() -> Any | None:
             abi.argtypes = []
             if abi() != ABI:
                 raise AttributeError(f"interface version {abi()}, this code needs {ABI} (make install)")
-            fn = lib.sw_avro_to_rowbinary
+            fn = lib.sw_values_to_rowbinary
             fn.restype = ctypes.c_long
             fn.argtypes = [
                 ctypes.c_char_p,
                 ctypes.c_size_t,
-                ctypes.c_size_t,
-                ctypes.c_char_p,
-                ctypes.c_char_p,
-                ctypes.c_size_t,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
                 ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_long,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
                 ctypes.c_void_p,
                 ctypes.c_size_t,
                 ctypes.POINTER(ctypes.c_long),
@@ -318,7 +339,7 @@ def build(dest: Path, cc: str = "gcc") -> Path:
 def transcode_python(codec: RowBinaryCodec, block: BulkBlock) -> bytes | None:
     """What the C transcoder writes, in Python (slow; the bench's and the tests' reference)."""
     data = block.payload()
-    pos = len(block.parts[0])
+    pos = len(block.head())
     out = bytearray()
 
     def long_() -> int:

@@ -25,11 +25,11 @@ What a failed flush does is the job's choice (``RunnerConfig.retry_in_place``):
   keeps it, anything fetched seeked back). On a stop it gives up like a redo.
 
 Taking a batch is one fetch, or (``fill_seconds``) fetches until ``max_records`` records or
-``fill_seconds`` after the first record. A batch can also be taken **exactly** again
-(:meth:`Runner.redo`: these offset ranges, no more, no fewer, other partitions paused meanwhile):
-the sink does so at start for a flush a crash interrupted (its intent file), and the runner does so
-after a commit that failed because the group took the partitions away
-(``RunnerConfig.redo_uncommitted``; :class:`CommitFailed`).
+``fill_seconds`` after the first record (with ``fill_idle_ms``: or two fetches in a row that bring
+nothing). A batch can also be taken **exactly** again (:meth:`Runner.redo`: these offset ranges,
+no more, no fewer, other partitions paused meanwhile): the sink does so at start for a flush a
+crash interrupted (its intent file), and the runner does so after a commit that failed because
+the group took the partitions away (``RunnerConfig.redo_uncommitted``; :class:`CommitFailed`).
 
 The runner also owns the rest of what a job's process does the same way: the partition
 assigned/revoked hooks (a revocation waits for the batch in flight, which commits first), the
@@ -208,6 +208,11 @@ class RunnerConfig:
     comes first: the next batch's records gather from then on, so the time the previous batch spent in
     its flush counts toward this one's fill instead of adding to it (the sink: a row waited for the
     flush before its batch, then a whole fill, then its own flush)."""
+    fill_idle_ms: int = 0
+    """Above 0 (with ``fill_seconds``): each fetch of the fill waits at most this long, and the fill stops at
+    the second fetch in a row that brings nothing (caught up) instead of waiting out ``fill_seconds``. (One
+    empty fetch is not enough: librdkafka's adapter returns nothing when its consume call, records already
+    in hand, has not handed them over within the wait; they come with the next fetch.)"""
     timer_seconds: float = 0.5
     stats_seconds: float = 1.0
     min_backoff: float = 0.25
@@ -420,18 +425,27 @@ class Runner(Generic[M]):
         deadline = time.monotonic() + cfg.fill_seconds
         if cfg.fill_from_last_take and last_taken is not None:
             deadline = min(deadline, last_taken + cfg.fill_seconds)
+        empty = 0
         while count < limit and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = await self.consumer.getmany(max(1, int(left * 1000)), limit - count)
+            wait = max(1, int(left * 1000))
+            if cfg.fill_idle_ms > 0:
+                wait = min(wait, cfg.fill_idle_ms)
+            more = await self.consumer.getmany(wait, limit - count)
             if self._lost:
                 for tp in self._lost:
                     count -= len(merged.pop(tp, ()))
                 self._lost = set()
+            got = 0
             for tp, records in more.items():
                 merged.setdefault(tp, []).extend(records)
-                count += len(records)
+                got += len(records)
+            count += got
+            empty = 0 if got else empty + 1
+            if empty >= 2 and cfg.fill_idle_ms > 0:
+                break  # nothing more within two idle waits: caught up
         self._last_taken = time.monotonic()
         return merged
 

@@ -81,6 +81,8 @@ def sink_config(settings: Settings) -> SinkConfig:
         table_topics=table_topics(settings.topics),
         raw_seconds=settings.sink_raw_seconds,
         backlog_rows=settings.sink_backlog_rows,
+        backlog_seconds=settings.sink_backlog_seconds,
+        backlog_idle_ms=max(500, 5 * settings.sink_fetch_wait_ms),
         fast_topics=frozenset({settings.topics.evidence}),
     )
 

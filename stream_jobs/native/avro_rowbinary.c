@@ -366,8 +366,9 @@ static int record(cur_t *c, const uint8_t *prog, size_t prog_len) {
 }
 
 /* The interface's version: 2 = every string is checked as UTF-8 here (the SQL check is dropped on
- * the strength of it). The loader refuses a library that reports another version. */
-long sw_avro_rowbinary_abi(void) { return 2; }
+ * the strength of it); 3 = sw_values_to_rowbinary. The loader refuses a library that reports another
+ * version. */
+long sw_avro_rowbinary_abi(void) { return 3; }
 
 long sw_avro_to_rowbinary(const uint8_t *payload, size_t len, size_t head_len, const uint8_t *sync,
                           const uint8_t *prog, size_t prog_len, long rows, uint8_t *out, size_t out_cap,
@@ -403,6 +404,60 @@ long sw_avro_to_rowbinary(const uint8_t *payload, size_t len, size_t head_len, c
     if (c.err) {
         *err_at = (long)(c.p - payload);
         return c.err;
+    }
+    return (long)(c.o - out);
+}
+
+/*
+ * The same rows straight from the Kafka message values, no container (issue 16): `data` holds the
+ * `rows` values one after the other, value i ending at ends[i] (non-decreasing, the last one `len`).
+ * Each value is read with `prog` but its last opcode, which must be 'x' 24 (the container's `_prov`):
+ * the value must end exactly where that record ends, and the row's FixedString(24) is written here
+ * from the value's run -- the 16-byte prefix (nonce, topic index, partition) of run r covers rows
+ * run_starts[r] up to the next run's start (run_starts[0] is 0, strictly increasing, each < rows) --
+ * and offsets[i] (8 bytes LE). The output is byte for byte what sw_avro_to_rowbinary writes for the
+ * container of the same messages. Errors as there; *err_at is then the failing row.
+ */
+long sw_values_to_rowbinary(const uint8_t *data, size_t len, const int64_t *ends, const int64_t *offsets, long rows,
+                            const int64_t *run_starts, const uint8_t *prefixes, long runs, const uint8_t *prog,
+                            size_t prog_len, uint8_t *out, size_t out_cap, long *err_at) {
+    cur_t c = {data, data, out, out + out_cap, 0};
+    *err_at = -1;
+    if (prog_len < 2 || prog[prog_len - 2] != 'x' || prog[prog_len - 1] != 24)
+        return E_PROGRAM;
+    if (rows < 0 || runs < 1 || (rows > 0 && run_starts[0] != 0) || (rows == 0 && len != 0))
+        return E_MALFORMED;
+    for (long r = 1; r < runs; r++)
+        if (run_starts[r] <= run_starts[r - 1] || run_starts[r] >= rows)
+            return E_MALFORMED;
+    long run = 0;
+    const uint8_t *prefix = prefixes;
+    size_t start = 0;
+    for (long i = 0; i < rows; i++) {
+        if (run + 1 < runs && i == run_starts[run + 1]) {
+            run++;
+            prefix = prefixes + 16 * (size_t)run;
+        }
+        if (ends[i] < (int64_t)start || (uint64_t)ends[i] > len) {
+            c.err = E_MALFORMED;
+            *err_at = i;
+            return c.err;
+        }
+        c.p = data + start;
+        c.end = data + ends[i];
+        if (!record(&c, prog, prog_len - 2) || c.p != c.end || !room(&c, 24)) {
+            c.err = c.err ? c.err : E_MALFORMED;
+            *err_at = i;
+            return c.err;
+        }
+        memcpy(c.o, prefix, 16);
+        c.o += 16;
+        write_le(&c, (uint64_t)offsets[i], 8);
+        start = (size_t)ends[i];
+    }
+    if (start != len) {
+        *err_at = rows;
+        return E_MALFORMED;
     }
     return (long)(c.o - out);
 }

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         description="while the sink is behind (a batch filled up to sink_batch_rows), batches of up to this many "
         "rows: fewer, bigger parts to merge; 0 or not above sink_batch_rows: off",
     )
+    sink_backlog_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="while the sink is behind, a batch fills for up to this long (stopping at the first fetch "
+        "that brings nothing: caught up), so it can reach sink_backlog_rows; 0: sink_batch_seconds",
+    )
     sink_raw_seconds: float = Field(
         default=2.0,
         ge=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -43,6 +44,19 @@ def test_migrations_apply_once(chdb: Client) -> None:
         "pipeline_metrics",
         "schema_migrations",
     } <= tables
+
+
+def test_evidence_merges_write_compact_parts_up_to_16_gib(chdb: Client) -> None:
+    """0008: a merge of evidence parts past 256 MiB stays compact (0006 alone made it wide, ~40 % dearer
+    per merged row); the raw tables keep 0006's threshold."""
+    migrate(chdb, "wide")
+    settings = {}
+    for table in ("evidence", "tool_calls"):
+        [(create,)] = chdb.query(
+            f"SELECT create_table_query FROM system.tables WHERE database = 'wide' AND name = '{table}'"
+        ).result_rows
+        settings[table] = re.search(r"min_bytes_for_wide_part = (\d+)", create).group(1)  # type: ignore[union-attr]
+    assert settings == {"evidence": str(16 * 2**30), "tool_calls": str(256 * 2**20)}
 
 
 def test_the_migrated_tables_have_every_spec_column_and_a_missing_one_stops_the_sink(chdb: Client) -> None:

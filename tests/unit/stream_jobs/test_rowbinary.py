@@ -288,8 +288,41 @@ def test_a_container_not_built_as_the_sink_builds_it_is_refused(built: Path) -> 
     block.messages.append(_Msg(0))  # one row more than the blocks hold
     assert codec.transcode(block) is None
     block = _block([encode(e) for e in _evidence()])
-    block.parts[-1] = b"\x00" * 16  # a wrong sync marker after the last record
+    block.runs.append((0, block.runs[0][1]))  # runs that do not start at increasing rows
     assert codec.transcode(block) is None
+    block = _block([encode(e) for e in _evidence()])
+    block.runs[0] = (0, b"short")  # a _prov prefix that is not 16 bytes
+    assert codec.transcode(block) is None
+
+
+def test_values_of_several_partitions_and_topics_are_read_without_the_container(
+    built: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transcoder reads the message values straight (no Avro container built): each partition's run
+    gets its own _prov prefix, byte for byte what the container path (the Python reference) writes."""
+    codec = rowbinary.codec_for(_spec())
+    assert codec is not None
+    values = [encode(e) for e in _evidence()]
+    block = BulkBlock(_spec())
+    # the sink adds one partition's messages at a time; a partition may come back in a later fetch
+    for topic, partition, count in [("a", 0, 3), ("a", 1, 1), ("b", 0, 2), ("a", 0, 4), ("a", 0, 1), ("a", 1, 2)]:
+        prefix = block.prefix(topic, partition)
+        for _ in range(count):
+            block.add(_Msg(len(block) * 7 + partition), values[len(block) % len(values)], prefix)
+    assert len(block.runs) == 5  # ("a", 0) twice in a row makes one run
+    reference = rowbinary.transcode_python(codec, block)
+    assert reference is not None
+
+    def no_container(self: BulkBlock) -> bytes:
+        raise AssertionError("the container was built")
+
+    monkeypatch.setattr(BulkBlock, "payload", no_container)
+    ours = codec.transcode(block)
+    assert ours is not None and bytes(ours) == reference
+    # row 3 is partition 1 of topic "a" (index 0), offset 3 * 7 + 1, at the end of its row
+    rows = bytes(ours)
+    assert block.nonce + (0).to_bytes(4, "little") + (1).to_bytes(4, "little") + (22).to_bytes(8, "little") in rows
+    assert block.nonce + (1).to_bytes(4, "little") + (0).to_bytes(4, "little") + (28).to_bytes(8, "little") in rows
 
 
 def test_without_the_library_the_writer_keeps_avro(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,8 +348,8 @@ def test_the_avro_decoder_is_never_transcoded(built: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "why"),
     [
-        (lambda src: src.replace("long sw_avro_rowbinary_abi(void) { return 2; }", ""), "built before the UTF-8 check"),
-        (lambda src: src.replace("{ return 2; }", "{ return 1; }"), "another interface version"),
+        (lambda src: src.replace("long sw_avro_rowbinary_abi(void) { return 3; }", ""), "built before the UTF-8 check"),
+        (lambda src: src.replace("{ return 3; }", "{ return 2; }"), "built before the values path"),
     ],
 )
 def test_a_library_of_other_sources_is_not_loaded(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ class Recording:
 
 
 def _sink(
-    broker: MemoryBroker, raw_seconds: float, batch_rows: int = 1000, backlog_rows: int = 0
+    broker: MemoryBroker, raw_seconds: float, batch_rows: int = 1000, backlog_rows: int = 0, backlog_seconds: float = 0
 ) -> tuple[ClickHouseSink, Runner[Batch], Recording]:
     config = SinkConfig(
         bootstrap="",
@@ -52,6 +53,8 @@ def _sink(
         lag_interval=60.0,
         raw_seconds=raw_seconds,
         backlog_rows=backlog_rows,
+        backlog_seconds=backlog_seconds,
+        backlog_idle_ms=50,
         fast_topics=frozenset({"ev"}),
     )
     sink = ClickHouseSink(config, writer=None)  # type: ignore[arg-type]  # the output below writes nothing
@@ -177,6 +180,38 @@ def test_while_behind_batches_grow_to_backlog_rows_and_shrink_back_once_caught_u
     assert max(sizes) == 20 and sum(sizes) == 103
 
 
+def test_while_behind_a_batch_fills_past_batch_seconds_until_backlog_rows_or_caught_up() -> None:
+    """A backlog's fetches bring a few records each (as a broker does, ~50,000 rows a second here): with
+    ``batch_seconds`` alone a backlog batch took what came within it, far below ``backlog_rows``; with
+    ``backlog_seconds`` it fills on to ``backlog_rows``, and stops at the first fetch that brings nothing
+    (caught up) rather than waiting ``backlog_seconds`` out."""
+    broker = MemoryBroker(partitions=1)
+    for _ in range(100):
+        broker.append("ev", None, b"x", 0)
+    sink, runner, output = _sink(broker, raw_seconds=0.0, batch_rows=5, backlog_rows=40, backlog_seconds=30.0)
+    sink.config.batch_seconds = 0.05
+    fetch = runner.consumer.getmany
+
+    async def three_per_fetch(timeout_ms: int, max_records: int) -> Any:
+        await asyncio.sleep(0.01)
+        return await fetch(timeout_ms, min(max_records, 3))
+
+    runner.consumer.getmany = three_per_fetch  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run())
+        while broker.committed.get("g", {}).get(("ev", 0)) != 100:
+            await asyncio.sleep(0.01)
+        sink.stop()
+        await task
+
+    started = time.monotonic()
+    asyncio.run(asyncio.wait_for(main(), 20))
+    assert time.monotonic() - started < 10  # the last batch did not wait out backlog_seconds
+    assert _sizes(output) == [5, 40, 40, 15]  # full, so behind: filled to backlog_rows; then what was left
+    assert runner.config.max_records == 5 and runner.config.fill_idle_ms == 0  # caught up: back to batch_rows
+
+
 def test_a_flush_writes_evidence_before_the_raw_tables() -> None:
     """A batch carrying held raw rows makes its evidence visible first (``evidence_current`` reads it)."""
     batch = Batch()
@@ -189,7 +224,8 @@ def test_the_service_holds_every_topic_but_evidence(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
     settings = Settings(home=tmp_path)
     config = sink_config(settings)
-    assert config.raw_seconds == 2.0 and config.backlog_rows == 90_000
+    assert config.raw_seconds == 2.0 and config.backlog_rows == 90_000 and config.backlog_seconds == 2.0
+    assert config.backlog_idle_ms == max(500, 5 * settings.sink_fetch_wait_ms)
     assert config.fast_topics == frozenset({settings.topics.evidence})
     assert set(config.topics) - config.fast_topics  # the raw topics: held
     off = sink_config(Settings(home=tmp_path, sink_raw_seconds=0, sink_backlog_rows=0))
