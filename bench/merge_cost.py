@@ -73,7 +73,17 @@ def main() -> None:
         "evidence_current's subquery) and then merged to one part (OPTIMIZE FINAL, the debt left)",
     )
     parser.add_argument("--stream-rounds", type=int, default=1, help="with --stream: rounds, interleaved")
+    parser.add_argument(
+        "--malloc-keep-mb",
+        type=int,
+        default=0,
+        help="keep this much freed glibc heap as the sink does (SINK_MALLOC_KEEP_MB; 0: glibc's defaults)",
+    )
     args = parser.parse_args()
+    if args.malloc_keep_mb:
+        from stream_jobs.sink import keep_freed_memory
+
+        keep_freed_memory(args.malloc_keep_mb)
     if args.stream:
         stream(args)
         return
