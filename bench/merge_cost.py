@@ -64,7 +64,26 @@ def main() -> None:
         "CPU (inserts and merges) per row",
     )
     parser.add_argument("--total", type=int, default=1_200_000)
+    parser.add_argument(
+        "--table-settings",
+        type=lambda v: [x.strip() for x in v.split(";")],
+        default=[""],
+        help="with --stream: table variants, ';'-separated, each a MODIFY SETTING list ('' = as migrated), e.g. "
+        "';merge_selector_base = 10;min_parts_to_merge_at_once = 10'; each is also read (parts left, "
+        "evidence_current's subquery) and then merged to one part (OPTIMIZE FINAL, the debt left)",
+    )
+    parser.add_argument("--stream-rounds", type=int, default=1, help="with --stream: rounds, interleaved")
+    parser.add_argument(
+        "--malloc-keep-mb",
+        type=int,
+        default=0,
+        help="keep this much freed glibc heap as the sink does (SINK_MALLOC_KEEP_MB; 0: glibc's defaults)",
+    )
     args = parser.parse_args()
+    if args.malloc_keep_mb:
+        from stream_jobs.sink import keep_freed_memory
+
+        keep_freed_memory(args.malloc_keep_mb)
     if args.stream:
         stream(args)
         return
@@ -154,7 +173,7 @@ def main() -> None:
             before = int(conn.query("SELECT value FROM system.events WHERE event = 'MergedRows'", "TSV").data() or 0)
             conn.query(f"SYSTEM START MERGES {t}")
             c0 = time.process_time()
-            conn.query(f"OPTIMIZE TABLE {t} FINAL")
+            conn.query(f"OPTIMIZE TABLE {t} FINAL SETTINGS optimize_skip_merged_partitions = 1")
             spent = time.process_time() - c0
             after = int(conn.query("SELECT value FROM system.events WHERE event = 'MergedRows'", "TSV").data() or 0)
             times[variant].append(spent)
@@ -224,42 +243,72 @@ def stream(args: argparse.Namespace) -> None:
     def merged_rows() -> int:
         return int(conn.query("SELECT value FROM system.events WHERE event = 'MergedRows'", "TSV").data() or 0)
 
-    for size in args.stream:
-        t = f"scopewatch.s{size}"
-        conn.query(f"CREATE TABLE {t} AS scopewatch.evidence")
-        before, c0 = merged_rows(), time.process_time()
-        for i in range(args.total // size):
-            settings = {
-                **INSERT_SETTINGS,
-                **ARROW_SETTINGS,
-                "max_block_size": size,
-                "min_insert_block_size_rows": size,
-                "insert_deduplication_token": f"{t}-{i}",
-            }
-            clause = ", ".join(f"{k} = {_literal(v)}" for k, v in settings.items())
-            conn.query(
-                f"INSERT INTO {t} SELECT * REPLACE (concat(call_id, '-{i}') AS call_id, "
-                f"concat(evidence_id, '-{i}') AS evidence_id) FROM scopewatch.staging LIMIT {size} SETTINGS {clause}"
-            )
+    def settle(name: str) -> None:
         quiet = 0
         while quiet < 10:
             time.sleep(0.2)
-            merging = int(
-                conn.query(f"SELECT count() FROM system.merges WHERE table = '{t.split('.')[1]}'", "TSV").data()
-            )
+            merging = int(conn.query(f"SELECT count() FROM system.merges WHERE table = '{name}'", "TSV").data())
             quiet = quiet + 1 if merging == 0 else 0
-        spent, merged = time.process_time() - c0, merged_rows() - before
-        parts = conn.query(
-            f"SELECT count(), max(rows) FROM system.parts WHERE table = '{t.split('.')[1]}' AND active", "TSV"
-        ).data()
-        rows = args.total // size * size
-        print(
-            f"parts of {size:,}: {rows:,} rows, {merged / rows:.2f} rows merged per row, "
-            f"{spent / rows * 1e6:.2f} µs CPU per row (inserts from a Memory table + merges); parts left, largest: "
-            f"{parts.strip()}",
-            flush=True,
-        )
-        conn.query(f"DROP TABLE {t} SYNC")
+
+    def read_ms(sql: str) -> float:
+        took = []
+        for _ in range(3):
+            c0 = time.process_time()
+            conn.query(sql, "TSV")
+            took.append((time.process_time() - c0) * 1000)
+        return median(took)
+
+    for rnd in range(args.stream_rounds):
+        for size in args.stream:
+            for k, variant in enumerate(args.table_settings):
+                name = f"s{size}_{k}_{rnd}"
+                t = f"scopewatch.{name}"
+                conn.query(f"CREATE TABLE {t} AS scopewatch.evidence")
+                if variant:
+                    conn.query(f"ALTER TABLE {t} MODIFY SETTING {variant}")
+                before, c0 = merged_rows(), time.process_time()
+                for i in range(args.total // size):
+                    settings = {
+                        **INSERT_SETTINGS,
+                        **ARROW_SETTINGS,
+                        "max_block_size": size,
+                        "min_insert_block_size_rows": size,
+                        "insert_deduplication_token": f"{t}-{i}",
+                    }
+                    clause = ", ".join(f"{k} = {_literal(v)}" for k, v in settings.items())
+                    conn.query(
+                        f"INSERT INTO {t} SELECT * REPLACE (concat(call_id, '-{i}') AS call_id, "
+                        f"concat(evidence_id, '-{i}') AS evidence_id) FROM scopewatch.staging LIMIT {size} "
+                        f"SETTINGS {clause}"
+                    )
+                settle(name)
+                spent, merged = time.process_time() - c0, merged_rows() - before
+                parts = conn.query(
+                    f"SELECT count(), max(rows) FROM system.parts WHERE table = '{name}' AND active", "TSV"
+                ).data()
+                rows = args.total // size * size
+                current = read_ms(  # evidence_current's subquery: the latest version of every call, every column
+                    f"SELECT count(), sum(length(reasons)) FROM (SELECT * FROM {t} ORDER BY tenant, call_id, "
+                    "version DESC, _ingested_at DESC LIMIT 1 BY tenant, call_id)"
+                )
+                tenant, call = conn.query(f"SELECT tenant, call_id FROM {t} LIMIT 1", "TSV").data().split("\t")
+                point = read_ms(
+                    f"SELECT * FROM {t} WHERE tenant = '{tenant}' AND call_id = '{call.strip()}' FORMAT Null"
+                )
+                m0, c1 = merged_rows(), time.process_time()
+                conn.query(f"OPTIMIZE TABLE {t} FINAL SETTINGS optimize_skip_merged_partitions = 1")
+                settle(name)
+                owed_cpu, owed = time.process_time() - c1, merged_rows() - m0
+                print(
+                    f"round {rnd} parts of {size:,} [{variant or 'as migrated'}]: {rows:,} rows, "
+                    f"{merged / rows:.2f} rows merged per row, {spent / rows * 1e6:.2f} µs CPU per row (inserts "
+                    f"from a Memory table + merges); parts left, largest: {parts.strip()}; reads: "
+                    f"evidence_current's subquery {current:.0f} ms, one call {point:.1f} ms; then to one part: "
+                    f"+{owed / rows:.2f} rows merged per row, +{owed_cpu / rows * 1e6:.2f} µs per row, total "
+                    f"{(merged + owed) / rows:.2f} merged, {(spent + owed_cpu) / rows * 1e6:.2f} µs per row",
+                    flush=True,
+                )
+                conn.query(f"DROP TABLE {t} SYNC")
     conn.close()
 
 

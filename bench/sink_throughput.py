@@ -538,19 +538,40 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     asyncio.run(main())
     if "done_at" not in marks:
         raise TimeoutError(f"the sink wrote {sink.counters['rows']} of {n} rows in {args.timeout}s")
+
     # the merges the run left behind, done in this process as a production sink does them: their CPU is
     # added to the window's for the "merges settled" figure (conservative: they also merge the first batch)
-    c0, quiet, deadline = time.process_time(), 0, time.monotonic() + 60
-    while quiet < 5 and time.monotonic() < deadline:
-        time.sleep(0.2)
-        quiet = quiet + 1 if merging() == 0 else 0
+    def settle() -> None:
+        quiet, deadline = 0, time.monotonic() + 240
+        while quiet < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            quiet = quiet + 1 if merging() == 0 else 0
+
+    def evidence_parts() -> int:
+        return int(
+            client.query(
+                f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'evidence' AND active"
+            ).result_rows[0][0]
+        )
+
+    c0 = time.process_time()
+    settle()
     settle_cpu = time.process_time() - c0
     settled_merged = merged_rows()
-    parts = int(
-        client.query(
-            f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'evidence' AND active"
-        ).result_rows[0][0]
-    )
+    parts = evidence_parts()
+    # what the parts left cost a reader: evidence_current (the latest version of every call), process CPU, warm
+    reads = []
+    for _ in range(3):
+        r0 = time.process_time()
+        client.query(f"SELECT count(), sum(length(reasons)) FROM {db}.evidence_current")
+        reads.append(time.process_time() - r0)
+    # the fixed horizon: every merge owed until the evidence is one part (the debt the parts left still carry;
+    # a partition already one part is not rewritten)
+    c1 = time.process_time()
+    if not args.no_merges:
+        client.command(f"OPTIMIZE TABLE {db}.evidence FINAL SETTINGS optimize_skip_merged_partitions = 1")
+        settle()
+    one_part_cpu = time.process_time() - c1
     stats = sink.stats()
     total = int(client.query(f"SELECT count() FROM {settings.clickhouse_database}.evidence").result_rows[0][0])
     return {
@@ -565,6 +586,10 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "settle_cpu": settle_cpu,
         "settled_merged_rows": settled_merged - marks["first_merged"],
         "evidence_parts": parts,
+        "current_read_cpu": sorted(reads)[1],
+        "one_part_cpu": one_part_cpu,
+        "one_part_merged_rows": merged_rows() - settled_merged,
+        "one_part_parts": evidence_parts(),
         "total_rows": marks["done_rows"],
         "total_wall": marks["done_at"] - marks["start"],
         "total_cpu": marks["done_cpu"] - marks["start_cpu"],
@@ -940,6 +965,19 @@ def report(
                 + "); "
                 f"{sorted(settled)[len(settled) // 2]:,.0f} ({', '.join(f'{x:,.0f}' for x in settled)}); "
                 f"{run['evidence_parts']}",
+            )
+        if "one_part_cpu" in run:
+            whole = [
+                rate(r["steady_rows"], r["steady_cpu"] + r["settle_cpu"] + r["one_part_cpu"])
+                for r in run.get("all", [run])
+            ]
+            extra.add_row(
+                f"(b) [{path}] to one evidence part (the fixed horizon: window + the settle + OPTIMIZE FINAL of the "
+                "parts left): rows per sink CPU-second (rounds); µs/row; evidence_current read with the parts left "
+                "(ms CPU, rounds)",
+                f"{sorted(whole)[len(whole) // 2]:,.0f} ({', '.join(f'{x:,.0f}' for x in whole)}); "
+                f"{1e6 / sorted(whole)[len(whole) // 2]:.2f} µs/row; "
+                + ", ".join(f"{r['current_read_cpu'] * 1000:,.0f}" for r in run.get("all", [run])),
             )
         if "delays" in run:
             d = sorted(run["delays"]) or [float("nan")]
