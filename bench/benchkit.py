@@ -284,6 +284,58 @@ def busy_share(a: CpuSample, b: CpuSample) -> float:
 # ------------------------------------------------------------------------- the stack
 
 
+class OffsetOnly:
+    """A consumed message as :meth:`stream_jobs.bulk.BulkBlock.add` reads it: only its offset."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def migrated_chdb(prefix: str) -> Any:
+    """A raw ``chdb`` connection to a new chDB folder with scopewatch's migrations applied."""
+    import chdb
+
+    from stream_jobs.clickhouse import connect, migrate
+
+    home = tempfile.mkdtemp(prefix=prefix)
+    client = connect(f"chdb://{home}/chdb")
+    migrate(client, "scopewatch")
+    del client
+    return chdb.connect(f"{home}/chdb")
+
+
+def evidence_codec() -> tuple[Any, Any]:
+    """The evidence table's bulk spec and its RowBinary codec (the C library must be built)."""
+    from stream_jobs import rowbinary
+    from stream_jobs.bulk import bulk_specs
+
+    spec = next(s for s in bulk_specs().values() if s.table == "evidence")
+    codec = rowbinary.codec_for(spec)
+    assert codec is not None and rowbinary.library() is not None
+    return spec, codec
+
+
+def evidence_block(spec: Any, values: Iterable[bytes], first_offset: int = 0) -> Any:
+    """A bulk block of encoded evidence ``values`` from partition 0 of one topic, offsets from ``first_offset``."""
+    from stream_jobs.bulk import BulkBlock
+
+    block = BulkBlock(spec)
+    prefix = block.prefix("bench.audit.evidence", 0)
+    for offset, value in enumerate(values, first_offset):
+        block.add(OffsetOnly(offset), value, prefix)
+    return block
+
+
+def tmpfs_file(data: bytes) -> str:
+    """``data`` in a new file on /dev/shm (or the temp folder without it): its path."""
+    fd, path = tempfile.mkstemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    return path
+
+
 def local_broker(tmp: Path, cache_dir: Path, heap: str = "1g") -> KafkaBroker:
     """A Kafka broker (KRaft) on 127.0.0.1 with free ports, its data under ``tmp/kafka``; ready when returned."""
     return start_broker(tmp / "kafka", cache_dir, port=proc.free_port(), controller_port=proc.free_port(), heap=heap)

@@ -25,47 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-class _Msg:
-    __slots__ = ("offset",)
-
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=lambda v: [int(x) for x in v.split(",")], default=[20, 2000])
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
 
-    import chdb
+    from benchkit import evidence_block, evidence_codec, migrated_chdb, tmpfs_file
     from sink_throughput import realistic_evidence
 
     from schemas import encode
-    from stream_jobs import rowbinary
-    from stream_jobs.bulk import BulkBlock, bulk_specs
-    from stream_jobs.clickhouse import connect, migrate
     from stream_jobs.sink import ARROW_SETTINGS, INSERT_SETTINGS, _literal
 
-    home = tempfile.mkdtemp(prefix="fixed-cost-")
-    client = connect(f"chdb://{home}/chdb")
-    migrate(client, "scopewatch")
-    del client
-    conn = chdb.connect(f"{home}/chdb")
+    conn = migrated_chdb("fixed-cost-")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    spec = next(s for s in bulk_specs().values() if s.table == "evidence")
-    codec = rowbinary.codec_for(spec)
-    assert codec is not None and rowbinary.library() is not None
+    spec, codec = evidence_codec()
     seq = 0
     for rows in args.rows:
-        block = BulkBlock(spec)
-        prefix = block.prefix("bench.audit.evidence", 0)
-        for offset, e in enumerate(realistic_evidence(rows)):
-            block.add(_Msg(offset), encode(e), prefix)
-        data = bytes(codec.transcode(block) or b"")
-        fd, src = tempfile.mkstemp(dir=shm)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        block = evidence_block(spec, map(encode, realistic_evidence(rows)))
+        src = tmpfs_file(bytes(codec.transcode(block) or b""))
         settings = {
             **INSERT_SETTINGS,
             **ARROW_SETTINGS,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -39,13 +38,6 @@ VARIANTS: dict[str, list[str]] = {
     "all ZSTD(1)": ["*zstd"],
     "MergeTree (no replacing)": [],  # made with CREATE ... ENGINE below
 }
-
-
-class _Msg:
-    __slots__ = ("offset",)
-
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
 
 
 def main() -> None:
@@ -88,35 +80,20 @@ def main() -> None:
         stream(args)
         return
 
-    import chdb
+    from benchkit import evidence_block, evidence_codec, migrated_chdb, tmpfs_file
     from sink_throughput import realistic_evidence
 
     from schemas import encode
-    from stream_jobs import rowbinary
-    from stream_jobs.bulk import BulkBlock, bulk_specs
-    from stream_jobs.clickhouse import connect, migrate
     from stream_jobs.sink import ARROW_SETTINGS, INSERT_SETTINGS, _literal
 
-    home = tempfile.mkdtemp(prefix="merge-cost-")
-    client = connect(f"chdb://{home}/chdb")
-    migrate(client, "scopewatch")
-    del client
-    conn = chdb.connect(f"{home}/chdb")
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    spec = next(s for s in bulk_specs().values() if s.table == "evidence")
-    codec = rowbinary.codec_for(spec)
-    assert codec is not None and rowbinary.library() is not None
+    conn = migrated_chdb("merge-cost-")
+    spec, codec = evidence_codec()
     events = realistic_evidence(args.rows * args.parts)
     files = []
     blocks = []
     for p in range(args.parts):
-        block = BulkBlock(spec)
-        prefix = block.prefix("bench.audit.evidence", 0)
-        for offset, e in enumerate(events[p * args.rows : (p + 1) * args.rows]):
-            block.add(_Msg(p * args.rows + offset), encode(e), prefix)
-        fd, src = tempfile.mkstemp(dir=shm)
-        with os.fdopen(fd, "wb") as out:
-            out.write(bytes(codec.transcode(block) or b""))
+        block = evidence_block(spec, map(encode, events[p * args.rows : (p + 1) * args.rows]), p * args.rows)
+        src = tmpfs_file(bytes(codec.transcode(block) or b""))
         files.append(src)
         blocks.append(block)
     columns = conn.query(
@@ -209,31 +186,17 @@ def main() -> None:
 
 def stream(args: argparse.Namespace) -> None:
     """Parts of each size in ``args.stream`` until ``args.total`` rows, merges on: merged rows and CPU per row."""
-    import chdb
+    from benchkit import evidence_block, evidence_codec, migrated_chdb, tmpfs_file
     from sink_throughput import realistic_evidence
 
     from schemas import encode
-    from stream_jobs import rowbinary
-    from stream_jobs.bulk import BulkBlock, bulk_specs
-    from stream_jobs.clickhouse import connect, migrate
     from stream_jobs.sink import ARROW_SETTINGS, INSERT_SETTINGS, _literal
 
-    home = tempfile.mkdtemp(prefix="merge-stream-")
-    client = connect(f"chdb://{home}/chdb")
-    migrate(client, "scopewatch")
-    del client
-    conn = chdb.connect(f"{home}/chdb")
-    spec = next(s for s in bulk_specs().values() if s.table == "evidence")
-    codec = rowbinary.codec_for(spec)
-    assert codec is not None and rowbinary.library() is not None
+    conn = migrated_chdb("merge-stream-")
+    spec, codec = evidence_codec()
     biggest = max(args.stream)
-    block = BulkBlock(spec)
-    prefix = block.prefix("bench.audit.evidence", 0)
-    for offset, e in enumerate(realistic_evidence(biggest)):
-        block.add(_Msg(offset), encode(e), prefix)
-    fd, src = tempfile.mkstemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    with os.fdopen(fd, "wb") as out:
-        out.write(bytes(codec.transcode(block) or b""))
+    block = evidence_block(spec, map(encode, realistic_evidence(biggest)))
+    src = tmpfs_file(bytes(codec.transcode(block) or b""))
     sql = codec.rewrite(spec.sql("scopewatch.staging_src", src, block, 1_700_000_000_000, "max_threads = 1"), src)
     assert sql is not None
     conn.query("CREATE TABLE scopewatch.staging AS scopewatch.evidence ENGINE = Memory")

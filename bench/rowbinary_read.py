@@ -31,20 +31,18 @@ def main() -> None:
     args = parser.parse_args()
 
     import chdb
+    from benchkit import evidence_block
     from sink_throughput import realistic_evidence
 
     from schemas import encode
     from stream_jobs import rowbinary
-    from stream_jobs.bulk import BulkBlock, bulk_specs
+    from stream_jobs.bulk import bulk_specs
     from stream_jobs.clickhouse import connect, migrate
     from stream_jobs.sink import ARROW_SETTINGS, INSERT_SETTINGS, _literal
 
     messages = [encode(e) for e in realistic_evidence(args.rows)]
     spec = next(s for s in bulk_specs().values() if s.table == "evidence")
-    block = BulkBlock(spec)
-    prefix = block.prefix("bench.audit.evidence", 0)
-    for offset, value in enumerate(messages):
-        block.add(_Msg(offset), value, prefix)
+    block = evidence_block(spec, messages)
     avro = block.payload()
     codec = rowbinary.codec_for(spec)
     assert codec is not None
@@ -101,13 +99,6 @@ def main() -> None:
     count = conn.query("SELECT count() FROM scopewatch.evidence", "CSV").data()
     print("rows in table:", count.strip())
     conn.close()
-
-
-class _Msg:
-    __slots__ = ("offset",)
-
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
 
 
 if __name__ == "__main__":
