@@ -89,7 +89,16 @@ from collectors.spool import (
 )
 from schemas import DeadLetter, encode
 
-__all__ = ["BackgroundPublisher", "PublisherError", "PublisherStats", "loss_record"]
+__all__ = [
+    "BATCH_ITEM_MAX",
+    "TICK",
+    "BackgroundPublisher",
+    "Flight",
+    "Item",
+    "PublisherError",
+    "PublisherStats",
+    "loss_record",
+]
 
 log = logging.getLogger("scopewatch.publisher")
 
@@ -101,7 +110,8 @@ POISON = (
     InvalidTopicError,
     TopicAuthorizationFailedError,
 )
-_TICK = 0.05
+TICK = 0.05
+"""Seconds between the publisher thread's checks when nothing wakes it (both clients' loops)."""
 _DEGRADED_SEND_TIMEOUT = 0.1
 FRESH_GRACE = 5.0
 """``close``: how long a producer connected just now may take for its first acknowledgement before
@@ -112,7 +122,7 @@ LOSS_RECORD_INTERVAL = 1.0
 """At most one batch of loss records per this many seconds (the counts accumulate meanwhile)."""
 _SPILL_BATCH = 1000
 _SPILL_BATCH_BYTES = 4 << 20
-_BATCH_ITEM_MAX = 256 << 10
+BATCH_ITEM_MAX = 256 << 10
 """Records larger than this are handed to the producer one by one (``send``), not in a batch."""
 _MAX_BATCH_BYTES = 256 << 10
 """The producer's record-batch size (aiokafka's default is 16 KiB): a busy collector's round of
@@ -155,7 +165,9 @@ class PublisherStats:
 
 
 @dataclass(slots=True)
-class _Item:
+class Item:
+    """A record on its way: queued in memory, handed to the producer or spooled (both clients)."""
+
     topic: str
     key: bytes | None
     value: bytes
@@ -177,10 +189,10 @@ class _Ack(Protocol):
 
 
 @dataclass(slots=True)
-class _Flight:
+class Flight:
     """A record handed to the producer, not yet acknowledged."""
 
-    item: _Item
+    item: Item
     future: _Ack
     sent_at: float
     segment: Segment | None = None  # where it is spooled (None: only in memory)
@@ -266,7 +278,7 @@ class BackgroundPublisher:
         self._stall = self.config.stall_seconds if self.stall_seconds is None else self.stall_seconds
         self._spool = SpoolDir(self.config)
         self._window_bytes = min(self.window_bytes, self.config.max_bytes // 4)
-        self._incoming: deque[_Item] = deque()
+        self._incoming: deque[Item] = deque()
         self._incoming_bytes = 0
         self._cond = threading.Condition()
         self._loss = _Loss()
@@ -282,7 +294,7 @@ class BackgroundPublisher:
         self._thread = threading.Thread(target=self._run, name="scopewatch-publisher", daemon=True)
         self._started = False
         # owned by the publisher thread
-        self._inflight: deque[_Flight] = deque()
+        self._inflight: deque[Flight] = deque()
         self._partitions: dict[tuple[str, bytes | None], int] = {}  # (topic, key) -> partition
         self._inflight_bytes = 0
         self._unspooled = 0  # in-flight records that are only in memory
@@ -327,7 +339,7 @@ class BackgroundPublisher:
     def publish(self, topic: str, key: bytes | None, value: bytes) -> bool:
         """Queue one record. False: refused (memory and spool full, or closed) -- a counted loss."""
         with self._cond:
-            accepted = self._put(_Item(topic, key, value))
+            accepted = self._put(Item(topic, key, value))
             wake = self._sleeping
             self._sleeping = False
         if wake:
@@ -343,7 +355,7 @@ class BackgroundPublisher:
         with self._cond:
             incoming = self._incoming
             for topic, key, value in records:
-                item = _Item(topic, key, value)
+                item = Item(topic, key, value)
                 size = item.size
                 if (
                     self._accepting
@@ -367,7 +379,7 @@ class BackgroundPublisher:
             self._poke()
         return accepted
 
-    def _put(self, item: _Item) -> bool:
+    def _put(self, item: Item) -> bool:
         """Append ``item`` to memory, waiting for room as the spool config says (the caller holds the lock)."""
         size = item.size
         topic = item.topic
@@ -627,7 +639,7 @@ class BackgroundPublisher:
             self.stats.degraded += 1
             log.warning("Kafka unavailable (%s): spooling events to %s", reason, self.config.dir)
 
-    def _append(self, items: list[_Item], *, reserve_ok: bool = False) -> list[tuple[Segment, int, int]]:
+    def _append(self, items: list[Item], *, reserve_ok: bool = False) -> list[tuple[Segment, int, int]]:
         placed = self._spool.append(
             [(item.kind, encode_payload(item.topic, item.key, item.value)) for item in items], reserve_ok=reserve_ok
         )
@@ -639,7 +651,7 @@ class BackgroundPublisher:
         """Memory -> spool, in order, as far as the spool has room."""
         while True:
             with self._cond:
-                batch: list[_Item] = []
+                batch: list[Item] = []
                 size = 0
                 for item in self._incoming:
                     if len(batch) >= _SPILL_BATCH or size >= _SPILL_BATCH_BYTES:
@@ -669,7 +681,7 @@ class BackgroundPublisher:
                 self._incoming_bytes -= size
                 self._cond.notify_all()
 
-    def _loss_item(self, reason: str, detail: dict[str, object], topic: str = "") -> _Item:
+    def _loss_item(self, reason: str, detail: dict[str, object], topic: str = "") -> Item:
         record = loss_record(
             publisher=self.client_id,
             reason=reason,
@@ -677,7 +689,7 @@ class BackgroundPublisher:
             source_topic=topic,
         )
         self.stats.loss_records += 1
-        return _Item(self.config.loss_topic, self.client_id.encode("utf-8"), encode(record), KIND_LOSS)
+        return Item(self.config.loss_topic, self.client_id.encode("utf-8"), encode(record), KIND_LOSS)
 
     def _flush_loss(self, *, final: bool = False) -> None:
         """Turn the losses counted so far into loss records (one per topic).
@@ -793,14 +805,14 @@ class BackgroundPublisher:
         """
         while len(self._inflight) < self.window and self._inflight_bytes < self._window_bytes:
             room, room_bytes = self.window - len(self._inflight), self._window_bytes - self._inflight_bytes
-            items: list[_Item] = []
+            items: list[Item] = []
             with self._cond:
                 incoming = self._incoming
                 taken = 0
                 while incoming and len(items) < room and room_bytes > 0:
                     item = incoming[0]
                     size = item.size
-                    if size > _BATCH_ITEM_MAX:
+                    if size > BATCH_ITEM_MAX:
                         break
                     incoming.popleft()
                     taken += size
@@ -816,7 +828,7 @@ class BackgroundPublisher:
             error: BaseException | None = None
             try:
                 async with asyncio.timeout(self.send_timeout):
-                    groups: dict[tuple[str, int], list[_Item]] = {}
+                    groups: dict[tuple[str, int], list[Item]] = {}
                     for item in items:
                         part = self._partitions.get((item.topic, item.key))
                         if part is None:
@@ -832,7 +844,7 @@ class BackgroundPublisher:
                 if future is None:
                     unsent.append(item)
                     continue
-                self._inflight.append(_Flight(item, future, now))
+                self._inflight.append(Flight(item, future, now))
                 self._inflight_bytes += item.size
                 self._unspooled += 1
             if unsent:
@@ -860,12 +872,12 @@ class BackgroundPublisher:
         producer: AIOKafkaProducer,
         topic: str,
         partition: int,
-        group: list[_Item],
+        group: list[Item],
         futures: dict[int, asyncio.Future[object]],
     ) -> None:
         """The records of one partition, in order, in as few batches as fit; ``futures`` learns the
         batch future of each record handed over (a record is handed over only with its batch)."""
-        batch, members = producer.create_batch(), list[_Item]()
+        batch, members = producer.create_batch(), list[Item]()
         for item in group:
             if batch.append(key=item.key, value=item.value, timestamp=None) is None:
                 if not members:
@@ -878,7 +890,7 @@ class BackgroundPublisher:
         self._sent(await producer.send_batch(batch, topic, partition=partition), members, futures)
 
     def _sent(
-        self, future: asyncio.Future[object], members: list[_Item], futures: dict[int, asyncio.Future[object]]
+        self, future: asyncio.Future[object], members: list[Item], futures: dict[int, asyncio.Future[object]]
     ) -> None:
         future.add_done_callback(lambda _f: self._wake.set())
         for item in members:
@@ -904,7 +916,7 @@ class BackgroundPublisher:
                 entry = self._next_spooled()
                 if entry is None:
                     return
-                item = _Item(entry.topic, entry.key, entry.value, entry.kind)
+                item = Item(entry.topic, entry.key, entry.value, entry.kind)
             else:
                 with self._cond:
                     if not self._incoming:
@@ -925,7 +937,7 @@ class BackgroundPublisher:
                     # (marking it now would move the spool's acked mark past records still in flight)
                     refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
                     refused.set_exception(exc)
-                    flight = _Flight(item, refused, now, entry.segment, entry.index, entry.end)
+                    flight = Flight(item, refused, now, entry.segment, entry.index, entry.end)
                     self._inflight.append(flight)
                     self._inflight_bytes += item.size
                     continue
@@ -941,7 +953,7 @@ class BackgroundPublisher:
             self._send_stalled = False
             self._send_pause = 0.1
             future.add_done_callback(lambda _f: self._wake.set())
-            flight = _Flight(item, future, now)
+            flight = Flight(item, future, now)
             if entry is not None:
                 flight.segment, flight.index, flight.end = entry.segment, entry.index, entry.end
             self._inflight.append(flight)
@@ -958,7 +970,7 @@ class BackgroundPublisher:
                     return entry
         return None
 
-    def _unsend(self, item: _Item, entry: SpoolEntry | None) -> None:
+    def _unsend(self, item: Item, entry: SpoolEntry | None) -> None:
         """The producer did not take ``item``: it goes back where it came from."""
         if entry is not None:
             entry.segment.unread(entry)
@@ -967,7 +979,7 @@ class BackgroundPublisher:
                 self._incoming.appendleft(item)
                 self._incoming_bytes += item.size
 
-    def _poisoned(self, item: _Item, exc: BaseException) -> None:
+    def _poisoned(self, item: Item, exc: BaseException) -> None:
         """Kafka refuses this record for good: record the loss, skip the record (a spooled one is
         marked done by the caller, in order)."""
         self._error(exc)
@@ -1089,11 +1101,11 @@ class BackgroundPublisher:
             return 0.0  # more arrived meanwhile: go on at once
         if losses and not waiting:  # loss records held back (see _flush_loss)
             due = self._loss_flushed_at + LOSS_RECORD_INTERVAL - time.monotonic()
-            return _TICK if self._degraded and self.stats.spool_full else min(_TICK, max(0.005, due))
+            return TICK if self._degraded and self.stats.spool_full else min(TICK, max(0.005, due))
         if self._wrote and self.config.fsync == "interval":
-            return max(0.0, min(_TICK, self._last_sync + self.config.fsync_interval - time.monotonic()))
+            return max(0.0, min(TICK, self._last_sync + self.config.fsync_interval - time.monotonic()))
         if busy or self._producer is None:
-            return _TICK * 2 if self._degraded else _TICK
+            return TICK * 2 if self._degraded else TICK
         return None
 
     def _can_progress(self) -> bool:
@@ -1188,7 +1200,7 @@ def _client_of(client: str | None) -> str:
     return client
 
 
-def _acked(flight: _Flight) -> bool:
+def _acked(flight: Flight) -> bool:
     future = flight.future
     return future.done() and not future.cancelled() and future.exception() is None
 

@@ -24,7 +24,7 @@ from the spool what it did not acknowledge. Records the producer holds when the 
 acknowledging are spooled after ``stall_seconds``, as with aiokafka; librdkafka keeps retrying them
 (same producer id and sequence numbers) and their reports mark them delivered in the spool.
 
-While the thread waits in ``poll()`` (at most ``_TICK``, 0.05 s; twice that while degraded, as the
+While the thread waits in ``poll()`` (at most ``TICK``, 0.05 s; twice that while degraded, as the
 asyncio publisher's loop), a hand-over that arrives meanwhile waits for the next delivery report or
 that tick: the bound on the time an event spends in memory once the broker is unreachable
 (``stall_seconds`` plus one turn) grows by at most that wait.
@@ -48,11 +48,11 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from collectors.publisher import (
-    _BATCH_ITEM_MAX,
-    _TICK,
+    BATCH_ITEM_MAX,
+    TICK,
     BackgroundPublisher,
-    _Flight,
-    _Item,
+    Flight,
+    Item,
 )
 from collectors.spool import SpoolEntry
 
@@ -214,9 +214,9 @@ class RdkafkaPublisher(BackgroundPublisher):
         if self._inflight and self._producer is not None and self._lazy():
             # healthy, nobody waits: the reports are served at the next turn -- the next hand-over, or
             # the first record's stall deadline, whichever comes first -- not by a wake-up of their own
-            # (``_TICK`` is the base loop's busy tick, not needed here: a loss record may wait that long too)
+            # (``TICK`` is the base loop's busy tick, not needed here: a loss record may wait that long too)
             head = self._inflight[0].sent_at + self._stall - time.monotonic()
-            seconds = max(0.0, head if seconds is None or seconds == _TICK else min(seconds, head))
+            seconds = max(0.0, head if seconds is None or seconds == TICK else min(seconds, head))
             self._select(seconds + 0.001)
             return
         if self._inflight and self._producer is not None:
@@ -225,7 +225,7 @@ class RdkafkaPublisher(BackgroundPublisher):
             # reported, it is poked, or the time is up: a hand-over's records go to several partitions,
             # whose reports come one response at a time.
             poll, last = self._rd.poll, self._inflight[-1].future
-            deadline = time.monotonic() + (_TICK if seconds is None else seconds)  # degraded: 2 ticks
+            deadline = time.monotonic() + (TICK if seconds is None else seconds)  # degraded: 2 ticks
             while not self._drain_wake():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not poll(remaining) or last.done():
@@ -356,14 +356,14 @@ class RdkafkaPublisher(BackgroundPublisher):
                 entry = self._next_spooled()
                 if entry is None:
                     return
-                if not self._produce_one(producer, _Item(entry.topic, entry.key, entry.value, entry.kind), entry, now):
+                if not self._produce_one(producer, Item(entry.topic, entry.key, entry.value, entry.kind), entry, now):
                     return
                 continue
             room, room_bytes = (
                 min(self.window - len(self._inflight), _PRODUCE_BATCH),
                 (self._window_bytes - self._inflight_bytes),
             )
-            items: list[_Item] = []
+            items: list[Item] = []
             with self._cond:
                 incoming = self._incoming
                 taken = 0
@@ -372,7 +372,7 @@ class RdkafkaPublisher(BackgroundPublisher):
                     taken += item.size
                     room_bytes -= item.size
                     items.append(item)
-                    if item.size > _BATCH_ITEM_MAX:
+                    if item.size > BATCH_ITEM_MAX:
                         break
                 self._incoming_bytes -= taken
                 if items:
@@ -387,7 +387,7 @@ class RdkafkaPublisher(BackgroundPublisher):
                         self._incoming_bytes += sum(i.size for i in rest)
                     return
 
-    def _produce_one(self, producer: Any, item: _Item, entry: SpoolEntry | None, now: float) -> bool:
+    def _produce_one(self, producer: Any, item: Item, entry: SpoolEntry | None, now: float) -> bool:
         """One record into librdkafka's queue; False: stop sending this turn (the caller puts it back)."""
         report = _Report()
         try:
@@ -420,8 +420,8 @@ class RdkafkaPublisher(BackgroundPublisher):
         self._track(item, report, entry, now)
         return True
 
-    def _track(self, item: _Item, report: _Report, entry: SpoolEntry | None, now: float) -> None:
-        flight = _Flight(item, report, now)
+    def _track(self, item: Item, report: _Report, entry: SpoolEntry | None, now: float) -> None:
+        flight = Flight(item, report, now)
         if entry is not None:
             flight.segment, flight.index, flight.end = entry.segment, entry.index, entry.end
         self._inflight.append(flight)

@@ -203,7 +203,7 @@ Principal = Annotated[str, typer.Option(help="the human or service the agent act
 AgentId = Annotated[str, typer.Option(help="the agent's client or workload id")]
 
 
-def _emit(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool, command: str = "emit") -> None:
+def emit_event(fields: dict[str, Any], times: dict[str, str | None], dry_run: bool, command: str = "emit") -> None:
     """Build, print and (unless ``dry_run``) publish one event; fields of ``times`` are parsed first."""
     from collectors.intake import blank_identity_fields, token_id_problem
     from schemas import EventError, parse_event, to_canonical_json, topic_for
@@ -275,7 +275,7 @@ def emit_bind(
         "auth": {k: v for k, v in auth.items() if v is not None},
     }
     times = {"event_time": event_time, "valid_from": valid_from or event_time, "valid_until": valid_until}
-    _emit(fields, times, dry_run)
+    emit_event(fields, times, dry_run)
 
 
 @emit_app.command("end")
@@ -288,7 +288,7 @@ def emit_end(
 ) -> None:
     """session_ended: the session is not valid from the event time on."""
     fields = {"event_type": "session_ended", "event_id": event_id, "tenant": tenant, "session_id": session_id}
-    _emit(fields, {"event_time": event_time}, dry_run)
+    emit_event(fields, {"event_time": event_time}, dry_run)
 
 
 @emit_app.command("grant")
@@ -333,7 +333,7 @@ def emit_grant(
         "approval_tools": list(approval_tool or []),
     }
     times = {"event_time": event_time, "not_before": not_before or event_time, "expires_at": expires_at}
-    _emit(fields, times, dry_run)
+    emit_event(fields, times, dry_run)
 
 
 @emit_app.command("revoke")
@@ -359,7 +359,7 @@ def emit_revoke(
         "revoked_by": revoked_by or principal,
         "reason": reason,
     }
-    _emit(fields, {"event_time": event_time}, dry_run)
+    emit_event(fields, {"event_time": event_time}, dry_run)
 
 
 ApprovalTool = Annotated[str, typer.Option("--tool", help="the exact server/tool decided on, e.g. fs/write_file")]
@@ -421,7 +421,7 @@ def _approval(
         "approver": approver,
         "reason": reason,
     }
-    _emit(fields, {"event_time": event_time, "expires_at": expires_at}, dry_run)
+    emit_event(fields, {"event_time": event_time, "expires_at": expires_at}, dry_run)
 
 
 def _approval_command(decision: str, doc: str) -> None:

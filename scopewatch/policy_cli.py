@@ -264,7 +264,7 @@ def publish(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the event, do not publish it")] = False,
 ) -> None:
     """Check the folder (refusing unparseable text or failing cases), then publish a policy_published."""
-    from scopewatch.intake_cli import _emit
+    from scopewatch.intake_cli import emit_event
 
     if not policy_id.strip():
         sys.stderr.write("scopewatch policy: error: --id must not be empty\n")
@@ -290,7 +290,7 @@ def publish(
         "labels": folder.labels,
         "published_by": published_by,
     }
-    _emit(fields, {"event_time": event_time}, dry_run, command="policy publish")
+    emit_event(fields, {"event_time": event_time}, dry_run, command="policy publish")
 
 
 def _standalone() -> typer.Typer:  # pragma: no cover
