@@ -3,7 +3,7 @@ middleware and ``intake`` (environment prefix ``SCOPEWATCH_``).
 
 Kafka
     ``SCOPEWATCH_BOOTSTRAP`` (default: the local broker, ``127.0.0.1:$SCOPEWATCH_KAFKA_PORT``,
-    port 19092), ``SCOPEWATCH_TOPIC_PREFIX``.
+    port ``schemas.topics.LOCAL_KAFKA_PORT``, 19092), ``SCOPEWATCH_TOPIC_PREFIX``.
 Spool (see :mod:`collectors.spool`)
     ``SCOPEWATCH_SPOOL_DIR`` (default ``$SCOPEWATCH_HOME/spool``, else ``~/.scopewatch/spool``),
     ``SCOPEWATCH_SPOOL_MAX_BYTES``, ``_SEGMENT_BYTES``, ``_FSYNC``, ``_FSYNC_INTERVAL``,
@@ -13,7 +13,11 @@ Redaction (see :mod:`collectors.redact`)
     on first use, mode 0600), ``SCOPEWATCH_REDACT_PATTERNS`` (JSON object name -> regex),
     ``SCOPEWATCH_REDACT_ARGUMENTS`` (comma-separated argument names), ``SCOPEWATCH_MAX_ARGUMENT_BYTES``.
 Resources
-    ``SCOPEWATCH_RESOURCE_RULES``: a JSON file of resource extraction rules (default: built in).
+    ``SCOPEWATCH_RESOURCE_RULES``: a JSON file of resource extraction rules (default: built in);
+    ``SCOPEWATCH_OBSERVER_NICE``: niceness added to ``wrap``'s observer process (default 19);
+    ``SCOPEWATCH_CACHE_DIR``: where a relay built outside the virtualenv is looked for (``bin/``).
+Intake
+    ``SCOPEWATCH_INTAKE_SECRETS``: ``whsec_`` webhook secrets, separated by commas or whitespace.
 Publisher
     ``SCOPEWATCH_PUBLISHER_CLIENT``: ``rdkafka`` (default, librdkafka through confluent-kafka,
     :mod:`collectors.publisher_rdkafka`) or ``aiokafka`` (:mod:`collectors.publisher`).
@@ -43,8 +47,8 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from collectors.redact import MIN_KEY_BYTES, Redactor
 from collectors.resources import ResourceExtractor
-from collectors.spool import FsyncPolicy, OnFull, SpoolConfig, SpoolConfigError, state_home
-from schemas.topics import DEAD_LETTER, Topics
+from collectors.spool import FsyncPolicy, OnFull, SpoolConfig, SpoolConfigError
+from schemas.topics import DEAD_LETTER, LOCAL_KAFKA_PORT, Topics
 
 __all__ = [
     "DEFAULT_KAFKA_PORT",
@@ -55,15 +59,28 @@ __all__ = [
     "host_key",
     "key_file",
     "parse_listen",
+    "state_home",
     "validation_errors",
 ]
 
 PREFIX = "SCOPEWATCH_"
-DEFAULT_KAFKA_PORT = 19092
+DEFAULT_KAFKA_PORT = LOCAL_KAFKA_PORT
+OBSERVER_NICE = 19
+"""Default niceness of ``wrap``'s observer process (``SCOPEWATCH_OBSERVER_NICE``)."""
 KEY_ENV = "SCOPEWATCH_REDACTION_KEY"
 KEY_FILE = "redaction.key"
 
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("scopewatch_collector_environ", default=None)
+
+
+def state_home(environ: Mapping[str, str]) -> Path:
+    """The collectors' state folder: ``$SCOPEWATCH_HOME``, else ``~/.scopewatch``.
+
+    Not the settings' default (``./.scopewatch``): MCP clients choose the working directory of
+    the collectors they launch, and the spool must be found again by the next start.
+    """
+    home = environ.get(PREFIX + "HOME")
+    return Path(home).expanduser().resolve() if home else Path.home() / ".scopewatch"
 
 
 class ConfigError(RuntimeError):
@@ -113,6 +130,13 @@ class CollectorConfig(BaseSettings):
 
     # resources
     resource_rules: Path | None = None
+    observer_nice: int = Field(
+        default=OBSERVER_NICE, ge=0, le=19, description="niceness added to wrap's observer process (0: a full share)"
+    )
+    cache_dir: Path | None = Field(default=None, description="default ~/.cache/scopewatch; a relay may be in bin/")
+
+    # intake
+    intake_secrets: SecretStr | None = Field(default=None, description="whsec_ secrets, comma or space separated")
 
     # the collectors' Kafka client (collectors.publisher / collectors.publisher_rdkafka)
     publisher_client: Literal["rdkafka", "aiokafka"] = Field(
@@ -158,6 +182,16 @@ class CollectorConfig(BaseSettings):
         return state_home({"SCOPEWATCH_HOME": str(self.home)} if self.home else {})
 
     @property
+    def spool_path(self) -> Path:
+        """The spool directory: ``SCOPEWATCH_SPOOL_DIR``, else ``<state home>/spool``."""
+        return self.spool_dir.expanduser().resolve() if self.spool_dir else self.state_home / "spool"
+
+    @property
+    def cache_path(self) -> Path:
+        """``SCOPEWATCH_CACHE_DIR``, else ``~/.cache/scopewatch``."""
+        return self.cache_dir.expanduser() if self.cache_dir else Path.home() / ".cache" / "scopewatch"
+
+    @property
     def kafka_bootstrap(self) -> str:
         return self.bootstrap or f"127.0.0.1:{self.kafka_port}"
 
@@ -168,7 +202,7 @@ class CollectorConfig(BaseSettings):
     def spool(self) -> SpoolConfig:
         """The spool settings; :class:`~collectors.spool.SpoolConfigError` if invalid."""
         values: dict[str, Any] = {
-            "dir": self.spool_dir.expanduser().resolve() if self.spool_dir else self.state_home / "spool",
+            "dir": self.spool_path,
             "loss_topic": self.topic_prefix + DEAD_LETTER,
         }
         for name in (

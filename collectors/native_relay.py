@@ -40,10 +40,14 @@ _END = struct.Struct("<cqqq")
 QUIT_TIMEOUT = 5.0
 
 
-def find_binary() -> Path | None:
-    """The built relay: in this virtualenv's ``bin`` (``make install``), else in the cache
-    (``$SCOPEWATCH_CACHE_DIR`` or ``~/.cache/scopewatch``, ``bin/``); None if neither exists."""
-    cache = Path(os.environ.get("SCOPEWATCH_CACHE_DIR") or Path.home() / ".cache" / "scopewatch")
+def find_binary(cache: Path | None = None) -> Path | None:
+    """The built relay: in this virtualenv's ``bin`` (``make install``), else in ``cache/bin``
+    (default: the collector settings' cache, ``SCOPEWATCH_CACHE_DIR`` or ``~/.cache/scopewatch``);
+    None if neither exists."""
+    if cache is None:
+        from collectors.config import CollectorConfig
+
+        cache = CollectorConfig.from_env().cache_path
     for folder in (Path(sys.prefix) / "bin", cache / "bin"):
         candidate = folder / BINARY_NAME
         if candidate.is_file() and os.access(candidate, os.X_OK):

@@ -81,7 +81,6 @@ __all__ = [
     "encode_record",
     "inspect_spool",
     "scan_segment",
-    "state_home",
 ]
 
 FsyncPolicy = Literal["always", "interval", "never"]
@@ -112,16 +111,6 @@ class SpoolConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def state_home(environ: Mapping[str, str]) -> Path:
-    """The collectors' state folder: ``$SCOPEWATCH_HOME``, else ``~/.scopewatch``.
-
-    Not the settings' default (``./.scopewatch``): MCP clients choose the working directory of
-    the collectors they launch, and the spool must be found again by the next start.
-    """
-    home = environ.get("SCOPEWATCH_HOME")
-    return Path(home).expanduser().resolve() if home else Path.home() / ".scopewatch"
 
 
 @dataclass(frozen=True)

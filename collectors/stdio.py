@@ -103,8 +103,6 @@ __all__ = [
 
 CHUNK = 1 << 16
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-OBSERVER_NICE = 19
-"""Default niceness of the observer process (``SCOPEWATCH_OBSERVER_NICE``)."""
 OBSERVER_START_TIMEOUT = 60.0
 END_GRACE = 30.0
 """Seconds the end of a session may wait for room in the copy pipe before the observer is told to hurry."""
@@ -179,10 +177,11 @@ class StdioWrapper:
 
     def run(self) -> int:
         """Run the child to completion; returns its exit code (negative: killed by that signal)."""
-        configure_observer(self.observer, os.environ)
-        native = relay_binary(os.environ)
-        nice = self.observer_nice
-        self.observer_nice = _int_env("SCOPEWATCH_OBSERVER_NICE", OBSERVER_NICE) if nice is None else nice
+        config = CollectorConfig.from_env(os.environ)
+        configure_observer(self.observer, config)
+        native = relay_binary(config)
+        if self.observer_nice is None:
+            self.observer_nice = config.observer_nice
         wfd, counters = self._start_observer(time.time_ns(), restart_note=None)
         # What is alive now (imports, configuration) stays: keep the garbage collector from walking it
         # again and again -- a full collection of it would pause the relay for milliseconds.
@@ -431,9 +430,9 @@ class WrapError(ConfigError):
 
 
 # -- redaction and resource configuration (collectors.config) ----------------------------------
-def configure_observer(observer: McpSessionObserver, environ: Mapping[str, str]) -> None:
+def configure_observer(observer: McpSessionObserver, settings: Mapping[str, str] | CollectorConfig) -> None:
     """Give ``observer`` the host's redactor (unless it has one) and any configured resource rules."""
-    config = CollectorConfig.from_env(environ)
+    config = settings if isinstance(settings, CollectorConfig) else CollectorConfig.from_env(settings)
     if observer.redactor is None:
         observer.redactor = config.redactor()
     extractor = config.extractor()
@@ -441,14 +440,15 @@ def configure_observer(observer: McpSessionObserver, environ: Mapping[str, str])
         observer.extractor = extractor
 
 
-def relay_binary(environ: Mapping[str, str]) -> Path | None:
+def relay_binary(settings: Mapping[str, str] | CollectorConfig) -> Path | None:
     """The native relay to use per ``SCOPEWATCH_WRAP_RELAY`` (auto, native, python); None: the Python relay.
 
     ``native`` without a built relay stops the wrapper before it starts the server."""
-    mode = CollectorConfig.from_env(environ).wrap_relay
+    config = settings if isinstance(settings, CollectorConfig) else CollectorConfig.from_env(settings)
+    mode = config.wrap_relay
     if mode == "python":
         return None
-    binary = find_binary()
+    binary = find_binary(config.cache_path)
     if binary is None and mode == "native":
         raise WrapError("SCOPEWATCH_WRAP_RELAY=native, but the native relay is not built (run `make install`)")
     return binary
@@ -472,16 +472,6 @@ def _closer(stream: Any) -> Callable[[], None]:
             stream.close()
 
     return close
-
-
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise WrapError(f"{name} must be an integer") from None
 
 
 def _warn(text: str) -> None:

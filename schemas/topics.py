@@ -33,6 +33,7 @@ __all__ = [
     "FINDINGS",
     "GRANTS",
     "KEEP_FOREVER",
+    "LOCAL_KAFKA_PORT",
     "PAGES",
     "POLICIES",
     "SESSIONS",
@@ -60,6 +61,9 @@ FINDINGS: Final = "audit.findings"
 PAGES: Final = "audit.pages"
 """Page delivery ledger: one PageAttempt per attempt (``scopewatch pager``), keyed by dedup key."""
 DEAD_LETTER: Final = "audit.dead-letter"
+LOCAL_KAFKA_PORT: Final = 19092
+"""Where the local broker (``scopewatch up``) listens, and so every default bootstrap points: the
+services' and the collectors' settings and the stack's broker share this one number."""
 KEEP_FOREVER: Final = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
 """Configs of a topic whose whole history is state: no time or size retention, no compaction."""
 CALLS_BY_ROUTE: Final = "scopewatch.calls-by-route"

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import signal
 import sys
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,11 +67,15 @@ def _settings() -> Any:
 
 
 # -- intake ------------------------------------------------------------------------------------
-def load_secrets(environ: dict[str, str], files: list[Path]) -> list[bytes]:
-    """HMAC keys from ``SCOPEWATCH_INTAKE_SECRETS`` and secret files; ValueError names no secret."""
+def load_secrets(settings: Mapping[str, str] | Any, files: list[Path]) -> list[bytes]:
+    """HMAC keys from ``SCOPEWATCH_INTAKE_SECRETS`` (the collector settings, or an environment
+    mapping to read them from) and secret files; ValueError names no secret."""
+    from collectors.config import CollectorConfig
     from schemas.webhooks import parse_secret
 
-    texts = [(SECRETS_ENV, t) for t in re.split(r"[\s,]+", environ.get(SECRETS_ENV, "")) if t]
+    config = settings if isinstance(settings, CollectorConfig) else CollectorConfig.from_env(settings)
+    raw = config.intake_secrets.get_secret_value() if config.intake_secrets is not None else ""
+    texts = [(SECRETS_ENV, t) for t in re.split(r"[\s,]+", raw) if t]
     for path in files:
         try:
             mode = path.stat().st_mode
@@ -105,7 +109,8 @@ def intake(
     tolerance: Annotated[float, typer.Option(help="seconds webhook-timestamp may be off the intake's clock")] = 300.0,
     replay_cache: Annotated[int, typer.Option(help="most webhook-ids remembered at once")] = 100_000,
     replay_file: Annotated[
-        Path | None, typer.Option(help="where accepted webhook-ids survive restarts (default: HOME/intake/)")
+        Path | None,
+        typer.Option(help="where accepted webhook-ids are kept (default: the collectors' state home, intake/)"),
     ] = None,
     event_id_window: Annotated[
         int, typer.Option(help="most accepted event_ids remembered to refuse a re-sent event (409)")
@@ -123,13 +128,12 @@ def intake(
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # failures are answered 503 and logged once
     try:
         host, port = parse_listen(listen)
-        keys = load_secrets(dict(os.environ), list(secret_file or []))
         collector = CollectorConfig.from_env()
+        keys = load_secrets(collector, list(secret_file or []))
     except (ValueError, ConfigError) as exc:
         _fail("intake", str(exc))
     if not keys:
         _fail("intake", f"no webhook secret: set {SECRETS_ENV} or pass --secret-file")
-    settings = _settings()
     config = IntakeConfig(
         keys=keys,
         topics=collector.topics,
@@ -138,7 +142,7 @@ def intake(
         max_batch=max_batch,
         tolerance=tolerance,
         replay_cache_size=replay_cache,
-        replay_file=replay_file or settings.home / "intake" / "webhook-ids",
+        replay_file=replay_file or collector.state_home / "intake" / "webhook-ids",
         event_id_window_size=event_id_window,
         event_id_window_seconds=event_id_seconds,
     )

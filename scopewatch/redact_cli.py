@@ -12,7 +12,6 @@ created. The input itself is never printed.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -50,18 +49,20 @@ def redact_test(
     ),
 ) -> None:
     """Show what the collectors would store for FILE, and the detectors that fired."""
-    from collectors.config import KEY_ENV, CollectorConfig, ConfigError, key_file
+    from pydantic import SecretStr
+
+    from collectors.config import CollectorConfig, ConfigError
     from collectors.redact import Redacted, Redactor
 
     if fmt not in ("text", "json"):
         _fail("--format must be text or json")
     raw = _read(source)
-    environ = dict(os.environ)
-    throwaway = not environ.get(KEY_ENV) and not key_file(environ).exists()
-    if throwaway:
-        environ[KEY_ENV] = secrets.token_hex(32)  # no host key: create none, fingerprints of this run only
     try:
-        redactor: Redactor = CollectorConfig.from_env(environ).redactor()
+        config = CollectorConfig.from_env()
+        throwaway = config.redaction_key is None and not config.key_path.exists()
+        if throwaway:  # no host key: create none, fingerprints of this run only
+            config = config.model_copy(update={"redaction_key": SecretStr(secrets.token_hex(32))})
+        redactor: Redactor = config.redactor()
     except ConfigError as exc:
         _fail(str(exc))
 

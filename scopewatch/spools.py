@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from collectors.spool import SpoolReport, inspect_spool, state_home
+from collectors.config import CollectorConfig, ConfigError
+from collectors.spool import SpoolReport, inspect_spool
 from stream_jobs.metrics import SpoolFigures
 
 __all__ = ["figures", "reader", "spool_dirs"]
@@ -21,15 +22,14 @@ log = logging.getLogger("scopewatch.metrics")
 def spool_dirs(environ: Mapping[str, str], home: Path | None = None) -> list[Path]:
     """The collectors' spool directories on this host.
 
-    The one collectors use (``SCOPEWATCH_SPOOL_DIR``, else ``state_home()/spool``, as
-    :meth:`collectors.spool.SpoolConfig.from_env`) always, and ``<home>/spool`` when it exists and
-    is another directory (the settings' home, when ``SCOPEWATCH_HOME`` is not set).
+    The one collectors use (:attr:`collectors.config.CollectorConfig.spool_path`:
+    ``SCOPEWATCH_SPOOL_DIR``, else ``<state home>/spool``) always, and ``<home>/spool`` when it
+    exists and is another directory (the settings' home, when ``SCOPEWATCH_HOME`` is not set).
     """
-    where = environ.get("SCOPEWATCH_SPOOL_DIR")
     dirs: list[Path] = []
     try:
-        dirs.append(Path(where).expanduser().resolve() if where else state_home(environ) / "spool")
-    except RuntimeError as exc:  # no home directory to expand
+        dirs.append(CollectorConfig.from_env(environ).spool_path)
+    except (RuntimeError, ConfigError) as exc:  # no home directory to expand, or invalid settings
         log.warning("no collector spool directory (%s)", exc)
     if home is not None:
         other = (home / "spool").expanduser().resolve()

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.topics import LOCAL_KAFKA_PORT
 from scopewatch.stack import proc
 from stream_jobs.runtime.files import atomic_write
 from stream_jobs.runtime.kafka_admin import StackError, create_topics, list_topics
@@ -266,7 +267,7 @@ class KafkaConfig:
     """
 
     home: Path
-    port: int = 19092
+    port: int = LOCAL_KAFKA_PORT
     controller_port: int = 19093
     heap: str = "1g"
     node_id: int = 1
@@ -719,7 +720,7 @@ class KafkaBroker:
 def start_broker(
     home: Path,
     cache_dir: Path,
-    port: int = 19092,
+    port: int = LOCAL_KAFKA_PORT,
     controller_port: int = 19093,
     heap: str = "1g",
     timeout: float = 90.0,

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from detections.live import LiveConfig
-from schemas.topics import Topics
+from schemas.topics import LOCAL_KAFKA_PORT, Topics
 
 
 def _default_cache() -> Path:
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     bootstrap: str | None = Field(
         default=None, description="external Kafka bootstrap servers; default: the local broker"
     )
-    kafka_port: int = 19092
+    kafka_port: int = LOCAL_KAFKA_PORT
     kafka_controller_port: int = 19093
     kafka_heap: str = "1g"
     topic_prefix: str = ""

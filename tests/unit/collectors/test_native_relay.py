@@ -216,11 +216,11 @@ def test_the_installed_relay_is_found() -> None:
 def test_the_relay_setting(monkeypatch: pytest.MonkeyPatch, binary: Path) -> None:
     from collectors import stdio
 
-    monkeypatch.setattr(stdio, "find_binary", lambda: None)
+    monkeypatch.setattr(stdio, "find_binary", lambda _cache=None: None)
     with pytest.raises(stdio.WrapError, match="native relay is not built"):  # fail closed, before the server
         stdio.relay_binary({"SCOPEWATCH_WRAP_RELAY": "native"})
     assert stdio.relay_binary({"SCOPEWATCH_WRAP_RELAY": "auto"}) is None  # falls back to the Python relay
-    monkeypatch.setattr(stdio, "find_binary", lambda: binary)
+    monkeypatch.setattr(stdio, "find_binary", lambda _cache=None: binary)
     assert stdio.relay_binary({}) == binary
     assert stdio.relay_binary({"SCOPEWATCH_WRAP_RELAY": "python"}) is None
     with pytest.raises(stdio.ConfigError, match="SCOPEWATCH_WRAP_RELAY"):  # the CLI's exit 2

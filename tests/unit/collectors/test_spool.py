@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collectors.config import state_home
 from collectors.spool import (
     FILE_HEADER,
     HEAD_LEN,
@@ -26,7 +27,6 @@ from collectors.spool import (
     inspect_spool,
     read_pending,
     scan_segment,
-    state_home,
 )
 
 
