@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from integration.conftest import own_broker
 
-from collectors.spool import inspect_spool
+from collectors.spool import inspect_spool, read_pending
 from schemas import SessionBound, SessionEnded, ToolCall, ToolResult, decode
 from scopewatch.stack.kafka import KafkaBroker, create_topics
 from stream_jobs.runtime.settings import Settings
@@ -39,6 +39,8 @@ SPOOL_BOUND = STALL_SECONDS + 1.0
 the stall time, plus a second for the observer's batching and the publisher's loop on a shared CPU.
 Until then it is only in the observer process's memory (read from the copy pipe, queued in the
 publisher or handed to the Kafka producer, waiting for an acknowledgement)."""
+CLIENTS = ("rdkafka", "aiokafka")
+"""SCOPEWATCH_PUBLISHER_CLIENT: both publisher clients keep the spool's guarantees and bound."""
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,9 @@ def settings(tmp_path: Path, broker: KafkaBroker, cache_dir: Path) -> Settings:
     return s
 
 
-def _env(settings: Settings, spool: Path) -> dict[str, str]:
+def _env(settings: Settings, spool: Path, client: str) -> dict[str, str]:
     env = child_env(settings)
+    env["SCOPEWATCH_PUBLISHER_CLIENT"] = client
     env["SCOPEWATCH_SPOOL_DIR"] = str(spool)
     env["SCOPEWATCH_SPOOL_FSYNC"] = "interval"
     env["SCOPEWATCH_SPOOL_STALL_SECONDS"] = str(STALL_SECONDS)
@@ -86,6 +89,23 @@ async def _drive(
             assert not result.is_error, result
             if each is not None:
                 await each(i, client)
+
+
+def _spooled_calls(spool: Path) -> tuple[dict[str, str], set[str]]:
+    """Echo message -> call id of the tool calls in the spool, and the call ids of the results in it."""
+    messages: dict[str, str] = {}
+    results: set[str] = set()
+    for path in sorted(spool.glob("*.seg")) if spool.is_dir() else []:
+        try:
+            for entry in read_pending(path):
+                event = decode(entry.value)
+                if isinstance(event, ToolCall):
+                    messages[str(event.arguments.get("message"))] = event.call_id
+                elif isinstance(event, ToolResult):
+                    results.add(event.call_id)
+        except FileNotFoundError:  # delivered and removed meanwhile
+            continue
+    return messages, results
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -139,8 +159,9 @@ def _assert_exactly_once_in_order(events: list[Any], session_id: str, calls: int
     assert all(r.status == "ok" for r in by_type[ToolResult])
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_broker_down_mid_session_all_calls_land_exactly_once_in_order(
-    settings: Settings, broker: KafkaBroker, server_everything: list[str], tmp_path: Path
+    settings: Settings, broker: KafkaBroker, server_everything: list[str], tmp_path: Path, client: str
 ) -> None:
     spool = tmp_path / "spool"
     session_id = str(uuid.uuid4())
@@ -157,34 +178,40 @@ def test_broker_down_mid_session_all_calls_land_exactly_once_in_order(
             assert broker.running_record() is None
         elif i == 1500:
             # calls 900..1500 went through with the broker certainly down: within SPOOL_BOUND of the last
-            # one, their calls and results are in the spool (and so would survive a kill -9)
+            # one, each of them -- up to and including call 1500 itself -- and its result is in the spool
+            # (and so would survive a kill -9). A count alone would not say it: events of calls 400..900
+            # spooled meanwhile could make up the number while the last ones were still in memory.
             relayed = time.monotonic()
-            want = 2 * (1500 - 900)
-            await asyncio.to_thread(
-                _wait_for, lambda: inspect_spool(spool).pending >= want, 3 * SPOOL_BOUND, "the spool to fill"
-            )
-            seen_spooled.append(inspect_spool(spool).pending)
+            want = {f"call {n}" for n in range(900, 1501)}
+
+            def all_spooled() -> bool:
+                messages, results = _spooled_calls(spool)
+                return want <= messages.keys() and {messages[m] for m in want} <= results
+
+            await asyncio.to_thread(_wait_for, all_spooled, 3 * SPOOL_BOUND, "calls 900..1500 to be in the spool")
             waited.append(time.monotonic() - relayed)
+            seen_spooled.append(inspect_spool(spool).pending)
             tasks["start"] = asyncio.create_task(asyncio.to_thread(broker.ensure_running, 180))
         elif i == CALLS - 1:
             await tasks["start"]
             # the session stays open until the spool is delivered, as a long agent session would
             await asyncio.to_thread(_wait_for, lambda: inspect_spool(spool).pending == 0, 120, "the spool to drain")
 
-    asyncio.run(_drive(argv, _env(settings, spool), CALLS, each))
-    assert seen_spooled and seen_spooled[0] >= 2 * (1500 - 900)  # calls and results were spooled meanwhile
-    assert waited[0] <= SPOOL_BOUND, f"events reached the spool {waited[0]:.2f}s after they were relayed"
+    asyncio.run(_drive(argv, _env(settings, spool, client), CALLS, each))
+    assert seen_spooled and seen_spooled[0] >= 2 * (1501 - 900)  # calls and results were spooled meanwhile
+    assert waited[0] <= SPOOL_BOUND, f"call 1500 reached the spool {waited[0]:.2f}s after it was relayed"
 
     events = asyncio.run(_consume(settings, {session_id}, want=2 * CALLS + 2))
     _assert_exactly_once_in_order(events, session_id, CALLS)
     _wait_for(lambda: not spool.exists() or not list(spool.iterdir()), 30, "the collector to remove its files")
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_kill_9_while_the_broker_is_down_the_next_collector_delivers_the_spool(
-    settings: Settings, broker: KafkaBroker, server_everything: list[str], tmp_path: Path
+    settings: Settings, broker: KafkaBroker, server_everything: list[str], tmp_path: Path, client: str
 ) -> None:
     spool = tmp_path / "spool"
-    env = _env(settings, spool)
+    env = _env(settings, spool, client)
     env["SCOPEWATCH_REDACT_PATTERNS"] = json.dumps(CUSTOM_PATTERNS)
     env["SCOPEWATCH_REDACT_ARGUMENTS"] = ",".join(CUSTOM_ARGUMENTS)
     pid_file = tmp_path / "wrap.pid"
