@@ -37,7 +37,7 @@ $(ROWBINARY): $(ROWBINARY_SRC) $(STAMP)
 
 install: $(STAMP) $(RELAY) $(ROWBINARY) ## create .venv and install scopewatch with its dev tools (and build the native relay and the sink's transcoder)
 
-fetch: install ## download Kafka jars (Maven Central) and the npm MCP server into the cache
+fetch: install ## download Kafka jars (Maven Central) and the npm MCP servers (everything, filesystem, memory) into the cache
 	$(BIN)/scopewatch fetch
 
 demo: fetch ## quickstart: bring the local stack up and push real MCP traffic through it

@@ -117,17 +117,20 @@ def sink() -> None:
 def fetch() -> None:
     """Download what the stack needs into the cache: Kafka broker jars (Maven Central) and npm MCP servers."""
     from scopewatch.stack.kafka import StackError, ensure_kafka_jars
-    from scopewatch.stack.npm import server_everything_command, server_filesystem_command
+    from scopewatch.stack.npm import server_everything_command, server_filesystem_command, server_memory_command
 
     s = _settings()
     try:
         libs = ensure_kafka_jars(s.cache_dir)
         server = server_everything_command(s.cache_dir)
         filesystem = server_filesystem_command(s.cache_dir)
+        memory = server_memory_command(s.cache_dir)
     except StackError as exc:
         _fail(str(exc))
     err.print(
-        f"Kafka jars: {libs}\nserver-everything: {server[1]}\nserver-filesystem: {filesystem[1]}", highlight=False
+        f"Kafka jars: {libs}\nserver-everything: {server[1]}\nserver-filesystem: {filesystem[1]}"
+        f"\nserver-memory: {memory[1]}",
+        highlight=False,
     )
 
 

@@ -11,6 +11,7 @@ from scopewatch.stack.kafka import StackError, ToolMissing
 # Pinned so that the demo and the tests talk to the same server everywhere.
 SERVER_EVERYTHING = ("@modelcontextprotocol/server-everything", "2026.8.31")
 SERVER_FILESYSTEM = ("@modelcontextprotocol/server-filesystem", "2026.8.31")
+SERVER_MEMORY = ("@modelcontextprotocol/server-memory", "2026.8.31")
 
 
 def ensure_npm_package(cache_dir: Path, package: str, version: str) -> Path:
@@ -53,3 +54,13 @@ def server_filesystem_command(cache_dir: Path, *roots: Path) -> list[str]:
     if node is None:
         raise ToolMissing("node", "Node.js 18+ (apt-get install nodejs)")
     return [node, str(folder / "dist" / "index.js"), *(str(r) for r in roots)]
+
+
+def server_memory_command(cache_dir: Path) -> list[str]:
+    """The command line that runs @modelcontextprotocol/server-memory over stdio (its knowledge graph
+    goes to the file named by ``MEMORY_FILE_PATH`` in its environment)."""
+    folder = ensure_npm_package(cache_dir, *SERVER_MEMORY)
+    node = shutil.which("node")
+    if node is None:
+        raise ToolMissing("node", "Node.js 18+ (apt-get install nodejs)")
+    return [node, str(folder / "dist" / "index.js")]
