@@ -256,3 +256,58 @@ def test_the_generated_canonical_json_matches_the_encoder_for_any_top_level_valu
         finally:
             emit._FAST = saved
         assert value == expected and fast.prev_hash == record_hash(stamped)
+
+
+class _CountingDict(dict[str, Any]):
+    """A dict that counts how often it is serialised (the JSON encoder asks a dict subclass for its items)."""
+
+    serialised = 0
+
+    def items(self) -> Any:
+        type(self).serialised += 1
+        return super().items()
+
+
+@pytest.mark.parametrize("extra", [{}, {"x_unknown": 1}], ids=["fast path", "general path"])
+def test_each_object_valued_field_is_serialised_once_for_hash_and_avro(extra: dict[str, Any]) -> None:
+    """Issue 17: the chain hash and the Avro record share one canonical JSON of ``arguments``,
+    ``attested`` and ``claimed``: serialising an event a second time for the hash would show here."""
+    event = call(1, {"path": "/data/a.txt", "n": [1, 2, {"deep": True}]}, **extra)
+    counted = {name: _CountingDict(getattr(event, name)) for name in ("arguments", "attested", "claimed")}
+    for name, value in counted.items():
+        event.__dict__[name] = value  # as validated, but countable
+    _CountingDict.serialised = 0
+    emitter = Emitter(Topics(), ChainStamper("c-1", epoch=7))
+    stamped, (_topic, _key, value) = emitter.record(event)
+    assert _CountingDict.serialised == len(counted)  # once each, not once for the hash and again for Avro
+    assert emitter.stamper.prev_hash == record_hash(stamped) and decode(value) == stamped
+
+
+def test_stamp_encode_publish_is_written_once() -> None:
+    """Issue 17: the observer process, the SDK middleware, intake and the proxy all emit through
+    collectors.emit; no other collector module stamps (``.stamp(``), hashes (``record_hash``) or
+    Avro-encodes (``schemas.encode``) an event itself. (publisher.py encodes its own loss records,
+    which are not chain-stamped events; chain.py keeps ``ChainStamper.stamp`` as the reference the
+    emit tests compare with.)"""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    allowed = {("collectors/publisher.py", "encode"), ("collectors/chain.py", "record_hash")}
+    found = []
+    for path in sorted((root / "collectors").glob("*.py")) + sorted((root / "scopewatch").glob("*_cli.py")):
+        where = str(path.relative_to(root))
+        if where == "collectors/emit.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "schemas":
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "stamp":
+                names = ["stamp"]
+            found += [
+                (where, n) for n in names if n in ("encode", "record_hash", "stamp") and (where, n) not in allowed
+            ]
+    assert found == []
+    users = {"collectors/observer_process.py", "collectors/sdk.py", "collectors/intake.py", "scopewatch/proxy_cli.py"}
+    assert all("collectors.emit import Emitter" in (root / u).read_text(encoding="utf-8") for u in users)
