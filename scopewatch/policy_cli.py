@@ -264,7 +264,7 @@ def publish(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the event, do not publish it")] = False,
 ) -> None:
     """Check the folder (refusing unparseable text or failing cases), then publish a policy_published."""
-    from scopewatch.intake_cli import emit_event
+    from scopewatch.emitting import emit_event
 
     if not policy_id.strip():
         sys.stderr.write("scopewatch policy: error: --id must not be empty\n")

@@ -254,3 +254,46 @@ def test_private_imports_elsewhere_are_only_the_known_ones() -> None:
 def test_the_checker_sees_a_private_import(module: str, source: str, bad: bool) -> None:
     found = list(private_imports(source, module, False, _our_modules()))
     assert bool(found) is bad, found
+
+
+# -- the CLI's command modules do not import each other ----------------------------------------------
+def _cli_module(name: str) -> bool:
+    return name.startswith("scopewatch.") and name.endswith("_cli") and name.count(".") == 1
+
+
+def sideways_cli_imports(source: str, module: str) -> list[str]:
+    """The other ``scopewatch.*_cli`` modules (or names of theirs) ``source`` imports."""
+    found = []
+    for _line, name in imported(ast.parse(source), module, False):
+        owner = name if _cli_module(name) else name.rpartition(".")[0]
+        if _cli_module(owner) and owner != module:
+            found.append(name)
+    return found
+
+
+def test_no_command_module_imports_another() -> None:
+    """A command module (``scopewatch/*_cli.py``) takes what it shares with another from a module
+    both import (``collectors.config.parse_listen``, ``scopewatch.emitting.emit_event``), not from
+    the other command (as intake_cli once took proxy_cli's parse_listen); only ``scopewatch.cli``,
+    the app, imports them all."""
+    found = []
+    for path in sorted((ROOT / "scopewatch").glob("*_cli.py")):
+        module = module_name(path)
+        found += [f"{module} imports {n}" for n in sideways_cli_imports(path.read_text(encoding="utf-8"), module)]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("source", "bad"),
+    [
+        ("from scopewatch.proxy_cli import parse_listen", True),
+        ("def f():\n    from scopewatch.policy_cli import check_folder", True),
+        ("from scopewatch import proxy_cli", True),
+        ("from .proxy_cli import parse_listen", True),
+        ("from collectors.config import parse_listen", False),
+        ("from scopewatch.emitting import emit_event", False),
+        ("from scopewatch.intake_cli import SECRETS_ENV", False),  # its own
+    ],
+)
+def test_the_checker_sees_a_sideways_command_import(source: str, bad: bool) -> None:
+    assert bool(sideways_cli_imports(source, "scopewatch.intake_cli")) is bad

@@ -22,7 +22,8 @@ from collectors.intake import (
     sign,
     verify_signature,
 )
-from scopewatch.intake_cli import load_secrets, parse_when
+from scopewatch.emitting import parse_when
+from scopewatch.intake_cli import load_secrets
 
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 VECTOR_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
