@@ -527,6 +527,39 @@ def dead_letters(settings: Settings, worker_pid: int) -> int:
     return int(stats.get("counters", {}).get("dead_letters", 0))
 
 
+def workers_dead_letters(settings: Settings, pids: dict[str, int]) -> int:
+    """The dead-letter counters of every decision worker among ``pids`` (``--workers``), added up."""
+    return sum(dead_letters(settings, pids[name]) for name in worker_names(pids))
+
+
+def workers_added(shares: dict[str, float]) -> dict[str, float]:
+    """CPU shares with ``worker`` the workers' added up (``--workers``; the others keep their own)."""
+    workers = worker_names(shares)
+    if len(workers) > 1:
+        shares = {**shares, "worker": sum(shares[w] for w in workers)}
+    return shares
+
+
+@contextlib.contextmanager
+def code_from(code: str | None) -> Iterator[None]:
+    """While inside: the jobs ``Stack.up`` starts run the code in ``code`` (``--baseline DIR``, from
+    ``git archive REV schemas detections stream_jobs scopewatch | tar -x -C DIR``), put first on the
+    PYTHONPATH they inherit from this process. None: no change."""
+    if code is None:
+        yield
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [code, saved]))
+    say(f"[bold]baseline[/]: the jobs run the code in {code}")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
 def diagnose(settings: Settings, worker_pid: int, logs: Sequence[str] = ("worker",)) -> None:
     """Print the worker's counters, the pager's stats (when ``logs`` names it) and the last warnings of ``logs``."""
     stats = worker_stats(settings, worker_pid) or {}

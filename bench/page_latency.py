@@ -7,8 +7,9 @@ so the target is the grace plus one second. One run against the real stack on th
 
 * a local Kafka broker (KRaft, 127.0.0.1, free ports, temp folder);
 * ``Stack.up`` starts the sink (fresh chDB folder), one decision worker (``python -m scopewatch
-  worker``) and the pager (``python -m scopewatch pager``, started because ``HOME/pager.toml``
-  exists), as ``scopewatch up`` starts them, on topics and consumer groups unique to the run;
+  worker``; ``--workers N``: N in one group, as ``scopewatch up --workers N``, their CPU added up)
+  and the pager (``python -m scopewatch pager``, started because ``HOME/pager.toml`` exists), as
+  ``scopewatch up`` starts them, on topics and consumer groups unique to the run;
 * an on-call receiver the bench starts as its own process (aiohttp on 127.0.0.1): a generic
   webhook endpoint that verifies each delivery's Standard Webhooks signature (HMAC-SHA256 over
   ``id.timestamp.body``, checked here with ``hmac``, not with the pager's code) and a PagerDuty
@@ -47,6 +48,10 @@ suppression window stays at the default 600 s.
    record timestamp (the worker's producer); the page's ``opened_at`` (the pager's clock when it
    took the finding: the page key is ``dedup_key#opened_at_ms``); the delivery attempt's start
    (ledger ``attempted_at - latency_ms``); the arrival at the receiver. All clocks are this host's.
+   A call's deadline is its arrival at stage 1 plus the grace; ``v1 + grace -> final`` is about how
+   long after it the verdict became final (v1 comes a little after the arrival: a lower bound). With
+   several workers that is where stage 2 waits for the other workers' stage 1 (``README``, "Scaling
+   out"). ``--baseline DIR`` measures each rate again with the jobs on the code in DIR.
 5. Keeping up: version-1 verdict latency in the first and the last tenth of the calls, and the
    verdicts per second the worker got through. If the stack did not keep up, or pages are
    missing, the bench measures again on a fresh pipeline at 0.7 x the rate it got through, up to
@@ -55,7 +60,7 @@ suppression window stays at the default 600 s.
 Everything runs on the same machine: the bench process (producer), the receiver, the broker, the
 worker, the sink and the pager share its cores. CPU of each is sampled from /proc.
 
-Usage: ``.venv/bin/python bench/page_latency.py [--rate 1000] [--seconds 30] [--grace 15] ...``
+Usage: ``.venv/bin/python bench/page_latency.py [--rate 1000] [--seconds 30] [--grace 15] [--workers 2] ...``
 """
 
 from __future__ import annotations
@@ -451,6 +456,7 @@ class Delivery:
     opened: float | None  # the pager took the finding (page key)
     attempt_start: float | None  # ledger attempted_at - latency_ms of the delivered attempt
     arrived: float
+    grace: float
 
     @property
     def total(self) -> float:
@@ -492,6 +498,8 @@ class RunResult:
     load_end: str
     drain_seconds: float
     dead_letters: int
+    workers: int = 1
+    label: str = ""  # "baseline": the jobs ran the code of --baseline
 
 
 def paged(receiver: Receiver, wanted: dict[str, float]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -564,7 +572,7 @@ def measure(
 ) -> RunResult:
     settings, pids = pipe.settings, pipe.pids
     grace = settings.grace_seconds
-    dead_before = bk.dead_letters(settings, pids["worker"])
+    dead_before = bk.workers_dead_letters(settings, pids)
     watched = {**pids, "receiver": receiver.record.pid, "bench": os.getpid()}
     s0 = bk.sample_cpu(watched)
     load = bk.load_text()
@@ -631,6 +639,7 @@ def measure(
                     opened=page_opened_at(rec.get("page_key")),
                     attempt_start=delivered_at.get((rec.get("page_key"), ROUTES[channel])),
                     arrived=float(rec["at"]),
+                    grace=grace,
                 )
             )
     # anomalies
@@ -694,14 +703,15 @@ def measure(
         findings=findings,
         ledger=ledger_counts,
         max_attempt=max((r.attempt for r in ledger), default=0),
-        cpu_emit=bk.cpu_shares(s0, s1),
-        cpu_all=bk.cpu_shares(s0, s2),
+        cpu_emit=bk.workers_added(bk.cpu_shares(s0, s1)),
+        cpu_all=bk.workers_added(bk.cpu_shares(s0, s2)),
         busy_emit=bk.busy_share(s0["worker"], s1["worker"]),
         busy_all=bk.busy_share(s0["worker"], s2["worker"]),
         load=load,
         load_end=load_end,
         drain_seconds=drain_seconds,
-        dead_letters=bk.dead_letters(settings, pids["worker"]) - dead_before,
+        dead_letters=bk.workers_dead_letters(settings, pids) - dead_before,
+        workers=args.workers,
     )
 
 
@@ -718,9 +728,11 @@ def steps(ds: list[Delivery]) -> list[tuple[str, list[float]]]:
         return out
 
     grace = [d.final - d.v1 for d in ds if d.final is not None and d.v1 is not None]
+    past = [g - ds[0].grace for g in grace] if ds else []
     return [
         ("emit -> provisional verdict (v1 decided_at)", span("emit", "v1")),
         ("v1 -> final verdict + finding (detected_at)", grace),
+        ("  of which past v1 + grace (~ past the deadline)", past),
         ("finding detected -> on Kafka (record timestamp)", span("final", "on_kafka")),
         ("on Kafka -> pager took it (page opened_at)", span("on_kafka", "opened")),
         ("page opened -> HTTP attempt started (ledger)", span("opened", "attempt_start")),
@@ -737,7 +749,11 @@ def report(results: list[RunResult]) -> None:
     )
     for r in results:
         target = r.grace + TARGET_SLACK_S
-        label = f"{r.rate:,.0f}/s, {r.grace:g}s grace" + ("" if r.sustained else " (not kept up)")
+        label = (
+            f"{r.rate:,.0f}/s, {r.grace:g}s grace, {r.workers} worker{'s' if r.workers > 1 else ''}"
+            + (f" {r.label}" if r.label else "")
+            + ("" if r.sustained else " (not kept up)")
+        )
         for channel in (*ROUTES, "all"):
             vals = [d.total for d in r.deliveries if channel in ("all", d.channel)]
             expected = r.expected_pages * (len(ROUTES) if channel == "all" else 1)
@@ -852,7 +868,7 @@ def fresh_pipeline(
         sink_batch_seconds=args.batch_seconds,
     )
     (settings.home / "pager.toml").write_text(pager_toml(settings, receiver.port), encoding="utf-8")
-    return bk.start_pipeline(settings, broker, wl.facts, run_id, SERVICES)
+    return bk.start_pipeline(settings, broker, wl.facts, run_id, SERVICES, workers=args.workers)
 
 
 def warm_up(pipe: bk.Pipeline, receiver: Receiver, calls: Calls, rate: float, args: argparse.Namespace) -> bool:
@@ -901,7 +917,24 @@ def run(args: argparse.Namespace) -> int:
         if per_delegation_gap * 4 <= 60:
             bk.say("[yellow]5 violations of one delegation can fall within 60 s: violation_burst may fire too[/]")
 
+        baseline_runs: list[RunResult] = []
+
         def at_rate(rate: float) -> RunResult:
+            # the same rate with the jobs on the earlier code, right after (or, --baseline-first, right before)
+            if args.baseline and args.baseline_first:
+                baseline_runs.append(at_rate_on(rate, args.baseline))
+            r = at_rate_on(rate, None)
+            if args.baseline and not args.baseline_first:
+                baseline_runs.append(at_rate_on(rate, args.baseline))
+            return r
+
+        def at_rate_on(rate: float, code: str | None) -> RunResult:
+            with bk.code_from(code):  # Stack.up passes our environment to the jobs
+                r = measure_on(rate)
+            r.label = "baseline" if code is not None else ""
+            return r
+
+        def measure_on(rate: float) -> RunResult:
             pipe = bk.warmed_pipeline(
                 lambda: fresh_pipeline(args, tmp, broker, wl, receiver),
                 lambda p: warm_up(p, receiver, calls, rate, args),
@@ -926,7 +959,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return r
 
-        report(bk.measure_rates(args.rate, args.fallbacks, at_rate))
+        report(bk.measure_rates(args.rate, args.fallbacks, at_rate) + baseline_runs)
     return 0
 
 
@@ -948,6 +981,23 @@ def main() -> None:
     parser.add_argument("--fallbacks", type=int, default=2, help="lower rates to try when the stack does not keep up")
     parser.add_argument("--batch-seconds", type=float, default=0.5, help="SCOPEWATCH_SINK_BATCH_SECONDS (default 0.5)")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="decision workers in one group, as `scopewatch up --workers N` (default 1); CPU added up",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="measure each rate again with the jobs on the code in DIR"
+        " (`git archive REV schemas detections stream_jobs scopewatch | tar -x -C DIR`)",
+    )
+    parser.add_argument(
+        "--baseline-first",
+        action="store_true",
+        help="with --baseline: measure the earlier code first at each rate (the first run meets a fresh broker)",
+    )
     parser.add_argument("--sessions", type=int, default=2_000)
     parser.add_argument("--delegations", type=int, default=500)
     parser.add_argument("--pool", type=int, default=5_000, help="call templates drawn from the workload")

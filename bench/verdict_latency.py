@@ -350,14 +350,6 @@ def per_call_costs(
     return out
 
 
-def workers_added(shares: dict[str, float]) -> dict[str, float]:
-    """CPU shares with ``worker`` the workers' added up (``--workers``; the others keep their own)."""
-    workers = bk.worker_names(shares)
-    if len(workers) > 1:
-        shares = {**shares, "worker": sum(shares[w] for w in workers)}
-    return shares
-
-
 def start_spies(pids: dict[str, int], prefix: str, tag: str) -> list[subprocess.Popen[bytes]]:
     exe = str(Path(sys.executable).parent / "py-spy")
     spies = []
@@ -393,7 +385,7 @@ def measure(
         t_plan = time.perf_counter()
         plan = plan_calls(pool, rate, seconds, poller, settings.partitions)
         bk.say(f"{len(plan.call_ids):,} calls encoded in {time.perf_counter() - t_plan:.1f}s before the run")
-    dead_before = sum(bk.dead_letters(settings, pids[w]) for w in bk.worker_names(pids))
+    dead_before = bk.workers_dead_letters(settings, pids)
     stats0 = job_stats(settings, pids)
     spies = start_spies(pids, args.py_spy, f"{rate:.0f}") if args.py_spy and drain is None else []
     s0 = bk.sample_cpu(pids)
@@ -475,15 +467,15 @@ def measure(
         trend=trend,
         decided_rate=decided_rate,
         throughput=throughput,
-        drain_cpu=workers_added(bk.cpu_shares(s1, s2)),
+        drain_cpu=bk.workers_added(bk.cpu_shares(s1, s2)),
         current_rows=rows,
         current_calls=calls,
         current_seconds=cur_s,
-        cpu=workers_added(bk.cpu_shares(s0, s1)),
+        cpu=bk.workers_added(bk.cpu_shares(s0, s1)),
         busy=bk.busy_share(s0["worker"], s1["worker"]),
         load=load,
         drain_seconds=drain_seconds,
-        dead_letters=sum(bk.dead_letters(settings, pids[w]) for w in bk.worker_names(pids)) - dead_before,
+        dead_letters=bk.workers_dead_letters(settings, pids) - dead_before,
         per_call=per_call_costs(s0, s1, stats0, stats1, n),
     )
 
@@ -628,17 +620,8 @@ def run(args: argparse.Namespace) -> int:
         def at_rate_on(rate: float, code: str | None) -> RunResult:
             # Every rate gets its own sink, worker and chDB folder: the backlog of a run that did not keep up
             # (final versions, sink ingest) must not slow the next one down.
-            saved = os.environ.get("PYTHONPATH")
-            if code is not None:  # Stack.up passes our environment to the sink and the worker
-                os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [code, saved]))
-                bk.say(f"[bold]baseline[/]: the sink and the worker run the code in {code}")
-            try:
+            with bk.code_from(code):  # Stack.up passes our environment to the sink and the worker
                 r = measure_on(rate)
-            finally:
-                if saved is None:
-                    os.environ.pop("PYTHONPATH", None)
-                else:
-                    os.environ["PYTHONPATH"] = saved
             r.label = "baseline" if code is not None else ""
             return r
 

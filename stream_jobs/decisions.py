@@ -267,6 +267,18 @@ class StageRunner:
             if hasattr(part.proc, "final_horizon_us"):
                 part.proc.final_horizon_us = horizon_us
 
+    def due_by(self, limit_us: int, cap: int) -> int:
+        """Stage 2: calls not final whose deadline is at most ``limit_us``, over the loaded partitions,
+        counted up to about ``cap`` (:meth:`~detections.live.Stage2.due_by`)."""
+        n = 0
+        for part in self.partitions.values():
+            if n > cap:
+                break
+            due_by = getattr(part.proc, "due_by", None)
+            if due_by is not None:
+                n += due_by(limit_us, cap - n)
+        return n
+
     async def _policies(self, now: datetime) -> None:
         """Apply the policies published since the last batch (all of them the first time) and
         re-judge, in every loaded partition, the calls they may change."""

@@ -158,6 +158,12 @@ class Job(Protocol[M]):
         """These offsets are committed."""
         return None
 
+    def commit_period(self, configured: float) -> float:
+        """``commit_seconds``: how long after this commit the next one may come (the configured period,
+        or a shorter one: the decision worker commits more often while another worker's finals wait
+        for its commits, :data:`stream_jobs.worker.FRONTIER_COMMIT_SECONDS`)."""
+        return configured
+
     async def revoking(self, tps: set[TP]) -> list[M]:
         """A revocation is coming: outputs to flush first; then the runner commits what
         :meth:`to_commit` gives for ``tps``, then calls :meth:`revoked`."""
@@ -512,7 +518,7 @@ class Runner(Generic[M]):
         mono = time.monotonic()
         if not pending or mono < self._next_commit:
             return {}
-        self._next_commit = mono + self.config.commit_seconds
+        self._next_commit = mono + self.job.commit_period(self.config.commit_seconds)
         due = {tp: o for tp, o in pending.items() if tp in held}
         pending.clear()
         return due

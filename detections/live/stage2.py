@@ -273,6 +273,25 @@ class Stage2:
     def open_calls(self) -> int:
         return sum(map(len, self._owned.values()))
 
+    def due_by(self, limit_us: int, cap: int) -> int:
+        """How many owned calls that are not final have a deadline at most ``limit_us``, counted up to
+        ``cap`` + 1 (the deadline heap is walked only where its entries are due: O(count))."""
+        heap = self._deadlines
+        size = len(heap)
+        n = 0
+        todo = [0] if size else []
+        while todo and n <= cap:
+            i = todo.pop()
+            if heap[i][0] > limit_us:
+                continue  # a heap: nothing below this entry is due either
+            n += 1
+            child = 2 * i + 1
+            if child < size:
+                todo.append(child)
+                if child + 1 < size:
+                    todo.append(child + 1)
+        return n
+
     def held_calls(self) -> int:
         """Final calls the sequence rules have not seen yet (at most ``sequence_slack`` old)."""
         return len(self._seq.held)

@@ -420,6 +420,26 @@ def test_deferred_commits_cover_only_flushed_outputs_and_come_less_often() -> No
     assert broker.committed["g"] == {("in", 0): 20, ("in", 1): 20}
 
 
+def test_a_job_may_shorten_the_commit_period() -> None:
+    """``Job.commit_period``: the decision worker commits more often while other workers' finals wait for
+    its commits (issue 16); a job answering 0 commits after every batch despite ``commit_seconds``."""
+    broker = MemoryBroker(partitions=2)
+    for i in range(40):
+        broker.append("in", f"k{i % 3}".encode(), str(i).encode(), i % 2)
+
+    class Eager(Counting):
+        def commit_period(self, configured: float) -> float:
+            assert configured == 60
+            return 0.0
+
+    consumer = MemoryConsumer(broker, "g", ["in"])
+    runner = Runner(
+        consumer, MemoryProducer(broker), Eager(broker), RunnerConfig(max_records=2, batch_ms=1, commit_seconds=60)
+    )
+    run_until(runner, lambda: len(broker.read("out")) == 40)
+    assert runner.counters.commits >= 20  # one per batch of at most 2 records, not two in all
+
+
 def test_a_revocation_commits_the_pending_offsets_of_the_revoked_partitions() -> None:
     broker = MemoryBroker(partitions=2)
     for i in range(8):

@@ -30,7 +30,14 @@ from scopewatch.replay import replay
 from stream_jobs.runner import MemoryBroker, MemoryConsumer, MemoryProducer, Runner
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.state import MemoryChangelogReader
-from stream_jobs.worker import Frontier, build_worker, drip
+from stream_jobs.worker import (
+    DRIP_AT_ONCE,
+    FRONTIER_COMMIT_SECONDS,
+    FRONTIER_STEP_SECONDS,
+    Frontier,
+    build_worker,
+    drip,
+)
 from support.scenario import bound, ended, grant
 from support.scenario import tool_call as call
 
@@ -266,6 +273,10 @@ def test_drip_approaches_the_frontier_at_1_5_times_the_clock_and_at_most_5_s_beh
     assert drip(1_000_000, 1_100_000, 100_000) == 1_100_000  # never beyond it
     assert drip(1_000_000, 9_000_000, 100_000) == 4_000_000  # never more than DRIP_BEHIND_US behind
     assert drip(3_000_000, 3_000_000, 100_000) == 3_000_000
+    # few calls due up to the frontier: all of it at once (issue 16)
+    assert drip(1_000_000, 1_500_000, 100_000, due=DRIP_AT_ONCE) == 1_500_000
+    assert drip(1_000_000, 1_500_000, 100_000, due=0) == 1_500_000
+    assert drip(1_000_000, 1_500_000, 100_000, due=DRIP_AT_ONCE + 1) == 1_150_000
 
 
 def test_a_frontier_step_reaches_stage_2_a_little_at_a_time(tmp_path: Path) -> None:
@@ -289,6 +300,7 @@ def test_a_frontier_step_reaches_stage_2_a_little_at_a_time(tmp_path: Path) -> N
         await runner_b.cycle({}, timer=True)
         frontier = job_b.frontier
         assert frontier is not None
+        job_b.stage2.due_by = lambda limit_us, cap: cap + 1  # many calls due: the drip spreads them
         t0_us = int(T0.timestamp() * 1_000_000)
         frontier.horizon_us = t0_us - 1_000_000
         clock[0] = T0 + timedelta(milliseconds=50)
@@ -301,6 +313,110 @@ def test_a_frontier_step_reaches_stage_2_a_little_at_a_time(tmp_path: Path) -> N
             await runner_b.cycle({}, timer=True)
             seen.append((job_b.stage2._final_horizon - t0_us) // 1000)
         assert seen == [-5940, -5880, -5820, -5760, -5700], seen
+        job_b.stop_frontier()
+
+    asyncio.run(main())
+
+
+def test_a_frontier_step_with_few_calls_due_reaches_stage_2_at_once(tmp_path: Path) -> None:
+    """At 1,000 calls/s a frontier step releases some 50 deadlines per worker: the drip held the last of
+    them 2/3 of a step longer, and their pages with them (issue 16). With at most DRIP_AT_ONCE calls not
+    final up to the frontier, stage 2 gets the frontier's horizon in the next cycle."""
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+    before, _ = _story()
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        slow = job_b.progress = _SlowBroker(consumer_b)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        slow.answer.set()
+        await runner_b.cycle({}, timer=True)  # the catch-up hold ends
+        _publish(broker, settings, before)
+        for _ in range(3):  # C forwards the call to B's stage 2: B owns it, not final
+            await _until_idle(runner_c)
+            await _until_idle(runner_b)
+        slow.answer.clear()  # frontier steps from here on are the test's
+        await runner_b.cycle({}, timer=True)
+        frontier = job_b.frontier
+        assert frontier is not None
+        t0_us = int(T0.timestamp() * 1_000_000)
+        deadline_us = t0_us + 15_000_000  # c1 reached stage 1 at T0 (the test's clock)
+        assert job_b.stage2.due_by(deadline_us - 1, 100) == 0
+        assert job_b.stage2.due_by(deadline_us, 100) == 1
+        frontier.horizon_us = t0_us - 1_000_000
+        clock[0] = T0 + timedelta(milliseconds=50)
+        await runner_b.cycle({}, timer=True)
+        assert job_b.stage2._final_horizon == t0_us - 1_000_000  # nothing due: at once
+        frontier.horizon_us = deadline_us + 300_000  # a step: 300 ms of deadlines more, one call due
+        clock[0] = T0 + timedelta(milliseconds=90)
+        await runner_b.cycle({}, timer=True)
+        assert job_b.stage2._final_horizon == deadline_us + 300_000
+        job_b.stop_frontier()
+
+    asyncio.run(main())
+
+
+def test_frontier_steps_start_from_every_cycle_at_most_every_0_1_s(tmp_path: Path) -> None:
+    """A step noted the time and read the other workers' commits only on the timer (every 0.25 s), and
+    its own reads a timer later: finals trailed their deadlines by ~0.75 s with two workers (issue 16).
+    Cycles with records start steps too, at most every FRONTIER_STEP_SECONDS."""
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+    assert FRONTIER_STEP_SECONDS == 0.1
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        await runner_b.cycle({}, timer=True)  # the catch-up hold ends
+        await runner_b.cycle({}, timer=True)  # a frontier, its first step started on the timer
+        assert job_b.frontier is not None
+        started: list[int] = []
+
+        async def step(frontier: Any, now_us: int, *_: Any) -> None:
+            started.append(now_us)
+
+        await asyncio.sleep(0)
+        job_b._frontier_step = step  # type: ignore[method-assign]
+        t0_us = int(T0.timestamp() * 1_000_000)
+        for ms in (50, 100, 150, 200, 250, 300):
+            await job_b.process({}, T0 + timedelta(milliseconds=ms))  # a cycle's records (none here)
+            await asyncio.sleep(0)  # the step runs beside the cycles
+        assert [(t - t0_us) // 1000 for t in started] == [100, 200, 300]
+        job_b.stop_frontier()
+
+    asyncio.run(main())
+
+
+def test_a_worker_with_a_frontier_commits_at_least_every_0_1_s(tmp_path: Path) -> None:
+    """The other workers' frontiers move on with this worker's commits: with a frontier (other workers
+    hold stage-1 partitions) it commits at most FRONTIER_COMMIT_SECONDS apart, not worker_commit_seconds
+    (0.5 s), which held every final of theirs up to 0.5 s more (issue 16). Alone, as configured."""
+    settings = _settings(tmp_path)
+    broker = MemoryBroker(2)
+    clock = [T0]
+    assert FRONTIER_COMMIT_SECONDS == 0.1
+
+    async def main() -> None:
+        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+        await consumer_c.start(runner_c)
+        await consumer_b.start(runner_b)
+        assert job_b.commit_period(0.5) == 0.5  # no frontier yet
+        await runner_b.cycle({}, timer=True)
+        await runner_b.cycle({}, timer=True)
+        assert job_b.frontier is not None
+        assert job_b.commit_period(0.5) == FRONTIER_COMMIT_SECONDS
+        assert job_b.commit_period(0.05) == 0.05
+        await consumer_b.rebalance({(t, p) for t in consumer_b.topics for p in range(2)})  # C left
+        await runner_b.cycle({}, timer=True)
+        assert job_b.frontier is None and job_b.commit_period(0.5) == 0.5
         job_b.stop_frontier()
 
     asyncio.run(main())
