@@ -212,7 +212,8 @@ SET_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def restructure(run: Any, columns: list[str], db: str = "scopewatch", hash_fn: str = "murmurHash3_128") -> None:
     """Turn a migrated database's evidence table into the by-set layout, for the whole-sink bench
     (``sink_throughput.py --evidence-sets``): ``evidence`` becomes a ``Null`` table with the same columns (the
-    sink's inserts, unchanged, land there); materialized views write ``evidence_rows`` (the row with a 16-byte
+    sink's inserts, unchanged, land there); a view adds each list's key once (``evidence_keyed``, ``Null``), and
+    materialized views on it write ``evidence_rows`` (the row with a 16-byte
     set key per group instead of the lists) and ``evidence_<g>_sets`` (the batch's distinct sets, one row each,
     ``ReplacingMergeTree`` by key); ``evidence_read`` joins them back in the old column order and
     ``evidence_current`` reads it. ``run`` executes one statement; ``columns`` are evidence's, in order.
@@ -225,20 +226,28 @@ def restructure(run: Any, columns: list[str], db: str = "scopewatch", hash_fn: s
     for c in moved:
         run(f"ALTER TABLE {db}.evidence_rows DROP COLUMN {c}")
     select = [f"`{c}`" for c in columns if c not in moved]
+    keys = []
     for g, cols in SET_GROUPS:
-        key = f"{hash_fn}({', '.join(cols)})"
+        keys.append(f"{hash_fn}({', '.join(cols)}) AS {g}_set")
         run(f"ALTER TABLE {db}.evidence_rows ADD COLUMN {g}_set FixedString(16)")
-        select.append(f"{key} AS {g}_set")
+        select.append(f"{g}_set")
         typed = ", ".join(f"{c} Array(String)" for c in cols)
         run(
             f"CREATE TABLE {db}.evidence_{g}_sets (id FixedString(16), {typed}) ENGINE = ReplacingMergeTree ORDER BY id"
         )
+    # each key hashed once: evidence -> evidence_keyed (Null: the row and its keys) -> the rows and the sets
+    run(f"CREATE TABLE {db}.evidence_keyed ENGINE = Null AS SELECT *, {', '.join(keys)} FROM {db}.evidence WHERE 0")
+    run(
+        f"CREATE MATERIALIZED VIEW {db}.evidence_keyed_mv TO {db}.evidence_keyed AS "
+        f"SELECT *, {', '.join(keys)} FROM {db}.evidence"
+    )
+    for g, cols in SET_GROUPS:
         run(
             f"CREATE MATERIALIZED VIEW {db}.evidence_{g}_sets_mv TO {db}.evidence_{g}_sets AS "
-            f"SELECT {key} AS id, {', '.join(cols)} FROM {db}.evidence LIMIT 1 BY id"
+            f"SELECT {g}_set AS id, {', '.join(cols)} FROM {db}.evidence_keyed LIMIT 1 BY id"
         )
     rows_mv = f"CREATE MATERIALIZED VIEW {db}.evidence_rows_mv TO {db}.evidence_rows AS SELECT"
-    run(f"{rows_mv} {', '.join(select)} FROM {db}.evidence")
+    run(f"{rows_mv} {', '.join(select)} FROM {db}.evidence_keyed")
     read = ", ".join(f"{moved[c]}.{c} AS {c}" if c in moved else f"r.{c} AS {c}" for c in columns)
     joins = " ".join(f"ANY LEFT JOIN {db}.evidence_{g}_sets AS {g} ON {g}.id = r.{g}_set" for g, _ in SET_GROUPS)
     run(f"CREATE VIEW {db}.evidence_read AS SELECT {read} FROM {db}.evidence_rows AS r {joins}")
