@@ -440,8 +440,19 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(home=Path(args.home), bootstrap=args.bootstrap, topic_prefix=args.prefix, sink_group=args.group)
     client = connect(settings.dsn)
     migrate(client, settings.clickhouse_database)
+    evidence_tables = ["evidence"]
+    if args.evidence_sets:  # the by-set layout (bench/evidence_sets.py), a prototype on this tree only
+        from evidence_sets import SET_TABLES, restructure
+
+        db_ = settings.clickhouse_database
+        cols = client.query(
+            f"SELECT name FROM system.columns WHERE database = '{db_}' AND table = 'evidence' ORDER BY position"
+        ).result_rows
+        restructure(client.command, [c[0] for c in cols], db_)
+        evidence_tables = list(SET_TABLES)
     if args.no_merges:  # the sink's own work alone (bench/merge_cost.py prices the merges per merged row)
-        client.command(f"SYSTEM STOP MERGES {settings.clickhouse_database}.evidence")
+        for table in evidence_tables:
+            client.command(f"SYSTEM STOP MERGES {settings.clickhouse_database}.{table}")
     decoder = "avro" if args.path.endswith("-avro") else settings.sink_decoder  # bulk-rdk: the default (auto)
     writer = ClickHouseWriter(client, settings.clickhouse_database, decoder=decoder)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -550,7 +561,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     def evidence_parts() -> int:
         return int(
             client.query(
-                f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = 'evidence' AND active"
+                f"SELECT count() FROM system.parts WHERE database = '{db}' AND table = '{evidence_tables[0]}' "
+                "AND active"
             ).result_rows[0][0]
         )
 
@@ -569,11 +581,14 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     # a partition already one part is not rewritten)
     c1 = time.process_time()
     if not args.no_merges:
-        client.command(f"OPTIMIZE TABLE {db}.evidence FINAL SETTINGS optimize_skip_merged_partitions = 1")
+        for table in evidence_tables:
+            client.command(f"OPTIMIZE TABLE {db}.{table} FINAL SETTINGS optimize_skip_merged_partitions = 1")
         settle()
     one_part_cpu = time.process_time() - c1
     stats = sink.stats()
-    total = int(client.query(f"SELECT count() FROM {settings.clickhouse_database}.evidence").result_rows[0][0])
+    total = int(
+        client.query(f"SELECT count() FROM {settings.clickhouse_database}.{evidence_tables[0]}").result_rows[0][0]
+    )
     return {
         "pinned": pinned,
         "batch_rows": config.batch_rows,
@@ -1090,6 +1105,7 @@ def parent(args: argparse.Namespace) -> int:
                         *([] if args.backlog_rows is None else ["--backlog-rows", str(args.backlog_rows)]),
                         *([] if args.latency_target is None else ["--latency-target", str(args.latency_target)]),
                         *(["--no-merges"] if args.no_merges else []),
+                        *(["--evidence-sets"] if args.evidence_sets and code is None else []),
                     ]
                     bk.say(
                         f"(b) sink, {label} path"
@@ -1159,6 +1175,12 @@ def main() -> None:
         help="record the sink child with py-spy (raw collapsed stacks to FILE; slows it down; for where the time goes)",
     )
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--evidence-sets",
+        action="store_true",
+        help="this tree's sink writes the by-set evidence layout (bench/evidence_sets.py's prototype: reasons and "
+        "fact references once per distinct set); the --baseline tree the migrated table",
+    )
     parser.add_argument(
         "--paths",
         type=lambda v: [p for p in v.split(",") if p],
