@@ -60,6 +60,7 @@ from stream_jobs.runner import TP, Job, Message, Record, Runner, RunnerConfig
 from stream_jobs.runtime.files import atomic_write
 from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_on_signals
 from stream_jobs.runtime.settings import Settings
+from stream_jobs.trace import TRACE
 
 __all__ = [
     "CONFIG_NAMES",
@@ -551,6 +552,7 @@ def run_pager_service(
 ) -> None:
     """Run the pager in the foreground until SIGTERM/SIGINT (PagerConfigError before it starts)."""
     service_logging(log_level.upper())
+    TRACE.configure(settings.trace_dir, settings.trace_role)
     config, routes = load(settings, config_path)
     kafka_or_exit(settings.kafka_bootstrap, "pager", settings.kafka_wait_seconds)
     settings.run_dir.mkdir(parents=True, exist_ok=True)

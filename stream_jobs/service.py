@@ -19,6 +19,7 @@ from stream_jobs.runtime.lifecycle import kafka_or_exit, service_logging, stop_o
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.sink import ClickHouseSink, ClickHouseWriter, SinkConfig
 from stream_jobs.tables import SPECS, table_topics
+from stream_jobs.trace import TRACE
 
 SpoolReader = Callable[[], Sequence[metrics.SpoolFigures]]
 
@@ -142,5 +143,6 @@ def run_sink_service(settings: Settings, spools: SpoolReader = tuple) -> None:
     """Run the sink; ``spools`` returns the figures of the collectors' spools on this host (the CLI
     passes :func:`scopewatch.spools.reader`; the services do not read the collectors' files)."""
     service_logging(logging.INFO)
+    TRACE.configure(settings.trace_dir, settings.trace_role)
     kafka_or_exit(settings.kafka_bootstrap, "sink", settings.kafka_wait_seconds)
     asyncio.run(_sink_main(settings, spools))

@@ -625,6 +625,7 @@ def run_aiokafka_worker(settings: Settings) -> None:
 
 def run_worker(settings: Settings) -> None:
     """Run one decision worker until it is stopped (SIGTERM/SIGINT), on the configured engine."""
+    TRACE.configure(settings.trace_dir, settings.trace_role)
     if settings.worker_engine == "faust":
         from stream_jobs.app import run_faust_worker
 

@@ -171,6 +171,12 @@ class Settings(BaseSettings):
     kafka_wait_seconds: float = Field(
         default=300.0, ge=0, description="a service started before Kafka answers waits this long, then exits 1"
     )
+    trace_dir: Path | None = Field(
+        default=None,
+        description="latency bench only: each stream job appends a per-cycle timeline to DIR/ROLE-PID.jsonl "
+        "(stream_jobs/trace.py); unset: off",
+    )
+    trace_role: str | None = Field(default=None, description="the ROLE of trace_dir's file names; default the program")
 
     # Pager
     pager_config: Path | None = Field(
