@@ -94,10 +94,7 @@ def test_a_call_waits_for_the_other_workers_stage_1_backlog(tmp_path: Path, capl
     assert expected["c1"] != "in_scope", expected
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
+        runner_c, runner_b, _, job_b, _ = await _start_two(broker, settings, clock)
         _publish(broker, settings, before)
         for _ in range(3):  # C forwards the call to B's stage 2; B decides it (provisional)
             await _until_idle(runner_c)
@@ -178,10 +175,7 @@ def test_a_worker_left_alone_finalizes_again(tmp_path: Path) -> None:
     before, _ = _story()
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
+        _, runner_b, consumer_b, job_b, _ = await _start_two(broker, settings, clock)
         for s in range(3):  # a frontier, behind the clock
             clock[0] = T0 + timedelta(seconds=s)
             await runner_b.cycle({}, timer=True)
@@ -223,6 +217,26 @@ class _SlowBroker:
         return dict(await self.inner.committed_offsets(tps))
 
 
+async def _start_two(
+    broker: MemoryBroker, settings: Settings, clock: list[Any], *, slow: bool = False, catch_up: bool = False
+) -> tuple[Runner[Any], Runner[Any], MemoryConsumer, Any, _SlowBroker | None]:
+    """Worker C (partition 0) and worker B (partition 1), both started; ``slow``: B's progress goes
+    through a :class:`_SlowBroker` that answers until the test clears it; ``catch_up``: B's timer cycle
+    that ends the catch-up hold after the assignment has run."""
+    runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
+    runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
+    gate = None
+    if slow:
+        gate = job_b.progress = _SlowBroker(consumer_b)
+    await consumer_c.start(runner_c)
+    await consumer_b.start(runner_b)
+    if gate is not None:
+        gate.answer.set()
+    if catch_up:
+        await runner_b.cycle({}, timer=True)  # the catch-up hold after the assignment ends
+    return runner_c, runner_b, consumer_b, job_b, gate
+
+
 def test_the_frontier_s_broker_round_trips_do_not_hold_a_cycle(tmp_path: Path) -> None:
     """A timer cycle returns while the frontier's step waits for the broker (with two workers these
     round trips held every cycle's calls 25-100 ms, four times a second); the step's result bounds the
@@ -233,13 +247,8 @@ def test_the_frontier_s_broker_round_trips_do_not_hold_a_cycle(tmp_path: Path) -
     before, _ = _story()
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        slow = job_b.progress = _SlowBroker(consumer_b)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
-        slow.answer.set()
-        await runner_b.cycle({}, timer=True)  # the catch-up hold after the assignment ends
+        runner_c, runner_b, _, job_b, slow = await _start_two(broker, settings, clock, slow=True, catch_up=True)
+        assert slow is not None
         assert job_b.catch_up is None
         job_b.frontier = None  # a new frontier, from here on with a broker that does not answer
         slow.answer.clear()
@@ -289,13 +298,8 @@ def test_a_frontier_step_reaches_stage_2_a_little_at_a_time(tmp_path: Path) -> N
     clock = [T0]
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        slow = job_b.progress = _SlowBroker(consumer_b)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
-        slow.answer.set()
-        await runner_b.cycle({}, timer=True)  # the catch-up hold ends
+        _, runner_b, _, job_b, slow = await _start_two(broker, settings, clock, slow=True, catch_up=True)
+        assert slow is not None
         slow.answer.clear()  # frontier steps from here on are the test's
         await runner_b.cycle({}, timer=True)
         frontier = job_b.frontier
@@ -328,13 +332,8 @@ def test_a_frontier_step_with_few_calls_due_reaches_stage_2_at_once(tmp_path: Pa
     before, _ = _story()
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        slow = job_b.progress = _SlowBroker(consumer_b)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
-        slow.answer.set()
-        await runner_b.cycle({}, timer=True)  # the catch-up hold ends
+        runner_c, runner_b, _, job_b, slow = await _start_two(broker, settings, clock, slow=True, catch_up=True)
+        assert slow is not None
         _publish(broker, settings, before)
         for _ in range(3):  # C forwards the call to B's stage 2: B owns it, not final
             await _until_idle(runner_c)
@@ -370,10 +369,7 @@ def test_frontier_steps_start_from_every_cycle_at_most_every_0_1_s(tmp_path: Pat
     assert FRONTIER_STEP_SECONDS == 0.1
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
+        _, runner_b, _, job_b, _ = await _start_two(broker, settings, clock)
         await runner_b.cycle({}, timer=True)  # the catch-up hold ends
         await runner_b.cycle({}, timer=True)  # a frontier, its first step started on the timer
         assert job_b.frontier is not None
@@ -404,10 +400,7 @@ def test_a_worker_with_a_frontier_commits_at_least_every_0_1_s(tmp_path: Path) -
     assert FRONTIER_COMMIT_SECONDS == 0.1
 
     async def main() -> None:
-        runner_c, consumer_c, _ = _worker(broker, settings, clock, 0)
-        runner_b, consumer_b, job_b = _worker(broker, settings, clock, 1)
-        await consumer_c.start(runner_c)
-        await consumer_b.start(runner_b)
+        _, runner_b, consumer_b, job_b, _ = await _start_two(broker, settings, clock)
         assert job_b.commit_period(0.5) == 0.5  # no frontier yet
         await runner_b.cycle({}, timer=True)
         await runner_b.cycle({}, timer=True)
