@@ -176,6 +176,11 @@ class CollectorConfig(BaseSettings):
         finally:
             _ENVIRON.reset(token)
 
+    @classmethod
+    def of(cls, settings: CollectorConfig | Mapping[str, str] | None = None) -> CollectorConfig:
+        """``settings`` itself when it is the collector settings, else :meth:`from_env` of that environment."""
+        return settings if isinstance(settings, CollectorConfig) else cls.from_env(settings)
+
     # -- derived -----------------------------------------------------------------------
     @property
     def state_home(self) -> Path:

@@ -432,7 +432,7 @@ class WrapError(ConfigError):
 # -- redaction and resource configuration (collectors.config) ----------------------------------
 def configure_observer(observer: McpSessionObserver, settings: Mapping[str, str] | CollectorConfig) -> None:
     """Give ``observer`` the host's redactor (unless it has one) and any configured resource rules."""
-    config = settings if isinstance(settings, CollectorConfig) else CollectorConfig.from_env(settings)
+    config = CollectorConfig.of(settings)
     if observer.redactor is None:
         observer.redactor = config.redactor()
     extractor = config.extractor()
@@ -444,7 +444,7 @@ def relay_binary(settings: Mapping[str, str] | CollectorConfig) -> Path | None:
     """The native relay to use per ``SCOPEWATCH_WRAP_RELAY`` (auto, native, python); None: the Python relay.
 
     ``native`` without a built relay stops the wrapper before it starts the server."""
-    config = settings if isinstance(settings, CollectorConfig) else CollectorConfig.from_env(settings)
+    config = CollectorConfig.of(settings)
     mode = config.wrap_relay
     if mode == "python":
         return None

@@ -68,7 +68,7 @@ def load_secrets(settings: Mapping[str, str] | Any, files: list[Path]) -> list[b
     from collectors.config import CollectorConfig
     from schemas.webhooks import parse_secret
 
-    config = settings if isinstance(settings, CollectorConfig) else CollectorConfig.from_env(settings)
+    config = CollectorConfig.of(settings)
     raw = config.intake_secrets.get_secret_value() if config.intake_secrets is not None else ""
     texts = [(SECRETS_ENV, t) for t in re.split(r"[\s,]+", raw) if t]
     for path in files:
