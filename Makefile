@@ -32,7 +32,7 @@ ROWBINARY_SRC := stream_jobs/native/avro_rowbinary.c
 # the sink's Avro -> RowBinary transcoder (without gcc, the sink hands chDB Avro: a warning, not an error)
 $(ROWBINARY): $(ROWBINARY_SRC) $(STAMP)
 	@if command -v gcc >/dev/null; then \
-	  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@.tmp $(ROWBINARY_SRC) && mv $@.tmp $@; \
+	  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@.tmp $(ROWBINARY_SRC) -lcrypto && mv $@.tmp $@; \
 	else echo "warning: no gcc: the sink reads Avro (stream_jobs/native/avro_rowbinary.c not built)"; fi
 
 install: $(STAMP) $(RELAY) $(ROWBINARY) ## create .venv and install scopewatch with its dev tools (and build the native relay and the sink's transcoder)
