@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, cast
 
 __all__ = ["GROUPS", "KEY_LEN", "ROWS_TABLE", "key_column", "key_of", "key_sql", "list_table", "rowbinary_of"]
 
@@ -72,3 +72,80 @@ def key_sql(columns: Sequence[str]) -> str:
     """The same key in ClickHouse SQL, over the named ``Array(String)`` columns (FixedString(16))."""
     cols = ", ".join(f"`{c}`" for c in columns)
     return f"toFixedString(substring(SHA256(formatRowNoNewline('RowBinary', {cols})), 1, {KEY_LEN}), {KEY_LEN})"
+
+
+EVIDENCE: Final = "evidence"
+
+
+def narrow_columns(columns: Sequence[str]) -> tuple[str, ...]:
+    """``evidence_rows``' columns for the evidence spec's ``columns``: each group's columns replaced by its key."""
+    first = {cols[0]: name for name, cols in GROUPS}
+    rest = {c for _, cols in GROUPS for c in cols[1:]}
+    return tuple(key_column(first[c]) if c in first else c for c in columns if c not in rest)
+
+
+def split_rows(
+    columns: Sequence[str], rows: Sequence[tuple[object, ...]]
+) -> tuple[list[tuple[object, ...]], list[list[tuple[object, ...]]]]:
+    """Evidence row tuples (``columns`` order) as ``evidence_rows`` tuples (:func:`narrow_columns` order) and,
+    per group, its distinct values as ``(id, *lists)`` tuples, first-seen order (the per-message path)."""
+    index = {c: i for i, c in enumerate(columns)}
+    groups = [[index[c] for c in cols] for _, cols in GROUPS]
+    firsts = {g[0]: j for j, g in enumerate(groups)}
+    rest = {i for g in groups for i in g[1:]}
+    seen: list[dict[tuple[tuple[str, ...], ...], bytes]] = [{} for _ in GROUPS]
+    lists: list[list[tuple[object, ...]]] = [[] for _ in GROUPS]
+    narrow = []
+    for row in rows:
+        out: list[object] = []
+        for i, value in enumerate(row):
+            if i in rest:
+                continue
+            j = firsts.get(i)
+            if j is None:
+                out.append(value)
+                continue
+            arrays: tuple[tuple[str, ...], ...] = tuple(tuple(cast("Sequence[str]", row[k])) for k in groups[j])
+            key = seen[j].get(arrays)
+            if key is None:
+                key = seen[j][arrays] = key_of(*arrays)
+                lists[j].append((key, *(list(a) for a in arrays)))
+            out.append(key)
+        narrow.append(tuple(out))
+    return narrow, lists
+
+
+def narrow_insert(sql: str, target: str, values: dict[str, str]) -> str | None:
+    """The bulk path's ``INSERT INTO <evidence> (names) SELECT values FROM file(...) ...`` turned into the
+    insert of ``evidence_rows`` (``target``): each group's names become its key column, its values
+    ``values[group]`` (the file's key column, or :func:`key_sql` over the file's lists). None: not that SQL."""
+    head, sep, tail = sql.partition(" FROM file(")
+    names, sep2, select = head.partition(") SELECT ")
+    into, sep3, names = names.partition(" (")
+    if not (sep and sep2 and sep3) or not into.startswith("INSERT INTO "):
+        return None
+    for group, cols in GROUPS:
+        quoted = ", ".join(f"`{c}`" for c in cols)
+        if names.count(quoted) != 1 or select.count(quoted) != 1:
+            return None
+        names = names.replace(quoted, f"`{key_column(group)}`")
+        select = select.replace(quoted, values[group])
+    return f"INSERT INTO {target} ({names}) SELECT {select}{sep}{tail}"
+
+
+def lists_from_select(sql: str, database: str, settings: str) -> list[str] | None:
+    """For the Avro path: per group, the insert of the distinct lists of the bulk insert ``sql``'s rows (its
+    ``SELECT``, checks included, as a subquery; keys in SQL). None: not that SQL."""
+    start = sql.find(") SELECT ")
+    end = sql.rfind(" SETTINGS ")
+    if start < 0 or end < start:
+        return None
+    select = sql[start + 2 : end]
+    out = []
+    for group, cols in GROUPS:
+        names = ", ".join(f"`{c}`" for c in cols)
+        out.append(
+            f"INSERT INTO {database}.{list_table(group)} (`id`, {names}) SELECT {key_sql(cols)} AS `id`, {names} "
+            f"FROM ({select}) LIMIT 1 BY `id` SETTINGS {settings}"
+        )
+    return out
