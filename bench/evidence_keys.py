@@ -1,9 +1,10 @@
 """CPU of the transcoder's list groups (issue 16): sw_values_to_rowbinary (full rows) against
 sw_values_to_rowbinary_lists (narrow rows + each batch's distinct reason and fact lists behind SHA-256/128
-keys), on the bench's realistic evidence rows, with lists as repeated as the bench's pool (``pool``), repeated
-only within a session of 20 calls (``session``: each call's reasons name its session, its grant and its
-resource, so only a call's two versions and the session's calls of one resource share them), and unique per
-row (``unique``: SHA-256 on every row, the worst case). Also raw bytes per row of each output.
+keys), on the bench's realistic evidence rows, with lists as repeated as the bench's cloned pool (``pool``),
+repeated only within a session of 20 calls (``session``: every clone of the pool with sessions of its own,
+``realistic_evidence(fresh_sessions=True)``), only within a call (``per call``: a reason naming the call's
+resource added, fact lists per session), and unique per row (``unique``: SHA-256 on every row, the worst
+case). Also raw bytes per row of each output.
 
 Usage: ``.venv/bin/python bench/evidence_keys.py [--rows 90000] [--rounds 5]``
 """
@@ -37,7 +38,8 @@ def main() -> None:
     events = realistic_evidence(args.rows)
     workloads = {
         "pool": events,
-        "session": session_lists(events),
+        "session": realistic_evidence(args.rows, fresh_sessions=True),
+        "per call": session_lists(events),
         "unique": [e.model_copy(update={"reasons": [*e.reasons, f"row {i}"]}) for i, e in enumerate(events)],
     }
     for name, evs in workloads.items():
@@ -65,9 +67,9 @@ def main() -> None:
 
 
 def session_lists(events: list, calls_per_session: int = 20) -> list:  # type: ignore[type-arg]
-    """The events with lists that repeat only within a session: every call's reasons carry its session id,
-    grant id and resource path (one resource per call, ``calls_per_session`` calls per session), its fact
-    list its session's own grant and consent facts (ids and hashes fresh per session)."""
+    """The events with reason lists unique per call (shared by its versions only): every call's reasons gain
+    one naming its session, grant and resource path (one resource per call, ``calls_per_session`` calls per
+    session); its fact list is its session's own (ids and hashes fresh per session)."""
     import hashlib
 
     calls: dict[str, int] = {}
