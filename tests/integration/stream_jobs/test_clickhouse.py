@@ -1702,6 +1702,14 @@ def _raw_evidence(record: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _lists_bytes(client: Client, database: str) -> tuple[bytes, ...]:
+    """Each evidence list table's distinct rows (0010), by key: the same keys whoever computed them (C, SQL, Python)."""
+    return tuple(
+        client.raw_query(f"SELECT DISTINCT * FROM {database}.{t} ORDER BY id", fmt="RowBinary")
+        for t in ("evidence_reason_lists", "evidence_fact_lists")
+    )
+
+
 def _flush_sinks(chdb: Client, values: list[bytes], ways: list[tuple[str, bool, str]], topic: str = "t") -> list[Any]:
     """The same messages through one sink per ``(database, bulk path on, decoder)``, each flushed once."""
     import asyncio
@@ -1742,6 +1750,8 @@ def test_bulk_path_stores_the_same_bytes_as_the_per_message_path(chdb: Client) -
     assert rows.counters["bulk_rows"] == 0
     for table in COLUMNS:
         assert _table_bytes(chdb, "bulkeq_bulk", table) == _table_bytes(chdb, "bulkeq_rows", table), table
+    assert _lists_bytes(chdb, "bulkeq_bulk") == _lists_bytes(chdb, "bulkeq_rows")  # C keys == Python keys
+    assert all(_lists_bytes(chdb, "bulkeq_bulk"))
     assert int(chdb.command("SELECT count() FROM bulkeq_bulk.evidence")) == len(values)
     # a retried flush of the same offsets (same token) adds nothing
     _flush_both_ways(chdb, "bulkeq", values)
@@ -1871,6 +1881,7 @@ def test_rowbinary_bulk_path_stores_the_same_bytes_as_the_avro_bulk_path(chdb: C
     assert rb.counters["bulk_rows"] == avro.counters["bulk_rows"] == len(values)
     for table in COLUMNS:
         assert _table_bytes(chdb, "rbeq_rb", table) == _table_bytes(chdb, "rbeq_avro", table), table
+    assert _lists_bytes(chdb, "rbeq_rb") == _lists_bytes(chdb, "rbeq_avro")  # C keys == SQL keys
     assert int(chdb.command("SELECT count() FROM rbeq_rb.evidence")) == len(values)
 
 
