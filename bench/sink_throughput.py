@@ -639,6 +639,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "bulk_rows": stats.get("bulk_rows", 0),
         "bulk_fallbacks": stats.get("bulk_fallbacks", 0),
         "rowbinary_fallbacks": getattr(writer, "rowbinary_fallbacks", 0),  # containers inserted as Avro instead
+        "transcoder_loaded": transcoder_loaded(),
+        "evidence_tables": evidence_tables,
         "path": args.path,
         "client": config.client,
         "rows_in_table": total,
@@ -748,9 +750,29 @@ def start_child(
     env = dict(os.environ)
     if code is not None:  # the child imports the packages of that tree first (before the editable install)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
+        env["SCOPEWATCH_AVRO_ROWBINARY_LIB"] = str(baseline_library(Path(code)))
     return subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
     )
+
+
+def transcoder_loaded() -> bool:
+    from stream_jobs import rowbinary
+
+    return rowbinary.library() is not None
+
+
+def baseline_library(code: Path) -> Path:
+    """The baseline tree's own RowBinary transcoder, built from its source into the tree (once): this tree's
+    library has another interface version (the loader of an older tree would refuse it and read Avro)."""
+    from stream_jobs.rowbinary import LIBRARY_NAME
+
+    lib = code / LIBRARY_NAME
+    if not lib.exists():
+        source = code / "stream_jobs" / "native" / "avro_rowbinary.c"
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(lib), str(source), "-lcrypto"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return lib
 
 
 def child_result(kind: str, child: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
@@ -978,6 +1000,10 @@ def report(
             "containers read as Avro (transcoder refused)",
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
             f"{run['bulk_rows']} / {run['bulk_fallbacks']} / {run.get('rowbinary_fallbacks', '-')}",
+        )
+        extra.add_row(
+            f"(b) [{path}] RowBinary transcoder loaded; evidence tables",
+            f"{run.get('transcoder_loaded', '-')}; {', '.join(run.get('evidence_tables', []))}",
         )
         if run.get("flush_rows"):
             extra.add_row(
