@@ -74,6 +74,8 @@ def main() -> None:
         f"AND call_id = '{probe.call_id}'",
         "evidence FINAL / evidence_final, one call": f"SELECT * FROM {{db}}.{{final}} WHERE tenant = '{probe.tenant}' "
         f"AND has(['{probe.call_id}'], call_id)",
+        "a dashboard's scan (evidence, no lists read)": "SELECT verdict, count() FROM {db}.evidence "
+        "GROUP BY verdict ORDER BY verdict",
         "verify's fact-ref scan": "SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {db}.{final} "
         "WHERE notEmpty(fact_ids) ORDER BY tenant, call_id, version, evidence_id FORMAT Null",
     }
