@@ -31,9 +31,11 @@ ROWBINARY_SRC := stream_jobs/native/avro_rowbinary.c
 
 # the sink's Avro -> RowBinary transcoder (without gcc, the sink hands chDB Avro: a warning, not an error)
 $(ROWBINARY): $(ROWBINARY_SRC) $(STAMP)
-	@if command -v gcc >/dev/null; then \
-	  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@.tmp $(ROWBINARY_SRC) && mv $@.tmp $@; \
-	else echo "warning: no gcc: the sink reads Avro (stream_jobs/native/avro_rowbinary.c not built)"; fi
+	@if ! command -v gcc >/dev/null; then \
+	  echo "warning: no gcc: the sink reads Avro (stream_jobs/native/avro_rowbinary.c not built)"; \
+	elif ! echo '#include <openssl/sha.h>' | gcc -E - >/dev/null 2>&1; then \
+	  echo "warning: no OpenSSL headers (Debian: libssl-dev): the sink reads Avro (avro_rowbinary.c not built)"; \
+	else gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o $@.tmp $(ROWBINARY_SRC) -lcrypto && mv $@.tmp $@; fi
 
 install: $(STAMP) $(RELAY) $(ROWBINARY) ## create .venv and install scopewatch with its dev tools (and build the native relay and the sink's transcoder)
 

@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import hashlib
 import io
 import json
 import os
@@ -100,8 +101,11 @@ def evidence_pool(calls: int, seed: int = 7) -> list[Evidence]:
     return list(sim.evidence)
 
 
-def realistic_evidence(n: int, pool_calls: int = 2000, seed: int = 7) -> list[Evidence]:
-    """``n`` evidence records: the pool, cloned with fresh ids and times."""
+def realistic_evidence(n: int, pool_calls: int = 2000, seed: int = 7, fresh_sessions: bool = False) -> list[Evidence]:
+    """``n`` evidence records: the pool, cloned with fresh ids and times. With ``fresh_sessions`` each clone of
+    the pool has sessions of its own: a new session id in ``session_id`` and in the reasons that quote it, and
+    new fact ids and hashes, so reason and fact lists repeat only within a session (as in production, where
+    sessions do not come back), not across clones."""
     pool = evidence_pool(pool_calls, seed)
     random.Random(seed).shuffle(pool)  # provisional and final versions mixed, as on the topic
     base = datetime.now(UTC).replace(microsecond=0)
@@ -112,9 +116,20 @@ def realistic_evidence(n: int, pool_calls: int = 2000, seed: int = 7) -> list[Ev
         round_ = i // len(pool)
         call_id = ids.setdefault((round_, ev.call_id), str(uuid.uuid4()))
         call_time = base + timedelta(milliseconds=i)
+        fresh: dict[str, Any] = {}
+        if fresh_sessions and round_:
+            sid = ids.setdefault((round_, ev.session_id), str(uuid.uuid4()))
+            facts = [ids.setdefault((round_, f), str(uuid.uuid4())) for f in ev.fact_ids]
+            fresh = {
+                "session_id": sid,
+                "reasons": [r.replace(ev.session_id, sid) for r in ev.reasons],
+                "fact_ids": facts,
+                "fact_hashes": ["sha256:" + hashlib.sha256(f.encode()).hexdigest() for f in facts],
+            }
         out.append(
             ev.model_copy(
                 update={
+                    **fresh,
                     "call_id": call_id,
                     "evidence_id": str(uuid.uuid4()),
                     "call_time": call_time,
@@ -441,6 +456,14 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
     client = connect(settings.dsn)
     migrate(client, settings.clickhouse_database)
     evidence_tables = ["evidence"]
+    stored = {
+        str(r[0])
+        for r in client.query(
+            f"SELECT name FROM system.tables WHERE database = '{settings.clickhouse_database}'"
+        ).result_rows
+    }
+    if "evidence_rows" in stored:  # migration 0010 (issue 16): rows + the reason and fact lists stored once
+        evidence_tables = ["evidence_rows", "evidence_reason_lists", "evidence_fact_lists"]
     if args.evidence_sets:  # the by-set layout (bench/evidence_sets.py), a prototype on this tree only
         from evidence_sets import SET_TABLES, restructure
 
@@ -616,6 +639,8 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "bulk_rows": stats.get("bulk_rows", 0),
         "bulk_fallbacks": stats.get("bulk_fallbacks", 0),
         "rowbinary_fallbacks": getattr(writer, "rowbinary_fallbacks", 0),  # containers inserted as Avro instead
+        "transcoder_loaded": transcoder_loaded(),
+        "evidence_tables": evidence_tables,
         "path": args.path,
         "client": config.client,
         "rows_in_table": total,
@@ -725,9 +750,29 @@ def start_child(
     env = dict(os.environ)
     if code is not None:  # the child imports the packages of that tree first (before the editable install)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
+        env["SCOPEWATCH_AVRO_ROWBINARY_LIB"] = str(baseline_library(Path(code)))
     return subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
     )
+
+
+def transcoder_loaded() -> bool:
+    from stream_jobs import rowbinary
+
+    return rowbinary.library() is not None
+
+
+def baseline_library(code: Path) -> Path:
+    """The baseline tree's own RowBinary transcoder, built from its source into the tree (once): this tree's
+    library has another interface version (the loader of an older tree would refuse it and read Avro)."""
+    from stream_jobs.rowbinary import LIBRARY_NAME
+
+    lib = code / LIBRARY_NAME
+    if not lib.exists():
+        source = code / "stream_jobs" / "native" / "avro_rowbinary.c"
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(lib), str(source), "-lcrypto"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return lib
 
 
 def child_result(kind: str, child: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
@@ -956,6 +1001,10 @@ def report(
             f"{run['batches']} / {run['retries']} / {run['dead_letters']} / {run['full_path']} / "
             f"{run['bulk_rows']} / {run['bulk_fallbacks']} / {run.get('rowbinary_fallbacks', '-')}",
         )
+        extra.add_row(
+            f"(b) [{path}] RowBinary transcoder loaded; evidence tables",
+            f"{run.get('transcoder_loaded', '-')}; {', '.join(run.get('evidence_tables', []))}",
+        )
         if run.get("flush_rows"):
             extra.add_row(
                 f"(b) [{path}] evidence rows per flush (the median round)",
@@ -1057,7 +1106,7 @@ def parent(args: argparse.Namespace) -> int:
             cleanup.callback(broker.stop)
             bootstrap = broker.config.bootstrap
             bk.say(f"(b) Kafka broker ready on {bootstrap}; creating topics, building {args.messages:,} evidence rows")
-            events = realistic_evidence(args.messages)
+            events = realistic_evidence(args.messages, fresh_sessions=args.session_lists)
             messages = [(e.call_id.encode(), encode(e)) for e in events]
             raw_messages = realistic_raw(events, args.raw) if args.rate else []
             del events
@@ -1175,6 +1224,12 @@ def main() -> None:
         help="record the sink child with py-spy (raw collapsed stacks to FILE; slows it down; for where the time goes)",
     )
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--session-lists",
+        action="store_true",
+        help="every clone of the evidence pool with sessions of its own (realistic_evidence fresh_sessions): reason "
+        "and fact lists repeat only within a session (20 calls), as in production",
+    )
     parser.add_argument(
         "--evidence-sets",
         action="store_true",

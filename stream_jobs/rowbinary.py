@@ -47,6 +47,7 @@ __all__ = [
     "codec_for",
     "codec_of",
     "library",
+    "transcode_lists_python",
     "transcode_python",
 ]
 
@@ -56,6 +57,8 @@ Decoder = Literal["auto", "rowbinary", "avro"]
 LIBRARY_NAME: Final = "libscopewatch_avro_rowbinary.so"
 SOURCE: Final = Path(__file__).resolve().parent / "native" / "avro_rowbinary.c"
 CFLAGS: Final = ("-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC")
+LIBS: Final = ("-lcrypto",)
+"""Linked after the source: OpenSSL's libcrypto for the list keys' SHA-256 (Debian ``libssl-dev``)."""
 HDR_LEN: Final = 10
 
 _SCALARS: Final[dict[Any, tuple[str, str]]] = {
@@ -124,6 +127,11 @@ class RowBinaryCodec:
     utf8_check: str | None = None
     """The bulk ``SELECT``'s ``isValidUTF8`` test (:attr:`stream_jobs.bulk.AvroBulk.utf8_check`) that
     :meth:`rewrite` drops: set only when the program validates every string field itself ('u')."""
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """List groups (:mod:`stream_jobs.evidence_lists`): each group's fields are replaced in the rows by a
+    ``<group>_key FixedString(16)`` column and its distinct values written apart (:meth:`transcode_lists`)."""
+    side_structures: tuple[str, ...] = ()
+    """Per group, the RowBinary columns of its side output (``id FixedString(16)``, then the group's columns)."""
 
     def rewrite(self, sql: str, path: str) -> str | None:
         """The bulk insert's SQL reading ``path`` as RowBinary (None: the SQL is not the expected one).
@@ -194,6 +202,67 @@ class RowBinaryCodec:
                 return None
         return None
 
+    def transcode_lists(self, block: BulkBlock) -> tuple[memoryview, list[bytes]] | None:
+        """With list groups: the narrow rows (a key per group) and, per group, its distinct values as RowBinary
+        (``id`` then the group's columns, first-seen order). None as :meth:`transcode`."""
+        lib = library()
+        values, messages, runs = block.values, block.messages, block.runs
+        if lib is None or not self.groups or len(values) != len(messages) or not runs:
+            return None
+        data = b"".join(values)
+        ends = array("q", accumulate(map(len, values)))
+        offsets = array("q", [m.offset for m in messages])
+        starts = array("q", [start for start, _ in runs])
+        prefixes = b"".join(prefix for _, prefix in runs)
+        if len(prefixes) != 16 * len(runs):
+            return None
+        err_at = ctypes.c_long(-1)
+        count = len(self.groups)
+        side_lens = (ctypes.c_long * count)()
+        for factor in (1.25, 8):
+            need = int(len(data) * factor) + 48 * len(values) + 4096
+            buf: bytearray | None = getattr(_BUFFERS, "buf", None)
+            if buf is None or len(buf) < need:
+                _BUFFERS.buf = None
+                buf = _BUFFERS.buf = bytearray(need + need // 2)
+            side_cap = need
+            side: bytearray | None = getattr(_BUFFERS, "side", None)
+            if side is None or len(side) < side_cap * count:
+                _BUFFERS.side = None
+                side = _BUFFERS.side = bytearray(side_cap * count)
+            cap = len(buf)
+            n = lib.sw_values_to_rowbinary_lists(
+                data,
+                len(data),
+                _address(ends),
+                _address(offsets),
+                len(values),
+                _address(starts),
+                prefixes,
+                len(runs),
+                self.program,
+                len(self.program),
+                ctypes.addressof((ctypes.c_char * cap).from_buffer(buf)),
+                cap,
+                ctypes.byref(err_at),
+                count,
+                ctypes.addressof((ctypes.c_char * len(side)).from_buffer(side)),
+                side_cap,
+                side_lens,
+            )
+            if n >= 0:
+                lists = [bytes(side[j * side_cap : j * side_cap + side_lens[j]]) for j in range(count)]
+                return memoryview(buf)[:n], lists
+            if n == -4:
+                log.info(
+                    "a %s block has text that is not valid UTF-8: inserted as Avro, checked in SQL", block.spec.table
+                )
+                return None
+            if n != -2:
+                log.info("RowBinary transcoder refused a %s block (%d at row %d)", block.spec.table, n, err_at.value)
+                return None
+        return None
+
 
 def _address(values: array[int]) -> int:
     address, _ = values.buffer_info()
@@ -204,49 +273,83 @@ _BUFFERS = threading.local()
 """Per thread, the transcoder's output buffer (grown as needed, kept: zeroing a fresh one cost ~0.3 µs per row)."""
 
 
+def quote(text: str) -> str:
+    """A ClickHouse string literal."""
+    return _quote(text)
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def codec_for(spec: AvroBulk) -> RowBinaryCodec | None:
-    """The codec of ``spec``'s container schema (None: a type the transcoder does not read)."""
+def codec_for(spec: AvroBulk, groups: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> RowBinaryCodec | None:
+    """The codec of ``spec``'s container schema (None: a type the transcoder does not read); with ``groups``
+    (:data:`stream_jobs.evidence_lists.GROUPS`), each group's fields (consecutive in the schema) become a list
+    group ('[' ... ']' in the program, a ``<group>_key FixedString(16)`` column in the structure)."""
     import json
 
     schema = json.loads(spec.schema_json)
     program = bytearray()
     columns = []
+    sides = []
+    first = {cols[0]: (name, cols) for name, cols in groups}
     try:
         fields = schema["fields"]
         if fields[0]["name"] != "_hdr" or fields[-1]["name"] != "_prov":
             raise Unsupported("not a bulk container schema")
         program += b"k" + bytes([HDR_LEN])
         validated = True
-        for f in fields[1:]:
+        i = 1
+        while i < len(fields):
+            f = fields[i]
+            if f["name"] in first:
+                name, cols = first[f["name"]]
+                if [g["name"] for g in fields[i : i + len(cols)]] != list(cols):
+                    raise Unsupported(f"group {name}: fields {cols} not consecutive")
+                program += b"["
+                side = ["`id` FixedString(16)"]
+                for g in fields[i : i + len(cols)]:
+                    ops, ch = _field(g["type"])
+                    if ch is None or ops[:1] not in (b"a", b"u", b"s"):
+                        raise Unsupported(f"group {name}: field {g['name']}")
+                    program += ops
+                    validated = validated and b"s" not in ops
+                    side.append(f"`{g['name']}` {ch}")
+                program += b"]"
+                columns.append(f"`{name}_key` FixedString(16)")
+                sides.append(", ".join(side))
+                i += len(cols)
+                continue
             ops, ch = _field(f["type"])
             program += ops
             if ops[:1] != b"x" and b"s" in ops:
                 validated = False
             columns.append(f"`{f['name']}` {ch}")
+            i += 1
     except (Unsupported, KeyError, TypeError, ValueError, IndexError) as exc:
         log.debug("no RowBinary codec for %s: %s", spec.table, exc)
         return None
-    if not program.endswith(b"x" + bytes([PROV_LEN])):
+    if not program.endswith(b"x" + bytes([PROV_LEN])) or len(sides) != len(groups):
         return None
     # the SQL's UTF-8 test may go only when no string field is copied unchecked ('s': Avro bytes)
     utf8_check = spec.utf8_check if validated else None
-    return RowBinaryCodec(bytes(program), ", ".join(columns), utf8_check=utf8_check)
+    return RowBinaryCodec(
+        bytes(program), ", ".join(columns), utf8_check=utf8_check, groups=groups, side_structures=tuple(sides)
+    )
 
 
-_CODECS: dict[bytes, RowBinaryCodec | None] = {}
+_CODECS: dict[tuple[bytes, tuple[tuple[str, tuple[str, ...]], ...]], RowBinaryCodec | None] = {}
 
 
-def codec_of(spec: AvroBulk, decoder: str) -> RowBinaryCodec | None:
+def codec_of(
+    spec: AvroBulk, decoder: str, groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+) -> RowBinaryCodec | None:
     """The codec the bulk insert of ``spec`` uses under ``decoder`` (None: insert the Avro container)."""
     if not resolve(decoder):
         return None
-    key = spec.header + spec.schema_json
+    key = (spec.header + spec.schema_json, groups)
     if key not in _CODECS:
-        _CODECS[key] = codec_for(spec)
+        _CODECS[key] = codec_for(spec, groups)
     return _CODECS[key]
 
 
@@ -255,9 +358,10 @@ def codec_of(spec: AvroBulk, decoder: str) -> RowBinaryCodec | None:
 _LIB: list[Any] = []
 
 
-ABI = 3
+ABI = 4
 """The transcoder's interface version (``sw_avro_rowbinary_abi``): 2 checks every string as UTF-8, which
-lets the bulk insert drop its SQL check; 3 reads the message values straight (``sw_values_to_rowbinary``).
+lets the bulk insert drop its SQL check; 3 reads the message values straight (``sw_values_to_rowbinary``);
+4 writes list groups once per distinct value behind a SHA-256/128 key (``sw_values_to_rowbinary_lists``).
 A library built from older sources (no such symbol, or another version) is not loaded: the sink reads Avro
 with the SQL checks."""
 
@@ -304,6 +408,15 @@ def library() -> Any | None:
                 ctypes.c_size_t,
                 ctypes.POINTER(ctypes.c_long),
             ]
+            lists = lib.sw_values_to_rowbinary_lists
+            lists.restype = ctypes.c_long
+            lists.argtypes = [
+                *fn.argtypes,
+                ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_long),
+            ]
         except (OSError, AttributeError) as exc:
             log.warning("the RowBinary transcoder %s did not load (%s): the sink reads Avro", path, exc)
             lib = None
@@ -328,7 +441,9 @@ def build(dest: Path, cc: str = "gcc") -> Path:
     """Compile the library into ``dest`` (a file path); CalledProcessError/OSError if it cannot be."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    subprocess.run([shutil.which(cc) or cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True)
+    subprocess.run(
+        [shutil.which(cc) or cc, *CFLAGS, "-o", str(tmp), str(SOURCE), *LIBS], check=True, capture_output=True
+    )
     tmp.replace(dest)
     return dest
 
@@ -338,9 +453,24 @@ def build(dest: Path, cc: str = "gcc") -> Path:
 
 def transcode_python(codec: RowBinaryCodec, block: BulkBlock) -> bytes | None:
     """What the C transcoder writes, in Python (slow; the bench's and the tests' reference)."""
+    got = _transcode_python(codec, block)
+    return None if got is None else got[0]
+
+
+def transcode_lists_python(codec: RowBinaryCodec, block: BulkBlock) -> tuple[bytes, list[bytes]] | None:
+    """What :meth:`RowBinaryCodec.transcode_lists` returns, in Python (the tests' reference)."""
+    return _transcode_python(codec, block)
+
+
+def _transcode_python(codec: RowBinaryCodec, block: BulkBlock) -> tuple[bytes, list[bytes]] | None:
+    import hashlib
+
     data = block.payload()
     pos = len(block.head())
     out = bytearray()
+    sides = [bytearray() for _ in codec.groups]
+    seen: list[dict[bytes, bytes]] = [{} for _ in codec.groups]
+    group = gstart = -1
 
     def long_() -> int:
         nonlocal pos
@@ -403,9 +533,21 @@ def transcode_python(codec: RowBinaryCodec, block: BulkBlock) -> bytes | None:
             size = long_()
             end = pos + size
             k = 0
+            group = -1
             while k < len(prog):
                 op = prog[k]
-                if op == ord("n"):
+                if op == ord("["):
+                    group += 1
+                    gstart = len(out)
+                elif op == ord("]"):
+                    span = bytes(out[gstart:])
+                    del out[gstart:]
+                    key = seen[group].get(span)
+                    if key is None:
+                        key = seen[group][span] = hashlib.sha256(span).digest()[:16]
+                        sides[group] += key + span
+                    out += key
+                elif op == ord("n"):
                     k += 1
                     index = long_()
                     if index not in (0, 1):
@@ -441,6 +583,6 @@ def transcode_python(codec: RowBinaryCodec, block: BulkBlock) -> bytes | None:
                 return None
             pos += 16
             rows += 1
-        return bytes(out) if rows == len(block) else None
+        return (bytes(out), [bytes(x) for x in sides]) if rows == len(block) else None
     except (ValueError, IndexError, OverflowError):
         return None

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Final
 from clickhouse_connect.driver.client import Client
 
 from schemas import decode
-from stream_jobs import rowbinary
+from stream_jobs import evidence_lists, rowbinary
 from stream_jobs.assignor import by_topic, describe
 from stream_jobs.bulk import AvroBulk, BulkBlock, bulk_specs
 from stream_jobs.clickhouse import chdb_path
@@ -260,6 +260,7 @@ class ClickHouseWriter:
         self.rowbinary_fallbacks = 0
         """Bulk containers the RowBinary transcoder refused (inserted as Avro instead)."""
         self._scratch: ScratchFile | None = None
+        self._scratches: dict[int, ScratchFile] = {}
         self._scratch_lock = threading.Lock()
         """Held while a bulk insert writes and reads :attr:`_scratch` (one bulk insert at a time)."""
 
@@ -289,6 +290,9 @@ class ClickHouseWriter:
         self._insert(table, columns, data, token, arrow=True)
 
     def _insert(self, table: str, columns: list[str], data: Sequence[Sequence[Any]], token: str, arrow: bool) -> None:
+        if table == evidence_lists.EVIDENCE:  # a view since migration 0010: its lists, then its rows
+            self._insert_evidence(columns, list(zip(*data, strict=True)), token, arrow, None)
+            return
         if self.fault_file is not None and self.fault_file.exists():
             raise ConnectionError(f"ClickHouse unavailable (drill: {self.fault_file} exists)")
         settings = {**INSERT_SETTINGS, "insert_deduplication_token": token}
@@ -346,12 +350,17 @@ class ClickHouseWriter:
         """Whether :meth:`insert_avro` can be used (the embedded engine reads the container from a file)."""
         return self._chdb_path is not None
 
-    def insert_avro(self, block: BulkBlock, ingested_ms: int, token: str) -> None:
+    def insert_avro(
+        self, block: BulkBlock, ingested_ms: int, token: str, between: Callable[[], None] | None = None
+    ) -> None:
         """Insert a :class:`~stream_jobs.bulk.BulkBlock`: ClickHouse decodes the Avro container itself.
 
         Raises :class:`BulkRefused` when the engine refused the block's data (a row failed a check
         or did not read): the caller takes the per-message path for it. Anything else (the engine
         unreachable, the drill's fault file) raises as for any insert.
+
+        Evidence goes in as its lists, then its rows (:meth:`_insert_evidence_bulk`); ``between`` is called
+        in between (the crash drill's ``after_lists``).
         """
         if self.fault_file is not None and self.fault_file.exists():
             raise ConnectionError(f"ClickHouse unavailable (drill: {self.fault_file} exists)")
@@ -373,6 +382,9 @@ class ClickHouseWriter:
         target = f"{self.database}.{block.spec.table}"
         started = time.monotonic()
         try:
+            if block.spec.table == evidence_lists.EVIDENCE:
+                self._insert_evidence_bulk(block, ingested_ms, settings, between)
+                return
             if ScratchFile.usable():
                 with self._scratch_lock:
                     if self._scratch is None:
@@ -398,6 +410,108 @@ class ClickHouseWriter:
             if took > SLOW_INSERT_SECONDS:
                 self.slow_inserts += 1
                 log.warning("an insert into %s took %.1f s (lock wait included)", block.spec.table, took)
+
+    def _insert_evidence_bulk(
+        self, block: BulkBlock, ingested_ms: int, settings: dict[str, Any], between: Callable[[], None] | None
+    ) -> None:
+        """A bulk evidence block: each group's distinct lists (``evidence_<group>_lists``, token ``<token>|<group>``)
+        first, then the narrow rows (``evidence_rows``, the block's token), so that no row is ever visible
+        without its lists (:mod:`stream_jobs.evidence_lists`). With the transcoder the keys and the batch's
+        distinct lists come from C (RowBinary files); otherwise ClickHouse reads the Avro container for each
+        insert and computes the keys in SQL (the same SHA-256)."""
+        db = self.database
+        rows_target = f"{db}.{evidence_lists.ROWS_TABLE}"
+        token = str(settings["insert_deduplication_token"])
+
+        def clause(extra: str = "") -> str:
+            own = {**settings, "insert_deduplication_token": token + extra}
+            return ", ".join(f"{k} = {_literal(v)}" for k, v in own.items())
+
+        codec = rowbinary.codec_of(block.spec, self.decoder, evidence_lists.GROUPS)
+        if codec is not None and ScratchFile.usable():
+            with self._scratch_lock:
+                got = codec.transcode_lists(block)
+                if got is not None:
+                    rows, lists = got
+                    scratch = self._scratch_file(0)
+                    sql = block.spec.sql(rows_target, scratch.path, block, ingested_ms, clause())
+                    sql_rows = codec.rewrite(sql, scratch.path)
+                    keys = {g: f"`{evidence_lists.key_column(g)}`" for g, _ in evidence_lists.GROUPS}
+                    sql_rows = None if sql_rows is None else evidence_lists.narrow_insert(sql_rows, rows_target, keys)
+                    if sql_rows is not None:
+                        for j, (group, _cols) in enumerate(evidence_lists.GROUPS):
+                            side = self._scratch_file(j + 1)
+                            side.rewind()
+                            side.write(lists[j])
+                            side.finish()
+                            structure = rowbinary.quote(codec.side_structures[j])
+                            self._query_bulk(
+                                f"INSERT INTO {db}.{evidence_lists.list_table(group)} SELECT * FROM "
+                                f"file({rowbinary.quote(side.path)}, RowBinary, {structure}) "
+                                f"SETTINGS {clause('|' + group)}"
+                            )
+                        if between is not None:
+                            between()
+                        scratch.rewind()
+                        scratch.write(rows)
+                        scratch.finish()
+                        self._query_bulk(sql_rows)
+                        return
+                self.rowbinary_fallbacks += 1
+        fd, path = tempfile.mkstemp(prefix="scopewatch-sink-", suffix=".avro", dir=_TMP_DIR)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(block.payload())
+            full = block.spec.sql(rows_target, path, block, ingested_ms, clause())
+            keys = {g: evidence_lists.key_sql(cols) for g, cols in evidence_lists.GROUPS}
+            sql_rows = evidence_lists.narrow_insert(full, rows_target, keys)
+            sql_lists = evidence_lists.lists_from_select(full, db, "")
+            if sql_rows is None or sql_lists is None:
+                raise BulkRefused("the evidence bulk SQL is not the expected one")
+            for (group, _cols), sql in zip(evidence_lists.GROUPS, sql_lists, strict=True):
+                self._query_bulk(sql + clause("|" + group))
+            if between is not None:
+                between()
+            self._query_bulk(sql_rows)
+        finally:
+            os.unlink(path)
+
+    def _scratch_file(self, index: int) -> ScratchFile:
+        """The writer's ``index``-th scratch file (0: the rows; 1, 2: evidence's list groups)."""
+        if index == 0:
+            if self._scratch is None:
+                self._scratch = ScratchFile()
+            return self._scratch
+        extra = self._scratches.get(index)
+        if extra is None:
+            extra = self._scratches[index] = ScratchFile()
+        return extra
+
+    def insert_evidence(
+        self, columns: Sequence[str], rows: list[tuple[Any, ...]], token: str, between: Callable[[], None] | None
+    ) -> None:
+        """Evidence row tuples (the per-message path): each group's distinct lists, then the narrow rows;
+        ``between`` is called in between (the crash drill's ``after_lists``)."""
+        self._insert_evidence(columns, rows, token, True, between)
+
+    def _insert_evidence(
+        self,
+        columns: Sequence[str],
+        rows: list[tuple[Any, ...]],
+        token: str,
+        arrow: bool,
+        between: Callable[[], None] | None,
+    ) -> None:
+        narrow, lists = evidence_lists.split_rows(columns, rows)
+        for (group, cols), values in zip(evidence_lists.GROUPS, lists, strict=True):
+            if values:
+                data = list(zip(*values, strict=True))
+                self._insert(evidence_lists.list_table(group), ["id", *cols], data, f"{token}|{group}", arrow)
+        if between is not None:
+            between()
+        if narrow:
+            names = list(evidence_lists.narrow_columns(columns))
+            self._insert(evidence_lists.ROWS_TABLE, names, list(zip(*narrow, strict=True)), token, arrow)
 
     def _query_bulk(self, sql: str) -> None:
         import chdb
@@ -490,7 +604,7 @@ def columns_of(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         return list(zip(*rows, strict=True))
 
 
-CRASH_POINTS = ("before_insert", "after_first_table", "after_insert", "after_commit")
+CRASH_POINTS = ("before_insert", "after_lists", "after_first_table", "after_insert", "after_commit")
 
 
 @dataclass
@@ -503,7 +617,8 @@ class SinkConfig:
     retry_max_seconds: float = 10.0
     intent_file: Path | None = None
     crash_at: str | None = None
-    """Test hook: ``os._exit(137)`` at this point of the ``crash_batch``-th flush (see CRASH_POINTS)."""
+    """Test hook: ``os._exit(137)`` at this point of the ``crash_batch``-th flush (see CRASH_POINTS;
+    ``after_lists``, between an evidence unit's lists and its rows: of the first flush from then on with evidence)."""
     crash_batch: int = 1
     recovery_timeout: float = 60.0
     fetch_partition_bytes: int = 4 * 1024 * 1024
@@ -643,7 +758,9 @@ class ClickHouseOutput:
             if unit in bulk:
                 block = bulk[unit]
                 try:
-                    await asyncio.to_thread(self.writer.insert_avro, block, batch.ingested_ms, batch.token(unit))
+                    await asyncio.to_thread(
+                        self.writer.insert_avro, block, batch.ingested_ms, batch.token(unit), self._after_lists
+                    )
                 except BulkRefused as exc:
                     self._fall_back(batch, unit, block, exc)
                     continue
@@ -687,7 +804,13 @@ class ClickHouseOutput:
         return None  # the writer belongs to the service (the metrics reporter writes through it too)
 
     def insert(self, table: str, rows: list[tuple[Any, ...]], token: str) -> None:
+        if table == evidence_lists.EVIDENCE:
+            self.writer.insert_evidence(COLUMNS[table], rows, token, self._after_lists)
+            return
         self.writer.insert_columns(table, list(COLUMNS[table]), columns_of(rows), token)
+
+    def _after_lists(self) -> None:
+        self._crash_point("after_lists")  # an evidence unit's lists written, its rows not yet
 
     # -- crash safety
 
@@ -712,7 +835,13 @@ class ClickHouseOutput:
             self.config.intent_file.unlink(missing_ok=True)
 
     def _crash_point(self, point: str) -> None:
-        if self.config.crash_at == point and self._flushes == self.config.crash_batch:
+        # after_lists happens only in flushes with evidence: the first at or after the crash_batch-th flush
+        due = (
+            self._flushes >= self.config.crash_batch
+            if point == "after_lists"
+            else self._flushes == self.config.crash_batch
+        )
+        if self.config.crash_at == point and due:
             log.error("crash drill: exiting at %s of flush %d", point, self._flushes)
             os._exit(137)
 

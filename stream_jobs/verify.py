@@ -501,7 +501,7 @@ def _check_fact_refs(
     refs = "notEmpty(fact_ids)"
     where = f"{scope} AND {refs}" if scope else f" WHERE {refs}"
     sql = (
-        f"SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {database}.evidence FINAL{where}"
+        f"SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {database}.evidence_final{where}"
         " ORDER BY tenant, call_id, version, evidence_id"
     )
     for row in _pages(fetch, sql):

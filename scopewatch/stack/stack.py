@@ -291,7 +291,10 @@ class Stack:
             )["rows"]
         except SqlError as exc:
             return {"error": str(exc)}
-        return {str(name): int(n or 0) for name, n in rows}
+        counts = {str(name): int(n or 0) for name, n in rows}
+        if "evidence_rows" in counts:  # evidence is a view since migration 0010 (no total_rows): its stored rows
+            counts["evidence"] = counts["evidence_rows"]
+        return counts
 
 
 def worker_assignment(run_dir: Path, pid: int) -> dict[str, Any] | None:

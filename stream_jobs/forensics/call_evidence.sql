@@ -90,7 +90,7 @@ FROM
         CAST(NULL AS Nullable(String)) AS result_error
     FROM
     (
-        SELECT * FROM {db}.evidence FINAL WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
+        SELECT * FROM {db}.evidence_final WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
     ) AS ev
     LEFT JOIN
     (
@@ -148,7 +148,7 @@ FROM
                 arrayJoin(arrayEnumerate(fact_ids)) AS pos,
                 fact_ids[pos] AS fact_id,
                 fact_hashes[pos] AS fact_hash
-            FROM {db}.evidence FINAL
+            FROM {db}.evidence_final
             WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
         ) AS x
         LEFT JOIN

@@ -16,6 +16,14 @@
  *
  * Output: RowBinary, one row per record, the fields in schema order ('k' fields left out).
  *
+ * List groups (issue 16, sw_values_to_rowbinary_lists only): '[' ... ']' around consecutive fields makes
+ * them a group. The group's RowBinary bytes are not written into the row; the row gets instead the
+ * group's key, FixedString(16) = the first 16 bytes of SHA-256 over exactly those bytes (the same as
+ * ClickHouse's substring(SHA256(formatRowNoNewline('RowBinary', cols...)), 1, 16)), and each distinct
+ * group value of the call is written once, in first-seen order, to the group's side output as a
+ * RowBinary row (key, then the group's bytes). Distinct values are found by their bytes (a fast hash,
+ * then memcmp), so SHA-256 runs once per distinct value.
+ *
  * Anything that is not exactly one well-formed record per block -- a count other than 1, a
  * varint longer than 10 bytes or out of range, a negative length, a length past the end of the
  * record, a union index other than 0/1, a boolean byte other than 0/1, a record that does not end
@@ -28,12 +36,44 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* SHA256_Init/Update/Final: the one-shot SHA256() of OpenSSL 3 fetches the algorithm on every call
+ * (EVP_Q_digest), ~0.5 µs each; the low-level calls go straight to the SHA-NI block function. */
+#define OPENSSL_SUPPRESS_DEPRECATED
+#include <openssl/sha.h>
 
 #define E_MALFORMED -1
 #define E_ROOM -2
 #define E_PROGRAM -3
 #define E_UTF8 -4
+
+#define MAX_GROUPS 4
+#define KEY_LEN 16
+
+typedef struct {
+    uint64_t h;   /* fast hash of the value's bytes (0: empty slot; a real 0 is stored as 1) */
+    size_t off;   /* where the value's bytes are in the side output (after its key) */
+    size_t len;
+} slot_t;
+
+typedef struct {
+    uint8_t *out;  /* the group's side output */
+    size_t cap;
+    size_t len;
+    slot_t *slots; /* open addressing, `mask` + 1 slots */
+    size_t mask;
+    size_t used;
+} group_t;
+
+typedef struct {
+    group_t g[MAX_GROUPS];
+    long count;    /* groups the program declares */
+    long open;     /* the group being read (-1: none) */
+    long next;     /* the next group's index in the record */
+    uint8_t *start;
+} groups_t;
 
 typedef struct {
     const uint8_t *p;
@@ -41,6 +81,7 @@ typedef struct {
     uint8_t *o;
     uint8_t *oend;
     int err;
+    groups_t *groups;
 } cur_t;
 
 static inline int read_long(cur_t *c, int64_t *v) {
@@ -305,11 +346,91 @@ static int array(cur_t *c, uint8_t item) {
     return 1;
 }
 
+static uint64_t fast_hash(const uint8_t *p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
+        h ^= h >> 32;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, n);
+    h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL;
+    h ^= h >> 29;
+    return h ? h : 1;
+}
+
+/* The end of a group: its bytes [start, c->o) replaced in the row by their key; a new value appended
+ * to the group's side output (key, bytes). */
+static int group_end(cur_t *c) {
+    groups_t *gs = c->groups;
+    group_t *g = &gs->g[gs->open];
+    uint8_t *start = gs->start;
+    size_t n = (size_t)(c->o - start);
+    if ((size_t)(c->oend - start) < KEY_LEN) { /* the key replaces the bytes: it needs 16 of room */
+        c->err = E_ROOM;
+        return 0;
+    }
+    uint64_t h = fast_hash(start, n);
+    size_t i = (size_t)h & g->mask;
+    while (g->slots[i].h) {
+        slot_t *s = &g->slots[i];
+        if (s->h == h && s->len == n && memcmp(g->out + s->off, start, n) == 0) {
+            memcpy(start, g->out + s->off - KEY_LEN, KEY_LEN);
+            c->o = start + KEY_LEN;
+            gs->open = -1;
+            return 1;
+        }
+        i = (i + 1) & g->mask;
+    }
+    if (g->cap - g->len < KEY_LEN + n || g->used * 2 >= g->mask) {
+        c->err = E_ROOM;
+        return 0;
+    }
+    uint8_t digest[SHA256_DIGEST_LENGTH];
+    SHA256_CTX sha;
+    SHA256_Init(&sha);
+    SHA256_Update(&sha, start, n);
+    SHA256_Final(digest, &sha);
+    memcpy(g->out + g->len, digest, KEY_LEN);
+    memcpy(g->out + g->len + KEY_LEN, start, n);
+    g->slots[i].h = h;
+    g->slots[i].off = g->len + KEY_LEN;
+    g->slots[i].len = n;
+    g->len += KEY_LEN + n;
+    g->used++;
+    memcpy(start, digest, KEY_LEN);
+    c->o = start + KEY_LEN;
+    gs->open = -1;
+    return 1;
+}
+
 static int record(cur_t *c, const uint8_t *prog, size_t prog_len) {
+    if (c->groups)
+        c->groups->next = 0;
     for (size_t k = 0; k < prog_len; k++) {
         uint8_t op = prog[k];
         int64_t v;
         switch (op) {
+        case '[':
+            if (!c->groups || c->groups->open >= 0 || c->groups->next >= c->groups->count) {
+                c->err = E_PROGRAM;
+                return 0;
+            }
+            c->groups->open = c->groups->next++;
+            c->groups->start = c->o;
+            break;
+        case ']':
+            if (!c->groups || c->groups->open < 0 || c->o == c->groups->start) {
+                c->err = E_PROGRAM;
+                return 0;
+            }
+            if (!group_end(c))
+                return 0;
+            break;
         case 'n':
             if (++k >= prog_len) {
                 c->err = E_PROGRAM;
@@ -362,18 +483,22 @@ static int record(cur_t *c, const uint8_t *prog, size_t prog_len) {
                 return 0;
         }
     }
+    if (c->groups && (c->groups->open >= 0 || c->groups->next != c->groups->count)) {
+        c->err = E_PROGRAM;
+        return 0;
+    }
     return 1;
 }
 
 /* The interface's version: 2 = every string is checked as UTF-8 here (the SQL check is dropped on
  * the strength of it); 3 = sw_values_to_rowbinary. The loader refuses a library that reports another
- * version. */
-long sw_avro_rowbinary_abi(void) { return 3; }
+ * version. 4 = sw_values_to_rowbinary_lists (list groups, '[' ']'). */
+long sw_avro_rowbinary_abi(void) { return 4; }
 
 long sw_avro_to_rowbinary(const uint8_t *payload, size_t len, size_t head_len, const uint8_t *sync,
                           const uint8_t *prog, size_t prog_len, long rows, uint8_t *out, size_t out_cap,
                           long *err_at) {
-    cur_t c = {payload + head_len, payload + len, out, out + out_cap, 0};
+    cur_t c = {payload + head_len, payload + len, out, out + out_cap, 0, NULL};
     long seen = 0;
     *err_at = -1;
     if (head_len > len)
@@ -418,10 +543,10 @@ long sw_avro_to_rowbinary(const uint8_t *payload, size_t len, size_t head_len, c
  * and offsets[i] (8 bytes LE). The output is byte for byte what sw_avro_to_rowbinary writes for the
  * container of the same messages. Errors as there; *err_at is then the failing row.
  */
-long sw_values_to_rowbinary(const uint8_t *data, size_t len, const int64_t *ends, const int64_t *offsets, long rows,
-                            const int64_t *run_starts, const uint8_t *prefixes, long runs, const uint8_t *prog,
-                            size_t prog_len, uint8_t *out, size_t out_cap, long *err_at) {
-    cur_t c = {data, data, out, out + out_cap, 0};
+static long values_to_rowbinary(const uint8_t *data, size_t len, const int64_t *ends, const int64_t *offsets, long rows,
+                                const int64_t *run_starts, const uint8_t *prefixes, long runs, const uint8_t *prog,
+                                size_t prog_len, uint8_t *out, size_t out_cap, long *err_at, groups_t *groups) {
+    cur_t c = {data, data, out, out + out_cap, 0, groups};
     *err_at = -1;
     if (prog_len < 2 || prog[prog_len - 2] != 'x' || prog[prog_len - 1] != 24)
         return E_PROGRAM;
@@ -460,4 +585,49 @@ long sw_values_to_rowbinary(const uint8_t *data, size_t len, const int64_t *ends
         return E_MALFORMED;
     }
     return (long)(c.o - out);
+}
+
+long sw_values_to_rowbinary(const uint8_t *data, size_t len, const int64_t *ends, const int64_t *offsets, long rows,
+                            const int64_t *run_starts, const uint8_t *prefixes, long runs, const uint8_t *prog,
+                            size_t prog_len, uint8_t *out, size_t out_cap, long *err_at) {
+    return values_to_rowbinary(data, len, ends, offsets, rows, run_starts, prefixes, runs, prog, prog_len, out,
+                               out_cap, err_at, NULL);
+}
+
+/*
+ * sw_values_to_rowbinary with list groups ('[' ']' in `prog`, `groups` of them, at most MAX_GROUPS): group
+ * j's distinct values go to side + j * side_cap, side_lens[j] their bytes. E_ROOM when `out` or a side
+ * output is too small (the caller retries with more), E_PROGRAM when the program's groups do not match.
+ */
+long sw_values_to_rowbinary_lists(const uint8_t *data, size_t len, const int64_t *ends, const int64_t *offsets,
+                                  long rows, const int64_t *run_starts, const uint8_t *prefixes, long runs,
+                                  const uint8_t *prog, size_t prog_len, uint8_t *out, size_t out_cap, long *err_at,
+                                  long groups, uint8_t *side, size_t side_cap, long *side_lens) {
+    groups_t gs;
+    memset(&gs, 0, sizeof gs);
+    *err_at = -1;
+    if (groups < 1 || groups > MAX_GROUPS || rows < 0)
+        return E_PROGRAM;
+    size_t slots = 16;
+    while (slots < 2 * (size_t)rows + 16)
+        slots <<= 1;
+    gs.count = groups;
+    gs.open = -1;
+    long result = E_ROOM;
+    for (long j = 0; j < groups; j++) {
+        gs.g[j].out = side + (size_t)j * side_cap;
+        gs.g[j].cap = side_cap;
+        gs.g[j].mask = slots - 1;
+        gs.g[j].slots = calloc(slots, sizeof(slot_t));
+        if (!gs.g[j].slots)
+            goto done;
+    }
+    result = values_to_rowbinary(data, len, ends, offsets, rows, run_starts, prefixes, runs, prog, prog_len, out,
+                                 out_cap, err_at, &gs);
+    for (long j = 0; j < groups; j++)
+        side_lens[j] = (long)gs.g[j].len;
+done:
+    for (long j = 0; j < groups; j++)
+        free(gs.g[j].slots);
+    return result;
 }

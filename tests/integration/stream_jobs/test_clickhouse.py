@@ -48,15 +48,15 @@ def test_migrations_apply_once(chdb: Client) -> None:
 
 def test_evidence_merges_write_compact_parts_up_to_16_gib(chdb: Client) -> None:
     """0008: a merge of evidence parts past 256 MiB stays compact (0006 alone made it wide, ~40 % dearer
-    per merged row); the raw tables keep 0006's threshold."""
+    per merged row); the raw tables keep 0006's threshold. Since 0010 the evidence rows are in evidence_rows."""
     migrate(chdb, "wide")
     settings = {}
-    for table in ("evidence", "tool_calls"):
+    for table in ("evidence_rows", "tool_calls"):
         [(create,)] = chdb.query(
             f"SELECT create_table_query FROM system.tables WHERE database = 'wide' AND name = '{table}'"
         ).result_rows
         settings[table] = re.search(r"min_bytes_for_wide_part = (\d+)", create).group(1)  # type: ignore[union-attr]
-    assert settings == {"evidence": str(16 * 2**30), "tool_calls": str(256 * 2**20)}
+    assert settings == {"evidence_rows": str(16 * 2**30), "tool_calls": str(256 * 2**20)}
 
 
 def test_the_bulk_tables_merge_ten_parts_at_once(chdb: Client) -> None:
@@ -64,13 +64,21 @@ def test_the_bulk_tables_merge_ten_parts_at_once(chdb: Client) -> None:
     selector starts at about 5): a row goes through log10 instead of log5 merge levels, each ≈ 1.5 µs of CPU."""
     migrate(chdb, "levels")
     found = {}
-    for table in ("evidence", "tool_calls", "tool_results", "dead_letters"):
+    lists = ("evidence_reason_lists", "evidence_fact_lists")
+    for table in ("evidence_rows", *lists, "tool_calls", "tool_results", "dead_letters"):
         [(create,)] = chdb.query(
             f"SELECT create_table_query FROM system.tables WHERE database = 'levels' AND name = '{table}'"
         ).result_rows
         match = re.search(r"min_parts_to_merge_at_once = (\d+)", create)
         found[table] = match.group(1) if match else None
-    assert found == {"evidence": "10", "tool_calls": "10", "tool_results": "10", "dead_letters": None}
+    assert found == {
+        "evidence_rows": "10",
+        "evidence_reason_lists": "10",
+        "evidence_fact_lists": "10",
+        "tool_calls": "10",
+        "tool_results": "10",
+        "dead_letters": None,
+    }
 
 
 def test_evidence_parts_wait_for_ten_before_a_merge(chdb: Client) -> None:
@@ -83,13 +91,13 @@ def test_evidence_parts_wait_for_ten_before_a_merge(chdb: Client) -> None:
     def parts() -> int:
         return int(
             chdb.query(
-                "SELECT count() FROM system.parts WHERE database = 'levels10' AND table = 'evidence' AND active"
+                "SELECT count() FROM system.parts WHERE database = 'levels10' AND table = 'evidence_rows' AND active"
             ).result_rows[0][0]
         )
 
     def insert(i: int) -> None:
         chdb.command(
-            "INSERT INTO levels10.evidence (tenant, call_id, version, evidence_id, call_time) "
+            "INSERT INTO levels10.evidence_rows (tenant, call_id, version, evidence_id, call_time) "
             f"VALUES ('t', 'call-{i}', 1, 'ev-{i}', '2026-12-06 00:00:00')"
         )
 
@@ -135,8 +143,15 @@ def test_same_token_inserts_once(chdb: Client) -> None:
     )["rows"]
     expected: dict[str, int] = {}
     for table, _ in SAMPLES:
+        table = "evidence_rows" if table == "evidence" else table  # a view since 0010: rows + their lists
         expected[table] = expected.get(table, 0) + 1
-    assert dict((t, int(n)) for t, n in counts) == expected
+    got = dict((t, int(n)) for t, n in counts)
+    lists = {t: got.pop(t) for t in ("evidence_reason_lists", "evidence_fact_lists")}
+    assert got == expected
+    assert lists == {
+        "evidence_reason_lists": expected["evidence_rows"],
+        "evidence_fact_lists": expected["evidence_rows"],
+    }
 
 
 def test_evidence_current_has_one_row_per_call_with_its_result(chdb: Client) -> None:
@@ -1509,6 +1524,9 @@ def test_fast_path_stores_the_same_bytes_as_the_row_path(chdb: Client) -> None:
         rows[table].append(row)
     for table, batch_rows in rows.items():
         columns = list(batch_rows[0])
+        if table == "evidence":  # a view since 0010: the writer stores its lists and narrow rows
+            ClickHouseWriter(chdb, "rowpath").insert(table, batch_rows, f"row-{table}")
+            continue
         chdb.insert(
             f"rowpath.{table}",
             [[row[c] for c in columns] for row in batch_rows],
@@ -1684,6 +1702,14 @@ def _raw_evidence(record: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _lists_bytes(client: Client, database: str) -> tuple[bytes, ...]:
+    """Each evidence list table's distinct rows (0010), by key: the same keys whoever computed them (C, SQL, Python)."""
+    return tuple(
+        client.raw_query(f"SELECT DISTINCT * FROM {database}.{t} ORDER BY id", fmt="RowBinary")
+        for t in ("evidence_reason_lists", "evidence_fact_lists")
+    )
+
+
 def _flush_sinks(chdb: Client, values: list[bytes], ways: list[tuple[str, bool, str]], topic: str = "t") -> list[Any]:
     """The same messages through one sink per ``(database, bulk path on, decoder)``, each flushed once."""
     import asyncio
@@ -1724,6 +1750,8 @@ def test_bulk_path_stores_the_same_bytes_as_the_per_message_path(chdb: Client) -
     assert rows.counters["bulk_rows"] == 0
     for table in COLUMNS:
         assert _table_bytes(chdb, "bulkeq_bulk", table) == _table_bytes(chdb, "bulkeq_rows", table), table
+    assert _lists_bytes(chdb, "bulkeq_bulk") == _lists_bytes(chdb, "bulkeq_rows")  # C keys == Python keys
+    assert all(_lists_bytes(chdb, "bulkeq_bulk"))
     assert int(chdb.command("SELECT count() FROM bulkeq_bulk.evidence")) == len(values)
     # a retried flush of the same offsets (same token) adds nothing
     _flush_both_ways(chdb, "bulkeq", values)
@@ -1853,6 +1881,7 @@ def test_rowbinary_bulk_path_stores_the_same_bytes_as_the_avro_bulk_path(chdb: C
     assert rb.counters["bulk_rows"] == avro.counters["bulk_rows"] == len(values)
     for table in COLUMNS:
         assert _table_bytes(chdb, "rbeq_rb", table) == _table_bytes(chdb, "rbeq_avro", table), table
+    assert _lists_bytes(chdb, "rbeq_rb") == _lists_bytes(chdb, "rbeq_avro")  # C keys == SQL keys
     assert int(chdb.command("SELECT count() FROM rbeq_rb.evidence")) == len(values)
 
 
@@ -2140,3 +2169,76 @@ def test_verify_since_compares_times_as_times(chdb: Client) -> None:
     report = verify(strict, "vf_gated_since", since=since, tenant="acme")
     assert report.ok, report.problems
     assert (report.calls_checked, report.verdicts_match) == (4, 4)  # c-restricted, c-hr, c-open, c-late
+
+
+def test_0010_keeps_every_evidence_row_and_computes_the_keys_c_and_python_compute(
+    chdb: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0010 on a store with evidence: `evidence` (now a view), evidence_final and evidence_current
+    read exactly the bytes they read before (every column, in order); each row's keys are the SHA-256/128 of
+    its lists that stream_jobs.evidence_lists (and the C transcoder, tests/unit/stream_jobs/test_evidence_lists)
+    compute; each distinct list is stored once."""
+    from datetime import timedelta
+
+    from schemas import Evidence
+    from stream_jobs import clickhouse
+    from stream_jobs.evidence_lists import key_of
+
+    before = [m for m in load_migrations() if m.version < 10]
+    monkeypatch.setattr(clickhouse, "load_migrations", lambda: before)
+    migrate(chdb, "lists10")
+    monkeypatch.undo()
+    base = next(r for _, r in SAMPLES if isinstance(r, Evidence))
+    lists = [([], []), (["a", "bc"], ["x"]), (["ab", "c"], ["x"]), (["ё-😀\x00", "r" * 300], ["f"] * 200)]
+    records = []
+    for i in range(12):
+        reasons, facts = lists[i % len(lists)]
+        for version in (1, 2):
+            records.append(
+                base.model_copy(
+                    update={
+                        "evidence_id": f"ev-{i}-{version}",
+                        "call_id": f"call-{i}",
+                        "version": version,
+                        "final": version == 2,
+                        "reasons": reasons,
+                        "fact_ids": facts,
+                        "fact_hashes": [f"h-{f}" for f in facts],
+                        "facts": {} if facts else {"grants": [i]},
+                        "decided_at": base.decided_at + timedelta(seconds=version),
+                    }
+                )
+            )
+    rows = [to_row(r, Provenance("audit.evidence", 0, n, T))[1] for n, r in enumerate(records)]
+    columns = list(rows[0])
+    chdb.insert("lists10.evidence", [[row[c] for c in columns] for row in rows], column_names=columns)
+    chdb.insert("lists10.evidence", [[row[c] for c in columns] for row in rows[:3]], column_names=columns)  # dups
+
+    def read(source: str) -> bytes:
+        order = "call_id, version, evidence_id" + ("" if source == "evidence_current" else ", _ingested_at, _offset")
+        data: bytes = chdb.raw_query(
+            f"SELECT * FROM lists10.{source} ORDER BY {order}", fmt="RowBinaryWithNamesAndTypes"
+        )
+        return data
+
+    old = {"evidence": read("evidence"), "final": read("evidence FINAL"), "current": read("evidence_current")}
+    migrate(chdb, "lists10")
+    assert read("evidence") == old["evidence"]
+    assert read("evidence_final") == old["final"] != old["evidence"]  # the 3 duplicates: only FINAL drops them
+    assert read("evidence_current") == old["current"]
+    stored = chdb.query(
+        "SELECT evidence_id, reason_key, fact_key FROM lists10.evidence_rows FINAL ORDER BY evidence_id"
+    ).result_rows
+    by_id = {r.evidence_id: r for r in records}
+    assert len(stored) == len(records)
+    for evidence_id, reason_key, fact_key in stored:
+        r = by_id[evidence_id]
+        assert bytes(reason_key) == key_of(r.reasons), evidence_id
+        assert bytes(fact_key) == key_of(r.fact_ids, r.fact_hashes), evidence_id
+    counts = chdb.query(
+        "SELECT (SELECT count() FROM lists10.evidence_reason_lists), (SELECT count() FROM lists10.evidence_fact_lists)"
+    ).result_rows[0]
+    assert counts == (len(lists), 3)  # (["a", "bc"], ["x"]) and (["ab", "c"], ["x"]) share their fact list
+    assert "evidence_before_lists" not in {
+        r[0] for r in chdb.query("SELECT name FROM system.tables WHERE database = 'lists10'").result_rows
+    }

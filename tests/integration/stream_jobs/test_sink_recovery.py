@@ -4,7 +4,8 @@ The sink runs as its own process on its own chDB folder, consuming a fixed input
 (``os._exit``) at each point of the flush cycle in turn and restarted; then ClickHouse is made
 unreachable for a while during a run. The raw tables must hold exactly the input (plain
 ``count()``, no ``FINAL``: the deduplication tokens, not background merges, keep duplicates out)
-and ``evidence_current`` exactly one current verdict per call.
+and ``evidence_current`` exactly one current verdict per call. After every crash, no evidence row is
+stored without its reason and fact lists (migration 0010: the lists are written first).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def inputs(tag: str) -> list[ToolCall | ToolResult | Evidence]:
                     tool="read_file",
                     call_time=t,
                     verdict="in_scope",
-                    reasons=[],
+                    reasons=[f"grant g-{i % 7} covers fs/read_file", f"resource file:/data/{i}"],
+                    fact_ids=[f"g-{i % 7}"],
+                    fact_hashes=[f"sha256:{i % 7:064d}"],
                     version=version,
                     final=version == 2,
                     late=False,
@@ -134,14 +137,17 @@ def wait_final(settings: Settings, sink: subprocess.Popen[bytes], timeout: float
     while time.monotonic() < deadline:
         assert sink.poll() is None, f"the sink exited ({sink.returncode})"
         if serving(settings, sink):
-            result = cli(
-                settings, "sql", f"SELECT count() AS n FROM {db}.evidence_current WHERE final", "--format", "json"
+            # the raw tables too: a sink started after the evidence is all in would otherwise stop before them
+            sql = (
+                f"SELECT least((SELECT count() FROM {db}.evidence_current WHERE final),"
+                f" (SELECT count() FROM {db}.tool_calls), (SELECT count() FROM {db}.tool_results)) AS n"
             )
+            result = cli(settings, "sql", sql, "--format", "json")
             seen = result.stdout + result.stderr
             if result.returncode == 0 and int(json.loads(result.stdout)[0]["n"]) == CALLS:
                 return
         time.sleep(0.5)
-    raise AssertionError(f"never saw {CALLS} final verdicts; last: {seen[-500:]}")
+    raise AssertionError(f"never saw {CALLS} final verdicts, calls and results; last: {seen[-500:]}")
 
 
 def counts(settings: Settings) -> dict[str, int]:
@@ -150,6 +156,20 @@ def counts(settings: Settings) -> dict[str, int]:
         f"SELECT (SELECT count() FROM {db}.tool_calls) AS calls, (SELECT count() FROM {db}.tool_results) AS results,"
         f" (SELECT count() FROM {db}.evidence) AS evidence, (SELECT count() FROM {db}.evidence_current) AS current,"
         f" (SELECT countIf(version = 2 AND final) FROM {db}.evidence_current) AS final"
+    )
+    result = cli(settings, "sql", sql, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return {k: int(v) for k, v in json.loads(result.stdout)[0].items()}
+
+
+def orphans(settings: Settings) -> dict[str, int]:
+    """Evidence rows stored without their lists, and the lists stored (the sink is not running: the folder is free)."""
+    db = settings.clickhouse_database
+    sql = (
+        f"SELECT (SELECT count() FROM {db}.evidence_rows) AS rows,"
+        f" (SELECT countIf(reason_key NOT IN (SELECT id FROM {db}.evidence_reason_lists))"
+        f"  + countIf(fact_key NOT IN (SELECT id FROM {db}.evidence_fact_lists)) FROM {db}.evidence_rows) AS orphans,"
+        f" (SELECT count() FROM (SELECT DISTINCT id FROM {db}.evidence_reason_lists)) AS reason_lists"
     )
     result = cli(settings, "sql", sql, "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -184,6 +204,7 @@ def test_killed_at_every_point_of_the_flush_cycle_nothing_is_lost_or_doubled(
     asyncio.run(produce(settings, inputs("k")))
     log = tmp_path / "sink.log"
     drills = [
+        ("after_lists", 1),
         ("after_insert", 2),
         ("after_first_table", 2),
         ("before_insert", 3),
@@ -196,6 +217,10 @@ def test_killed_at_every_point_of_the_flush_cycle_nothing_is_lost_or_doubled(
             assert crashed.wait(timeout=120) == 137, log.read_text()[-3000:]
         finally:
             stop(crashed)
+        stored = orphans(settings)
+        assert stored["orphans"] == 0, (point, batch, stored)
+        if point == "after_lists" and batch == 1:  # the first batch's lists are in, its rows not yet
+            assert stored["reason_lists"] > 0 and stored["rows"] == 0, stored
     text = log.read_text()
     assert text.count("found an unfinished batch") >= 3, text[-3000:]
     # every restart says where it resumes, and the redo names its offset ranges
@@ -208,6 +233,7 @@ def test_killed_at_every_point_of_the_flush_cycle_nothing_is_lost_or_doubled(
     finally:
         stop(sink)
     assert counts(settings) == EXPECTED
+    assert orphans(settings) == {"rows": 2 * CALLS, "orphans": 0, "reason_lists": CALLS}
     assert "sink stopped: " in log.read_text()
 
 

@@ -348,8 +348,9 @@ def test_the_avro_decoder_is_never_transcoded(built: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "why"),
     [
-        (lambda src: src.replace("long sw_avro_rowbinary_abi(void) { return 3; }", ""), "built before the UTF-8 check"),
-        (lambda src: src.replace("{ return 3; }", "{ return 2; }"), "built before the values path"),
+        (lambda src: src.replace("long sw_avro_rowbinary_abi(void) { return 4; }", ""), "built before the UTF-8 check"),
+        (lambda src: src.replace("{ return 4; }", "{ return 2; }"), "built before the values path"),
+        (lambda src: src.replace("{ return 4; }", "{ return 3; }"), "built before the list groups"),
     ],
 )
 def test_a_library_of_other_sources_is_not_loaded(
@@ -361,7 +362,9 @@ def test_a_library_of_other_sources_is_not_loaded(
     source.write_text(edit(rowbinary.SOURCE.read_text()))
     assert source.read_text() != rowbinary.SOURCE.read_text(), why
     lib = tmp_path / rowbinary.LIBRARY_NAME
-    subprocess.run(["gcc", *rowbinary.CFLAGS, "-o", str(lib), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        ["gcc", *rowbinary.CFLAGS, "-o", str(lib), str(source), *rowbinary.LIBS], check=True, capture_output=True
+    )
     monkeypatch.setenv("SCOPEWATCH_AVRO_ROWBINARY_LIB", str(lib))
     monkeypatch.setattr(rowbinary, "_LIB", [])
     assert rowbinary.library() is None
