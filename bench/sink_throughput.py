@@ -649,8 +649,21 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "flush_rows": [sum(b - a + 1 for _p, a, b in spans) for _at, spans, _took in flushes],
         "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
         "code": os.environ.get("PYTHONPATH", ""),
-        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "maxrss_mb": peak_rss_mb(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM: reset at exec, unlike ``ru_maxrss``, which keeps the parent's peak
+    at fork when that was bigger, as the bench's parent holding the messages is)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def client_of(path: str) -> str:
