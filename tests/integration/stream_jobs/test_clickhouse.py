@@ -2390,3 +2390,17 @@ def test_every_migration_resumes_after_a_kill(
     assert _schema(chdb, db) == schema_uninterrupted
     recorded = chdb.query(f"SELECT version, count() FROM {db}.schema_migrations GROUP BY version ORDER BY version")
     assert recorded.result_rows == [(m.version, 1) for m in migrations]
+
+
+def test_a_migration_condition_runs_its_statement_only_on_1(chdb: Client) -> None:
+    from stream_jobs.clickhouse import ClickHouseError, Statement, run_statement
+
+    chdb.command("CREATE DATABASE IF NOT EXISTS cond")
+    create = "CREATE TABLE {db}.t (a UInt8) ENGINE = Memory"
+    exists = "SELECT count() = 1 FROM system.tables WHERE database = '{db}' AND name = 't'"
+    assert run_statement(chdb, "cond", Statement(create, (f"SELECT NOT ({exists})",)))
+    assert not run_statement(chdb, "cond", Statement(create, ("SELECT 1", f"SELECT NOT ({exists})")))
+    for bad in ("SELECT 2", "SELECT 1 FROM numbers(2)", "SELECT 1, 1", "SELECT 1 WHERE 0"):
+        with pytest.raises(ClickHouseError, match="one row with 0 or 1"):
+            run_statement(chdb, "cond", Statement("DROP TABLE {db}.t", (bad,)))
+    assert chdb.query("SELECT count() FROM system.tables WHERE database = 'cond'").result_rows == [(1,)]
