@@ -23,10 +23,28 @@ class ClickHouseError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Statement:
+    """One statement of a migration and the conditions it runs under.
+
+    ``only_if``: queries (``{db}`` substituted) that each return one row with 0 or 1; the statement runs
+    only when all return 1. A migration file gives them as comment lines ``-- only if: <query>`` among
+    the comments before the statement, which is what lets a migration resume after a kill half-way.
+    """
+
+    sql: str
+    only_if: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Migration:
     version: int
     name: str
-    statements: list[str]
+    steps: list[Statement]
+
+    @property
+    def statements(self) -> list[str]:
+        """The SQL of every statement, conditions left out."""
+        return [s.sql for s in self.steps]
 
 
 _OPENED_HERE: set[str] = set()
@@ -135,7 +153,7 @@ def load_migrations() -> list[Migration]:
         if not match:
             continue
         text = entry.read_text(encoding="utf-8")
-        out.append(Migration(int(match.group(1)), match.group(2), split_statements(text)))
+        out.append(Migration(int(match.group(1)), match.group(2), parse_statements(text)))
     return out
 
 
@@ -159,20 +177,61 @@ def check_tables(client: Client, database: str) -> None:
         )
 
 
-def split_statements(sql: str) -> list[str]:
-    """Split a migration file on ``;`` at line ends, dropping comment-only pieces."""
-    pieces = re.split(r";\s*(?:\n|$)", sql)
+_ONLY_IF = re.compile(r"^\s*--\s*only if:\s*(.*?)\s*$", re.I)
+
+
+def parse_statements(sql: str) -> list[Statement]:
+    """Split a migration file on ``;`` at line ends into statements, comment lines dropped.
+
+    A comment line ``-- only if: <query>`` before a statement's first line makes the statement
+    conditional (several such lines: all must hold). A condition anywhere else (inside a statement, or
+    with no statement after it) is a ValueError, so that a misplaced one does not silently run
+    a statement unconditionally.
+    """
     out = []
-    for piece in pieces:
-        lines = [ln for ln in piece.splitlines() if not ln.strip().startswith("--")]
+    for piece in re.split(r";\s*(?:\n|$)", sql):
+        lines: list[str] = []
+        only_if: list[str] = []
+        for line in piece.splitlines():
+            condition = _ONLY_IF.match(line)
+            if condition:
+                if lines or not condition.group(1):
+                    raise ValueError(f"misplaced or empty condition (-- only if: goes before a statement): {line!r}")
+                only_if.append(condition.group(1))
+            elif not line.strip().startswith("--"):
+                lines.append(line)
         body = "\n".join(lines).strip()
         if body:
-            out.append(body)
+            out.append(Statement(body, tuple(only_if)))
+        elif only_if:
+            raise ValueError(f"a condition with no statement after it: {only_if[0]!r}")
     return out
 
 
+def split_statements(sql: str) -> list[str]:
+    """Split a migration file on ``;`` at line ends, dropping comment lines and comment-only pieces."""
+    return [s.sql for s in parse_statements(sql)]
+
+
+def run_statement(client: Client, database: str, statement: Statement) -> bool:
+    """Run one migration statement in ``database`` if its conditions hold; whether it ran."""
+    for condition in statement.only_if:
+        rows = client.query(condition.replace("{db}", database)).result_rows
+        if len(rows) != 1 or len(rows[0]) != 1 or rows[0][0] not in (0, 1):
+            raise ClickHouseError(f"a migration condition must return one row with 0 or 1, got {rows!r}: {condition}")
+        if not rows[0][0]:
+            return False
+    client.command(statement.sql.replace("{db}", database))
+    return True
+
+
 def migrate(client: Client, database: str) -> list[str]:
-    """Apply pending migrations (idempotent); returns the names applied now."""
+    """Apply pending migrations (idempotent); returns the names applied now.
+
+    A migration is recorded in ``schema_migrations`` after its last statement: one killed half-way
+    runs again from its first statement, which its conditions (``-- only if:``) and ``IF [NOT] EXISTS``
+    make safe.
+    """
     if not _IDENT.match(database):
         raise ClickHouseError(f"invalid database name {database!r}")
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
@@ -185,8 +244,8 @@ def migrate(client: Client, database: str) -> list[str]:
     for migration in load_migrations():
         if migration.version in done:
             continue
-        for statement in migration.statements:
-            client.command(statement.replace("{db}", database))
+        for statement in migration.steps:
+            run_statement(client, database, statement)
         client.insert(
             f"{database}.schema_migrations",
             [(migration.version, migration.name, datetime.now(UTC))],

@@ -15,6 +15,14 @@
 -- versions only.
 -- Existing rows are copied with their keys computed here, every stored row as it was (optimize_on_insert = 0:
 -- duplicates not yet merged away stay until a merge, as before); the old table is dropped after the copy.
+-- Resumable: killed at any statement, the migration (unrecorded) runs again from the first one and ends
+-- as an uninterrupted run. The old table is renamed only while `evidence` is that table; while the
+-- renamed table exists, evidence_rows is emptied and copied again (nothing else writes it before the
+-- migration is recorded; insert_deduplicate = 0 so that no server takes the second copy's blocks for
+-- duplicates of the first's) and the lists are inserted again (a list twice is the same list:
+-- ReplacingMergeTree keeps one, and the views' ANY JOINs take one of equal rows); the views are
+-- created where they are missing. stream_jobs/clickhouse.py runs a statement under `-- only if:` only
+-- when its query returns 1.
 
 CREATE TABLE IF NOT EXISTS {db}.evidence_reason_lists
 (
@@ -76,18 +84,25 @@ SETTINGS non_replicated_deduplication_window = 10000, min_bytes_for_wide_part = 
 
 DROP VIEW IF EXISTS {db}.evidence_current;
 
+-- only if: SELECT countIf(name = 'evidence' AND engine != 'View') = 1 AND countIf(name = 'evidence_before_lists') = 0 FROM system.tables WHERE database = '{db}'
 RENAME TABLE {db}.evidence TO {db}.evidence_before_lists;
 
+-- only if: SELECT count() = 1 FROM system.tables WHERE database = '{db}' AND name = 'evidence_before_lists'
 INSERT INTO {db}.evidence_reason_lists (id, reasons)
 SELECT toFixedString(substring(SHA256(formatRowNoNewline('RowBinary', reasons)), 1, 16), 16) AS id, reasons
 FROM {db}.evidence_before_lists
 LIMIT 1 BY id;
 
+-- only if: SELECT count() = 1 FROM system.tables WHERE database = '{db}' AND name = 'evidence_before_lists'
 INSERT INTO {db}.evidence_fact_lists (id, fact_ids, fact_hashes)
 SELECT toFixedString(substring(SHA256(formatRowNoNewline('RowBinary', fact_ids, fact_hashes)), 1, 16), 16) AS id, fact_ids, fact_hashes
 FROM {db}.evidence_before_lists
 LIMIT 1 BY id;
 
+-- only if: SELECT count() = 1 FROM system.tables WHERE database = '{db}' AND name = 'evidence_before_lists'
+TRUNCATE TABLE {db}.evidence_rows;
+
+-- only if: SELECT count() = 1 FROM system.tables WHERE database = '{db}' AND name = 'evidence_before_lists'
 INSERT INTO {db}.evidence_rows
 SELECT
     evidence_id, call_id, tenant, session_id, principal, agent_id, server, tool, call_time, verdict, matched_grant_id,
@@ -97,10 +112,11 @@ SELECT
     kind, trigger, approval_id, approver, policy_versions, policy_decision, policy_reasons, policy_errors,
     history_complete, _topic, _partition, _offset, _ingested_at
 FROM {db}.evidence_before_lists
-SETTINGS optimize_on_insert = 0;
+SETTINGS optimize_on_insert = 0, insert_deduplicate = 0;
 
-DROP TABLE {db}.evidence_before_lists;
+DROP TABLE IF EXISTS {db}.evidence_before_lists;
 
+-- only if: SELECT count() = 0 FROM system.tables WHERE database = '{db}' AND name = 'evidence' AND engine = 'View'
 CREATE VIEW {db}.evidence AS
 SELECT
     e.evidence_id AS evidence_id,
@@ -139,6 +155,7 @@ FROM {db}.evidence_rows AS e
 ANY LEFT JOIN {db}.evidence_reason_lists AS rl ON rl.id = e.reason_key
 ANY LEFT JOIN {db}.evidence_fact_lists AS fl ON fl.id = e.fact_key;
 
+-- only if: SELECT count() = 0 FROM system.tables WHERE database = '{db}' AND name = 'evidence_final' AND engine = 'View'
 CREATE VIEW {db}.evidence_final AS
 SELECT
     e.evidence_id AS evidence_id,

@@ -537,7 +537,7 @@ def test_alert_queries_count_recent_findings_per_tenant(dash: Client) -> None:
 import datetime as _datetime  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 
 from typer.testing import CliRunner  # noqa: E402
 
@@ -2242,3 +2242,165 @@ def test_0010_keeps_every_evidence_row_and_computes_the_keys_c_and_python_comput
     assert "evidence_before_lists" not in {
         r[0] for r in chdb.query("SELECT name FROM system.tables WHERE database = 'lists10'").result_rows
     }
+
+
+_LISTS10 = next(m for m in load_migrations() if m.version == 10)
+_COPY = next(i for i, s in enumerate(_LISTS10.steps) if s.sql.startswith("INSERT INTO {db}.evidence_rows"))
+_PARTIAL = "partial"
+"""The kill in the middle of the copy: each list insert and the row copy wrote some of their rows."""
+
+
+def _evidence_before_lists(chdb: Client, db: str) -> None:
+    """``db`` migrated up to 0009, with evidence in three monthly partitions and not yet merged duplicates."""
+    from stream_jobs import clickhouse
+
+    before = [m for m in load_migrations() if m.version < 10]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clickhouse, "load_migrations", lambda: before)
+        migrate(chdb, db)
+    base = next(r for _, r in SAMPLES if isinstance(r, Evidence))
+    lists = [([], []), (["a", "bc"], ["x"]), (["ab", "c"], ["x"]), (["ё-😀\x00", "r" * 300], ["f"] * 20)]
+    records = [
+        base.model_copy(
+            update={
+                "evidence_id": f"ev-{i}-{version}",
+                "call_id": f"call-{i}",
+                "call_time": base.call_time + timedelta(days=31 * (i % 3)),
+                "version": version,
+                "final": version == 2,
+                "reasons": lists[i % len(lists)][0],
+                "fact_ids": lists[i % len(lists)][1],
+                "fact_hashes": [f"h-{f}" for f in lists[i % len(lists)][1]],
+                "decided_at": base.decided_at + timedelta(seconds=version),
+            }
+        )
+        for i in range(9)
+        for version in (1, 2)
+    ]
+    rows = [to_row(r, Provenance("audit.evidence", 0, n, T))[1] for n, r in enumerate(records)]
+    columns = list(rows[0])
+    chdb.insert(f"{db}.evidence", [[row[c] for c in columns] for row in rows], column_names=columns)
+    chdb.insert(f"{db}.evidence", [[row[c] for c in columns] for row in rows[:5]], column_names=columns)  # dups
+
+
+def _lists_state(chdb: Client, db: str) -> dict[str, Any]:
+    """Everything 0010 leaves: every evidence row as stored (duplicates too), the distinct lists, what the
+    three views read, the tables and views of ``db`` and the recorded migrations."""
+
+    def raw(sql: str) -> bytes:
+        data: bytes = chdb.raw_query(sql, fmt="RowBinaryWithNamesAndTypes")
+        return data
+
+    order = "call_id, version, evidence_id, _ingested_at, _offset"
+    return {
+        "evidence_rows": raw(f"SELECT * FROM {db}.evidence_rows ORDER BY {order}"),
+        "reason_lists": raw(f"SELECT DISTINCT * FROM {db}.evidence_reason_lists ORDER BY id"),
+        "fact_lists": raw(f"SELECT DISTINCT * FROM {db}.evidence_fact_lists ORDER BY id"),
+        "evidence": raw(f"SELECT * FROM {db}.evidence ORDER BY {order}"),
+        "evidence_final": raw(f"SELECT * FROM {db}.evidence_final ORDER BY {order}"),
+        "evidence_current": raw(f"SELECT * FROM {db}.evidence_current ORDER BY call_id"),
+        "tables": chdb.query(
+            f"SELECT name, engine FROM system.tables WHERE database = '{db}' ORDER BY name"
+        ).result_rows,
+        "migrations": chdb.query(
+            f"SELECT version, count() FROM {db}.schema_migrations GROUP BY version ORDER BY version"
+        ).result_rows,
+    }
+
+
+@pytest.fixture(scope="module")
+def lists_uninterrupted(chdb: Client) -> dict[str, Any]:
+    _evidence_before_lists(chdb, "resume_ref")
+    assert migrate(chdb, "resume_ref") == ["0010_evidence_lists"]
+    state = _lists_state(chdb, "resume_ref")
+    counts = chdb.query(
+        "SELECT count(), uniqExact(evidence_id), uniqExact(toYYYYMM(call_time)) FROM resume_ref.evidence_rows"
+    ).result_rows[0]
+    assert counts == (23, 18, 3)  # 5 duplicates not merged away, 3 partitions
+    return state
+
+
+@pytest.mark.parametrize("kill_before", [*range(len(_LISTS10.steps) + 1), _PARTIAL])
+def test_0010_resumes_after_a_kill_at_any_statement(
+    chdb: Client, lists_uninterrupted: dict[str, Any], kill_before: int | str
+) -> None:
+    """0010 killed before its statement ``kill_before`` (or half-way through its copy) and run again ends
+    exactly as the uninterrupted run: every stored evidence row once (its duplicates as many times), the
+    same lists, the views read the same bytes, 0010 recorded once."""
+    from stream_jobs.clickhouse import run_statement
+
+    db = f"resume_{kill_before}"
+    _evidence_before_lists(chdb, db)
+    stop = _COPY + 1 if kill_before == _PARTIAL else int(kill_before)
+    for k, statement in enumerate(_LISTS10.steps[:stop]):
+        if kill_before == _PARTIAL and "INSERT" in statement.sql.split()[0]:  # the lists and the copy: some rows
+            sql = statement.sql.replace(
+                "FROM {db}.evidence_before_lists",
+                "FROM {db}.evidence_before_lists WHERE call_id IN ('call-1', 'call-2')",
+            )
+            statement = replace(statement, sql=sql)
+            assert sql != _LISTS10.steps[k].sql
+        run_statement(chdb, db, statement)
+    if kill_before == _PARTIAL:
+        partial = chdb.query(f"SELECT count() FROM {db}.evidence_rows").result_rows[0][0]
+        assert 0 < partial < 23
+    assert migrate(chdb, db) == ["0010_evidence_lists"]
+    assert _lists_state(chdb, db) == lists_uninterrupted
+    if kill_before == _PARTIAL:  # the lists written twice: both rows until a merge, and the views read each once
+        assert chdb.query(f"SELECT count() > uniqExact(id) FROM {db}.evidence_reason_lists").result_rows[0][0]
+    assert migrate(chdb, db) == []
+
+
+_KILLS = [(m.version, k) for m in load_migrations() for k in range(len(m.steps) + 1)]
+
+
+def _schema(chdb: Client, db: str) -> list[tuple[str, str, str]]:
+    """Every table and view of ``db`` with its full definition (columns in order, settings, view bodies)."""
+    rows = chdb.query(
+        f"SELECT name, engine, create_table_query FROM system.tables WHERE database = '{db}' ORDER BY name"
+    ).result_rows
+    return [(name, engine, query.replace(f"{db}.", "DB.")) for name, engine, query in rows]
+
+
+@pytest.fixture(scope="module")
+def schema_uninterrupted(chdb: Client) -> list[tuple[str, str, str]]:
+    migrate(chdb, "kill_ref")
+    return _schema(chdb, "kill_ref")
+
+
+@pytest.mark.parametrize(("version", "kill_before"), _KILLS, ids=[f"{v:04d}-{k}" for v, k in _KILLS])
+def test_every_migration_resumes_after_a_kill(
+    chdb: Client, schema_uninterrupted: list[tuple[str, str, str]], version: int, kill_before: int
+) -> None:
+    """Killed before any statement of any migration (the one before recorded, this one not), `migrate` run
+    again ends with the tables and views of an uninterrupted run and every migration recorded once (the
+    README says migrations resume after a kill; 0010 with evidence rows: the test above)."""
+    from stream_jobs import clickhouse
+    from stream_jobs.clickhouse import run_statement
+
+    db = f"kill_{version}_{kill_before}"
+    migrations = load_migrations()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clickhouse, "load_migrations", lambda: [m for m in migrations if m.version < version])
+        migrate(chdb, db)
+    [migration] = [m for m in migrations if m.version == version]
+    for statement in migration.steps[:kill_before]:
+        run_statement(chdb, db, statement)
+    assert migrate(chdb, db) == [f"{m.version:04d}_{m.name}" for m in migrations if m.version >= version]
+    assert _schema(chdb, db) == schema_uninterrupted
+    recorded = chdb.query(f"SELECT version, count() FROM {db}.schema_migrations GROUP BY version ORDER BY version")
+    assert recorded.result_rows == [(m.version, 1) for m in migrations]
+
+
+def test_a_migration_condition_runs_its_statement_only_on_1(chdb: Client) -> None:
+    from stream_jobs.clickhouse import ClickHouseError, Statement, run_statement
+
+    chdb.command("CREATE DATABASE IF NOT EXISTS cond")
+    create = "CREATE TABLE {db}.t (a UInt8) ENGINE = Memory"
+    exists = "SELECT count() = 1 FROM system.tables WHERE database = '{db}' AND name = 't'"
+    assert run_statement(chdb, "cond", Statement(create, (f"SELECT NOT ({exists})",)))
+    assert not run_statement(chdb, "cond", Statement(create, ("SELECT 1", f"SELECT NOT ({exists})")))
+    for bad in ("SELECT 2", "SELECT 1 FROM numbers(2)", "SELECT 1, 1", "SELECT 1 WHERE 0"):
+        with pytest.raises(ClickHouseError, match="one row with 0 or 1"):
+            run_statement(chdb, "cond", Statement("DROP TABLE {db}.t", (bad,)))
+    assert chdb.query("SELECT count() FROM system.tables WHERE database = 'cond'").result_rows == [(1,)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from stream_jobs.clickhouse import jsonable, load_migrations, split_statements
+from stream_jobs.clickhouse import Statement, jsonable, load_migrations, parse_statements, split_statements
 from stream_jobs.rows import COLUMNS, Provenance, to_row
 from stream_jobs.runtime.settings import Settings
 from stream_jobs.service import sink_config
@@ -75,6 +75,32 @@ def test_migrations_parse_into_statements() -> None:
     assert all(s.lstrip().upper().startswith("CREATE TABLE") for s in first.statements)
     assert len(first.statements) == 6
     assert split_statements("-- only a comment;\nSELECT 1;\n\n-- x\nSELECT 2") == ["SELECT 1", "SELECT 2"]
+
+
+def test_a_statement_runs_only_under_the_conditions_before_it() -> None:
+    sql = (
+        "-- why\n-- only if: SELECT count() = 0 FROM system.tables WHERE database = '{db}'\n"
+        "--   ONLY IF:   SELECT 1  \nCREATE TABLE {db}.t (a UInt8)\nENGINE = Log;\n\nDROP TABLE {db}.t;\n"
+    )
+    assert parse_statements(sql) == [
+        Statement(
+            "CREATE TABLE {db}.t (a UInt8)\nENGINE = Log",
+            ("SELECT count() = 0 FROM system.tables WHERE database = '{db}'", "SELECT 1"),
+        ),
+        Statement("DROP TABLE {db}.t"),
+    ]
+    assert split_statements(sql) == ["CREATE TABLE {db}.t (a UInt8)\nENGINE = Log", "DROP TABLE {db}.t"]
+    # a condition inside a statement or with no statement after it is an error, not an unconditional statement
+    with pytest.raises(ValueError, match="misplaced"):
+        parse_statements("SELECT 1\n-- only if: SELECT 0\nFROM t;")
+    with pytest.raises(ValueError, match="no statement"):
+        parse_statements("SELECT 1;\n-- only if: SELECT 0\n")
+    with pytest.raises(ValueError, match="empty"):
+        parse_statements("-- only if:\nSELECT 1;")
+    # 0010 renames, copies and drops under conditions (it resumes after a kill: tests/integration)
+    [lists] = [m for m in load_migrations() if m.version == 10]
+    guarded = [s.sql.split()[0] for s in lists.steps if s.only_if]
+    assert guarded == ["RENAME", "INSERT", "INSERT", "TRUNCATE", "INSERT", "CREATE", "CREATE"]
 
 
 def test_query_values_become_json() -> None:
