@@ -189,7 +189,7 @@ SELECT
     e.call_time AS call_time,
     e.verdict AS verdict,
     e.matched_grant_id AS matched_grant_id,
-    e.reasons AS reasons,
+    rl.reasons AS reasons,
     e.version AS version,
     e.final AS final,
     e.late AS late,
@@ -199,8 +199,8 @@ SELECT
     r.status AS result_status,
     r.duration_ms AS result_duration_ms,
     r.error AS result_error,
-    e.fact_ids AS fact_ids,
-    e.fact_hashes AS fact_hashes,
+    fl.fact_ids AS fact_ids,
+    fl.fact_hashes AS fact_hashes,
     e.kind AS kind,
     e.trigger AS trigger,
     e.approval_id AS approval_id,
@@ -212,24 +212,13 @@ SELECT
     e.history_complete AS history_complete
 FROM
 (
-    -- The current versions are the build side of the list joins (ANY RIGHT JOIN: the same rows as the
-    -- current versions ANY LEFT JOIN the lists) and the list tables are streamed past them: a read of one
-    -- call hashes one row, not the whole list tables (bench/HISTORY.md, h16rd).
-    SELECT with_reasons.*, fl.fact_ids AS fact_ids, fl.fact_hashes AS fact_hashes
-    FROM {db}.evidence_fact_lists AS fl
-    ANY RIGHT JOIN
-    (
-        SELECT current_version.*, rl.reasons AS reasons
-        FROM {db}.evidence_reason_lists AS rl
-        ANY RIGHT JOIN
-        (
-            SELECT *
-            FROM {db}.evidence_rows
-            ORDER BY tenant, call_id, version DESC, _ingested_at DESC
-            LIMIT 1 BY tenant, call_id
-        ) AS current_version ON rl.id = current_version.reason_key
-    ) AS with_reasons ON fl.id = with_reasons.fact_key
+    SELECT *
+    FROM {db}.evidence_rows
+    ORDER BY tenant, call_id, version DESC, _ingested_at DESC
+    LIMIT 1 BY tenant, call_id
 ) AS e
+ANY LEFT JOIN {db}.evidence_reason_lists AS rl ON rl.id = e.reason_key
+ANY LEFT JOIN {db}.evidence_fact_lists AS fl ON fl.id = e.fact_key
 LEFT JOIN
 (
     SELECT tenant, call_id, status, duration_ms, error

@@ -2243,8 +2243,7 @@ def test_0010_keeps_every_evidence_row_and_computes_the_keys_c_and_python_comput
         r[0] for r in chdb.query("SELECT name FROM system.tables WHERE database = 'lists10'").result_rows
     }
     # Lists written twice (a batch re-sent under another token, not merged yet): the views' ANY joins still
-    # give each row its list once, whichever side of the join the lists are on (evidence_current streams
-    # them past the current versions, h16rd).
+    # give each row its list once.
     for table in ("evidence_reason_lists", "evidence_fact_lists"):
         chdb.command(f"INSERT INTO lists10.{table} SELECT * FROM lists10.{table} SETTINGS insert_deduplicate = 0")
     assert chdb.query("SELECT count() FROM lists10.evidence_reason_lists").result_rows[0][0] == 2 * len(lists)
