@@ -2,7 +2,9 @@
 migrated up to 0009 (``before``: the wide evidence table) and in one migrated to the end (``after``: evidence_rows
 + list tables, ``evidence``/``evidence_final`` views), each merged to one part, then process CPU (warm, median of
 ``--repeat``) of evidence_current read whole, a point lookup of one call through evidence_current, through
-``evidence FINAL`` / ``evidence_final`` (what verify and the forensic queries read), and verify's scan.
+``evidence FINAL`` / ``evidence_final``, a dashboard's scan and verify's scan: in 0009, in 0010 through the views,
+and in 0010 as the product's readers read since h16rd (evidence_rows where no list is read, only the lists of the
+rows read for call_evidence, the fact lists alone for verify).
 
 Usage: ``.venv/bin/python bench/evidence_reads.py [--rows 360000] [--fresh-sessions]``
 """
@@ -67,17 +69,43 @@ def main() -> None:
         for t in tables:
             client.command(f"OPTIMIZE TABLE {db}.{t} FINAL")
     probe = events[len(events) // 2]
+    one = f"tenant = '{probe.tenant}' AND has(['{probe.call_id}'], call_id)"
+    # per read: (0009's wide table, 0010 through the views, 0010 as the product reads it since h16rd)
     reads = {
-        "evidence_current, whole": "SELECT count(), sum(length(reasons)), sum(length(fact_ids)) "
-        "FROM {db}.evidence_current",
-        "evidence_current, one call": f"SELECT * FROM {{db}}.evidence_current WHERE tenant = '{probe.tenant}' "
-        f"AND call_id = '{probe.call_id}'",
-        "evidence FINAL / evidence_final, one call": f"SELECT * FROM {{db}}.{{final}} WHERE tenant = '{probe.tenant}' "
-        f"AND has(['{probe.call_id}'], call_id)",
-        "a dashboard's scan (evidence, no lists read)": "SELECT verdict, count() FROM {db}.evidence "
-        "GROUP BY verdict ORDER BY verdict",
-        "verify's fact-ref scan": "SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {db}.{final} "
-        "WHERE notEmpty(fact_ids) ORDER BY tenant, call_id, version, evidence_id FORMAT Null",
+        "evidence_current, whole": (
+            q := "SELECT count(), sum(length(reasons)), sum(length(fact_ids)) FROM {db}.evidence_current",
+            q,
+            q,
+        ),
+        "evidence_current, one call": (
+            q := f"SELECT * FROM {{db}}.evidence_current WHERE tenant = '{probe.tenant}' "
+            f"AND call_id = '{probe.call_id}'",
+            q,
+            q,
+        ),
+        "one call's versions with lists (call_evidence)": (
+            f"SELECT * FROM {{db}}.evidence FINAL WHERE {one}",
+            f"SELECT * FROM {{db}}.evidence_final WHERE {one}",
+            f"SELECT e.*, rl.reasons, fl.fact_ids, fl.fact_hashes FROM (SELECT * FROM {{db}}.evidence_rows FINAL "
+            f"WHERE {one}) AS e ANY LEFT JOIN (SELECT id, reasons FROM {{db}}.evidence_reason_lists WHERE id IN "
+            f"(SELECT reason_key FROM {{db}}.evidence_rows WHERE {one})) AS rl ON rl.id = e.reason_key "
+            "ANY LEFT JOIN (SELECT id, fact_ids, fact_hashes FROM {db}.evidence_fact_lists WHERE id IN "
+            f"(SELECT fact_key FROM {{db}}.evidence_rows WHERE {one})) AS fl ON fl.id = e.fact_key",
+        ),
+        "a dashboard's scan (no lists read)": (
+            q := "SELECT verdict, count() FROM {db}.evidence GROUP BY verdict ORDER BY verdict",
+            q,
+            q.replace(".evidence ", ".evidence_rows "),
+        ),
+        "verify's fact-ref scan": (
+            q := "SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {db}.{final} "
+            "WHERE notEmpty(fact_ids) ORDER BY tenant, call_id, version, evidence_id FORMAT Null",
+            q,
+            "SELECT e.tenant AS tenant, e.call_id AS call_id, e.version AS version, l.fact_ids AS fact_ids, "
+            "l.fact_hashes AS fact_hashes FROM (SELECT tenant, call_id, version, evidence_id, fact_key FROM "
+            "{db}.evidence_rows FINAL) AS e ANY LEFT JOIN {db}.evidence_fact_lists AS l ON l.id = e.fact_key "
+            "WHERE notEmpty(l.fact_ids) ORDER BY tenant, call_id, version, e.evidence_id FORMAT Null",
+        ),
     }
     sizes = {}
     for db in ("before", "after"):
@@ -89,20 +117,31 @@ def main() -> None:
         f"{args.rows:,} rows{' (fresh sessions)' if args.fresh_sessions else ''}; "
         f"stored (compressed, raw) bytes: {sizes}"
     )
-    for name, sql in reads.items():
+    forms = (("0009", "before", "evidence FINAL"), ("views", "after", "evidence_final"), ("readers", "after", ""))
+    for name, sqls in reads.items():
         got = {}
         answers = {}
-        for db, final in (("before", "evidence FINAL"), ("after", "evidence_final")):
+        for (form, db, final), sql in zip(forms, sqls, strict=True):
             q = sql.format(db=db, final=final)
             took = []
             for _ in range(args.repeat):
                 c0 = time.process_time()
                 res = client.query(q) if "FORMAT Null" not in q else client.command(q)
                 took.append(time.process_time() - c0)
-            got[db] = median(took) * 1000
-            answers[db] = getattr(res, "result_rows", None)
-        same = answers["before"] == answers["after"]
-        print(f"{name:45s} before {got['before']:8.1f} ms  after {got['after']:8.1f} ms  same answer: {same}")
+            got[form] = median(took) * 1000
+            answers[form] = getattr(res, "result_rows", None)
+        if name.startswith("one call's"):  # the readers' form puts the keys and lists last: compare by value
+            answers = {k: sorted(map(sorted, map(map_str, v or []))) for k, v in answers.items()}
+        same = answers["0009"] == answers["views"] == answers["readers"]
+        print(
+            f"{name:48s} 0009 {got['0009']:7.1f} ms  0010 views {got['views']:7.1f} ms  "
+            f"0010 readers {got['readers']:7.1f} ms  same answer: {same}"
+        )
+
+
+def map_str(row: tuple[object, ...]) -> list[str]:
+    """A row's values as text, without the evidence_rows keys (bytes), for an order-free comparison."""
+    return [repr(v) for v in row if not isinstance(v, bytes)]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 SQL reads the evidence store's tables and views (``stream_jobs/migrations``); ``{db}`` stands for the
 database. Tables are ReplacingMergeTree, so rows a retried sink batch left twice until the next merge
 are counted once: by their unique id (``uniqExact(finding_id)``), or through ``evidence_current``.
+Verdict rows that need no ``reasons`` / fact lists are read from ``evidence_rows``, never through the
+``evidence`` view, which joins the whole list tables (migration 0010); ``tests/unit/dashboards`` checks it.
 Time columns: ``call_time`` (when the agent acted) for calls and verdicts, ``last_call_time`` for
 findings, ``attempted_at`` for pages, ``failed_at`` for dead letters, ``_ingested_at`` for delays.
 """
@@ -248,14 +250,15 @@ def _delegation() -> Dashboard:
             "tenant",
             "Tenant",
             Query(
-                "SELECT DISTINCT tenant FROM {db}.evidence WHERE $__timeFilter(call_time) ORDER BY tenant", ("tenant",)
+                "SELECT DISTINCT tenant FROM {db}.evidence_rows WHERE $__timeFilter(call_time) ORDER BY tenant",
+                ("tenant",),
             ),
         ),
         Variable(
             "principal",
             "Principal",
             Query(
-                "SELECT DISTINCT principal FROM {db}.evidence\n"
+                "SELECT DISTINCT principal FROM {db}.evidence_rows\n"
                 "WHERE tenant = ${tenant:sqlstring} AND principal IS NOT NULL AND $__timeFilter(call_time)\n"
                 "ORDER BY principal",
                 ("principal",),
@@ -265,7 +268,7 @@ def _delegation() -> Dashboard:
             "agent",
             "Agent",
             Query(
-                "SELECT DISTINCT agent_id FROM {db}.evidence\n"
+                "SELECT DISTINCT agent_id FROM {db}.evidence_rows\n"
                 "WHERE tenant = ${tenant:sqlstring} AND principal = ${principal:sqlstring} AND agent_id IS NOT NULL\n"
                 "  AND $__timeFilter(call_time)\n"
                 "ORDER BY agent_id",
@@ -471,7 +474,7 @@ _RAW_TABLES: Final = (
     ("evidence", "decided_at"),
 )
 """Every table the sink writes raw events to (``stream_jobs.tables.RAW_TABLES``; a test keeps them
-equal), plus evidence."""
+equal), plus evidence (read from ``evidence_rows``: the ``evidence`` view would join the list tables)."""
 _CHAINED_TABLES: Final = tuple(t for t, _ in _RAW_TABLES if t != "evidence")
 
 
@@ -493,7 +496,7 @@ def _pipeline() -> Dashboard:
     union = "\n    UNION ALL\n".join(
         f"    SELECT '{table}' AS source, _ingested_at,\n"
         f"           dateDiff('millisecond', {column}, _ingested_at) / 1000 AS delay_s\n"
-        f"    FROM {{db}}.{table} WHERE $__timeFilter(_ingested_at)"
+        f"    FROM {{db}}.{'evidence_rows' if table == 'evidence' else table} WHERE $__timeFilter(_ingested_at)"
         for table, column in _RAW_TABLES
     )
     delay = Query(
@@ -508,7 +511,7 @@ def _pipeline() -> Dashboard:
         "       uniqExactIf(evidence_id, late) AS late_amendments,\n"
         "       round(quantileIf(0.95)(dateDiff('millisecond', call_time, decided_at), final AND NOT late) / 1000, 2)\n"
         "           AS p95_time_to_final_s\n"
-        "FROM {db}.evidence\nWHERE $__timeFilter(call_time)",
+        "FROM {db}.evidence_rows\nWHERE $__timeFilter(call_time)",
         ("provisional_calls", "late_amendments", "p95_time_to_final_s"),
     )
     chained = "\n    UNION ALL\n".join(

@@ -268,7 +268,7 @@ def wait_for_rows(settings: Settings, session_ids: list[str], expected: int, tim
     query = (
         f"SELECT (SELECT count() FROM {db}.tool_calls WHERE session_id IN ({ids})) AS calls, "
         f"(SELECT count() FROM {db}.tool_results WHERE session_id IN ({ids})) AS results, "
-        f"(SELECT uniqExact(call_id) FROM {db}.evidence WHERE session_id IN ({ids}) AND final) AS verdicts"
+        f"(SELECT uniqExact(call_id) FROM {db}.evidence_rows WHERE session_id IN ({ids}) AND final) AS verdicts"
     )
     deadline = time.monotonic() + timeout
     counts = {"calls": 0, "results": 0, "verdicts": 0}
@@ -495,16 +495,21 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
         settings,
         f"""
         SELECT formatDateTime(c.event_time, '%H:%i:%S.%f') AS time, e.principal AS principal, c.tool AS tool,
-               r.status AS status, e.verdict AS verdict, e.matched_grant_id AS grant, e.reasons AS reasons,
+               r.status AS status, e.verdict AS verdict, e.matched_grant_id AS grant, rl.reasons AS reasons,
                e.latest_version AS version
         FROM {db}.tool_calls AS c
         LEFT JOIN {db}.tool_results AS r ON r.call_id = c.call_id
         LEFT JOIN (
             SELECT call_id, argMax(principal, version) AS principal, argMax(verdict, version) AS verdict,
-                   argMax(matched_grant_id, version) AS matched_grant_id, argMax(reasons, version) AS reasons,
+                   argMax(matched_grant_id, version) AS matched_grant_id, argMax(reason_key, version) AS reason_key,
                    max(version) AS latest_version
-            FROM {db}.evidence WHERE session_id IN ({ids}) AND final GROUP BY call_id
+            FROM {db}.evidence_rows WHERE session_id IN ({ids}) AND final GROUP BY call_id
         ) AS e ON e.call_id = c.call_id
+        LEFT JOIN (
+            SELECT id, any(reasons) AS reasons FROM {db}.evidence_reason_lists
+            WHERE id IN (SELECT reason_key FROM {db}.evidence_rows WHERE session_id IN ({ids}) AND final)
+            GROUP BY id
+        ) AS rl ON rl.id = e.reason_key
         WHERE c.session_id IN ({ids})
         ORDER BY c.event_time, c.collector_seq""",
     )
@@ -531,7 +536,7 @@ def run_demo(settings: Settings, calls: int, timeout: float, console: Console) -
         f"({total} tool_calls in all)."
     )
     console.print(
-        f'Every verdict version: scopewatch sql "SELECT call_id, version, verdict, final, late FROM {db}.evidence '
+        f'Every verdict version: scopewatch sql "SELECT call_id, version, verdict, final, late FROM {db}.evidence_rows '
         'ORDER BY decided_at DESC LIMIT 20"'
     )
     try:

@@ -498,11 +498,14 @@ def _check_fact_refs(
 ) -> None:
     """Each fact every evidence version references exists and is the fact the verdict was made on."""
     seen: set[tuple[str, str, str, str]] = set()  # (tenant, call, fact, kind): one problem per call and fact
-    refs = "notEmpty(fact_ids)"
-    where = f"{scope} AND {refs}" if scope else f" WHERE {refs}"
+    # evidence_rows FINAL joined with the fact lists only (evidence_final would hash the reason lists too)
     sql = (
-        f"SELECT tenant, call_id, version, fact_ids, fact_hashes FROM {database}.evidence_final{where}"
-        " ORDER BY tenant, call_id, version, evidence_id"
+        "SELECT e.tenant AS tenant, e.call_id AS call_id, e.version AS version, l.fact_ids AS fact_ids,"
+        " l.fact_hashes AS fact_hashes"
+        " FROM (SELECT tenant, call_id, version, evidence_id, fact_key"
+        f" FROM {database}.evidence_rows FINAL{scope}) AS e"
+        f" ANY LEFT JOIN {database}.evidence_fact_lists AS l ON l.id = e.fact_key"
+        " WHERE notEmpty(l.fact_ids) ORDER BY tenant, call_id, version, e.evidence_id"
     )
     for row in _pages(fetch, sql):
         tenant, call_id, version = str(row["tenant"]), str(row["call_id"]), row["version"]

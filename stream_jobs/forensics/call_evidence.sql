@@ -80,18 +80,29 @@ FROM
         matched_grant_id AS grant_id,
         CAST(final AS Nullable(Bool)) AS final,
         CAST(late AS Nullable(Bool)) AS late,
-        reasons,
+        rl.reasons AS reasons,
         CAST(facts AS Nullable(String)) AS facts,
-        fact_ids,
-        fact_hashes,
+        fl.fact_ids AS fact_ids,
+        fl.fact_hashes AS fact_hashes,
         CAST(r.referenced_facts AS Nullable(String)) AS referenced_facts,
         CAST(NULL AS Nullable(String)) AS result_status,
         CAST(NULL AS Nullable(Float64)) AS result_duration_ms,
         CAST(NULL AS Nullable(String)) AS result_error
     FROM
     (
-        SELECT * FROM {db}.evidence_final WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
+        SELECT * FROM {db}.evidence_rows FINAL WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
     ) AS ev
+    -- the calls' lists only: read by primary key (the evidence view would hash the whole list tables)
+    ANY LEFT JOIN
+    (
+        SELECT id, reasons FROM {db}.evidence_reason_lists
+        WHERE id IN (SELECT reason_key FROM {db}.evidence_rows WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id))
+    ) AS rl ON rl.id = ev.reason_key
+    ANY LEFT JOIN
+    (
+        SELECT id, fact_ids, fact_hashes FROM {db}.evidence_fact_lists
+        WHERE id IN (SELECT fact_key FROM {db}.evidence_rows WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id))
+    ) AS fl ON fl.id = ev.fact_key
     LEFT JOIN
     (
         -- each version's referenced facts, looked up by event_id in the raw tables, in fact_ids order
@@ -143,13 +154,17 @@ FROM
         FROM
         (
             SELECT
-                evidence_id,
-                tenant,
-                arrayJoin(arrayEnumerate(fact_ids)) AS pos,
-                fact_ids[pos] AS fact_id,
-                fact_hashes[pos] AS fact_hash
-            FROM {db}.evidence_final
-            WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)
+                e.evidence_id AS evidence_id,
+                e.tenant AS tenant,
+                arrayJoin(arrayEnumerate(l.fact_ids)) AS pos,
+                l.fact_ids[pos] AS fact_id,
+                l.fact_hashes[pos] AS fact_hash
+            FROM (SELECT evidence_id, tenant, fact_key FROM {db}.evidence_rows FINAL WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id)) AS e
+            ANY LEFT JOIN
+            (
+                SELECT id, fact_ids, fact_hashes FROM {db}.evidence_fact_lists
+                WHERE id IN (SELECT fact_key FROM {db}.evidence_rows WHERE tenant = {tenant:String} AND has({call_ids:Array(String)}, call_id))
+            ) AS l ON l.id = e.fact_key
         ) AS x
         LEFT JOIN
         (

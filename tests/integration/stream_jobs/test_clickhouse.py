@@ -2242,6 +2242,34 @@ def test_0010_keeps_every_evidence_row_and_computes_the_keys_c_and_python_comput
     assert "evidence_before_lists" not in {
         r[0] for r in chdb.query("SELECT name FROM system.tables WHERE database = 'lists10'").result_rows
     }
+    # Lists written twice (a batch re-sent under another token, not merged yet): the views' ANY joins still
+    # give each row its list once.
+    for table in ("evidence_reason_lists", "evidence_fact_lists"):
+        chdb.command(f"INSERT INTO lists10.{table} SELECT * FROM lists10.{table} SETTINGS insert_deduplicate = 0")
+    assert chdb.query("SELECT count() FROM lists10.evidence_reason_lists").result_rows[0][0] == 2 * len(lists)
+    assert read("evidence") == old["evidence"]
+    assert read("evidence_final") == old["final"]
+    assert read("evidence_current") == old["current"]
+
+    # The forensic call_evidence reads evidence_rows FINAL and only the calls' lists (by primary key): its
+    # evidence rows are exactly evidence_final's for those calls, each fact reference in fact_ids order.
+    calls = ["call-1", "call-2", "call-3", "call-4", "call-99"]
+    got = forensic(chdb, "call_evidence", "lists10", tenant=base.tenant, call_ids=calls)
+    want = chdb.query(
+        "SELECT call_id, evidence_id, version, verdict, final, reasons, facts, fact_ids, fact_hashes"
+        f" FROM lists10.evidence_final WHERE tenant = '{base.tenant}' AND has({calls}, call_id)"
+        " ORDER BY call_id, decided_at, version, evidence_id"
+    ).result_rows
+    assert len(want) == 8 and {w[0] for w in want} == set(calls[:4])
+    assert [r["kind"] for r in got] == ["evidence"] * len(want)  # no raw events in this store
+    fields = ("call_id", "id", "version", "verdict", "final", "reasons", "facts", "fact_ids", "fact_hashes")
+    assert [tuple(r[f] for f in fields) for r in got] == [tuple(w) for w in want]
+    for r in got:
+        refs = None if r["referenced_facts"] is None else json.loads(str(r["referenced_facts"]))
+        fact_ids = list(r["fact_ids"])  # type: ignore[call-overload]
+        assert (refs is None) == (not fact_ids)
+        assert [f["event_id"] for f in refs or []] == fact_ids
+        assert all(not f["found"] and f["fact"] is None for f in refs or [])
 
 
 _LISTS10 = next(m for m in load_migrations() if m.version == 10)

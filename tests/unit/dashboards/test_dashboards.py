@@ -196,3 +196,20 @@ def test_the_pipeline_board_watches_every_raw_table_the_sink_writes() -> None:
 
     assert {t for t, _ in _RAW_TABLES} == {*RAW_TABLES, "evidence"}
     assert set(_CHAINED_TABLES) == set(RAW_TABLES)
+
+
+# A read through `evidence` or `evidence_final` hashes the whole list tables (migration 0010, bench/HISTORY.md
+# h16rd): a board reads evidence_rows where it needs no reasons or fact lists, evidence_current for current verdicts.
+JOINED_EVIDENCE_VIEW = re.compile(r"\{db\}\.evidence(?!\w)|evidence_final|\bevidence\s+FINAL\b")
+
+
+def test_no_board_or_alert_reads_the_joined_evidence_views() -> None:
+    db = f"{BUNDLE.database}."  # the bundle's SQL names its database: compare with the source's {db}
+    queries = [(f"{b.uid} {name}", q.sql.replace(db, "{db}.")) for b in BUNDLE.dashboards for name, q in b.queries()]
+    queries += [(f"alert {r.rule_id}", json.dumps(r.file_json(DS)).replace(db, "{db}.")) for r in BUNDLE.alert_rules]
+    assert all("{db}.findings" in sql for name, sql in queries if name.startswith("alert"))
+    assert any("{db}.evidence_rows" in sql for _, sql in queries)
+    for name, sql in queries:
+        assert not JOINED_EVIDENCE_VIEW.search(sql), name
+        for table in re.findall(r"\{db\}\.(evidence\w*)", sql):
+            assert table in ("evidence_rows", "evidence_current"), (name, table)
