@@ -589,6 +589,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
             ).result_rows[0][0]
         )
 
+    window_peak_mb = peak_rss_mb()  # before the settle, the reads and the OPTIMIZE
     c0 = time.process_time()
     settle()
     settle_cpu = time.process_time() - c0
@@ -650,6 +651,7 @@ def sink_child(args: argparse.Namespace) -> dict[str, Any]:
         "fill_seconds": getattr(sink.runner.config, "fill_seconds", None) if sink.runner else None,
         "code": os.environ.get("PYTHONPATH", ""),
         "maxrss_mb": peak_rss_mb(),
+        "window_peak_mb": window_peak_mb,
     }
 
 
@@ -1072,8 +1074,11 @@ def report(
         extra.add_row(f"(b) [{path}] evidence rows in chDB at the end", f"{run['rows_in_table']:,}")
         if "maxrss_mb" in run:
             extra.add_row(
-                f"(b) [{path}] sink process peak RSS (rounds)",
-                ", ".join(f"{r.get('maxrss_mb', 0):,.0f} MB" for r in run.get("all", [run])),
+                f"(b) [{path}] sink process peak RSS: in the window / at the end (rounds)",
+                ", ".join(
+                    f"{r.get('window_peak_mb', 0):,.0f} / {r.get('maxrss_mb', 0):,.0f} MB"
+                    for r in run.get("all", [run])
+                ),
             )
     extra.add_row("load average before / after (1/5/15 min)", f"{load} / {bk.load_text()}")
     bk.console.print(extra)

@@ -219,13 +219,17 @@ class RowBinaryCodec:
         err_at = ctypes.c_long(-1)
         count = len(self.groups)
         side_lens = (ctypes.c_long * count)()
-        for factor in (1.25, 8):
+        # The narrow rows are ~30 % of the values (the lists replaced by keys; a group's bytes sit in the row only
+        # until its key replaces them) and the distinct lists a few per cent in production (each session's
+        # own): small buffers first, then the sizes that always fit. Each was 1.25 times the values (zeroed, so
+        # resident: ~3.5 KB per row of a batch, 0.6 GB at 180,000 rows).
+        for factor, side_factor in ((0.5, 0.25), (1.25, 1.25), (8, 8)):
             need = int(len(data) * factor) + 48 * len(values) + 4096
             buf: bytearray | None = getattr(_BUFFERS, "buf", None)
             if buf is None or len(buf) < need:
                 _BUFFERS.buf = None
                 buf = _BUFFERS.buf = bytearray(need + need // 2)
-            side_cap = need
+            side_cap = int(len(data) * side_factor) + 4096
             side: bytearray | None = getattr(_BUFFERS, "side", None)
             if side is None or len(side) < side_cap * count:
                 _BUFFERS.side = None
