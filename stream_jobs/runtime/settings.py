@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         "what that leaves after the recent flushes, at most sink_batch_seconds; 0: always sink_batch_seconds",
     )
     sink_backlog_rows: int = Field(
-        default=90_000,
+        default=150_000,
         ge=0,
         description="while the sink is behind (a batch filled up to sink_batch_rows), batches of up to this many "
         "rows: fewer, bigger parts to merge; 0 or not above sink_batch_rows: off",

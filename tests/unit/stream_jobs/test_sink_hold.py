@@ -224,7 +224,7 @@ def test_the_service_holds_every_topic_but_evidence(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("SCOPEWATCH_SINK_CRASH_AT", raising=False)
     settings = Settings(home=tmp_path)
     config = sink_config(settings)
-    assert config.raw_seconds == 2.0 and config.backlog_rows == 90_000 and config.backlog_seconds == 2.0
+    assert config.raw_seconds == 2.0 and config.backlog_rows == 150_000 and config.backlog_seconds == 2.0
     assert config.backlog_idle_ms == max(500, 5 * settings.sink_fetch_wait_ms)
     assert config.fast_topics == frozenset({settings.topics.evidence})
     assert set(config.topics) - config.fast_topics  # the raw topics: held
