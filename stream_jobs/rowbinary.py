@@ -156,16 +156,11 @@ class RowBinaryCodec:
         The view is of a per-thread buffer reused by the next call in the same thread: use it first.
         """
         lib = library()
-        values, messages, runs = block.values, block.messages, block.runs
-        if lib is None or len(values) != len(messages) or not runs:
+        inputs = None if lib is None else _inputs(block)
+        if lib is None or inputs is None:
             return None
-        data = b"".join(values)
-        ends = array("q", accumulate(map(len, values)))
-        offsets = array("q", [m.offset for m in messages])
-        starts = array("q", [start for start, _ in runs])
-        prefixes = b"".join(prefix for _, prefix in runs)
-        if len(prefixes) != 16 * len(runs):
-            return None
+        values = block.values
+        data, ends, offsets, starts, prefixes, runs = inputs
         err_at = ctypes.c_long(-1)
         for factor in (1.25, 8):  # RowBinary is about the values' size (+ 14 bytes of _prov per row, fixed ints)
             need = int(len(data) * factor) + 32 * len(values) + 4096
@@ -206,16 +201,11 @@ class RowBinaryCodec:
         """With list groups: the narrow rows (a key per group) and, per group, its distinct values as RowBinary
         (``id`` then the group's columns, first-seen order). None as :meth:`transcode`."""
         lib = library()
-        values, messages, runs = block.values, block.messages, block.runs
-        if lib is None or not self.groups or len(values) != len(messages) or not runs:
+        inputs = None if lib is None or not self.groups else _inputs(block)
+        if lib is None or inputs is None:
             return None
-        data = b"".join(values)
-        ends = array("q", accumulate(map(len, values)))
-        offsets = array("q", [m.offset for m in messages])
-        starts = array("q", [start for start, _ in runs])
-        prefixes = b"".join(prefix for _, prefix in runs)
-        if len(prefixes) != 16 * len(runs):
-            return None
+        values = block.values
+        data, ends, offsets, starts, prefixes, runs = inputs
         err_at = ctypes.c_long(-1)
         count = len(self.groups)
         side_lens = (ctypes.c_long * count)()
@@ -266,6 +256,27 @@ class RowBinaryCodec:
                 log.info("RowBinary transcoder refused a %s block (%d at row %d)", block.spec.table, n, err_at.value)
                 return None
         return None
+
+
+def _inputs(
+    block: BulkBlock,
+) -> tuple[bytes, array[int], array[int], array[int], bytes, list[tuple[int, bytes]]] | None:
+    """What the C functions read of a block: its values joined, where each ends, their offsets, each partition
+    run's first row and 16-byte ``_prov`` prefix (and the runs); None when the block is not one they can read."""
+    values, messages, runs = block.values, block.messages, block.runs
+    if len(values) != len(messages) or not runs:
+        return None
+    prefixes = b"".join(prefix for _, prefix in runs)
+    if len(prefixes) != 16 * len(runs):
+        return None
+    return (
+        b"".join(values),
+        array("q", accumulate(map(len, values))),
+        array("q", [m.offset for m in messages]),
+        array("q", [start for start, _ in runs]),
+        prefixes,
+        runs,
+    )
 
 
 def _address(values: array[int]) -> int:

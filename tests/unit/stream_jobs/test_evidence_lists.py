@@ -7,15 +7,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from schemas import Evidence, encode
 from stream_jobs import rowbinary
-from stream_jobs.bulk import AvroBulk, BulkBlock, bulk_specs
 from stream_jobs.evidence_lists import GROUPS, key_of, key_sql, rowbinary_of
+from support.bulk_blocks import evidence_block as _block
+from support.bulk_blocks import evidence_spec as _spec
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the transcoder")
 
@@ -29,33 +29,6 @@ TRICKY: list[tuple[list[str], list[str]]] = [
     (["ё-😀 grant g-1 covers fs/read_file", "x" * 127], ["y" * 128]),  # LEB128 lengths of 1 and 2 bytes
     (["r" * 70_000, *map(str, range(200))], ["sha256:" + "a" * 64] * 130),  # 3-byte length, 2-byte count
 ]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = rowbinary.build(tmp_path_factory.mktemp("rb") / rowbinary.LIBRARY_NAME)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SCOPEWATCH_AVRO_ROWBINARY_LIB", str(path))
-    mp.setattr(rowbinary, "_LIB", [])
-    yield path
-    mp.undo()
-
-
-class _Msg:
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-
-def _spec() -> AvroBulk:
-    return next(s for s in bulk_specs().values() if s.table == "evidence")
-
-
-def _block(values: list[bytes]) -> BulkBlock:
-    block = BulkBlock(_spec())
-    prefix = block.prefix("audit.evidence", 3)
-    for offset, value in enumerate(values):
-        block.add(_Msg(2**40 + offset), value, prefix)
-    return block
 
 
 def _evidence() -> list[Evidence]:

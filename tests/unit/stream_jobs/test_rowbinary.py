@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +17,12 @@ import pytest
 
 from schemas import Evidence, encode
 from stream_jobs import rowbinary
-from stream_jobs.bulk import AvroBulk, BulkBlock, bulk_specs
+from stream_jobs.bulk import BulkBlock
+from support.bulk_blocks import Msg as _Msg
+from support.bulk_blocks import evidence_block as _block
+from support.bulk_blocks import evidence_spec as _spec
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the transcoder")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = rowbinary.build(tmp_path_factory.mktemp("rb") / rowbinary.LIBRARY_NAME)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SCOPEWATCH_AVRO_ROWBINARY_LIB", str(path))
-    mp.setattr(rowbinary, "_LIB", [])
-    yield path
-    mp.undo()
-
-
-class _Msg:
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-
-def _spec() -> AvroBulk:
-    return next(s for s in bulk_specs().values() if s.table == "evidence")
-
-
-def _block(values: list[bytes]) -> BulkBlock:
-    block = BulkBlock(_spec())
-    prefix = block.prefix("audit.evidence", 3)
-    for offset, value in enumerate(values):
-        block.add(_Msg(2**40 + offset), value, prefix)
-    return block
 
 
 def _evidence() -> list[Evidence]:
