@@ -156,44 +156,16 @@ class RowBinaryCodec:
         The view is of a per-thread buffer reused by the next call in the same thread: use it first.
         """
         lib = library()
-        inputs = None if lib is None else _inputs(block)
-        if lib is None or inputs is None:
+        call = None if lib is None else _Call.of(block, self.program)
+        if lib is None or call is None:
             return None
-        values = block.values
-        data, ends, offsets, starts, prefixes, runs = inputs
-        err_at = ctypes.c_long(-1)
         for factor in (1.25, 8):  # RowBinary is about the values' size (+ 14 bytes of _prov per row, fixed ints)
-            need = int(len(data) * factor) + 32 * len(values) + 4096
-            buf: bytearray | None = getattr(_BUFFERS, "buf", None)
-            if buf is None or len(buf) < need:
-                _BUFFERS.buf = None
-                # with headroom: a zeroed buffer costs ~0.3 µs per row, so the next batches reuse this one
-                buf = _BUFFERS.buf = bytearray(need + need // 2)
-            cap = len(buf)
-            n = lib.sw_values_to_rowbinary(
-                data,
-                len(data),
-                _address(ends),
-                _address(offsets),
-                len(values),
-                _address(starts),
-                prefixes,
-                len(runs),
-                self.program,
-                len(self.program),
-                ctypes.addressof((ctypes.c_char * cap).from_buffer(buf)),
-                cap,
-                ctypes.byref(err_at),
-            )
+            buf = _buffer("buf", int(len(call.data) * factor) + 32 * call.rows + 4096)
+            n = lib.sw_values_to_rowbinary(*call.head(), *call.out(buf))
             if n >= 0:
                 return memoryview(buf)[:n]
-            if n == -4:
-                log.info(
-                    "a %s block has text that is not valid UTF-8: inserted as Avro, checked in SQL", block.spec.table
-                )
-                return None
             if n != -2:
-                log.info("RowBinary transcoder refused a %s block (%d at row %d)", block.spec.table, n, err_at.value)
+                call.refused(block, n)
                 return None
         return None
 
@@ -201,12 +173,9 @@ class RowBinaryCodec:
         """With list groups: the narrow rows (a key per group) and, per group, its distinct values as RowBinary
         (``id`` then the group's columns, first-seen order). None as :meth:`transcode`."""
         lib = library()
-        inputs = None if lib is None or not self.groups else _inputs(block)
-        if lib is None or inputs is None:
+        call = None if lib is None or not self.groups else _Call.of(block, self.program)
+        if lib is None or call is None:
             return None
-        values = block.values
-        data, ends, offsets, starts, prefixes, runs = inputs
-        err_at = ctypes.c_long(-1)
         count = len(self.groups)
         side_lens = (ctypes.c_long * count)()
         # The narrow rows are ~30 % of the values (the lists replaced by keys; a group's bytes sit in the row only
@@ -214,31 +183,12 @@ class RowBinaryCodec:
         # own): small buffers first, then the sizes that always fit. Each was 1.25 times the values (zeroed, so
         # resident: ~3.5 KB per row of a batch, 0.6 GB at 180,000 rows).
         for factor, side_factor in ((0.5, 0.25), (1.25, 1.25), (8, 8)):
-            need = int(len(data) * factor) + 48 * len(values) + 4096
-            buf: bytearray | None = getattr(_BUFFERS, "buf", None)
-            if buf is None or len(buf) < need:
-                _BUFFERS.buf = None
-                buf = _BUFFERS.buf = bytearray(need + need // 2)
-            side_cap = int(len(data) * side_factor) + 4096
-            side: bytearray | None = getattr(_BUFFERS, "side", None)
-            if side is None or len(side) < side_cap * count:
-                _BUFFERS.side = None
-                side = _BUFFERS.side = bytearray(side_cap * count)
-            cap = len(buf)
+            buf = _buffer("buf", int(len(call.data) * factor) + 48 * call.rows + 4096)
+            side_cap = int(len(call.data) * side_factor) + 4096
+            side = _buffer("side", side_cap * count, headroom=False)
             n = lib.sw_values_to_rowbinary_lists(
-                data,
-                len(data),
-                _address(ends),
-                _address(offsets),
-                len(values),
-                _address(starts),
-                prefixes,
-                len(runs),
-                self.program,
-                len(self.program),
-                ctypes.addressof((ctypes.c_char * cap).from_buffer(buf)),
-                cap,
-                ctypes.byref(err_at),
+                *call.head(),
+                *call.out(buf),
                 count,
                 ctypes.addressof((ctypes.c_char * len(side)).from_buffer(side)),
                 side_cap,
@@ -247,36 +197,78 @@ class RowBinaryCodec:
             if n >= 0:
                 lists = [bytes(side[j * side_cap : j * side_cap + side_lens[j]]) for j in range(count)]
                 return memoryview(buf)[:n], lists
-            if n == -4:
-                log.info(
-                    "a %s block has text that is not valid UTF-8: inserted as Avro, checked in SQL", block.spec.table
-                )
-                return None
             if n != -2:
-                log.info("RowBinary transcoder refused a %s block (%d at row %d)", block.spec.table, n, err_at.value)
+                call.refused(block, n)
                 return None
         return None
 
 
-def _inputs(
-    block: BulkBlock,
-) -> tuple[bytes, array[int], array[int], array[int], bytes, list[tuple[int, bytes]]] | None:
-    """What the C functions read of a block: its values joined, where each ends, their offsets, each partition
-    run's first row and 16-byte ``_prov`` prefix (and the runs); None when the block is not one they can read."""
-    values, messages, runs = block.values, block.messages, block.runs
-    if len(values) != len(messages) or not runs:
-        return None
-    prefixes = b"".join(prefix for _, prefix in runs)
-    if len(prefixes) != 16 * len(runs):
-        return None
-    return (
-        b"".join(values),
-        array("q", accumulate(map(len, values))),
-        array("q", [m.offset for m in messages]),
-        array("q", [start for start, _ in runs]),
-        prefixes,
-        runs,
-    )
+class _Call:
+    """What the C functions read of a block (kept alive for the call: the C gets the arrays' addresses): its
+    values joined, where each ends, their offsets, each partition run's first row and 16-byte ``_prov`` prefix."""
+
+    __slots__ = ("data", "ends", "err_at", "offsets", "prefixes", "program", "rows", "runs", "starts")
+
+    def __init__(self, block: BulkBlock, program: bytes, prefixes: bytes) -> None:
+        values = block.values
+        self.data = b"".join(values)
+        self.ends = array("q", accumulate(map(len, values)))
+        self.offsets = array("q", [m.offset for m in block.messages])
+        self.starts = array("q", [start for start, _ in block.runs])
+        self.prefixes = prefixes
+        self.rows = len(values)
+        self.runs = len(block.runs)
+        self.program = program
+        self.err_at = ctypes.c_long(-1)
+
+    @classmethod
+    def of(cls, block: BulkBlock, program: bytes) -> _Call | None:
+        """None when the block is not one the C functions read (values without messages, no partition run)."""
+        if len(block.values) != len(block.messages) or not block.runs:
+            return None
+        prefixes = b"".join(prefix for _, prefix in block.runs)
+        if len(prefixes) != 16 * len(block.runs):
+            return None
+        return cls(block, program, prefixes)
+
+    def head(self) -> tuple[Any, ...]:
+        """The arguments both C functions start with."""
+        return (
+            self.data,
+            len(self.data),
+            _address(self.ends),
+            _address(self.offsets),
+            self.rows,
+            _address(self.starts),
+            self.prefixes,
+            self.runs,
+            self.program,
+            len(self.program),
+        )
+
+    def out(self, buf: bytearray) -> tuple[Any, ...]:
+        """The output arguments: ``buf``, its size, where a refusal is reported."""
+        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)), len(buf), ctypes.byref(self.err_at)
+
+    def refused(self, block: BulkBlock, code: int) -> None:
+        """Log why the C refused the block (the caller then inserts it as Avro)."""
+        if code == -4:
+            log.info("a %s block has text that is not valid UTF-8: inserted as Avro, checked in SQL", block.spec.table)
+        else:
+            log.info(
+                "RowBinary transcoder refused a %s block (%d at row %d)", block.spec.table, code, self.err_at.value
+            )
+
+
+def _buffer(name: str, need: int, headroom: bool = True) -> bytearray:
+    """This thread's buffer ``name``, at least ``need`` bytes: kept between calls (with half again as much room
+    when ``headroom``), since a fresh zeroed one costs ~0.3 µs per row."""
+    buf: bytearray | None = getattr(_BUFFERS, name, None)
+    if buf is None or len(buf) < need:
+        setattr(_BUFFERS, name, None)
+        buf = bytearray(need + need // 2 if headroom else need)
+        setattr(_BUFFERS, name, buf)
+    return buf
 
 
 def _address(values: array[int]) -> int:
