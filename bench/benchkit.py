@@ -303,7 +303,7 @@ def migrated_chdb(prefix: str) -> Any:
     client = connect(f"chdb://{home}/chdb")
     migrate(client, "scopewatch")
     del client
-    return chdb.connect(f"{home}/chdb")
+    return chdb.connect(f"{home}/chdb")  # type: ignore[no-untyped-call]
 
 
 def evidence_codec() -> tuple[Any, Any]:

@@ -805,9 +805,8 @@ def measure_engine(
         report(args, **result)
         return result, pt
     finally:
-        for record in (measured, facts_worker, *others):
-            if record is not None:
-                proc.stop_process(record, timeout=60)
+        for record in [r for r in (measured, facts_worker, *others) if r is not None]:
+            proc.stop_process(record, timeout=60)
         if stack is not None:
             stack.down()
 

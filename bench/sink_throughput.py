@@ -1133,7 +1133,7 @@ def parent(args: argparse.Namespace) -> int:
                 count, seconds = asyncio.run(produce(bootstrap, settings.topics.evidence, messages))
                 bk.say(f"produced {count:,} evidence messages in {seconds:.1f}s; starting the sink")
             sink = {}
-            labels = [(path, None) for path in args.paths]
+            labels: list[tuple[str, str | None]] = [(path, None) for path in args.paths]
             if args.baseline:
                 labels += [(path, str(Path(args.baseline).resolve())) for path in args.paths]
             runs: dict[str, list[dict[str, Any]]] = {}
