@@ -223,6 +223,12 @@ class ScratchFile:
         """Cut the file at what this insert wrote (the engine reads the whole file)."""
         os.ftruncate(self.fd, self._at)
 
+    def put(self, data: Any) -> None:
+        """The file's whole content for the next insert: ``data``."""
+        self.rewind()
+        self.write(data)
+        self.finish()
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -259,10 +265,10 @@ class ClickHouseWriter:
         transcoded to RowBinary when the library is built, ``avro`` as Avro."""
         self.rowbinary_fallbacks = 0
         """Bulk containers the RowBinary transcoder refused (inserted as Avro instead)."""
-        self._scratch: ScratchFile | None = None
         self._scratches: dict[int, ScratchFile] = {}
+        """The scratch files, made when first used (:meth:`_scratch_file`)."""
         self._scratch_lock = threading.Lock()
-        """Held while a bulk insert writes and reads :attr:`_scratch` (one bulk insert at a time)."""
+        """Held while a bulk insert writes and reads the scratch files (one bulk insert at a time)."""
 
     def timing(self) -> dict[str, int]:
         """``insert_ms_max`` since the last call (then reset) and the count of slow inserts so far."""
@@ -387,9 +393,7 @@ class ClickHouseWriter:
                 return
             if ScratchFile.usable():
                 with self._scratch_lock:
-                    if self._scratch is None:
-                        self._scratch = ScratchFile()
-                    scratch = self._scratch
+                    scratch = self._scratch_file(0)
                     scratch.rewind()
                     sql = block.spec.sql(target, scratch.path, block, ingested_ms, clause)
                     sql = self._write_container(scratch, block, scratch.path, sql)
@@ -441,9 +445,7 @@ class ClickHouseWriter:
                     if sql_rows is not None:
                         for j, (group, _cols) in enumerate(evidence_lists.GROUPS):
                             side = self._scratch_file(j + 1)
-                            side.rewind()
-                            side.write(lists[j])
-                            side.finish()
+                            side.put(lists[j])
                             structure = rowbinary.quote(codec.side_structures[j])
                             self._query_bulk(
                                 f"INSERT INTO {db}.{evidence_lists.list_table(group)} SELECT * FROM "
@@ -452,9 +454,7 @@ class ClickHouseWriter:
                             )
                         if between is not None:
                             between()
-                        scratch.rewind()
-                        scratch.write(rows)
-                        scratch.finish()
+                        scratch.put(rows)
                         self._query_bulk(sql_rows)
                         return
                 self.rowbinary_fallbacks += 1
@@ -478,14 +478,10 @@ class ClickHouseWriter:
 
     def _scratch_file(self, index: int) -> ScratchFile:
         """The writer's ``index``-th scratch file (0: the rows; 1, 2: evidence's list groups)."""
-        if index == 0:
-            if self._scratch is None:
-                self._scratch = ScratchFile()
-            return self._scratch
-        extra = self._scratches.get(index)
-        if extra is None:
-            extra = self._scratches[index] = ScratchFile()
-        return extra
+        scratch = self._scratches.get(index)
+        if scratch is None:
+            scratch = self._scratches[index] = ScratchFile()
+        return scratch
 
     def insert_evidence(
         self, columns: Sequence[str], rows: list[tuple[Any, ...]], token: str, between: Callable[[], None] | None
