@@ -150,6 +150,13 @@ def wait_final(settings: Settings, sink: subprocess.Popen[bytes], timeout: float
     raise AssertionError(f"never saw {CALLS} final verdicts, calls and results; last: {seen[-500:]}")
 
 
+def _one_row_of_counts(settings: Settings, sql: str) -> dict[str, int]:
+    """``sql``'s one row of counts, read through ``scopewatch sql`` (the sink is not running: the folder is free)."""
+    result = cli(settings, "sql", sql, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return {k: int(v) for k, v in json.loads(result.stdout)[0].items()}
+
+
 def counts(settings: Settings) -> dict[str, int]:
     db = settings.clickhouse_database
     sql = (
@@ -157,9 +164,7 @@ def counts(settings: Settings) -> dict[str, int]:
         f" (SELECT count() FROM {db}.evidence) AS evidence, (SELECT count() FROM {db}.evidence_current) AS current,"
         f" (SELECT countIf(version = 2 AND final) FROM {db}.evidence_current) AS final"
     )
-    result = cli(settings, "sql", sql, "--format", "json")
-    assert result.returncode == 0, result.stderr
-    return {k: int(v) for k, v in json.loads(result.stdout)[0].items()}
+    return _one_row_of_counts(settings, sql)
 
 
 def orphans(settings: Settings) -> dict[str, int]:
@@ -171,9 +176,7 @@ def orphans(settings: Settings) -> dict[str, int]:
         f"  + countIf(fact_key NOT IN (SELECT id FROM {db}.evidence_fact_lists)) FROM {db}.evidence_rows) AS orphans,"
         f" (SELECT count() FROM (SELECT DISTINCT id FROM {db}.evidence_reason_lists)) AS reason_lists"
     )
-    result = cli(settings, "sql", sql, "--format", "json")
-    assert result.returncode == 0, result.stderr
-    return {k: int(v) for k, v in json.loads(result.stdout)[0].items()}
+    return _one_row_of_counts(settings, sql)
 
 
 EXPECTED = {"calls": CALLS, "results": CALLS, "evidence": 2 * CALLS, "current": CALLS, "final": CALLS}
